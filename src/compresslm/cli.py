@@ -1,0 +1,168 @@
+"""The `compresslm` command.
+
+Human-readable output and progress bars go to stderr; `--json` prints exactly one JSON object on
+stdout, so `compresslm eval ... --json | jq .ppl` works. Errors the user can fix print one line
+(`compresslm: error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from compresslm import __version__
+from compresslm.errors import CompressLMError
+
+
+def _print(message: str = "") -> None:
+    print(message, file=sys.stderr)
+
+
+def _emit_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _format_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from compresslm.models.layout import parameter_counts
+    from compresslm.models.loading import load_model
+
+    lm = load_model(args.model, dtype=args.dtype)
+    counts = parameter_counts(lm.model, lm.layout)
+    tensor_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    file_bytes = None
+    if lm.path and os.path.isfile(lm.path):
+        file_bytes = os.path.getsize(lm.path)
+    info = {
+        "model": lm.describe(),
+        "layout": lm.layout.summary(),
+        "parameters": counts,
+        "bytes_in_memory": tensor_bytes,
+        "source_file_bytes": file_bytes,
+    }
+    if args.json:
+        _emit_json(info)
+        return 0
+    summary = info["layout"]
+    _print(f"model        {lm.source} ({lm.kind})")
+    if lm.path:
+        _print(f"path         {lm.path}")
+    _print(f"architecture {summary['model_class']} (model_type {summary['model_type']})")
+    _print(
+        f"blocks       {summary['num_blocks']} x {summary['blocks_path']}, hidden {summary['hidden_size']}, "
+        f"heads {summary['num_heads']} (kv {summary['num_kv_heads']}), head_dim {summary['head_dim']}, "
+        f"vocab {summary['vocab_size']}"
+    )
+    _print("linears      " + ", ".join(f"{k} ({v})" for k, v in summary["block_linears"].items()))
+    _print(f"lm_head      {summary['lm_head']} ({'tied to ' + summary['token_embedding'] if summary['tied_lm_head'] else 'untied'})")
+    _print(f"dtype        {info['model']['dtype']}")
+    _print("parameters")
+    for key, value in counts.items():
+        share = 100.0 * value / counts["total"]
+        _print(f"  {key:<20} {value:>14,}  {share:5.1f} %  ({_format_count(value)})")
+    _print(f"bytes        {_format_bytes(tensor_bytes)} in memory" + (
+        f", {_format_bytes(file_bytes)} source file" if file_bytes else ""))
+    _print(f"sha256       {info['model']['sha256']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compresslm.eval.perplexity import perplexity
+    from compresslm.models.loading import load_model
+
+    if not args.ppl:
+        raise CompressLMError("nothing to evaluate: give --ppl CORPUS (e.g. --ppl wikitext2)")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = perplexity(
+        lm,
+        args.ppl,
+        split=args.split,
+        ctx=args.ctx,
+        stride=args.stride,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        show_progress=not args.quiet,
+    )
+    payload = {
+        "model": args.model,
+        "ppl": result.ppl,
+        "nll": result.nll,
+        "tokens": result.tokens,
+        "windows": result.windows,
+        "window_nll": result.window_nll,
+        "protocol": result.protocol,
+    }
+    if args.json:
+        _emit_json(payload)
+    else:
+        p = result.protocol
+        _print(
+            f"{args.model}: {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} "
+            f"(ctx {p['ctx']}, stride {p['stride']}, {result.windows}/{p['windows_available']} windows, "
+            f"{result.tokens:,} tokens, {p['eval_dtype']}, {p['wall_time_s']:.1f} s)"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compresslm", description="Make language models small and measure what that costs."
+    )
+    parser.add_argument("--version", action="version", version=f"compresslm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model_help = "a registered name (smollm2-135m), a Hugging Face directory, a .gguf file or a hub id"
+    info = sub.add_parser("info", help="architecture, parameter counts by role and bytes of a model")
+    info.add_argument("model", help=model_help)
+    info.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    info.set_defaults(func=cmd_info)
+
+    ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
+    ev.add_argument("model", help=model_help)
+    ev.add_argument("--ppl", metavar="CORPUS", help="token perplexity on wikitext2 or a text/JSONL file")
+    ev.add_argument("--split", default="test", help="corpus split (wikitext2: test or validation)")
+    ev.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
+    ev.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")
+    ev.add_argument("--limit", type=int, default=None, help="score only the first N windows")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CompressLMError as exc:
+        print(f"compresslm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compresslm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Token-level perplexity under a labelled protocol.
+
+The default protocol is the one of the GPTQ/SparseGPT reference code, which is what papers report:
+the corpus text is tokenized once with no BOS or other special tokens added, cut into
+non-overlapping windows of `ctx` tokens (the remainder is dropped), and perplexity is
+exp(mean NLL over every predicted token), i.e. `ctx - 1` tokens per window.
+
+With `stride < ctx` the windows overlap (sliding window): the first window scores its `ctx - 1`
+predicted tokens and each later window scores only its last `stride` tokens, each with up to
+`ctx - 1` tokens of context. The protocol records which was used.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+
+from compresslm.data.corpora import Corpus, load_corpus
+from compresslm.errors import ProtocolError
+from compresslm.models.loading import DTYPES, LoadedModel
+from compresslm.progress import progress
+from compresslm.versions import versions
+
+
+@dataclass
+class PerplexityResult:
+    """A perplexity with everything needed to reproduce or compare it."""
+
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    windows: int
+    window_nll: list[float] = field(repr=False)  # mean NLL of each window, in order
+    protocol: dict = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokenize_corpus(tokenizer: object, corpus: Corpus) -> torch.Tensor:
+    """Token ids of the whole corpus text as one 1-D tensor, with no special tokens added."""
+    ids = tokenizer(corpus.text, add_special_tokens=False, return_tensors="pt").input_ids
+    return ids.reshape(-1)
+
+
+def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position inside the window) for every full window."""
+    if ctx < 2:
+        raise ProtocolError(f"ctx must be at least 2 tokens, got {ctx}")
+    if not 0 < stride <= ctx:
+        raise ProtocolError(f"stride must be between 1 and ctx ({ctx}), got {stride}")
+    if n_tokens < ctx:
+        raise ProtocolError(f"the text has {n_tokens} tokens, fewer than one window of ctx={ctx}")
+    plan = []
+    for start in range(0, n_tokens - ctx + 1, stride):
+        first_scored = 1 if start == 0 else ctx - stride
+        plan.append((start, first_scored))
+    return plan
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@torch.inference_mode()
+def perplexity(
+    lm: LoadedModel,
+    corpus: str | Corpus = "wikitext2",
+    *,
+    split: str = "test",
+    ctx: int = 2048,
+    stride: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    dtype: str | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> PerplexityResult:
+    """Measure token-level perplexity of `lm` on `corpus` (a name such as wikitext2, or a path).
+
+    `limit` scores only the first N windows; `dtype` evaluates a cast copy of the model (the
+    loaded model is left untouched); `device` runs on that device (e.g. "cuda").
+    """
+    started = time.perf_counter()
+    stride = ctx if stride is None else stride
+    if batch_size < 1:
+        raise ProtocolError(f"batch_size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ProtocolError(f"limit must be at least 1 window, got {limit}")
+    max_pos = _max_positions(lm.model)
+    if max_pos is not None and ctx > max_pos:
+        raise ProtocolError(f"ctx={ctx} exceeds the model's {max_pos} positions")
+    if isinstance(corpus, str):
+        corpus = load_corpus(corpus, split)
+
+    ids = tokenize_corpus(lm.tokenizer, corpus)
+    plan = window_plan(ids.numel(), ctx, stride)
+    available = len(plan)
+    if limit is not None:
+        plan = plan[:limit]
+
+    model = lm.model
+    if dtype is not None and DTYPES.get(dtype, None) != lm.dtype:
+        if dtype not in DTYPES:
+            raise ProtocolError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+    original_device = lm.device
+    target = torch.device(device) if device is not None else original_device
+    model.to(target)
+
+    window_nll: list[float] = []
+    total_nll = 0.0
+    total_tokens = 0
+    bar = progress(len(plan), "perplexity", unit="win", enabled=show_progress)
+    try:
+        for first in range(0, len(plan), batch_size):
+            batch = plan[first : first + batch_size]
+            inputs = torch.stack([ids[s : s + ctx] for s, _ in batch]).to(target)
+            labels = inputs.clone()
+            for row, (_, first_scored) in enumerate(batch):
+                labels[row, :first_scored] = -100
+            logits = model(input_ids=inputs, use_cache=False).logits
+            # Flattened (tokens, vocab) layout: ~10x faster on CPU than the (batch, vocab, tokens) one.
+            losses = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="none",
+            ).view(len(batch), -1)
+            counts = (labels[:, 1:] != -100).sum(dim=1)
+            for row in range(len(batch)):
+                row_sum = losses[row].double().sum().item()
+                row_count = int(counts[row])
+                window_nll.append(row_sum / row_count)
+                total_nll += row_sum
+                total_tokens += row_count
+            bar.update(len(batch))
+            bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+    finally:
+        bar.close()
+        if device is not None:
+            lm.model.to(original_device)
+
+    nll = total_nll / total_tokens
+    protocol = {
+        "metric": "token_perplexity",
+        "definition": "exp(mean NLL over all predicted tokens); text tokenized once, no special tokens",
+        **corpus.describe(),
+        "ctx": ctx,
+        "stride": stride,
+        "windowing": "non-overlapping" if stride == ctx else "sliding",
+        "windows": len(plan),
+        "windows_available": available,
+        "limit": limit,
+        "tokens_in_text": ids.numel(),
+        "tokens_scored": total_tokens,
+        "bos": "none",
+        "batch_size": batch_size,
+        "eval_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "device": str(target),
+        "model": lm.describe(),
+        "tokenizer": getattr(lm.tokenizer, "name_or_path", None) or type(lm.tokenizer).__name__,
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": round(time.perf_counter() - started, 3),
+    }
+    return PerplexityResult(math.exp(nll), nll, total_tokens, len(plan), window_nll, protocol)

@@ -1,0 +1,1 @@
+"""Loading models, discovering their layout, and tiny models for tests."""

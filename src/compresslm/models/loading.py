@@ -1,0 +1,354 @@
+"""Load a causal LM from a registered name, a Hugging Face directory, a GGUF file or a hub id.
+
+Every source ends in the same :class:`LoadedModel`: a float torch module, its tokenizer and its
+discovered :class:`~compresslm.models.layout.ModelLayout`. Anything that goes wrong on the way is
+reported as one line naming the source and the reason (see :mod:`compresslm.errors`).
+
+GGUF files are dequantized by transformers, which takes seconds (14 s for the reference model on
+2 cores). The dequantized model is therefore cached once as a plain safetensors directory, keyed by
+the GGUF file's sha256 and the transformers version; later loads read that directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compresslm.errors import (
+    CompressLMError,
+    CorruptFileError,
+    ModelNotFoundError,
+    UnsupportedArchitectureError,
+)
+from compresslm.models import registry
+from compresslm.models.layout import ModelLayout, discover_layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for compression or evaluation, with where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    layout: ModelLayout
+    source: str  # what the user gave
+    kind: str  # "registered", "gguf", "hf_dir", "hub" or "module"
+    path: str | None = None  # the resolved file or directory, if any
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_module(cls, model: nn.Module, tokenizer: object, name: str = "module") -> LoadedModel:
+        """Wrap an in-memory model (e.g. a tiny test model) so every API accepts it."""
+        return cls(model=model.eval(), tokenizer=tokenizer, layout=discover_layout(model), source=name, kind="module")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        """The model's identity as recorded in every protocol."""
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "path": self.path,
+            "model_type": self.layout.model_type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "sha256": self.fingerprint(),
+        }
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A content hash of the model's weights, independent of where they were loaded from."""
+    digest = hashlib.sha256()
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    state = model.state_dict(keep_vars=True)
+    for name in sorted(state):
+        tensor = state[name].detach()
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:  # tied weights appear under two names
+            continue
+        seen.add(key)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        flat = tensor.cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("COMPRESSLM_CACHE", Path.home() / ".cache" / "compresslm"))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """Raise CorruptFileError unless `path` is a complete, parseable GGUF file."""
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise CorruptFileError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        if not reader.tensors:
+            raise ValueError("it holds no tensors")
+    except ImportError as exc:
+        raise CompressLMError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
+    except Exception as exc:  # the reader raises bare ValueError/IndexError on truncation
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorruptFileError(f"{path} is a corrupt or truncated GGUF file: {reason}") from exc
+
+
+def _finish(model: nn.Module, dtype: str | None, device: str | None) -> nn.Module:
+    _strip_load_time_quantizer(model)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        model = model.to(DTYPES[dtype])
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _strip_load_time_quantizer(model: nn.Module) -> None:
+    """Forget the GGUF 'quantizer' transformers attaches, once the weights are plain dense tensors.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it, even when it has
+    dequantized every weight. We check the weights are dense and drop the marker.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point:
+            raise UnsupportedArchitectureError(
+                f"weight of {name} stayed quantized ({weight.dtype}) after loading; cannot use it as a dense model"
+            )
+    del model.hf_quantizer
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    model.is_quantized = False
+
+
+def _wrap_transformers_error(exc: Exception, source: str) -> CompressLMError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lowered = text.lower()
+    if any(word in lowered for word in ("not supported", "unrecognized", "recognize", "model_type")):
+        return UnsupportedArchitectureError(f"cannot load {source}: unsupported architecture ({text})")
+    return CompressLMError(f"cannot load {source}: {text}")
+
+
+def _check_model_type(config: object, config_file: Path) -> None:
+    from transformers import __version__ as tf_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not model_type:
+        raise UnsupportedArchitectureError(f"{config_file} names no model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture: transformers {tf_version} does not know model_type '{model_type}' "
+            f"({config_file})"
+        )
+
+
+def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{config_file} is not valid JSON: {exc}") from exc
+    _check_model_type(config, config_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except CompressLMError:
+        raise
+    except Exception as exc:
+        raise _wrap_transformers_error(exc, source) from exc
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, source: str, cache: bool) -> tuple[nn.Module, object]:
+    check_gguf(path)
+    cache_dir = None
+    if cache:
+        from transformers import __version__ as tf_version
+
+        key = f"{_file_sha256(path)[:32]}-tf{tf_version}"
+        cache_dir = _cache_root() / "gguf" / key
+        if (cache_dir / "config.json").is_file():
+            try:
+                return _load_hf_dir(cache_dir, source)
+            except CompressLMError:
+                shutil.rmtree(cache_dir, ignore_errors=True)  # a damaged cache is rebuilt below
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"gguf_file": path.name}
+    try:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=path.name, dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+        except TypeError:
+            kwargs.pop("quantization_config", None)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    except CompressLMError:
+        raise
+    except Exception as exc:
+        raise _wrap_transformers_error(exc, source) from exc
+    _strip_load_time_quantizer(model)
+    if cache_dir is not None:
+        try:
+            save_model(model, tokenizer, cache_dir)
+        except OSError:
+            pass  # a read-only or full cache must not stop the load
+    return model, tokenizer
+
+
+def _load_hub(repo_id: str) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; honour a value set later too.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, local_files_only=offline)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(
+            f"'{repo_id}' is not a registered name, a local path, or a reachable Hugging Face hub id ({text})"
+        ) from exc
+    return model, tokenizer
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is `org/name`; anything else with slashes, a dot prefix or a file suffix is a path."""
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or source.lower().endswith((".gguf", ".safetensors", ".json", ".bin"))
+    )
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    cache: bool = True,
+) -> LoadedModel:
+    """Load a causal LM and discover its layout.
+
+    `source` is a registered name (`smollm2-135m`), a Hugging Face model directory, a `.gguf` file
+    or a hub id (`org/name`, only where a network or a local hub cache exists). `dtype` casts the
+    weights (float32, bfloat16, float16); `cache` keeps a dequantized copy of GGUF files.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if registry.is_registered(text) and not path.exists():
+        entry = registry.lookup(text)
+        file = entry.path()
+        model, tokenizer = _load_gguf(file, text, cache)
+        kind, resolved = "registered", str(file)
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            with path.open("rb") as handle:
+                if handle.read(4) != GGUF_MAGIC:
+                    raise ModelNotFoundError(
+                        f"{path} is neither a .gguf file nor a model directory; give the directory that holds config.json"
+                    )
+        model, tokenizer = _load_gguf(path, text, cache)
+        kind, resolved = "gguf", str(path.resolve())
+    elif path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            model, tokenizer = _load_gguf(ggufs[0], text, cache)
+            kind, resolved = "gguf", str(ggufs[0].resolve())
+        else:
+            model, tokenizer = _load_hf_dir(path, text)
+            kind, resolved = "hf_dir", str(path.resolve())
+    elif _looks_like_path(text):
+        raise ModelNotFoundError(f"no such file or directory: {text}")
+    elif "/" in text:
+        model, tokenizer = _load_hub(text)
+        kind, resolved = "hub", None
+    else:
+        registry.lookup(text)  # raises the unknown-name error with the known names
+        raise AssertionError("unreachable")
+
+    model = _finish(model, dtype, device)
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=discover_layout(model), source=text, kind=kind, path=resolved)
+
+
+def save_model(model: nn.Module | LoadedModel, tokenizer: object | None, path: str | os.PathLike) -> Path:
+    """Write a plain Hugging Face safetensors directory that transformers loads back.
+
+    The write is atomic: files go to a temporary sibling directory that is renamed into place, so
+    an interrupted save never leaves a half-written model under `path`. An existing directory at
+    `path` is replaced only after the new one is complete.
+    """
+    if isinstance(model, LoadedModel):
+        tokenizer = model.tokenizer if tokenizer is None else tokenizer
+        model = model.model
+    _strip_load_time_quantizer(model)
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a saved model should read like any directory
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
