@@ -49,14 +49,14 @@ def _markdown(results: dict, model: str) -> str:
         "`gptq-rows`: the file's lines as rows (blank lines empty) joined by `\\n\\n` (GPTQ/SparseGPT code);",
         "`raw`: the file read as one string. Produced by `benchmarks/baseline_ppl.py`.",
         "",
-        "| protocol | ctx | windows | tokens scored | ppl | wall time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| protocol | ctx | windows | tokens scored | text sha256 | ppl | wall time (s) |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
-    for name, row in results.items():
+    for row in results.values():
         p = row["protocol"]
         lines.append(
             f"| {p['join']} | {p['ctx']} | {p['windows']}/{p['windows_available']} | {p['tokens_scored']:,} "
-            f"| {row['ppl']:.4f} | {p['wall_time_s']:.0f} |"
+            f"| `{p['text_sha256'][:12]}` | {row['ppl']:.4f} | {p['wall_time_s']:.0f} |"
         )
     first = next(iter(results.values()))["protocol"]
     v = first["versions"]
@@ -65,10 +65,7 @@ def _markdown(results: dict, model: str) -> str:
         f"Machine: {platform.processor() or v['machine']}, {os.cpu_count()} CPUs, torch threads "
         f"{first['torch_threads']}; {v['platform']}.",
         f"Versions: compresslm {v['compresslm']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"python {v['python']}. Model sha256 `{first['model']['sha256'][:16]}…`; test text sha256 "
-        f"(gptq-rows) `{next(r for r in results.values() if r['protocol']['join'] == 'gptq-rows')['protocol']['text_sha256'][:16]}…`."
-        if any(r["protocol"]["join"] == "gptq-rows" for r in results.values())
-        else "",
+        f"python {v['python']}. Model sha256 `{first['model']['sha256'][:16]}…`.",
     ]
     return "\n".join(lines) + "\n"
 

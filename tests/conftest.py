@@ -34,7 +34,7 @@ def tiny_lm(tokenizer) -> LoadedModel:
 def sample_text() -> str:
     from compresslm.data.corpora import load_corpus
 
-    return load_corpus("wikitext2", "validation").text[:6000]
+    return load_corpus("wikitext2", "validation").text[:1500]
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,9 @@ def test_every_family_maps(family):
         for info in block.linears:
             assert info.group == ("attention" if info.role in {"q", "k", "v", "o", "qkv"} else "mlp")
             weight = info.module.weight
-            expected = (info.in_features, info.out_features) if info.transposed else (info.out_features, info.in_features)
+            expected = (
+                (info.in_features, info.out_features) if info.transposed else (info.out_features, info.in_features)
+            )
             assert tuple(weight.shape) == expected
     assert layout.final_norm is not None
     assert layout.hidden_size == 64

@@ -79,7 +79,7 @@ def test_missing_reference_package_gives_pip_command(monkeypatch):
 
 
 def test_missing_path():
-    with pytest.raises(ModelNotFoundError, match="no such file or directory: ./does/not/exist"):
+    with pytest.raises(ModelNotFoundError, match=r"no such file or directory: \./does/not/exist"):
         load_model("./does/not/exist")
     with pytest.raises(ModelNotFoundError, match="no such file or directory"):
         load_model("missing-model.gguf")
@@ -107,7 +107,7 @@ def test_directory_without_config(tmp_path):
 def test_corrupt_config_json(tiny_lm, tmp_path):
     out = save_model(tiny_lm, None, tmp_path / "m")
     (out / "config.json").write_text("{not json")
-    with pytest.raises(CorruptFileError, match="config.json is not valid JSON"):
+    with pytest.raises(CorruptFileError, match=r"config\.json is not valid JSON"):
         load_model(out)
 
 
@@ -123,7 +123,7 @@ def test_unsupported_model_type(tiny_lm, tmp_path):
 def test_non_model_file(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("hello")
-    with pytest.raises(ModelNotFoundError, match="neither a .gguf file nor a model directory"):
+    with pytest.raises(ModelNotFoundError, match=r"neither a \.gguf file nor a model directory"):
         load_model(f)
 
 

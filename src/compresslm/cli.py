@@ -71,14 +71,17 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"vocab {summary['vocab_size']}"
     )
     _print("linears      " + ", ".join(f"{k} ({v})" for k, v in summary["block_linears"].items()))
-    _print(f"lm_head      {summary['lm_head']} ({'tied to ' + summary['token_embedding'] if summary['tied_lm_head'] else 'untied'})")
+    tied = f"tied to {summary['token_embedding']}" if summary["tied_lm_head"] else "untied"
+    _print(f"lm_head      {summary['lm_head']} ({tied})")
     _print(f"dtype        {info['model']['dtype']}")
     _print("parameters")
     for key, value in counts.items():
         share = 100.0 * value / counts["total"]
         _print(f"  {key:<20} {value:>14,}  {share:5.1f} %  ({_format_count(value)})")
-    _print(f"bytes        {_format_bytes(tensor_bytes)} in memory" + (
-        f", {_format_bytes(file_bytes)} source file" if file_bytes else ""))
+    _print(
+        f"bytes        {_format_bytes(tensor_bytes)} in memory"
+        + (f", {_format_bytes(file_bytes)} source file" if file_bytes else "")
+    )
     _print(f"sha256       {info['model']['sha256']}")
     return 0
 

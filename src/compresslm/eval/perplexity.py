@@ -59,7 +59,7 @@ def window_plan(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int]]:
         raise ProtocolError(f"the text has {n_tokens} tokens, fewer than one window of ctx={ctx}")
     plan = []
     for start in range(0, n_tokens - ctx + 1, stride):
-        first_scored = 1 if start == 0 else ctx - stride
+        first_scored = 1 if start == 0 else max(1, ctx - stride)
         plan.append((start, first_scored))
     return plan
 

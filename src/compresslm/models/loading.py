@@ -11,6 +11,7 @@ the GGUF file's sha256 and the transformers version; later loads read that direc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -240,10 +241,8 @@ def _load_gguf(path: Path, source: str, cache: bool) -> tuple[nn.Module, object]
         raise _wrap_transformers_error(exc, source) from exc
     _strip_load_time_quantizer(model)
     if cache_dir is not None:
-        try:
+        with contextlib.suppress(OSError):  # a read-only or full cache must not stop the load
             save_model(model, tokenizer, cache_dir)
-        except OSError:
-            pass  # a read-only or full cache must not stop the load
     return model, tokenizer
 
 
@@ -297,7 +296,8 @@ def load_model(
             with path.open("rb") as handle:
                 if handle.read(4) != GGUF_MAGIC:
                     raise ModelNotFoundError(
-                        f"{path} is neither a .gguf file nor a model directory; give the directory that holds config.json"
+                        f"{path} is neither a .gguf file nor a model directory "
+                        "(give the directory that holds config.json)"
                     )
         model, tokenizer = _load_gguf(path, text, cache)
         kind, resolved = "gguf", str(path.resolve())
@@ -319,7 +319,9 @@ def load_model(
         raise AssertionError("unreachable")
 
     model = _finish(model, dtype, device)
-    return LoadedModel(model=model, tokenizer=tokenizer, layout=discover_layout(model), source=text, kind=kind, path=resolved)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, layout=discover_layout(model), source=text, kind=kind, path=resolved
+    )
 
 
 def save_model(model: nn.Module | LoadedModel, tokenizer: object | None, path: str | os.PathLike) -> Path:

@@ -31,16 +31,14 @@ class RegisteredModel:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise MissingPackageError(
-                f"model '{self.name}' needs the PyPI package {self.package}, which is not installed: "
-                f"{self.install}"
+                f"model '{self.name}' needs the PyPI package {self.package}, which is not installed: {self.install}"
             )
         for location in spec.submodule_search_locations:
             candidate = Path(location) / self.filename
             if candidate.is_file():
                 return candidate
         raise MissingPackageError(
-            f"package {self.package} is installed but has no file {self.filename}; "
-            f"reinstall it: {self.install}"
+            f"package {self.package} is installed but has no file {self.filename}; reinstall it: {self.install}"
         )
 
 

@@ -1,0 +1,86 @@
+"""The command line: one JSON object on stdout with --json, one-line errors with status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from compresslm.cli import main
+from compresslm.models.loading import save_model
+from compresslm.models.tiny import tiny_model
+
+
+@pytest.fixture
+def model_dir(tokenizer, tmp_path):
+    return str(save_model(tiny_model("llama"), tokenizer, tmp_path / "tiny"))
+
+
+@pytest.fixture
+def text_file(sample_text, tmp_path):
+    path = tmp_path / "sample.txt"
+    path.write_text(sample_text)
+    return str(path)
+
+
+def test_eval_json_is_one_object_on_stdout(model_dir, text_file, capsys):
+    assert main(["eval", model_dir, "--ppl", text_file, "--ctx", "64", "--limit", "3", "--json"]) == 0
+    out, _ = capsys.readouterr()
+    payload = json.loads(out)  # the whole of stdout is one JSON document
+    assert {"ppl", "tokens", "windows", "protocol"} <= payload.keys()
+    assert payload["windows"] == 3 and payload["tokens"] == 3 * 63
+    assert payload["protocol"]["ctx"] == 64 and payload["protocol"]["model"]["kind"] == "hf_dir"
+
+
+def test_eval_human_output_goes_to_stderr(model_dir, text_file, capsys):
+    assert main(["eval", model_dir, "--ppl", text_file, "--ctx", "64", "--limit", "2", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "token perplexity" in err and "2/" in err
+
+
+def test_info_json(model_dir, capsys):
+    assert main(["info", model_dir, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"]["num_blocks"] == 2
+    assert info["parameters"]["total"] == info["model"]["parameters"]
+
+
+def test_info_human(model_dir, capsys):
+    assert main(["info", model_dir]) == 0
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM" in err and "linear.gate" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "nosuchmodel", "--ppl", "wikitext2"], "unknown model name 'nosuchmodel'; known names:"),
+        (["info", "./missing-dir"], "no such file or directory: ./missing-dir"),
+    ],
+)
+def test_errors_are_one_line_with_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("compresslm: error: ") and message in err
+    assert err.count("\n") == 1
+
+
+def test_eval_without_metric(model_dir, capsys):
+    assert main(["eval", model_dir]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_console_script_exit_status(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"\x00" * 32)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compresslm.cli", "info", str(bad)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith("compresslm: error: ")
+    assert "is not a GGUF file" in proc.stderr

