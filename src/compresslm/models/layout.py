@@ -45,8 +45,9 @@ _ATTENTION_HINTS = ("attn", "attention")
 
 
 def is_linear(module: nn.Module) -> bool:
-    """True for layers computing x @ W (+ b): `nn.Linear` and transformers' transposed `Conv1D`."""
-    if isinstance(module, nn.Linear):
+    """True for layers computing x @ W (+ b): `nn.Linear`, transformers' transposed `Conv1D`, and our
+    `CompressedLinear` (matched by name to keep this module free of runtime imports)."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "CompressedLinear":
         return True
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
@@ -181,9 +182,9 @@ def _attention_child(block: nn.Module, block_name: str) -> str:
 def _weight_shape(module: nn.Module) -> tuple[int, int, bool]:
     """Return (in_features, out_features, transposed) for a linear-like module."""
     weight = module.weight
-    if isinstance(module, nn.Linear):
-        return weight.shape[1], weight.shape[0], False
-    return weight.shape[0], weight.shape[1], True  # Conv1D stores [in, out]
+    if type(module).__name__ == "Conv1D":
+        return weight.shape[0], weight.shape[1], True  # Conv1D stores [in, out]
+    return weight.shape[1], weight.shape[0], False
 
 
 def _assign_roles(infos: list[LinearInfo], hidden: int) -> None:

@@ -44,8 +44,10 @@ class LoadedModel:
     tokenizer: object
     layout: ModelLayout
     source: str  # what the user gave
-    kind: str  # "registered", "gguf", "hf_dir", "hub" or "module"
+    kind: str  # "registered", "gguf", "hf_dir", "hub", "container" or "module"
     path: str | None = None  # the resolved file or directory, if any
+    container: dict | None = field(default=None, repr=False)  # the .clm header, for containers
+    compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
     _fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -262,6 +264,13 @@ def _load_hub(repo_id: str) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def _is_container(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return handle.read(4) == b"CLM1"
+
+
 def _looks_like_path(source: str) -> bool:
     """A hub id is `org/name`; anything else with slashes, a dot prefix or a file suffix is a path."""
     return (
@@ -286,6 +295,14 @@ def load_model(
     """
     text = str(source)
     path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".clm" or _is_container(path):
+        from compresslm.formats.container import load_container
+
+        lm = load_container(path, device=device)
+        if dtype is not None:
+            lm.model = _finish(lm.model, dtype, None)
+        lm.source = text
+        return lm
     if registry.is_registered(text) and not path.exists():
         entry = registry.lookup(text)
         file = entry.path()

@@ -1,0 +1,45 @@
+"""The Python face of compresslm: load, compress, save, evaluate."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+from compresslm.data.calibration import CalibrationSet
+from compresslm.engine.sequential import CompressionResult
+from compresslm.engine.sequential import compress as _compress_in_place
+from compresslm.models.loading import LoadedModel, load_model
+from compresslm.recipe import Recipe
+
+
+def compress(
+    model: str | os.PathLike | LoadedModel,
+    recipe: str | dict | Recipe,
+    output: str | os.PathLike | None = None,
+    *,
+    calibration: CalibrationSet | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> tuple[LoadedModel, CompressionResult, dict | None]:
+    """Compress a model (a source or a LoadedModel, changed in place) and optionally write a `.clm`.
+
+    Returns the compressed model, the compression result (records, per-layer report, protocol) and,
+    when `output` is given, the container's measured sizes.
+    """
+    from compresslm.formats.container import save_container
+
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    source = lm.describe()
+    result = _compress_in_place(lm, recipe, calibration=calibration, device=device, show_progress=show_progress)
+    lm.compressed = result.weights
+    summary = None
+    if output is not None:
+        metadata = {
+            "recipe": result.recipe.to_dict(),
+            "calibration": result.calibration,
+            "source_model": source,
+            "layers": [asdict(layer) for layer in result.layers],
+            "compression_seconds": result.seconds,
+        }
+        summary = save_container(lm, result.weights, output, metadata, dense_dtype=result.recipe.dense_dtype)
+    return lm, result, summary

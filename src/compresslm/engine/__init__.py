@@ -1,0 +1,1 @@
+"""The sequential calibration engine and its statistics."""

@@ -1,0 +1,253 @@
+"""The sequential calibration engine: compress one decoder block at a time.
+
+1. Run the model on the calibration windows until the first block and keep that block's inputs
+   (positional arguments and keyword arguments such as rotary embeddings and masks).
+2. For block i: run it on its inputs with hooks that accumulate each target linear's statistics
+   (the input Hessian XᵀX), turn every target weight into a CompressedWeight with the recipe's
+   algorithm, swap in `CompressedLinear` modules, then run the *compressed* block to produce
+   block i+1's inputs, so later blocks calibrate against the errors of earlier ones.
+
+Only one block's activations live in memory at a time. The engine knows nothing of GPTQ's maths;
+it calls the pure algorithm functions in `compresslm.quant`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compresslm.compressed import CompressedWeight
+from compresslm.data.calibration import CalibrationSet, calibration_windows
+from compresslm.errors import CompressLMError
+from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
+from compresslm.models.loading import DTYPES, LoadedModel
+from compresslm.progress import progress
+from compresslm.quant.gptq import gptq
+from compresslm.quant.rtn import rtn
+from compresslm.recipe import QuantizeStage, Recipe, load_recipe
+from compresslm.runtime.linear import CompressedLinear, dense_weight, replace_module
+from compresslm.versions import versions
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    role: str
+    method: str
+    grid: str
+    relative_error: float | None  # ‖(W−Q)X‖² / ‖WX‖² on the calibration inputs (None without calibration)
+    seconds: float
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompressionResult:
+    """What compression produced: the records by module path, a per-layer report and the protocol."""
+
+    weights: dict[str, CompressedWeight]
+    layers: list[LayerReport]
+    recipe: Recipe
+    calibration: dict | None
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    args: tuple
+    kwargs: dict
+
+
+def _capture_first_block_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
+    first = lm.layout.blocks[0].module
+    batches: list[_Batch] = []
+
+    def hook(module, args, kwargs):
+        batches.append(_Batch(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            try:
+                lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    for batch in batches:
+        batch.kwargs.pop("past_key_value", None)
+        batch.kwargs.pop("past_key_values", None)
+        batch.kwargs["use_cache"] = False
+    return batches
+
+
+def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
+    outputs = []
+    for batch in batches:
+        out = block(*batch.args, **batch.kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(_Batch((hidden,) + tuple(batch.args[1:]), batch.kwargs))
+    return outputs
+
+
+class _HessianAccumulator:
+    """Running 2/n·XᵀX of a linear layer's inputs (float32), fed by a forward pre-hook."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.sum = torch.zeros(in_features, in_features, device=device)
+        self.rows = 0
+
+    def __call__(self, module, args) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.rows, 1))
+
+
+def _stage_for(recipe: Recipe, info: LinearInfo) -> QuantizeStage | None:
+    chosen = None
+    for stage in recipe.stages:
+        if isinstance(stage, QuantizeStage) and stage.applies_to(info.role, info.name):
+            chosen = stage  # the last matching stage wins
+    return chosen
+
+
+def _compress_linear(info: LinearInfo, stage: QuantizeStage, hessian: torch.Tensor | None) -> CompressedWeight:
+    weight = dense_weight(info.module, info.transposed).float()
+    if stage.method == "rtn":
+        return rtn(weight, stage.grid)
+    if stage.method == "gptq":
+        if hessian is None:
+            raise CompressLMError(f"{info.name}: GPTQ needs calibration statistics")
+        return gptq(weight, hessian, stage.grid, stage.gptq_options)
+    raise CompressLMError(f"{info.name}: no implementation for method '{stage.method}'")
+
+
+def _relative_error(original: torch.Tensor, compressed: torch.Tensor, hessian: torch.Tensor) -> float:
+    delta = original - compressed
+    num = torch.einsum("oi,ij,oj->", delta, hessian, delta)
+    den = torch.einsum("oi,ij,oj->", original, hessian, original)
+    return float(num / den) if float(den) > 0 else 0.0
+
+
+def _round_dense(lm: LoadedModel, dtype_name: str, targets: set[str]) -> None:
+    """Round every tensor that stays dense to its storage dtype, so the container reloads bit-exactly."""
+    dtype = DTYPES[dtype_name]
+    with torch.no_grad():
+        for name, param in lm.model.named_parameters():
+            module_name = name.rpartition(".")[0]
+            if module_name in targets and name.endswith(".weight"):
+                continue
+            param.copy_(param.to(dtype).to(param.dtype))
+
+
+def _replace(lm: LoadedModel, info: LinearInfo, record: CompressedWeight) -> None:
+    bias = getattr(info.module, "bias", None)
+    new = CompressedLinear(record, bias, dtype=info.module.weight.dtype).to(info.module.weight.device)
+    replace_module(lm.model, info.name, new)
+
+
+def compress(
+    lm: LoadedModel,
+    recipe: str | dict | Recipe,
+    *,
+    calibration: CalibrationSet | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> CompressionResult:
+    """Compress `lm` in place according to `recipe` and return the records and a per-layer report.
+
+    The model's targeted linear layers become `CompressedLinear` modules; tensors that stay dense
+    are rounded to the recipe's `dense_dtype`. Calibration windows are drawn from the recipe's
+    settings unless `calibration` is given.
+    """
+    recipe = load_recipe(recipe)
+    started = time.perf_counter()
+    targets: dict[str, tuple[LinearInfo, QuantizeStage]] = {}
+    for info in lm.layout.linears():
+        stage = _stage_for(recipe, info)
+        if stage is not None:
+            targets[info.name] = (info, stage)
+    if not targets:
+        raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
+    _round_dense(lm, recipe.dense_dtype, set(targets))
+
+    weights: dict[str, CompressedWeight] = {}
+    layers: list[LayerReport] = []
+    calib_protocol = None
+    lm.model.eval()
+    run_device = torch.device(device) if device else lm.device
+
+    with torch.inference_mode(False), torch.no_grad():
+        if recipe.needs_calibration:
+            settings = recipe.calibration
+            if calibration is None:
+                calibration = calibration_windows(
+                    lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed
+                )
+            calib_protocol = dict(calibration.protocol)
+            lm.model.to(run_device)
+            batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
+        else:
+            batches = []
+
+        bar = progress(len(lm.layout.blocks), "compress", unit="block", enabled=show_progress)
+        for block in lm.layout.blocks:
+            block_targets = [targets[i.name] for i in block.linears if i.name in targets]
+            hessians = _collect_hessians(block, block_targets, batches, run_device) if batches else {}
+            for info, stage in block_targets:
+                t0 = time.perf_counter()
+                hessian = hessians.get(info.name)
+                original = dense_weight(info.module, info.transposed).float()
+                record = _compress_linear(info, stage, hessian)
+                rel = _relative_error(original, record.dequantize(), hessian) if hessian is not None else None
+                weights[info.name] = record
+                _replace(lm, info, record)
+                layers.append(
+                    LayerReport(
+                        info.name,
+                        info.role,
+                        stage.method,
+                        stage.grid.describe(),
+                        rel,
+                        time.perf_counter() - t0,
+                        record.meta,
+                    )  # fmt: skip
+                )
+            if batches:
+                batches = _run_block(block.module, batches)
+            bar.update(1)
+        bar.close()
+
+    lm.layout = discover_layout(lm.model)
+    info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
+    return CompressionResult(weights, layers, recipe, calib_protocol, time.perf_counter() - started, info)
+
+
+def _collect_hessians(
+    block: BlockInfo, block_targets: list, batches: list[_Batch], device: torch.device
+) -> dict[str, torch.Tensor]:
+    accumulators = {}
+    handles = []
+    # Every target gets its Hessian: GPTQ needs it, and it gives all layers a reconstruction error.
+    for info, _ in block_targets:
+        acc = _HessianAccumulator(info.in_features, device)
+        accumulators[info.name] = acc
+        handles.append(info.module.register_forward_pre_hook(acc))
+    try:
+        _run_block(block.module, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: acc.hessian for name, acc in accumulators.items()}

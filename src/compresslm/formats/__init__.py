@@ -1,0 +1,1 @@
+"""On-disk formats: bit packing and the .clm container."""

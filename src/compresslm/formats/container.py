@@ -1,0 +1,318 @@
+"""The `.clm` container: one file holding a compressed model, its tokenizer and its provenance.
+
+Layout::
+
+    b"CLM1" | u64 little-endian header length | header (UTF-8 JSON) | zero padding to 64 | blobs
+
+The header holds the model config, the recipe, the calibration protocol, versions, the per-layer
+report, and for every blob its offset (from the start of the blob area, 64-byte aligned), size,
+dtype, shape and sha256. Compressed linears are stored as bit-packed codes, float16 scales and
+bit-packed zero points (none for symmetric grids, whose zero point is fixed). Tensors that stay
+dense are stored in the recipe's `dense_dtype`; a tied lm_head is stored once.
+
+Writes are atomic (temporary file + rename). Reads check the magic, the size and every checksum
+before a model is built, so a truncated or corrupt file is reported, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compresslm.compressed import CompressedWeight
+from compresslm.errors import CorruptFileError
+from compresslm.formats.packing import pack_bits, unpack_bits
+from compresslm.models.loading import LoadedModel
+from compresslm.runtime.linear import CompressedLinear, replace_module
+from compresslm.versions import versions
+
+MAGIC = b"CLM1"
+FORMAT_VERSION = 1
+ALIGN = 64
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+class _BlobWriter:
+    def __init__(self) -> None:
+        self.blobs: list[bytes] = []
+        self.index: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, key: str, data: bytes, dtype: str, shape: list[int]) -> str:
+        self.index[key] = {
+            "offset": self.offset,
+            "nbytes": len(data),
+            "dtype": dtype,
+            "shape": shape,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        padding = _align(len(data)) - len(data)
+        self.blobs.append(data + b"\0" * padding)
+        self.offset += len(data) + padding
+        return key
+
+
+def save_container(lm: LoadedModel, weights: dict[str, CompressedWeight], path: str | os.PathLike,
+                   metadata: dict | None = None, dense_dtype: str = "float16") -> dict:  # fmt: skip
+    """Write `lm` (already compressed in place) and its records to a `.clm` file; return its summary."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = _BlobWriter()
+    storage = _DTYPES[dense_dtype]
+
+    linears = {}
+    for name, record in weights.items():
+        entry = {
+            "bits": record.bits,
+            "group_size": record.group_size,
+            "symmetric": record.symmetric,
+            "shape": list(record.shape),
+            "scales_shape": list(record.scales.shape),
+            "codes": writer.add(
+                f"{name}.codes", pack_bits(record.codes, record.bits), f"u{record.bits}", list(record.shape)
+            ),  # fmt: skip
+            "scales": writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape)),
+            "zeros": None,
+            "meta": record.meta,
+        }
+        if not record.symmetric:
+            entry["zeros"] = writer.add(
+                f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
+            )
+        linears[name] = entry
+
+    dense, aliases, seen = {}, {}, {}
+    for key, tensor in lm.model.state_dict(keep_vars=True).items():
+        tensor = tensor.detach()
+        ptr = (tensor.data_ptr(), tuple(tensor.shape))
+        if ptr in seen:
+            aliases[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        dtype = storage if tensor.is_floating_point() else tensor.dtype
+        stored = tensor.to(dtype)
+        if tensor.is_floating_point() and not torch.equal(stored.to(tensor.dtype), tensor):
+            raise CorruptFileError(f"{key} is not exactly representable in {dense_dtype}; compress() rounds it first")
+        dtype_name = str(dtype).removeprefix("torch.")
+        dense[key] = writer.add(f"dense/{key}", _tensor_bytes(stored), dtype_name, list(tensor.shape))
+
+    tokenizer_files = {}
+    if lm.tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            lm.tokenizer.save_pretrained(tmp)
+            for file in sorted(Path(tmp).iterdir()):
+                if file.is_file():
+                    tokenizer_files[file.name] = writer.add(f"tokenizer/{file.name}", file.read_bytes(), "bytes", [])
+
+    config = lm.model.config.to_dict()
+    config.pop("quantization_config", None)
+    total_params = sum(p.numel() for p in lm.model.parameters()) + sum(
+        record.out_features * record.in_features for record in weights.values()
+    )
+    header = {
+        "format": "compresslm-container",
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "linears": linears,
+        "dense": dense,
+        "aliases": aliases,
+        "tokenizer_files": tokenizer_files,
+        "blobs": writer.index,
+        "parameters": total_params,
+        "linear_parameters": sum(r.out_features * r.in_features for r in weights.values()),
+        "dense_dtype": dense_dtype,
+        "versions": versions(),
+        **(metadata or {}),
+    }
+    header_bytes = json.dumps(header, default=_json_default).encode("utf-8")
+    start = _align(len(MAGIC) + 8 + len(header_bytes))
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
+            handle.write(b"\0" * (start - len(MAGIC) - 8 - len(header_bytes)))
+            for blob in writer.blobs:
+                handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return container_summary(target)
+
+
+def _json_default(value: object) -> object:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a container header")
+
+
+def is_container(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as handle:
+        return handle.read(4) == MAGIC
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The header and the absolute offset of the blob area; raises CorruptFileError on damage."""
+    p = Path(path)
+    size = p.stat().st_size
+    with p.open("rb") as handle:
+        head = handle.read(12)
+        if len(head) < 12 or head[:4] != MAGIC:
+            raise CorruptFileError(f"{p} is not a compresslm container (bad magic {head[:4]!r})")
+        (length,) = struct.unpack("<Q", head[4:])
+        if 12 + length > size:
+            raise CorruptFileError(f"{p} is truncated: the header needs {12 + length} bytes, the file has {size}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{p} has a corrupt header: {exc}") from exc
+    if header.get("format") != "compresslm-container":
+        raise CorruptFileError(f"{p} header does not describe a compresslm container")
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise CorruptFileError(
+            f"{p} uses container format {header['format_version']}; this compresslm reads up to {FORMAT_VERSION}"
+        )
+    start = _align(12 + length)
+    blobs = header.get("blobs", {})
+    end = start + max((b["offset"] + b["nbytes"] for b in blobs.values()), default=0)
+    if end > size:
+        raise CorruptFileError(f"{p} is truncated: expected at least {end} bytes, found {size}")
+    return header, start
+
+
+class _BlobReader:
+    def __init__(self, path: Path, header: dict, start: int):
+        self.path, self.header, self.start = path, header, start
+        self.handle = path.open("rb")
+
+    def read(self, key: str) -> bytes:
+        entry = self.header["blobs"][key]
+        self.handle.seek(self.start + entry["offset"])
+        data = self.handle.read(entry["nbytes"])
+        if len(data) != entry["nbytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CorruptFileError(f"{self.path}: checksum mismatch in tensor '{key}'; the file is corrupt")
+        return data
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.header["blobs"][key]
+        dtype = _DTYPES[entry["dtype"]] if entry["dtype"] in _DTYPES else getattr(torch, entry["dtype"])
+        raw = bytearray(self.read(key))
+        return (
+            torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"]).clone()
+            if raw
+            else (torch.empty(entry["shape"], dtype=dtype))
+        )
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _record(reader: _BlobReader, entry: dict) -> CompressedWeight:
+    out_f, in_f = entry["shape"]
+    codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], out_f * in_f).reshape(out_f, in_f)
+    scales = reader.tensor(entry["scales"])
+    if entry["zeros"] is None:
+        zeros = torch.full(tuple(entry["scales_shape"]), 1 << (entry["bits"] - 1), dtype=torch.uint8)
+    else:
+        count = int(np.prod(entry["scales_shape"]))
+        zeros = unpack_bits(reader.read(entry["zeros"]), entry["bits"], count).reshape(entry["scales_shape"])
+    return CompressedWeight(
+        shape=(out_f, in_f), bits=entry["bits"], group_size=entry["group_size"], symmetric=entry["symmetric"],
+        codes=codes, scales=scales, zeros=zeros, meta=entry.get("meta", {}),
+    )  # fmt: skip
+
+
+def load_container(path: str | os.PathLike, device: str | None = None) -> LoadedModel:
+    """Rebuild the compressed model from a `.clm` file, verifying every checksum first."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    header, start = read_header(p)
+    reader = _BlobReader(p, header, start)
+    try:
+        for key in header["blobs"]:  # verify everything before building anything
+            reader.read(key)
+        config_dict = dict(header["config"])
+        model_type = config_dict.pop("model_type")
+        config = AutoConfig.for_model(model_type, **config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        weights = {}
+        for name, entry in header["linears"].items():
+            record = _record(reader, entry)
+            old = model.get_submodule(name)
+            bias = getattr(old, "bias", None)
+            replace_module(model, name, CompressedLinear(record, bias))
+            weights[name] = record
+        state = {key: reader.tensor(blob).float() if header["blobs"][blob]["dtype"] in ("float16", "bfloat16", "float32")
+                 else reader.tensor(blob) for key, blob in header["dense"].items()}  # fmt: skip
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in header["aliases"]]
+        if missing or unexpected:
+            raise CorruptFileError(
+                f"{p}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        tokenizer = None
+        if header["tokenizer_files"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, blob in header["tokenizer_files"].items():
+                    (Path(tmp) / name).write_bytes(reader.read(blob))
+                tokenizer = AutoTokenizer.from_pretrained(tmp)
+    finally:
+        reader.close()
+    if device is not None:
+        model = model.to(device)
+    lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
+    lm.kind, lm.path = "container", str(p.resolve())
+    lm.container = header
+    lm.compressed = weights
+    return lm
+
+
+def container_summary(path: str | os.PathLike) -> dict:
+    """Sizes measured from the file: bytes on disk, bits per parameter overall and for the linears."""
+    p = Path(path)
+    header, _ = read_header(p)
+    size = p.stat().st_size
+    linear_bytes = 0
+    for entry in header["linears"].values():
+        for key in ("codes", "scales", "zeros"):
+            if entry[key]:
+                linear_bytes += header["blobs"][entry[key]]["nbytes"]
+    return {
+        "path": str(p),
+        "bytes_on_disk": size,
+        "parameters": header["parameters"],
+        "bits_per_param": 8 * size / header["parameters"],
+        "linear_parameters": header["linear_parameters"],
+        "linear_bits_per_param": 8 * linear_bytes / max(header["linear_parameters"], 1),
+        "recipe": header.get("recipe"),
+    }

@@ -1,0 +1,168 @@
+"""Uniform integer grids: per-tensor, per-channel or group-wise along the input dimension.
+
+A grid maps a float weight to codes in [0, 2**bits - 1] with a float16 scale and an integer zero
+point per group: w ≈ (code - zero) * scale. Asymmetric grids stretch [min(w, 0), max(w, 0)] over the
+codes; symmetric grids use scale = 2·max|w| / (2**bits - 1) with the fixed zero point 2**(bits-1)
+(the convention of the GPTQ reference code and llm-compressor). Scales are rounded to float16
+*before* codes are chosen, so the codes are optimal for the scale that is stored.
+
+A group size that does not divide the row is honoured with a shorter last group; nothing falls
+back silently. `clip_search` shrinks each group's range to minimise the Lp error of its
+reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compresslm.compressed import CompressedWeight, expand_groups, num_groups
+from compresslm.errors import CompressLMError
+
+_MIN_SCALE = 2.0**-24  # the smallest positive float16
+
+
+class GridError(CompressLMError):
+    """A grid specification that cannot be applied to a weight."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How to quantize a weight: bit width, granularity, symmetry and optional clip search."""
+
+    bits: int = 4
+    granularity: str = "group"  # "group", "channel" or "tensor"
+    group_size: int = 128
+    symmetric: bool = False
+    clip_search: bool = False
+    clip_grid: int = 100
+    clip_max_shrink: float = 0.8
+    clip_norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise GridError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.granularity not in ("group", "channel", "tensor"):
+            raise GridError(f"granularity must be group, channel or tensor, got '{self.granularity}'")
+        if self.granularity == "group" and self.group_size < 1:
+            raise GridError(f"group_size must be a positive number of columns, got {self.group_size}")
+        if not 0.0 < self.clip_max_shrink < 1.0:
+            raise GridError(f"clip_max_shrink must be in (0, 1), got {self.clip_max_shrink}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group_size_for(self, in_features: int) -> int:
+        """Columns per group for a weight with `in_features` columns."""
+        if self.granularity == "group":
+            if self.group_size > in_features:
+                raise GridError(
+                    f"group_size {self.group_size} is larger than the row ({in_features} columns); "
+                    "use granularity 'channel' for one group per row"
+                )
+            return self.group_size
+        return in_features
+
+    def describe(self) -> str:
+        kind = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
+        return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}" + (" clip" if self.clip_search else "")
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-exact, as float32) and integer zero point for ranges [lo, hi] (lo <= 0 <= hi)."""
+    maxq = grid.maxq
+    if grid.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = (2 * amax / maxq).clamp_min(_MIN_SCALE).half().float()
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        scale = ((hi - lo) / maxq).clamp_min(_MIN_SCALE).half().float()
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Codes clamp(round(x / scale) + zero) as float (broadcasting scale/zero against x)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def fit_rows(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid parameters for each row of `x` (one row = one group): scale and zero, both [rows]."""
+    x = x.float()
+    lo = x.min(dim=1).values.clamp(max=0)
+    hi = x.max(dim=1).values.clamp(min=0)
+    scale, zero = _params_from_range(lo, hi, grid)
+    if not grid.clip_search:
+        return scale, zero
+    best_err = torch.full_like(scale, float("inf"))
+    for step in range(int(grid.clip_max_shrink * grid.clip_grid)):
+        shrink = 1.0 - step / grid.clip_grid
+        s, z = _params_from_range(lo * shrink, hi * shrink, grid)
+        q = (quantize_codes(x, s[:, None], z[:, None], grid.maxq) - z[:, None]) * s[:, None]
+        err = (q - x).abs().pow(grid.clip_norm).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def fit_weight(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scales and zeros of a [out, in] weight: two float32 tensors [out, groups] (or [1, 1])."""
+    out_f, in_f = weight.shape
+    if grid.granularity == "tensor":
+        scale, zero = fit_rows(weight.reshape(1, -1), grid)
+        return scale.view(1, 1), zero.view(1, 1)
+    g = grid.group_size_for(in_f)
+    full = in_f // g
+    scales, zeros = [], []
+    if full:
+        s, z = fit_rows(weight[:, : full * g].reshape(out_f * full, g), grid)
+        scales.append(s.view(out_f, full))
+        zeros.append(z.view(out_f, full))
+    if in_f % g:
+        s, z = fit_rows(weight[:, full * g :], grid)
+        scales.append(s.view(out_f, 1))
+        zeros.append(z.view(out_f, 1))
+    return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+
+
+def to_compressed(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid, meta: dict | None = None
+) -> CompressedWeight:
+    """Pack float codes/scales/zeros into a validated CompressedWeight."""
+    out_f, in_f = codes.shape
+    return CompressedWeight(
+        shape=(out_f, in_f),
+        bits=grid.bits,
+        group_size=grid.group_size_for(in_f),
+        symmetric=grid.symmetric,
+        codes=codes.to(torch.uint8).cpu(),
+        scales=scales.half().cpu(),
+        zeros=zeros.to(torch.uint8).cpu(),
+        meta=dict(meta or {}),
+    )
+
+
+def quantize_weight(weight: torch.Tensor, grid: Grid, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Codes (float) of a whole [out, in] weight under given per-group scales and zeros."""
+    in_f = weight.shape[1]
+    if scales.shape == (1, 1):
+        return quantize_codes(weight.float(), scales, zeros, grid.maxq)
+    g = grid.group_size_for(in_f)
+    return quantize_codes(weight.float(), expand_groups(scales, in_f, g), expand_groups(zeros, in_f, g), grid.maxq)
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    """Refuse weights that cannot be quantized meaningfully (wrong rank, NaN or infinity)."""
+    if weight.dim() != 2:
+        raise GridError(f"{name} must be a 2-D [out, in] matrix, got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise GridError(f"{name} contains {bad} NaN or infinite values; refusing to quantize it")
+
+
+def groups_of(in_features: int, grid: Grid) -> int:
+    return 1 if grid.granularity == "tensor" else num_groups(in_features, grid.group_size_for(in_features))

@@ -1,0 +1,244 @@
+"""Recipes: what to do to a model, as data that is validated before any compute.
+
+A recipe is an ordered list of stages plus calibration settings, readable from YAML/JSON, a
+Python dict, or a preset name. Every field is checked up front: an unknown field or an
+impossible value raises :class:`RecipeError` naming the stage, the field, the value and what is
+allowed, so a typo never costs a calibration run.
+
+Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act]`, e.g. `w4-gptq`
+(group 128, asymmetric), `w3-g64-gptq-act`, `w8-rtn` (per-channel). `w8-rtn` and other names
+without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compresslm.errors import CompressLMError
+from compresslm.quant.grid import Grid
+from compresslm.quant.gptq import GPTQOptions
+
+
+class RecipeError(CompressLMError):
+    """A recipe field that is unknown or has an impossible value."""
+
+
+QUANT_METHODS = ("rtn", "gptq")
+CALIBRATED_METHODS = ("gptq",)
+DENSE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass
+class QuantizeStage:
+    """Quantize the weights of the targeted linear layers."""
+
+    method: str = "rtn"
+    bits: int = 4
+    granularity: str = "group"
+    group_size: int = 128
+    symmetric: bool = False
+    clip_search: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    ignore: list[str] = field(default_factory=list)
+    type: str = "quantize"
+
+    def validate(self, where: str) -> None:
+        _choice(where, "method", self.method, QUANT_METHODS)
+        if not 2 <= self.bits <= 8:
+            raise RecipeError(f"{where}: bits={self.bits} is not allowed; choose 2 to 8")
+        _choice(where, "granularity", self.granularity, ("group", "channel", "tensor"))
+        if self.granularity == "group" and self.group_size < 1:
+            raise RecipeError(f"{where}: group_size={self.group_size} is not allowed; use a positive column count")
+        if not 0 < self.damp < 10:
+            raise RecipeError(f"{where}: damp={self.damp} is not allowed; use a small positive fraction such as 0.01")
+        if self.block_size < 1:
+            raise RecipeError(f"{where}: block_size={self.block_size} is not allowed; use a positive column count")
+        if self.act_order and self.method != "gptq":
+            raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
+        if not self.targets:
+            raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search)
+
+    @property
+    def gptq_options(self) -> GPTQOptions:
+        return GPTQOptions(self.block_size, self.damp, self.act_order, self.static_groups)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in CALIBRATED_METHODS
+
+    def applies_to(self, role: str, name: str) -> bool:
+        """True if a linear with this role and module path is targeted and not ignored."""
+        if role in self.ignore or any(part in name for part in self.ignore):
+            return False
+        return "all" in self.targets or role in self.targets
+
+
+STAGES: dict[str, type] = {"quantize": QuantizeStage}
+
+
+@dataclass
+class CalibrationSettings:
+    source: str = "c4"
+    samples: int = 128
+    length: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        for name in ("samples", "length", "batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise RecipeError(f"calibration: {name}={value} is not allowed; use a positive number")
+
+
+@dataclass
+class Recipe:
+    """An ordered list of stages, calibration settings and how dense tensors are stored."""
+
+    stages: list[Any]
+    name: str = "custom"
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    dense_dtype: str = "float16"
+
+    def validate(self) -> Recipe:
+        if not self.stages:
+            raise RecipeError("recipe has no stages")
+        for index, stage in enumerate(self.stages, start=1):
+            stage.validate(f"stage {index} ({stage.type})")
+        self.calibration.validate()
+        _choice("recipe", "dense_dtype", self.dense_dtype, DENSE_DTYPES)
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(getattr(s, "needs_calibration", False) for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "calibration": dataclasses.asdict(self.calibration),
+            "dense_dtype": self.dense_dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a mapping, got {type(data).__name__}")
+        _check_keys("recipe", data, ("name", "stages", "calibration", "dense_dtype"))
+        raw_stages = data.get("stages")
+        if not isinstance(raw_stages, list) or not raw_stages:
+            raise RecipeError("recipe: 'stages' must be a non-empty list")
+        stages = []
+        for index, raw in enumerate(raw_stages, start=1):
+            if not isinstance(raw, dict):
+                raise RecipeError(f"stage {index}: must be a mapping, got {type(raw).__name__}")
+            kind = raw.get("type", "quantize")
+            if kind not in STAGES:
+                raise RecipeError(f"stage {index}: type='{kind}' is not allowed; choose one of {', '.join(STAGES)}")
+            stages.append(_build(STAGES[kind], raw, f"stage {index} ({kind})"))
+        calibration = _build(CalibrationSettings, data.get("calibration") or {}, "calibration")
+        recipe = cls(
+            stages=stages,
+            name=str(data.get("name", "custom")),
+            calibration=calibration,
+            dense_dtype=data.get("dense_dtype", "float16"),
+        )
+        return recipe.validate()
+
+
+def _choice(where: str, name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{where}: {name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _check_keys(where: str, data: dict, allowed: tuple) -> None:
+    for key in data:
+        if key not in allowed:
+            raise RecipeError(f"{where}: unknown field '{key}'; allowed fields: {', '.join(allowed)}")
+
+
+def _build(kind: type, data: dict, where: str) -> Any:
+    """Instantiate dataclass `kind` from `data`, checking field names and value types."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    _check_keys(where, data, tuple(fields))
+    values = {}
+    for key, value in data.items():
+        expected = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        }.get(expected, True)
+        if not ok:
+            raise RecipeError(f"{where}: {key}={value!r} is not allowed; expected {expected}")
+        values[key] = float(value) if expected == "float" else value
+    return kind(**values)
+
+
+_PRESET = re.compile(r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq)(?P<flags>(?:-(?:sym|clip|act))*)$")
+
+
+def preset(name: str) -> Recipe:
+    """The recipe for a preset name (see module docstring)."""
+    match = _PRESET.match(name.lower())
+    if not match:
+        raise RecipeError(
+            f"unknown preset '{name}'; presets look like w4-gptq, w4-g64-gptq, w3-g32-gptq-act, w8-rtn, "
+            "w4-rtn-sym-clip (or give a YAML/JSON recipe file)"
+        )
+    bits = int(match["bits"])
+    flags = set(filter(None, match["flags"].split("-")))
+    stage: dict = {"method": match["method"], "bits": bits}
+    if match["group"]:
+        stage["group_size"] = int(match["group"])
+    elif bits >= 5:
+        stage["granularity"] = "channel"
+    stage["symmetric"] = "sym" in flags
+    stage["clip_search"] = "clip" in flags
+    stage["act_order"] = "act" in flags
+    return Recipe.from_dict({"name": name.lower(), "stages": [stage]})
+
+
+def load_recipe(spec: str | dict | Recipe) -> Recipe:
+    """A Recipe from a preset name, a YAML/JSON file path, a dict, or a Recipe (validated)."""
+    if isinstance(spec, Recipe):
+        return spec.validate()
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {spec}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # yaml.YAMLError or json.JSONDecodeError
+            raise RecipeError(f"{path}: cannot parse recipe: {str(exc).splitlines()[0]}") from exc
+        recipe = Recipe.from_dict(data)
+        if recipe.name == "custom":
+            recipe.name = path.stem
+        return recipe
+    return preset(spec)

@@ -1,0 +1,1 @@
+"""Runtime modules that compute with compressed weights."""
