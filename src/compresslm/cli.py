@@ -57,6 +57,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         "bytes_in_memory": tensor_bytes,
         "source_file_bytes": file_bytes,
     }
+    if lm.kind == "container":
+        from compresslm.formats.container import container_summary
+
+        info["container"] = container_summary(lm.path)
     if args.json:
         _emit_json(info)
         return 0
@@ -83,6 +87,60 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (f", {_format_bytes(file_bytes)} source file" if file_bytes else "")
     )
     _print(f"sha256       {info['model']['sha256']}")
+    if "container" in info:
+        c = info["container"]
+        _print(
+            f"container    {_format_bytes(c['bytes_on_disk'])} on disk, {c['bits_per_param']:.3f} bits/param, "
+            f"{c['linear_bits_per_param']:.3f} bits/param in compressed linears, recipe {c['recipe']['name']}"
+        )
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from compresslm.api import compress
+    from compresslm.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validated before the model is even loaded
+    overrides = {"source": args.calib, "samples": args.calib_samples, "length": args.calib_len, "seed": args.seed}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(recipe.calibration, key, value)
+    recipe.validate()
+    _print(f"compressing {args.model} with recipe '{recipe.name}'")
+    _lm, result, summary = compress(args.model, recipe, args.output, device=args.device, show_progress=not args.quiet)
+    errors = [layer.relative_error for layer in result.layers if layer.relative_error is not None]
+    payload = {
+        "model": args.model,
+        "output": str(args.output),
+        "recipe": recipe.to_dict(),
+        "calibration": result.calibration,
+        "compression_seconds": result.seconds,
+        **{k: v for k, v in summary.items() if k not in ("path", "recipe")},
+        "layers": [
+            {
+                "name": layer.name,
+                "role": layer.role,
+                "grid": layer.grid,
+                "relative_error": layer.relative_error,
+                "seconds": round(layer.seconds, 4),
+            }
+            for layer in result.layers
+        ],
+    }
+    if args.json:
+        _emit_json(payload)
+        return 0
+    if errors:
+        worst = max(result.layers, key=lambda layer: layer.relative_error or 0.0)
+        _print(
+            f"layers: {len(result.layers)} compressed, mean relative error {sum(errors) / len(errors):.4g}, "
+            f"worst {worst.name} ({worst.relative_error:.4g})"
+        )
+    _print(
+        f"wrote {args.output}: {_format_bytes(summary['bytes_on_disk'])}, {summary['bits_per_param']:.3f} bits/param "
+        f"overall, {summary['linear_bits_per_param']:.3f} bits/param in compressed linears, "
+        f"{result.seconds:.1f} s"
+    )
     return 0
 
 
@@ -137,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     info.set_defaults(func=cmd_info)
+
+    comp = sub.add_parser("compress", help="compress a model with a recipe and write a .clm container")
+    comp.add_argument("model", help=model_help)
+    comp.add_argument(
+        "--recipe", required=True, help="preset (w4-gptq, w4-g64-gptq-act, w8-rtn, ...) or YAML/JSON file"
+    )
+    comp.add_argument("-o", "--output", required=True, help="the .clm file to write")
+    comp.add_argument("--calib", default=None, help="calibration source: c4 (default), wikitext2, or a text/JSONL path")
+    comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
+    comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")
+    comp.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    comp.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
+    comp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    comp.set_defaults(func=cmd_compress)
 
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
     ev.add_argument("model", help=model_help)

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from compresslm.errors import CompressLMError
-from compresslm.quant.grid import Grid
 from compresslm.quant.gptq import GPTQOptions
+from compresslm.quant.grid import Grid
 
 
 class RecipeError(CompressLMError):

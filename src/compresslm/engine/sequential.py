@@ -13,6 +13,7 @@ it calls the pure algorithm functions in `compresslm.quant`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -76,10 +77,8 @@ def _capture_first_block_inputs(lm: LoadedModel, windows: torch.Tensor, batch_si
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, windows.shape[0], batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     for batch in batches:
@@ -94,7 +93,7 @@ def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
     for batch in batches:
         out = block(*batch.args, **batch.kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(_Batch((hidden,) + tuple(batch.args[1:]), batch.kwargs))
+        outputs.append(_Batch((hidden, *batch.args[1:]), batch.kwargs))
     return outputs
 
 
@@ -170,7 +169,8 @@ def compress(
 
     The model's targeted linear layers become `CompressedLinear` modules; tensors that stay dense
     are rounded to the recipe's `dense_dtype`. Calibration windows are drawn from the recipe's
-    settings unless `calibration` is given.
+    settings unless `calibration` is given; given windows are also used by recipes that need none
+    (RTN), to report each layer's reconstruction error.
     """
     recipe = load_recipe(recipe)
     started = time.perf_counter()
@@ -190,7 +190,7 @@ def compress(
     run_device = torch.device(device) if device else lm.device
 
     with torch.inference_mode(False), torch.no_grad():
-        if recipe.needs_calibration:
+        if recipe.needs_calibration or calibration is not None:  # given windows also buy error reports
             settings = recipe.calibration
             if calibration is None:
                 calibration = calibration_windows(
@@ -223,7 +223,7 @@ def compress(
                         rel,
                         time.perf_counter() - t0,
                         record.meta,
-                    )  # fmt: skip
+                    )
                 )
             if batches:
                 batches = _run_block(block.module, batches)

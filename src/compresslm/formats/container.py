@@ -87,7 +87,7 @@ def save_container(lm: LoadedModel, weights: dict[str, CompressedWeight], path: 
             "scales_shape": list(record.scales.shape),
             "codes": writer.add(
                 f"{name}.codes", pack_bits(record.codes, record.bits), f"u{record.bits}", list(record.shape)
-            ),  # fmt: skip
+            ),
             "scales": writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape)),
             "zeros": None,
             "meta": record.meta,
@@ -272,8 +272,10 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
             bias = getattr(old, "bias", None)
             replace_module(model, name, CompressedLinear(record, bias))
             weights[name] = record
-        state = {key: reader.tensor(blob).float() if header["blobs"][blob]["dtype"] in ("float16", "bfloat16", "float32")
-                 else reader.tensor(blob) for key, blob in header["dense"].items()}  # fmt: skip
+        state = {}
+        for key, blob in header["dense"].items():
+            tensor = reader.tensor(blob)
+            state[key] = tensor.float() if tensor.is_floating_point() else tensor
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in header["aliases"]]
         if missing or unexpected:

@@ -295,7 +295,7 @@ def load_model(
     """
     text = str(source)
     path = Path(text).expanduser()
-    if path.is_file() and path.suffix.lower() == ".clm" or _is_container(path):
+    if (path.is_file() and path.suffix.lower() == ".clm") or _is_container(path):
         from compresslm.formats.container import load_container
 
         lm = load_container(path, device=device)

@@ -1,0 +1,25 @@
+"""Bit packing round trips exactly at every width and costs exactly bits·n."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compresslm.formats.packing import pack_bits, packed_nbytes, unpack_bits
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 7, 8, 1001])
+def test_round_trip(bits, count):
+    torch.manual_seed(bits * count)
+    codes = torch.randint(0, 2**bits, (count,), dtype=torch.uint8)
+    data = pack_bits(codes, bits)
+    assert len(data) == packed_nbytes(count, bits) == (count * bits + 7) // 8
+    assert torch.equal(unpack_bits(data, bits, count), codes)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="exceeds 3 bits"):
+        pack_bits(torch.tensor([8], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="expected 2 bytes"):
+        unpack_bits(b"\x00", 4, 4)

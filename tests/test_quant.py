@@ -1,0 +1,147 @@
+"""Grids, RTN and GPTQ as pure tensor functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compresslm.compressed import CompressedWeight, InvalidCompressedWeight
+from compresslm.errors import CompressLMError
+from compresslm.quant.gptq import GPTQOptions, gptq, hessian_from_inputs
+from compresslm.quant.grid import Grid, GridError, fit_weight
+from compresslm.quant.rtn import rtn
+
+
+def _weight(out_f=48, in_f=80, seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(out_f, in_f) * 0.02
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("granularity", ["group", "channel", "tensor"])
+def test_rtn_codes_are_on_the_grid_and_dequantize_exactly(bits, symmetric, granularity):
+    w = _weight()
+    cw = rtn(w, Grid(bits, granularity, 32, symmetric))
+    assert cw.codes.dtype == torch.uint8 and int(cw.codes.max()) < 2**bits
+    deq = cw.dequantize()
+    assert torch.equal(deq, cw.dequantize())  # deterministic
+    scales = cw.scales.float()
+    # the error of every weight is at most half a step (asymmetric) or within the clamp range
+    step = scales.max().item()
+    assert (deq - w).abs().max().item() <= step * (1.0 if symmetric else 0.5) + 1e-7
+
+
+def test_non_dividing_group_gets_a_shorter_last_group():
+    w = _weight(4, 80)
+    cw = rtn(w, Grid(4, "group", 32))
+    assert cw.scales.shape == (4, 3)  # 32 + 32 + 16 columns
+    w2 = w.clone()
+    w2[:, 64:] *= 100  # only the last (short) group changes scale
+    cw2 = rtn(w2, Grid(4, "group", 32))
+    assert torch.equal(cw.scales[:, :2], cw2.scales[:, :2])
+    assert not torch.equal(cw.scales[:, 2], cw2.scales[:, 2])
+
+
+def test_group_larger_than_row_is_refused():
+    with pytest.raises(GridError, match="group_size 128 is larger than the row"):
+        rtn(_weight(4, 80), Grid(4, "group", 128))
+
+
+def test_bad_grids():
+    with pytest.raises(GridError, match="bits must be between 2 and 8"):
+        Grid(9)
+    with pytest.raises(GridError, match="granularity"):
+        Grid(4, "row")
+    with pytest.raises(GridError, match="group_size"):
+        Grid(4, "group", 0)
+
+
+def test_nan_weights_are_refused():
+    w = _weight()
+    w[3, 5] = float("nan")
+    with pytest.raises(GridError, match="1 NaN or infinite"):
+        rtn(w, Grid(4))
+
+
+def test_more_bits_less_error():
+    w = _weight()
+    errors = [(rtn(w, Grid(b, "group", 16)).dequantize() - w).pow(2).sum().item() for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_clip_search_does_not_increase_error_and_helps_at_low_bits():
+    torch.manual_seed(1)
+    w = torch.randn(64, 64)
+    w[:, 0] *= 8  # outliers make the plain min/max range wasteful
+    plain = (rtn(w, Grid(3, "group", 64)).dequantize() - w).abs().pow(2.4).sum()
+    clipped = (rtn(w, Grid(3, "group", 64, clip_search=True)).dequantize() - w).abs().pow(2.4).sum()
+    assert clipped < plain
+
+
+def test_scales_are_float16_exact():
+    scales, _ = fit_weight(_weight(), Grid(4, "group", 16))
+    assert torch.equal(scales, scales.half().float())
+
+
+def test_compressed_weight_invariants():
+    codes = torch.zeros(2, 4, dtype=torch.uint8)
+    scales = torch.ones(2, 2, dtype=torch.float16)
+    zeros = torch.zeros(2, 2, dtype=torch.uint8)
+    CompressedWeight((2, 4), 4, 2, False, codes, scales, zeros)
+    with pytest.raises(InvalidCompressedWeight, match="codes exceed 2 bits"):
+        CompressedWeight((2, 4), 2, 2, False, codes + 7, scales, zeros)
+    with pytest.raises(InvalidCompressedWeight, match="scales must be float16 of shape"):
+        CompressedWeight((2, 4), 4, 2, False, codes, torch.ones(2, 3, dtype=torch.float16), zeros)
+    with pytest.raises(InvalidCompressedWeight, match="NaN"):
+        CompressedWeight((2, 4), 4, 2, False, codes, scales * float("nan"), zeros)
+    with pytest.raises(InvalidCompressedWeight, match="group_size"):
+        CompressedWeight((2, 4), 4, 5, False, codes, scales, zeros)
+
+
+def _correlated_inputs(n=2048, in_f=80, seed=0):
+    torch.manual_seed(seed)
+    mix = torch.randn(in_f, in_f) / in_f**0.5
+    x = torch.randn(n, in_f) @ mix + 0.1 * torch.randn(n, in_f)
+    x[:, :3] *= 10  # a few outlier features, as in real activations
+    return x
+
+
+def _output_error(w, x, cw):
+    return (x @ (w - cw.dequantize()).T).pow(2).mean().item()
+
+
+@pytest.mark.parametrize(
+    "grid", [Grid(4, "group", 32), Grid(3, "group", 16, symmetric=True), Grid(4, "channel"), Grid(3, "group", 24)]
+)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(grid, act_order):
+    w, x = _weight(), _correlated_inputs()
+    h = hessian_from_inputs(x)
+    g = gptq(w, h, grid, GPTQOptions(act_order=act_order))
+    assert _output_error(w, x, g) < 0.8 * _output_error(w, x, rtn(w, grid))
+    assert g.meta["damp_retries"] == 0 and g.meta["act_order"] == act_order
+
+
+def test_gptq_dead_inputs_and_singular_hessian():
+    w = _weight()
+    x = _correlated_inputs()
+    x[:, 10] = 0  # a dead feature: its weights are zeroed, the Hessian stays solvable
+    g = gptq(w, hessian_from_inputs(x), Grid(4, "group", 16))
+    assert torch.all(g.dequantize()[:, 10] == 0)
+
+
+def test_gptq_retries_damping_and_reports_it():
+    w = _weight(8, 16)
+    h = torch.eye(16)
+    h[-1, -1] = -0.05  # indefinite: 1 % damping (~0.009) is not enough, 10 % (~0.09) is
+    g = gptq(w, h, Grid(4, "group", 8), GPTQOptions(damp=0.01))
+    assert g.meta["damp_retries"] == 1
+    assert g.meta["damp_used"] == pytest.approx(0.1 * torch.diag(h).mean().item())
+    with pytest.raises(CompressLMError, match="not positive definite"):
+        gptq(w, -torch.eye(16), Grid(4, "group", 8), GPTQOptions(max_damp_retries=2))
+
+
+def test_gptq_shape_check():
+    with pytest.raises(CompressLMError, match="does not match"):
+        gptq(_weight(), torch.eye(3), Grid(4, "group", 16))
