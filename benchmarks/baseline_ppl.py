@@ -66,6 +66,7 @@ def _markdown(results: dict, model: str) -> str:
         f"{first['torch_threads']}; {v['platform']}.",
         f"Versions: compresslm {v['compresslm']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"python {v['python']}. Model sha256 `{first['model']['sha256'][:16]}…`.",
+        "Wall times include other work sharing the machine's two cores; they are not a speed benchmark.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -82,7 +83,7 @@ def main() -> None:
     results = json.loads(json_path.read_text()) if json_path.exists() else {}
     lm = load_model(args.model)
     for name, (join, ctx, limit) in POINTS.items():
-        if (args.only and name not in args.only) or name in results:
+        if (args.only is not None and name not in args.only) or name in results:
             continue
         result = perplexity(lm, load_corpus("wikitext2", "test", join=join), ctx=ctx, limit=limit)
         results[name] = {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "protocol": result.protocol}

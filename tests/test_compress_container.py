@@ -163,3 +163,22 @@ def test_cli_compress_and_info(tokenizer, tmp_path, capsys):
 def test_cli_compress_rejects_bad_recipe_before_loading(capsys):
     assert main(["compress", "does-not-matter", "--recipe", "w4-nonsense", "-o", "x.clm"]) == 2
     assert "unknown preset 'w4-nonsense'" in capsys.readouterr().err
+
+
+def test_hessians_are_shared_between_linears_reading_the_same_input(tokenizer):
+    from compresslm.engine.sequential import _Batch, _capture_first_block_inputs, _collect_hessians
+
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    windows = calibration_windows(tokenizer, "wikitext2", n=2, length=32).windows
+    batches = _capture_first_block_inputs(lm, windows, 2, torch.device("cpu"))
+    assert isinstance(batches[0], _Batch)
+    block = lm.layout.blocks[0]
+    targets = [(info, None) for info in block.linears]
+    h = _collect_hessians(block, targets, batches, torch.device("cpu"))
+    names = {info.role: info.name for info in block.linears}
+    assert h[names["q"]] is h[names["k"]] is h[names["v"]]
+    assert h[names["gate"]] is h[names["up"]]
+    assert h[names["o"]] is not h[names["q"]] and h[names["down"]].shape == (128, 128)
+    x = batches[0].args[0]
+    normed = block.module.input_layernorm(x).reshape(-1, 64)
+    assert torch.allclose(h[names["q"]], 2 / normed.shape[0] * normed.T @ normed, atol=1e-5)

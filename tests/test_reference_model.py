@@ -72,3 +72,19 @@ def test_gguf_path_loads_directly(reference_lm, reference_cache, monkeypatch, tm
     shutil.copyfile(reference_lm.path, copy)
     direct = load_model(copy)
     assert direct.kind == "gguf" and direct.fingerprint() == reference_lm.fingerprint()
+
+
+def test_container_round_trip_on_reference(reference_lm, reference_cache, monkeypatch, tmp_path):
+    """W4 g64 RTN of the reference model: written, reloaded, identical logits, honest size."""
+    from compresslm.api import compress
+
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(reference_cache))
+    lm = load_model("smollm2-135m")  # a fresh copy: compression changes the model in place
+    ids = lm.tokenizer("Compression costs something.", return_tensors="pt").input_ids
+    lm, _, summary = compress(lm, "w4-g64-rtn", tmp_path / "w4.clm", show_progress=False)
+    reloaded = load_model(tmp_path / "w4.clm")
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, reloaded.model(ids).logits)
+    assert summary["bytes_on_disk"] == (tmp_path / "w4.clm").stat().st_size
+    # 4-bit codes, float16 scale and 4-bit zero per 64 weights; 576 columns split 64-wise evenly
+    assert summary["linear_bits_per_param"] == pytest.approx(4 + 20 / 64, rel=1e-3)

@@ -98,20 +98,57 @@ def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
 
 
 class _HessianAccumulator:
-    """Running 2/n·XᵀX of a linear layer's inputs (float32), fed by a forward pre-hook."""
+    """Running 2/n·XᵀX of a linear layer's inputs (float32)."""
 
     def __init__(self, in_features: int, device: torch.device):
         self.sum = torch.zeros(in_features, in_features, device=device)
         self.rows = 0
 
-    def __call__(self, module, args) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.sum.addmm_(x.T, x)
         self.rows += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.rows, 1))
+
+
+class _SharedHessians:
+    """Hessians for a block's linears, computed once per distinct input tensor.
+
+    q/k/v (and gate/up) read the very same tensor; accumulating XᵀX once for all of them halves
+    the cost of the statistics pass. Sharing is detected, not assumed: linears whose pre-hooks see
+    the same tensor (storage and shape) within one forward pass share one accumulator.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.accumulators: dict[str, _HessianAccumulator] = {}
+        self.owner: dict[str, str] = {}
+        self._seen: dict[tuple, str] = {}
+
+    def new_pass(self) -> None:
+        self._seen = {}
+
+    def hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            first = self._seen.setdefault(key, name)
+            if first != name:
+                self.owner.setdefault(name, first)
+                return
+            self.owner.setdefault(name, name)
+            if name not in self.accumulators:
+                self.accumulators[name] = _HessianAccumulator(x.shape[-1], self.device)
+            self.accumulators[name].add(x)
+
+        return pre_hook
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        computed = {name: acc.hessian for name, acc in self.accumulators.items()}
+        return {name: computed[owner] for name, owner in self.owner.items()}
 
 
 def _stage_for(recipe: Recipe, info: LinearInfo) -> QuantizeStage | None:
@@ -238,16 +275,14 @@ def compress(
 def _collect_hessians(
     block: BlockInfo, block_targets: list, batches: list[_Batch], device: torch.device
 ) -> dict[str, torch.Tensor]:
-    accumulators = {}
-    handles = []
     # Every target gets its Hessian: GPTQ needs it, and it gives all layers a reconstruction error.
-    for info, _ in block_targets:
-        acc = _HessianAccumulator(info.in_features, device)
-        accumulators[info.name] = acc
-        handles.append(info.module.register_forward_pre_hook(acc))
+    shared = _SharedHessians(device)
+    handles = [info.module.register_forward_pre_hook(shared.hook(info.name)) for info, _ in block_targets]
     try:
-        _run_block(block.module, batches)
+        for batch in batches:
+            shared.new_pass()
+            _run_block(block.module, [batch])
     finally:
         for handle in handles:
             handle.remove()
-    return {name: acc.hessian for name, acc in accumulators.items()}
+    return shared.hessians()
