@@ -166,19 +166,45 @@ def test_cli_compress_rejects_bad_recipe_before_loading(capsys):
 
 
 def test_hessians_are_shared_between_linears_reading_the_same_input(tokenizer):
-    from compresslm.engine.sequential import _Batch, _capture_first_block_inputs, _collect_hessians
+    from compresslm.engine.sequential import _Batch, _capture_first_block_inputs, _collect_statistics
 
     lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
     windows = calibration_windows(tokenizer, "wikitext2", n=2, length=32).windows
     batches = _capture_first_block_inputs(lm, windows, 2, torch.device("cpu"))
     assert isinstance(batches[0], _Batch)
     block = lm.layout.blocks[0]
-    targets = [(info, None) for info in block.linears]
-    h = _collect_hessians(block, targets, batches, torch.device("cpu"))
+    stats = _collect_statistics(block, batches, torch.device("cpu"))
+    h = {name: stats.hessian(name) for name in stats.owner}
     names = {info.role: info.name for info in block.linears}
-    assert h[names["q"]] is h[names["k"]] is h[names["v"]]
-    assert h[names["gate"]] is h[names["up"]]
-    assert h[names["o"]] is not h[names["q"]] and h[names["down"]].shape == (128, 128)
+    assert stats.producer == {names["q"]: "model.layers.0.input_layernorm",
+                              names["gate"]: "model.layers.0.post_attention_layernorm"}  # fmt: skip
+    assert torch.equal(h[names["q"]], h[names["k"]]) and torch.equal(h[names["q"]], h[names["v"]])
+    assert stats.owner[names["k"]] == stats.owner[names["v"]] == names["q"]
+    assert stats.owner[names["up"]] == names["gate"]
+    assert stats.owner[names["o"]] == names["o"] and h[names["down"]].shape == (128, 128)
     x = batches[0].args[0]
     normed = block.module.input_layernorm(x).reshape(-1, 64)
     assert torch.allclose(h[names["q"]], 2 / normed.shape[0] * normed.T @ normed, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_awq_folds_keep_the_function_and_reload_exactly(family, method, tokenizer, ids, tmp_path):
+    """8-bit with AWQ scaling: a wrong fold would change the output far beyond 8-bit noise."""
+
+    def salient_model():
+        model = tiny_model(family)
+        with torch.no_grad():  # salient channels, so that AWQ has a reason to scale
+            model.get_input_embeddings().weight[:, :4] *= 8
+        return LoadedModel.from_module(model, tokenizer)
+
+    reference = _logits(salient_model(), ids)
+    plain, _, _ = compress(salient_model(), _recipe("rtn", 8, 16), show_progress=False)
+    plain_error = (_logits(plain, ids) - reference).abs().max()
+    lm, result, _ = compress(salient_model(), _recipe(method, 8, 16, awq_scale=True), tmp_path / "a.clm",
+                             show_progress=False)  # fmt: skip
+    folds = result.info["awq_folds"]
+    assert any(f["fold_into"] and f["alpha"] > 0 for f in folds)
+    assert all(f["error_after"] <= f["error_before"] for f in folds if f["fold_into"])
+    out = _logits(lm, ids)
+    assert (out - reference).abs().max() < 2 * plain_error  # a wrong fold would be far off
+    assert torch.equal(out, _logits(load_model(tmp_path / "a.clm"), ids))

@@ -145,3 +145,25 @@ def test_gptq_retries_damping_and_reports_it():
 def test_gptq_shape_check():
     with pytest.raises(CompressLMError, match="does not match"):
         gptq(_weight(), torch.eye(3), Grid(4, "group", 16))
+
+
+def test_awq_scales_reduce_output_error_and_alpha_zero_is_plain_rtn():
+    from compresslm.quant.awq import awq_clip, awq_scales, output_error
+
+    w, x = _weight(), _correlated_inputs()
+    h = hessian_from_inputs(x)
+    grid = Grid(3, "group", 16)
+    s, alpha, before, after = awq_scales([w], h, x.abs().mean(0), grid)
+    assert before == pytest.approx(output_error(w, rtn(w, grid).dequantize(), h), rel=1e-5)
+    assert after < before and alpha > 0
+    clipped = awq_clip(w * s, h / (s[:, None] * s[None, :]), grid)
+    assert output_error(w, clipped.dequantize() / s, h) <= after * (1 + 1e-6)
+
+
+def test_awq_clip_never_worse_than_rtn():
+    from compresslm.quant.awq import awq_clip, output_error
+
+    w, x = _weight(), _correlated_inputs()
+    h = hessian_from_inputs(x)
+    for grid in (Grid(4, "group", 32), Grid(2, "channel"), Grid(4, "tensor")):
+        assert output_error(w, awq_clip(w, h, grid).dequantize(), h) <= output_error(w, rtn(w, grid).dequantize(), h)

@@ -5,8 +5,9 @@ Python dict, or a preset name. Every field is checked up front: an unknown field
 impossible value raises :class:`RecipeError` naming the stage, the field, the value and what is
 allowed, so a typo never costs a calibration run.
 
-Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act]`, e.g. `w4-gptq`
-(group 128, asymmetric), `w3-g64-gptq-act`, `w8-rtn` (per-channel). `w8-rtn` and other names
+Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act][-awq]`, e.g. `w4-gptq`
+(group 128, asymmetric), `w3-g64-gptq-act`, `w4-g64-awq` (AWQ scaling and clip search, then
+rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel). `w8-rtn` and other names
 without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
 """
 
@@ -28,8 +29,8 @@ class RecipeError(CompressLMError):
     """A recipe field that is unknown or has an impossible value."""
 
 
-QUANT_METHODS = ("rtn", "gptq")
-CALIBRATED_METHODS = ("gptq",)
+QUANT_METHODS = ("rtn", "gptq", "awq")
+CALIBRATED_METHODS = ("gptq", "awq")
 DENSE_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -47,6 +48,8 @@ class QuantizeStage:
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
+    awq_scale: bool = False
+    awq_grid: int = 20
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -62,6 +65,8 @@ class QuantizeStage:
             raise RecipeError(f"{where}: damp={self.damp} is not allowed; use a small positive fraction such as 0.01")
         if self.block_size < 1:
             raise RecipeError(f"{where}: block_size={self.block_size} is not allowed; use a positive column count")
+        if self.awq_grid < 1:
+            raise RecipeError(f"{where}: awq_grid={self.awq_grid} is not allowed; use a positive number of steps")
         if self.act_order and self.method != "gptq":
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         if not self.targets:
@@ -76,8 +81,13 @@ class QuantizeStage:
         return GPTQOptions(self.block_size, self.damp, self.act_order, self.static_groups)
 
     @property
+    def uses_awq_scaling(self) -> bool:
+        """AWQ's activation-aware scaling before quantization: method awq, or awq_scale on rtn/gptq."""
+        return self.method == "awq" or self.awq_scale
+
+    @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+        return self.method in CALIBRATED_METHODS or self.awq_scale
 
     def applies_to(self, role: str, name: str) -> bool:
         """True if a linear with this role and module path is targeted and not ignored."""
@@ -193,7 +203,9 @@ def _build(kind: type, data: dict, where: str) -> Any:
     return kind(**values)
 
 
-_PRESET = re.compile(r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq)(?P<flags>(?:-(?:sym|clip|act))*)$")
+_PRESET = re.compile(
+    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|awq))*)$"
+)
 
 
 def preset(name: str) -> Recipe:
@@ -201,8 +213,8 @@ def preset(name: str) -> Recipe:
     match = _PRESET.match(name.lower())
     if not match:
         raise RecipeError(
-            f"unknown preset '{name}'; presets look like w4-gptq, w4-g64-gptq, w3-g32-gptq-act, w8-rtn, "
-            "w4-rtn-sym-clip (or give a YAML/JSON recipe file)"
+            f"unknown preset '{name}'; presets look like w4-gptq, w4-g64-gptq, w3-g32-gptq-act, w4-g64-awq, "
+            "w4-g64-gptq-awq, w8-rtn, w4-rtn-sym-clip (or give a YAML/JSON recipe file)"
         )
     bits = int(match["bits"])
     flags = set(filter(None, match["flags"].split("-")))
@@ -214,6 +226,7 @@ def preset(name: str) -> Recipe:
     stage["symmetric"] = "sym" in flags
     stage["clip_search"] = "clip" in flags
     stage["act_order"] = "act" in flags
+    stage["awq_scale"] = "awq" in flags
     return Recipe.from_dict({"name": name.lower(), "stages": [stage]})
 
 

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
+from compresslm.engine.smoothing import ScaleFold, fold_awq_scales
+from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
 from compresslm.errors import CompressLMError
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loading import DTYPES, LoadedModel
 from compresslm.progress import progress
+from compresslm.quant.awq import awq_clip
 from compresslm.quant.gptq import gptq
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import QuantizeStage, Recipe, load_recipe
@@ -97,60 +100,6 @@ def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
     return outputs
 
 
-class _HessianAccumulator:
-    """Running 2/n·XᵀX of a linear layer's inputs (float32)."""
-
-    def __init__(self, in_features: int, device: torch.device):
-        self.sum = torch.zeros(in_features, in_features, device=device)
-        self.rows = 0
-
-    def add(self, inputs: torch.Tensor) -> None:
-        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        self.sum.addmm_(x.T, x)
-        self.rows += x.shape[0]
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.rows, 1))
-
-
-class _SharedHessians:
-    """Hessians for a block's linears, computed once per distinct input tensor.
-
-    q/k/v (and gate/up) read the very same tensor; accumulating XᵀX once for all of them halves
-    the cost of the statistics pass. Sharing is detected, not assumed: linears whose pre-hooks see
-    the same tensor (storage and shape) within one forward pass share one accumulator.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.accumulators: dict[str, _HessianAccumulator] = {}
-        self.owner: dict[str, str] = {}
-        self._seen: dict[tuple, str] = {}
-
-    def new_pass(self) -> None:
-        self._seen = {}
-
-    def hook(self, name: str):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            first = self._seen.setdefault(key, name)
-            if first != name:
-                self.owner.setdefault(name, first)
-                return
-            self.owner.setdefault(name, name)
-            if name not in self.accumulators:
-                self.accumulators[name] = _HessianAccumulator(x.shape[-1], self.device)
-            self.accumulators[name].add(x)
-
-        return pre_hook
-
-    def hessians(self) -> dict[str, torch.Tensor]:
-        computed = {name: acc.hessian for name, acc in self.accumulators.items()}
-        return {name: computed[owner] for name, owner in self.owner.items()}
-
-
 def _stage_for(recipe: Recipe, info: LinearInfo) -> QuantizeStage | None:
     chosen = None
     for stage in recipe.stages:
@@ -163,10 +112,12 @@ def _compress_linear(info: LinearInfo, stage: QuantizeStage, hessian: torch.Tens
     weight = dense_weight(info.module, info.transposed).float()
     if stage.method == "rtn":
         return rtn(weight, stage.grid)
+    if hessian is None:
+        raise CompressLMError(f"{info.name}: {stage.method} needs calibration statistics")
     if stage.method == "gptq":
-        if hessian is None:
-            raise CompressLMError(f"{info.name}: GPTQ needs calibration statistics")
         return gptq(weight, hessian, stage.grid, stage.gptq_options)
+    if stage.method == "awq":
+        return awq_clip(weight, hessian, stage.grid, stage.awq_grid)
     raise CompressLMError(f"{info.name}: no implementation for method '{stage.method}'")
 
 
@@ -177,13 +128,16 @@ def _relative_error(original: torch.Tensor, compressed: torch.Tensor, hessian: t
     return float(num / den) if float(den) > 0 else 0.0
 
 
-def _round_dense(lm: LoadedModel, dtype_name: str, targets: set[str]) -> None:
-    """Round every tensor that stays dense to its storage dtype, so the container reloads bit-exactly."""
+def _round_dense(module: nn.Module, dtype_name: str, skip: set[str] = frozenset()) -> None:
+    """Round a module's tensors that stay dense to their storage dtype, so containers reload bit-exactly.
+
+    `skip` names submodules whose weights will be compressed (their biases are still rounded).
+    """
     dtype = DTYPES[dtype_name]
     with torch.no_grad():
-        for name, param in lm.model.named_parameters():
+        for name, param in module.named_parameters():
             module_name = name.rpartition(".")[0]
-            if module_name in targets and name.endswith(".weight"):
+            if module_name in skip and name.endswith(".weight"):
                 continue
             param.copy_(param.to(dtype).to(param.dtype))
 
@@ -218,10 +172,11 @@ def compress(
             targets[info.name] = (info, stage)
     if not targets:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
-    _round_dense(lm, recipe.dense_dtype, set(targets))
+    _round_dense(lm.model, recipe.dense_dtype, set(targets))
 
     weights: dict[str, CompressedWeight] = {}
     layers: list[LayerReport] = []
+    folds: list[ScaleFold] = []
     calib_protocol = None
     lm.model.eval()
     run_device = torch.device(device) if device else lm.device
@@ -242,7 +197,17 @@ def compress(
         bar = progress(len(lm.layout.blocks), "compress", unit="block", enabled=show_progress)
         for block in lm.layout.blocks:
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
-            hessians = _collect_hessians(block, block_targets, batches, run_device) if batches else {}
+            hessians: dict[str, torch.Tensor] = {}
+            if batches:
+                stats = _collect_statistics(block, batches, run_device)
+                stages = {info.name: stage for info, stage in block_targets}
+                if any(stage.uses_awq_scaling for stage in stages.values()):
+                    hessians, block_folds = fold_awq_scales(
+                        lm.model, block, stats, stages, lambda m: _round_dense(m, recipe.dense_dtype)
+                    )
+                    folds.extend(block_folds)
+                else:
+                    hessians = {name: stats.hessian(name) for name in stats.owner}
             for info, stage in block_targets:
                 t0 = time.perf_counter()
                 hessian = hessians.get(info.name)
@@ -269,20 +234,23 @@ def compress(
 
     lm.layout = discover_layout(lm.model)
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
+    if folds:
+        info["awq_folds"] = [asdict(fold) for fold in folds]
     return CompressionResult(weights, layers, recipe, calib_protocol, time.perf_counter() - started, info)
 
 
-def _collect_hessians(
-    block: BlockInfo, block_targets: list, batches: list[_Batch], device: torch.device
-) -> dict[str, torch.Tensor]:
-    # Every target gets its Hessian: GPTQ needs it, and it gives all layers a reconstruction error.
-    shared = _SharedHessians(device)
-    handles = [info.module.register_forward_pre_hook(shared.hook(info.name)) for info, _ in block_targets]
+def _collect_statistics(block: BlockInfo, batches: list[_Batch], device: torch.device) -> BlockStatistics:
+    """Hessians and activation means for every linear of the block (see engine.statistics)."""
+    collector = StatisticsCollector(device)
+    handles = [info.module.register_forward_pre_hook(collector.linear_hook(info.name)) for info in block.linears]
+    for name in block.norms:
+        handles.append(block.module.get_submodule(name.removeprefix(block.name + ".")).register_forward_hook(
+            collector.norm_hook(name)))  # fmt: skip
     try:
         for batch in batches:
-            shared.new_pass()
+            collector.new_pass()
             _run_block(block.module, [batch])
     finally:
         for handle in handles:
             handle.remove()
-    return shared.hessians()
+    return collector.result

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compresslm.compressed import CompressedWeight, expand_groups, num_groups
+from compresslm.compressed import CompressedWeight, expand_groups
 from compresslm.errors import CompressLMError
 
 _MIN_SCALE = 2.0**-24  # the smallest positive float16
@@ -88,11 +88,17 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
-def fit_rows(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid parameters for each row of `x` (one row = one group): scale and zero, both [rows]."""
+def fit_rows(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid parameters for each row of `x` (one row = one group): scale and zero, both [rows].
+
+    `shrink` (one factor per row, in (0, 1]) narrows each row's range before fitting: clipping
+    chosen by a caller, e.g. AWQ's activation-aware clip search.
+    """
     x = x.float()
     lo = x.min(dim=1).values.clamp(max=0)
     hi = x.max(dim=1).values.clamp(min=0)
+    if shrink is not None:
+        lo, hi = lo * shrink, hi * shrink
     scale, zero = _params_from_range(lo, hi, grid)
     if not grid.clip_search:
         return scale, zero
@@ -109,21 +115,27 @@ def fit_rows(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
-def fit_weight(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group scales and zeros of a [out, in] weight: two float32 tensors [out, groups] (or [1, 1])."""
+def fit_weight(
+    weight: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scales and zeros of a [out, in] weight: two float32 tensors [out, groups] (or [1, 1]).
+
+    `shrink` [out, groups] optionally narrows each group's range (see `fit_rows`).
+    """
     out_f, in_f = weight.shape
     if grid.granularity == "tensor":
-        scale, zero = fit_rows(weight.reshape(1, -1), grid)
+        scale, zero = fit_rows(weight.reshape(1, -1), grid, None if shrink is None else shrink.reshape(1))
         return scale.view(1, 1), zero.view(1, 1)
     g = grid.group_size_for(in_f)
     full = in_f // g
     scales, zeros = [], []
     if full:
-        s, z = fit_rows(weight[:, : full * g].reshape(out_f * full, g), grid)
+        part = None if shrink is None else shrink[:, :full].reshape(-1)
+        s, z = fit_rows(weight[:, : full * g].reshape(out_f * full, g), grid, part)
         scales.append(s.view(out_f, full))
         zeros.append(z.view(out_f, full))
     if in_f % g:
-        s, z = fit_rows(weight[:, full * g :], grid)
+        s, z = fit_rows(weight[:, full * g :], grid, None if shrink is None else shrink[:, -1])
         scales.append(s.view(out_f, 1))
         zeros.append(z.view(out_f, 1))
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
@@ -155,6 +167,18 @@ def quantize_weight(weight: torch.Tensor, grid: Grid, scales: torch.Tensor, zero
     return quantize_codes(weight.float(), expand_groups(scales, in_f, g), expand_groups(zeros, in_f, g), grid.maxq)
 
 
+def fake_quantize(weight: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight that RTN on `grid` reconstructs (quantize then dequantize)."""
+    weight = weight.float()
+    scales, zeros = fit_weight(weight, grid, shrink)
+    codes = quantize_weight(weight, grid, scales, zeros)
+    if scales.shape == (1, 1):
+        return (codes - zeros) * scales
+    g = grid.group_size_for(weight.shape[1])
+    in_f = weight.shape[1]
+    return (codes - expand_groups(zeros, in_f, g)) * expand_groups(scales, in_f, g)
+
+
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     """Refuse weights that cannot be quantized meaningfully (wrong rank, NaN or infinity)."""
     if weight.dim() != 2:
@@ -162,7 +186,3 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise GridError(f"{name} contains {bad} NaN or infinite values; refusing to quantize it")
-
-
-def groups_of(in_features: int, grid: Grid) -> int:
-    return 1 if grid.granularity == "tensor" else num_groups(in_features, grid.group_size_for(in_features))

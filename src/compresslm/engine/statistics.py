@@ -1,0 +1,103 @@
+"""Per-block calibration statistics, gathered by hooks during one forward pass per batch.
+
+For every distinct input tensor of a block's linears we accumulate the Hessian 2/n·XᵀX (GPTQ's
+objective and every layer's reconstruction error) and the mean |x| per channel (AWQ's saliency),
+and we note which norm produced that tensor (where AWQ folds its scales).
+
+q/k/v (and gate/up) read the very same tensor; accumulating once for all of them halves the cost.
+Sharing is detected, not assumed: linears whose pre-hooks see the same tensor (storage, shape,
+strides) within one forward pass share one accumulator, and a norm whose forward output is that
+tensor is recorded as its producer. The collector holds a reference to every tensor it has seen
+during a pass: otherwise a freed activation's memory could be reused by a later tensor of the same
+shape, and two unrelated inputs would look identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class InputStatistics:
+    """Running 2/n·XᵀX and mean |x| of one input tensor's rows (float32)."""
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.xtx = torch.zeros(in_features, in_features, device=device)
+        self.abs_sum = torch.zeros(in_features, device=device)
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        self.xtx.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(dim=0)
+        self.rows += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.rows, 1))
+
+    @property
+    def act_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+
+def _key(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), x.stride())
+
+
+@dataclass
+class BlockStatistics:
+    """Statistics of one block: per owner (the first linear reading an input) and who shares it."""
+
+    stats: dict[str, InputStatistics] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)  # linear name -> owner linear name
+    producer: dict[str, str] = field(default_factory=dict)  # owner -> norm module name
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.stats[self.owner[name]].hessian
+
+    def groups(self) -> dict[str, list[str]]:
+        """Owner -> every linear reading that input, in first-seen order."""
+        out: dict[str, list[str]] = {}
+        for name, owner in self.owner.items():
+            out.setdefault(owner, []).append(name)
+        return out
+
+
+class StatisticsCollector:
+    """Installs the hooks on a block's linears and norms; call `new_pass()` before each batch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.result = BlockStatistics()
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._norm_outputs: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def new_pass(self) -> None:
+        self._seen = {}
+        self._norm_outputs = {}
+
+    def linear_hook(self, name: str):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = _key(x)
+            first, _ = self._seen.setdefault(key, (name, x))
+            self.result.owner.setdefault(name, first)
+            if first != name:
+                return
+            if key in self._norm_outputs:
+                self.result.producer.setdefault(name, self._norm_outputs[key][0])
+            if name not in self.result.stats:
+                self.result.stats[name] = InputStatistics(x.shape[-1], self.device)
+            self.result.stats[name].add(x)
+
+        return pre_hook
+
+    def norm_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if torch.is_tensor(output):
+                self._norm_outputs[_key(output)] = (name, output)
+
+        return hook
