@@ -208,3 +208,33 @@ def test_awq_folds_keep_the_function_and_reload_exactly(family, method, tokenize
     out = _logits(lm, ids)
     assert (out - reference).abs().max() < 2 * plain_error  # a wrong fold would be far off
     assert torch.equal(out, _logits(load_model(tmp_path / "a.clm"), ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_embedding_quantization_round_trips_and_shrinks(family, tokenizer, ids, tmp_path):
+    lm = LoadedModel.from_module(tiny_model(family), tokenizer)
+    _, _, plain = compress(lm, _recipe("rtn", 4, 16), tmp_path / "p.clm", show_progress=False)
+    lm = LoadedModel.from_module(tiny_model(family), tokenizer)
+    recipe = _recipe("rtn", 4, 16)
+    recipe["stages"].insert(
+        0, {"type": "quantize_embedding", "bits": 8, "group_size": 16, "targets": ["embedding", "lm_head"]}
+    )
+    lm, result, summary = compress(lm, recipe, tmp_path / "e.clm", show_progress=False)
+    assert summary["bytes_on_disk"] < plain["bytes_on_disk"]
+    assert summary["embedding_bits_per_param"] == pytest.approx(8 + 24 / 16)
+    reloaded = load_model(tmp_path / "e.clm")
+    assert torch.equal(_logits(lm, ids), _logits(reloaded, ids))
+    head = reloaded.model.get_output_embeddings()
+    if family == "qwen2":  # untied: the head is its own compressed linear
+        assert isinstance(head, CompressedLinear) and "lm_head" in result.weights
+    else:  # tied: the head still shares the (quantized) embedding
+        assert head.weight is reloaded.model.get_input_embeddings().weight
+
+
+def test_embedding_preset_suffix():
+    from compresslm.recipe import RecipeError, preset
+
+    recipe = preset("w4-g64-gptq+emb8")
+    assert recipe.stages[0].type == "quantize_embedding" and recipe.stages[0].bits == 8
+    with pytest.raises(RecipeError, match=r"unknown preset suffix '\+emb3'"):
+        preset("w4-gptq+emb3")

@@ -31,7 +31,7 @@ def compress(
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     source = lm.describe()
     result = _compress_in_place(lm, recipe, calibration=calibration, device=device, show_progress=show_progress)
-    lm.compressed = result.weights
+    lm.compressed = {**result.weights, **result.embeddings}
     summary = None
     if output is not None:
         metadata = {
@@ -41,5 +41,7 @@ def compress(
             "layers": [asdict(layer) for layer in result.layers],
             "compression_seconds": result.seconds,
         }
-        summary = save_container(lm, result.weights, output, metadata, dense_dtype=result.recipe.dense_dtype)
+        summary = save_container(
+            lm, result.weights, output, metadata, dense_dtype=result.recipe.dense_dtype, embeddings=result.embeddings
+        )
     return lm, result, summary

@@ -5,6 +5,9 @@ Python dict, or a preset name. Every field is checked up front: an unknown field
 impossible value raises :class:`RecipeError` naming the stage, the field, the value and what is
 allowed, so a typo never costs a calibration run.
 
+A preset name may end in `+emb8` or `+emb4` to also quantize the token embedding (and a tied
+lm_head) group-wise with 8 or 4 bits, group 64: `w4-g64-gptq+emb8`.
+
 Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act][-awq]`, e.g. `w4-gptq`
 (group 128, asymmetric), `w3-g64-gptq-act`, `w4-g64-awq` (AWQ scaling and clip search, then
 rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel). `w8-rtn` and other names
@@ -96,7 +99,39 @@ class QuantizeStage:
         return "all" in self.targets or role in self.targets
 
 
-STAGES: dict[str, type] = {"quantize": QuantizeStage}
+@dataclass
+class QuantizeEmbeddingStage:
+    """Round-to-nearest quantization of the token embedding (a tied lm_head follows it) or lm_head.
+
+    In small models the embedding is a large share of the bytes (a fifth of SmolLM2-135M's
+    parameters), so it matters for bits per parameter. Rows are tokens; groups run along the hidden
+    dimension, exactly as for a linear layer's input dimension.
+    """
+
+    bits: int = 8
+    granularity: str = "group"
+    group_size: int = 64
+    symmetric: bool = False
+    targets: list[str] = field(default_factory=lambda: ["embedding"])
+    type: str = "quantize_embedding"
+
+    def validate(self, where: str) -> None:
+        if not 2 <= self.bits <= 8:
+            raise RecipeError(f"{where}: bits={self.bits} is not allowed; choose 2 to 8")
+        _choice(where, "granularity", self.granularity, ("group", "channel", "tensor"))
+        if self.granularity == "group" and self.group_size < 1:
+            raise RecipeError(f"{where}: group_size={self.group_size} is not allowed; use a positive column count")
+        for target in self.targets:
+            _choice(where, "targets", target, ("embedding", "lm_head"))
+        if not self.targets:
+            raise RecipeError(f"{where}: targets is empty; choose embedding and/or lm_head")
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.granularity, self.group_size, self.symmetric)
+
+
+STAGES: dict[str, type] = {"quantize": QuantizeStage, "quantize_embedding": QuantizeEmbeddingStage}
 
 
 @dataclass
@@ -210,7 +245,13 @@ _PRESET = re.compile(
 
 def preset(name: str) -> Recipe:
     """The recipe for a preset name (see module docstring)."""
-    match = _PRESET.match(name.lower())
+    base, plus, extra = name.lower().partition("+")
+    embedding = None
+    if plus:
+        if extra not in ("emb8", "emb4"):
+            raise RecipeError(f"unknown preset suffix '+{extra}' in '{name}'; use +emb8 or +emb4")
+        embedding = {"type": "quantize_embedding", "bits": int(extra[3:]), "group_size": 64}
+    match = _PRESET.match(base)
     if not match:
         raise RecipeError(
             f"unknown preset '{name}'; presets look like w4-gptq, w4-g64-gptq, w3-g32-gptq-act, w4-g64-awq, "
@@ -227,7 +268,8 @@ def preset(name: str) -> Recipe:
     stage["clip_search"] = "clip" in flags
     stage["act_order"] = "act" in flags
     stage["awq_scale"] = "awq" in flags
-    return Recipe.from_dict({"name": name.lower(), "stages": [stage]})
+    stages = [embedding, stage] if embedding else [stage]
+    return Recipe.from_dict({"name": name.lower(), "stages": stages})
 
 
 def load_recipe(spec: str | dict | Recipe) -> Recipe:

@@ -31,7 +31,7 @@ from compresslm.progress import progress
 from compresslm.quant.awq import awq_clip
 from compresslm.quant.gptq import gptq
 from compresslm.quant.rtn import rtn
-from compresslm.recipe import QuantizeStage, Recipe, load_recipe
+from compresslm.recipe import QuantizeEmbeddingStage, QuantizeStage, Recipe, load_recipe
 from compresslm.runtime.linear import CompressedLinear, dense_weight, replace_module
 from compresslm.versions import versions
 
@@ -61,6 +61,7 @@ class CompressionResult:
     calibration: dict | None
     seconds: float
     info: dict = field(default_factory=dict)
+    embeddings: dict[str, CompressedWeight] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,13 +171,15 @@ def compress(
         stage = _stage_for(recipe, info)
         if stage is not None:
             targets[info.name] = (info, stage)
-    if not targets:
+    embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
+    if not targets and not embedding_stages:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
 
     weights: dict[str, CompressedWeight] = {}
     layers: list[LayerReport] = []
     folds: list[ScaleFold] = []
+    embeddings = _quantize_embeddings(lm, embedding_stages, weights, layers)
     calib_protocol = None
     lm.model.eval()
     run_device = torch.device(device) if device else lm.device
@@ -236,7 +239,43 @@ def compress(
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
     if folds:
         info["awq_folds"] = [asdict(fold) for fold in folds]
-    return CompressionResult(weights, layers, recipe, calib_protocol, time.perf_counter() - started, info)
+    seconds = time.perf_counter() - started
+    return CompressionResult(weights, layers, recipe, calib_protocol, seconds, info, embeddings)
+
+
+def _quantize_embeddings(
+    lm: LoadedModel, stages: list[QuantizeEmbeddingStage], weights: dict, layers: list[LayerReport]
+) -> dict[str, CompressedWeight]:
+    """RTN-quantize the token embedding (a tied head follows) and/or an untied lm_head, in place.
+
+    This runs before calibration, so the blocks calibrate on the embeddings the model will use.
+    An untied lm_head becomes a CompressedLinear and is stored like any linear.
+    """
+    layout = lm.layout
+    embeddings: dict[str, CompressedWeight] = {}
+    for stage in stages:
+        for target in stage.targets:
+            t0 = time.perf_counter()
+            if target == "embedding" or layout.tied_lm_head:
+                name = layout.token_embedding
+                if name in embeddings:  # a tied head is the embedding: quantize it once
+                    continue
+                module = lm.model.get_submodule(name)
+                record = rtn(module.weight.detach().float(), stage.grid)
+                with torch.no_grad():
+                    module.weight.copy_(record.dequantize(module.weight.dtype))
+                embeddings[name] = record
+                role = "embedding+lm_head" if layout.tied_lm_head else "embedding"
+            else:
+                name = layout.lm_head
+                module = lm.model.get_submodule(name)
+                record = rtn(module.weight.detach().float(), stage.grid)
+                bias = getattr(module, "bias", None)
+                replace_module(lm.model, name, CompressedLinear(record, bias, dtype=module.weight.dtype))
+                weights[name] = record
+                role = "lm_head"
+            layers.append(LayerReport(name, role, "rtn", stage.grid.describe(), None, time.perf_counter() - t0, {}))
+    return embeddings
 
 
 def _collect_statistics(block: BlockInfo, batches: list[_Batch], device: torch.device) -> BlockStatistics:

@@ -69,34 +69,49 @@ class _BlobWriter:
         return key
 
 
-def save_container(lm: LoadedModel, weights: dict[str, CompressedWeight], path: str | os.PathLike,
-                   metadata: dict | None = None, dense_dtype: str = "float16") -> dict:  # fmt: skip
-    """Write `lm` (already compressed in place) and its records to a `.clm` file; return its summary."""
+def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
+    """Store one CompressedWeight: packed codes, float16 scales, packed zero points (asymmetric only)."""
+    entry = {
+        "bits": record.bits,
+        "group_size": record.group_size,
+        "symmetric": record.symmetric,
+        "shape": list(record.shape),
+        "scales_shape": list(record.scales.shape),
+        "codes": writer.add(
+            f"{name}.codes", pack_bits(record.codes, record.bits), f"u{record.bits}", list(record.shape)
+        ),
+        "scales": writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape)),
+        "zeros": None,
+        "meta": record.meta,
+    }
+    if not record.symmetric:
+        entry["zeros"] = writer.add(
+            f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
+        )
+    return entry
+
+
+def save_container(
+    lm: LoadedModel,
+    weights: dict[str, CompressedWeight],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    dense_dtype: str = "float16",
+    embeddings: dict[str, CompressedWeight] | None = None,
+) -> dict:
+    """Write `lm` (already compressed in place) and its records to a `.clm` file; return its summary.
+
+    `weights` are the compressed linears (replaced by CompressedLinear in the model); `embeddings`
+    are quantized embedding matrices (module path -> record), whose dense copies are not stored.
+    """
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = _BlobWriter()
     storage = _DTYPES[dense_dtype]
-
-    linears = {}
-    for name, record in weights.items():
-        entry = {
-            "bits": record.bits,
-            "group_size": record.group_size,
-            "symmetric": record.symmetric,
-            "shape": list(record.shape),
-            "scales_shape": list(record.scales.shape),
-            "codes": writer.add(
-                f"{name}.codes", pack_bits(record.codes, record.bits), f"u{record.bits}", list(record.shape)
-            ),
-            "scales": writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape)),
-            "zeros": None,
-            "meta": record.meta,
-        }
-        if not record.symmetric:
-            entry["zeros"] = writer.add(
-                f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
-            )
-        linears[name] = entry
+    embeddings = embeddings or {}
+    linears = {name: _write_record(writer, name, record) for name, record in weights.items()}
+    embedding_entries = {name: _write_record(writer, name, record) for name, record in embeddings.items()}
+    skip = {f"{name}.weight" for name in embeddings}
 
     dense, aliases, seen = {}, {}, {}
     for key, tensor in lm.model.state_dict(keep_vars=True).items():
@@ -106,6 +121,8 @@ def save_container(lm: LoadedModel, weights: dict[str, CompressedWeight], path: 
             aliases[key] = seen[ptr]
             continue
         seen[ptr] = key
+        if key in skip:
+            continue
         dtype = storage if tensor.is_floating_point() else tensor.dtype
         stored = tensor.to(dtype)
         if tensor.is_floating_point() and not torch.equal(stored.to(tensor.dtype), tensor):
@@ -131,6 +148,7 @@ def save_container(lm: LoadedModel, weights: dict[str, CompressedWeight], path: 
         "format_version": FORMAT_VERSION,
         "config": config,
         "linears": linears,
+        "embeddings": embedding_entries,
         "dense": dense,
         "aliases": aliases,
         "tokenizer_files": tokenizer_files,
@@ -277,7 +295,12 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
             tensor = reader.tensor(blob)
             state[key] = tensor.float() if tensor.is_floating_point() else tensor
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k not in header["aliases"]]
+        embeddings = {name: _record(reader, entry) for name, entry in header.get("embeddings", {}).items()}
+        with torch.no_grad():
+            for name, record in embeddings.items():
+                model.get_submodule(name).weight.copy_(record.dequantize())
+        provided = set(header["aliases"]) | {f"{name}.weight" for name in embeddings}
+        missing = [k for k in missing if k not in provided]
         if missing or unexpected:
             raise CorruptFileError(
                 f"{p}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -295,7 +318,7 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
     lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
     lm.kind, lm.path = "container", str(p.resolve())
     lm.container = header
-    lm.compressed = weights
+    lm.compressed = {**weights, **embeddings}
     return lm
 
 
@@ -304,11 +327,13 @@ def container_summary(path: str | os.PathLike) -> dict:
     p = Path(path)
     header, _ = read_header(p)
     size = p.stat().st_size
-    linear_bytes = 0
-    for entry in header["linears"].values():
-        for key in ("codes", "scales", "zeros"):
-            if entry[key]:
-                linear_bytes += header["blobs"][entry[key]]["nbytes"]
+
+    def record_bytes(entry: dict) -> int:
+        return sum(header["blobs"][entry[key]]["nbytes"] for key in ("codes", "scales", "zeros") if entry[key])
+
+    linear_bytes = sum(record_bytes(entry) for entry in header["linears"].values())
+    embedding_bytes = sum(record_bytes(entry) for entry in header.get("embeddings", {}).values())
+    embedding_params = sum(entry["shape"][0] * entry["shape"][1] for entry in header.get("embeddings", {}).values())
     return {
         "path": str(p),
         "bytes_on_disk": size,
@@ -316,5 +341,6 @@ def container_summary(path: str | os.PathLike) -> dict:
         "bits_per_param": 8 * size / header["parameters"],
         "linear_parameters": header["linear_parameters"],
         "linear_bits_per_param": 8 * linear_bytes / max(header["linear_parameters"], 1),
+        "embedding_bits_per_param": 8 * embedding_bytes / embedding_params if embedding_params else None,
         "recipe": header.get("recipe"),
     }
