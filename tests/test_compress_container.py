@@ -202,7 +202,7 @@ def test_awq_folds_keep_the_function_and_reload_exactly(family, method, tokenize
     plain_error = (_logits(plain, ids) - reference).abs().max()
     lm, result, _ = compress(salient_model(), _recipe(method, 8, 16, awq_scale=True), tmp_path / "a.clm",
                              show_progress=False)  # fmt: skip
-    folds = result.info["awq_folds"]
+    folds = result.info["scale_folds"]
     assert any(f["fold_into"] and f["alpha"] > 0 for f in folds)
     assert all(f["error_after"] <= f["error_before"] for f in folds if f["fold_into"])
     out = _logits(lm, ids)
@@ -238,3 +238,39 @@ def test_embedding_preset_suffix():
     assert recipe.stages[0].type == "quantize_embedding" and recipe.stages[0].bits == 8
     with pytest.raises(RecipeError, match=r"unknown preset suffix '\+emb3'"):
         preset("w4-gptq+emb3")
+
+
+@pytest.mark.parametrize("name", ["w8a8-smoothquant", "w8a8-smoothquant-static", "w8a8-rtn"])
+def test_w8a8_presets_round_trip_and_stay_close(name, tokenizer, ids, tmp_path):
+    from compresslm.recipe import preset
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, :4] *= 8  # activation outliers for SmoothQuant to migrate
+    reference = _logits(LoadedModel.from_module(model, tokenizer), ids)
+    recipe = preset(name)
+    recipe.calibration.samples, recipe.calibration.length = 8, 64
+    lm, result, _ = compress(LoadedModel.from_module(model, tokenizer), recipe, tmp_path / "q.clm", show_progress=False)
+    out = _logits(lm, ids)
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+    assert "simulated" in result.info["activation_quantization"]
+    reloaded = load_model(tmp_path / "q.clm")
+    layer = reloaded.model.model.layers[0].self_attn.q_proj
+    assert layer.act_bits == 8 and layer.act_granularity == ("tensor" if "static" in name else "token")
+    assert torch.equal(out, _logits(reloaded, ids))
+    if "smoothquant" in name:
+        assert all(f["method"] == "smoothquant" for f in result.info["scale_folds"])
+
+
+def test_smoothquant_migrates_outliers():
+    from compresslm.quant.smoothquant import fake_quantize_activations, smoothquant_scales
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    x[:, 3] *= 50
+    w = torch.randn(16, 32) * 0.1
+    s = smoothquant_scales(x.abs().amax(0), [w], 0.5)
+    exact = x @ w.T
+    plain = fake_quantize_activations(x, 8) @ w.T
+    smooth = fake_quantize_activations(x / s, 8) @ (w * s).T
+    assert (smooth - exact).pow(2).mean() < (plain - exact).pow(2).mean()

@@ -10,7 +10,10 @@ lm_head) group-wise with 8 or 4 bits, group 64: `w4-g64-gptq+emb8`.
 
 Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act][-awq]`, e.g. `w4-gptq`
 (group 128, asymmetric), `w3-g64-gptq-act`, `w4-g64-awq` (AWQ scaling and clip search, then
-rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel). `w8-rtn` and other names
+rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel). W8A8 presets:
+`w8a8-smoothquant` (per-token dynamic int8 activations), `w8a8-smoothquant-static` (per-tensor
+static), `w8a8-rtn` (no smoothing). Activation quantization is simulated in float (PyTorch has no
+int8 matmul kernel on this CPU path) and labelled so. `w8-rtn` and other names
 without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
 """
 
@@ -53,6 +56,10 @@ class QuantizeStage:
     block_size: int = 128
     awq_scale: bool = False
     awq_grid: int = 20
+    smoothquant: bool = False
+    smoothquant_alpha: float = 0.5
+    act_bits: int = 0
+    act_granularity: str = "token"
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -68,6 +75,13 @@ class QuantizeStage:
             raise RecipeError(f"{where}: damp={self.damp} is not allowed; use a small positive fraction such as 0.01")
         if self.block_size < 1:
             raise RecipeError(f"{where}: block_size={self.block_size} is not allowed; use a positive column count")
+        if self.smoothquant and self.uses_awq_scaling:
+            raise RecipeError(f"{where}: smoothquant and AWQ scaling both rescale inputs; choose one")
+        if not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise RecipeError(f"{where}: smoothquant_alpha={self.smoothquant_alpha} is not allowed; choose 0 to 1")
+        if self.act_bits and not 2 <= self.act_bits <= 8:
+            raise RecipeError(f"{where}: act_bits={self.act_bits} is not allowed; choose 0 (off) or 2 to 8")
+        _choice(where, "act_granularity", self.act_granularity, ("token", "tensor"))
         if self.awq_grid < 1:
             raise RecipeError(f"{where}: awq_grid={self.awq_grid} is not allowed; use a positive number of steps")
         if self.act_order and self.method != "gptq":
@@ -90,7 +104,16 @@ class QuantizeStage:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in CALIBRATED_METHODS or self.awq_scale
+        return (
+            self.method in CALIBRATED_METHODS
+            or self.awq_scale
+            or self.smoothquant
+            or (self.act_bits > 0 and self.act_granularity == "tensor")
+        )
+
+    @property
+    def rescales_inputs(self) -> bool:
+        return self.uses_awq_scaling or self.smoothquant
 
     def applies_to(self, role: str, name: str) -> bool:
         """True if a linear with this role and module path is targeted and not ignored."""
@@ -243,8 +266,21 @@ _PRESET = re.compile(
 )
 
 
+SMOOTHQUANT_PRESETS = {
+    # W8A8: SmoothQuant α = 0.5, per-channel symmetric int8 weights, per-token dynamic int8 activations.
+    "w8a8-smoothquant": {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True,
+                         "smoothquant": True, "smoothquant_alpha": 0.5, "act_bits": 8, "act_granularity": "token"},
+    "w8a8-smoothquant-static": {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True,
+                                "smoothquant": True, "smoothquant_alpha": 0.5, "act_bits": 8,
+                                "act_granularity": "tensor"},
+    "w8a8-rtn": {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True, "act_bits": 8},
+}  # fmt: skip
+
+
 def preset(name: str) -> Recipe:
     """The recipe for a preset name (see module docstring)."""
+    if name.lower() in SMOOTHQUANT_PRESETS:
+        return Recipe.from_dict({"name": name.lower(), "stages": [SMOOTHQUANT_PRESETS[name.lower()]]})
     base, plus, extra = name.lower().partition("+")
     embedding = None
     if plus:

@@ -22,7 +22,7 @@ from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
-from compresslm.engine.smoothing import ScaleFold, fold_awq_scales
+from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
 from compresslm.errors import CompressLMError
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
@@ -143,10 +143,47 @@ def _round_dense(module: nn.Module, dtype_name: str, skip: set[str] = frozenset(
             param.copy_(param.to(dtype).to(param.dtype))
 
 
-def _replace(lm: LoadedModel, info: LinearInfo, record: CompressedWeight) -> None:
+def _prepare_block(
+    lm: LoadedModel,
+    block: BlockInfo,
+    stats: BlockStatistics | None,
+    block_targets: list[tuple[LinearInfo, QuantizeStage]],
+    recipe: Recipe,
+    folds: list[ScaleFold],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fold AWQ/SmoothQuant input scales where asked; return each linear's Hessian and input scales."""
+    if stats is None:
+        return {}, {}
+    stages = {info.name: stage for info, stage in block_targets}
+    if not any(stage.rescales_inputs for stage in stages.values()):
+        return {name: stats.hessian(name) for name in stats.owner}, {}
+    hessians, input_scales, block_folds = fold_input_scales(
+        lm.model, block, stats, stages, lambda module: _round_dense(module, recipe.dense_dtype)
+    )
+    folds.extend(block_folds)
+    return hessians, input_scales
+
+
+def _static_activation_scale(
+    info: LinearInfo, stage: QuantizeStage, stats: BlockStatistics | None, input_scales: dict[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The per-tensor activation step from the calibration max |x| (after any folded input scaling)."""
+    if stage.act_granularity != "tensor":
+        return None
+    if stats is None:
+        raise CompressLMError(f"{info.name}: static activation ranges need calibration")
+    channel_max = stats.stats[stats.owner[info.name]].act_max
+    scale = input_scales.get(info.name)
+    if scale is not None:
+        channel_max = channel_max / scale
+    return channel_max.max() / ((1 << (stage.act_bits - 1)) - 1)
+
+
+def _replace(lm: LoadedModel, info: LinearInfo, record: CompressedWeight) -> CompressedLinear:
     bias = getattr(info.module, "bias", None)
     new = CompressedLinear(record, bias, dtype=info.module.weight.dtype).to(info.module.weight.device)
     replace_module(lm.model, info.name, new)
+    return new
 
 
 def compress(
@@ -200,17 +237,8 @@ def compress(
         bar = progress(len(lm.layout.blocks), "compress", unit="block", enabled=show_progress)
         for block in lm.layout.blocks:
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
-            hessians: dict[str, torch.Tensor] = {}
-            if batches:
-                stats = _collect_statistics(block, batches, run_device)
-                stages = {info.name: stage for info, stage in block_targets}
-                if any(stage.uses_awq_scaling for stage in stages.values()):
-                    hessians, block_folds = fold_awq_scales(
-                        lm.model, block, stats, stages, lambda m: _round_dense(m, recipe.dense_dtype)
-                    )
-                    folds.extend(block_folds)
-                else:
-                    hessians = {name: stats.hessian(name) for name in stats.owner}
+            stats = _collect_statistics(block, batches, run_device) if batches else None
+            hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds)
             for info, stage in block_targets:
                 t0 = time.perf_counter()
                 hessian = hessians.get(info.name)
@@ -218,17 +246,13 @@ def compress(
                 record = _compress_linear(info, stage, hessian)
                 rel = _relative_error(original, record.dequantize(), hessian) if hessian is not None else None
                 weights[info.name] = record
-                _replace(lm, info, record)
+                new = _replace(lm, info, record)
+                if stage.act_bits:
+                    static = _static_activation_scale(info, stage, stats, input_scales)
+                    new.set_activation_quantization(stage.act_bits, stage.act_granularity, static)
+                seconds = time.perf_counter() - t0
                 layers.append(
-                    LayerReport(
-                        info.name,
-                        info.role,
-                        stage.method,
-                        stage.grid.describe(),
-                        rel,
-                        time.perf_counter() - t0,
-                        record.meta,
-                    )
+                    LayerReport(info.name, info.role, stage.method, stage.grid.describe(), rel, seconds, record.meta)
                 )
             if batches:
                 batches = _run_block(block.module, batches)
@@ -238,7 +262,9 @@ def compress(
     lm.layout = discover_layout(lm.model)
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
     if folds:
-        info["awq_folds"] = [asdict(fold) for fold in folds]
+        info["scale_folds"] = [asdict(fold) for fold in folds]
+    if any(s.act_bits for s in recipe.stages if isinstance(s, QuantizeStage)):
+        info["activation_quantization"] = "simulated (quantize-dequantize in float; no int8 kernel used)"
     seconds = time.perf_counter() - started
     return CompressionResult(weights, layers, recipe, calib_protocol, seconds, info, embeddings)
 

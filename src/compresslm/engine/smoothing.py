@@ -1,7 +1,8 @@
-"""Fold activation-aware scales (AWQ) into a block, leaving its float function unchanged.
+"""Fold per-input-channel scales (AWQ, SmoothQuant) into a block, leaving its float function unchanged.
 
-For each group of linears that read one input, the scales s found by `quant.awq.awq_scales`
-multiply the consumers' weight columns and divide the producer of that input:
+For each group of linears that read one input, the scales s (found by `quant.awq.awq_scales`, or
+computed by `quant.smoothquant.smoothquant_scales`) multiply the consumers' weight columns and
+divide the producer of that input:
 
 * a norm whose output is exactly that tensor (detected during the statistics pass): its weight
   (and bias) are divided by s;
@@ -16,6 +17,7 @@ S⁻¹HS⁻¹, so GPTQ or the clip search after the fold sees the scaled problem
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,19 +26,21 @@ from torch import nn
 from compresslm.engine.statistics import BlockStatistics
 from compresslm.models.layout import BlockInfo, LinearInfo
 from compresslm.quant.awq import awq_scales
+from compresslm.quant.smoothquant import smoothquant_scales
 from compresslm.recipe import QuantizeStage
 from compresslm.runtime.linear import dense_weight
 
 
 @dataclass
 class ScaleFold:
-    """What the AWQ scale search decided for one input group."""
+    """What was decided for one input group: the method, where it folded, α and the layer errors."""
 
+    method: str  # "awq" or "smoothquant"
     consumers: list[str]
     fold_into: str | None
     alpha: float
-    error_before: float
-    error_after: float
+    error_before: float | None
+    error_after: float | None
 
 
 def _activation(model: nn.Module) -> str | None:
@@ -80,44 +84,55 @@ def _divide_outputs(module: nn.Module, s: torch.Tensor, transposed: bool) -> Non
         bias.div_(s.to(bias.dtype))
 
 
-def fold_awq_scales(
+def fold_input_scales(
     model: nn.Module,
     block: BlockInfo,
     stats: BlockStatistics,
     stages: dict[str, QuantizeStage],
-    round_dense: callable,
-) -> tuple[dict[str, torch.Tensor], list[ScaleFold]]:
-    """Search and fold scales for every input group with an AWQ-enabled target.
+    round_dense: Callable[[nn.Module], None],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[ScaleFold]]:
+    """Compute and fold scales for every input group with an AWQ- or SmoothQuant-enabled target.
 
     `stages` maps the block's target linears to their stage; `round_dense(module)` re-rounds a
     producer that stays dense to its storage dtype. Returns the (possibly scaled) Hessian of every
-    linear with statistics, and one ScaleFold per group searched.
+    linear with statistics, the scales applied to each scaled linear's input, and one ScaleFold
+    per group.
     """
     infos = {info.name: info for info in block.linears}
     modules = dict(model.named_modules())
     hessians = {name: stats.hessian(name) for name in stats.owner}
+    input_scales: dict[str, torch.Tensor] = {}
     folds: list[ScaleFold] = []
     activation = _activation(model)
     for owner, names in stats.groups().items():
-        members = [n for n in names if n in stages and stages[n].uses_awq_scaling]
+        members = [n for n in names if n in stages and stages[n].rescales_inputs]
         if not members:
             continue
+        stage = stages[members[0]]
+        method = "smoothquant" if stage.smoothquant else "awq"
         consumers = [infos[n] for n in names]
         norm_name = stats.producer.get(owner)
         producer_linear = None if norm_name else _producer_linear(block, consumers, activation)
         fold_into = norm_name or (producer_linear.name if producer_linear else None)
         if fold_into is None:
-            folds.append(ScaleFold(names, None, 0.0, float("nan"), float("nan")))
+            folds.append(ScaleFold(method, names, None, 0.0, None, None))
             continue
-        stage = stages[members[0]]
         weights = [dense_weight(infos[n].module, infos[n].transposed).float() for n in members]
-        s, alpha, before, after = awq_scales(weights, hessians[owner], stats.stats[owner].act_mean, stage.grid,
-                                             stage.awq_grid)  # fmt: skip
-        folds.append(ScaleFold(names, fold_into, alpha, before, after))
-        if alpha == 0.0:
+        if method == "awq":
+            s, alpha, before, after = awq_scales(
+                weights, hessians[owner], stats.stats[owner].act_mean, stage.grid, stage.awq_grid
+            )
+        else:
+            all_weights = [dense_weight(info.module, info.transposed).float() for info in consumers]
+            s, alpha = smoothquant_scales(stats.stats[owner].act_max, all_weights, stage.smoothquant_alpha), None
+            before = after = None
+            alpha = stage.smoothquant_alpha
+        folds.append(ScaleFold(method, names, fold_into, alpha, before, after))
+        if method == "awq" and alpha == 0.0:
             continue
         for info in consumers:
             _scale_columns(info, s)
+            input_scales[info.name] = s
         if norm_name:
             _divide_outputs(modules[norm_name], s, transposed=False)
             round_dense(modules[norm_name])
@@ -128,4 +143,4 @@ def fold_awq_scales(
         scaled = hessians[owner] / (s[:, None] * s[None, :])
         for name in names:
             hessians[name] = scaled
-    return hessians, folds
+    return hessians, input_scales, folds

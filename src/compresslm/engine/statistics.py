@@ -1,8 +1,9 @@
 """Per-block calibration statistics, gathered by hooks during one forward pass per batch.
 
 For every distinct input tensor of a block's linears we accumulate the Hessian 2/n·XᵀX (GPTQ's
-objective and every layer's reconstruction error) and the mean |x| per channel (AWQ's saliency),
-and we note which norm produced that tensor (where AWQ folds its scales).
+objective and every layer's reconstruction error), the mean |x| per channel (AWQ's saliency) and
+the max |x| per channel (SmoothQuant, static activation ranges), and we note which norm produced
+that tensor (where input scales are folded).
 
 q/k/v (and gate/up) read the very same tensor; accumulating once for all of them halves the cost.
 Sharing is detected, not assumed: linears whose pre-hooks see the same tensor (storage, shape,
@@ -26,12 +27,15 @@ class InputStatistics:
     def __init__(self, in_features: int, device: torch.device):
         self.xtx = torch.zeros(in_features, in_features, device=device)
         self.abs_sum = torch.zeros(in_features, device=device)
+        self.abs_max = torch.zeros(in_features, device=device)
         self.rows = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.xtx.addmm_(x.T, x)
-        self.abs_sum += x.abs().sum(dim=0)
+        magnitude = x.abs()
+        self.abs_sum += magnitude.sum(dim=0)
+        torch.maximum(self.abs_max, magnitude.amax(dim=0), out=self.abs_max)
         self.rows += x.shape[0]
 
     @property
@@ -41,6 +45,10 @@ class InputStatistics:
     @property
     def act_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.rows, 1)
+
+    @property
+    def act_max(self) -> torch.Tensor:
+        return self.abs_max
 
 
 def _key(x: torch.Tensor) -> tuple:

@@ -110,6 +110,9 @@ def save_container(
     storage = _DTYPES[dense_dtype]
     embeddings = embeddings or {}
     linears = {name: _write_record(writer, name, record) for name, record in weights.items()}
+    for name, entry in linears.items():
+        module = lm.model.get_submodule(name)
+        entry["activation"] = module.activation_config() if isinstance(module, CompressedLinear) else None
     embedding_entries = {name: _write_record(writer, name, record) for name, record in embeddings.items()}
     skip = {f"{name}.weight" for name in embeddings}
 
@@ -288,7 +291,12 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
             record = _record(reader, entry)
             old = model.get_submodule(name)
             bias = getattr(old, "bias", None)
-            replace_module(model, name, CompressedLinear(record, bias))
+            new = CompressedLinear(record, bias)
+            activation = entry.get("activation")
+            if activation:
+                scale = None if activation["scale"] is None else torch.tensor(activation["scale"])
+                new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
+            replace_module(model, name, new)
             weights[name] = record
         state = {}
         for key, blob in header["dense"].items():

@@ -13,10 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslm.compressed import CompressedWeight
+from compresslm.quant.smoothquant import fake_quantize_activations
 
 
 class CompressedLinear(nn.Module):
-    """y = x · dequantize(W)ᵀ + b, with W held as a CompressedWeight."""
+    """y = q(x) · dequantize(W)ᵀ + b, with W held as a CompressedWeight.
+
+    `q` is the identity unless activation quantization is set (`set_activation_quantization`), in
+    which case inputs are quantized and dequantized in float: a simulation of W8A8-style
+    kernels, labelled as such wherever it is reported.
+    """
 
     def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -25,15 +31,36 @@ class CompressedLinear(nn.Module):
         self.out_features = weight.out_features
         self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False) if bias is not None else None
         self.register_buffer("weight", weight.dequantize(dtype), persistent=False)
+        self.act_bits = 0
+        self.act_granularity = "token"
+        self.register_buffer("act_scale", None, persistent=False)
+
+    def set_activation_quantization(self, bits: int, granularity: str, scale: torch.Tensor | None = None) -> None:
+        """Simulate `bits`-bit symmetric input quantization, per token (dynamic) or per tensor (static)."""
+        if granularity == "tensor":
+            if scale is None:
+                raise ValueError("static per-tensor activation quantization needs a scale")
+            scale = scale.detach().float().reshape(()).clone()
+        self.act_bits, self.act_granularity, self.act_scale = bits, granularity, scale
+
+    def activation_config(self) -> dict | None:
+        if not self.act_bits:
+            return None
+        scale = None if self.act_scale is None else float(self.act_scale)
+        return {"bits": self.act_bits, "granularity": self.act_granularity, "scale": scale, "simulated": True}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits:
+            x = fake_quantize_activations(x, self.act_bits, self.act_granularity, self.act_scale)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         w = self.compressed
         kind = "per-tensor" if w.per_tensor else f"g{w.group_size}"
         sym = "sym" if w.symmetric else "asym"
-        return f"in={self.in_features}, out={self.out_features}, W{w.bits} {kind} {sym}, bias={self.bias is not None}"
+        act = f", A{self.act_bits} per-{self.act_granularity} (simulated)" if self.act_bits else ""
+        bias = self.bias is not None
+        return f"in={self.in_features}, out={self.out_features}, W{w.bits} {kind} {sym}{act}, bias={bias}"
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
