@@ -26,7 +26,7 @@ def scheme(bits: int, group: int, symmetric: bool) -> dict:
                 "symmetric": symmetric,
                 "strategy": "group",
                 "group_size": group,
-            },  # fmt: skip
+            },
         }
     }
 
