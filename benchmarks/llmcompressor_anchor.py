@@ -1,0 +1,144 @@
+"""compresslm against llm-compressor, side by side: same model, same calibration windows, same protocol.
+
+The reference model is written once as a float32 Hugging Face directory; the 128 × 512 C4
+calibration windows (seed 0) that our engine uses are saved as a tensor and handed to
+llm-compressor's `oneshot` as a pre-tokenized dataset. llm-compressor runs in its own virtual
+environment (`LLMC_PYTHON`, default /work/llmc-venv/bin/python, made with
+`pip install torch==2.13.0 llmcompressor`); both sides are evaluated by compresslm's perplexity
+function (WikiText-2 test, GPTQ rows, ctx 2048, first 40 windows) and timed in this one run,
+one point after the other, so their wall times are comparable. Resumable like the other scripts.
+
+    .venv/bin/python benchmarks/llmcompressor_anchor.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "llmcompressor_anchor"
+WORK = Path(os.environ.get("COMPRESSLM_BENCH_WORK", ROOT / ".bench-work"))
+LLMC_PYTHON = os.environ.get("LLMC_PYTHON", "/work/llmc-venv/bin/python")
+
+# name: (tool, method, bits, group, symmetric) ; our side names a compresslm preset
+POINTS = {
+    "llm-compressor gptq w4 g64 sym": ("llmc", "gptq", 4, 64, True),
+    "llm-compressor gptq w4 g64 asym": ("llmc", "gptq", 4, 64, False),
+    "compresslm w4-g64-gptq-sym": ("ours", "w4-g64-gptq-sym", 4, 64, True),
+    "compresslm w4-g64-gptq": ("ours", "w4-g64-gptq", 4, 64, False),
+    "llm-compressor awq w4 g64 asym": ("llmc", "awq", 4, 64, False),
+    "compresslm w4-g64-awq": ("ours", "w4-g64-awq", 4, 64, False),
+}
+
+
+def prepare() -> tuple[Path, Path]:
+    import torch
+
+    from compresslm.data.calibration import calibration_windows
+    from compresslm.models.loading import load_model, save_model
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir, calib = WORK / "smollm2-135m-fp32", WORK / "calib-c4-128x512-seed0.pt"
+    if not (model_dir / "config.json").exists() or not calib.exists():
+        lm = load_model("smollm2-135m")
+        save_model(lm, None, model_dir)
+        torch.save(calibration_windows(lm.tokenizer, "c4", 128, 512, 0).windows, calib)
+    return model_dir, calib
+
+
+def run_ours(preset: str, limit: int) -> dict:
+    code = (
+        "import json,sys,resource,time\n"
+        "from compresslm.api import compress\n"
+        "from compresslm.eval.perplexity import perplexity\n"
+        "from compresslm.models.loading import load_model\n"
+        "lm = load_model(sys.argv[1])\n"
+        "_, result, _ = compress(lm, sys.argv[2], show_progress=False)\n"
+        "ppl = perplexity(lm, 'wikitext2', ctx=2048, limit=int(sys.argv[3]), show_progress=False)\n"
+        "print(json.dumps({'tool': 'compresslm', 'ppl': ppl.ppl, 'compress_seconds': result.seconds,\n"
+        "  'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,\n"
+        "  'calibration': result.calibration, 'eval_protocol': ppl.protocol}))\n"
+    )
+    model_dir, _ = prepare()
+    proc = subprocess.run([sys.executable, "-c", code, str(model_dir), preset, str(limit)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_llmc(method: str, bits: int, group: int, symmetric: bool, limit: int) -> dict:
+    model_dir, calib = prepare()
+    cmd = [LLMC_PYTHON, str(HERE / "llmcompressor_run.py"), "--model-dir", str(model_dir), "--calib", str(calib),
+           "--method", method, "--bits", str(bits), "--group", str(group), "--limit", str(limit)]  # fmt: skip
+    if symmetric:
+        cmd.append("--symmetric")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_markdown(rows: dict) -> None:
+    first = next(iter(rows.values()))
+    p = first["eval_protocol"]
+    lines = [
+        "# compresslm vs llm-compressor on `smollm2-135m` (W4, group 64)",
+        "",
+        "Same float32 model, the same 128 × 512-token C4 calibration windows (seed 0) given to both tools,",
+        f"evaluated by the same function: WikiText-2 raw test, GPTQ rows, ctx {p['ctx']}, first {p['windows']} "
+        f"windows ({p['tokens_scored']:,} tokens). Points ran one after another in one run on this machine.",
+        "",
+        "| tool | method | grid | ppl | compress s | peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        _, method, bits, group, sym = POINTS[name]
+        grid = f"W{bits} g{group} {'sym' if sym else 'asym'}"
+        lines.append(f"| {row['tool']} | {method} | {grid} | {row['ppl']:.3f} | {row['compress_seconds']:.0f} "
+                     f"| {row['peak_rss_bytes'] / 2**20:.0f} |")  # fmt: skip
+    v = p["versions"]
+    lines += [
+        "",
+        "Command: `.venv/bin/python benchmarks/llmcompressor_anchor.py`. llm-compressor ran with its defaults for",
+        "each modifier apart from the quantization scheme (block size 128, dampening 0.01 for GPTQ), sequential",
+        "pipeline, lm_head ignored. compresslm rows store embeddings as float16; the ppl is of the model in memory.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {v['platform']}; compresslm side: torch {v['torch']}, "
+        f"transformers {v['transformers']}.",
+    ]
+    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="*", default=list(POINTS))
+    parser.add_argument("--limit", type=int, default=40)
+    args = parser.parse_args()
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS.with_suffix(".json")
+    rows = json.loads(json_path.read_text()) if json_path.exists() else {}
+    for name in args.points:
+        if name in rows:
+            continue
+        tool, method, bits, group, sym = POINTS[name]
+        print(f"[{name}] running", file=sys.stderr, flush=True)
+        rows[name] = run_ours(method, args.limit) if tool == "ours" else run_llmc(method, bits, group, sym, args.limit)
+        fd, tmp = tempfile.mkstemp(dir=json_path.parent)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(rows, indent=2) + "\n")
+        os.replace(tmp, json_path)
+        print(f"[{name}] ppl {rows[name]['ppl']:.3f} in {rows[name]['compress_seconds']:.0f} s", file=sys.stderr)
+    write_markdown({name: rows[name] for name in POINTS if name in rows})
+
+
+if __name__ == "__main__":
+    main()
