@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from compresslm.data.corpora import load_corpus, wikitext2_rows
+from compresslm.data.corpora import load_corpus, read_jsonl_texts, wikitext2_rows
 from compresslm.errors import DataError
 
 
@@ -31,26 +30,13 @@ class CalibrationSet:
     protocol: dict
 
 
-def _read_jsonl(lines: list[str], source: str) -> list[str]:
-    docs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{source}:{number}: expected an object with a string 'text' field")
-        docs.append(record["text"])
-    return docs
-
-
 def load_documents(source: str) -> tuple[list[str], str]:
     """Documents of a calibration source: `c4` (shipped sample), `wikitext2` (validation) or a path."""
     if source.lower() == "c4":
         raw = resources.files("compresslm.data").joinpath("c4", "c4_sample.jsonl.gz").read_bytes()
-        return _read_jsonl(gzip.decompress(raw).decode("utf-8").splitlines(), "c4_sample.jsonl"), "shipped:c4/c4_sample"
+        return read_jsonl_texts(
+            gzip.decompress(raw).decode("utf-8").splitlines(), "c4_sample.jsonl"
+        ), "shipped:c4/c4_sample"
     if source.lower() in ("wikitext2", "wikitext2-validation"):
         raw = load_corpus("wikitext2", "validation", join="raw").text
         return [row for row in wikitext2_rows(raw) if row], "shipped:wikitext-2-raw/wiki.valid.raw"
@@ -65,7 +51,7 @@ def load_documents(source: str) -> tuple[list[str], str]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
     name = path.name.removesuffix(".gz")
-    docs = _read_jsonl(text.splitlines(), str(path)) if name.endswith((".jsonl", ".json")) else [text]
+    docs = read_jsonl_texts(text.splitlines(), str(path)) if name.endswith((".jsonl", ".json")) else [text]
     return docs, str(path.resolve())
 
 

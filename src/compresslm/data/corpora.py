@@ -40,6 +40,22 @@ class Corpus:
                 "text_sha256": self.sha256, "characters": len(self.text)}  # fmt: skip
 
 
+def read_jsonl_texts(lines: list[str], source: str) -> list[str]:
+    """The "text" field of every non-blank JSON line; a malformed line is an error naming file and line."""
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{source}:{number}: expected an object with a string 'text' field")
+        texts.append(record["text"])
+    return texts
+
+
 def wikitext2_rows(raw: str) -> list[str]:
     """The rows of Hugging Face's wikitext-2-raw-v1: each line keeps its newline; blank lines are ''."""
     return [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
@@ -83,18 +99,7 @@ def load_corpus(name_or_path: str, split: str = "test", *, join: str | None = No
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{number}: expected an object with a string 'text' field")
-            rows.append(record["text"])
-        text, rule = "\n\n".join(rows), "jsonl-text"
+        text, rule = "\n\n".join(read_jsonl_texts(raw.splitlines(), str(path))), "jsonl-text"
     else:
         text, rule = raw, "raw"
     if not text.strip():
