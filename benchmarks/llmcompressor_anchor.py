@@ -34,6 +34,7 @@ POINTS = {
     "llm-compressor gptq w4 g64 asym": ("llmc", "gptq", 4, 64, False),
     "compresslm w4-g64-gptq-sym": ("ours", "w4-g64-gptq-sym", 4, 64, True),
     "compresslm w4-g64-gptq": ("ours", "w4-g64-gptq", 4, 64, False),
+    "compresslm w4-g64-gptq-act": ("ours", "w4-g64-gptq-act", 4, 64, False),
     "llm-compressor awq w4 g64 asym": ("llmc", "awq", 4, 64, False),
     "compresslm w4-g64-awq": ("ours", "w4-g64-awq", 4, 64, False),
 }

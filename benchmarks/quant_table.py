@@ -28,6 +28,7 @@ DEFAULT_POINTS = [
     "w8-rtn",
     "w4-g64-rtn",
     "w4-g64-gptq",
+    "w4-g64-gptq-noact",
     "w4-g64-awq",
     "w4-g64-gptq-awq",
     "w3-g64-rtn",

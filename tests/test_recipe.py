@@ -23,6 +23,10 @@ def test_presets():
     act = preset("w3-g64-gptq-sym-act").stages[0]
     assert (act.bits, act.group_size, act.symmetric, act.act_order) == (3, 64, True, True)
     assert preset("w4-rtn-clip").stages[0].clip_search
+    assert preset("w4-gptq").stages[0].uses_act_order  # GPTQ's default, as in llm-compressor
+    assert not preset("w4-gptq-noact").stages[0].uses_act_order
+    assert not preset("w4-rtn").stages[0].uses_act_order
+    assert Recipe.from_dict({"stages": [{"method": "gptq", "act_order": None}]}).stages[0].uses_act_order
 
 
 def test_unknown_preset():
@@ -40,6 +44,7 @@ def test_unknown_preset():
         ({"bits": "four"}, "bits='four' is not allowed; expected int"),
         ({"symmetric": "yes"}, "symmetric='yes' is not allowed; expected bool"),
         ({"method": "rtn", "act_order": True}, "act_order=true needs method gptq"),
+        ({"method": "gptq", "act_order": "yes"}, "act_order='yes' is not allowed; expected bool"),
         ({"targets": []}, "targets is empty"),
     ],
 )

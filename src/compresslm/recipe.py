@@ -8,8 +8,10 @@ allowed, so a typo never costs a calibration run.
 A preset name may end in `+emb8` or `+emb4` to also quantize the token embedding (and a tied
 lm_head) group-wise with 8 or 4 bits, group 64: `w4-g64-gptq+emb8`.
 
-Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act][-awq]`, e.g. `w4-gptq`
-(group 128, asymmetric), `w3-g64-gptq-act`, `w4-g64-awq` (AWQ scaling and clip search, then
+Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act|-noact][-awq]`, e.g.
+`w4-gptq` (group 128, asymmetric, act-order with static groups: GPTQ's default here, as in
+llm-compressor), `w3-g64-gptq-noact` (columns in their natural order, dynamic groups),
+`w4-g64-awq` (AWQ scaling and clip search, then
 rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel). W8A8 presets:
 `w8a8-smoothquant` (per-token dynamic int8 activations), `w8a8-smoothquant-static` (per-tensor
 static), `w8a8-rtn` (no smoothing). Activation quantization is simulated in float (PyTorch has no
@@ -50,7 +52,7 @@ class QuantizeStage:
     group_size: int = 128
     symmetric: bool = False
     clip_search: bool = False
-    act_order: bool = False
+    act_order: bool | None = None  # None: on for gptq (as in llm-compressor), meaningless otherwise
     static_groups: bool = False
     damp: float = 0.01
     block_size: int = 128
@@ -84,7 +86,7 @@ class QuantizeStage:
         _choice(where, "act_granularity", self.act_granularity, ("token", "tensor"))
         if self.awq_grid < 1:
             raise RecipeError(f"{where}: awq_grid={self.awq_grid} is not allowed; use a positive number of steps")
-        if self.act_order and self.method != "gptq":
+        if self.act_order is True and self.method != "gptq":
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         if not self.targets:
             raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
@@ -94,8 +96,12 @@ class QuantizeStage:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search)
 
     @property
+    def uses_act_order(self) -> bool:
+        return self.method == "gptq" and self.act_order is not False
+
+    @property
     def gptq_options(self) -> GPTQOptions:
-        return GPTQOptions(self.block_size, self.damp, self.act_order, self.static_groups)
+        return GPTQOptions(self.block_size, self.damp, self.uses_act_order, self.static_groups)
 
     @property
     def uses_awq_scaling(self) -> bool:
@@ -248,6 +254,11 @@ def _build(kind: type, data: dict, where: str) -> Any:
     values = {}
     for key, value in data.items():
         expected = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
+        if expected.endswith(" | None"):
+            if value is None:
+                values[key] = None
+                continue
+            expected = expected.removesuffix(" | None")
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -262,7 +273,7 @@ def _build(kind: type, data: dict, where: str) -> Any:
 
 
 _PRESET = re.compile(
-    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|awq))*)$"
+    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq))*)$"
 )
 
 
@@ -302,7 +313,8 @@ def preset(name: str) -> Recipe:
         stage["granularity"] = "channel"
     stage["symmetric"] = "sym" in flags
     stage["clip_search"] = "clip" in flags
-    stage["act_order"] = "act" in flags
+    if "act" in flags or "noact" in flags:
+        stage["act_order"] = "act" in flags
     stage["awq_scale"] = "awq" in flags
     stages = [embedding, stage] if embedding else [stage]
     return Recipe.from_dict({"name": name.lower(), "stages": stages})
