@@ -33,7 +33,7 @@ POINTS = {
     "llm-compressor gptq w4 g64 sym": ("llmc", "gptq", 4, 64, True),
     "llm-compressor gptq w4 g64 asym": ("llmc", "gptq", 4, 64, False),
     "compresslm w4-g64-gptq-sym": ("ours", "w4-g64-gptq-sym", 4, 64, True),
-    "compresslm w4-g64-gptq": ("ours", "w4-g64-gptq", 4, 64, False),
+    "compresslm w4-g64-gptq-noact": ("ours", "w4-g64-gptq-noact", 4, 64, False),
     "compresslm w4-g64-gptq-act": ("ours", "w4-g64-gptq-act", 4, 64, False),
     "llm-compressor awq w4 g64 asym": ("llmc", "awq", 4, 64, False),
     "compresslm w4-g64-awq": ("ours", "w4-g64-awq", 4, 64, False),
@@ -107,15 +107,19 @@ def write_markdown(rows: dict) -> None:
         grid = f"W{bits} g{group} {'sym' if sym else 'asym'}"
         lines.append(f"| {row['tool']} | {method} | {grid} | {row['ppl']:.3f} | {row['compress_seconds']:.0f} "
                      f"| {row['peak_rss_bytes'] / 2**20:.0f} |")  # fmt: skip
-    v = p["versions"]
     lines += [
         "",
         "Command: `.venv/bin/python benchmarks/llmcompressor_anchor.py`. llm-compressor ran with its defaults for",
-        "each modifier apart from the quantization scheme (block size 128, dampening 0.01 for GPTQ), sequential",
-        "pipeline, lm_head ignored. compresslm rows store embeddings as float16; the ppl is of the model in memory.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {v['platform']}; compresslm side: torch {v['torch']}, "
-        f"transformers {v['transformers']}.",
+        "each modifier apart from the quantization scheme: for GPTQ block size 128, dampening 0.01 and",
+        "**act-order static** (its default); sequential pipeline; lm_head ignored. compresslm's `-act` row is the",
+        "same algorithm choice (now compresslm's default for GPTQ); `-noact` quantizes columns in natural order",
+        "with dynamic groups. compresslm rows store embeddings and norms as float16. Wall times: both tools on",
+        "the same 2 CPU cores, one point after the other, nothing else running.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {p['versions']['platform']}.",
     ]
+    for row in rows.values():
+        v = row["eval_protocol"]["versions"]
+        lines.append(f"- {row['tool']}: torch {v['torch']}, transformers {v['transformers']}, python {v['python']}")
     RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
