@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from compresslm.compressed import CompressedWeight
-from compresslm.errors import CorruptFileError
+from compresslm.errors import CompressLMError, CorruptFileError
 from compresslm.formats.packing import pack_bits, unpack_bits
 from compresslm.models.loading import LoadedModel
 from compresslm.runtime.linear import CompressedLinear, replace_module
@@ -129,7 +129,10 @@ def save_container(
         dtype = storage if tensor.is_floating_point() else tensor.dtype
         stored = tensor.to(dtype)
         if tensor.is_floating_point() and not torch.equal(stored.to(tensor.dtype), tensor):
-            raise CorruptFileError(f"{key} is not exactly representable in {dense_dtype}; compress() rounds it first")
+            raise CompressLMError(
+                f"{key} is not exactly representable in {dense_dtype}, so the container could not reload it "
+                "bit-exactly; compress() rounds dense tensors first"
+            )
         dtype_name = str(dtype).removeprefix("torch.")
         dense[key] = writer.add(f"dense/{key}", _tensor_bytes(stored), dtype_name, list(tensor.shape))
 
