@@ -97,7 +97,8 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         "",
         f"Eval: WikiText-2 raw test, GPTQ rows, ctx {p['ctx']}, first {p['windows']} windows "
         f"({p['tokens_scored']:,} tokens), float32 compute, measured on the model **reloaded from its .clm file**.",
-        "Calibration (GPTQ): 128 × 512-token windows from the shipped C4 train sample, seed 0. RTN uses none.",
+        "Calibration (GPTQ, AWQ): 128 × 512-token windows from the shipped C4 train sample, seed 0. RTN uses none.",
+        "GPTQ rows use act-order with static groups (the default) unless named `-noact`.",
         "Bits/param count every byte of the file (embedding and norms stored as float16); linear bits count",
         "codes, scales and zero points of the quantized linears.",
         "",
@@ -107,13 +108,19 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         "| peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    notes = []
     for row in rows.values():
         delta = f"{100 * (row['ppl'] / baseline - 1):+.1f} %" if baseline else ""
+        mark = ""
+        if row.get("note"):
+            notes.append(row["note"])
+            mark = f" [{len(notes)}]"
         lines.append(
-            f"| {row['point']} | {row['ppl']:.3f} | {delta} | {row['bits_per_param']:.3f} "
+            f"| {row['point']}{mark} | {row['ppl']:.3f} | {delta} | {row['bits_per_param']:.3f} "
             f"| {row['linear_bits_per_param']:.3f} | {row['bytes_on_disk']:,} | {row['compress_seconds']:.0f} "
             f"| {row['peak_rss_bytes'] / 2**20:.0f} |"
         )
+    lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, start=1)]
     lines += [
         "",
         "Command: `.venv/bin/python benchmarks/quant_table.py`. Asymmetric grids with integer zero points; "
