@@ -29,7 +29,7 @@ from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loading import DTYPES, LoadedModel
 from compresslm.progress import progress
 from compresslm.quant.awq import awq_clip
-from compresslm.quant.gptq import gptq
+from compresslm.quant.gptq import gptq, output_error
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import QuantizeEmbeddingStage, QuantizeStage, Recipe, load_recipe
 from compresslm.runtime.linear import CompressedLinear, dense_weight, replace_module
@@ -123,10 +123,9 @@ def _compress_linear(info: LinearInfo, stage: QuantizeStage, hessian: torch.Tens
 
 
 def _relative_error(original: torch.Tensor, compressed: torch.Tensor, hessian: torch.Tensor) -> float:
-    delta = original - compressed
-    num = torch.einsum("oi,ij,oj->", delta, hessian, delta)
-    den = torch.einsum("oi,ij,oj->", original, hessian, original)
-    return float(num / den) if float(den) > 0 else 0.0
+    """‖(W−Q)X‖² / ‖WX‖² over the calibration inputs."""
+    total = output_error(original, torch.zeros_like(original), hessian)
+    return output_error(original, compressed, hessian) / total if total > 0 else 0.0
 
 
 def _round_dense(module: nn.Module, dtype_name: str, skip: set[str] = frozenset()) -> None:
@@ -244,9 +243,9 @@ def compress(
                 hessian = hessians.get(info.name)
                 original = dense_weight(info.module, info.transposed).float()
                 record = _compress_linear(info, stage, hessian)
-                rel = _relative_error(original, record.dequantize(), hessian) if hessian is not None else None
                 weights[info.name] = record
                 new = _replace(lm, info, record)
+                rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
                 if stage.act_bits:
                     static = _static_activation_scale(info, stage, stats, input_scales)
                     new.set_activation_quantization(stage.act_bits, stage.act_granularity, static)

@@ -124,9 +124,8 @@ def fold_input_scales(
             )
         else:
             all_weights = [dense_weight(info.module, info.transposed).float() for info in consumers]
-            s, alpha = smoothquant_scales(stats.stats[owner].act_max, all_weights, stage.smoothquant_alpha), None
-            before = after = None
-            alpha = stage.smoothquant_alpha
+            alpha, before, after = stage.smoothquant_alpha, None, None
+            s = smoothquant_scales(stats.stats[owner].act_max, all_weights, alpha)
         folds.append(ScaleFold(method, names, fold_into, alpha, before, after))
         if method == "awq" and alpha == 0.0:
             continue

@@ -234,11 +234,21 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 
 class _BlobReader:
+    """Reads blobs by key, checking each one's sha256; `verify_all` checks everything up front."""
+
     def __init__(self, path: Path, header: dict, start: int):
         self.path, self.header, self.start = path, header, start
         self.handle = path.open("rb")
+        self._verified: dict[str, bytes] = {}
+
+    def verify_all(self) -> None:
+        """Read and check every blob before anything is built; later reads take the checked bytes."""
+        for key in self.header["blobs"]:
+            self._verified[key] = self.read(key)
 
     def read(self, key: str) -> bytes:
+        if key in self._verified:
+            return self._verified.pop(key)
         entry = self.header["blobs"][key]
         self.handle.seek(self.start + entry["offset"])
         data = self.handle.read(entry["nbytes"])
@@ -283,8 +293,7 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
     header, start = read_header(p)
     reader = _BlobReader(p, header, start)
     try:
-        for key in header["blobs"]:  # verify everything before building anything
-            reader.read(key)
+        reader.verify_all()  # nothing is built from a corrupt or truncated file
         config_dict = dict(header["config"])
         model_type = config_dict.pop("model_type")
         config = AutoConfig.for_model(model_type, **config_dict)

@@ -264,13 +264,6 @@ def _load_hub(repo_id: str) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def _is_container(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with path.open("rb") as handle:
-        return handle.read(4) == b"CLM1"
-
-
 def _looks_like_path(source: str) -> bool:
     """A hub id is `org/name`; anything else with slashes, a dot prefix or a file suffix is a path."""
     return (
@@ -295,9 +288,9 @@ def load_model(
     """
     text = str(source)
     path = Path(text).expanduser()
-    if (path.is_file() and path.suffix.lower() == ".clm") or _is_container(path):
-        from compresslm.formats.container import load_container
+    from compresslm.formats.container import is_container, load_container  # imports this module: load lazily
 
+    if (path.is_file() and path.suffix.lower() == ".clm") or is_container(path):
         lm = load_container(path, device=device)
         if dtype is not None:
             lm.model = _finish(lm.model, dtype, None)

@@ -17,13 +17,8 @@ from __future__ import annotations
 import torch
 
 from compresslm.compressed import CompressedWeight
+from compresslm.quant.gptq import output_error
 from compresslm.quant.grid import Grid, check_weight, fake_quantize, fit_weight, quantize_weight, to_compressed
-
-
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(ΔW H ΔWᵀ): the summed squared output error over the calibration inputs (up to 2/n)."""
-    delta = weight - approx
-    return float(((delta @ hessian) * delta).sum())
 
 
 def awq_scales(

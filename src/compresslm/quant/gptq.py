@@ -41,6 +41,12 @@ def hessian_from_inputs(inputs: torch.Tensor) -> torch.Tensor:
     return (2.0 / x.shape[0]) * (x.T @ x)
 
 
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ): the summed squared output error over the calibration inputs (up to 2/n)."""
+    delta = weight - approx
+    return float(((delta @ hessian) * delta).sum())
+
+
 def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure. Returns (factor, λ, retries)."""
     mean_diag = torch.mean(torch.diag(h)).item()
