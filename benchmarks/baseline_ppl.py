@@ -13,11 +13,11 @@ same command skips points already there. Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
+
+from results_store import atomic_write, load_rows, save_rows
 
 from compresslm.data.corpora import load_corpus
 from compresslm.eval.perplexity import perplexity
@@ -32,13 +32,6 @@ POINTS = {
     "raw ctx2048 all": ("raw", 2048, None),
     "raw ctx512 first40": ("raw", 512, 40),
 }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def _markdown(results: dict, model: str) -> str:
@@ -80,17 +73,17 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path = args.out.with_suffix(".json")
-    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    results = load_rows(json_path)
     lm = load_model(args.model)
     for name, (join, ctx, limit) in POINTS.items():
         if (args.only is not None and name not in args.only) or name in results:
             continue
         result = perplexity(lm, load_corpus("wikitext2", "test", join=join), ctx=ctx, limit=limit)
         results[name] = {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "protocol": result.protocol}
-        _atomic_write(json_path, json.dumps(results, indent=2) + "\n")
+        save_rows(json_path, results)
         print(f"{name}: ppl {result.ppl:.4f}", flush=True)
     ordered = {k: results[k] for k in POINTS if k in results}
-    _atomic_write(args.out.with_suffix(".md"), _markdown(ordered, args.model))
+    atomic_write(args.out.with_suffix(".md"), _markdown(ordered, args.model))
 
 
 if __name__ == "__main__":

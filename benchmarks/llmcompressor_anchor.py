@@ -19,8 +19,9 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from results_store import atomic_write, load_rows, save_rows
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -120,7 +121,7 @@ def write_markdown(rows: dict) -> None:
     for row in rows.values():
         v = row["eval_protocol"]["versions"]
         lines.append(f"- {row['tool']}: torch {v['torch']}, transformers {v['transformers']}, python {v['python']}")
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -130,17 +131,14 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS.with_suffix(".json")
-    rows = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = load_rows(json_path)
     for name in args.points:
         if name in rows:
             continue
         tool, method, bits, group, sym = POINTS[name]
         print(f"[{name}] running", file=sys.stderr, flush=True)
         rows[name] = run_ours(method, args.limit) if tool == "ours" else run_llmc(method, bits, group, sym, args.limit)
-        fd, tmp = tempfile.mkstemp(dir=json_path.parent)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(rows, indent=2) + "\n")
-        os.replace(tmp, json_path)
+        save_rows(json_path, rows)
         print(f"[{name}] ppl {rows[name]['ppl']:.3f} in {rows[name]['compress_seconds']:.0f} s", file=sys.stderr)
     write_markdown({name: rows[name] for name in POINTS if name in rows})
 

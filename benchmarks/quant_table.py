@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_store import atomic_write, load_rows, save_rows
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quant_table"
 DEFAULT_POINTS = [
@@ -81,13 +83,6 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_markdown(rows: dict, baseline: float | None) -> None:
     any_row = next(iter(rows.values()))
     p = any_row["eval_protocol"]
@@ -129,7 +124,7 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {v['platform']}. Versions: compresslm "
         f"{v['compresslm']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}.",
     ]
-    _atomic_write(RESULTS.with_suffix(".md"), "\n".join(line for line in lines) + "\n")
+    atomic_write(RESULTS.with_suffix(".md"), "\n".join(line for line in lines) + "\n")
 
 
 def main() -> None:
@@ -147,7 +142,7 @@ def main() -> None:
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS.with_suffix(".json")
-    rows = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = load_rows(json_path)
     for name in args.points:
         if name in rows:
             continue
@@ -158,7 +153,7 @@ def main() -> None:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"point {name} failed")
         rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        _atomic_write(json_path, json.dumps(rows, indent=2) + "\n")
+        save_rows(json_path, rows)
         print(f"[{name}] ppl {rows[name]['ppl']:.3f}", file=sys.stderr, flush=True)
     baseline_file = HERE / "results" / "baseline_ppl.json"
     baseline = None
