@@ -84,3 +84,13 @@ def test_console_script_exit_status(tmp_path):
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1].startswith("compresslm: error: ")
     assert "is not a GGUF file" in proc.stderr
+
+
+def test_unwritable_output_is_one_line_and_leaves_nothing(model_dir, tmp_path, capsys):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("a file where a directory is needed")
+    out = blocked / "m.clm"
+    assert main(["compress", model_dir, "--recipe", "w4-g16-rtn", "-o", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("compresslm: error: ") and "file-not-dir" in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file-not-dir", "tiny"]

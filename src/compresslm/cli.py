@@ -235,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompressLMError as exc:
         print(f"compresslm: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output, full disk, ...: writes are atomic, so nothing is half-written
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"compresslm: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("compresslm: interrupted", file=sys.stderr)
         return 130
