@@ -28,29 +28,44 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "quant_table"
 DEFAULT_POINTS = [
     "w8-rtn",
+    "w8-gptq",
+    "w8-awq",
+    "w4-g32-rtn",
+    "w4-g32-gptq",
+    "w4-g32-awq",
     "w4-g64-rtn",
-    "w4-g64-gptq",
     "w4-g64-gptq-noact",
+    "w4-g64-gptq",
     "w4-g64-awq",
-    "w4-g64-gptq-awq",
-    "w3-g64-rtn",
-    "w3-g64-gptq",
-    "w3-g64-awq",
     "w4-g128-rtn",
     "w4-g128-gptq",
     "w4-g128-awq",
+    "w3-g32-rtn",
+    "w3-g32-gptq",
+    "w3-g32-awq",
+    "w3-g64-rtn",
+    "w3-g64-gptq",
+    "w3-g64-awq",
     "w3-g128-rtn",
     "w3-g128-gptq",
     "w3-g128-awq",
-    "w4-g32-rtn",
-    "w4-g32-gptq",
-    "w3-g32-rtn",
-    "w3-g32-gptq",
+    "w2-g32-rtn",
+    "w2-g32-gptq",
+    "w2-g32-awq",
     "w2-g64-rtn",
     "w2-g64-gptq",
-    "w8a8-smoothquant",
+    "w2-g64-awq",
     "w8a8-rtn",
+    "w8a8-smoothquant",
+    # combinations, towards the best W4 at <= 4.6 linear bits
+    "w4-g64-gptq-awq",
+    "w4-g64-gptq-awq-clip",
+    "w4-g48-gptq-awq",
 ]
+# Child processes wait passively at OpenMP barriers: with two cores, a spinning pool slows down
+# several-fold whenever any other process runs; passive waiting costs
+# ~10-25 % when alone (a one-off measurement). Recorded in each row.
+CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
@@ -80,6 +95,7 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
         "recipe": result.recipe.to_dict(),
         "calibration": result.calibration,
         "eval_protocol": ppl.protocol,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
 
 
@@ -148,7 +164,8 @@ def main() -> None:
             continue
         print(f"[{name}] running", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--limit", str(args.limit)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"point {name} failed")

@@ -65,8 +65,8 @@ def test_recipe_level_errors():
         Recipe.from_dict({"stages": [{}], "calibration": {"samples": 0}})
     with pytest.raises(RecipeError, match="dense_dtype='int8' is not allowed"):
         Recipe.from_dict({"stages": [{}], "dense_dtype": "int8"})
-    with pytest.raises(RecipeError, match="type='prune' is not allowed"):
-        Recipe.from_dict({"stages": [{"type": "prune"}]})
+    with pytest.raises(RecipeError, match="type='distill' is not allowed"):
+        Recipe.from_dict({"stages": [{"type": "distill"}]})
 
 
 def test_yaml_file_and_round_trip(tmp_path):

@@ -2,8 +2,9 @@
 
 Quantizers, pruners and factorizers produce it; runtime modules, the container, exports and the
 dial consume it. It holds integer codes on a group-wise grid along the input dimension, the
-scales and integer zero points of each group, and room for what later stages add (a sparsity
-mask or N:M pattern, low-rank factors, an importance order).
+scales and integer zero points of each group, or, for a weight that is pruned but not quantized,
+its float16 values; plus a sparsity mask (with its N:M pattern when it has one), low-rank factors
+and an importance order.
 
 `dequantize()` is exact and deterministic: float32 arithmetic on stored values only, so the same
 record always gives the same bits, whether it was just computed or read back from disk.
@@ -43,7 +44,10 @@ class CompressedWeight:
       the fixed zero point 2**(bits-1), stored all the same.
     * `group_size`: columns per group along the input dimension; equal to in_features for a
       per-channel grid. The last group is shorter when it does not divide in_features.
-    * `mask`: optional bool [out, in], True where the weight is kept (sparsity, later stages).
+    * `values`: float16 [out, in] instead of codes/scales/zeros for a weight that is not quantized
+      (pruned only); `bits` is then 16. Use `CompressedWeight.unquantized(...)`.
+    * `mask`: optional bool [out, in], True where the weight is kept (sparsity).
+    * `nm`: (N, M) when the mask keeps exactly N weights in every M consecutive inputs of a row.
     * `lowrank`: optional (A [out, r], B [r, in]) factors added to the dequantized weight.
     * `importance`: optional order of weights for nested sparsity (the dial).
     * `meta`: free-form JSON-able facts about how it was made (algorithm, error, damping).
@@ -53,19 +57,45 @@ class CompressedWeight:
     bits: int
     group_size: int
     symmetric: bool
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
+    codes: torch.Tensor | None
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
     mask: torch.Tensor | None = None
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None
     importance: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    values: torch.Tensor | None = None
+    nm: tuple[int, int] | None = None
+
+    @classmethod
+    def unquantized(
+        cls, values: torch.Tensor, mask: torch.Tensor | None = None, nm: tuple[int, int] | None = None,
+        meta: dict | None = None,
+    ) -> CompressedWeight:  # fmt: skip
+        """A weight kept in float16 (pruned only): pruned entries are stored as exact zeros."""
+        values = values.detach().to(torch.float16)
+        if mask is not None:
+            values = values.masked_fill(~mask, 0.0)
+        return cls(
+            shape=tuple(values.shape), bits=16, group_size=values.shape[1], symmetric=True,
+            codes=None, scales=None, zeros=None, mask=mask, nm=nm, values=values, meta=meta or {},
+        )  # fmt: skip
+
+    @property
+    def quantized(self) -> bool:
+        return self.values is None
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self._check_sparsity()
+        if self.values is not None:
+            self._check_unquantized()
+            return
         out_f, in_f = self.shape
         if not 1 <= self.bits <= 8:
             raise InvalidCompressedWeight(f"bits must be in 1..8, got {self.bits}")
+        if self.codes is None or self.scales is None or self.zeros is None:
+            raise InvalidCompressedWeight("a quantized weight needs codes, scales and zeros (or values instead)")
         if not 1 <= self.group_size <= in_f:
             raise InvalidCompressedWeight(f"group_size must be in 1..{in_f}, got {self.group_size}")
         if self.codes.dtype != torch.uint8 or tuple(self.codes.shape) != self.shape:
@@ -87,8 +117,36 @@ class CompressedWeight:
             raise InvalidCompressedWeight(f"zero points exceed {self.bits} bits")
         if not torch.isfinite(self.scales).all():
             raise InvalidCompressedWeight("scales contain NaN or infinity")
-        if self.mask is not None and (self.mask.dtype != torch.bool or tuple(self.mask.shape) != self.shape):
+
+    def _check_unquantized(self) -> None:
+        if self.bits != 16 or self.codes is not None or self.scales is not None or self.zeros is not None:
+            raise InvalidCompressedWeight("an unquantized weight has bits 16 and values instead of codes/scales/zeros")
+        if self.values.dtype != torch.float16 or tuple(self.values.shape) != self.shape:
+            raise InvalidCompressedWeight(f"values must be float16 of shape {self.shape}")
+        if not torch.isfinite(self.values).all():
+            raise InvalidCompressedWeight("values contain NaN or infinity")
+
+    def _check_sparsity(self) -> None:
+        if self.mask is None:
+            if self.nm is not None:
+                raise InvalidCompressedWeight("an N:M pattern needs a mask")
+            return
+        if self.mask.dtype != torch.bool or tuple(self.mask.shape) != self.shape:
             raise InvalidCompressedWeight(f"mask must be bool of shape {self.shape}")
+        if self.nm is not None:
+            n, m = self.nm = (int(self.nm[0]), int(self.nm[1]))
+            if not 0 < n < m or self.shape[1] % m:
+                raise InvalidCompressedWeight(f"N:M pattern {n}:{m} does not fit {self.shape[1]} input columns")
+            kept = self.mask.reshape(self.shape[0], -1, m).sum(dim=-1)
+            if not bool((kept == n).all()):
+                raise InvalidCompressedWeight(f"mask does not keep exactly {n} of every {m} weights")
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights pruned (0.0 without a mask)."""
+        if self.mask is None:
+            return 0.0
+        return 1.0 - float(self.mask.sum()) / self.mask.numel()
 
     @property
     def out_features(self) -> int:
@@ -100,10 +158,16 @@ class CompressedWeight:
 
     @property
     def per_tensor(self) -> bool:
-        return tuple(self.scales.shape) == (1, 1)
+        return self.scales is not None and tuple(self.scales.shape) == (1, 1)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor: (codes - zero) * scale, then mask and low-rank."""
+        """The weight as a dense [out, in] tensor: (codes - zero) * scale (or the values), then mask and low-rank."""
+        if self.values is not None:
+            weight = self.values.float()
+            if self.lowrank is not None:
+                a, b = self.lowrank
+                weight = weight + a.float() @ b.float()
+            return weight.to(dtype)
         scales = self.scales.float()
         zeros = self.zeros.float()
         if not self.per_tensor:
@@ -111,7 +175,7 @@ class CompressedWeight:
             zeros = expand_groups(zeros, self.in_features, self.group_size)
         weight = (self.codes.float() - zeros) * scales
         if self.mask is not None:
-            weight = weight * self.mask
+            weight = weight.masked_fill(~self.mask, 0.0)
         if self.lowrank is not None:
             a, b = self.lowrank
             weight = weight + a.float() @ b.float()
@@ -124,5 +188,7 @@ class CompressedWeight:
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "per_tensor": self.per_tensor,
+            **({"sparsity": self.sparsity} if self.mask is not None else {}),
+            **({"nm": list(self.nm)} if self.nm else {}),
             **({"meta": self.meta} if self.meta else {}),
         }

@@ -31,6 +31,7 @@ from typing import Any
 from compresslm.errors import CompressLMError
 from compresslm.quant.gptq import GPTQOptions
 from compresslm.quant.grid import Grid
+from compresslm.sparse.masks import SparsityError, SparsityPattern
 
 
 class RecipeError(CompressLMError):
@@ -160,7 +161,86 @@ class QuantizeEmbeddingStage:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric)
 
 
-STAGES: dict[str, type] = {"quantize": QuantizeStage, "quantize_embedding": QuantizeEmbeddingStage}
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass
+class PruneStage:
+    """Prune the weights of the targeted linear layers (unstructured or N:M).
+
+    `sparsity` is a ratio ("50%", 0.5) or an N:M pattern ("2:4"). `allocation: owl` keeps the
+    global ratio but gives blocks with more activation outliers a lower ratio (OWL, Yin et al.,
+    2023): block ratios span target ± `owl_lambda`, ranked by the share of Wanda scores above
+    `owl_threshold` × their mean. Stage order matters: a prune stage before a quantize stage
+    chooses the mask on float weights and quantizes the kept ones with the mask held fixed
+    (SparseGPT followed by GPTQ runs as one joint sweep); after a quantize stage it chooses the
+    mask on the quantized weights, which keep their codes.
+    """
+
+    method: str = "wanda"
+    sparsity: str | float = "50%"
+    scope: str = "row"
+    allocation: str = "uniform"
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    damp: float = 0.01
+    block_size: int = 128
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    ignore: list[str] = field(default_factory=list)
+    type: str = "prune"
+
+    def validate(self, where: str) -> None:
+        _choice(where, "method", self.method, PRUNE_METHODS)
+        _choice(where, "scope", self.scope, ("row", "layer"))
+        _choice(where, "allocation", self.allocation, ALLOCATIONS)
+        try:
+            pattern = self.pattern
+        except SparsityError as exc:
+            raise RecipeError(f"{where}: sparsity={self.sparsity!r} is not allowed: {exc}") from None
+        if self.allocation == "owl":
+            if pattern.is_nm:
+                raise RecipeError(f"{where}: allocation='owl' needs an unstructured ratio, not {pattern.describe()}")
+            if not 0.0 <= self.owl_lambda < 1.0:
+                raise RecipeError(f"{where}: owl_lambda={self.owl_lambda} is not allowed; choose 0 to 1")
+            if pattern.ratio + self.owl_lambda >= 1.0 or pattern.ratio - self.owl_lambda < 0.0:
+                raise RecipeError(
+                    f"{where}: owl_lambda={self.owl_lambda} around sparsity {pattern.ratio} leaves [0, 1); "
+                    "choose a smaller owl_lambda"
+                )
+            if self.owl_threshold <= 0:
+                raise RecipeError(f"{where}: owl_threshold={self.owl_threshold} is not allowed; use a positive factor")
+        if not 0 < self.damp < 10:
+            raise RecipeError(f"{where}: damp={self.damp} is not allowed; use a small positive fraction such as 0.01")
+        if self.block_size < 1:
+            raise RecipeError(f"{where}: block_size={self.block_size} is not allowed; use a positive column count")
+        if not self.targets:
+            raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.sparsity, scope=self.scope)
+
+    @property
+    def gptq_options(self) -> GPTQOptions:
+        return GPTQOptions(self.block_size, self.damp)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude" or self.allocation == "owl"
+
+    rescales_inputs = False
+    act_bits = 0
+
+    def applies_to(self, role: str, name: str) -> bool:
+        return QuantizeStage.applies_to(self, role, name)  # same targeting rules
+
+
+STAGES: dict[str, type] = {
+    "quantize": QuantizeStage,
+    "quantize_embedding": QuantizeEmbeddingStage,
+    "prune": PruneStage,
+}
 
 
 @dataclass
@@ -288,22 +368,12 @@ SMOOTHQUANT_PRESETS = {
 }  # fmt: skip
 
 
-def preset(name: str) -> Recipe:
-    """The recipe for a preset name (see module docstring)."""
-    if name.lower() in SMOOTHQUANT_PRESETS:
-        return Recipe.from_dict({"name": name.lower(), "stages": [SMOOTHQUANT_PRESETS[name.lower()]]})
-    base, plus, extra = name.lower().partition("+")
-    embedding = None
-    if plus:
-        if extra not in ("emb8", "emb4"):
-            raise RecipeError(f"unknown preset suffix '+{extra}' in '{name}'; use +emb8 or +emb4")
-        embedding = {"type": "quantize_embedding", "bits": int(extra[3:]), "group_size": 64}
-    match = _PRESET.match(base)
-    if not match:
-        raise RecipeError(
-            f"unknown preset '{name}'; presets look like w4-gptq, w4-g64-gptq, w3-g32-gptq-act, w4-g64-awq, "
-            "w4-g64-gptq-awq, w8-rtn, w4-rtn-sym-clip (or give a YAML/JSON recipe file)"
-        )
+_PRUNE_PRESET = re.compile(
+    r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
+)
+
+
+def _quantize_preset(part: str, match: re.Match) -> dict:
     bits = int(match["bits"])
     flags = set(filter(None, match["flags"].split("-")))
     stage: dict = {"method": match["method"], "bits": bits}
@@ -316,8 +386,52 @@ def preset(name: str) -> Recipe:
     if "act" in flags or "noact" in flags:
         stage["act_order"] = "act" in flags
     stage["awq_scale"] = "awq" in flags
-    stages = [embedding, stage] if embedding else [stage]
-    return Recipe.from_dict({"name": name.lower(), "stages": stages})
+    return stage
+
+
+def _prune_preset(match: re.Match) -> dict:
+    flags = set(filter(None, match["flags"].split("-")))
+    stage: dict = {"type": "prune", "method": match["method"], "sparsity": match["sparsity"]}
+    if "layer" in flags:
+        stage["scope"] = "layer"
+    if "owl" in flags:
+        stage["allocation"] = "owl"
+    return stage
+
+
+def preset(name: str) -> Recipe:
+    """The recipe for a preset name: parts joined by '+', applied in the order written.
+
+    Parts: a quantization preset (`w4-g64-gptq`, see the module docstring), a pruning preset
+    `<ratio%|N:M>-<magnitude|wanda|sparsegpt>[-layer][-owl]` (`50%-wanda`, `2:4-sparsegpt`,
+    `70%-wanda-owl`), a W8A8 preset, or `emb8`/`emb4`. `2:4-sparsegpt+w4-gptq` prunes, then
+    quantizes with the mask held; `w4-gptq+50%-wanda` quantizes, then prunes the quantized weights.
+    """
+    lowered = name.lower()
+    stages: list[dict] = []
+    embedding = None
+    for part in lowered.split("+"):
+        if part in ("emb8", "emb4"):
+            embedding = {"type": "quantize_embedding", "bits": int(part[3:]), "group_size": 64}
+        elif part in SMOOTHQUANT_PRESETS:
+            stages.append(dict(SMOOTHQUANT_PRESETS[part]))
+        elif match := _PRUNE_PRESET.match(part):
+            stages.append(_prune_preset(match))
+        elif match := _PRESET.match(part):
+            stages.append(_quantize_preset(part, match))
+        else:
+            raise RecipeError(
+                f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
+                "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
+                "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, with +emb8/+emb4 for the embedding "
+                "(or give a YAML/JSON recipe file)"
+            )
+    if not stages:
+        raise RecipeError(f"preset '{name}' names no quantization or pruning stage")
+    kinds = [stage.get("type", "quantize") for stage in stages]
+    if kinds.count("prune") > 1 or kinds.count("quantize") > 1:
+        raise RecipeError(f"preset '{name}' has more than one pruning or quantization part")
+    return Recipe.from_dict({"name": lowered, "stages": ([embedding] if embedding else []) + stages})
 
 
 def load_recipe(spec: str | dict | Recipe) -> Recipe:

@@ -22,17 +22,19 @@ from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
+from compresslm.engine.allocation import outlier_share, owl_ratios
+from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
 from compresslm.errors import CompressLMError
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loading import DTYPES, LoadedModel
 from compresslm.progress import progress
-from compresslm.quant.awq import awq_clip
-from compresslm.quant.gptq import gptq, output_error
+from compresslm.quant.gptq import output_error
 from compresslm.quant.rtn import rtn
-from compresslm.recipe import QuantizeEmbeddingStage, QuantizeStage, Recipe, load_recipe
+from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe, load_recipe
 from compresslm.runtime.linear import CompressedLinear, dense_weight, replace_module
+from compresslm.sparse.masks import SparsityPattern
 from compresslm.versions import versions
 
 
@@ -101,25 +103,21 @@ def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
     return outputs
 
 
-def _stage_for(recipe: Recipe, info: LinearInfo) -> QuantizeStage | None:
-    chosen = None
-    for stage in recipe.stages:
-        if isinstance(stage, QuantizeStage) and stage.applies_to(info.role, info.name):
-            chosen = stage  # the last matching stage wins
-    return chosen
+def _stages_for(recipe: Recipe, info: LinearInfo) -> list:
+    """The linear's quantize and prune stages (the last matching one of each kind), in recipe order."""
+    chosen: dict[type, int] = {}
+    for index, stage in enumerate(recipe.stages):
+        if isinstance(stage, (QuantizeStage, PruneStage)) and stage.applies_to(info.role, info.name):
+            chosen[type(stage)] = index
+    return [recipe.stages[index] for index in sorted(chosen.values())]
 
 
-def _compress_linear(info: LinearInfo, stage: QuantizeStage, hessian: torch.Tensor | None) -> CompressedWeight:
-    weight = dense_weight(info.module, info.transposed).float()
-    if stage.method == "rtn":
-        return rtn(weight, stage.grid)
-    if hessian is None:
-        raise CompressLMError(f"{info.name}: {stage.method} needs calibration statistics")
-    if stage.method == "gptq":
-        return gptq(weight, hessian, stage.grid, stage.gptq_options)
-    if stage.method == "awq":
-        return awq_clip(weight, hessian, stage.grid, stage.awq_grid)
-    raise CompressLMError(f"{info.name}: no implementation for method '{stage.method}'")
+def _quant_stage(stages: list) -> QuantizeStage | None:
+    return next((s for s in stages if isinstance(s, QuantizeStage)), None)
+
+
+def _prune_stage(stages: list) -> PruneStage | None:
+    return next((s for s in stages if isinstance(s, PruneStage)), None)
 
 
 def _relative_error(original: torch.Tensor, compressed: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -146,14 +144,14 @@ def _prepare_block(
     lm: LoadedModel,
     block: BlockInfo,
     stats: BlockStatistics | None,
-    block_targets: list[tuple[LinearInfo, QuantizeStage]],
+    block_targets: list[tuple[LinearInfo, list]],
     recipe: Recipe,
     folds: list[ScaleFold],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Fold AWQ/SmoothQuant input scales where asked; return each linear's Hessian and input scales."""
     if stats is None:
         return {}, {}
-    stages = {info.name: stage for info, stage in block_targets}
+    stages = {info.name: _quant_stage(s) for info, s in block_targets if _quant_stage(s) is not None}
     if not any(stage.rescales_inputs for stage in stages.values()):
         return {name: stats.hessian(name) for name in stats.owner}, {}
     hessians, input_scales, block_folds = fold_input_scales(
@@ -202,11 +200,11 @@ def compress(
     """
     recipe = load_recipe(recipe)
     started = time.perf_counter()
-    targets: dict[str, tuple[LinearInfo, QuantizeStage]] = {}
+    targets: dict[str, tuple[LinearInfo, list]] = {}
     for info in lm.layout.linears():
-        stage = _stage_for(recipe, info)
-        if stage is not None:
-            targets[info.name] = (info, stage)
+        stages = _stages_for(recipe, info)
+        if stages:
+            targets[info.name] = (info, stages)
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
     if not targets and not embedding_stages:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
@@ -233,26 +231,28 @@ def compress(
         else:
             batches = []
 
+        allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress)
         bar = progress(len(lm.layout.blocks), "compress", unit="block", enabled=show_progress)
         for block in lm.layout.blocks:
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
             stats = _collect_statistics(block, batches, run_device) if batches else None
             hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds)
-            for info, stage in block_targets:
+            for info, stages in block_targets:
                 t0 = time.perf_counter()
                 hessian = hessians.get(info.name)
                 original = dense_weight(info.module, info.transposed).float()
-                record = _compress_linear(info, stage, hessian)
+                pattern = _pattern_for(_prune_stage(stages), block.name, allocation)
+                record = compress_weight(info.name, original, stages, hessian, pattern)
                 weights[info.name] = record
                 new = _replace(lm, info, record)
                 rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
-                if stage.act_bits:
-                    static = _static_activation_scale(info, stage, stats, input_scales)
-                    new.set_activation_quantization(stage.act_bits, stage.act_granularity, static)
+                quant = _quant_stage(stages)
+                if quant is not None and quant.act_bits:
+                    static = _static_activation_scale(info, quant, stats, input_scales)
+                    new.set_activation_quantization(quant.act_bits, quant.act_granularity, static)
                 seconds = time.perf_counter() - t0
-                layers.append(
-                    LayerReport(info.name, info.role, stage.method, stage.grid.describe(), rel, seconds, record.meta)
-                )
+                method, grid = describe_stages(stages, pattern)
+                layers.append(LayerReport(info.name, info.role, method, grid, rel, seconds, record.meta))
             if batches:
                 batches = _run_block(block.module, batches)
             bar.update(1)
@@ -262,6 +262,8 @@ def compress(
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
     if folds:
         info["scale_folds"] = [asdict(fold) for fold in folds]
+    if allocation:
+        info["sparsity_allocation"] = {"method": "owl", "block_ratios": {k: p.ratio for k, p in allocation.items()}}
     if any(s.act_bits for s in recipe.stages if isinstance(s, QuantizeStage)):
         info["activation_quantization"] = "simulated (quantize-dequantize in float; no int8 kernel used)"
     seconds = time.perf_counter() - started
@@ -301,6 +303,52 @@ def _quantize_embeddings(
                 role = "lm_head"
             layers.append(LayerReport(name, role, "rtn", stage.grid.describe(), None, time.perf_counter() - t0, {}))
     return embeddings
+
+
+def _pattern_for(stage: PruneStage | None, block: str, allocation: dict[str, SparsityPattern]):
+    """The sparsity pattern of a linear in `block`: its block's allocated ratio under OWL, else the stage's."""
+    if stage is None:
+        return None
+    return allocation[block] if stage.allocation == "owl" else stage.pattern
+
+
+def _allocate_sparsity(
+    lm: LoadedModel,
+    targets: dict[str, tuple[LinearInfo, list]],
+    batches: list[_Batch],
+    device: torch.device,
+    show_progress: bool,
+) -> dict[str, SparsityPattern]:
+    """Per-block patterns for a prune stage with allocation 'owl' (empty otherwise).
+
+    OWL needs every block's outlier share before the first block is pruned, so this runs the
+    uncompressed model over the calibration windows once, block by block, keeping only a number
+    per block; the sequential pass that follows starts again from the same first-block inputs.
+    """
+    stages = {id(s): s for _, ss in targets.values() for s in ss if isinstance(s, PruneStage) and s.allocation == "owl"}
+    if not stages:
+        return {}
+    if len(stages) > 1:
+        raise CompressLMError("only one prune stage with allocation 'owl' is supported per recipe")
+    (stage,) = stages.values()
+    shares, params, names = [], [], []
+    current = batches
+    bar = progress(len(lm.layout.blocks), "owl statistics", unit="block", enabled=show_progress)
+    for block in lm.layout.blocks:
+        owl_targets = [(info, ss) for info, ss in (targets[i.name] for i in block.linears if i.name in targets)
+                       if stage in ss]  # fmt: skip
+        stats = _collect_statistics(block, current, device)
+        if owl_targets:
+            pairs = [(dense_weight(info.module, info.transposed).float(), stats.hessian(info.name))
+                     for info, _ in owl_targets]  # fmt: skip
+            shares.append(outlier_share(pairs, stage.owl_threshold))
+            params.append(sum(w.numel() for w, _ in pairs))
+            names.append(block.name)
+        current = _run_block(block.module, current)
+        bar.update(1)
+    bar.close()
+    ratios = owl_ratios(shares, params, stage.pattern.ratio, stage.owl_lambda)
+    return {name: stage.pattern.with_ratio(ratio) for name, ratio in zip(names, ratios, strict=True)}
 
 
 def _collect_statistics(block: BlockInfo, batches: list[_Batch], device: torch.device) -> BlockStatistics:

@@ -8,7 +8,9 @@ The header holds the model config, the recipe, the calibration protocol, version
 report, and for every blob its offset (from the start of the blob area, 64-byte aligned), size,
 dtype, shape and sha256. Compressed linears are stored as bit-packed codes, float16 scales and
 bit-packed zero points (none for symmetric grids, whose zero point is fixed). Tensors that stay
-dense are stored in the recipe's `dense_dtype`; a tied lm_head is stored once.
+dense are stored in the recipe's `dense_dtype`; a tied lm_head is stored once. A sparse weight stores
+only its kept codes (or float16 values, when not quantized) plus its mask: an N:M mask as the rank
+of each group's pattern (2:4: 3 bits per 4 weights), any other mask as a bitmask.
 
 Writes are atomic (temporary file + rename). Reads check the magic, the size and every checksum
 before a model is built, so a truncated or corrupt file is reported, never half-loaded.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -27,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compresslm.compressed import CompressedWeight
+from compresslm.compressed import CompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
-from compresslm.formats.packing import pack_bits, unpack_bits
+from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
 from compresslm.models.loading import LoadedModel
 from compresslm.runtime.linear import CompressedLinear, replace_module
 from compresslm.versions import versions
@@ -69,21 +72,50 @@ class _BlobWriter:
         return key
 
 
+_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values")
+
+
+def _write_mask(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
+    if record.nm is not None:
+        n, m = record.nm
+        bits = nm_index_bits(n, m)
+        if bits <= 8:
+            index = torch.from_numpy(encode_nm(record.mask, n, m).astype(np.uint8))
+            key = writer.add(f"{name}.mask", pack_bits(index, bits), f"u{bits}", [index.numel()])
+            return {"mask": key, "mask_encoding": "nm-rank", "nm": [n, m]}
+    key = writer.add(f"{name}.mask", pack_bits(record.mask.to(torch.uint8), 1), "u1", list(record.shape))
+    return {"mask": key, "mask_encoding": "bitmask", "nm": list(record.nm) if record.nm else None}
+
+
 def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
-    """Store one CompressedWeight: packed codes, float16 scales, packed zero points (asymmetric only)."""
+    """Store one CompressedWeight: packed codes, float16 scales, packed zero points (asymmetric only).
+
+    With a mask, only the kept codes (or values) are stored, followed by the mask itself.
+    """
     entry = {
         "bits": record.bits,
         "group_size": record.group_size,
         "symmetric": record.symmetric,
         "shape": list(record.shape),
-        "scales_shape": list(record.scales.shape),
-        "codes": writer.add(
-            f"{name}.codes", pack_bits(record.codes, record.bits), f"u{record.bits}", list(record.shape)
-        ),
-        "scales": writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape)),
+        "scales_shape": None,
+        "codes": None,
+        "scales": None,
         "zeros": None,
+        "mask": None,
+        "values": None,
         "meta": record.meta,
     }
+    kept = record.mask if record.mask is not None else None
+    if kept is not None:
+        entry.update(_write_mask(writer, name, record))
+    if not record.quantized:
+        values = record.values if kept is None else record.values[kept]
+        entry["values"] = writer.add(f"{name}.values", _tensor_bytes(values), "float16", [values.numel()])
+        return entry
+    codes = record.codes if kept is None else record.codes[kept]
+    entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
+    entry["scales_shape"] = list(record.scales.shape)
+    entry["scales"] = writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape))
     if not record.symmetric:
         entry["zeros"] = writer.add(
             f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
@@ -270,18 +302,55 @@ class _BlobReader:
         self.handle.close()
 
 
+def _read_mask(reader: _BlobReader, entry: dict) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+    if not entry.get("mask"):
+        return None, None
+    shape = tuple(entry["shape"])
+    nm = tuple(entry["nm"]) if entry.get("nm") else None
+    if entry["mask_encoding"] == "nm-rank":
+        n, m = nm
+        count = shape[0] * shape[1] // m
+        index = unpack_bits(reader.read(entry["mask"]), nm_index_bits(n, m), count).numpy()
+        if int(index.max(initial=0)) >= math.comb(m, n):
+            raise CorruptFileError(f"{reader.path}: the N:M mask of a weight names an impossible pattern")
+        return decode_nm(index, n, m).reshape(shape), nm
+    mask = unpack_bits(reader.read(entry["mask"]), 1, shape[0] * shape[1]).reshape(shape).bool()
+    return mask, nm
+
+
+def _scatter_kept(kept: torch.Tensor, mask: torch.Tensor | None, fill: torch.Tensor, what: str) -> torch.Tensor:
+    """Place the stored kept entries back into a full [out, in] tensor (pruned entries from `fill`)."""
+    if mask is None:
+        return kept.reshape(fill.shape)
+    if kept.numel() != int(mask.sum()):
+        raise CorruptFileError(f"{what}: {kept.numel()} stored entries for {int(mask.sum())} kept weights")
+    full = fill.clone()
+    full[mask] = kept
+    return full
+
+
 def _record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     out_f, in_f = entry["shape"]
-    codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], out_f * in_f).reshape(out_f, in_f)
+    mask, nm = _read_mask(reader, entry)
+    stored = out_f * in_f if mask is None else int(mask.sum())
+    if entry.get("values"):
+        values = reader.tensor(entry["values"])
+        full = _scatter_kept(values, mask, torch.zeros(out_f, in_f, dtype=torch.float16), str(reader.path))
+        return CompressedWeight.unquantized(full, mask, nm, entry.get("meta", {}))
+    codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], stored)
     scales = reader.tensor(entry["scales"])
     if entry["zeros"] is None:
         zeros = torch.full(tuple(entry["scales_shape"]), 1 << (entry["bits"] - 1), dtype=torch.uint8)
     else:
         count = int(np.prod(entry["scales_shape"]))
         zeros = unpack_bits(reader.read(entry["zeros"]), entry["bits"], count).reshape(entry["scales_shape"])
+    fill = (
+        zeros.expand(out_f, in_f) if tuple(zeros.shape) == (1, 1) else expand_groups(zeros, in_f, entry["group_size"])
+    )
+    codes = _scatter_kept(codes, mask, fill.contiguous(), str(reader.path))
     return CompressedWeight(
         shape=(out_f, in_f), bits=entry["bits"], group_size=entry["group_size"], symmetric=entry["symmetric"],
-        codes=codes, scales=scales, zeros=zeros, meta=entry.get("meta", {}),
+        codes=codes, scales=scales, zeros=zeros, mask=mask, nm=nm, meta=entry.get("meta", {}),
     )  # fmt: skip
 
 
@@ -349,7 +418,7 @@ def container_summary(path: str | os.PathLike) -> dict:
     size = p.stat().st_size
 
     def record_bytes(entry: dict) -> int:
-        return sum(header["blobs"][entry[key]]["nbytes"] for key in ("codes", "scales", "zeros") if entry[key])
+        return sum(header["blobs"][entry[key]]["nbytes"] for key in _RECORD_BLOBS if entry.get(key))
 
     linear_bytes = sum(record_bytes(entry) for entry in header["linears"].values())
     embedding_bytes = sum(record_bytes(entry) for entry in header.get("embeddings", {}).values())

@@ -7,6 +7,8 @@ returns `c` exactly.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -39,3 +41,43 @@ def unpack_bits(data: bytes, bits: int, count: int) -> torch.Tensor:
     padded = np.zeros((count, 8), dtype=np.uint8)
     padded[:, :bits] = stream
     return torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").reshape(-1))
+
+
+def _comb_table(m: int) -> np.ndarray:
+    """C(j, r) for j, r in 0..m (zero where r > j), as int64."""
+    table = np.zeros((m + 1, m + 1), dtype=np.int64)
+    for j in range(m + 1):
+        for r in range(j + 1):
+            table[j, r] = math.comb(j, r)
+    return table
+
+
+def nm_index_bits(n: int, m: int) -> int:
+    """Bits per group of M to name which N positions are kept: ceil(log2 C(M, N))."""
+    return max(1, math.ceil(math.log2(math.comb(m, n))))
+
+
+def encode_nm(mask: torch.Tensor, n: int, m: int) -> np.ndarray:
+    """Each group of M mask entries (exactly N True) as its rank among the C(M, N) patterns.
+
+    The combinatorial number system: kept positions c1 < ... < cN give sum C(c_i, i). 2:4 needs
+    ceil(log2 6) = 3 bits per 4 weights (0.75 bit per weight) instead of a 4-bit bitmask.
+    """
+    groups = mask.detach().cpu().numpy().reshape(-1, m).astype(np.int64)
+    rank = np.cumsum(groups, axis=1)
+    table = _comb_table(m)
+    positions = np.broadcast_to(np.arange(m), groups.shape)
+    return np.where(groups == 1, table[positions, rank], 0).sum(axis=1)
+
+
+def decode_nm(index: np.ndarray, n: int, m: int) -> torch.Tensor:
+    """Inverse of encode_nm: a bool array [groups, M]."""
+    table = _comb_table(m)
+    remaining = index.astype(np.int64).copy()
+    groups = np.zeros((index.shape[0], m), dtype=bool)
+    for r in range(n, 0, -1):
+        fits = table[np.arange(m), r][None, :] <= remaining[:, None]  # C(j, r) <= remaining, increasing in j
+        j = fits.sum(axis=1) - 1
+        groups[np.arange(index.shape[0]), j] = True
+        remaining -= table[j, r]
+    return torch.from_numpy(groups)

@@ -47,7 +47,7 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     return float(((delta @ hessian) * delta).sum())
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
+def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure. Returns (factor, λ, retries)."""
     mean_diag = torch.mean(torch.diag(h)).item()
     lam = damp * mean_diag if mean_diag > 0 else damp
@@ -67,9 +67,18 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch
 
 
 def gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, options: GPTQOptions | None = None
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: Grid,
+    options: GPTQOptions | None = None,
+    mask: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> CompressedWeight:
-    """Quantize `weight` [out, in] to `grid`, minimising ‖(W - Q) X‖² for inputs with Hessian `hessian`."""
+    """Quantize `weight` [out, in] to `grid`, minimising ‖(W - Q) X‖² for inputs with Hessian `hessian`.
+
+    With a sparsity `mask` (True = kept, e.g. from an earlier pruning stage) pruned weights are
+    held at exactly zero and their error is compensated like any rounding error.
+    """
     options = options or GPTQOptions()
     check_weight(weight)
     out_f, in_f = weight.shape
@@ -79,6 +88,10 @@ def gptq(
         raise CompressLMError("GPTQ: the Hessian contains NaN or infinite values")
 
     w = weight.detach().float().clone()
+    if mask is not None:
+        if mask.shape != w.shape or mask.dtype != torch.bool:
+            raise CompressLMError(f"GPTQ: mask must be bool of shape {tuple(w.shape)}")
+        w = w.masked_fill(~mask, 0.0)
     h = hessian.detach().float().clone().to(w.device)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -96,14 +109,16 @@ def gptq(
         scales, zeros = fit_weight(w, grid)
         block_size = options.block_size
 
+    keep = mask
     perm = None
     if options.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
+        keep = None if mask is None else mask[:, perm]
         if group_of_column is not None:
             group_of_column = group_of_column[perm]
 
-    hinv, lam, retries = _inverse_cholesky(h, options.damp, options.max_damp_retries)
+    hinv, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
     codes = torch.zeros_like(w)
     proxy_loss = 0.0
     for i1 in range(0, in_f, block_size):
@@ -114,7 +129,8 @@ def gptq(
         for i in range(i2 - i1):
             col = i1 + i
             if dynamic and col % g == 0:
-                s, z = fit_rows(w1[:, i : i + g], grid)
+                chunk = w1[:, i : i + g] if keep is None else w1[:, i : i + g] * keep[:, col : col + g]
+                s, z = fit_rows(chunk, grid)
                 scales[:, col // g], zeros[:, col // g] = s, z
             if grid.granularity == "tensor":
                 s, z = scales.view(1).expand(out_f), zeros.view(1).expand(out_f)
@@ -122,6 +138,8 @@ def gptq(
                 s, z = scales[:, group_of_column[col]], zeros[:, group_of_column[col]]
             column = w1[:, i]
             code = quantize_codes(column, s, z, grid.maxq)
+            if keep is not None:
+                code = torch.where(keep[:, col], code, z)
             q = (code - z) * s
             codes[:, col] = code
             d = hinv1[i, i]
@@ -143,4 +161,4 @@ def gptq(
         "static_groups": not dynamic and grid.granularity == "group",
         "proxy_loss": proxy_loss,
     }
-    return to_compressed(codes, scales, zeros, grid, meta)
+    return to_compressed(codes, scales, zeros, grid, meta, mask=mask, nm=nm)

@@ -142,9 +142,15 @@ def fit_weight(
 
 
 def to_compressed(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid, meta: dict | None = None
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    grid: Grid,
+    meta: dict | None = None,
+    mask: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
 ) -> CompressedWeight:
-    """Pack float codes/scales/zeros into a validated CompressedWeight."""
+    """Pack float codes/scales/zeros (and a sparsity mask, if any) into a validated CompressedWeight."""
     out_f, in_f = codes.shape
     return CompressedWeight(
         shape=(out_f, in_f),
@@ -155,6 +161,8 @@ def to_compressed(
         scales=scales.half().cpu(),
         zeros=zeros.to(torch.uint8).cpu(),
         meta=dict(meta or {}),
+        mask=None if mask is None else mask.cpu(),
+        nm=nm,
     )
 
 

@@ -1,7 +1,8 @@
 """`CompressedLinear`: a linear layer whose weight is a CompressedWeight.
 
 On CPU there is no low-bit matmul kernel in PyTorch, so the weight is dequantized once (exactly,
-see `CompressedWeight.dequantize`) and cached in the compute dtype; the packed record stays the
+see `CompressedWeight.dequantize`) and cached in the compute dtype; a sparse weight is cached as
+the masked dense weight, so sparsity saves bytes on disk but no time on CPU; the packed record stays the
 source of truth for saving. Because dequantization is deterministic, a model rebuilt from a
 container computes bit for bit what the model computed right after compression.
 """
@@ -56,11 +57,15 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w = self.compressed
-        kind = "per-tensor" if w.per_tensor else f"g{w.group_size}"
-        sym = "sym" if w.symmetric else "asym"
+        if w.quantized:
+            kind = "per-tensor" if w.per_tensor else f"g{w.group_size}"
+            weight = f"W{w.bits} {kind} {'sym' if w.symmetric else 'asym'}"
+        else:
+            weight = "float16"
+        if w.mask is not None:
+            weight += f", {w.nm[0]}:{w.nm[1]} sparse" if w.nm else f", {100 * w.sparsity:.1f}% sparse"
         act = f", A{self.act_bits} per-{self.act_granularity} (simulated)" if self.act_bits else ""
-        bias = self.bias is not None
-        return f"in={self.in_features}, out={self.out_features}, W{w.bits} {kind} {sym}{act}, bias={bias}"
+        return f"in={self.in_features}, out={self.out_features}, {weight}{act}, bias={self.bias is not None}"
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

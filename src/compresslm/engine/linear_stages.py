@@ -1,0 +1,95 @@
+"""Apply a linear layer's recipe stages (quantize, prune, or both in a given order) to its weight.
+
+This is the one place that knows how stages combine; each algorithm stays a pure function:
+
+* quantize only: RTN, GPTQ or AWQ's clip search on the (possibly AWQ-rescaled) weight;
+* prune only: magnitude, Wanda or SparseGPT; kept weights stay float16;
+* prune, then quantize: the mask is chosen on float weights, then the kept weights are quantized
+  with the mask held fixed (GPTQ compensates the rounding error of the kept weights). SparseGPT
+  followed by GPTQ runs as one joint sweep, as in the SparseGPT paper;
+* quantize, then prune: the mask is chosen on the quantized weights by the pruning method's
+  score, and the kept weights keep their codes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compresslm.compressed import CompressedWeight
+from compresslm.errors import CompressLMError
+from compresslm.quant.awq import awq_clip
+from compresslm.quant.gptq import GPTQOptions, gptq
+from compresslm.quant.rtn import rtn
+from compresslm.recipe import PruneStage, QuantizeStage
+from compresslm.sparse.masks import SparsityPattern
+from compresslm.sparse.prune import apply_mask, magnitude, saliency_mask, sparsegpt, wanda
+
+
+def describe_stages(stages: list, pattern: SparsityPattern | None) -> tuple[str, str]:
+    """(method, grid) labels for the per-layer report, e.g. ('wanda>gptq', '50% (row) + W4 g64 asym')."""
+    methods, grids = [], []
+    for stage in stages:
+        methods.append(stage.method)
+        grids.append(pattern.describe() if isinstance(stage, PruneStage) else stage.grid.describe())
+    return ">".join(methods), " + ".join(grids)
+
+
+def compress_weight(
+    name: str,
+    weight: torch.Tensor,
+    stages: list,
+    hessian: torch.Tensor | None,
+    pattern: SparsityPattern | None = None,
+) -> CompressedWeight:
+    """Turn `weight` [out, in] into a CompressedWeight by `stages` (at most one prune and one quantize).
+
+    `pattern` overrides the prune stage's own (layer-wise allocation gives each block its ratio).
+    """
+    prune = next((s for s in stages if isinstance(s, PruneStage)), None)
+    quant = next((s for s in stages if isinstance(s, QuantizeStage)), None)
+    needs_stats = (quant is not None and quant.method != "rtn") or (prune is not None and prune.method != "magnitude")
+    if needs_stats and hessian is None:
+        raise CompressLMError(f"{name}: {'/'.join(s.method for s in stages)} needs calibration statistics")
+    if prune is not None:
+        pattern = pattern or prune.pattern
+        try:
+            pattern.check(tuple(weight.shape))
+        except CompressLMError as exc:
+            raise CompressLMError(f"{name}: {exc}") from None
+    if prune is None:
+        return _quantize(weight, quant, hessian)
+    if quant is None:
+        return _prune(weight, prune, pattern, hessian)
+    if stages.index(prune) < stages.index(quant):
+        if prune.method == "sparsegpt" and quant.method == "gptq":
+            return sparsegpt(weight, hessian, pattern, quant.grid, GPTQOptions(prune.block_size, prune.damp))
+        pruned = _prune(weight, prune, pattern, hessian)
+        return _quantize(pruned.dequantize(), quant, hessian, pruned.mask, pattern.nm)
+    record = _quantize(weight, quant, hessian)
+    mask = saliency_mask(prune.method, record.dequantize(), hessian, pattern)
+    return apply_mask(record, mask, pattern.nm)
+
+
+def _prune(
+    weight: torch.Tensor, stage: PruneStage, pattern: SparsityPattern, hessian: torch.Tensor | None
+) -> CompressedWeight:
+    if stage.method == "magnitude":
+        return magnitude(weight, pattern)
+    if stage.method == "wanda":
+        return wanda(weight, hessian, pattern)
+    return sparsegpt(weight, hessian, pattern, options=GPTQOptions(stage.block_size, stage.damp))
+
+
+def _quantize(
+    weight: torch.Tensor,
+    stage: QuantizeStage,
+    hessian: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+) -> CompressedWeight:
+    if stage.method == "gptq":
+        return gptq(weight, hessian, stage.grid, stage.gptq_options, mask=mask, nm=nm)
+    if mask is not None:
+        weight = weight.masked_fill(~mask, 0.0)
+    record = rtn(weight, stage.grid) if stage.method == "rtn" else awq_clip(weight, hessian, stage.grid, stage.awq_grid)
+    return record if mask is None else apply_mask(record, mask, nm)
