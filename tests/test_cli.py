@@ -94,3 +94,19 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(model_dir, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("compresslm: error: ") and "file-not-dir" in err[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file-not-dir", "tiny"]
+
+
+def test_masks_compares_two_calibration_sets(model_dir, capsys):
+    argv = ["masks", model_dir, "--recipe", "50%-wanda", "--calib", "wikitext2", "--calib-b", "c4"]
+    assert main([*argv, "--calib-samples", "4", "--calib-len", "32", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["layers"]) == 14  # 2 blocks x 7 linears
+    for row in report["layers"].values():
+        assert 0.0 <= row["overlap"] <= 1.0 and row["chance"] == pytest.approx(1 / 3)
+    assert [c["source"] for c in report["calibrations"]] != [None, None]
+
+
+def test_masks_refuses_identical_sets(model_dir, capsys):
+    argv = ["masks", model_dir, "--recipe", "50%-wanda", "--seed-b", "0", "--calib-samples", "2", "--calib-len", "16"]
+    assert main(argv) == 2
+    assert "identical" in capsys.readouterr().err

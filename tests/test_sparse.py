@@ -225,3 +225,15 @@ def test_nm_on_a_misfitting_layer_names_the_layer(tokenizer):
     with pytest.raises(Exception, match=r"model\.layers\.0\..*multiple of 3"):
         compress(_tiny(tokenizer), {"stages": [{"type": "prune", "method": "magnitude", "sparsity": "1:3"}]},
                  show_progress=False)  # fmt: skip
+
+
+def test_mask_stability_of_magnitude_is_total(tokenizer):
+    from compresslm.analysis.masks import mask_stability
+    from compresslm.data.calibration import calibration_windows
+
+    sets = tuple(calibration_windows(tokenizer, "wikitext2", n=4, length=32, seed=seed) for seed in (0, 1))
+    lm = _tiny(tokenizer)
+    same = mask_stability(lm, "50%-magnitude", sets)  # magnitude ignores the calibration text
+    assert same.summary["mean_overlap"] == 1.0
+    varied = mask_stability(lm, "50%-wanda", sets)
+    assert varied.summary["mean_chance"] < varied.summary["mean_overlap"] <= 1.0

@@ -91,7 +91,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         c = info["container"]
         _print(
             f"container    {_format_bytes(c['bytes_on_disk'])} on disk, {c['bits_per_param']:.3f} bits/param, "
-            f"{c['linear_bits_per_param']:.3f} bits/param in compressed linears, recipe {c['recipe']['name']}"
+            f"{c['linear_bits_per_param']:.3f} bits/param in compressed linears, "
+            + (f"{100 * c['linear_sparsity']:.1f} % pruned, " if c.get("linear_sparsity") else "")
+            + f"recipe {c['recipe']['name']}"
         )
     return 0
 
@@ -139,8 +141,39 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _print(
         f"wrote {args.output}: {_format_bytes(summary['bytes_on_disk'])}, {summary['bits_per_param']:.3f} bits/param "
         f"overall, {summary['linear_bits_per_param']:.3f} bits/param in compressed linears, "
-        f"{result.seconds:.1f} s"
+        + (f"{100 * summary['linear_sparsity']:.1f} % of linear weights pruned, " if summary["linear_sparsity"] else "")
+        + f"{result.seconds:.1f} s"
     )
+    return 0
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from compresslm.analysis.masks import mask_stability
+    from compresslm.data.calibration import calibration_windows
+    from compresslm.models.loading import load_model
+    from compresslm.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    lm = load_model(args.model)
+    sets = []
+    for source, seed in ((args.calib, args.seed), (args.calib_b or args.calib, args.seed_b)):
+        sets.append(calibration_windows(lm.tokenizer, source, args.calib_samples, args.calib_len, seed))
+    if sets[0].protocol == sets[1].protocol:
+        raise CompressLMError("the two calibration sets are identical; change --calib-b or --seed-b")
+    report = mask_stability(lm, recipe, (sets[0], sets[1]), device=args.device, show_progress=not args.quiet)
+    if args.json:
+        _emit_json({"layers": report.layers, "summary": report.summary, "calibrations": report.calibrations,
+                    "recipe": report.recipe})  # fmt: skip
+        return 0
+    _print(f"mask overlap (pruned sets, intersection over union) for recipe '{recipe.name}'")
+    for label, protocol in zip("AB", report.calibrations, strict=True):
+        _print(f"  {label}: {protocol.get('source')} seed {protocol.get('seed')}, {protocol.get('windows')} windows")
+    _print(f"  {'layer':<40} {'overlap':>8} {'chance':>8}")
+    for name, row in report.layers.items():
+        _print(f"  {name:<40} {row['overlap']:8.3f} {row['chance']:8.3f}")
+    total = report.summary
+    mean = f"mean {total['mean_overlap']:.3f} (chance {total['mean_chance']:.3f})"
+    _print(f"{mean}; lowest {total['min_overlap']:.3f} in {total['min_layer']}")
     return 0
 
 
@@ -210,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.set_defaults(func=cmd_compress)
+
+    masks = sub.add_parser("masks", help="prune with two calibration sets and report how far the masks agree")
+    masks.add_argument("model", help=model_help)
+    masks.add_argument("--recipe", required=True, help="a pruning recipe: preset (50%%-wanda, 2:4-sparsegpt) or file")
+    masks.add_argument("--calib", default="c4", help="calibration source A (default c4)")
+    masks.add_argument("--calib-b", default=None, help="calibration source B (default: the same as A)")
+    masks.add_argument("--seed", type=int, default=0, help="sampling seed of set A (default 0)")
+    masks.add_argument("--seed-b", type=int, default=1, help="sampling seed of set B (default 1)")
+    masks.add_argument("--calib-samples", type=int, default=128, help="windows per set (default 128)")
+    masks.add_argument("--calib-len", type=int, default=512, help="tokens per window (default 512)")
+    masks.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
+    masks.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    masks.add_argument("--quiet", action="store_true", help="no progress bar")
+    masks.set_defaults(func=cmd_masks)
 
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
     ev.add_argument("model", help=model_help)

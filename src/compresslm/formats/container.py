@@ -105,9 +105,10 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
         "values": None,
         "meta": record.meta,
     }
-    kept = record.mask if record.mask is not None else None
+    kept = record.mask
     if kept is not None:
         entry.update(_write_mask(writer, name, record))
+        entry["sparsity"] = record.sparsity
     if not record.quantized:
         values = record.values if kept is None else record.values[kept]
         entry["values"] = writer.add(f"{name}.values", _tensor_bytes(values), "float16", [values.numel()])
@@ -431,5 +432,9 @@ def container_summary(path: str | os.PathLike) -> dict:
         "linear_parameters": header["linear_parameters"],
         "linear_bits_per_param": 8 * linear_bytes / max(header["linear_parameters"], 1),
         "embedding_bits_per_param": 8 * embedding_bytes / embedding_params if embedding_params else None,
+        "linear_sparsity": sum(
+            e.get("sparsity", 0.0) * e["shape"][0] * e["shape"][1] for e in header["linears"].values()
+        )
+        / max(header["linear_parameters"], 1),
         "recipe": header.get("recipe"),
     }

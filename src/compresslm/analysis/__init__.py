@@ -1,0 +1,1 @@
+"""Diagnostics of compressed models: mask stability, and later compressibility and robustness."""
