@@ -237,3 +237,16 @@ def test_mask_stability_of_magnitude_is_total(tokenizer):
     assert same.summary["mean_overlap"] == 1.0
     varied = mask_stability(lm, "50%-wanda", sets)
     assert varied.summary["mean_chance"] < varied.summary["mean_overlap"] <= 1.0
+
+
+def test_sparse_kernel_is_reported_honestly_on_cpu(layer):
+    from compresslm.runtime.linear import CompressedLinear
+
+    weight, hessian = layer
+    module = CompressedLinear(sparsegpt(weight, hessian, SparsityPattern(n=2, m=4)))
+    assert "no semi-structured sparse kernel on cpu" in module.use_sparse_kernel()
+    assert module.sparse_weight is None
+    dense = CompressedLinear(magnitude(weight, SparsityPattern(ratio=0.5)))
+    assert "not 2:4" in dense.use_sparse_kernel()
+    x = torch.randn(3, weight.shape[1])
+    assert torch.equal(module(x), x @ module.compressed.dequantize().T)

@@ -35,6 +35,35 @@ class CompressedLinear(nn.Module):
         self.act_bits = 0
         self.act_granularity = "token"
         self.register_buffer("act_scale", None, persistent=False)
+        self.sparse_weight: torch.Tensor | None = None
+        self.kernel = "dense matmul of the dequantized weight"
+
+    def use_sparse_kernel(self) -> str:
+        """Run a 2:4 weight through PyTorch's semi-structured sparse kernel where one exists.
+
+        That kernel needs CUDA, a float16/bfloat16 weight and 2:4 sparsity; anywhere else the layer
+        keeps the dense matmul of the masked weight (same outputs, no speed-up) and says why.
+        Returns the kernel used. The CUDA path has not been measured on this project's machines.
+        """
+        record = self.compressed
+        if record.nm != (2, 4):
+            reason = "the weight is not 2:4 sparse"
+        elif self.weight.device.type != "cuda":
+            reason = f"no semi-structured sparse kernel on {self.weight.device.type}"
+        elif self.weight.dtype not in (torch.float16, torch.bfloat16):
+            reason = f"the sparse kernel needs float16 or bfloat16, not {self.weight.dtype}"
+        else:
+            try:
+                from torch.sparse import to_sparse_semi_structured
+
+                self.sparse_weight = to_sparse_semi_structured(self.weight)
+                self.kernel = "torch semi-structured 2:4 sparse (CUDA)"
+                return self.kernel
+            except (RuntimeError, ValueError) as exc:  # unsupported GPU or shape
+                reason = f"the semi-structured kernel refused this weight: {str(exc).splitlines()[0]}"
+        self.sparse_weight = None
+        self.kernel = f"dense matmul of the masked weight ({reason}; no speed-up)"
+        return self.kernel
 
     def set_activation_quantization(self, bits: int, granularity: str, scale: torch.Tensor | None = None) -> None:
         """Simulate `bits`-bit symmetric input quantization, per token (dynamic) or per tensor (static)."""
@@ -53,7 +82,10 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits:
             x = fake_quantize_activations(x, self.act_bits, self.act_granularity, self.act_scale)
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.sparse_weight is not None and x.dtype == self.sparse_weight.dtype:
+            return F.linear(x, self.sparse_weight, bias)
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         w = self.compressed
