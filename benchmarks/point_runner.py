@@ -1,0 +1,125 @@
+"""Run benchmark points (compress -> write .clm -> reload from the file -> perplexity), resumably.
+
+Shared by quant_table.py and prune_table.py. Each point runs in its own subprocess, so its peak
+RSS is its own; each finished point is saved (atomically) before the next starts, and a rerun
+skips the points already recorded. Child processes wait passively at OpenMP barriers: on two
+cores a spinning pool slows down several-fold whenever another process runs, and passive waiting
+costs ~10-25 % when alone (a one-off measurement). The policy is recorded in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from results_store import load_rows, save_rows
+
+CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
+    """Compress with preset `name`, save, reload from disk, evaluate. Runs inside the point's own process."""
+    from compresslm.api import compress
+    from compresslm.eval.perplexity import perplexity
+    from compresslm.models.loading import load_model
+
+    lm = load_model(model)
+    container = workdir / f"{name.replace('%', 'pct').replace(':', 'of')}.clm"
+    started = time.perf_counter()
+    _, result, summary = compress(lm, name, container, show_progress=False)
+    seconds = time.perf_counter() - started
+    reloaded = load_model(container)
+    ppl = perplexity(reloaded, "wikitext2", ctx=2048, limit=limit, show_progress=False)
+    errors = [layer.relative_error for layer in result.layers if layer.relative_error is not None]
+    return {
+        "point": name,
+        "ppl": ppl.ppl,
+        "bits_per_param": summary["bits_per_param"],
+        "linear_bits_per_param": summary["linear_bits_per_param"],
+        "linear_sparsity": summary.get("linear_sparsity", 0.0),
+        "bytes_on_disk": summary["bytes_on_disk"],
+        "compress_seconds": result.seconds,
+        "compress_and_save_seconds": seconds,
+        "mean_layer_relative_error": sum(errors) / len(errors) if errors else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "recipe": result.recipe.to_dict(),
+        "calibration": result.calibration,
+        "compression_info": {k: v for k, v in result.info.items() if k != "model"},
+        "eval_protocol": ppl.protocol,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+    }
+
+
+def baseline_ppl(here: Path, limit: int) -> float | None:
+    """The float32 reference under the same protocol, from baseline_ppl.py's output."""
+    path = here / "results" / "baseline_ppl.json"
+    if not path.exists() or limit != 40:
+        return None
+    base = json.loads(path.read_text()).get("gptq-rows ctx2048 first40")
+    return base["ppl"] if base else None
+
+
+def main(script: str, results: Path, default_points: list[str], write_markdown: Callable[[dict, float | None], None]):
+    """The command line of a table script: run the missing points, then rewrite its markdown."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--points", nargs="*", default=default_points)
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
+    args = parser.parse_args()
+
+    if args.one:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(run_point(args.one, args.model, args.limit, Path(tmp))))
+        return
+
+    results.parent.mkdir(parents=True, exist_ok=True)
+    json_path = results.with_suffix(".json")
+    rows = load_rows(json_path)
+    for name in args.points:
+        if name in rows:
+            continue
+        print(f"[{name}] running", file=sys.stderr, flush=True)
+        cmd = [sys.executable, script, "--one", name, "--model", args.model, "--limit", str(args.limit)]
+        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"point {name} failed")
+        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        save_rows(json_path, rows)
+        print(f"[{name}] ppl {rows[name]['ppl']:.3f}", file=sys.stderr, flush=True)
+    ordered = {name: rows[name] for name in [*default_points, *args.points, *rows] if name in rows}
+    if ordered:
+        write_markdown(ordered, baseline_ppl(Path(script).parent, args.limit))
+
+
+def footer(rows: dict, command: str) -> list[str]:
+    """Command, machine, versions and how the OpenMP pool waited, for a table's markdown."""
+    import platform
+
+    v = next(iter(rows.values()))["eval_protocol"]["versions"]
+    passive = [name for name, row in rows.items() if row.get("omp_wait_policy") == "PASSIVE"]
+    lines = [
+        "",
+        f"Command: `{command}`. Timings were taken on a shared 2-core machine and are indicative only; "
+        "compare them within one run.",
+    ]
+    if passive:
+        lines.append(
+            f"{len(passive)} of {len(rows)} points ran with OMP_WAIT_POLICY=PASSIVE (robust to other processes "
+            "on the machine, ~10-25 % slower when alone): " + ", ".join(passive) + "."
+        )
+    lines.append(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {v['platform']}. Versions: compresslm "
+        f"{v['compresslm']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}."
+    )
+    return lines
