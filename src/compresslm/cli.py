@@ -177,40 +177,65 @@ def cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_for(args: argparse.Namespace, lm) -> object:
+    """The uncompressed model to compare against: --reference, or a container's recorded source."""
+    from compresslm.models.loading import load_model
+
+    source = args.reference
+    recorded = (lm.container or {}).get("source_model") if lm.kind == "container" else None
+    if source is None:
+        if recorded is None:
+            raise CompressLMError(
+                "--kld needs --reference MODEL (the uncompressed model) for a model that is not a .clm"
+            )
+        source = recorded.get("path") or recorded["source"]
+    reference = load_model(source, device=args.device)
+    if recorded is not None and recorded.get("sha256") and reference.fingerprint() != recorded["sha256"]:
+        raise CompressLMError(
+            f"the reference {source} is not the model this container was compressed from (weight hash differs)"
+        )
+    return reference
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from compresslm.eval.perplexity import perplexity
     from compresslm.models.loading import load_model
 
-    if not args.ppl:
-        raise CompressLMError("nothing to evaluate: give --ppl CORPUS (e.g. --ppl wikitext2)")
+    if not args.ppl and not args.kld:
+        raise CompressLMError("nothing to evaluate: give --ppl CORPUS (e.g. --ppl wikitext2) and/or --kld")
+    corpus = args.ppl or "wikitext2"
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = perplexity(
-        lm,
-        args.ppl,
-        split=args.split,
-        ctx=args.ctx,
-        stride=args.stride,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        show_progress=not args.quiet,
-    )
-    payload = {
-        "model": args.model,
-        "ppl": result.ppl,
-        "nll": result.nll,
-        "tokens": result.tokens,
-        "windows": result.windows,
-        "window_nll": result.window_nll,
-        "protocol": result.protocol,
-    }
+    window = {"split": args.split, "ctx": args.ctx, "stride": args.stride, "limit": args.limit}
+    if args.kld:
+        from compresslm.eval.distance import distance, reference_logits
+
+        reference = _reference_for(args, lm)
+        ref = reference_logits(reference, corpus, k=args.kld_topk, show_progress=not args.quiet, **window)
+        del reference
+        result = distance(lm, ref, corpus, split=args.split, show_progress=not args.quiet)
+        details = {k: v for k, v in result.to_dict().items() if k not in ("window_nll", "protocol")}
+        payload = {"model": args.model, "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
+                   "windows": result.windows, "window_nll": result.window_nll, "kld_mean": result.kld_mean,
+                   "top1_agreement": result.top1_agreement, "kld": details, "protocol": result.protocol}  # fmt: skip
+    else:
+        result = perplexity(lm, corpus, batch_size=args.batch_size, show_progress=not args.quiet, **window)
+        payload = {"model": args.model, "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
+                   "windows": result.windows, "window_nll": result.window_nll, "protocol": result.protocol}  # fmt: skip
     if args.json:
         _emit_json(payload)
-    else:
-        p = result.protocol
+        return 0
+    p = result.protocol
+    _print(
+        f"{args.model}: {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} "
+        f"(ctx {p['ctx']}, stride {p['stride']}, {result.windows} windows, {result.tokens:,} tokens, "
+        f"{p['wall_time_s']:.1f} s)"
+    )
+    if args.kld:
+        pct = result.kld_percentiles
         _print(
-            f"{args.model}: {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} "
-            f"(ctx {p['ctx']}, stride {p['stride']}, {result.windows}/{p['windows_available']} windows, "
-            f"{result.tokens:,} tokens, {p['eval_dtype']}, {p['wall_time_s']:.1f} s)"
+            f"  KL(reference || model) mean {result.kld_mean:.5f} ± {result.kld_stderr:.5f}, median {pct['p50']:.5f}, "
+            f"p99 {pct['p99']:.4f}, max {result.kld_max:.4f}; same top token {100 * result.top1_agreement:.2f} % "
+            f"± {100 * result.top1_stderr:.2f}; reference ppl {result.reference_ppl:.4f}"
         )
     return 0
 
@@ -268,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ev.add_argument("--kld", action="store_true", help="KL divergence and top-1 agreement against the reference")
+    ev.add_argument(
+        "--reference", default=None, help="the uncompressed model for --kld (default: a container's source)"
+    )
+    ev.add_argument("--kld-topk", type=int, default=64, help="reference log-probs kept per token (default 64)")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

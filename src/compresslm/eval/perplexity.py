@@ -12,6 +12,7 @@ predicted tokens and each later window scores only its last `stride` tokens, eac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -73,6 +74,55 @@ def _max_positions(model: torch.nn.Module) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def eval_model(lm: LoadedModel, dtype: str | None, device: str | None):
+    """The model to evaluate (a cast copy when `dtype` differs) on `device`; moved back afterwards."""
+    model = lm.model
+    if dtype is not None and DTYPES.get(dtype, None) != lm.dtype:
+        if dtype not in DTYPES:
+            raise ProtocolError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        model = copy.deepcopy(model).to(DTYPES[dtype])
+    original_device = lm.device
+    target = torch.device(device) if device is not None else original_device
+    model.to(target)
+    try:
+        yield model, target
+    finally:
+        if device is not None:
+            lm.model.to(original_device)
+
+
+def scored_windows(
+    model: torch.nn.Module, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int, batch_size: int, device
+):
+    """For each window of `plan`, in order: (index, logits [scored, vocab], next-token targets [scored]).
+
+    The logits are those that predict each scored token; every metric computed per token
+    (perplexity, KL divergence to a reference, top-1 agreement) reads the same positions.
+    """
+    for first in range(0, len(plan), batch_size):
+        batch = plan[first : first + batch_size]
+        inputs = torch.stack([ids[s : s + ctx] for s, _ in batch]).to(device)
+        logits = model(input_ids=inputs, use_cache=False).logits
+        for row, (_, first_scored) in enumerate(batch):
+            yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
+
+
+def prepare_windows(lm: LoadedModel, corpus: str | Corpus, split: str, ctx: int, stride: int, limit: int | None):
+    """(corpus, token ids, window plan, windows available) with the protocol's checks."""
+    if limit is not None and limit < 1:
+        raise ProtocolError(f"limit must be at least 1 window, got {limit}")
+    max_pos = _max_positions(lm.model)
+    if max_pos is not None and ctx > max_pos:
+        raise ProtocolError(f"ctx={ctx} exceeds the model's {max_pos} positions")
+    if isinstance(corpus, str):
+        corpus = load_corpus(corpus, split)
+    ids = tokenize_corpus(lm.tokenizer, corpus)
+    plan = window_plan(ids.numel(), ctx, stride)
+    available = len(plan)
+    return corpus, ids, plan[:limit] if limit is not None else plan, available
+
+
 @torch.inference_mode()
 def perplexity(
     lm: LoadedModel,
@@ -96,61 +146,24 @@ def perplexity(
     stride = ctx if stride is None else stride
     if batch_size < 1:
         raise ProtocolError(f"batch_size must be at least 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ProtocolError(f"limit must be at least 1 window, got {limit}")
-    max_pos = _max_positions(lm.model)
-    if max_pos is not None and ctx > max_pos:
-        raise ProtocolError(f"ctx={ctx} exceeds the model's {max_pos} positions")
-    if isinstance(corpus, str):
-        corpus = load_corpus(corpus, split)
-
-    ids = tokenize_corpus(lm.tokenizer, corpus)
-    plan = window_plan(ids.numel(), ctx, stride)
-    available = len(plan)
-    if limit is not None:
-        plan = plan[:limit]
-
-    model = lm.model
-    if dtype is not None and DTYPES.get(dtype, None) != lm.dtype:
-        if dtype not in DTYPES:
-            raise ProtocolError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-        model = copy.deepcopy(model).to(DTYPES[dtype])
-    original_device = lm.device
-    target = torch.device(device) if device is not None else original_device
-    model.to(target)
+    corpus, ids, plan, available = prepare_windows(lm, corpus, split, ctx, stride, limit)
 
     window_nll: list[float] = []
     total_nll = 0.0
     total_tokens = 0
     bar = progress(len(plan), "perplexity", unit="win", enabled=show_progress)
-    try:
-        for first in range(0, len(plan), batch_size):
-            batch = plan[first : first + batch_size]
-            inputs = torch.stack([ids[s : s + ctx] for s, _ in batch]).to(target)
-            labels = inputs.clone()
-            for row, (_, first_scored) in enumerate(batch):
-                labels[row, :first_scored] = -100
-            logits = model(input_ids=inputs, use_cache=False).logits
+    with eval_model(lm, dtype, device) as (model, target):
+        for _, logits, targets in scored_windows(model, ids, plan, ctx, batch_size, target):
             # Flattened (tokens, vocab) layout: far faster on CPU than (batch, vocab, tokens), ~10x in a one-off timing.
-            losses = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-                reduction="none",
-            ).view(len(batch), -1)
-            counts = (labels[:, 1:] != -100).sum(dim=1)
-            for row in range(len(batch)):
-                row_sum = losses[row].double().sum().item()
-                row_count = int(counts[row])
-                window_nll.append(row_sum / row_count)
-                total_nll += row_sum
-                total_tokens += row_count
-            bar.update(len(batch))
+            losses = F.cross_entropy(logits.float(), targets, reduction="none")
+            row_sum = losses.double().sum().item()
+            window_nll.append(row_sum / targets.numel())
+            total_nll += row_sum
+            total_tokens += targets.numel()
+            bar.update(1)
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
-    finally:
-        bar.close()
-        if device is not None:
-            lm.model.to(original_device)
+        eval_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    bar.close()
 
     nll = total_nll / total_tokens
     protocol = {
@@ -167,7 +180,7 @@ def perplexity(
         "tokens_scored": total_tokens,
         "bos": "none",
         "batch_size": batch_size,
-        "eval_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "eval_dtype": eval_dtype,
         "device": str(target),
         "model": lm.describe(),
         "tokenizer": getattr(lm.tokenizer, "name_or_path", None) or type(lm.tokenizer).__name__,

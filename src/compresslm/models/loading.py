@@ -99,7 +99,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("COMPRESSLM_CACHE", Path.home() / ".cache" / "compresslm"))
 
 
@@ -214,7 +214,7 @@ def _load_gguf(path: Path, source: str, cache: bool) -> tuple[nn.Module, object]
         from transformers import __version__ as tf_version
 
         key = f"{_file_sha256(path)[:32]}-tf{tf_version}"
-        cache_dir = _cache_root() / "gguf" / key
+        cache_dir = cache_root() / "gguf" / key
         if (cache_dir / "config.json").is_file():
             try:
                 return _load_hf_dir(cache_dir, source)
