@@ -110,3 +110,19 @@ def test_masks_refuses_identical_sets(model_dir, capsys):
     argv = ["masks", model_dir, "--recipe", "50%-wanda", "--seed-b", "0", "--calib-samples", "2", "--calib-len", "16"]
     assert main(argv) == 2
     assert "identical" in capsys.readouterr().err
+
+
+def test_eval_tasks_and_speed_in_one_json(model_dir, capsys):
+    from pathlib import Path
+
+    data = str(Path(__file__).parent / "fixtures" / "tasks")
+    argv = ["eval", model_dir, "--tasks", "arc_easy,winogrande", "--data-dir", data, "--speed", "--speed-prompt",
+            "16", "--speed-new", "4", "--repeats", "2", "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert set(payload["tasks"]) == {"arc_easy", "winogrande"}
+    assert {"acc", "acc_stderr", "acc_norm", "ece", "n", "protocol"} <= set(payload["tasks"]["arc_easy"])
+    speed = payload["speed"]["per_batch"]["1"]
+    assert speed["decode_tokens_per_s"]["runs"] == 2 and speed["kv_cache_bytes"] > 0
+    assert main(["eval", model_dir, "--tasks", "arc", "--data-dir", data]) == 2
+    assert "unknown task(s) arc" in capsys.readouterr().err

@@ -197,14 +197,11 @@ def _reference_for(args: argparse.Namespace, lm) -> object:
     return reference
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _eval_text(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
+    """Perplexity, and with --kld the distance to the reference on the same windows (one pass)."""
     from compresslm.eval.perplexity import perplexity
-    from compresslm.models.loading import load_model
 
-    if not args.ppl and not args.kld:
-        raise CompressLMError("nothing to evaluate: give --ppl CORPUS (e.g. --ppl wikitext2) and/or --kld")
     corpus = args.ppl or "wikitext2"
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     window = {"split": args.split, "ctx": args.ctx, "stride": args.stride, "limit": args.limit}
     if args.kld:
         from compresslm.eval.distance import distance, reference_logits
@@ -214,29 +211,93 @@ def cmd_eval(args: argparse.Namespace) -> int:
         del reference
         result = distance(lm, ref, corpus, split=args.split, show_progress=not args.quiet)
         details = {k: v for k, v in result.to_dict().items() if k not in ("window_nll", "protocol")}
-        payload = {"model": args.model, "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
-                   "windows": result.windows, "window_nll": result.window_nll, "kld_mean": result.kld_mean,
+        payload = {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+                   "window_nll": result.window_nll, "kld_mean": result.kld_mean,
                    "top1_agreement": result.top1_agreement, "kld": details, "protocol": result.protocol}  # fmt: skip
     else:
         result = perplexity(lm, corpus, batch_size=args.batch_size, show_progress=not args.quiet, **window)
-        payload = {"model": args.model, "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
-                   "windows": result.windows, "window_nll": result.window_nll, "protocol": result.protocol}  # fmt: skip
-    if args.json:
-        _emit_json(payload)
-        return 0
+        payload = {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+                   "window_nll": result.window_nll, "protocol": result.protocol}  # fmt: skip
     p = result.protocol
-    _print(
-        f"{args.model}: {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} "
-        f"(ctx {p['ctx']}, stride {p['stride']}, {result.windows} windows, {result.tokens:,} tokens, "
+    lines = [
+        f"{p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} (ctx {p['ctx']}, stride {p['stride']}, "
+        f"{result.windows}/{p.get('windows_available', result.windows)} windows, {result.tokens:,} tokens, "
         f"{p['wall_time_s']:.1f} s)"
-    )
+    ]
     if args.kld:
         pct = result.kld_percentiles
-        _print(
-            f"  KL(reference || model) mean {result.kld_mean:.5f} ± {result.kld_stderr:.5f}, median {pct['p50']:.5f}, "
+        lines.append(
+            f"KL(reference || model) mean {result.kld_mean:.5f} ± {result.kld_stderr:.5f}, median {pct['p50']:.5f}, "
             f"p99 {pct['p99']:.4f}, max {result.kld_max:.4f}; same top token {100 * result.top1_agreement:.2f} % "
             f"± {100 * result.top1_stderr:.2f}; reference ppl {result.reference_ppl:.4f}"
         )
+    return payload, lines
+
+
+def _eval_tasks(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
+    from compresslm.eval.harness import evaluate_task
+    from compresslm.eval.tasks import ALL_TASKS, load_task
+
+    names = ALL_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [n for n in names if n not in ALL_TASKS]
+    if unknown:
+        raise CompressLMError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)} or all")
+    data = [load_task(name, args.data_dir, gsm8k_shots=args.gsm8k_shots) for name in names]  # all files first
+    results, lines = {}, []
+    for task in data:
+        result = evaluate_task(lm, task, limit=args.task_limit, seed=args.seed, batch_size=args.batch_size,
+                               show_progress=not args.quiet)  # fmt: skip
+        results[task.name] = {**result.metrics, "n": result.n, "protocol": result.protocol}
+        shown = ", ".join(
+            f"{k} {v:.4f}" + (f" ± {result.metrics[k + '_stderr']:.4f}" if k + "_stderr" in result.metrics else "")
+            for k, v in result.metrics.items()
+            if not k.endswith("_stderr")
+        )
+        lines.append(f"{task.name:<14} n={result.n:<6} {shown}" + (f"  [{task.note}]" if task.note else ""))
+    return {"tasks": results}, lines
+
+
+def _eval_speed(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
+    from compresslm.eval.speed import measure_speed
+
+    try:
+        batches = tuple(int(b) for b in args.speed_batch.split(","))
+    except ValueError:
+        raise CompressLMError(f"--speed-batch must be comma-separated integers, got {args.speed_batch!r}") from None
+    result = measure_speed(lm, prompt_tokens=args.speed_prompt, new_tokens=args.speed_new, batch_sizes=batches,
+                           repeats=args.repeats)  # fmt: skip
+    lines = []
+    for batch, row in result.per_batch.items():
+        pre, dec = row["prefill_tokens_per_s"], row["decode_tokens_per_s"]
+        lines.append(
+            f"batch {batch}: prefill {pre['median']:.0f} tok/s [{pre['min']:.0f}-{pre['max']:.0f}], decode "
+            f"{dec['median']:.1f} tok/s [{dec['min']:.1f}-{dec['max']:.1f}], first token "
+            f"{row['time_to_first_token_s']['median'] * 1000:.0f} ms, KV cache {row['kv_cache_bytes']:,} B"
+        )
+    lines.append(f"model {result.model_bytes_in_memory:,} B in memory, peak RSS {result.peak_rss_bytes:,} B; "
+                 f"energy {result.energy}")  # fmt: skip
+    return {"speed": result.to_dict()}, lines
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compresslm.models.loading import load_model
+
+    if not (args.ppl or args.kld or args.tasks or args.speed):
+        raise CompressLMError("nothing to evaluate: give --ppl CORPUS, --kld, --tasks LIST and/or --speed")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    payload: dict = {"model": args.model}
+    lines: list[str] = []
+    for wanted, part in ((args.ppl or args.kld, _eval_text), (args.tasks, _eval_tasks), (args.speed, _eval_speed)):
+        if wanted:
+            values, text = part(args, lm)
+            payload.update(values)
+            lines += text
+    if args.json:
+        _emit_json(payload)
+        return 0
+    _print(f"{args.model}:")
+    for line in lines:
+        _print(f"  {line}")
     return 0
 
 
@@ -298,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=None, help="the uncompressed model for --kld (default: a container's source)"
     )
     ev.add_argument("--kld-topk", type=int, default=64, help="reference log-probs kept per token (default 64)")
+    ev.add_argument("--tasks", default=None, help="comma-separated tasks (arc_easy,piqa,...) or 'all'")
+    ev.add_argument("--data-dir", default=None, help="task data directory (default: $COMPRESSLM_DATA)")
+    ev.add_argument("--task-limit", type=int, default=None, help="score a seeded random subset of N items per task")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the task subset (default 0)")
+    ev.add_argument("--gsm8k-shots", type=int, default=8, help="GSM8K exemplars from train (default 8)")
+    ev.add_argument("--speed", action="store_true", help="prefill/decode tokens/s, first-token time, memory")
+    ev.add_argument("--speed-prompt", type=int, default=512, help="prompt tokens for --speed (default 512)")
+    ev.add_argument("--speed-new", type=int, default=64, help="decoded tokens for --speed (default 64)")
+    ev.add_argument("--speed-batch", default="1", help="batch sizes for --speed, e.g. 1,8 (default 1)")
+    ev.add_argument("--repeats", type=int, default=5, help="timed runs for --speed after one warm-up (default 5)")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

@@ -243,6 +243,7 @@ def distance(
         ),
         "reference_mass_outside_top_k": rest_mass,
         **{key: ref[key] for key in ("dataset", "split", "text_sha256", "ctx", "stride", "windows", "limit", "bos")},
+        "windows_available": ref["windows_available"],
         "reference_model": ref["reference_model"],
         "reference_cache_key": ref["cache_key"],
         "model": lm.describe(),
