@@ -155,3 +155,11 @@ def test_scoring_on_a_tiny_model(tokenizer):
     assert subset.n == 2 and subset.protocol["subset"] == {"limit": 2, "seed": 1, "sampling": "random"}
     gsm = evaluate_task(lm, load_task("gsm8k", FIXTURES, gsm8k_shots=1), max_new_tokens=4, show_progress=False)
     assert gsm.metrics["exact_match"] == 0.0
+
+
+def test_single_token_choices_share_one_pass(tokenizer):
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
+    context = "Question: 1 + 1?\nAnswer:"
+    shared = loglikelihoods(lm, [(context, " A"), (context, " B"), ("Other context:", " C")])
+    alone = [loglikelihoods(lm, [(context, x)])[0] for x in (" A", " B")]
+    assert [r[0] for r in shared[:2]] == pytest.approx([r[0] for r in alone], abs=1e-5)

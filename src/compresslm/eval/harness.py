@@ -89,34 +89,39 @@ def _max_length(lm: LoadedModel) -> int:
 def loglikelihoods(
     lm: LoadedModel, requests: list[tuple[str, str]], batch_size: int = 8, show_progress: bool = False
 ) -> list[tuple[float, bool, int]]:
-    """(Σ log p(continuation | context), is the continuation the greedy choice, its token count) per request."""
+    """(Σ log p(continuation | context), is the continuation the greedy choice, its token count) per request.
+
+    Requests whose continuation is one token and whose contexts are equal (MMLU's " A"/" B"/...)
+    share one forward pass of the context.
+    """
     encoded = [_encode_pair(lm.tokenizer, c, x) for c, x in requests]
     limit = _max_length(lm)
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    sequences: dict[tuple[int, ...], list[int]] = {}  # input tokens -> requests read from it
+    for index, (ctx, cont) in enumerate(encoded):
+        seq = (ctx + cont)[-(limit + 1) :][:-1]
+        sequences.setdefault(tuple(seq), []).append(index)
+    unique = sorted(sequences, key=len, reverse=True)
     results: list[tuple[float, bool, int] | None] = [None] * len(encoded)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    device = lm.device
-    bar = progress(len(order), "loglikelihood", unit="req", enabled=show_progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        seqs = [(encoded[i][0] + encoded[i][1])[-(limit + 1) :][:-1] for i in chunk]
-        width = max(len(s) for s in seqs)
+    bar = progress(len(encoded), "loglikelihood", unit="req", enabled=show_progress)
+    for start in range(0, len(unique), batch_size):
+        chunk = unique[start : start + batch_size]
+        width = len(chunk[0])
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
+        for row, seq in enumerate(chunk):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for row, index in enumerate(chunk):
-            cont = encoded[index][1]
-            n = len(cont)
-            end = len(seqs[row])
-            window = F.log_softmax(logits[row, end - n : end].float(), dim=-1).cpu()  # continuation positions only
-            target = torch.tensor(cont)
-            total = float(window.gather(1, target[:, None]).sum())
-            greedy = bool((window.argmax(dim=-1) == target).all())
-            results[index] = (total, greedy, n)
-        bar.update(len(chunk))
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+        for row, seq in enumerate(chunk):
+            for index in sequences[seq]:
+                cont = encoded[index][1]
+                n = len(cont)
+                window = F.log_softmax(logits[row, len(seq) - n : len(seq)].float(), dim=-1).cpu()
+                target = torch.tensor(cont)
+                total = float(window.gather(1, target[:, None]).sum())
+                results[index] = (total, bool((window.argmax(dim=-1) == target).all()), n)
+                bar.update(1)
     bar.close()
     return results  # type: ignore[return-value]
 
