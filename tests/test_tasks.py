@@ -160,6 +160,7 @@ def test_scoring_on_a_tiny_model(tokenizer):
 def test_single_token_choices_share_one_pass(tokenizer):
     lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
     context = "Question: 1 + 1?\nAnswer:"
-    shared = loglikelihoods(lm, [(context, " A"), (context, " B"), ("Other context:", " C")])
-    alone = [loglikelihoods(lm, [(context, x)])[0] for x in (" A", " B")]
+    shared = loglikelihoods(lm, [(context, "A"), (context, "B"), ("Other context:", "C")])  # one byte token each
+    alone = [loglikelihoods(lm, [(context, x)])[0] for x in ("A", "B")]
+    assert shared[0][2] == 1
     assert [r[0] for r in shared[:2]] == pytest.approx([r[0] for r in alone], abs=1e-5)
