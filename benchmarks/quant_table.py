@@ -52,6 +52,7 @@ DEFAULT_POINTS = [
     "w4-g64-gptq-awq",
     "w4-g64-gptq-awq-clip",
     "w4-g48-gptq-awq",
+    "w4-g48-gptq-awq-clip",
 ]
 
 
