@@ -126,3 +126,18 @@ def test_eval_tasks_and_speed_in_one_json(model_dir, capsys):
     assert speed["decode_tokens_per_s"]["runs"] == 2 and speed["kv_cache_bytes"] > 0
     assert main(["eval", model_dir, "--tasks", "arc", "--data-dir", data]) == 2
     assert "unknown task(s) arc" in capsys.readouterr().err
+
+
+def test_lm_eval_without_the_extra_says_how_to_install(model_dir, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name.startswith("lm_eval"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    assert main(["lm-eval", model_dir, "--tasks", "arc_easy"]) == 2
+    assert "pip install 'compresslm[lm-eval]'" in capsys.readouterr().err

@@ -301,6 +301,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from compresslm.eval.lm_eval_adapter import run_lm_eval
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_lm_eval(args.model, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                          batch_size=args.batch_size, include_path=args.include_path, device=args.device)  # fmt: skip
+    metrics = results.get("results", {})
+    if args.json:
+        _emit_json({"model": args.model, "lm_eval": metrics, "versions": results.get("versions", {})})
+        return 0
+    for task, values in metrics.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float))
+        _print(f"{task}: {shown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compresslm", description="Make language models small and measure what that costs."
@@ -343,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     masks.add_argument("--quiet", action="store_true", help="no progress bar")
     masks.set_defaults(func=cmd_masks)
+
+    lme = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks (optional extra compresslm[lm-eval])")
+    lme.add_argument("model", help=model_help)
+    lme.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lme.add_argument("--num-fewshot", type=int, default=None)
+    lme.add_argument("--limit", type=float, default=None, help="items per task (or a fraction below 1)")
+    lme.add_argument("--batch-size", type=int, default=8)
+    lme.add_argument("--include-path", default=None, help="folder of extra task YAMLs (e.g. tasks on local files)")
+    lme.add_argument("--device", default=None)
+    lme.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    lme.set_defaults(func=cmd_lm_eval)
 
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
     ev.add_argument("model", help=model_help)
