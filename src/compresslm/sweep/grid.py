@@ -1,0 +1,225 @@
+"""Sweep grids: which compression settings to measure, and under which protocol, as validated data.
+
+A grid is YAML (or a dict, or a built-in name: `smoke`, `default`, `full`):
+
+```yaml
+name: my-grid
+protocol:                       # how every point is measured
+  ppl: {corpus: wikitext2, ctx: 2048, limit: 40}
+  kld: true                     # KL to the uncompressed model on the same windows
+  tasks: [arc_easy, piqa]       # optional; needs a data directory
+  task_limit: 500
+  speed: false
+calibration: {source: c4, samples: 128, length: 512, seed: 0}   # default for every point
+points:                         # preset names, or mappings with a label, recipe and calibration
+  - none                        # the uncompressed model (the reference line)
+  - w4-g64-rtn
+  - {label: w4-gptq-32win, recipe: w4-g64-gptq, calibration: {samples: 32}}
+product:                        # optional: every combination of the axes, formatted into `recipe`
+  recipe: "w{bits}-g{group}-{method}"
+  bits: [4, 3]
+  group: [64, 128]
+  method: [rtn, gptq]
+```
+
+Everything is checked before any compute: unknown fields, recipes that do not parse, duplicate
+labels. Calibration settings are a sweep axis like any other (samples, length, source, seed).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compresslm.errors import CompressLMError
+from compresslm.recipe import CalibrationSettings, Recipe, RecipeError, load_recipe
+
+BASELINE = "none"
+
+
+class GridError(CompressLMError):
+    """A sweep grid that is malformed or names impossible settings."""
+
+
+@dataclass
+class Protocol:
+    corpus: str = "wikitext2"
+    ctx: int = 2048
+    limit: int | None = 40
+    kld: bool = True
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None
+    speed: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class SweepPoint:
+    label: str
+    recipe: Recipe | None  # None: the uncompressed model
+
+    @property
+    def key(self) -> str:
+        """What makes two points the same measurement (label aside)."""
+        return json.dumps(self.recipe.to_dict() if self.recipe else None, sort_keys=True)
+
+
+@dataclass
+class Grid:
+    name: str
+    protocol: Protocol
+    points: list[SweepPoint]
+    description: str = ""
+
+
+BUILTIN: dict[str, dict] = {
+    "smoke": {
+        "name": "smoke",
+        "description": "three fast points on a reduced protocol, for quick checks",
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 512, "limit": 4}, "kld": True},
+        "calibration": {"samples": 8, "length": 256},
+        "points": ["none", "w8-rtn", "w4-g64-rtn"],
+    },
+    "default": {
+        "name": "default",
+        "description": (
+            "what `make demo` runs: RTN and GPTQ at 8/4/3 bits, AWQ scaling + GPTQ, Wanda at 50 %, SparseGPT at 2:4, "
+            "2:4 SparseGPT + W4 GPTQ; reduced protocol (ctx 2048, first 8 windows; 32 x 512 calibration windows)"
+        ),
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 8}, "kld": True},
+        "calibration": {"samples": 32, "length": 512},
+        "points": [
+            "none", "w8-rtn", "w4-g64-rtn", "w4-g64-gptq", "w4-g64-gptq-awq", "w3-g64-gptq", "50%-wanda",
+            "2:4-sparsegpt", "2:4-sparsegpt+w4-g64-gptq",
+        ],
+    },
+    "full": {
+        "name": "full",
+        "description": "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048)",
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
+        "calibration": {"samples": 128, "length": 512},
+        "points": ["none"],
+        "product": [
+            {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "gptq", "awq"]},
+            {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
+            {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda", "sparsegpt"]},
+            {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},
+        ],
+    },
+}  # fmt: skip
+
+_GRID_KEYS = ("name", "description", "protocol", "calibration", "points", "product")
+_PROTOCOL_KEYS = ("ppl", "kld", "tasks", "task_limit", "speed")
+_PPL_KEYS = ("corpus", "ctx", "limit")
+_POINT_KEYS = ("label", "recipe", "calibration")
+
+
+def _check_keys(where: str, data: dict, allowed: tuple) -> None:
+    if not isinstance(data, dict):
+        raise GridError(f"{where}: must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in allowed:
+            raise GridError(f"{where}: unknown field '{key}'; allowed fields: {', '.join(allowed)}")
+
+
+def _protocol(data: dict) -> Protocol:
+    _check_keys("grid protocol", data, _PROTOCOL_KEYS)
+    ppl = data.get("ppl") or {}
+    _check_keys("grid protocol.ppl", ppl, _PPL_KEYS)
+    protocol = Protocol(
+        corpus=ppl.get("corpus", "wikitext2"), ctx=ppl.get("ctx", 2048), limit=ppl.get("limit", 40),
+        kld=bool(data.get("kld", True)), tasks=list(data.get("tasks") or []), task_limit=data.get("task_limit"),
+        speed=bool(data.get("speed", False)),
+    )  # fmt: skip
+    if not isinstance(protocol.ctx, int) or protocol.ctx < 2:
+        raise GridError(f"grid protocol.ppl: ctx={protocol.ctx!r} is not allowed; use a window of at least 2 tokens")
+    if protocol.limit is not None and (not isinstance(protocol.limit, int) or protocol.limit < 1):
+        raise GridError(f"grid protocol.ppl: limit={protocol.limit!r} is not allowed; use a positive window count")
+    if protocol.tasks:
+        from compresslm.eval.tasks import ALL_TASKS
+
+        unknown = [t for t in protocol.tasks if t not in ALL_TASKS]
+        if unknown:
+            raise GridError(f"grid protocol: unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
+    return protocol
+
+
+def _expand_product(spec: dict, where: str) -> list[str]:
+    if not isinstance(spec, dict) or "recipe" not in spec:
+        raise GridError(f"{where}: a product needs a 'recipe' template and axes, e.g. recipe: 'w{{bits}}-gptq'")
+    axes = {k: v for k, v in spec.items() if k != "recipe"}
+    for axis, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise GridError(f"{where}: axis '{axis}' must be a non-empty list")
+    names = []
+    for combo in itertools.product(*axes.values()):
+        try:
+            names.append(spec["recipe"].format(**dict(zip(axes, combo, strict=True))))
+        except (KeyError, IndexError) as exc:
+            raise GridError(f"{where}: the template {spec['recipe']!r} uses {exc}, which is not an axis") from None
+    return names
+
+
+def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
+    if isinstance(raw, str):
+        raw = {"recipe": raw}
+    _check_keys(where, raw, _POINT_KEYS)
+    recipe_spec = raw.get("recipe")
+    if recipe_spec is None:
+        raise GridError(f"{where}: missing 'recipe'")
+    label = str(raw.get("label") or (recipe_spec if isinstance(recipe_spec, str) else None) or "")
+    if not label:
+        raise GridError(f"{where}: a recipe given as a mapping needs a 'label'")
+    if recipe_spec == BASELINE:
+        return SweepPoint(label, None)
+    try:
+        recipe = copy.deepcopy(load_recipe(recipe_spec))
+        settings = {**calibration, **(raw.get("calibration") or {})}
+        _check_keys(f"{where}: calibration", settings, tuple(CalibrationSettings.__dataclass_fields__))
+        for key, value in settings.items():
+            setattr(recipe.calibration, key, value)
+        recipe.validate()
+    except RecipeError as exc:
+        raise GridError(f"{where}: {exc}") from None
+    return SweepPoint(label, recipe)
+
+
+def load_grid(spec: str | dict) -> Grid:
+    """A Grid from a built-in name, a YAML/JSON file or a dict, fully validated."""
+    if isinstance(spec, str):
+        if spec in BUILTIN:
+            data = BUILTIN[spec]
+        else:
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise GridError(f"grid '{spec}' is neither a built-in ({', '.join(BUILTIN)}) nor a file")
+            import yaml
+
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise GridError(f"{path}: cannot parse grid: {str(exc).splitlines()[0]}") from None
+            data = {"name": path.stem, **(data or {})}
+    else:
+        data = spec
+    _check_keys("grid", data, _GRID_KEYS)
+    calibration = data.get("calibration") or {}
+    _check_keys("grid calibration", calibration, tuple(CalibrationSettings.__dataclass_fields__))
+    raw_points = list(data.get("points") or [])
+    products = data.get("product") or []
+    for index, product in enumerate(products if isinstance(products, list) else [products], start=1):
+        raw_points += _expand_product(product, f"grid product {index}")
+    if not raw_points:
+        raise GridError("grid has no points: give 'points' and/or 'product'")
+    points = [_point(raw, calibration, f"grid point {i}") for i, raw in enumerate(raw_points, start=1)]
+    labels = [p.label for p in points]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise GridError(f"grid has duplicate point labels: {', '.join(duplicates)}")
+    return Grid(str(data.get("name", "custom")), _protocol(data.get("protocol") or {}), points,
+                str(data.get("description", "")))  # fmt: skip

@@ -1,0 +1,178 @@
+"""The sweep report: plots (PNG), a markdown summary and one self-contained HTML page.
+
+For each (model, machine) in the results: quality against size with one line per method family,
+the Pareto frontier highlighted and the uncompressed model as a reference line; the table of
+every point; the frontier tables; the precision-elasticity table (best quality per method within
+each budget, the best of each budget marked). Every figure and table states its protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+
+from compresslm.sweep.frontier import elasticity_table, pareto
+
+BUDGETS = [2.5, 3.5, 4.5, 5.5, 9.0]  # linear bits/param
+
+
+def _protocol_line(rows: list[dict]) -> str:
+    row = next((r for r in rows if "eval_protocol" in r), None)
+    if row is None:
+        return ""
+    p = row["eval_protocol"]
+    calib = next((r["calibration"] for r in rows if r.get("calibration")), None)
+    text = f"{p.get('dataset')} {p.get('split')}, ctx {p.get('ctx')}, {p.get('windows')} windows"
+    if calib:
+        text += f"; calibration {calib.get('windows')} x {calib.get('length')} tokens of {calib.get('source')}"
+    return text
+
+
+def _plot(rows: list[dict], cost: str, loss: str, title: str, protocol: str) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [r for r in rows if r.get(cost) is not None and r.get(loss) is not None and r["family"] != "uncompressed"]
+    if not usable:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for fam in sorted({r["family"] for r in usable}):
+        members = sorted((r for r in usable if r["family"] == fam), key=lambda r: r[cost])
+        xs, ys = [r[cost] for r in members], [r[loss] for r in members]
+        if loss == "ppl" and all("ppl_low" in r for r in members):
+            err = [[y - r["ppl_low"] for y, r in zip(ys, members, strict=True)],
+                   [r["ppl_high"] - y for y, r in zip(ys, members, strict=True)]]  # fmt: skip
+        elif loss == "kld_mean" and all("kld_stderr" in r for r in members):
+            err = [r["kld_stderr"] for r in members]
+        else:
+            err = None
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=fam, alpha=0.85)
+    front = pareto(usable, cost, loss)
+    ax.plot([r[cost] for r in front], [r[loss] for r in front], color="black", linewidth=2.5, alpha=0.35,
+            label="Pareto frontier", zorder=0)  # fmt: skip
+    base = next((r for r in rows if r["family"] == "uncompressed" and r.get(loss) is not None), None)
+    if base is not None:
+        ax.axhline(base[loss], color="gray", linestyle="--", label=f"uncompressed ({base[loss]:.4g})")
+    ax.set_yscale("log" if loss == "ppl" else "symlog" if loss == "kld_mean" else "linear")
+    ax.set_xlabel(cost.replace("_", " "))
+    ax.set_ylabel(loss.replace("_", " "))
+    ax.set_title(title, fontsize=11)
+    fig.text(0.01, 0.01, protocol, fontsize=7, color="dimgray")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else ""
+
+
+def _points_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| point | family | ppl | KL mean | top-1 | bits/param | linear bits/param | pruned | bytes on disk "
+        "| compress s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: -r["bits_per_param"]):
+        top1 = f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else ""
+        lines.append(
+            f"| {r['label']} | {r['family']} | {_fmt(r.get('ppl'))} | {_fmt(r.get('kld_mean'), 4)} | {top1} "
+            f"| {_fmt(r['bits_per_param'])} | {_fmt(r['linear_bits_per_param'])} "
+            f"| {100 * r.get('linear_sparsity', 0.0):.0f} % | {r['bytes_on_disk']:,} "
+            f"| {_fmt(r.get('compress_seconds'), 0)} |"
+        )
+    return lines
+
+
+def _elasticity(rows: list[dict]) -> list[str]:
+    families, cells = elasticity_table(rows, BUDGETS)
+    if not families:
+        return []
+    best = {b: min((cells[f][b]["ppl"] for f in families if b in cells[f]), default=None) for b in BUDGETS}
+    lines = ["| method | " + " | ".join(f"≤ {b:g} bits" for b in BUDGETS) + " |", "|---" + "|---:" * len(BUDGETS) + "|"]
+    for fam in families:
+        cols = []
+        for b in BUDGETS:
+            row = cells[fam].get(b)
+            if row is None:
+                cols.append("")
+            else:
+                mark = "**" if row["ppl"] == best[b] else ""
+                cols.append(f"{mark}{row['ppl']:.2f}{mark} ({row['label']})")
+        lines.append(f"| {fam} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "compresslm sweep") -> Path:
+    """Write report.md, report.html and the PNG plots into `out_dir`; return the HTML path."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("model", row["model_sha"][:12]), row["machine"]), []).append(row)
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for index, ((model, machine), members) in enumerate(groups.items(), start=1):
+        protocol = _protocol_line(members)
+        md += [f"## {model} on {machine}", "", f"Protocol: {protocol}. Sizes are measured from the written files.", ""]
+        body += [
+            f"<h2>{html.escape(model)} on {html.escape(machine)}</h2>",
+            f"<p>Protocol: {html.escape(protocol)}</p>",
+        ]
+        for cost, loss, name in (("bits_per_param", "ppl", "ppl_vs_bits"), ("linear_bits_per_param", "ppl",
+                                  "ppl_vs_linear_bits"), ("bits_per_param", "kld_mean", "kld_vs_bits")):  # fmt: skip
+            png = _plot(members, cost, loss, f"{model}: {loss} vs {cost.replace('_', ' ')}", protocol)
+            if png is None:
+                continue
+            file = f"{index}_{name}.png"
+            (out / file).write_bytes(png)
+            md += [f"![{loss} vs {cost}]({file})", ""]
+            body.append(f'<img alt="{loss} vs {cost}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        front = pareto([r for r in members if r["family"] != "uncompressed"], "bytes_on_disk", "ppl")
+        tables = [("All points", _points_table(members)),
+                  ("Pareto frontier: bytes on disk vs ppl", _points_table(front)),
+                  ("Precision elasticity: best ppl within each linear-bits budget (best per column in bold)",
+                   _elasticity(members))]  # fmt: skip
+        if any("kld_mean" in r for r in members):
+            tables.insert(2, ("Pareto frontier: bits/param vs KL", _points_table(pareto(
+                [r for r in members if r["family"] != "uncompressed"], "bits_per_param", "kld_mean"))))  # fmt: skip
+        for heading, table in tables:
+            if not table:
+                continue
+            md += [f"### {heading}", "", *table, ""]
+            body += [f"<h3>{html.escape(heading)}</h3>", _html_table(table)]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    page = out / "report.html"
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
+    )
+    head = f"<head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+    page.write_text(f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>\n", encoding="utf-8")
+    return page
+
+
+def _html_table(lines: list[str]) -> str:
+    """A markdown table (header, rule, rows) as HTML."""
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells(lines[0]))
+    rows = []
+    for line in lines[2:]:
+        tds = []
+        for c in cells(line):
+            text = html.escape(c.replace("**", ""))
+            tds.append(f"<td><b>{text}</b></td>" if c.startswith("**") else f"<td>{text}</td>")
+        rows.append("<tr>" + "".join(tds) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"

@@ -1,0 +1,150 @@
+"""Run a sweep: compress, write, reload and evaluate every point of a grid, recording each in SQLite.
+
+Each point is measured on the model *reloaded from its written container* (the number is about
+the artifact, not the in-memory state), under the grid's protocol: perplexity (and, with `kld`,
+KL divergence and top-1 agreement against the uncompressed model on the same windows, in one
+pass), optional tasks and speed. Finished points are skipped on a rerun; a point that was
+interrupted is redone. The uncompressed model's reference logits are computed once per sweep
+(and cached on disk across sweeps).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from compresslm.models.loading import LoadedModel, load_model
+from compresslm.progress import progress
+from compresslm.sweep.grid import Grid, SweepPoint
+from compresslm.sweep.store import ResultStore, machine_id
+
+
+def family(point: SweepPoint) -> str:
+    """The line a point belongs to in the plots: its methods in order, e.g. 'gptq', 'sparsegpt>gptq'."""
+    if point.recipe is None:
+        return "uncompressed"
+    parts = []
+    for stage in point.recipe.stages:
+        if stage.type == "quantize":
+            parts.append(stage.method + ("+awq" if stage.awq_scale else "") + ("+sq" if stage.smoothquant else ""))
+        elif stage.type == "prune":
+            parts.append(stage.method + (" 2:4" if ":" in str(stage.sparsity) else ""))
+    return ">".join(parts) or "embedding only"
+
+
+def _protocol_key(grid: Grid) -> str:
+    return hashlib.sha256(json.dumps(grid.protocol.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None) -> dict:
+    from compresslm.eval.distance import distance
+    from compresslm.eval.perplexity import perplexity
+
+    protocol = grid.protocol
+    out: dict = {}
+    if reference is not None:
+        result = distance(lm, reference, protocol.corpus, show_progress=False)
+        window_nll = result.window_nll
+        out.update({"ppl": result.ppl, "kld_mean": result.kld_mean, "kld_stderr": result.kld_stderr,
+                    "kld_p99": result.kld_percentiles["p99"], "top1_agreement": result.top1_agreement,
+                    "top1_stderr": result.top1_stderr, "eval_protocol": result.protocol})  # fmt: skip
+    else:
+        result = perplexity(lm, protocol.corpus, ctx=protocol.ctx, limit=protocol.limit, show_progress=False)
+        window_nll = result.window_nll
+        out.update({"ppl": result.ppl, "eval_protocol": result.protocol})
+    n = len(window_nll)
+    if n > 1:  # an error bar for ppl: the standard error of the mean window NLL, mapped through exp
+        mean = sum(window_nll) / n
+        se = math.sqrt(sum((x - mean) ** 2 for x in window_nll) / (n - 1) / n)
+        out["ppl_low"], out["ppl_high"] = math.exp(math.log(out["ppl"]) - se), math.exp(math.log(out["ppl"]) + se)
+    if protocol.tasks:
+        from compresslm.eval.harness import evaluate_task
+        from compresslm.eval.tasks import load_task
+
+        out["tasks"] = {}
+        for name in protocol.tasks:
+            task = evaluate_task(lm, load_task(name, data_dir), limit=protocol.task_limit, show_progress=False)
+            out["tasks"][name] = {**task.metrics, "n": task.n}
+    if protocol.speed:
+        from compresslm.eval.speed import measure_speed
+
+        speed = measure_speed(lm, batch_sizes=(1,), repeats=3)
+        out["decode_tokens_per_s"] = speed.per_batch["1"]["decode_tokens_per_s"]["median"]
+        out["peak_rss_bytes"] = speed.peak_rss_bytes
+    return out
+
+
+def _uncompressed_size(lm: LoadedModel) -> dict:
+    params = sum(p.numel() for p in lm.model.parameters())
+    size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    bits = 8 * size / params
+    return {"bits_per_param": bits, "linear_bits_per_param": bits, "bytes_on_disk": size, "linear_sparsity": 0.0,
+            "size_source": "tensors as evaluated, not a file"}  # fmt: skip
+
+
+def run_sweep(
+    model: str | os.PathLike,
+    grid: Grid,
+    db_path: str | os.PathLike,
+    containers: str | os.PathLike | None = None,
+    *,
+    data_dir: str | None = None,
+    show_progress: bool = True,
+    log=print,
+) -> list[dict]:
+    """Measure every point of `grid` not yet in the database; return this grid's finished rows."""
+    from compresslm.api import compress
+    from compresslm.eval.distance import reference_logits
+
+    store = ResultStore(db_path)
+    base = load_model(model)
+    model_sha, machine, protocol_key = base.fingerprint(), machine_id(), _protocol_key(grid)
+    todo = [p for p in grid.points if not store.is_done(model_sha, machine, p.key, protocol_key)]
+    log(f"sweep '{grid.name}' on {model}: {len(grid.points) - len(todo)} of {len(grid.points)} points already done")
+    reference = None
+    if grid.protocol.kld and todo:
+        p = grid.protocol
+        reference = reference_logits(base, p.corpus, ctx=p.ctx, limit=p.limit, show_progress=show_progress)
+    workdir = Path(containers) if containers else Path(tempfile.mkdtemp(prefix="compresslm-sweep-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    bar = progress(len(todo), "sweep", unit="point", enabled=show_progress)
+    for point in todo:
+        store.start(model_sha, machine, point.key, protocol_key, grid.name, point.label)
+        started = time.perf_counter()
+        row: dict = {"label": point.label, "family": family(point), "model": str(model)}
+        if point.recipe is None:
+            lm = base
+            row.update(_uncompressed_size(base))
+        else:
+            path = workdir / f"{_safe(point.label)}.clm"
+            _, result, summary = compress(copy.deepcopy(base), point.recipe, path, show_progress=False)
+            row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
+                                                "linear_sparsity")})  # fmt: skip
+            row.update({"compress_seconds": result.seconds, "recipe": point.recipe.to_dict(),
+                        "calibration": result.calibration})  # fmt: skip
+            lm = load_model(path)
+        row.update(_evaluate(lm, grid, reference, data_dir))
+        row["point_seconds"] = time.perf_counter() - started
+        store.finish(model_sha, machine, point.key, protocol_key, row)
+        if point.recipe is not None and containers is None:
+            path.unlink(missing_ok=True)
+        kld = f", KL {row['kld_mean']:.4f}" if "kld_mean" in row else ""
+        log(f"  {point.label}: ppl {row['ppl']:.3f}{kld}, {row['bits_per_param']:.3f} bits/param, "
+            f"{row['point_seconds']:.0f} s")  # fmt: skip
+        bar.update(1)
+    bar.close()
+    keys = {p.key for p in grid.points}
+    rows = [r for r in store.results(grid.name) if (r["model_sha"], r["machine"], r["protocol_key"]) ==
+            (model_sha, machine, protocol_key) and r["point_key"] in keys]  # fmt: skip
+    store.close()
+    return rows
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)

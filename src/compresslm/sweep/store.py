@@ -1,0 +1,99 @@
+"""The results database: one SQLite row per measured point, with its full protocol.
+
+A point is identified by the model's weight hash, the machine, the recipe (calibration included)
+and the evaluation protocol, so results from several models or machines live side by side and a
+rerun finds exactly the points it already has. A point is marked 'running' before its work starts
+and 'done' in the same transaction that stores its result: a point killed half way stays
+'running' and is redone; a finished one is never lost (SQLite commits are atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    model_sha TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    point_key TEXT NOT NULL,
+    protocol_key TEXT NOT NULL,
+    grid TEXT NOT NULL,
+    label TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    result TEXT,
+    PRIMARY KEY (model_sha, machine, point_key, protocol_key)
+)
+"""
+
+
+def machine_id() -> str:
+    """A stable description of where the numbers were measured (not the host name)."""
+    return f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} {platform.release()}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class ResultStore:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path)
+        with self.db:
+            self.db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def is_done(self, model_sha: str, machine: str, point_key: str, protocol_key: str) -> bool:
+        row = self.db.execute(
+            "SELECT status FROM points WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?",
+            (model_sha, machine, point_key, protocol_key),
+        ).fetchone()
+        return row is not None and row[0] == "done"
+
+    def start(self, model_sha: str, machine: str, point_key: str, protocol_key: str, grid: str, label: str) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO points (model_sha, machine, point_key, protocol_key, grid, label, status, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'running', ?) ON CONFLICT (model_sha, machine, point_key, protocol_key) "
+                "DO UPDATE SET status='running', started_at=excluded.started_at, label=excluded.label, "
+                "grid=excluded.grid, result=NULL, finished_at=NULL",
+                (model_sha, machine, point_key, protocol_key, grid, label, _now()),
+            )
+
+    def finish(self, model_sha: str, machine: str, point_key: str, protocol_key: str, result: dict) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE points SET status='done', finished_at=?, result=? "
+                "WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?",
+                (_now(), json.dumps(result), model_sha, machine, point_key, protocol_key),
+            )
+
+    def results(self, grid: str | None = None) -> list[dict]:
+        """Finished points (optionally of one grid), each with its model, machine and grid."""
+        query = (
+            "SELECT model_sha, machine, grid, label, point_key, protocol_key, result FROM points WHERE status='done'"
+        )
+        args: tuple = ()
+        if grid is not None:
+            query += " AND grid=?"
+            args = (grid,)
+        rows = []
+        for model_sha, machine, grid_name, label, point_key, protocol_key, result in self.db.execute(
+            query + " ORDER BY rowid", args
+        ):
+            rows.append({**json.loads(result), "model_sha": model_sha, "machine": machine, "grid": grid_name,
+                         "label": label, "point_key": point_key, "protocol_key": protocol_key})  # fmt: skip
+        return rows
+
+    def unfinished(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT label FROM points WHERE status!='done'")]

@@ -1,0 +1,126 @@
+"""Sweeps: grid validation, Pareto frontiers, resume after an interrupted point, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+
+from compresslm.cli import main
+from compresslm.models.loading import save_model
+from compresslm.models.tiny import tiny_model
+from compresslm.sweep.frontier import elasticity_table, pareto
+from compresslm.sweep.grid import BUILTIN, GridError, load_grid
+from compresslm.sweep.runner import run_sweep
+from compresslm.sweep.store import ResultStore
+
+TINY_GRID = {
+    "name": "tiny",
+    "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 64, "limit": 2}, "kld": True},
+    "calibration": {"samples": 4, "length": 32, "batch_size": 2},
+    "points": ["none", "w8-rtn", "w4-g16-rtn", "w4-g16-gptq", "50%-wanda"],
+}
+
+
+@pytest.fixture
+def model_dir(tokenizer, tmp_path):
+    return str(save_model(tiny_model("llama"), tokenizer, tmp_path / "tiny"))
+
+
+def test_builtin_grids_validate():
+    for name in BUILTIN:
+        grid = load_grid(name)
+        assert grid.points and grid.points[0].recipe is None  # each starts with the uncompressed reference
+    full = load_grid("full")
+    labels = [p.label for p in full.points]
+    assert "w2-g64-awq" in labels and "2:4-sparsegpt+w4-g64-gptq" in labels
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"points": ["w4-rtn"], "protocl": {}}, "unknown field 'protocl'"),
+        ({"points": ["w4-rtn", {"recipe": "w4-rtn", "calibraton": {}}]}, "grid point 2: unknown field 'calibraton'"),
+        ({"points": ["w9-rtn"]}, "grid point 1: unknown preset 'w9-rtn'"),
+        ({"points": ["w4-rtn", "w4-rtn"]}, "duplicate point labels: w4-rtn"),
+        ({"points": [{"recipe": "w4-rtn", "calibration": {"samples": 0}}]}, "samples=0"),
+        ({"points": [], "product": [{"recipe": "w{bits}-{method}", "bits": [4]}]}, "uses 'method'"),
+        ({"points": ["none"], "protocol": {"ppl": {"ctx": 1}}}, "ctx=1"),
+        ({"points": ["none"], "protocol": {"tasks": ["arc"]}}, "unknown task(s) arc"),
+        ({}, "no points"),
+    ],
+)
+def test_bad_grids_fail_before_compute(grid, message):
+    with pytest.raises(GridError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_grid(grid)
+
+
+def test_grid_file_and_product(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("points: [none]\nproduct:\n  recipe: 'w{bits}-g{group}-rtn'\n  bits: [4, 3]\n  group: [32, 64]\n")
+    grid = load_grid(str(path))
+    assert grid.name == "g" and [p.label for p in grid.points][1:] == ["w4-g32-rtn", "w4-g64-rtn", "w3-g32-rtn",
+                                                                       "w3-g64-rtn"]  # fmt: skip
+    with pytest.raises(GridError, match="neither a built-in"):
+        load_grid(str(tmp_path / "missing.yaml"))
+
+
+def test_pareto_on_synthetic_points():
+    rows = [{"label": n, "family": "f", "bits": b, "ppl": q} for n, b, q in
+            [("a", 2, 50), ("b", 3, 30), ("c", 3, 35), ("d", 4, 30), ("e", 5, 21), ("f", 8, 20)]]  # fmt: skip
+    assert [r["label"] for r in pareto(rows, "bits", "ppl")] == ["a", "b", "e", "f"]
+    rows.append({"label": "g", "family": "h", "bits": 3, "ppl": float("nan")})  # unusable rows are ignored
+    assert [r["label"] for r in pareto(rows, "bits", "ppl")] == ["a", "b", "e", "f"]
+    families, cells = elasticity_table(rows, [3.0, 8.0], cost="bits")
+    assert families == ["f", "h"] and cells["f"][3.0]["label"] == "b" and cells["f"][8.0]["label"] == "f"
+
+
+def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    grid = load_grid(TINY_GRID)
+    db = tmp_path / "r.sqlite"
+    # simulate a kill in the middle of the third point: its row stays 'running'
+    import compresslm.sweep.runner as runner
+
+    real_evaluate, calls = runner._evaluate, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model_dir, grid, db, show_progress=False, log=lambda *a: None)
+    store = ResultStore(db)
+    assert len(store.results()) == 2 and store.unfinished() == ["w4-g16-rtn"]
+    store.close()
+    monkeypatch.setattr(runner, "_evaluate", real_evaluate)
+    done = []
+    rows = run_sweep(model_dir, grid, db, show_progress=False, log=done.append)
+    assert "2 of 5 points already done" in done[0] and len(done) == 4  # 3 points redone or new
+    assert [r["label"] for r in rows] == ["none", "w8-rtn", "w4-g16-rtn", "w4-g16-gptq", "50%-wanda"]
+    by = {r["label"]: r for r in rows}
+    assert by["none"]["kld_mean"] == 0.0 and by["none"]["top1_agreement"] == 1.0
+    assert 0 < by["w8-rtn"]["kld_mean"] < by["w4-g16-rtn"]["kld_mean"]
+    assert by["w4-g16-rtn"]["bytes_on_disk"] < by["w8-rtn"]["bytes_on_disk"]
+    assert by["50%-wanda"]["linear_sparsity"] == pytest.approx(0.5)
+    assert by["w4-g16-gptq"]["ppl_low"] < by["w4-g16-gptq"]["ppl"] < by["w4-g16-gptq"]["ppl_high"]
+
+
+def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    grid_file = tmp_path / "tiny.yaml"
+    import yaml
+
+    grid_file.write_text(yaml.safe_dump({**TINY_GRID, "points": ["none", "w8-rtn", "w4-g16-rtn"]}))
+    db, out = tmp_path / "r.sqlite", tmp_path / "report"
+    assert main(["sweep", model_dir, "--grid", str(grid_file), "--db", str(db), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "frontier" in err and "report.html" in err
+    assert (out / "report.html").exists() and (out / "report.md").exists() and list(out.glob("*.png"))
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Pareto frontier" in page
+    assert main(["report", str(db), "--out", str(tmp_path / "again")]) == 0
+    assert main(["report", str(tmp_path / "none.sqlite")]) == 2
+    assert main(["sweep", model_dir, "--grid", str(tmp_path / "nope.yaml"), "--db", str(db), "--json"]) == 2
+    assert "neither a built-in" in capsys.readouterr().err
