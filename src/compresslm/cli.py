@@ -99,6 +99,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """'60MB', '57.2MiB', '1.5GB', '60000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number) :]
+    try:
+        if unit not in units:
+            raise ValueError
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise CompressLMError(f"cannot read size {text!r}; use e.g. 60MB, 57.5MiB or 60000000") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from compresslm.api import compress
     from compresslm.recipe import load_recipe
@@ -109,8 +123,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(recipe.calibration, key, value)
     recipe.validate()
+    target_bytes = parse_size(args.target_size) if args.target_size else None
+    if args.target_bits is not None and target_bytes is not None:
+        raise CompressLMError("give --target-bits or --target-size, not both")
+    model = args.model
+    if args.target_bits is not None or target_bytes is not None:
+        from compresslm.engine.budget import plan_budget
+        from compresslm.models.loading import load_model
+
+        model = load_model(args.model, device=args.device)
+        plan = plan_budget(model, recipe, target_bits=args.target_bits, target_bytes=target_bytes,
+                           show_progress=not args.quiet)  # fmt: skip
+        recipe = plan.recipe
+        counts: dict[int, int] = {}
+        for bits in plan.choices.values():
+            counts[bits] = counts.get(bits, 0) + 1
+        _print(f"budget {plan.budget_bytes:,} B: predicted {plan.predicted_bytes:,} B; layers by bits: "
+               + ", ".join(f"{b} bits x{n}" for b, n in sorted(counts.items(), reverse=True)))  # fmt: skip
     _print(f"compressing {args.model} with recipe '{recipe.name}'")
-    _lm, result, summary = compress(args.model, recipe, args.output, device=args.device, show_progress=not args.quiet)
+    _lm, result, summary = compress(model, recipe, args.output, device=args.device, show_progress=not args.quiet)
+    if args.target_bits is not None or target_bytes is not None:
+        budget = plan.budget_bytes
+        if summary["bytes_on_disk"] > budget:
+            raise CompressLMError(
+                f"the written container is {summary['bytes_on_disk']:,} B, over the budget of {budget:,} B "
+                "(the header estimate was too small); nothing else is wrong with the file"
+            )
     errors = [layer.relative_error for layer in result.layers if layer.relative_error is not None]
     payload = {
         "model": args.model,
@@ -384,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", required=True, help="preset (w4-gptq, w4-g64-gptq-act, w8-rtn, ...) or YAML/JSON file"
     )
     comp.add_argument("-o", "--output", required=True, help="the .clm file to write")
+    comp.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        help="choose per-layer bits so the file has at most this many bits/param (recipe: method, grid)",
+    )
+    comp.add_argument("--target-size", default=None, help="choose per-layer bits so the file fits, e.g. 60MB")
     comp.add_argument("--calib", default=None, help="calibration source: c4 (default), wikitext2, or a text/JSONL path")
     comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")

@@ -123,10 +123,10 @@ class QuantizeStage:
         return self.uses_awq_scaling or self.smoothquant
 
     def applies_to(self, role: str, name: str) -> bool:
-        """True if a linear with this role and module path is targeted and not ignored."""
+        """True if a linear with this role or exact module path is targeted and not ignored."""
         if role in self.ignore or any(part in name for part in self.ignore):
             return False
-        return "all" in self.targets or role in self.targets
+        return "all" in self.targets or role in self.targets or name in self.targets
 
 
 @dataclass

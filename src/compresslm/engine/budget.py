@@ -1,0 +1,176 @@
+"""The budget solver: per-layer bit widths chosen from measured sensitivity so a container fits a size.
+
+1. One pass of the *uncompressed* model over the calibration windows, block by block, collects
+   every linear's input Hessian H (and the lm_head's, from the final norm's output).
+2. For each linear and each candidate bit width, RTN on the recipe's grid gives the output error
+   tr(ΔW H ΔWᵀ) (the layer's squared output error over the calibration tokens) and the exact
+   bytes the container will spend on it (packed codes, float16 scales, packed zero points, blob
+   alignment). A tied embedding is an item too (float16, 8 or 4 bits), its error measured where
+   it matters most, as the lm_head.
+3. A multiple-choice knapsack (`quant.allocation.allocate`) picks one option per item so that the
+   whole file, including everything that stays dense, the tokenizer and a margin for the header,
+   fits the budget with the least total error.
+
+The plan becomes an ordinary recipe (one quantize stage per bit width, targeting module paths),
+so the compression itself is the usual sequential pass with the recipe's method (e.g. GPTQ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compresslm.compressed import num_groups
+from compresslm.data.calibration import calibration_windows
+from compresslm.errors import CompressLMError
+from compresslm.models.loading import LoadedModel
+from compresslm.progress import progress
+from compresslm.quant.allocation import allocate
+from compresslm.quant.gptq import hessian_from_inputs, output_error
+from compresslm.quant.grid import Grid
+from compresslm.quant.rtn import rtn
+from compresslm.recipe import QuantizeEmbeddingStage, QuantizeStage, Recipe
+from compresslm.runtime.linear import dense_weight
+
+ALIGN = 64
+BITS_OPTIONS = (2, 3, 4, 5, 6, 8)
+EMBEDDING_OPTIONS = (16, 8, 4)
+# The JSON header: ~1.7 KB per compressed linear was measured (blob index, per-layer report, GPTQ
+# meta); the budget reserves 2 KB each plus the module paths the recipe lists, and 16 KB more.
+HEADER_BYTES_PER_LINEAR = 2048
+HEADER_BYTES_FIXED = 16384
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def record_bytes(shape: tuple[int, int], grid: Grid) -> int:
+    """Bytes a quantized weight takes in the container: packed codes, float16 scales, packed zeros."""
+    out_f, in_f = shape
+    groups = 1 if grid.granularity == "tensor" else out_f * num_groups(in_f, grid.group_size_for(in_f))
+    total = _aligned((out_f * in_f * grid.bits + 7) // 8) + _aligned(2 * groups)
+    if not grid.symmetric:
+        total += _aligned((groups * grid.bits + 7) // 8)
+    return total
+
+
+@dataclass
+class BudgetPlan:
+    recipe: Recipe
+    choices: dict[str, int]  # module path -> bits (16 = float16 for the embedding)
+    predicted_bytes: int
+    budget_bytes: int
+    fixed_bytes: int
+    total_error: float
+
+
+def _grid(stage: QuantizeStage, bits: int) -> Grid:
+    return dataclasses.replace(stage.grid, bits=bits)
+
+
+def _fixed_bytes(lm: LoadedModel, quantized: set[str], dense_bytes: int) -> int:
+    """Bytes of everything that is not a quantized item: dense tensors, tokenizer files, header."""
+    total, seen = 0, set()
+    for key, tensor in lm.model.state_dict(keep_vars=True).items():
+        ptr = (tensor.data_ptr(), tuple(tensor.shape))
+        if ptr in seen:  # a tied lm_head is stored once, as the embedding
+            continue
+        seen.add(ptr)
+        if key in quantized:
+            continue
+        total += _aligned(tensor.numel() * (dense_bytes if tensor.is_floating_point() else tensor.element_size()))
+    if lm.tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            lm.tokenizer.save_pretrained(tmp)
+            total += sum(_aligned(f.stat().st_size) for f in Path(tmp).iterdir() if f.is_file())
+    names = sum(len(key) + 4 for key in quantized)
+    header = HEADER_BYTES_FIXED + len(json.dumps(lm.model.config.to_dict())) + HEADER_BYTES_PER_LINEAR * len(quantized)
+    header += names
+    return total + header
+
+
+@torch.no_grad()
+def plan_budget(
+    lm: LoadedModel,
+    base: Recipe,
+    *,
+    target_bits: float | None = None,
+    target_bytes: int | None = None,
+    bits_options: tuple[int, ...] = BITS_OPTIONS,
+    show_progress: bool = True,
+) -> BudgetPlan:
+    """Choose per-layer bits (and the tied embedding's) so the written container fits the target."""
+    from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics, _run_block
+
+    if (target_bits is None) == (target_bytes is None):
+        raise CompressLMError("give exactly one budget: target bits per parameter or target bytes")
+    stages = [s for s in base.stages if isinstance(s, QuantizeStage)]
+    if len(stages) != 1 or len(base.stages) != 1:
+        raise CompressLMError("the budget solver takes a recipe with one quantize stage (its method and grid)")
+    stage = stages[0]
+    params = sum(p.numel() for p in lm.model.parameters())
+    budget = int(target_bytes if target_bytes is not None else target_bits * params / 8)
+    settings = base.calibration
+    calib = calibration_windows(lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed)
+    lm.model.eval()
+    batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
+    options: dict[str, list[tuple[float, float]]] = {}
+    bits_of: dict[str, list[int]] = {}
+    bar = progress(len(lm.layout.blocks), "sensitivity", unit="block", enabled=show_progress)
+    for block in lm.layout.blocks:
+        stats = _collect_statistics(block, batches, lm.device)
+        for info in block.linears:
+            if not stage.applies_to(info.role, info.name):
+                continue
+            weight = dense_weight(info.module, info.transposed).float()
+            hessian = stats.hessian(info.name)
+            rows = []
+            for bits in bits_options:
+                grid = _grid(stage, bits)
+                error = output_error(weight, rtn(weight, grid).dequantize(), hessian)
+                rows.append((8.0 * record_bytes(tuple(weight.shape), grid), error))
+            options[info.name], bits_of[info.name] = rows, list(bits_options)
+        batches = _run_block(block.module, batches)
+        bar.update(1)
+    bar.close()
+
+    layout = lm.layout
+    embedding = None
+    if layout.tied_lm_head:
+        norm = lm.model.get_submodule(layout.final_norm) if layout.final_norm else None
+        hidden = [norm(b.args[0]) if norm is not None else b.args[0] for b in batches]
+        head_hessian = hessian_from_inputs(torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]))
+        weight = lm.model.get_submodule(layout.token_embedding).weight.detach().float()
+        rows = [(8.0 * _aligned(weight.numel() * 2), 0.0)]  # float16, as stored when not quantized
+        for bits in EMBEDDING_OPTIONS[1:]:
+            grid = Grid(bits, "group", 64)
+            error = output_error(weight, rtn(weight, grid).dequantize(), head_hessian)
+            rows.append((8.0 * record_bytes(tuple(weight.shape), grid), error))
+        embedding = layout.token_embedding
+        options[embedding], bits_of[embedding] = rows, list(EMBEDDING_OPTIONS)
+
+    quantized = {f"{name}.weight" for name in options}
+    fixed = _fixed_bytes(lm, quantized, 2 if base.dense_dtype != "float32" else 4)
+    available = 8 * (budget - fixed)
+    choice = allocate(options, available)
+    chosen = {name: bits_of[name][index] for name, index in choice.items()}
+    predicted = fixed + int(sum(options[name][index][0] for name, index in choice.items()) / 8)
+
+    new_stages: list = []
+    if embedding is not None and chosen[embedding] != 16:
+        new_stages.append(QuantizeEmbeddingStage(bits=chosen[embedding], group_size=64))
+    fields = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.name not in ("bits", "targets")}
+    for bits in sorted({b for name, b in chosen.items() if name != embedding}, reverse=True):
+        targets = [name for name, b in chosen.items() if name != embedding and b == bits]
+        new_stages.append(QuantizeStage(**{**fields, "bits": bits, "targets": targets}))
+    label = f"{target_bits:g} bits/param" if target_bits is not None else f"{target_bytes:,} bytes"
+    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()})",
+                    calibration=base.calibration, dense_dtype=base.dense_dtype).validate()  # fmt: skip
+    total_error = sum(options[name][index][1] for name, index in choice.items())
+    return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error)

@@ -1,0 +1,82 @@
+"""The budget solver: knapsack allocation, and containers that fit the size asked for."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from compresslm.api import compress
+from compresslm.cli import main, parse_size
+from compresslm.engine.budget import plan_budget, record_bytes
+from compresslm.errors import CompressLMError
+from compresslm.models.loading import LoadedModel, save_model
+from compresslm.models.tiny import tiny_model
+from compresslm.quant.allocation import allocate
+from compresslm.quant.grid import Grid
+from compresslm.recipe import preset
+
+
+def test_allocation_matches_brute_force_closely():
+    rng = random.Random(0)
+    for _ in range(20):
+        options = {}
+        for layer in range(5):
+            size = rng.randint(50, 200)
+            options[f"l{layer}"] = [(bits * size, size * rng.uniform(0.5, 2) * 4.0 ** (-bits)) for bits in (2, 3, 4, 8)]
+        budget = rng.uniform(2.5, 6) * sum(opts[0][0] / 2 for opts in options.values())
+        choice = allocate(options, budget)
+        cost = sum(options[n][i][0] for n, i in choice.items())
+        error = sum(options[n][i][1] for n, i in choice.items())
+        best = min(
+            sum(options[n][i][1] for n, i in zip(options, combo, strict=True))
+            for combo in itertools.product(range(4), repeat=5)
+            if sum(options[n][i][0] for n, i in zip(options, combo, strict=True)) <= budget
+        )
+        assert cost <= budget and error <= best * 1.5 + 1e-12
+
+
+def test_allocation_refuses_an_impossible_budget():
+    with pytest.raises(CompressLMError, match="below the smallest possible size"):
+        allocate({"a": [(10, 1.0), (20, 0.5)]}, 5)
+
+
+def test_record_bytes_match_the_container(tokenizer, tmp_path):
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    _, result, summary = compress(lm, "w3-g16-rtn", tmp_path / "m.clm", show_progress=False)
+    predicted = sum(record_bytes(r.shape, Grid(3, "group", 16)) for r in result.weights.values())
+    assert 8 * predicted / summary["linear_parameters"] == pytest.approx(summary["linear_bits_per_param"], rel=0.02)
+
+
+def test_plan_fits_between_uniform_sizes(tokenizer, tmp_path):
+    def tiny():
+        return LoadedModel.from_module(tiny_model("llama", layers=4), tokenizer, name="tiny")
+
+    sizes = {bits: compress(tiny(), f"w{bits}-g16-rtn", tmp_path / f"{bits}.clm", show_progress=False)[2]
+             for bits in (3, 4)}  # fmt: skip
+    target = (sizes[3]["bytes_on_disk"] + sizes[4]["bytes_on_disk"]) // 2
+    base = preset("w4-g16-rtn")
+    base.calibration.samples, base.calibration.length = 4, 32
+    plan = plan_budget(tiny(), base, target_bytes=target, show_progress=False)
+    assert plan.predicted_bytes <= target and len(set(plan.choices.values())) > 1
+    _, _, summary = compress(tiny(), plan.recipe, tmp_path / "b.clm", show_progress=False)
+    assert summary["bytes_on_disk"] <= target
+
+
+def test_parse_size():
+    assert parse_size("60MB") == 60_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size("123") == 123
+    with pytest.raises(CompressLMError, match="cannot read size"):
+        parse_size("sixty")
+
+
+def test_cli_target_size(tokenizer, tmp_path, capsys):
+    source = str(save_model(tiny_model("llama", layers=4), tokenizer, tmp_path / "tiny"))
+    argv = ["compress", source, "--recipe", "w4-g16-rtn", "-o", str(tmp_path / "b.clm"), "--calib-samples", "4",
+            "--calib-len", "32", "--target-size", "180KB", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "b.clm").stat().st_size <= 180_000
+    assert "layers by bits" in capsys.readouterr().err
+    assert main([*argv[:-3], "--target-bits", "4", "--target-size", "1MB"]) == 2
+    assert main([*argv[:-3], "--target-size", "1KB", "--quiet"]) == 2
+    assert "below the smallest possible size" in capsys.readouterr().err
