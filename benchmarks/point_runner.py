@@ -113,6 +113,13 @@ def footer(rows: dict, command: str) -> list[str]:
         f"Command: `{command}`. Timings were taken on a shared 2-core machine and are indicative only; "
         "compare them within one run.",
     ]
+    threads = sorted({row["eval_protocol"].get("torch_threads") for row in rows.values()} - {None})
+    if len(threads) > 1:
+        one = [name for name, row in rows.items() if row["eval_protocol"].get("torch_threads") == 1]
+        lines.append(
+            f"Points run with 1 torch thread (two benchmark queues side by side, one core each; their times are "
+            f"not comparable with 2-thread rows): {', '.join(one)}."
+        )
     if passive:
         lines.append(
             f"{len(passive)} of {len(rows)} points ran with OMP_WAIT_POLICY=PASSIVE (robust to other processes "
