@@ -53,6 +53,7 @@ DEFAULT_POINTS = [
     "w4-g64-gptq-awq-clip",
     "w4-g48-gptq-awq",
     "w4-g48-gptq-awq-clip",
+    "w4-g32-gptq-awq-sym",
 ]
 
 
