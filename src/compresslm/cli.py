@@ -318,15 +318,49 @@ def _eval_speed(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
     return {"speed": result.to_dict()}, lines
 
 
+def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
+    """Perplexity through a quantized KV cache (chunked prefill), KL to the full-precision cache, passkey."""
+    from compresslm.kv.cache import KVQuantConfig
+    from compresslm.kv.evaluate import kv_perplexity, passkey_accuracy
+
+    config = None if args.kv_bits == 16 else KVQuantConfig(args.kv_bits, args.kv_group, args.kv_value_group,
+                                                            args.kv_window, args.kv_outliers)  # fmt: skip
+    result = kv_perplexity(lm, config, args.ppl or "wikitext2", ctx=args.ctx, limit=args.limit, chunk=args.kv_chunk,
+                           show_progress=not args.quiet)  # fmt: skip
+    payload = {"kv": result, "kv_bytes": result["kv_bytes"], "kv_bytes_fp16": result["kv_bytes_fp16"]}
+    label = result["protocol"]["kv_cache"]
+    line = f"KV cache {label}: ppl {result['ppl']:.4f} (chunked prefill, chunk {args.kv_chunk}, ctx {args.ctx})"
+    if config is not None:
+        kv, fp16 = result["kv_bytes"], result["kv_bytes_fp16"]
+        line += f" vs {result['reference_ppl']:.4f} full precision; KL {result['kld_mean']:.5f}, same top token "
+        line += f"{100 * result['top1_agreement']:.2f} %; KV bytes {kv:,} vs {fp16:,} float16 ({fp16 / kv:.2f}x)"
+    lines = [line]
+    if args.passkey:
+        payload["passkey"] = []
+        for length in (int(x) for x in args.passkey.split(",")):
+            pk = passkey_accuracy(lm, config, length, trials=args.passkey_trials)
+            payload["passkey"].append(pk)
+            lines.append(f"passkey at {length} tokens: {100 * pk['accuracy']:.0f} % of {pk['trials']} trials")
+    return payload, lines
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from compresslm.models.loading import load_model
 
-    if not (args.ppl or args.kld or args.tasks or args.speed):
-        raise CompressLMError("nothing to evaluate: give --ppl CORPUS, --kld, --tasks LIST and/or --speed")
+    if args.kv_bits is not None:
+        if args.kld:
+            raise CompressLMError("--kv-bits reports its own KL (to the full-precision cache); drop --kld")
+    elif args.passkey:
+        raise CompressLMError("--passkey needs --kv-bits (16 for the full-precision cache)")
+    if not (args.ppl or args.kld or args.tasks or args.speed or args.kv_bits is not None):
+        raise CompressLMError("nothing to evaluate: give --ppl CORPUS, --kld, --tasks LIST, --speed and/or --kv-bits")
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     payload: dict = {"model": args.model}
     lines: list[str] = []
-    for wanted, part in ((args.ppl or args.kld, _eval_text), (args.tasks, _eval_tasks), (args.speed, _eval_speed)):
+    text = (args.ppl or args.kld) and args.kv_bits is None
+    parts = ((text, _eval_text), (args.kv_bits is not None, _eval_kv), (args.tasks, _eval_tasks),
+             (args.speed, _eval_speed))  # fmt: skip
+    for wanted, part in parts:
         if wanted:
             values, text = part(args, lm)
             payload.update(values)
@@ -495,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=None, help="the uncompressed model for --kld (default: a container's source)"
     )
     ev.add_argument("--kld-topk", type=int, default=64, help="reference log-probs kept per token (default 64)")
+    ev.add_argument("--kv-bits", type=int, default=None, help="KV cache bits (2, 3, 4, 8; 16 = full precision)")
+    ev.add_argument("--kv-group", type=int, default=128, help="tokens per key group (default 128)")
+    ev.add_argument("--kv-value-group", type=int, default=64, help="channels per value group (default 64)")
+    ev.add_argument("--kv-window", type=int, default=0, help="recent tokens kept in full precision (default 0)")
+    ev.add_argument("--kv-outliers", type=float, default=0.0, help="fraction of key entries kept in float16")
+    ev.add_argument("--kv-chunk", type=int, default=128, help="prefill chunk for KV perplexity (default 128)")
+    ev.add_argument("--passkey", default=None, help="passkey retrieval at these lengths, e.g. 1024,4096,8192")
+    ev.add_argument("--passkey-trials", type=int, default=5, help="trials per passkey length (default 5)")
     ev.add_argument("--tasks", default=None, help="comma-separated tasks (arc_easy,piqa,...) or 'all'")
     ev.add_argument("--data-dir", default=None, help="task data directory (default: $COMPRESSLM_DATA)")
     ev.add_argument("--task-limit", type=int, default=None, help="score a seeded random subset of N items per task")

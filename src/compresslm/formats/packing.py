@@ -81,3 +81,33 @@ def decode_nm(index: np.ndarray, n: int, m: int) -> torch.Tensor:
         groups[np.arange(index.shape[0]), j] = True
         remaining -= table[j, r]
     return torch.from_numpy(groups)
+
+
+def pack_lastdim(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (< 2**bits) along the last dimension, on the codes' device.
+
+    Every 8 codes become `bits` bytes (little-endian bit order), so the last dimension must be a
+    multiple of 8. Used where packing happens per step (the KV cache) and must stay in torch.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    *lead, n = codes.shape
+    if n % 8:
+        raise ValueError(f"the last dimension ({n}) must be a multiple of 8 to pack")
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    words = (codes.reshape(*lead, n // 8, 8).to(torch.int64) << shifts).sum(dim=-1)  # 8 codes in 8*bits bits
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    return ((words[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, n // 8 * bits)
+
+
+def unpack_lastdim(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_lastdim."""
+    if bits == 8:
+        return packed
+    *lead, m = packed.shape
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (packed.reshape(*lead, m // bits, bits).to(torch.int64) << byte_shifts).sum(dim=-1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    return ((words[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(*lead, m // bits * 8)

@@ -1,0 +1,213 @@
+"""A quantized KV cache (KIVI-style) that plugs into transformers' cache interface.
+
+Keys are quantized per channel over groups of `group_size` tokens (each channel of each head
+gets a scale and minimum per group of tokens: keys have outlier *channels*); values per token,
+in groups of `value_group` along the head dimension. Tokens are held in full precision until a
+whole group of `group_size` tokens older than the recent `window` has accumulated; then that
+group is quantized, bit-packed and its full-precision copy dropped. Attention reads the
+dequantized history plus the full-precision recent tokens.
+
+`outliers` > 0 keeps that fraction of each key group's largest-magnitude entries in float16
+(with int32 positions) and quantizes the rest over the narrower remaining range (the
+dense-and-sparse idea of KVQuant). Quantization after RoPE only: keys enter the cache rotated.
+
+The cache really stores packed integers: `nbytes()` sums its tensors (codes, scales, minimums,
+outliers, full-precision tokens) and is what every report calls KV bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from compresslm.errors import CompressLMError
+from compresslm.formats.packing import pack_lastdim, unpack_lastdim
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    bits: int = 4
+    group_size: int = 128  # tokens per key group (per-channel quantization)
+    value_group: int = 64  # channels per value group (per-token quantization)
+    window: int = 0  # most recent tokens kept in full precision
+    outliers: float = 0.0  # fraction of each key group kept in float16
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise CompressLMError(f"KV cache bits must be 2, 3, 4 or 8 (16 = not quantized), got {self.bits}")
+        if self.group_size < 1 or self.group_size % 8:
+            raise CompressLMError(f"KV group_size must be a positive multiple of 8 tokens, got {self.group_size}")
+        if self.value_group < 8 or self.value_group % 8:
+            raise CompressLMError(f"KV value_group must be a positive multiple of 8 channels, got {self.value_group}")
+        if self.window < 0:
+            raise CompressLMError(f"KV window must be >= 0 tokens, got {self.window}")
+        if not 0.0 <= self.outliers < 0.5:
+            raise CompressLMError(f"KV outliers must be a fraction in [0, 0.5), got {self.outliers}")
+
+    def describe(self) -> str:
+        text = f"K{self.bits} per-channel/{self.group_size} tok, V{self.bits} per-token/{self.value_group} ch"
+        if self.window:
+            text += f", {self.window} recent tokens full precision"
+        if self.outliers:
+            text += f", {100 * self.outliers:g}% key outliers float16"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantize(x: torch.Tensor, bits: int, dim: int) -> dict:
+    """Asymmetric min/scale quantization of `x` reducing over `dim`; codes packed along the last dim."""
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-8).to(torch.float16)
+    lo = lo.to(torch.float16)
+    codes = torch.round((x - lo.float()) / scale.float()).clamp(0, (1 << bits) - 1).to(torch.uint8)
+    return {"codes": pack_lastdim(codes, bits), "scale": scale, "min": lo}
+
+
+def _dequantize(q: dict, bits: int) -> torch.Tensor:
+    return unpack_lastdim(q["codes"], bits).float() * q["scale"].float() + q["min"].float()
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One attention layer's cache: quantized groups of old tokens plus full-precision recent ones."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: KVQuantConfig):
+        super().__init__()
+        self.config = config
+        self.key_groups: list[dict] = []
+        self.value_groups: list[dict] = []
+        self.keys = self.values = None
+        self.quantized_tokens = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if key_states.shape[-1] % 8 or key_states.shape[-1] % self.config.value_group:
+            raise CompressLMError(
+                f"head_dim {key_states.shape[-1]} must be a multiple of 8 and of value_group {self.config.value_group}"
+            )
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def _quantize_keys(self, keys: torch.Tensor) -> dict:
+        # keys [B, H, G, D]: per channel over the G tokens, codes packed along the token axis
+        x = keys.float().transpose(-1, -2)  # [B, H, D, G]
+        outliers = None
+        if self.config.outliers > 0:
+            flat = x.reshape(*x.shape[:2], -1)
+            count = max(1, int(self.config.outliers * flat.shape[-1]))
+            index = flat.abs().topk(count, dim=-1).indices
+            outliers = {"index": index.to(torch.int32), "value": flat.gather(-1, index).to(torch.float16)}
+            kept = torch.ones_like(flat, dtype=torch.bool).scatter_(-1, index, False)
+            median = flat.median(dim=-1, keepdim=True).values
+            x = torch.where(kept, flat, median).reshape(x.shape)  # outliers leave the range
+        q = _quantize(x, self.config.bits, dim=-1)
+        if outliers is not None:
+            q["outliers"] = outliers
+        return q
+
+    def _dequantize_keys(self, q: dict) -> torch.Tensor:
+        x = _dequantize(q, self.config.bits)  # [B, H, D, G]
+        if "outliers" in q:
+            flat = x.reshape(*x.shape[:2], -1)
+            flat.scatter_(-1, q["outliers"]["index"].long(), q["outliers"]["value"].float())
+            x = flat.reshape(x.shape)
+        return x.transpose(-1, -2)
+
+    def _quantize_values(self, values: torch.Tensor) -> dict:
+        b, h, t, d = values.shape
+        groups = values.float().reshape(b, h, t, d // self.config.value_group, self.config.value_group)
+        return _quantize(groups, self.config.bits, dim=-1)
+
+    def _dequantize_values(self, q: dict) -> torch.Tensor:
+        x = _dequantize(q, self.config.bits)
+        return x.reshape(*x.shape[:3], -1)
+
+    def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = [self._dequantize_keys(q) for q in self.key_groups]
+        values = [self._dequantize_values(q) for q in self.value_groups]
+        return (torch.cat([*keys, self.keys.float()], dim=-2).to(self.dtype),
+                torch.cat([*values, self.values.float()], dim=-2).to(self.dtype))  # fmt: skip
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        history_k, history_v = self._history()
+        out_k = torch.cat([history_k, key_states], dim=-2)
+        out_v = torch.cat([history_v, value_states], dim=-2)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        g = self.config.group_size
+        while self.keys.shape[-2] >= self.config.window + g:  # the oldest full group leaves full precision
+            self.key_groups.append(self._quantize_keys(self.keys[..., :g, :]))
+            self.value_groups.append(self._quantize_values(self.values[..., :g, :]))
+            self.keys, self.values = self.keys[..., g:, :].contiguous(), self.values[..., g:, :].contiguous()
+            self.quantized_tokens += g
+        return out_k, out_v
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.quantized_tokens + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.key_groups, self.value_groups = [], []
+        self.keys = self.values = None
+        self.quantized_tokens = 0
+        self.is_initialized = False
+
+    def nbytes(self) -> int:
+        total = 0
+        for q in [*self.key_groups, *self.value_groups]:
+            total += sum(t.numel() * t.element_size() for k, t in q.items() if k != "outliers")
+            if "outliers" in q:
+                total += sum(t.numel() * t.element_size() for t in q["outliers"].values())
+        if self.keys is not None:
+            total += (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+        return total
+
+
+class QuantizedKVCache(Cache):
+    """A transformers Cache whose every layer is a QuantizedKVLayer."""
+
+    def __init__(self, num_layers: int, config: KVQuantConfig):
+        super().__init__(layers=[QuantizedKVLayer(config) for _ in range(num_layers)])
+        self.kv_config = config
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def make_cache(model: torch.nn.Module, config: KVQuantConfig | None) -> Cache:
+    """A quantized cache for `model` (or transformers' full-precision DynamicCache when config is None)."""
+    from transformers import DynamicCache
+
+    text_config = model.config.get_text_config(decoder=True)
+    if config is None:
+        return DynamicCache(config=text_config)
+    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+    if layer_types - {"full_attention"}:
+        raise CompressLMError(f"the quantized KV cache supports full-attention layers only, not {layer_types}")
+    return QuantizedKVCache(text_config.num_hidden_layers, config)
+
+
+def fp16_kv_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int:
+    """Bytes a float16 cache would take for `tokens` tokens: the baseline KV compression is measured against."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * batch * heads * head_dim * tokens * 2
