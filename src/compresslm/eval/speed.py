@@ -106,8 +106,14 @@ def measure_speed(
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    kv_config=None,
 ) -> SpeedResult:
-    """Measure prefill/decode throughput and memory of `lm` on its current device."""
+    """Measure prefill/decode throughput and memory of `lm` on its current device.
+
+    `kv_config` (a `compresslm.kv.cache.KVQuantConfig`) runs with the quantized KV cache.
+    """
+    from compresslm.kv.cache import make_cache
+
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1 or warmup < 0 or not batch_sizes:
         raise ProtocolError("prompt_tokens, new_tokens and repeats must be positive, warmup >= 0, batch sizes given")
     model, device = lm.model.eval(), lm.device
@@ -127,7 +133,7 @@ def measure_speed(
             start_energy = energy() if energy else None
             _sync(device)
             t0 = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True)
+            out = model(input_ids=prompt, past_key_values=make_cache(model, kv_config), use_cache=True)
             _sync(device)
             t1 = time.perf_counter()
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
@@ -161,6 +167,7 @@ def measure_speed(
         "statistic": "median, min and max over the timed runs",
         "device": str(device),
         "dtype": str(lm.dtype).removeprefix("torch."),
+        "kv_cache": kv_config.describe() if kv_config is not None else "full precision (transformers DynamicCache)",
         "torch_threads": torch.get_num_threads(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "model": lm.describe(),
