@@ -99,3 +99,27 @@ def test_cli_kv(tokenizer, tmp_path, capsys):
     assert payload["kv_bytes"] < payload["kv_bytes_fp16"] and payload["kv"]["kld_mean"] > 0
     assert main(["eval", source, "--passkey", "512"]) == 2
     assert "--passkey needs --kv-bits" in capsys.readouterr().err
+
+
+def test_kv_stage_travels_with_the_container_and_into_evaluation(tokenizer, tmp_path):
+    from compresslm.api import compress
+    from compresslm.eval.perplexity import perplexity
+    from compresslm.models.loading import load_model
+    from compresslm.recipe import RecipeError, preset
+
+    recipe = preset("w4-g16-rtn+kv2-g16")
+    assert recipe.kv_cache.bits == 2 and recipe.kv_cache.group_size == 16
+    with pytest.raises(RecipeError, match="multiple of 8"):
+        preset("kv4-g12")
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
+    compress(lm, "w4-g16-rtn+kv2-g16", tmp_path / "m.clm", show_progress=False)
+    reloaded = load_model(tmp_path / "m.clm")
+    assert reloaded.kv_cache.bits == 2
+    reloaded.kv_cache.chunk = 16  # several chunks per window, so later ones read the quantized cache
+    through = perplexity(reloaded, "wikitext2", ctx=96, limit=1, show_progress=False)
+    reloaded.kv_cache = None
+    plain = perplexity(reloaded, "wikitext2", ctx=96, limit=1, show_progress=False)
+    assert through.protocol["kv_cache"].startswith("K2") and through.ppl != plain.ppl
+    only_kv = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
+    compress(only_kv, "kv4", tmp_path / "kv.clm", show_progress=False)  # no weight is compressed
+    assert load_model(tmp_path / "kv.clm").kv_cache.bits == 4

@@ -16,7 +16,7 @@ TINY_GRID = {
     "name": "tiny",
     "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 64, "limit": 2}, "kld": True},
     "calibration": {"samples": 4, "length": 32, "batch_size": 2},
-    "points": ["none", "w8-rtn", "w4-g16-rtn", "w4-g16-gptq", "50%-wanda"],
+    "points": ["none", "w8-rtn", "w4-g16-rtn", "w4-g16-gptq", "50%-wanda", "w4-g16-rtn+kv4-g16"],
 }
 
 
@@ -97,14 +97,18 @@ def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_evaluate", real_evaluate)
     done = []
     rows = run_sweep(model_dir, grid, db, show_progress=False, log=done.append)
-    assert "2 of 5 points already done" in done[0] and len(done) == 4  # 3 points redone or new
-    assert [r["label"] for r in rows] == ["none", "w8-rtn", "w4-g16-rtn", "w4-g16-gptq", "50%-wanda"]
+    assert "2 of 6 points already done" in done[0] and len(done) == 5  # 4 points redone or new
+    assert [r["label"] for r in rows] == ["none", "w8-rtn", "w4-g16-rtn", "w4-g16-gptq", "50%-wanda",
+                                          "w4-g16-rtn+kv4-g16"]  # fmt: skip
     by = {r["label"]: r for r in rows}
     assert by["none"]["kld_mean"] == 0.0 and by["none"]["top1_agreement"] == 1.0
     assert 0 < by["w8-rtn"]["kld_mean"] < by["w4-g16-rtn"]["kld_mean"]
     assert by["w4-g16-rtn"]["bytes_on_disk"] < by["w8-rtn"]["bytes_on_disk"]
     assert by["50%-wanda"]["linear_sparsity"] == pytest.approx(0.5)
     assert by["w4-g16-gptq"]["ppl_low"] < by["w4-g16-gptq"]["ppl"] < by["w4-g16-gptq"]["ppl_high"]
+    kv = by["w4-g16-rtn+kv4-g16"]
+    assert kv["family"] == "rtn +kv4" and kv["kv_bytes"] < kv["kv_bytes_fp16"]
+    assert kv["eval_protocol"]["kv_cache"].startswith("K4")
 
 
 def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):

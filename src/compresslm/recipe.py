@@ -236,10 +236,42 @@ class PruneStage:
         return QuantizeStage.applies_to(self, role, name)  # same targeting rules
 
 
+@dataclass
+class KVCacheStage:
+    """Quantize the KV cache at run time (see `compresslm.kv.cache`); recorded with the model, used in evaluation.
+
+    It changes no weight: a container carries it, and perplexity, KL and the sweep evaluate through
+    the quantized cache (chunked prefill of `chunk` tokens).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    value_group: int = 64
+    window: int = 0
+    outliers: float = 0.0
+    chunk: int = 128
+    type: str = "kv_cache"
+
+    def validate(self, where: str) -> None:
+        try:
+            _ = self.config
+        except CompressLMError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+        if self.chunk < 1:
+            raise RecipeError(f"{where}: chunk={self.chunk} is not allowed; use a positive token count")
+
+    @property
+    def config(self):
+        from compresslm.kv.cache import KVQuantConfig
+
+        return KVQuantConfig(self.bits, self.group_size, self.value_group, self.window, self.outliers)
+
+
 STAGES: dict[str, type] = {
     "quantize": QuantizeStage,
     "quantize_embedding": QuantizeEmbeddingStage,
     "prune": PruneStage,
+    "kv_cache": KVCacheStage,
 }
 
 
@@ -279,6 +311,10 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any(getattr(s, "needs_calibration", False) for s in self.stages)
+
+    @property
+    def kv_cache(self) -> KVCacheStage | None:
+        return next((s for s in self.stages if isinstance(s, KVCacheStage)), None)
 
     def to_dict(self) -> dict:
         return {
@@ -368,6 +404,7 @@ SMOOTHQUANT_PRESETS = {
 }  # fmt: skip
 
 
+_KV_PRESET = re.compile(r"^kv(?P<bits>[2348])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
 )
@@ -404,7 +441,8 @@ def preset(name: str) -> Recipe:
 
     Parts: a quantization preset (`w4-g64-gptq`, see the module docstring), a pruning preset
     `<ratio%|N:M>-<magnitude|wanda|sparsegpt>[-layer][-owl]` (`50%-wanda`, `2:4-sparsegpt`,
-    `70%-wanda-owl`), a W8A8 preset, or `emb8`/`emb4`. `2:4-sparsegpt+w4-gptq` prunes, then
+    `70%-wanda-owl`), a W8A8 preset, `emb8`/`emb4`, or a KV-cache part `kv<bits>[-g<tokens>][-w<window>]`
+    (`w4-g64-gptq+kv4`, `kv2-g64-w128`). `2:4-sparsegpt+w4-gptq` prunes, then
     quantizes with the mask held; `w4-gptq+50%-wanda` quantizes, then prunes the quantized weights.
     """
     lowered = name.lower()
@@ -413,6 +451,10 @@ def preset(name: str) -> Recipe:
     for part in lowered.split("+"):
         if part in ("emb8", "emb4"):
             embedding = {"type": "quantize_embedding", "bits": int(part[3:]), "group_size": 64}
+        elif match := _KV_PRESET.match(part):
+            kv = {"type": "kv_cache", "bits": int(match["bits"])}
+            kv.update({k: int(v) for k, v in (("group_size", match["group"]), ("window", match["window"])) if v})
+            stages.append(kv)
         elif part in SMOOTHQUANT_PRESETS:
             stages.append(dict(SMOOTHQUANT_PRESETS[part]))
         elif match := _PRUNE_PRESET.match(part):
@@ -429,8 +471,8 @@ def preset(name: str) -> Recipe:
     if not stages:
         raise RecipeError(f"preset '{name}' names no quantization or pruning stage")
     kinds = [stage.get("type", "quantize") for stage in stages]
-    if kinds.count("prune") > 1 or kinds.count("quantize") > 1:
-        raise RecipeError(f"preset '{name}' has more than one pruning or quantization part")
+    if kinds.count("prune") > 1 or kinds.count("quantize") > 1 or kinds.count("kv_cache") > 1:
+        raise RecipeError(f"preset '{name}' has more than one pruning, quantization or KV-cache part")
     return Recipe.from_dict({"name": lowered, "stages": ([embedding] if embedding else []) + stages})
 
 

@@ -206,7 +206,7 @@ def compress(
         if stages:
             targets[info.name] = (info, stages)
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
-    if not targets and not embedding_stages:
+    if not targets and not embedding_stages and recipe.kv_cache is None:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
 
@@ -259,6 +259,7 @@ def compress(
         bar.close()
 
     lm.layout = discover_layout(lm.model)
+    lm.kv_cache = recipe.kv_cache
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
     if folds:
         info["scale_folds"] = [asdict(fold) for fold in folds]

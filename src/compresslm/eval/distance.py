@@ -209,8 +209,9 @@ def distance(
     window_kl, window_agree, window_nll = [], [], []
     offset = 0
     bar = progress(len(plan), "kl divergence", unit="win", enabled=show_progress)
+    kv_cache = getattr(lm, "kv_cache", None)
     with eval_model(lm, dtype, device) as (model, target):
-        for index, logits, targets in scored_windows(model, ids, plan, ref["ctx"], 1, target):
+        for index, logits, targets in scored_windows(model, ids, plan, ref["ctx"], 1, target, kv_cache):
             n = targets.numel()
             if index >= len(reference.window_sizes) or reference.window_sizes[index] != n:
                 raise ProtocolError("the windows do not match the reference logits (different tokenizer or protocol)")
@@ -247,6 +248,7 @@ def distance(
         "reference_model": ref["reference_model"],
         "reference_cache_key": ref["cache_key"],
         "model": lm.describe(),
+        **({"kv_cache": kv_cache.config.describe(), "kv_prefill_chunk": kv_cache.chunk} if kv_cache else {}),
         "versions": versions(),
         "wall_time_s": round(time.perf_counter() - started, 3),
     }

@@ -92,18 +92,43 @@ def eval_model(lm: LoadedModel, dtype: str | None, device: str | None):
             lm.model.to(original_device)
 
 
+def _kv_protocol(kv_cache) -> dict:
+    if kv_cache is None:
+        return {}
+    return {"kv_cache": kv_cache.config.describe(), "kv_prefill_chunk": kv_cache.chunk}
+
+
+def _forward(model: torch.nn.Module, inputs: torch.Tensor, kv_cache) -> torch.Tensor:
+    """Logits of a batch: one pass, or, with a KV-cache stage, chunked prefill through that cache."""
+    if kv_cache is None:
+        return model(input_ids=inputs, use_cache=False).logits
+    from compresslm.kv.cache import make_cache
+
+    cache = make_cache(model, kv_cache.config)
+    chunks = [model(input_ids=inputs[:, s : s + kv_cache.chunk], past_key_values=cache, use_cache=True).logits
+              for s in range(0, inputs.shape[1], kv_cache.chunk)]  # fmt: skip
+    return torch.cat(chunks, dim=1)
+
+
 def scored_windows(
-    model: torch.nn.Module, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int, batch_size: int, device
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    plan: list[tuple[int, int]],
+    ctx: int,
+    batch_size: int,
+    device,
+    kv_cache=None,
 ):
     """For each window of `plan`, in order: (index, logits [scored, vocab], next-token targets [scored]).
 
     The logits are those that predict each scored token; every metric computed per token
-    (perplexity, KL divergence to a reference, top-1 agreement) reads the same positions.
+    (perplexity, KL divergence to a reference, top-1 agreement) reads the same positions. With a
+    `kv_cache` stage (`recipe.KVCacheStage`) each window is prefilled in chunks through that cache.
     """
     for first in range(0, len(plan), batch_size):
         batch = plan[first : first + batch_size]
         inputs = torch.stack([ids[s : s + ctx] for s, _ in batch]).to(device)
-        logits = model(input_ids=inputs, use_cache=False).logits
+        logits = _forward(model, inputs, kv_cache)
         for row, (_, first_scored) in enumerate(batch):
             yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
 
@@ -152,8 +177,9 @@ def perplexity(
     total_nll = 0.0
     total_tokens = 0
     bar = progress(len(plan), "perplexity", unit="win", enabled=show_progress)
+    kv_cache = getattr(lm, "kv_cache", None)
     with eval_model(lm, dtype, device) as (model, target):
-        for _, logits, targets in scored_windows(model, ids, plan, ctx, batch_size, target):
+        for _, logits, targets in scored_windows(model, ids, plan, ctx, batch_size, target, kv_cache):
             # Flattened (tokens, vocab) layout: far faster on CPU than (batch, vocab, tokens), ~10x in a one-off timing.
             losses = F.cross_entropy(logits.float(), targets, reduction="none")
             row_sum = losses.double().sum().item()
@@ -181,6 +207,7 @@ def perplexity(
         "bos": "none",
         "batch_size": batch_size,
         "eval_dtype": eval_dtype,
+        **_kv_protocol(kv_cache),
         "device": str(target),
         "model": lm.describe(),
         "tokenizer": getattr(lm.tokenizer, "name_or_path", None) or type(lm.tokenizer).__name__,

@@ -409,6 +409,10 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
     lm.kind, lm.path = "container", str(p.resolve())
     lm.container = header
     lm.compressed = {**weights, **embeddings}
+    if header.get("recipe"):
+        from compresslm.recipe import Recipe
+
+        lm.kv_cache = Recipe.from_dict(header["recipe"]).kv_cache
     return lm
 
 

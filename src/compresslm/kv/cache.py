@@ -30,7 +30,7 @@ from compresslm.formats.packing import pack_lastdim, unpack_lastdim
 class KVQuantConfig:
     bits: int = 4
     group_size: int = 128  # tokens per key group (per-channel quantization)
-    value_group: int = 64  # channels per value group (per-token quantization)
+    value_group: int = 64  # channels per value group (per-token quantization); at most head_dim
     window: int = 0  # most recent tokens kept in full precision
     outliers: float = 0.0  # fraction of each key group kept in float16
 
@@ -89,10 +89,10 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        if key_states.shape[-1] % 8 or key_states.shape[-1] % self.config.value_group:
-            raise CompressLMError(
-                f"head_dim {key_states.shape[-1]} must be a multiple of 8 and of value_group {self.config.value_group}"
-            )
+        head_dim = key_states.shape[-1]
+        self.value_group = min(self.config.value_group, head_dim)  # at most one group per token and head
+        if head_dim % 8 or head_dim % self.value_group:
+            raise CompressLMError(f"head_dim {head_dim} must be a multiple of 8 and of value_group {self.value_group}")
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self.is_initialized = True
@@ -124,7 +124,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _quantize_values(self, values: torch.Tensor) -> dict:
         b, h, t, d = values.shape
-        groups = values.float().reshape(b, h, t, d // self.config.value_group, self.config.value_group)
+        groups = values.float().reshape(b, h, t, d // self.value_group, self.value_group)
         return _quantize(groups, self.config.bits, dim=-1)
 
     def _dequantize_values(self, q: dict) -> torch.Tensor:

@@ -48,6 +48,7 @@ class LoadedModel:
     path: str | None = None  # the resolved file or directory, if any
     container: dict | None = field(default=None, repr=False)  # the .clm header, for containers
     compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
+    kv_cache: object | None = None  # a recipe.KVCacheStage: evaluation runs through that quantized cache
     _fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod

@@ -35,7 +35,9 @@ def family(point: SweepPoint) -> str:
             parts.append(stage.method + ("+awq" if stage.awq_scale else "") + ("+sq" if stage.smoothquant else ""))
         elif stage.type == "prune":
             parts.append(stage.method + (" 2:4" if ":" in str(stage.sparsity) else ""))
-    return ">".join(parts) or "embedding only"
+    kv = point.recipe.kv_cache
+    label = ">".join(parts) or ("fp weights" if kv else "embedding only")
+    return label + (f" +kv{kv.bits}" if kv else "")
 
 
 def _protocol_key(grid: Grid) -> str:
@@ -63,6 +65,8 @@ def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None) -> d
         mean = sum(window_nll) / n
         se = math.sqrt(sum((x - mean) ** 2 for x in window_nll) / (n - 1) / n)
         out["ppl_low"], out["ppl_high"] = math.exp(math.log(out["ppl"]) - se), math.exp(math.log(out["ppl"]) + se)
+    if lm.kv_cache is not None:
+        out.update(_kv_bytes(lm, protocol.ctx))
     if protocol.tasks:
         from compresslm.eval.harness import evaluate_task
         from compresslm.eval.tasks import load_task
@@ -78,6 +82,19 @@ def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None) -> d
         out["decode_tokens_per_s"] = speed.per_batch["1"]["decode_tokens_per_s"]["median"]
         out["peak_rss_bytes"] = speed.peak_rss_bytes
     return out
+
+
+def _kv_bytes(lm: LoadedModel, tokens: int) -> dict:
+    """The quantized cache's bytes after a `tokens`-token prefill (measured), and a float16 cache's."""
+    import torch
+
+    from compresslm.kv.cache import fp16_kv_bytes, make_cache
+
+    cache = make_cache(lm.model, lm.kv_cache.config)
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        lm.model(input_ids=ids.to(lm.device), past_key_values=cache, use_cache=True)
+    return {"kv_bytes": cache.nbytes(), "kv_bytes_fp16": fp16_kv_bytes(lm.model, tokens)}
 
 
 def _uncompressed_size(lm: LoadedModel) -> dict:
