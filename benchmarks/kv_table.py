@@ -9,7 +9,8 @@ Points (each saved before the next starts; rerunning skips finished points):
 * `passkey <setting>`: passkey retrieval at 1k, 2k, 4k and 8k tokens (`--trials` seeded trials each).
 * `speed <setting>`: prefill and decode tokens/s and KV bytes at 1k, 2k, 4k, 8k of context.
 
-Settings: `fp` (transformers' cache) or `k<bits>-g<tokens per key group>[-w<window>][-o<outlier %>]`.
+Settings: `fp` (transformers' cache) or `k<bits>[v<value bits>]-g<tokens per key group>[-w<window>][-o<outlier %>]
+[-vg<channels per value group>]`.
 
     .venv/bin/python benchmarks/kv_table.py [--points "ppl k4-g128" ...] [--limit 10]
 """
@@ -42,11 +43,12 @@ def kv_config(setting: str):
 
     if setting == "fp":
         return None
-    match = re.fullmatch(r"k(\d)-g(\d+)(?:-w(\d+))?(?:-o(\d+(?:\.\d+)?))?", setting)
+    match = re.fullmatch(r"k(\d)(?:v(\d))?-g(\d+)(?:-w(\d+))?(?:-o(\d+(?:\.\d+)?))?(?:-vg(\d+))?", setting)
     if not match:
         raise SystemExit(f"cannot read KV setting {setting!r}")
-    bits, group, window, outliers = match.groups()
-    return KVQuantConfig(int(bits), int(group), 64, int(window or 0), float(outliers or 0) / 100)
+    bits, vbits, group, window, outliers, vgroup = match.groups()
+    return KVQuantConfig(int(bits), int(group), int(vgroup or 64), int(window or 0), float(outliers or 0) / 100,
+                         int(vbits) if vbits else None)  # fmt: skip
 
 
 def run_point(name: str, args: argparse.Namespace) -> dict:

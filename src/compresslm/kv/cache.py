@@ -33,10 +33,13 @@ class KVQuantConfig:
     value_group: int = 64  # channels per value group (per-token quantization); at most head_dim
     window: int = 0  # most recent tokens kept in full precision
     outliers: float = 0.0  # fraction of each key group kept in float16
+    value_bits: int | None = None  # values' bits when they differ from the keys'
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise CompressLMError(f"KV cache bits must be 2, 3, 4 or 8 (16 = not quantized), got {self.bits}")
+        for name in ("bits", "value_bits"):
+            value = getattr(self, name)
+            if value is not None and value not in (2, 3, 4, 8):
+                raise CompressLMError(f"KV cache {name} must be 2, 3, 4 or 8 (16 = not quantized), got {value}")
         if self.group_size < 1 or self.group_size % 8:
             raise CompressLMError(f"KV group_size must be a positive multiple of 8 tokens, got {self.group_size}")
         if self.value_group < 8 or self.value_group % 8:
@@ -46,8 +49,12 @@ class KVQuantConfig:
         if not 0.0 <= self.outliers < 0.5:
             raise CompressLMError(f"KV outliers must be a fraction in [0, 0.5), got {self.outliers}")
 
+    @property
+    def v_bits(self) -> int:
+        return self.value_bits or self.bits
+
     def describe(self) -> str:
-        text = f"K{self.bits} per-channel/{self.group_size} tok, V{self.bits} per-token/{self.value_group} ch"
+        text = f"K{self.bits} per-channel/{self.group_size} tok, V{self.v_bits} per-token/{self.value_group} ch"
         if self.window:
             text += f", {self.window} recent tokens full precision"
         if self.outliers:
@@ -125,10 +132,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _quantize_values(self, values: torch.Tensor) -> dict:
         b, h, t, d = values.shape
         groups = values.float().reshape(b, h, t, d // self.value_group, self.value_group)
-        return _quantize(groups, self.config.bits, dim=-1)
+        return _quantize(groups, self.config.v_bits, dim=-1)
 
     def _dequantize_values(self, q: dict) -> torch.Tensor:
-        x = _dequantize(q, self.config.bits)
+        x = _dequantize(q, self.config.v_bits)
         return x.reshape(*x.shape[:3], -1)
 
     def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
