@@ -436,6 +436,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from compresslm.models.loading import load_model
+    from compresslm.train.trainer import train, train_recipe
+
+    recipe = train_recipe(args.recipe)  # validated before the model is loaded
+    for key in ("data", "lr", "batch_size", "seq_len"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(recipe, key, value)
+    recipe.validate()
+    lm = load_model(args.model, device=args.device)
+    _print(f"training {args.model} with '{recipe.name}' for {args.steps} steps "
+           f"({args.steps * recipe.batch_size} x {recipe.seq_len} tokens of {recipe.data})")  # fmt: skip
+    summary = train(lm, recipe, args.steps, args.output, seed=args.seed, show_progress=not args.quiet)
+    if args.json:
+        _emit_json(summary)
+        return 0
+    _print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; model: {summary['model']}"
+           + (f"; QAT container: {summary['container']}" if "container" in summary else "")
+           + f"; log: {summary['log']}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compresslm", description="Make language models small and measure what that costs."
@@ -513,6 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="report", help="report folder")
     rep.add_argument("--grid", default=None, help="only this grid's points")
     rep.set_defaults(func=cmd_report)
+
+    tr = sub.add_parser(
+        "train", help="fine-tune for compressibility (QAT, randomized precision, pruning, distillation)"
+    )
+    tr.add_argument("model", help=model_help)
+    recipes = "finetune, qat-w4, qat-w3, qat-w2, random-precision, gmp-50%%, gmp-70%%, nm-2:4, or a YAML file"
+    tr.add_argument("--recipe", default="finetune", help=recipes)
+    tr.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    tr.add_argument("-o", "--output", required=True, help="checkpoint directory (resumes if interrupted)")
+    tr.add_argument("--data", default=None, help="training text: c4 (default), wikitext2, or a text/JSONL path")
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--seq-len", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
     ev.add_argument("model", help=model_help)

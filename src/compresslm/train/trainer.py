@@ -1,0 +1,299 @@
+"""Fine-tuning for compressibility: QAT, randomized precision, gradual pruning, with distillation.
+
+The student is the model with its block linears replaced by `FakeQuantLinear` (when the recipe
+quantizes or prunes); the teacher is a frozen copy of the model as loaded. The loss is the KL
+divergence from the teacher's next-token distribution to the student's (distillation keeps the
+fine-tune from drifting), plus `ce_weight` × the language-modelling loss on the training text.
+
+* QAT: every step at the recipe's width, through the STE grid with learned steps.
+* Randomized precision: each step draws every layer's width from `widths`, so one checkpoint
+  is trained for all of them.
+* Gradual magnitude pruning: every `prune_every` steps the masks are recomputed at the sparsity
+  of the schedule (cubic, linear or cosine) until `prune_end` of the run, then held.
+
+Training text: windows drawn like calibration windows (C4 sample, WikiText-2 validation or a
+file). A checkpoint (student, optimizer, step, random states) is written atomically every
+`checkpoint_every` steps and a rerun resumes from it; the loss log is a CSV and a PNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from compresslm.data.calibration import calibration_windows
+from compresslm.errors import CompressLMError
+from compresslm.models.layout import discover_layout
+from compresslm.models.loading import LoadedModel, save_model
+from compresslm.progress import progress
+from compresslm.runtime.linear import replace_module
+from compresslm.train.fake import FakeQuantLinear, magnitude_mask, prune_schedule
+
+
+@dataclass
+class TrainRecipe:
+    name: str = "finetune"
+    widths: list[int] = field(default_factory=list)  # empty: no quantization during training
+    random_precision: bool = False
+    group_size: int = 64
+    learn_step: bool = True
+    sparsity: float = 0.0
+    nm: list[int] | None = None  # e.g. [2, 4]: N:M masks (applied from the start)
+    schedule: str = "cubic"
+    prune_every: int = 10
+    prune_end: float = 0.75
+    distill: bool = True
+    ce_weight: float = 0.0
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    seq_len: int = 256
+    data: str = "c4"
+    checkpoint_every: int = 50
+
+    def validate(self) -> TrainRecipe:
+        for bits in self.widths:
+            if bits not in (2, 3, 4, 5, 6, 8):
+                raise CompressLMError(f"train recipe: width {bits} is not allowed; choose 2, 3, 4, 5, 6 or 8")
+        if self.random_precision and len(self.widths) < 2:
+            raise CompressLMError("train recipe: random_precision needs at least two widths")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise CompressLMError(f"train recipe: sparsity={self.sparsity} is not allowed; choose 0 to <1")
+        if self.nm is not None and not (len(self.nm) == 2 and 0 < self.nm[0] < self.nm[1]):
+            raise CompressLMError(f"train recipe: nm={self.nm} is not allowed; use [N, M] with 0 < N < M")
+        if self.schedule not in ("cubic", "linear", "cosine"):
+            raise CompressLMError(
+                f"train recipe: schedule='{self.schedule}' is not allowed; choose cubic, linear, cosine"
+            )
+        if not self.distill and self.ce_weight <= 0:
+            raise CompressLMError("train recipe: with distill off, ce_weight must be positive (nothing to learn from)")
+        if self.lr <= 0 or self.batch_size < 1 or self.seq_len < 2 or self.prune_every < 1:
+            raise CompressLMError("train recipe: lr, batch_size, seq_len and prune_every must be positive")
+        return self
+
+    @property
+    def compresses(self) -> bool:
+        return bool(self.widths) or self.sparsity > 0 or self.nm is not None
+
+
+TRAIN_PRESETS: dict[str, dict] = {
+    "finetune": {},
+    "qat-w4": {"widths": [4]},
+    "qat-w3": {"widths": [3]},
+    "qat-w2": {"widths": [2]},
+    "random-precision": {"widths": [8, 6, 4, 3], "random_precision": True},
+    "gmp-50%": {"sparsity": 0.5},
+    "gmp-70%": {"sparsity": 0.7},
+    "nm-2:4": {"nm": [2, 4]},
+}
+
+
+def train_recipe(spec: str | dict | TrainRecipe) -> TrainRecipe:
+    """A TrainRecipe from a preset name, a YAML/JSON file, a dict or a TrainRecipe (validated)."""
+    if isinstance(spec, TrainRecipe):
+        return spec.validate()
+    if isinstance(spec, str):
+        if spec in TRAIN_PRESETS:
+            return TrainRecipe(name=spec, **TRAIN_PRESETS[spec]).validate()
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise CompressLMError(f"unknown training recipe '{spec}'; presets: {', '.join(TRAIN_PRESETS)}, or a file")
+        import yaml
+
+        spec = {"name": path.stem, **(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
+    fields = {f.name for f in dataclasses.fields(TrainRecipe)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise CompressLMError(
+            f"train recipe: unknown field '{unknown[0]}'; allowed fields: {', '.join(sorted(fields))}"
+        )
+    return TrainRecipe(**spec).validate()
+
+
+def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
+    wrapped = []
+    widths = tuple(recipe.widths) or (16,)
+    for info in lm.layout.linears():
+        if info.transposed or not isinstance(info.module, torch.nn.Linear):
+            raise CompressLMError(f"{info.name}: training supports nn.Linear layers (not {type(info.module).__name__})")
+        module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step)
+        replace_module(lm.model, info.name, module)
+        wrapped.append(module)
+    return wrapped
+
+
+def _unwrap(lm: LoadedModel, modules: dict[str, FakeQuantLinear]) -> None:
+    """Back to nn.Linear with the trained (masked) float weights, ready for save_model or compress."""
+    for name, module in modules.items():
+        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            weight = module.weight if module.mask is None else module.weight * module.mask
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        replace_module(lm.model, name, linear.to(module.weight.device))
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train(
+    lm: LoadedModel,
+    recipe: str | dict | TrainRecipe,
+    steps: int,
+    output: str | os.PathLike,
+    *,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict:
+    """Train `lm` in place for `steps` steps; write the checkpoint directory `output`; return a summary."""
+    recipe = train_recipe(recipe)
+    if steps < 1:
+        raise CompressLMError(f"steps must be at least 1, got {steps}")
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    windows = calibration_windows(lm.tokenizer, recipe.data, steps * recipe.batch_size, recipe.seq_len, seed)
+    teacher = copy.deepcopy(lm.model).eval().requires_grad_(False) if recipe.distill else None
+    names = [info.name for info in lm.layout.linears()]
+    modules = dict(zip(names, _wrap(lm, recipe), strict=True)) if recipe.compresses else {}
+    model = lm.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    rng = random.Random(seed)
+    start, log_rows = 0, []
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["recipe"] != dataclasses.asdict(recipe) or state["steps"] != steps:
+            raise CompressLMError(f"{checkpoint} belongs to another run (recipe or steps differ); use another output")
+        for name, mask in state["masks"].items():  # masks first: they are buffers of the saved state
+            modules[name].mask = mask
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        start, log_rows = state["step"], state["log"]
+    bar = progress(steps, f"train {recipe.name}", unit="step", enabled=show_progress)
+    bar.update(start)
+    device = lm.device
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        if recipe.random_precision:
+            for module in modules.values():
+                module.set_bits(rng.choice(recipe.widths))
+        sparsity = 0.0
+        if recipe.nm is not None and step == 0:
+            for module in modules.values():
+                module.mask = magnitude_mask(module.weight, 0.0, tuple(recipe.nm))
+        elif recipe.sparsity > 0:
+            sparsity = prune_schedule(step, int(recipe.prune_end * steps), recipe.sparsity, recipe.schedule)
+            if step % recipe.prune_every == 0 or step == int(recipe.prune_end * steps):
+                for module in modules.values():
+                    module.mask = magnitude_mask(module.weight, sparsity)
+        batch = windows.windows[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        logprobs = F.log_softmax(logits, dim=-1)
+        loss = torch.zeros((), device=device)
+        kl = ce = float("nan")
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.log_softmax(teacher(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+            kl_t = F.kl_div(logprobs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss = loss + kl_t
+            kl = float(kl_t.detach())
+        if recipe.ce_weight > 0 or teacher is None:
+            ce_t = F.nll_loss(logprobs.flatten(0, 1), batch[:, 1:].flatten())
+            loss = loss + recipe.ce_weight * ce_t
+            ce = float(ce_t.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bits = sorted({m.bits for m in modules.values()}) if modules else [16]
+        log_rows.append({"step": step + 1, "loss": float(loss.detach()), "kl": kl, "ce": ce, "sparsity": sparsity,
+                         "bits": "/".join(map(str, bits)), "seconds": time.perf_counter() - t0})  # fmt: skip
+        bar.update(1)
+        bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
+        if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
+            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                          "rng": rng.getstate(), "log": log_rows, "recipe": dataclasses.asdict(recipe),
+                          "steps": steps, "masks": {n: m.mask for n, m in modules.items() if m.mask is not None}},
+                         checkpoint)  # fmt: skip
+    bar.close()
+    model.eval()
+    exported = {}
+    if len(recipe.widths) == 1 and modules:
+        exported = {"container": str(_export_qat_container(lm, modules, recipe, out))}
+    _unwrap(lm, modules)
+    lm.layout = discover_layout(lm.model)  # the module tree is back to nn.Linear
+    save_model(lm, None, out / "model")
+    _write_log(log_rows, out)
+    checkpoint.unlink(missing_ok=True)
+    return {"recipe": dataclasses.asdict(recipe), "steps": steps, "model": str(out / "model"), **exported,
+            "first_loss": log_rows[0]["loss"], "last_loss": log_rows[-1]["loss"],
+            "log": str(out / "loss.csv")}  # fmt: skip
+
+
+def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], recipe: TrainRecipe, out: Path) -> Path:
+    """The QAT model as a .clm with the learned steps: the weights exactly as trained through the grid."""
+    from compresslm.compressed import CompressedWeight
+    from compresslm.formats.container import save_container
+    from compresslm.runtime.linear import CompressedLinear
+
+    snapshot = copy.deepcopy(lm)
+    records = {}
+    for name, module in modules.items():
+        step, zero = module.step_and_zero()
+        scale = step.detach().half()
+        s = scale.float().repeat_interleave(module.group_size, dim=1)[:, : module.in_features]
+        z = zero.repeat_interleave(module.group_size, dim=1)[:, : module.in_features]
+        codes = torch.clamp(torch.round(module.weight.detach() / s) + z, 0, (1 << module.bits) - 1)
+        record = CompressedWeight(shape=(module.out_features, module.in_features), bits=module.bits,
+                                  group_size=module.group_size, symmetric=False, codes=codes.to(torch.uint8).cpu(),
+                                  scales=scale.cpu(), zeros=zero.to(torch.uint8).cpu(),
+                                  meta={"algorithm": "qat", "train_recipe": recipe.name})  # fmt: skip
+        records[name] = record
+        replace_module(snapshot.model, name, CompressedLinear(record, module.bias))
+    with torch.no_grad():
+        for tensor in snapshot.model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    path = out / f"model-w{recipe.widths[0]}.clm"
+    save_container(snapshot, records, path, {"recipe": None, "train_recipe": dataclasses.asdict(recipe)})
+    return path
+
+
+def _write_log(rows: list[dict], out: Path) -> None:
+    with (out / "loss.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (KL to teacher + weighted CE)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""Training for compressibility: STE gradients, schedules, resume after a kill, a run that lowers the loss."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from compresslm.cli import main
+from compresslm.errors import CompressLMError
+from compresslm.models.loading import LoadedModel, load_model, save_model
+from compresslm.models.tiny import tiny_model
+from compresslm.train import trainer
+from compresslm.train.fake import FakeQuantLinear, magnitude_mask, prune_schedule, round_ste
+from compresslm.train.trainer import TrainRecipe, train, train_recipe
+
+
+def test_round_ste_passes_gradients_straight_through():
+    x = torch.tensor([0.2, 1.7, -2.4], requires_grad=True)
+    y = round_ste(x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 2.0, -2.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_fake_quant_linear_matches_rtn_and_learns_its_step():
+    from compresslm.quant.grid import Grid
+    from compresslm.quant.rtn import rtn
+
+    linear = torch.nn.Linear(64, 8)
+    module = FakeQuantLinear(linear, widths=(4, 3), group_size=32)
+    assert module.bits == 4
+    expected = rtn(linear.weight.detach(), Grid(4, "group", 32)).dequantize()
+    assert torch.allclose(module.quantized_weight(), expected, atol=1e-3)
+    module.set_bits(3)
+    out = module(torch.randn(5, 64)).pow(2).sum()
+    out.backward()
+    assert module.weight.grad is not None and module.log_steps["3"].grad is not None
+    assert module.log_steps["4"].grad is None  # only the active width trains its step
+    with pytest.raises(ValueError, match="not among"):
+        module.set_bits(2)
+
+
+@pytest.mark.parametrize("kind", ["cubic", "linear", "cosine"])
+def test_prune_schedules_rise_monotonically_to_the_target(kind):
+    values = [prune_schedule(step, 100, 0.7, kind) for step in range(0, 121, 10)]
+    assert values[0] == 0.0 and values[10] == pytest.approx(0.7) and values[-1] == pytest.approx(0.7)
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(values))
+    assert prune_schedule(50, 100, 0.7, "cubic") > prune_schedule(50, 100, 0.7, "linear")  # cubic prunes early
+    mask = magnitude_mask(torch.randn(4, 16), 0.0, (2, 4))
+    assert (mask.reshape(4, 4, 4).sum(-1) == 2).all()
+
+
+def test_bad_train_recipes():
+    with pytest.raises(CompressLMError, match="unknown training recipe"):
+        train_recipe("qat-w9")
+    with pytest.raises(CompressLMError, match="unknown field 'widht'"):
+        train_recipe({"widht": [4]})
+    with pytest.raises(CompressLMError, match="width 7"):
+        train_recipe({"widths": [7]})
+    with pytest.raises(CompressLMError, match="random_precision needs"):
+        train_recipe({"widths": [4], "random_precision": True})
+
+
+def _recipe(**extra):
+    return TrainRecipe(batch_size=2, seq_len=48, lr=1e-3, ce_weight=1.0, data="wikitext2", checkpoint_every=3, **extra)
+
+
+def _tiny(tokenizer):
+    return LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
+
+
+def test_qat_run_lowers_the_loss_and_exports(tokenizer, tmp_path):
+    summary = train(_tiny(tokenizer), _recipe(name="qat", widths=[3]), 10, tmp_path / "out", show_progress=False)
+    assert summary["last_loss"] < summary["first_loss"]
+    assert (tmp_path / "out" / "loss.csv").exists() and (tmp_path / "out" / "loss.png").exists()
+    assert load_model(summary["model"]).kind == "hf_dir"
+    container = load_model(summary["container"])
+    assert {r.bits for r in container.compressed.values()} == {3}
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()  # removed once the run is complete
+
+
+def test_resume_after_a_kill_gives_the_same_model(tokenizer, tmp_path, monkeypatch):
+    recipe = _recipe(name="gmp", sparsity=0.5, prune_every=2)
+    train(_tiny(tokenizer), recipe, 8, tmp_path / "straight", show_progress=False)
+
+    calls = []
+    real = trainer.prune_schedule
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # inside step 7, after the checkpoint of step 6
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "prune_schedule", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(tokenizer), recipe, 8, tmp_path / "resumed", show_progress=False)
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    monkeypatch.setattr(trainer, "prune_schedule", real)
+    train(_tiny(tokenizer), recipe, 8, tmp_path / "resumed", show_progress=False)
+    a = load_model(tmp_path / "straight" / "model").model.state_dict()
+    b = load_model(tmp_path / "resumed" / "model").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    weight = a["model.layers.0.mlp.up_proj.weight"]
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_random_precision_and_cli(tokenizer, tmp_path, capsys):
+    source = str(save_model(tiny_model("llama"), tokenizer, tmp_path / "tiny"))
+    argv = ["train", source, "--recipe", "random-precision", "--steps", "4", "-o", str(tmp_path / "rp"),
+            "--data", "wikitext2", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "loss" in capsys.readouterr().err
+    rows = (tmp_path / "rp" / "loss.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("step,loss")
+    assert main(["train", source, "--recipe", "qat-w9", "--steps", "1", "-o", str(tmp_path / "x")]) == 2
