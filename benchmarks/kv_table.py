@@ -10,7 +10,7 @@ Points (each saved before the next starts; rerunning skips finished points):
 * `speed <setting>`: prefill and decode tokens/s and KV bytes at 1k, 2k, 4k, 8k of context.
 
 Settings: `fp` (transformers' cache) or `k<bits>[v<value bits>]-g<tokens per key group>[-w<window>][-o<outlier %>]
-[-vg<channels per value group>]`.
+[-vg<channels per value group>][-pre]` (`-pre`: keys quantized before RoPE).
 
     .venv/bin/python benchmarks/kv_table.py [--points "ppl k4-g128" ...] [--limit 10]
 """
@@ -30,11 +30,22 @@ from results_store import atomic_write, load_rows, save_rows
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "kv_table"
-SETTINGS = ["fp", "k8-g128", "k4-g128", "k4-g64", "k4-g128-o1", "k3-g128", "k2-g128", "k2-g64-w128", "k2-g32-w128"]
+SETTINGS = [
+    "fp",
+    "k8-g128",
+    "k4-g128",
+    "k4-g128-pre",
+    "k4-g64-pre",
+    "k4-g128-o1",
+    "k3-g128-pre",
+    "k2-g128-pre",
+    "k2-g64-w128-pre",
+    "k2-g32-w128-pre",
+]
 DEFAULT_POINTS = [
     *(f"ppl {s}" for s in SETTINGS),
-    *(f"passkey {s}" for s in ("fp", "k8-g128", "k4-g128", "k2-g64-w128")),
-    *(f"speed {s}" for s in ("fp", "k4-g128")),
+    *(f"passkey {s}" for s in ("fp", "k8-g128", "k4-g128-pre", "k2-g64-w128-pre")),
+    *(f"speed {s}" for s in ("fp", "k4-g128-pre")),
 ]
 
 
@@ -43,12 +54,13 @@ def kv_config(setting: str):
 
     if setting == "fp":
         return None
-    match = re.fullmatch(r"k(\d)(?:v(\d))?-g(\d+)(?:-w(\d+))?(?:-o(\d+(?:\.\d+)?))?(?:-vg(\d+))?", setting)
+    pattern = r"k(\d)(?:v(\d))?-g(\d+)(?:-w(\d+))?(?:-o(\d+(?:\.\d+)?))?(?:-vg(\d+))?(-pre)?"
+    match = re.fullmatch(pattern, setting)
     if not match:
         raise SystemExit(f"cannot read KV setting {setting!r}")
-    bits, vbits, group, window, outliers, vgroup = match.groups()
+    bits, vbits, group, window, outliers, vgroup, pre = match.groups()
     return KVQuantConfig(int(bits), int(group), int(vgroup or 64), int(window or 0), float(outliers or 0) / 100,
-                         int(vbits) if vbits else None)  # fmt: skip
+                         int(vbits) if vbits else None, pre_rope=bool(pre))  # fmt: skip
 
 
 def run_point(name: str, args: argparse.Namespace) -> dict:

@@ -123,3 +123,18 @@ def test_kv_stage_travels_with_the_container_and_into_evaluation(tokenizer, tmp_
     only_kv = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
     compress(only_kv, "kv4", tmp_path / "kv.clm", show_progress=False)  # no weight is compressed
     assert load_model(tmp_path / "kv.clm").kv_cache.bits == 4
+
+
+def test_pre_rope_keys_round_trip_through_the_rotation(model, prompt):
+    config = KVQuantConfig(bits=8, group_size=16, window=100_000, pre_rope=True)  # nothing gets quantized
+    cache = make_cache(model, config)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :40], past_key_values=cache, use_cache=True)
+        through = model(input_ids=prompt[:, 40:60], past_key_values=cache, use_cache=True).logits
+        direct = model(input_ids=prompt[:, :60]).logits[:, 40:60]
+    assert torch.allclose(through, direct, atol=1e-5)
+    with torch.no_grad():
+        quantized = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=make_cache(
+            model, KVQuantConfig(bits=8, group_size=16, value_group=16, pre_rope=True)))  # fmt: skip
+        reference = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    assert torch.equal(quantized, reference)

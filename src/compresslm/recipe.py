@@ -249,6 +249,7 @@ class KVCacheStage:
     value_group: int = 64
     window: int = 0
     outliers: float = 0.0
+    pre_rope: bool = False
     chunk: int = 128
     type: str = "kv_cache"
 
@@ -264,7 +265,9 @@ class KVCacheStage:
     def config(self):
         from compresslm.kv.cache import KVQuantConfig
 
-        return KVQuantConfig(self.bits, self.group_size, self.value_group, self.window, self.outliers)
+        return KVQuantConfig(
+            self.bits, self.group_size, self.value_group, self.window, self.outliers, pre_rope=self.pre_rope
+        )
 
 
 STAGES: dict[str, type] = {

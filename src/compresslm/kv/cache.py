@@ -9,7 +9,10 @@ dequantized history plus the full-precision recent tokens.
 
 `outliers` > 0 keeps that fraction of each key group's largest-magnitude entries in float16
 (with int32 positions) and quantizes the rest over the narrower remaining range (the
-dense-and-sparse idea of KVQuant). Quantization after RoPE only: keys enter the cache rotated.
+dense-and-sparse idea of KVQuant). `pre_rope` quantizes keys before the rotary embedding (also
+KVQuant): keys enter the cache rotated, are rotated back by their positions' angles (computed
+by the model's own rotary module, not stored), quantized per channel where the channels'
+scales are stable, and rotated again when read.
 
 The cache really stores packed integers: `nbytes()` sums its tensors (codes, scales, minimums,
 outliers, full-precision tokens) and is what every report calls KV bytes.
@@ -34,6 +37,7 @@ class KVQuantConfig:
     window: int = 0  # most recent tokens kept in full precision
     outliers: float = 0.0  # fraction of each key group kept in float16
     value_bits: int | None = None  # values' bits when they differ from the keys'
+    pre_rope: bool = False  # quantize keys before the rotary embedding
 
     def __post_init__(self) -> None:
         for name in ("bits", "value_bits"):
@@ -59,6 +63,8 @@ class KVQuantConfig:
             text += f", {self.window} recent tokens full precision"
         if self.outliers:
             text += f", {100 * self.outliers:g}% key outliers float16"
+        if self.pre_rope:
+            text += ", keys pre-RoPE"
         return text
 
     def to_dict(self) -> dict:
@@ -86,9 +92,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: KVQuantConfig):
+    def __init__(self, config: KVQuantConfig, rotary=None):
         super().__init__()
         self.config = config
+        self.rotary = rotary  # the model's rotary embedding module, for pre-RoPE keys
         self.key_groups: list[dict] = []
         self.value_groups: list[dict] = []
         self.keys = self.values = None
@@ -138,11 +145,23 @@ class QuantizedKVLayer(CacheLayerMixin):
         x = _dequantize(q, self.config.v_bits)
         return x.reshape(*x.shape[:3], -1)
 
+    def _rope(self, keys: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        """Rotate keys at positions start.. by their RoPE angles (or back, with `inverse`)."""
+        positions = torch.arange(start, start + keys.shape[-2], device=keys.device)[None]
+        cos, sin = self.rotary(keys, positions)
+        cos, sin = cos[:, None].float(), sin[:, None].float()
+        x = keys.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos - rotated * sin if inverse else x * cos + rotated * sin
+
     def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = [self._dequantize_keys(q) for q in self.key_groups]
         values = [self._dequantize_values(q) for q in self.value_groups]
-        return (torch.cat([*keys, self.keys.float()], dim=-2).to(self.dtype),
-                torch.cat([*values, self.values.float()], dim=-2).to(self.dtype))  # fmt: skip
+        history_k = torch.cat([*keys, self.keys.float()], dim=-2)
+        if self.config.pre_rope and history_k.shape[-2]:
+            history_k = self._rope(history_k, 0, inverse=False)
+        return history_k.to(self.dtype), torch.cat([*values, self.values.float()], dim=-2).to(self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -150,6 +169,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         history_k, history_v = self._history()
         out_k = torch.cat([history_k, key_states], dim=-2)
         out_v = torch.cat([history_v, value_states], dim=-2)
+        if self.config.pre_rope:
+            key_states = self._rope(key_states, self.get_seq_length(), inverse=True).to(self.dtype)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         g = self.config.group_size
@@ -191,8 +212,10 @@ class QuantizedKVLayer(CacheLayerMixin):
 class QuantizedKVCache(Cache):
     """A transformers Cache whose every layer is a QuantizedKVLayer."""
 
-    def __init__(self, num_layers: int, config: KVQuantConfig):
-        super().__init__(layers=[QuantizedKVLayer(config) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, config: KVQuantConfig, rotary=None):
+        if config.pre_rope and rotary is None:
+            raise CompressLMError("pre-RoPE key quantization needs the model's rotary embedding module")
+        super().__init__(layers=[QuantizedKVLayer(config, rotary) for _ in range(num_layers)])
         self.kv_config = config
 
     def nbytes(self) -> int:
@@ -209,7 +232,12 @@ def make_cache(model: torch.nn.Module, config: KVQuantConfig | None) -> Cache:
     layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
     if layer_types - {"full_attention"}:
         raise CompressLMError(f"the quantized KV cache supports full-attention layers only, not {layer_types}")
-    return QuantizedKVCache(text_config.num_hidden_layers, config)
+    rotary = None
+    if config.pre_rope:
+        rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)
+        if rotary is None:
+            raise CompressLMError(f"{type(model).__name__} has no rotary_emb module: pre-RoPE quantization needs one")
+    return QuantizedKVCache(text_config.num_hidden_layers, config, rotary)
 
 
 def fp16_kv_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int:
