@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from point_runner import CHILD_ENV, footer
-from results_store import atomic_write, load_rows, save_rows
+from point_runner import footer, run_queue
+from results_store import atomic_write
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "eval_suite"
@@ -185,21 +183,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(json.dumps(run_point(args.one, args, Path(tmp))))
         return
-    json_path = RESULTS.with_suffix(".json")
-    rows = load_rows(json_path)
-    for name in args.points:
-        if name in rows:
-            continue
-        print(f"[{name}] running", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--one", name, "--data-dir", args.data_dir, "--task-limit",
-               str(args.task_limit), "--gsm8k-limit", str(args.gsm8k_limit)]  # fmt: skip
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"point {name} failed")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows[name]["omp_wait_policy"] = env["OMP_WAIT_POLICY"]
-        save_rows(json_path, rows)
+    rows = run_queue(
+        __file__,
+        RESULTS.with_suffix(".json"),
+        args.points,
+        ["--data-dir", args.data_dir, "--task-limit", str(args.task_limit), "--gsm8k-limit", str(args.gsm8k_limit)],
+    )
     ordered = {n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows}
     if ordered:
         write_markdown(ordered)

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-from point_runner import CHILD_ENV
-from results_store import atomic_write, load_rows, save_rows
+from point_runner import run_queue
+from results_store import atomic_write
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "kv_table"
@@ -151,19 +148,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_point(args.one, args)))
         return
-    json_path = RESULTS.with_suffix(".json")
-    rows = load_rows(json_path)
-    for name in args.points:
-        if name in rows:
-            continue
-        print(f"[{name}] running", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, "--one", name, "--limit", str(args.limit), "--trials", str(args.trials)]
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"point {name} failed")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        save_rows(json_path, rows)
+    rows = run_queue(
+        __file__, RESULTS.with_suffix(".json"), args.points, ["--limit", str(args.limit), "--trials", str(args.trials)]
+    )
     ordered = {n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows}
     if ordered:
         write_markdown(ordered)

@@ -58,6 +58,30 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
     }
 
 
+def run_queue(script: str, json_path: Path, names: list[str], child_args: list[str]) -> dict:
+    """Run every point of `names` not yet in `json_path`, each as `script --one NAME *child_args`.
+
+    A point's row is the last line its process prints (JSON); it is saved before the next starts.
+    """
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(json_path)
+    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
+    for name in names:
+        if name in rows:
+            continue
+        print(f"[{name}] running", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, script, "--one", name, *child_args], stdout=subprocess.PIPE,
+                              text=True, check=False, env=env)  # fmt: skip
+        if proc.returncode != 0:
+            raise SystemExit(f"point {name} failed (its error is above)")
+        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows[name].setdefault("omp_wait_policy", env.get("OMP_WAIT_POLICY", "default"))
+        save_rows(json_path, rows)
+        ppl = f" ppl {rows[name]['ppl']:.3f}" if "ppl" in rows[name] else ""
+        print(f"[{name}] done{ppl}", file=sys.stderr, flush=True)
+    return rows
+
+
 def baseline_ppl(here: Path, limit: int) -> float | None:
     """The float32 reference under the same protocol, from baseline_ppl.py's output."""
     path = here / "results" / "baseline_ppl.json"
@@ -81,22 +105,9 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
             print(json.dumps(run_point(args.one, args.model, args.limit, Path(tmp))))
         return
 
-    results.parent.mkdir(parents=True, exist_ok=True)
-    json_path = results.with_suffix(".json")
-    rows = load_rows(json_path)
-    for name in args.points:
-        if name in rows:
-            continue
-        print(f"[{name}] running", file=sys.stderr, flush=True)
-        cmd = [sys.executable, script, "--one", name, "--model", args.model, "--limit", str(args.limit)]
-        env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"point {name} failed")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        save_rows(json_path, rows)
-        print(f"[{name}] ppl {rows[name]['ppl']:.3f}", file=sys.stderr, flush=True)
+    rows = run_queue(
+        script, results.with_suffix(".json"), args.points, ["--model", args.model, "--limit", str(args.limit)]
+    )
     ordered = {name: rows[name] for name in [*default_points, *args.points, *rows] if name in rows}
     if ordered:
         write_markdown(ordered, baseline_ppl(Path(script).parent, args.limit))

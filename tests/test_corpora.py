@@ -53,10 +53,10 @@ def test_text_and_jsonl_files(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "ok"}\n{"text": 3}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a string 'text' field"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: expected an object with a string 'text' field"):
         load_corpus(str(jsonl))
     jsonl.write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not valid JSON"):
         load_corpus(str(jsonl))
 
 

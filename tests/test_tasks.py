@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from compresslm.errors import DataError
-from compresslm.eval.harness import evaluate_task, expected_calibration_error, loglikelihoods, stderr
+from compresslm.eval.harness import evaluate_task, expected_calibration_error, loglikelihoods
+from compresslm.eval.stats import mean_stderr
 from compresslm.eval.tasks import ALL_TASKS, gsm8k_answer, load_task
 from compresslm.models.loading import LoadedModel
 from compresslm.models.tiny import tiny_model
@@ -137,7 +138,7 @@ def test_data_directory_errors(tmp_path, monkeypatch):
 
 
 def test_stderr_and_ece():
-    assert stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx(0.5 / 2 * (4 / 3) ** 0.5)
+    assert mean_stderr([1.0, 0.0, 1.0, 0.0]) == pytest.approx(0.5 / 2 * (4 / 3) ** 0.5)
     assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
     assert expected_calibration_error([0.9, 0.9], [False, False]) == pytest.approx(0.9)
 

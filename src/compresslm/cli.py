@@ -460,6 +460,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compresslm", description="Make language models small and measure what that costs."
@@ -492,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")
     comp.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
     comp.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
-    comp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(comp)
     comp.set_defaults(func=cmd_compress)
 
     masks = sub.add_parser("masks", help="prune with two calibration sets and report how far the masks agree")
@@ -506,8 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     masks.add_argument("--calib-samples", type=int, default=128, help="windows per set (default 128)")
     masks.add_argument("--calib-len", type=int, default=512, help="tokens per window (default 512)")
     masks.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
-    masks.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    masks.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(masks)
     masks.set_defaults(func=cmd_masks)
 
     lme = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks (optional extra compresslm[lm-eval])")
@@ -528,8 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="report", help="report folder (plots, report.md, report.html)")
     sw.add_argument("--containers", default=None, help="keep each point's .clm here (default: deleted)")
     sw.add_argument("--data-dir", default=None, help="task data directory for grids with tasks")
-    sw.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(sw)
     sw.set_defaults(func=cmd_sweep)
 
     rep = sub.add_parser("report", help="write the frontier report of a results DB")
@@ -552,8 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seq-len", type=int, default=None)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default=None)
-    tr.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(tr)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
@@ -590,8 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speed-new", type=int, default=64, help="decoded tokens for --speed (default 64)")
     ev.add_argument("--speed-batch", default="1", help="batch sizes for --speed, e.g. 1,8 (default 1)")
     ev.add_argument("--repeats", type=int, default=5, help="timed runs for --speed after one warm-up (default 5)")
-    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(ev)
     ev.set_defaults(func=cmd_eval)
     return parser
 

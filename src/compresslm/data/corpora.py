@@ -40,18 +40,28 @@ class Corpus:
                 "text_sha256": self.sha256, "characters": len(self.text)}  # fmt: skip
 
 
-def read_jsonl_texts(lines: list[str], source: str) -> list[str]:
-    """The "text" field of every non-blank JSON line; a malformed line is an error naming file and line."""
-    texts = []
+def read_jsonl(lines, source: str) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank JSON line; a malformed line is an error naming file and line."""
+    rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{source}:{number}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{source}:{number}: expected an object with a string 'text' field")
+            raise DataError(f"{source}, line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{source}, line {number}: expected a JSON object")
+        rows.append((number, record))
+    return rows
+
+
+def read_jsonl_texts(lines: list[str], source: str) -> list[str]:
+    """The "text" field of every non-blank JSON line."""
+    texts = []
+    for number, record in read_jsonl(lines, source):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{source}, line {number}: expected an object with a string 'text' field")
         texts.append(record["text"])
     return texts
 

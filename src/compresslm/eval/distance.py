@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ import torch
 from compresslm.data.corpora import Corpus
 from compresslm.errors import CorruptFileError, ProtocolError
 from compresslm.eval.perplexity import eval_model, prepare_windows, scored_windows
+from compresslm.eval.stats import mean_stderr
+from compresslm.fileio import atomic_torch_save
 from compresslm.models.loading import LoadedModel, cache_root
 from compresslm.progress import progress
 from compresslm.versions import versions
@@ -82,18 +83,6 @@ def _cache_key(reference: LoadedModel, corpus: Corpus, ctx: int, stride: int, li
     identity = {"model": reference.fingerprint(), "text": corpus.sha256, "ctx": ctx, "stride": stride,
                 "limit": limit, "k": k, "dtype": str(reference.dtype), "format": CACHE_FORMAT}  # fmt: skip
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _save_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @torch.inference_mode()
@@ -155,9 +144,9 @@ def reference_logits(
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     result = ReferenceLogits(torch.cat(tops), torch.cat(top_ids), torch.cat(targets_lp), sizes, protocol)
-    _save_atomic(path, {"key": key, "top_logprobs": result.top_logprobs, "top_ids": result.top_ids,
+    atomic_torch_save({"key": key, "top_logprobs": result.top_logprobs, "top_ids": result.top_ids,
                         "target_logprob": result.target_logprob, "window_sizes": sizes,
-                        "protocol": json.dumps(protocol)})  # fmt: skip
+                        "protocol": json.dumps(protocol)}, path)  # fmt: skip
     return result
 
 
@@ -178,14 +167,6 @@ def _percentiles(values: torch.Tensor) -> dict[str, float]:
     ordered = values.double().sort().values
     positions = (q * (ordered.numel() - 1)).round().long()
     return {f"p{p:g}": float(ordered[i]) for p, i in zip(PERCENTILES, positions, strict=True)}
-
-
-def _window_stderr(per_window: list[float]) -> float:
-    n = len(per_window)
-    if n < 2:
-        return float("nan")
-    mean = sum(per_window) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in per_window) / (n - 1) / n)
 
 
 @torch.inference_mode()
@@ -255,11 +236,11 @@ def distance(
     reference_nll = -reference.target_logprob.double().mean()
     return DistanceResult(
         kld_mean=float(kl_all.double().mean()),
-        kld_stderr=_window_stderr(window_kl),
+        kld_stderr=mean_stderr(window_kl),
         kld_percentiles=_percentiles(kl_all),
         kld_max=float(kl_all.max()),
         top1_agreement=float(agree_all.double().mean()),
-        top1_stderr=_window_stderr(window_agree),
+        top1_stderr=mean_stderr(window_agree),
         delta_p_mean=float(delta_all.double().mean()),
         delta_p_percentiles=_percentiles(delta_all),
         ppl=math.exp(float(torch.cat(nll).mean())),

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from compresslm.errors import ProtocolError
+from compresslm.eval.stats import mean_stderr
 from compresslm.eval.tasks import TaskData, gsm8k_answer
 from compresslm.models.loading import LoadedModel
 from compresslm.progress import progress
@@ -39,14 +40,6 @@ class TaskResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def stderr(outcomes: list[float]) -> float:
-    n = len(outcomes)
-    if n < 2:
-        return float("nan")
-    mean = sum(outcomes) / n
-    return math.sqrt(sum((x - mean) ** 2 for x in outcomes) / (n - 1) / n)
 
 
 def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 10) -> float:
@@ -155,9 +148,9 @@ def _multiple_choice(lm: LoadedModel, items: list, batch_size: int, show_progres
         correct.append(pick == item.label)
     return {
         "acc": sum(acc) / len(acc),
-        "acc_stderr": stderr(acc),
+        "acc_stderr": mean_stderr(acc),
         "acc_norm": sum(acc_norm) / len(acc_norm),
-        "acc_norm_stderr": stderr(acc_norm),
+        "acc_norm_stderr": mean_stderr(acc_norm),
         "ece": expected_calibration_error(confidences, correct),
     }
 
@@ -167,7 +160,7 @@ def _cloze(lm: LoadedModel, items: list, batch_size: int, show_progress: bool) -
     hits = [float(greedy) for _, greedy, _ in scores]
     return {
         "acc": sum(hits) / len(hits),
-        "acc_stderr": stderr(hits),
+        "acc_stderr": mean_stderr(hits),
         "ppl": math.exp(-sum(ll for ll, _, _ in scores) / len(scores)),  # per word, as lm-eval's lambada
     }
 
@@ -191,7 +184,7 @@ def _generation(lm: LoadedModel, items: list, max_new_tokens: int, show_progress
         hits.append(float(gsm8k_answer(text) == item.answer))
         bar.update(1)
     bar.close()
-    return {"exact_match": sum(hits) / len(hits), "exact_match_stderr": stderr(hits)}
+    return {"exact_match": sum(hits) / len(hits), "exact_match_stderr": mean_stderr(hits)}
 
 
 def evaluate_task(

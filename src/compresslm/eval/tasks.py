@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compresslm.data.corpora import read_jsonl
 from compresslm.errors import DataError
 
 
@@ -76,19 +76,8 @@ def _find(root: Path, task: str, candidates: list[str]) -> Path:
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object")
-            rows.append((number, row))
-    return rows
+        return read_jsonl(handle, str(path))
 
 
 def _labels(path: Path, count: int) -> list[int]:

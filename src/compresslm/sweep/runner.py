@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from compresslm.eval.stats import mean_stderr
 from compresslm.models.loading import LoadedModel, load_model
 from compresslm.progress import progress
 from compresslm.sweep.grid import Grid, SweepPoint
@@ -60,10 +61,8 @@ def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None) -> d
         result = perplexity(lm, protocol.corpus, ctx=protocol.ctx, limit=protocol.limit, show_progress=False)
         window_nll = result.window_nll
         out.update({"ppl": result.ppl, "eval_protocol": result.protocol})
-    n = len(window_nll)
-    if n > 1:  # an error bar for ppl: the standard error of the mean window NLL, mapped through exp
-        mean = sum(window_nll) / n
-        se = math.sqrt(sum((x - mean) ** 2 for x in window_nll) / (n - 1) / n)
+    if len(window_nll) > 1:  # an error bar for ppl: the standard error of the mean window NLL, mapped through exp
+        se = mean_stderr(window_nll)
         out["ppl_low"], out["ppl_high"] = math.exp(math.log(out["ppl"]) - se), math.exp(math.log(out["ppl"]) + se)
     if lm.kv_cache is not None:
         out.update(_kv_bytes(lm, protocol.ctx))

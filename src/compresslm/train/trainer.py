@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from compresslm.data.calibration import calibration_windows
 from compresslm.errors import CompressLMError
+from compresslm.fileio import atomic_torch_save
 from compresslm.models.layout import discover_layout
 from compresslm.models.loading import LoadedModel, save_model
 from compresslm.progress import progress
@@ -144,17 +144,6 @@ def _unwrap(lm: LoadedModel, modules: dict[str, FakeQuantLinear]) -> None:
         replace_module(lm.model, name, linear.to(module.weight.device))
 
 
-def _save_atomic(payload: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train(
     lm: LoadedModel,
     recipe: str | dict | TrainRecipe,
@@ -231,7 +220,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
         if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                           "rng": rng.getstate(), "log": log_rows, "recipe": dataclasses.asdict(recipe),
                           "steps": steps, "masks": {n: m.mask for n, m in modules.items() if m.mask is not None}},
                          checkpoint)  # fmt: skip
