@@ -88,3 +88,16 @@ def test_container_round_trip_on_reference(reference_lm, reference_cache, monkey
     assert summary["bytes_on_disk"] == (tmp_path / "w4.clm").stat().st_size
     # 4-bit codes, float16 scale and 4-bit zero per 64 weights; 576 columns split 64-wise evenly
     assert summary["linear_bits_per_param"] == pytest.approx(4 + 20 / 64, rel=1e-3)
+
+
+def test_kv8_generation_matches_full_precision_on_reference(reference_lm):
+    from compresslm.kv.cache import KVQuantConfig, make_cache
+
+    tok = reference_lm.tokenizer
+    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    config = KVQuantConfig(bits=8, group_size=8, value_group=64, pre_rope=True)  # small groups: quantized early
+    with torch.no_grad():
+        reference = reference_lm.model.generate(ids, max_new_tokens=12, do_sample=False)
+        quantized = reference_lm.model.generate(ids, max_new_tokens=12, do_sample=False,
+                                                past_key_values=make_cache(reference_lm.model, config))  # fmt: skip
+    assert torch.equal(quantized, reference)
