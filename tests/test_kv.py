@@ -27,7 +27,7 @@ def test_lastdim_packing_round_trips(bits):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"bits": 5}, "2, 3, 4 or 8"),
+        ({"bits": 9}, "2 to 8"),
         ({"group_size": 12}, "multiple of 8"),
         ({"window": -1}, "window"),
         ({"outliers": 0.7}, "outliers"),

@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=None, help="the uncompressed model for --kld (default: a container's source)"
     )
     ev.add_argument("--kld-topk", type=int, default=64, help="reference log-probs kept per token (default 64)")
-    ev.add_argument("--kv-bits", type=int, default=None, help="KV cache bits (2, 3, 4, 8; 16 = full precision)")
+    ev.add_argument("--kv-bits", type=int, default=None, help="KV cache bits (2-8; 16 = full precision)")
     ev.add_argument("--kv-group", type=int, default=128, help="tokens per key group (default 128)")
     ev.add_argument("--kv-value-group", type=int, default=64, help="channels per value group (default 64)")
     ev.add_argument("--kv-window", type=int, default=0, help="recent tokens kept in full precision (default 0)")

@@ -407,7 +407,7 @@ SMOOTHQUANT_PRESETS = {
 }  # fmt: skip
 
 
-_KV_PRESET = re.compile(r"^kv(?P<bits>[2348])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?$")
+_KV_PRESET = re.compile(r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
 )

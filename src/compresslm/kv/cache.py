@@ -42,8 +42,8 @@ class KVQuantConfig:
     def __post_init__(self) -> None:
         for name in ("bits", "value_bits"):
             value = getattr(self, name)
-            if value is not None and value not in (2, 3, 4, 8):
-                raise CompressLMError(f"KV cache {name} must be 2, 3, 4 or 8 (16 = not quantized), got {value}")
+            if value is not None and not 2 <= value <= 8:
+                raise CompressLMError(f"KV cache {name} must be 2 to 8 (16 = not quantized), got {value}")
         if self.group_size < 1 or self.group_size % 8:
             raise CompressLMError(f"KV group_size must be a positive multiple of 8 tokens, got {self.group_size}")
         if self.value_group < 8 or self.value_group % 8:
