@@ -53,6 +53,18 @@ def test_bad_grids_fail_before_compute(grid, message):
         load_grid(grid)
 
 
+def test_budget_points(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    grid = load_grid({**TINY_GRID, "points": [{"label": "budget", "recipe": "w4-g16-rtn", "target_bits": 9.0},
+                                              "w4-g16-rtn"]})  # fmt: skip
+    rows = run_sweep(model_dir, grid, tmp_path / "r.sqlite", show_progress=False, log=lambda *a: None)
+    budget = next(r for r in rows if r["label"] == "budget")
+    assert budget["family"] == "budget solver" and budget["bits_per_param"] <= 9.0
+    assert len(set(budget["budget"]["choices"].values())) > 1
+    with pytest.raises(GridError, match="target_bits"):
+        load_grid({"points": [{"label": "b", "recipe": "w4-rtn", "target_bits": -1}]})
+
+
 def test_grid_file_and_product(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("points: [none]\nproduct:\n  recipe: 'w{bits}-g{group}-rtn'\n  bits: [4, 3]\n  group: [32, 64]\n")

@@ -39,7 +39,7 @@ from compresslm.runtime.linear import dense_weight
 
 ALIGN = 64
 BITS_OPTIONS = (2, 3, 4, 5, 6, 8)
-EMBEDDING_OPTIONS = (16, 8, 4)
+EMBEDDING_OPTIONS = (16, 8, 4, 3, 2)
 # The JSON header: ~1.7 KB per compressed linear was measured (blob index, per-layer report, GPTQ
 # meta); the budget reserves 2 KB each plus the module paths the recipe lists, and 16 KB more.
 HEADER_BYTES_PER_LINEAR = 2048

@@ -15,6 +15,7 @@ points:                         # preset names, or mappings with a label, recipe
   - none                        # the uncompressed model (the reference line)
   - w4-g64-rtn
   - {label: w4-gptq-32win, recipe: w4-g64-gptq, calibration: {samples: 32}}
+  - {label: budget-3.5, recipe: w4-g64-gptq, target_bits: 3.5}   # the budget solver picks per-layer widths
 product:                        # optional: every combination of the axes, formatted into `recipe`
   recipe: "w{bits}-g{group}-{method}"
   bits: [4, 3]
@@ -62,11 +63,14 @@ class Protocol:
 class SweepPoint:
     label: str
     recipe: Recipe | None  # None: the uncompressed model
+    target_bits: float | None = None  # the budget solver chooses per-layer widths for this file size
 
     @property
     def key(self) -> str:
         """What makes two points the same measurement (label aside)."""
-        return json.dumps(self.recipe.to_dict() if self.recipe else None, sort_keys=True)
+        recipe = self.recipe.to_dict() if self.recipe else None
+        return json.dumps({"recipe": recipe, "target_bits": self.target_bits} if self.target_bits else recipe,
+                          sort_keys=True)  # fmt: skip
 
 
 @dataclass
@@ -103,7 +107,11 @@ BUILTIN: dict[str, dict] = {
         "description": "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048)",
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
         "calibration": {"samples": 128, "length": 512},
-        "points": ["none"],
+        "points": [
+            "none",
+            {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},
+            {"label": "budget-2.5", "recipe": "w4-g64-gptq", "target_bits": 2.5},
+        ],
         "product": [
             {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "gptq", "awq"]},
             {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
@@ -116,7 +124,7 @@ BUILTIN: dict[str, dict] = {
 _GRID_KEYS = ("name", "description", "protocol", "calibration", "points", "product")
 _PROTOCOL_KEYS = ("ppl", "kld", "tasks", "task_limit", "speed")
 _PPL_KEYS = ("corpus", "ctx", "limit")
-_POINT_KEYS = ("label", "recipe", "calibration")
+_POINT_KEYS = ("label", "recipe", "calibration", "target_bits")
 
 
 def _check_keys(where: str, data: dict, allowed: tuple) -> None:
@@ -186,7 +194,10 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
         recipe.validate()
     except RecipeError as exc:
         raise GridError(f"{where}: {exc}") from None
-    return SweepPoint(label, recipe)
+    target = raw.get("target_bits")
+    if target is not None and (not isinstance(target, (int, float)) or target <= 0):
+        raise GridError(f"{where}: target_bits={target!r} is not allowed; use a positive number of bits per parameter")
+    return SweepPoint(label, recipe, float(target) if target is not None else None)
 
 
 def load_grid(spec: str | dict) -> Grid:

@@ -30,6 +30,8 @@ def family(point: SweepPoint) -> str:
     """The line a point belongs to in the plots: its methods in order, e.g. 'gptq', 'sparsegpt>gptq'."""
     if point.recipe is None:
         return "uncompressed"
+    if point.target_bits is not None:
+        return "budget solver"
     parts = []
     for stage in point.recipe.stages:
         if stage.type == "quantize":
@@ -139,10 +141,18 @@ def run_sweep(
             row.update(_uncompressed_size(base))
         else:
             path = workdir / f"{_safe(point.label)}.clm"
-            _, result, summary = compress(copy.deepcopy(base), point.recipe, path, show_progress=False)
+            model, recipe = copy.deepcopy(base), point.recipe
+            if point.target_bits is not None:
+                from compresslm.engine.budget import plan_budget
+
+                plan = plan_budget(model, recipe, target_bits=point.target_bits, show_progress=False)
+                recipe = plan.recipe
+                row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
+                                 "predicted_bytes": plan.predicted_bytes}  # fmt: skip
+            _, result, summary = compress(model, recipe, path, show_progress=False)
             row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
                                                 "linear_sparsity")})  # fmt: skip
-            row.update({"compress_seconds": result.seconds, "recipe": point.recipe.to_dict(),
+            row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(),
                         "calibration": result.calibration})  # fmt: skip
             lm = load_model(path)
         row.update(_evaluate(lm, grid, reference, data_dir))
