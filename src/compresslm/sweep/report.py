@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import os
+import textwrap
 from pathlib import Path
 
 from compresslm.sweep.frontier import elasticity_table, pareto
@@ -61,11 +62,11 @@ def _plot(rows: list[dict], cost: str, loss: str, title: str, protocol: str) -> 
     ax.set_yscale("log" if loss == "ppl" else "symlog" if loss == "kld_mean" else "linear")
     ax.set_xlabel(cost.replace("_", " "))
     ax.set_ylabel(loss.replace("_", " "))
-    ax.set_title(title, fontsize=11)
-    fig.text(0.01, 0.01, protocol, fontsize=7, color="dimgray")
+    ax.set_title(" ".join(title.split()), fontsize=11)
+    fig.text(0.01, 0.01, textwrap.fill(" ".join(protocol.split()), 140), fontsize=7, color="dimgray")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.16)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
