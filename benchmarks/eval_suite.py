@@ -135,7 +135,7 @@ def write_markdown(rows: dict) -> None:
         lines += [
             f"## Tasks ({r['point'].split(' ', 1)[1]})",
             "",
-            "Log-likelihood scoring in the lm-evaluation-harness formats; acc_norm per byte; ECE of the choice "
+            "Log-likelihood scoring in the lm-evaluation-harness formats; acc_norm per character; ECE of the choice "
             "probabilities (10 bins); standard errors over items. A subset is a seeded random sample (seed 0).",
             "",
             "| task | n / available | acc ± s.e. | acc_norm ± s.e. | ECE | other | data |",

@@ -1,9 +1,9 @@
 """Scoring tasks by log-likelihood (and GSM8K by greedy generation), with error bars and calibration.
 
 Multiple choice: each choice's continuation is scored as Σ log p(continuation tokens | context);
-`acc` picks the highest sum, `acc_norm` the highest sum per byte of the continuation (the
-lm-evaluation-harness convention). Standard errors are the sample standard deviation of the
-per-item 0/1 outcomes over √n. `ece` is the expected calibration error of the model's choice
+`acc` picks the highest sum, `acc_norm` the highest sum per character of the choice text (the
+lm-evaluation-harness convention: the length without the leading space). Standard errors are
+the sample standard deviation of the per-item 0/1 outcomes over √n. `ece` is the expected calibration error of the model's choice
 probabilities (softmax of the choice log-likelihoods), in 10 equal-width confidence bins:
 compression can damage calibration before accuracy.
 
@@ -138,7 +138,7 @@ def _multiple_choice(lm: LoadedModel, items: list, batch_size: int, show_progres
         k = len(item.choices)
         lls = [scores[position + j][0] for j in range(k)]
         position += k
-        lengths = [max(len(c.encode("utf-8")), 1) for c in item.choices]
+        lengths = [max(len(c.lstrip(" ")), 1) for c in item.choices]  # characters of the choice, as lm-eval
         pick = max(range(k), key=lambda j: lls[j])
         pick_norm = max(range(k), key=lambda j: lls[j] / lengths[j])
         probs = torch.softmax(torch.tensor(lls, dtype=torch.float64), dim=0)
@@ -215,7 +215,7 @@ def evaluate_task(
         "items_available": len(task.items),
         "subset": None if len(items) == len(task.items) else {"limit": limit, "seed": seed, "sampling": "random"},
         "scoring": {
-            "multiple_choice": "sum log-likelihood of each choice; acc_norm per byte; ece over choice softmax",
+            "multiple_choice": "sum log-likelihood of each choice; acc_norm per character; ece over choice softmax",
             "cloze": "last word: greedy exact match and exp(-mean log-likelihood of the word)",
             "generation": f"greedy, up to {max_new_tokens} new tokens; exact match of the final number",
         }[task.kind],
