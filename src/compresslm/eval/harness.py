@@ -3,9 +3,9 @@
 Multiple choice: each choice's continuation is scored as Σ log p(continuation tokens | context);
 `acc` picks the highest sum, `acc_norm` the highest sum per character of the choice text (the
 lm-evaluation-harness convention: the length without the leading space). Standard errors are
-the sample standard deviation of the per-item 0/1 outcomes over √n. `ece` is the expected calibration error of the model's choice
-probabilities (softmax of the choice log-likelihoods), in 10 equal-width confidence bins:
-compression can damage calibration before accuracy.
+the sample standard deviation of the per-item 0/1 outcomes over √n. `ece` is the expected
+calibration error of the model's choice probabilities (softmax of the choice log-likelihoods), in
+10 equal-width confidence bins: compression can damage calibration before accuracy.
 
 Tokenization follows lm-evaluation-harness: context + continuation are encoded together and the
 continuation is what lies beyond the encoded context (trailing spaces of the context move to
