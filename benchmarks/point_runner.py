@@ -36,6 +36,8 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
     started = time.perf_counter()
     _, result, summary = compress(lm, name, container, show_progress=False)
     seconds = time.perf_counter() - started
+    compress_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    del lm  # the evaluation runs on the reloaded container alone
     reloaded = load_model(container)
     ppl = perplexity(reloaded, "wikitext2", ctx=2048, limit=limit, show_progress=False)
     errors = [layer.relative_error for layer in result.layers if layer.relative_error is not None]
@@ -50,6 +52,7 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
         "compress_and_save_seconds": seconds,
         "mean_layer_relative_error": sum(errors) / len(errors) if errors else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "compress_peak_rss_bytes": compress_peak,  # load + compress + write, before the evaluation
         "recipe": result.recipe.to_dict(),
         "calibration": result.calibration,
         "compression_info": {k: v for k, v in result.info.items() if k != "model"},
