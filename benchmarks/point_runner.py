@@ -116,6 +116,14 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
         write_markdown(ordered, baseline_ppl(Path(script).parent, args.limit))
 
 
+def rss_cell(row: dict) -> str:
+    """'compress / whole point' peak RSS in MiB (rows from before the split show only the whole point)."""
+    whole = f"{row['peak_rss_bytes'] / 2**20:.0f}"
+    if "compress_peak_rss_bytes" not in row:
+        return f"– / {whole}"
+    return f"{row['compress_peak_rss_bytes'] / 2**20:.0f} / {whole}"
+
+
 def footer(rows: dict, command: str) -> list[str]:
     """Command, machine, versions and how the OpenMP pool waited, for a table's markdown."""
     import platform

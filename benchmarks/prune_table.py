@@ -50,7 +50,7 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         f"Uncompressed float32 reference under the same protocol: ppl {baseline:.4f}." if baseline else "",
         "",
         "| recipe | ppl | Δ vs fp32 | pruned (linears) | bits/param (file) | linear bits/param | bytes on disk "
-        "| compress s | peak RSS MiB |",
+        "| compress s | peak RSS MiB (compress / whole point) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows.values():
@@ -58,7 +58,7 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         lines.append(
             f"| {row['point']} | {row['ppl']:.3f} | {delta} | {100 * row['linear_sparsity']:.1f} % "
             f"| {row['bits_per_param']:.3f} | {row['linear_bits_per_param']:.3f} | {row['bytes_on_disk']:,} "
-            f"| {row['compress_seconds']:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} |"
+            f"| {row['compress_seconds']:.0f} | {point_runner.rss_cell(row)} |"
         )
     lines += point_runner.footer(rows, ".venv/bin/python benchmarks/prune_table.py")
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")

@@ -73,7 +73,7 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         f"Uncompressed float32 reference under the same protocol: ppl {baseline:.4f}." if baseline else "",
         "",
         "| recipe | ppl | Δ vs fp32 | bits/param (file) | linear bits/param | bytes on disk | compress s "
-        "| peak RSS MiB |",
+        "| peak RSS MiB (compress / whole point) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
@@ -86,7 +86,7 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         lines.append(
             f"| {row['point']}{mark} | {row['ppl']:.3f} | {delta} | {row['bits_per_param']:.3f} "
             f"| {row['linear_bits_per_param']:.3f} | {row['bytes_on_disk']:,} | {row['compress_seconds']:.0f} "
-            f"| {row['peak_rss_bytes'] / 2**20:.0f} |"
+            f"| {point_runner.rss_cell(row)} |"
         )
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, start=1)]
     lines += [
