@@ -32,9 +32,15 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
     from compresslm.models.loading import load_model
 
     lm = load_model(model)
-    container = workdir / f"{name.replace('%', 'pct').replace(':', 'of')}.clm"
+    container = workdir / f"{name.replace('%', 'pct').replace(':', 'of').replace('@', 'at')}.clm"
     started = time.perf_counter()
-    _, result, summary = compress(lm, name, container, show_progress=False)
+    recipe, _, linear_bits = name.partition("@")  # "<preset>@4.6": the budget solver at 4.6 bits per linear weight
+    if linear_bits:
+        from compresslm.engine.budget import plan_budget
+        from compresslm.recipe import preset
+
+        recipe = plan_budget(lm, preset(recipe), target_linear_bits=float(linear_bits), show_progress=False).recipe
+    _, result, summary = compress(lm, recipe, container, show_progress=False)
     seconds = time.perf_counter() - started
     compress_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del lm  # the evaluation runs on the reloaded container alone

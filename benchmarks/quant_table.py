@@ -54,6 +54,8 @@ DEFAULT_POINTS = [
     "w4-g48-gptq-awq",
     "w4-g48-gptq-awq-clip",
     "w4-g32-gptq-awq-sym",
+    # mixed precision by the budget solver (2-8 bits per layer) at 4.6 bits per linear weight
+    "w4-g64-gptq-awq-clip@4.6",
 ]
 
 
@@ -67,6 +69,8 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         f"({p['tokens_scored']:,} tokens), float32 compute, measured on the model **reloaded from its .clm file**.",
         "Calibration (GPTQ, AWQ): 128 × 512-token windows from the shipped C4 train sample, seed 0. RTN uses none.",
         "GPTQ rows use act-order with static groups (the default) unless named `-noact`.",
+        "`<recipe>@4.6`: the budget solver's mixed precision (2 to 8 bits per layer, chosen from measured",
+        "sensitivity) at 4.6 bits per linear weight.",
         "Bits/param count every byte of the file (embedding and norms stored as float16); linear bits count",
         "codes, scales and zero points of the quantized linears.",
         "",

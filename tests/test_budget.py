@@ -80,3 +80,13 @@ def test_cli_target_size(tokenizer, tmp_path, capsys):
     assert main([*argv[:-3], "--target-bits", "4", "--target-size", "1MB"]) == 2
     assert main([*argv[:-3], "--target-size", "1KB", "--quiet"]) == 2
     assert "below the smallest possible size" in capsys.readouterr().err
+
+
+def test_linear_bits_budget(tokenizer, tmp_path):
+    base = preset("w4-g16-rtn")
+    base.calibration.samples, base.calibration.length = 4, 32
+    lm = LoadedModel.from_module(tiny_model("llama", layers=4), tokenizer, name="tiny")
+    plan = plan_budget(lm, base, target_linear_bits=4.6, show_progress=False)
+    assert "model.embed_tokens" not in plan.choices and len(set(plan.choices.values())) > 1
+    _, _, summary = compress(lm, plan.recipe, tmp_path / "b.clm", show_progress=False)
+    assert 4.3 < summary["linear_bits_per_param"] <= 4.6

@@ -124,16 +124,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
             setattr(recipe.calibration, key, value)
     recipe.validate()
     target_bytes = parse_size(args.target_size) if args.target_size else None
-    if args.target_bits is not None and target_bytes is not None:
-        raise CompressLMError("give --target-bits or --target-size, not both")
+    targets = [t for t in (args.target_bits, target_bytes, args.target_linear_bits) if t is not None]
+    if len(targets) > 1:
+        raise CompressLMError("give one of --target-bits, --target-size and --target-linear-bits")
     model = args.model
-    if args.target_bits is not None or target_bytes is not None:
+    if targets:
         from compresslm.engine.budget import plan_budget
         from compresslm.models.loading import load_model
 
         model = load_model(args.model, device=args.device)
         plan = plan_budget(model, recipe, target_bits=args.target_bits, target_bytes=target_bytes,
-                           show_progress=not args.quiet)  # fmt: skip
+                           target_linear_bits=args.target_linear_bits, show_progress=not args.quiet)  # fmt: skip
         recipe = plan.recipe
         counts: dict[int, int] = {}
         for bits in plan.choices.values():
@@ -142,6 +143,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
                + ", ".join(f"{b} bits x{n}" for b, n in sorted(counts.items(), reverse=True)))  # fmt: skip
     _print(f"compressing {args.model} with recipe '{recipe.name}'")
     _lm, result, summary = compress(model, recipe, args.output, device=args.device, show_progress=not args.quiet)
+    if args.target_linear_bits is not None and summary["linear_bits_per_param"] > args.target_linear_bits + 1e-9:
+        raise CompressLMError(
+            f"the linears take {summary['linear_bits_per_param']:.4f} bits per weight, over {args.target_linear_bits}"
+        )
     if args.target_bits is not None or target_bytes is not None:
         budget = plan.budget_bytes
         if summary["bytes_on_disk"] > budget:
@@ -492,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose per-layer bits so the file has at most this many bits/param (recipe: method, grid)",
     )
     comp.add_argument("--target-size", default=None, help="choose per-layer bits so the file fits, e.g. 60MB")
+    comp.add_argument("--target-linear-bits", type=float, default=None,
+                      help="choose per-layer bits for at most this many bits per linear weight")  # fmt: skip
     comp.add_argument("--calib", default=None, help="calibration source: c4 (default), wikitext2, or a text/JSONL path")
     comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")

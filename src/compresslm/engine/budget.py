@@ -50,13 +50,18 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def record_bytes(shape: tuple[int, int], grid: Grid) -> int:
-    """Bytes a quantized weight takes in the container: packed codes, float16 scales, packed zeros."""
+def record_bytes(shape: tuple[int, int], grid: Grid, aligned: bool = True) -> int:
+    """Bytes a quantized weight takes in the container: packed codes, float16 scales, packed zeros.
+
+    `aligned` adds each blob's padding to 64 bytes (the file's size); without it, the count that
+    `linear_bits_per_param` makes.
+    """
     out_f, in_f = shape
+    pad = _aligned if aligned else int
     groups = 1 if grid.granularity == "tensor" else out_f * num_groups(in_f, grid.group_size_for(in_f))
-    total = _aligned((out_f * in_f * grid.bits + 7) // 8) + _aligned(2 * groups)
+    total = pad((out_f * in_f * grid.bits + 7) // 8) + pad(2 * groups)
     if not grid.symmetric:
-        total += _aligned((groups * grid.bits + 7) // 8)
+        total += pad((groups * grid.bits + 7) // 8)
     return total
 
 
@@ -102,20 +107,25 @@ def plan_budget(
     *,
     target_bits: float | None = None,
     target_bytes: int | None = None,
+    target_linear_bits: float | None = None,
     bits_options: tuple[int, ...] = BITS_OPTIONS,
     show_progress: bool = True,
 ) -> BudgetPlan:
-    """Choose per-layer bits (and the tied embedding's) so the written container fits the target."""
+    """Choose per-layer bits (and the tied embedding's) so the written container fits the target.
+
+    `target_linear_bits` budgets the compressed linears alone (codes, scales, zero points per
+    weight, as `linear_bits_per_param` counts them); the embedding is then left as the recipe has it.
+    """
     from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics, _run_block
 
-    if (target_bits is None) == (target_bytes is None):
-        raise CompressLMError("give exactly one budget: target bits per parameter or target bytes")
+    if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
+        raise CompressLMError("give exactly one budget: bits per parameter, bytes, or bits per linear weight")
     stages = [s for s in base.stages if isinstance(s, QuantizeStage)]
     if len(stages) != 1 or len(base.stages) != 1:
         raise CompressLMError("the budget solver takes a recipe with one quantize stage (its method and grid)")
     stage = stages[0]
     params = sum(p.numel() for p in lm.model.parameters())
-    budget = int(target_bytes if target_bytes is not None else target_bits * params / 8)
+    budget = int(target_bytes if target_bytes is not None else (target_bits or 0) * params / 8)
     settings = base.calibration
     calib = calibration_windows(lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed)
     lm.model.eval()
@@ -134,7 +144,8 @@ def plan_budget(
             for bits in bits_options:
                 grid = _grid(stage, bits)
                 error = output_error(weight, rtn(weight, grid).dequantize(), hessian)
-                rows.append((8.0 * record_bytes(tuple(weight.shape), grid), error))
+                cost = 8.0 * record_bytes(tuple(weight.shape), grid, aligned=target_linear_bits is None)
+                rows.append((cost, error))
             options[info.name], bits_of[info.name] = rows, list(bits_options)
         batches = _run_block(block.module, batches)
         bar.update(1)
@@ -142,7 +153,7 @@ def plan_budget(
 
     layout = lm.layout
     embedding = None
-    if layout.tied_lm_head:
+    if layout.tied_lm_head and target_linear_bits is None:
         norm = lm.model.get_submodule(layout.final_norm) if layout.final_norm else None
         hidden = [norm(b.args[0]) if norm is not None else b.args[0] for b in batches]
         head_hessian = hessian_from_inputs(torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]))
@@ -158,6 +169,10 @@ def plan_budget(
     quantized = {f"{name}.weight" for name in options}
     fixed = _fixed_bytes(lm, quantized, 2 if base.dense_dtype != "float32" else 4)
     available = 8 * (budget - fixed)
+    if target_linear_bits is not None:  # the linears' own bytes, without blob alignment slack
+        weights = sum(lm.model.get_submodule(name).weight.numel() for name in options)
+        available = target_linear_bits * weights
+        budget = fixed + int(available / 8)
     choice = allocate(options, available)
     chosen = {name: bits_of[name][index] for name, index in choice.items()}
     predicted = fixed + int(sum(options[name][index][0] for name, index in choice.items()) / 8)
@@ -169,7 +184,10 @@ def plan_budget(
     for bits in sorted({b for name, b in chosen.items() if name != embedding}, reverse=True):
         targets = [name for name, b in chosen.items() if name != embedding and b == bits]
         new_stages.append(QuantizeStage(**{**fields, "bits": bits, "targets": targets}))
-    label = f"{target_bits:g} bits/param" if target_bits is not None else f"{target_bytes:,} bytes"
+    if target_linear_bits is not None:
+        label = f"{target_linear_bits:g} bits per linear weight"
+    else:
+        label = f"{target_bits:g} bits/param" if target_bits is not None else f"{target_bytes:,} bytes"
     recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()})",
                     calibration=base.calibration, dense_dtype=base.dense_dtype).validate()  # fmt: skip
     total_error = sum(options[name][index][1] for name, index in choice.items())
