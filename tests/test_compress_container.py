@@ -274,3 +274,14 @@ def test_smoothquant_migrates_outliers():
     plain = fake_quantize_activations(x, 8) @ w.T
     smooth = fake_quantize_activations(x / s, 8) @ (w * s).T
     assert (smooth - exact).pow(2).mean() < (plain - exact).pow(2).mean()
+
+
+def test_fingerprint_follows_compression(tokenizer):
+    base = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    before = base.fingerprint()
+    a = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    b = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    assert a.fingerprint() == before  # same weights, same hash
+    compress(a, _recipe("rtn", 4, 16), show_progress=False)
+    compress(b, _recipe("rtn", 3, 16), show_progress=False)
+    assert len({before, a.fingerprint(), b.fingerprint()}) == 3

@@ -260,6 +260,7 @@ def compress(
 
     lm.layout = discover_layout(lm.model)
     lm.kv_cache = recipe.kv_cache
+    lm.changed()
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
     if folds:
         info["scale_folds"] = [asdict(fold) for fold in folds]

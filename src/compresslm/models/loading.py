@@ -64,6 +64,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def changed(self) -> None:
+        """Forget the cached fingerprint: call after changing the weights in place."""
+        self._fingerprint = None
+
     def fingerprint(self) -> str:
         """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once."""
         if self._fingerprint is None:
@@ -84,10 +88,18 @@ class LoadedModel:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of the model's weights, independent of where they were loaded from."""
+    """A content hash of the model's weights, independent of where they were loaded from.
+
+    Compressed linears keep their weight outside the state dict (a non-persistent buffer rebuilt
+    from the record), so their dequantized weights are hashed too: two models compressed
+    differently never share a fingerprint.
+    """
     digest = hashlib.sha256()
     seen: set[tuple[int, tuple[int, ...]]] = set()
-    state = model.state_dict(keep_vars=True)
+    state = dict(model.state_dict(keep_vars=True))
+    for module_name, module in model.named_modules():
+        if hasattr(module, "compressed") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            state[f"{module_name}.weight[dequantized]"] = module.weight
     for name in sorted(state):
         tensor = state[name].detach()
         key = (tensor.data_ptr(), tuple(tensor.shape))

@@ -231,6 +231,7 @@ def train(
         exported = {"container": str(_export_qat_container(lm, modules, recipe, out))}
     _unwrap(lm, modules)
     lm.layout = discover_layout(lm.model)  # the module tree is back to nn.Linear
+    lm.changed()
     save_model(lm, None, out / "model")
     _write_log(log_rows, out)
     checkpoint.unlink(missing_ok=True)
