@@ -8,7 +8,7 @@ group is quantized, bit-packed and its full-precision copy dropped. Attention re
 dequantized history plus the full-precision recent tokens.
 
 `outliers` > 0 keeps that fraction of each key group's largest-magnitude entries in float16
-(with int32 positions) and quantizes the rest over the narrower remaining range (the
+(with int16 positions within the group) and quantizes the rest over the narrower remaining range (the
 dense-and-sparse idea of KVQuant). `pre_rope` quantizes keys before the rotary embedding (also
 KVQuant): keys enter the cache rotated, are rotated back by their positions' angles (computed
 by the model's own rotary module, not stored), quantized per channel where the channels'
@@ -119,7 +119,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             flat = x.reshape(*x.shape[:2], -1)
             count = max(1, int(self.config.outliers * flat.shape[-1]))
             index = flat.abs().topk(count, dim=-1).indices
-            outliers = {"index": index.to(torch.int32), "value": flat.gather(-1, index).to(torch.float16)}
+            index_dtype = torch.int16 if flat.shape[-1] <= 32767 else torch.int32  # positions within the group
+            outliers = {"index": index.to(index_dtype), "value": flat.gather(-1, index).to(torch.float16)}
             kept = torch.ones_like(flat, dtype=torch.bool).scatter_(-1, index, False)
             median = flat.median(dim=-1, keepdim=True).values
             x = torch.where(kept, flat, median).reshape(x.shape)  # outliers leave the range
