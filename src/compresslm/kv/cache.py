@@ -2,10 +2,11 @@
 
 Keys are quantized per channel over groups of `group_size` tokens (each channel of each head
 gets a scale and minimum per group of tokens: keys have outlier *channels*); values per token,
-in groups of `value_group` along the head dimension. Tokens are held in full precision until a
-whole group of `group_size` tokens older than the recent `window` has accumulated; then that
-group is quantized, bit-packed and its full-precision copy dropped. Attention reads the
-dequantized history plus the full-precision recent tokens.
+in groups of `value_group` channels (within a head, or spanning heads when larger than
+head_dim). Tokens are held in full precision until a whole group of `group_size` tokens older
+than the recent `window` has accumulated; then that group is quantized, bit-packed and its
+full-precision copy dropped. Attention reads the dequantized history plus the full-precision
+recent tokens.
 
 `outliers` > 0 keeps that fraction of each key group's largest-magnitude entries in float16
 (with int16 positions within the group) and quantizes the rest over the narrower remaining range (the
@@ -33,7 +34,7 @@ from compresslm.formats.packing import pack_lastdim, unpack_lastdim
 class KVQuantConfig:
     bits: int = 4
     group_size: int = 128  # tokens per key group (per-channel quantization)
-    value_group: int = 64  # channels per value group (per-token quantization); at most head_dim
+    value_group: int = 64  # channels per value group (per-token quantization); may span KV heads
     window: int = 0  # most recent tokens kept in full precision
     outliers: float = 0.0  # fraction of each key group kept in float16
     value_bits: int | None = None  # values' bits when they differ from the keys'
@@ -104,9 +105,13 @@ class QuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         head_dim = key_states.shape[-1]
-        self.value_group = min(self.config.value_group, head_dim)  # at most one group per token and head
-        if head_dim % 8 or head_dim % self.value_group:
-            raise CompressLMError(f"head_dim {head_dim} must be a multiple of 8 and of value_group {self.value_group}")
+        width = key_states.shape[1] * head_dim  # a token's values across all KV heads
+        self.value_group = min(self.config.value_group, width)  # a group may span heads
+        if head_dim % 8 or (width % self.value_group if self.value_group > head_dim else head_dim % self.value_group):
+            raise CompressLMError(
+                f"value_group {self.value_group} must divide head_dim {head_dim} (or the {width} channels of all "
+                "heads) and head_dim must be a multiple of 8"
+            )
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self.is_initialized = True
@@ -139,12 +144,14 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _quantize_values(self, values: torch.Tensor) -> dict:
         b, h, t, d = values.shape
-        groups = values.float().reshape(b, h, t, d // self.value_group, self.value_group)
+        tokens = values.float().transpose(1, 2).reshape(b, t, h * d)  # each token's channels, head after head
+        groups = tokens.reshape(b, t, h * d // self.value_group, self.value_group)
         return _quantize(groups, self.config.v_bits, dim=-1)
 
     def _dequantize_values(self, q: dict) -> torch.Tensor:
-        x = _dequantize(q, self.config.v_bits)
-        return x.reshape(*x.shape[:3], -1)
+        x = _dequantize(q, self.config.v_bits)  # [B, T, groups, value_group]
+        b, t = x.shape[:2]
+        return x.reshape(b, t, self.keys.shape[1], -1).transpose(1, 2)
 
     def _rope(self, keys: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
         """Rotate keys at positions start.. by their RoPE angles (or back, with `inverse`)."""
