@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -117,7 +118,6 @@ def run_sweep(
     log=print,
 ) -> list[dict]:
     """Measure every point of `grid` not yet in the database; return this grid's finished rows."""
-    from compresslm.api import compress
     from compresslm.eval.distance import reference_logits
 
     store = ResultStore(db_path)
@@ -131,45 +131,57 @@ def run_sweep(
         reference = reference_logits(base, p.corpus, ctx=p.ctx, limit=p.limit, show_progress=show_progress)
     workdir = Path(containers) if containers else Path(tempfile.mkdtemp(prefix="compresslm-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    bar = progress(len(todo), "sweep", unit="point", enabled=show_progress)
-    for point in todo:
-        store.start(model_sha, machine, point.key, protocol_key, grid.name, point.label)
-        started = time.perf_counter()
-        row: dict = {"label": point.label, "family": family(point), "model": str(model)}
-        if point.recipe is None:
-            lm = base
-            row.update(_uncompressed_size(base))
-        else:
-            path = workdir / f"{_safe(point.label)}.clm"
-            model, recipe = copy.deepcopy(base), point.recipe
-            if point.target_bits is not None:
-                from compresslm.engine.budget import plan_budget
+    try:
+        bar = progress(len(todo), "sweep", unit="point", enabled=show_progress)
+        for point in todo:
+            store.start(model_sha, machine, point.key, protocol_key, grid.name, point.label)
+            row = _measure(point, base, str(model), grid, reference, workdir, containers is not None, data_dir)
+            store.finish(model_sha, machine, point.key, protocol_key, row)
+            kld = f", KL {row['kld_mean']:.4f}" if "kld_mean" in row else ""
+            log(f"  {point.label}: ppl {row['ppl']:.3f}{kld}, {row['bits_per_param']:.3f} bits/param, "
+                f"{row['point_seconds']:.0f} s")  # fmt: skip
+            bar.update(1)
+        bar.close()
+        keys = {p.key for p in grid.points}
+        return [r for r in store.results(grid.name) if (r["model_sha"], r["machine"], r["protocol_key"]) ==
+                (model_sha, machine, protocol_key) and r["point_key"] in keys]  # fmt: skip
+    finally:
+        store.close()
+        if containers is None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
-                plan = plan_budget(model, recipe, target_bits=point.target_bits, show_progress=False)
-                recipe = plan.recipe
-                row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
-                                 "predicted_bytes": plan.predicted_bytes}  # fmt: skip
-            _, result, summary = compress(model, recipe, path, show_progress=False)
-            row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
-                                                "linear_sparsity")})  # fmt: skip
-            row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(),
-                        "calibration": result.calibration})  # fmt: skip
-            lm = load_model(path)
-        row.update(_evaluate(lm, grid, reference, data_dir))
-        row["point_seconds"] = time.perf_counter() - started
-        store.finish(model_sha, machine, point.key, protocol_key, row)
-        if point.recipe is not None and containers is None:
+
+def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, reference, workdir: Path,
+             keep: bool, data_dir: str | None) -> dict:  # fmt: skip
+    """Compress one point (budget-planned if asked), write it, reload it from the file, evaluate it."""
+    from compresslm.api import compress
+
+    started = time.perf_counter()
+    row: dict = {"label": point.label, "family": family(point), "model": model_name}
+    if point.recipe is None:
+        lm = base
+        row.update(_uncompressed_size(base))
+    else:
+        path = workdir / f"{_safe(point.label)}.clm"
+        work, recipe = copy.deepcopy(base), point.recipe
+        if point.target_bits is not None:
+            from compresslm.engine.budget import plan_budget
+
+            plan = plan_budget(work, recipe, target_bits=point.target_bits, show_progress=False)
+            recipe = plan.recipe
+            row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
+                             "predicted_bytes": plan.predicted_bytes}  # fmt: skip
+        _, result, summary = compress(work, recipe, path, show_progress=False)
+        del work
+        row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
+                                            "linear_sparsity")})  # fmt: skip
+        row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(), "calibration": result.calibration})
+        lm = load_model(path)
+        if not keep:
             path.unlink(missing_ok=True)
-        kld = f", KL {row['kld_mean']:.4f}" if "kld_mean" in row else ""
-        log(f"  {point.label}: ppl {row['ppl']:.3f}{kld}, {row['bits_per_param']:.3f} bits/param, "
-            f"{row['point_seconds']:.0f} s")  # fmt: skip
-        bar.update(1)
-    bar.close()
-    keys = {p.key for p in grid.points}
-    rows = [r for r in store.results(grid.name) if (r["model_sha"], r["machine"], r["protocol_key"]) ==
-            (model_sha, machine, protocol_key) and r["point_key"] in keys]  # fmt: skip
-    store.close()
-    return rows
+    row.update(_evaluate(lm, grid, reference, data_dir))
+    row["point_seconds"] = time.perf_counter() - started
+    return row
 
 
 def _safe(label: str) -> str:
