@@ -55,6 +55,7 @@ DEFAULT_POINTS = [
     "w4-g48-gptq-awq-clip",
     "w4-g32-gptq-awq-sym",
     # mixed precision by the budget solver (2-8 bits per layer) at 4.6 bits per linear weight
+    "w4-g64-gptq-awq@4.6",
     "w4-g64-gptq-awq-clip@4.6",
 ]
 
