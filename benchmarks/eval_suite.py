@@ -2,7 +2,8 @@
 
 Points (each saved before the next starts; rerunning skips finished points):
 
-* `tasks <model>`: every task of `compresslm.eval.tasks.ALL_TASKS` on float32 `smollm2-135m`, read
+* `task <name> <model>`: one task of `compresslm.eval.tasks.ALL_TASKS` on float32 `smollm2-135m`
+  (one point per task, so an interrupted run resumes at the next task), read
   from the shared data directory (`--data-dir`, default ../shared/data). Tasks larger than
   `--task-limit` items are scored on a seeded random subset of that size (seed 0), which the
   table says; GSM8K uses `--gsm8k-limit` items (greedy generation is slow on CPU).
@@ -11,19 +12,20 @@ Points (each saved before the next starts; rerunning skips finished points):
 * `speed <recipe>`: prefill/decode tokens/s at batch 1 and 8 (prompt 512, 64 new tokens, 1 warm-up
   + 5 timed runs), float32 and a W4 container (which runs dequantized on CPU: no faster).
 
-    .venv/bin/python benchmarks/eval_suite.py [--points "tasks fp32" ...] [--data-dir DIR]
+    .venv/bin/python benchmarks/eval_suite.py [--points "task arc_easy fp32" ...] [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 from point_runner import footer, run_queue
 from results_store import atomic_write
+
+from compresslm.eval.tasks import ALL_TASKS
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "eval_suite"
@@ -34,7 +36,7 @@ DEFAULT_POINTS = [
     "kld w3-g64-rtn",
     "speed fp32",
     "speed w4-g64-rtn",
-    "tasks fp32",
+    *(f"task {name} fp32" for name in ALL_TASKS),
 ]
 
 
@@ -50,7 +52,8 @@ def _model(recipe: str, workdir: Path):
 
 
 def run_point(name: str, args: argparse.Namespace, workdir: Path) -> dict:
-    kind, recipe = name.split(" ", 1)
+    kind, rest = name.split(" ", 1)
+    task_name, recipe = rest.split(" ", 1) if kind == "task" else (None, rest)
     lm = _model(recipe, workdir)
     if kind == "kld":
         from compresslm.eval.distance import distance, reference_logits
@@ -64,17 +67,22 @@ def run_point(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         from compresslm.eval.speed import measure_speed
 
         return {"point": name, **measure_speed(lm, batch_sizes=(1, 8)).to_dict()}
+    if kind != "task":
+        raise SystemExit(f"unknown point kind {kind!r} in {name!r}; expected kld, speed or task")
     from compresslm.eval.harness import evaluate_task
-    from compresslm.eval.tasks import ALL_TASKS, load_task
+    from compresslm.eval.tasks import load_task
 
-    tasks = {}
-    for task_name in ALL_TASKS:
-        task = load_task(task_name, args.data_dir)
-        limit = args.gsm8k_limit if task.kind == "generation" else args.task_limit
-        result = evaluate_task(lm, task, limit=limit, seed=0, show_progress=False)
-        tasks[task_name] = {**result.metrics, "n": result.n, "protocol": result.protocol}
-        print(f"  {task_name}: {result.metrics}", file=sys.stderr, flush=True)
-    return {"point": name, "tasks": tasks}
+    task = load_task(task_name, args.data_dir)
+    limit = args.gsm8k_limit if task.kind == "generation" else args.task_limit
+    result = evaluate_task(lm, task, limit=limit, seed=0, show_progress=False)
+    return {
+        "point": name,
+        "task": task_name,
+        "model": recipe,
+        **result.metrics,
+        "n": result.n,
+        "protocol": result.protocol,
+    }
 
 
 def _fmt(metrics: dict, key: str) -> str:
@@ -131,9 +139,10 @@ def write_markdown(rows: dict) -> None:
                 )
         lines += ["", "A W4 container runs with its weights dequantized to float32 on CPU (no low-bit kernel), so "
                   "it is not expected to be faster; it is smaller on disk.", ""]  # fmt: skip
-    for r in (r for r in rows.values() if r["point"].startswith("tasks")):
+    task_rows = [r for r in rows.values() if r["point"].startswith("task ")]
+    for model in dict.fromkeys(r["model"] for r in task_rows):
         lines += [
-            f"## Tasks ({r['point'].split(' ', 1)[1]})",
+            f"## Tasks ({model})",
             "",
             "Log-likelihood scoring in the lm-evaluation-harness formats; acc_norm per character; ECE of the choice "
             "probabilities (10 bins); standard errors over items. A subset is a seeded random sample (seed 0).",
@@ -141,7 +150,7 @@ def write_markdown(rows: dict) -> None:
             "| task | n / available | acc ± s.e. | acc_norm ± s.e. | ECE | other | data |",
             "|---|---:|---:|---:|---:|---|---|",
         ]
-        for name, m in r["tasks"].items():
+        for m in (r for r in task_rows if r["model"] == model):
             p = m["protocol"]
             if "ppl" in m:
                 other = f"ppl {m['ppl']:.2f}"
@@ -152,7 +161,7 @@ def write_markdown(rows: dict) -> None:
             ece = f"{m['ece']:.3f}" if "ece" in m else ""
             data = p["note"] or Path(p["files"][0]).parent.name
             lines.append(
-                f"| {name} | {m['n']} / {p['items_available']} | {_fmt(m, 'acc')} | {_fmt(m, 'acc_norm')} "
+                f"| {m['task']} | {m['n']} / {p['items_available']} | {_fmt(m, 'acc')} | {_fmt(m, 'acc_norm')} "
                 f"| {ece} | {other} | {data} |"
             )
         lines.append("")
@@ -164,9 +173,7 @@ def rows_with_protocol(rows: dict) -> dict:
     """footer() reads versions from an eval_protocol; give each row one."""
     out = {}
     for name, row in rows.items():
-        versions = (
-            row.get("protocol", {}).get("versions") or next(iter(row.get("tasks", {}).values()))["protocol"]["versions"]
-        )
+        versions = row["protocol"]["versions"]
         out[name] = {**row, "eval_protocol": {"versions": versions}}
     return out
 

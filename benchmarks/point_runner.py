@@ -34,12 +34,15 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
     lm = load_model(model)
     container = workdir / f"{name.replace('%', 'pct').replace(':', 'of').replace('@', 'at')}.clm"
     started = time.perf_counter()
-    recipe, _, linear_bits = name.partition("@")  # "<preset>@4.6": the budget solver at 4.6 bits per linear weight
-    if linear_bits:
+    # "<preset>@4.6[:output]": the budget solver at 4.6 bits per linear weight (Fisher sensitivity unless named)
+    recipe, _, budget = name.partition("@")
+    if budget:
         from compresslm.engine.budget import plan_budget
         from compresslm.recipe import preset
 
-        recipe = plan_budget(lm, preset(recipe), target_linear_bits=float(linear_bits), show_progress=False).recipe
+        linear_bits, _, sensitivity = budget.partition(":")
+        recipe = plan_budget(lm, preset(recipe), target_linear_bits=float(linear_bits),
+                             sensitivity=sensitivity or "fisher", show_progress=False).recipe  # fmt: skip
     _, result, summary = compress(lm, recipe, container, show_progress=False)
     seconds = time.perf_counter() - started
     compress_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -55,8 +55,9 @@ DEFAULT_POINTS = [
     "w4-g48-gptq-awq-clip",
     "w4-g32-gptq-awq-sym",
     # mixed precision by the budget solver (2-8 bits per layer) at 4.6 bits per linear weight
+    "w4-g64-gptq-awq@4.6:output",
     "w4-g64-gptq-awq@4.6",
-    "w4-g64-gptq-awq-clip@4.6",
+    "w4-g48-gptq-awq@4.6",
 ]
 
 
@@ -71,7 +72,8 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         "Calibration (GPTQ, AWQ): 128 × 512-token windows from the shipped C4 train sample, seed 0. RTN uses none.",
         "GPTQ rows use act-order with static groups (the default) unless named `-noact`.",
         "`<recipe>@4.6`: the budget solver's mixed precision (2 to 8 bits per layer, chosen from measured",
-        "sensitivity) at 4.6 bits per linear weight.",
+        "sensitivity) at 4.6 bits per linear weight; sensitivity is each layer's RTN output error weighted by the",
+        "loss gradient (diagonal Fisher), or unweighted where named `:output`.",
         "Bits/param count every byte of the file (embedding and norms stored as float16); linear bits count",
         "codes, scales and zero points of the quantized linears.",
         "",

@@ -6,10 +6,11 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from compresslm.api import compress
 from compresslm.cli import main, parse_size
-from compresslm.engine.budget import plan_budget, record_bytes
+from compresslm.engine.budget import output_fisher, plan_budget, record_bytes
 from compresslm.errors import CompressLMError
 from compresslm.models.loading import LoadedModel, save_model
 from compresslm.models.tiny import tiny_model
@@ -90,3 +91,19 @@ def test_linear_bits_budget(tokenizer, tmp_path):
     assert "model.embed_tokens" not in plan.choices and len(set(plan.choices.values())) > 1
     _, _, summary = compress(lm, plan.recipe, tmp_path / "b.clm", show_progress=False)
     assert 4.3 < summary["linear_bits_per_param"] <= 4.6
+
+
+def test_fisher_weights_every_linear_and_changes_the_plan(tokenizer):
+    lm = LoadedModel.from_module(tiny_model("llama", layers=4), tokenizer, name="tiny")
+    names = [info.name for block in lm.layout.blocks for info in block.linears]
+    windows = torch.randint(0, 200, (4, 32))
+    fisher = output_fisher(lm, windows, [*names, lm.layout.lm_head], batch_size=2)
+    assert all(fisher[n].shape == (lm.model.get_submodule(n).out_features,) and (fisher[n] > 0).all() for n in names)
+    assert not any(p.grad is not None for p in lm.model.parameters())  # weights stay frozen
+    base = preset("w4-g16-rtn")
+    base.calibration.samples, base.calibration.length = 4, 32
+    plans = {s: plan_budget(lm, base, target_linear_bits=4.4, sensitivity=s, show_progress=False)
+             for s in ("fisher", "output")}  # fmt: skip
+    assert "fisher" in plans["fisher"].recipe.name and "output" in plans["output"].recipe.name
+    with pytest.raises(CompressLMError, match="sensitivity='hessian' is not known"):
+        plan_budget(lm, base, target_linear_bits=4.4, sensitivity="hessian", show_progress=False)

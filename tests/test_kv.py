@@ -14,6 +14,7 @@ from compresslm.kv.cache import KVQuantConfig, QuantizedKVCache, fp16_kv_bytes, 
 from compresslm.kv.evaluate import kv_perplexity, passkey_prompt
 from compresslm.models.loading import LoadedModel, save_model
 from compresslm.models.tiny import tiny_model
+from compresslm.quant.rotation import hadamard_matrix, rotate_last
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
@@ -31,6 +32,8 @@ def test_lastdim_packing_round_trips(bits):
         ({"group_size": 12}, "multiple of 8"),
         ({"window": -1}, "window"),
         ({"outliers": 0.7}, "outliers"),
+        ({"key_axis": "head"}, "key_axis must be 'channel' or 'token'"),
+        ({"key_axis": "token", "outliers": 0.01}, "use key_axis='channel'"),
     ],
 )
 def test_bad_settings(kwargs, message):
@@ -136,5 +139,35 @@ def test_pre_rope_keys_round_trip_through_the_rotation(model, prompt):
     with torch.no_grad():
         quantized = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=make_cache(
             model, KVQuantConfig(bits=8, group_size=16, value_group=16, pre_rope=True)))  # fmt: skip
+        reference = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    assert torch.equal(quantized, reference)
+
+
+def test_hadamard_is_orthogonal_and_self_inverse():
+    h = hadamard_matrix(64)
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)
+    x = torch.randn(3, 5, 64)
+    assert torch.allclose(rotate_last(rotate_last(x)), x, atol=1e-5)
+    with pytest.raises(CompressLMError, match="power-of-two"):
+        hadamard_matrix(48)
+
+
+def test_rotation_tames_an_outlier_channel():
+    from compresslm.kv.cache import QuantizedKVLayer
+
+    keys = torch.randn(1, 2, 32, 64)
+    keys[..., 5] *= 30  # one outlier channel, as real keys have
+    errors = {}
+    for rotate in (False, True):
+        layer = QuantizedKVLayer(KVQuantConfig(bits=4, group_size=32, value_group=64, rotate=rotate, key_axis="token"))
+        layer.lazy_initialization(keys, keys)
+        errors[rotate] = (layer._dequantize_keys(layer._quantize_keys(keys)) - keys).pow(2).mean()
+    assert errors[True] < 0.5 * errors[False]
+
+
+def test_rotated_8bit_cache_generates_the_same_tokens(model, prompt):
+    config = KVQuantConfig(bits=8, group_size=16, value_group=16, rotate=True, key_axis="token")
+    with torch.no_grad():
+        quantized = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=make_cache(model, config))
         reference = model.generate(prompt, max_new_tokens=16, do_sample=False)
     assert torch.equal(quantized, reference)

@@ -134,7 +134,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, device=args.device)
         plan = plan_budget(model, recipe, target_bits=args.target_bits, target_bytes=target_bytes,
-                           target_linear_bits=args.target_linear_bits, show_progress=not args.quiet)  # fmt: skip
+                           target_linear_bits=args.target_linear_bits, sensitivity=args.sensitivity,
+                           show_progress=not args.quiet)  # fmt: skip
         recipe = plan.recipe
         counts: dict[int, int] = {}
         for bits in plan.choices.values():
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target-size", default=None, help="choose per-layer bits so the file fits, e.g. 60MB")
     comp.add_argument("--target-linear-bits", type=float, default=None,
                       help="choose per-layer bits for at most this many bits per linear weight")  # fmt: skip
+    comp.add_argument("--sensitivity", choices=("fisher", "output"), default="fisher",
+                      help="budget solver's layer sensitivity: output error weighted by the loss's gradient "
+                           "(fisher, default) or plain output error")  # fmt: skip
     comp.add_argument("--calib", default=None, help="calibration source: c4 (default), wikitext2, or a text/JSONL path")
     comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")

@@ -3,10 +3,15 @@
 1. One pass of the *uncompressed* model over the calibration windows, block by block, collects
    every linear's input Hessian H (and the lm_head's, from the final norm's output).
 2. For each linear and each candidate bit width, RTN on the recipe's grid gives the output error
-   tr(ΔW H ΔWᵀ) (the layer's squared output error over the calibration tokens) and the exact
-   bytes the container will spend on it (packed codes, float16 scales, packed zero points, blob
-   alignment). A tied embedding is an item too (float16, 8 or 4 bits), its error measured where
-   it matters most, as the lm_head.
+   per output channel, diag(ΔW H ΔWᵀ) (squared output error summed over the calibration tokens),
+   and the exact bytes the container will spend on it (packed codes, float16 scales, packed zero
+   points, blob alignment). A tied embedding is an item too (float16, 8 or 4 bits), its error
+   measured where it matters most, as the lm_head.
+   With `sensitivity="fisher"` (the default) each channel's error is weighted by the mean squared
+   gradient of the calibration loss with respect to that output (a diagonal empirical Fisher, from
+   one backward pass over `fisher_windows` windows): the second-order estimate of how much the
+   loss rises, which compares layers; the unweighted output error ("output") does not, since a
+   unit of error in an early down_proj and in a late v_proj cost the loss very differently.
 3. A multiple-choice knapsack (`quant.allocation.allocate`) picks one option per item so that the
    whole file, including everything that stays dense, the tokenizer and a margin for the header,
    fits the budget with the least total error.
@@ -31,7 +36,7 @@ from compresslm.errors import CompressLMError
 from compresslm.models.loading import LoadedModel
 from compresslm.progress import progress
 from compresslm.quant.allocation import allocate
-from compresslm.quant.gptq import hessian_from_inputs, output_error
+from compresslm.quant.gptq import hessian_from_inputs
 from compresslm.quant.grid import Grid
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import QuantizeEmbeddingStage, QuantizeStage, Recipe
@@ -100,6 +105,64 @@ def _fixed_bytes(lm: LoadedModel, quantized: set[str], dense_bytes: int) -> int:
     return total + header
 
 
+SENSITIVITIES = ("fisher", "output")
+
+
+def output_fisher(lm: LoadedModel, windows: torch.Tensor, names: list[str], batch_size: int = 4) -> dict:
+    """Per output channel of each named linear: the summed squared gradient of the mean next-token loss.
+
+    One forward and backward pass over `windows` with the weights frozen; only the activations'
+    gradients are kept (hooks on the linears' outputs).
+    """
+    fisher = {name: None for name in names}
+    handles = []
+
+    def hook_for(name: str):
+        def record(grad: torch.Tensor) -> None:
+            g = grad.detach().float().reshape(-1, grad.shape[-1]).square().sum(0)
+            fisher[name] = g if fisher[name] is None else fisher[name] + g
+
+        def hook(module, args, out) -> None:  # returns None: the output is left as it is
+            if out.requires_grad:
+                out.register_hook(record)
+
+        return hook
+
+    for name in names:
+        handles.append(lm.model.get_submodule(name).register_forward_hook(hook_for(name)))
+    embed = lm.model.get_input_embeddings()
+    flags = {p: p.requires_grad for p in lm.model.parameters()}
+    try:
+        for param in flags:
+            param.requires_grad_(False)
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(lm.device)
+            with torch.enable_grad():
+                hidden = embed(ids).detach().requires_grad_(True)
+                out = lm.model(inputs_embeds=hidden, labels=ids, use_cache=False)
+                out.loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+    missing = [name for name, value in fisher.items() if value is None]
+    if missing:
+        raise CompressLMError(f"no gradient reached {missing[:3]}: cannot weight their sensitivity")
+    return fisher
+
+
+def _weighted_error(weight, approx, hessian, fisher: torch.Tensor | None) -> float:
+    rows = _row_errors(weight, approx, hessian)
+    return float(rows.sum() if fisher is None else (rows * fisher.to(rows.device)).sum())
+
+
+def _row_errors(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """diag(ΔW H ΔWᵀ): each output channel's squared error summed over the calibration inputs."""
+    delta = weight - approx
+    return ((delta @ hessian) * delta).sum(1)
+
+
 @torch.no_grad()
 def plan_budget(
     lm: LoadedModel,
@@ -109,12 +172,15 @@ def plan_budget(
     target_bytes: int | None = None,
     target_linear_bits: float | None = None,
     bits_options: tuple[int, ...] = BITS_OPTIONS,
+    sensitivity: str = "fisher",
+    fisher_windows: int = 32,
     show_progress: bool = True,
 ) -> BudgetPlan:
     """Choose per-layer bits (and the tied embedding's) so the written container fits the target.
 
     `target_linear_bits` budgets the compressed linears alone (codes, scales, zero points per
     weight, as `linear_bits_per_param` counts them); the embedding is then left as the recipe has it.
+    `sensitivity` is "fisher" (loss-weighted output error, see the module docstring) or "output".
     """
     from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics, _run_block
 
@@ -124,11 +190,19 @@ def plan_budget(
     if len(stages) != 1 or len(base.stages) != 1:
         raise CompressLMError("the budget solver takes a recipe with one quantize stage (its method and grid)")
     stage = stages[0]
+    if sensitivity not in SENSITIVITIES:
+        raise CompressLMError(f"sensitivity={sensitivity!r} is not known; use one of {', '.join(SENSITIVITIES)}")
     params = sum(p.numel() for p in lm.model.parameters())
     budget = int(target_bytes if target_bytes is not None else (target_bits or 0) * params / 8)
     settings = base.calibration
     calib = calibration_windows(lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed)
     lm.model.eval()
+    weights_of: dict[str, torch.Tensor] = {}
+    if sensitivity == "fisher":
+        names = [i.name for b in lm.layout.blocks for i in b.linears if stage.applies_to(i.role, i.name)]
+        if lm.layout.tied_lm_head and target_linear_bits is None and lm.layout.lm_head:
+            names.append(lm.layout.lm_head)
+        weights_of = output_fisher(lm, calib.windows[:fisher_windows], names, settings.batch_size)
     batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
     options: dict[str, list[tuple[float, float]]] = {}
     bits_of: dict[str, list[int]] = {}
@@ -143,7 +217,7 @@ def plan_budget(
             rows = []
             for bits in bits_options:
                 grid = _grid(stage, bits)
-                error = output_error(weight, rtn(weight, grid).dequantize(), hessian)
+                error = _weighted_error(weight, rtn(weight, grid).dequantize(), hessian, weights_of.get(info.name))
                 cost = 8.0 * record_bytes(tuple(weight.shape), grid, aligned=target_linear_bits is None)
                 rows.append((cost, error))
             options[info.name], bits_of[info.name] = rows, list(bits_options)
@@ -159,9 +233,10 @@ def plan_budget(
         head_hessian = hessian_from_inputs(torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]))
         weight = lm.model.get_submodule(layout.token_embedding).weight.detach().float()
         rows = [(8.0 * _aligned(weight.numel() * 2), 0.0)]  # float16, as stored when not quantized
+        head_fisher = weights_of.get(layout.lm_head) if layout.lm_head else None
         for bits in EMBEDDING_OPTIONS[1:]:
             grid = Grid(bits, "group", 64)
-            error = output_error(weight, rtn(weight, grid).dequantize(), head_hessian)
+            error = _weighted_error(weight, rtn(weight, grid).dequantize(), head_hessian, head_fisher)
             rows.append((8.0 * record_bytes(tuple(weight.shape), grid), error))
         embedding = layout.token_embedding
         options[embedding], bits_of[embedding] = rows, list(EMBEDDING_OPTIONS)
@@ -188,7 +263,7 @@ def plan_budget(
         label = f"{target_linear_bits:g} bits per linear weight"
     else:
         label = f"{target_bits:g} bits/param" if target_bits is not None else f"{target_bytes:,} bytes"
-    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()})",
+    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()}, {sensitivity})",
                     calibration=base.calibration, dense_dtype=base.dense_dtype).validate()  # fmt: skip
     total_error = sum(options[name][index][1] for name, index in choice.items())
     return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error)

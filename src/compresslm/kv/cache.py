@@ -15,6 +15,11 @@ KVQuant): keys enter the cache rotated, are rotated back by their positions' ang
 by the model's own rotary module, not stored), quantized per channel where the channels'
 scales are stable, and rotated again when read.
 
+`rotate` applies a Hadamard rotation along each head's channels before quantizing (keys and
+values) and undoes it after dequantizing (QuaRot): outlier channels are spread over all channels.
+It pairs with `key_axis="token"` (keys quantized per token, like values), since after the rotation
+no channel stands out for per-channel scales to exploit.
+
 The cache really stores packed integers: `nbytes()` sums its tensors (codes, scales, minimums,
 outliers, full-precision tokens) and is what every report calls KV bytes.
 """
@@ -28,6 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from compresslm.errors import CompressLMError
 from compresslm.formats.packing import pack_lastdim, unpack_lastdim
+from compresslm.quant.rotation import rotate_last
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class KVQuantConfig:
     outliers: float = 0.0  # fraction of each key group kept in float16
     value_bits: int | None = None  # values' bits when they differ from the keys'
     pre_rope: bool = False  # quantize keys before the rotary embedding
+    rotate: bool = False  # Hadamard-rotate each head's channels before quantizing (keys and values)
+    key_axis: str = "channel"  # "channel": per-channel over groups of tokens (KIVI); "token": like values
 
     def __post_init__(self) -> None:
         for name in ("bits", "value_bits"):
@@ -53,19 +61,29 @@ class KVQuantConfig:
             raise CompressLMError(f"KV window must be >= 0 tokens, got {self.window}")
         if not 0.0 <= self.outliers < 0.5:
             raise CompressLMError(f"KV outliers must be a fraction in [0, 0.5), got {self.outliers}")
+        if self.key_axis not in ("channel", "token"):
+            raise CompressLMError(f"KV key_axis must be 'channel' or 'token', got {self.key_axis!r}")
+        if self.outliers and self.key_axis == "token":
+            raise CompressLMError("KV outliers are kept per key group along tokens: use key_axis='channel'")
 
     @property
     def v_bits(self) -> int:
         return self.value_bits or self.bits
 
     def describe(self) -> str:
-        text = f"K{self.bits} per-channel/{self.group_size} tok, V{self.v_bits} per-token/{self.value_group} ch"
+        if self.key_axis == "channel":
+            text = f"K{self.bits} per-channel/{self.group_size} tok"
+        else:
+            text = f"K{self.bits} per-token/{self.value_group} ch"
+        text += f", V{self.v_bits} per-token/{self.value_group} ch"
         if self.window:
             text += f", {self.window} recent tokens full precision"
         if self.outliers:
             text += f", {100 * self.outliers:g}% key outliers float16"
         if self.pre_rope:
             text += ", keys pre-RoPE"
+        if self.rotate:
+            text += ", Hadamard-rotated heads"
         return text
 
     def to_dict(self) -> dict:
@@ -112,11 +130,17 @@ class QuantizedKVLayer(CacheLayerMixin):
                 f"value_group {self.value_group} must divide head_dim {head_dim} (or the {width} channels of all "
                 "heads) and head_dim must be a multiple of 8"
             )
+        if self.config.rotate and head_dim & (head_dim - 1):
+            raise CompressLMError(f"a Hadamard-rotated KV cache needs a power-of-two head_dim, got {head_dim}")
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self.is_initialized = True
 
     def _quantize_keys(self, keys: torch.Tensor) -> dict:
+        if self.config.rotate:
+            keys = rotate_last(keys)
+        if self.config.key_axis == "token":
+            return self._quantize_tokens(keys, self.config.bits)
         # keys [B, H, G, D]: per channel over the G tokens, codes packed along the token axis
         x = keys.float().transpose(-1, -2)  # [B, H, D, G]
         outliers = None
@@ -135,21 +159,33 @@ class QuantizedKVLayer(CacheLayerMixin):
         return q
 
     def _dequantize_keys(self, q: dict) -> torch.Tensor:
-        x = _dequantize(q, self.config.bits)  # [B, H, D, G]
-        if "outliers" in q:
-            flat = x.reshape(*x.shape[:2], -1)
-            flat.scatter_(-1, q["outliers"]["index"].long(), q["outliers"]["value"].float())
-            x = flat.reshape(x.shape)
-        return x.transpose(-1, -2)
+        if self.config.key_axis == "token":
+            x = self._dequantize_tokens(q, self.config.bits)
+        else:
+            x = _dequantize(q, self.config.bits)  # [B, H, D, G]
+            if "outliers" in q:
+                flat = x.reshape(*x.shape[:2], -1)
+                flat.scatter_(-1, q["outliers"]["index"].long(), q["outliers"]["value"].float())
+                x = flat.reshape(x.shape)
+            x = x.transpose(-1, -2)
+        return rotate_last(x) if self.config.rotate else x
 
     def _quantize_values(self, values: torch.Tensor) -> dict:
-        b, h, t, d = values.shape
-        tokens = values.float().transpose(1, 2).reshape(b, t, h * d)  # each token's channels, head after head
-        groups = tokens.reshape(b, t, h * d // self.value_group, self.value_group)
-        return _quantize(groups, self.config.v_bits, dim=-1)
+        return self._quantize_tokens(rotate_last(values) if self.config.rotate else values, self.config.v_bits)
 
     def _dequantize_values(self, q: dict) -> torch.Tensor:
-        x = _dequantize(q, self.config.v_bits)  # [B, T, groups, value_group]
+        x = self._dequantize_tokens(q, self.config.v_bits)
+        return rotate_last(x) if self.config.rotate else x
+
+    def _quantize_tokens(self, states: torch.Tensor, bits: int) -> dict:
+        """Per-token quantization of [B, H, T, D] states in groups of value_group channels."""
+        b, h, t, d = states.shape
+        tokens = states.float().transpose(1, 2).reshape(b, t, h * d)  # each token's channels, head after head
+        groups = tokens.reshape(b, t, h * d // self.value_group, self.value_group)
+        return _quantize(groups, bits, dim=-1)
+
+    def _dequantize_tokens(self, q: dict, bits: int) -> torch.Tensor:
+        x = _dequantize(q, bits)  # [B, T, groups, value_group]
         b, t = x.shape[:2]
         return x.reshape(b, t, self.keys.shape[1], -1).transpose(1, 2)
 
