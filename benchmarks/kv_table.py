@@ -10,7 +10,8 @@ Points (each saved before the next starts; rerunning skips finished points):
 * `speed <setting>`: prefill and decode tokens/s and KV bytes at 1k, 2k, 4k, 8k of context.
 
 Settings: `fp` (transformers' cache) or `k<bits>[v<value bits>]-g<tokens per key group>[-w<window>][-o<outlier %>]
-[-vg<channels per value group>][-pre][-rot][-kt]` (`-pre`: keys quantized before RoPE; `-rot`: Hadamard-rotated
+[-vg<channels per value group>][-s<sink tokens>][-pre][-rot][-kt]` (`-s4`: first 4 tokens kept in full
+precision; `-pre`: keys quantized before RoPE; `-rot`: Hadamard-rotated
 heads; `-kt`: keys quantized per token like values instead of per channel).
 
     .venv/bin/python benchmarks/kv_table.py [--points "ppl k4-g128" ...] [--limit 10]
@@ -54,14 +55,14 @@ def kv_config(setting: str):
 
     if setting == "fp":
         return None
-    pattern = r"k(\d)(?:v(\d))?-g(\d+)(?:-w(\d+))?(?:-o(\d+(?:\.\d+)?))?(?:-vg(\d+))?(-pre)?(-rot)?(-kt)?"
+    pattern = r"k(\d)(?:v(\d))?-g(\d+)(?:-w(\d+))?(?:-o(\d+(?:\.\d+)?))?(?:-vg(\d+))?(?:-s(\d+))?(-pre)?(-rot)?(-kt)?"
     match = re.fullmatch(pattern, setting)
     if not match:
         raise SystemExit(f"cannot read KV setting {setting!r}")
-    bits, vbits, group, window, outliers, vgroup, pre, rot, kt = match.groups()
+    bits, vbits, group, window, outliers, vgroup, sink, pre, rot, kt = match.groups()
     return KVQuantConfig(int(bits), int(group), int(vgroup or 64), int(window or 0), float(outliers or 0) / 100,
                          int(vbits) if vbits else None, pre_rope=bool(pre), rotate=bool(rot),
-                         key_axis="token" if kt else "channel")  # fmt: skip
+                         key_axis="token" if kt else "channel", sink=int(sink or 0))  # fmt: skip
 
 
 def run_point(name: str, args: argparse.Namespace) -> dict:

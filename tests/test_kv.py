@@ -33,6 +33,8 @@ def test_lastdim_packing_round_trips(bits):
         ({"window": -1}, "window"),
         ({"outliers": 0.7}, "outliers"),
         ({"key_axis": "head"}, "key_axis must be 'channel' or 'token'"),
+        ({"sink": 4}, "multiple of 8 tokens below group_size"),
+        ({"sink": 128, "group_size": 128}, "multiple of 8 tokens below group_size"),
         ({"key_axis": "token", "outliers": 0.01}, "use key_axis='channel'"),
     ],
 )
@@ -60,7 +62,7 @@ def test_8bit_generation_matches_full_precision(model, prompt):
 
 
 def test_reported_bytes_are_the_tensors_bytes(model, prompt):
-    config = KVQuantConfig(bits=4, group_size=16, value_group=16, window=8, outliers=0.01)
+    config = KVQuantConfig(bits=4, group_size=16, value_group=16, window=8, outliers=0.01, sink=8)
     cache = make_cache(model, config)
     with torch.no_grad():
         model(input_ids=prompt, past_key_values=cache, use_cache=True)
@@ -71,7 +73,8 @@ def test_reported_bytes_are_the_tensors_bytes(model, prompt):
             total += sum(t.numel() * t.element_size() for k, t in group.items() if k != "outliers")
             total += sum(t.numel() * t.element_size() for t in group.get("outliers", {}).values())
         total += (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
-        assert layer.keys.shape[-2] < config.window + config.group_size  # the rest is quantized
+        total += (layer.sink_keys.numel() + layer.sink_values.numel()) * layer.sink_keys.element_size()
+        assert layer.sink_keys.shape[-2] == 8 and layer.keys.shape[-2] < config.window + config.group_size
         assert all(g["codes"].dtype == torch.uint8 for g in layer.key_groups)
     assert cache.nbytes() == total < fp16_kv_bytes(model, prompt.shape[1])
 
@@ -112,6 +115,8 @@ def test_kv_stage_travels_with_the_container_and_into_evaluation(tokenizer, tmp_
 
     recipe = preset("w4-g16-rtn+kv2-g16")
     assert recipe.kv_cache.bits == 2 and recipe.kv_cache.group_size == 16
+    kv = preset("kv4-g128-w32-s8-pre-rot-kt").kv_cache
+    assert (kv.window, kv.sink, kv.pre_rope, kv.rotate, kv.key_axis) == (32, 8, True, True, "token")
     with pytest.raises(RecipeError, match="multiple of 8"):
         preset("kv4-g12")
     lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
@@ -129,7 +134,7 @@ def test_kv_stage_travels_with_the_container_and_into_evaluation(tokenizer, tmp_
 
 
 def test_pre_rope_keys_round_trip_through_the_rotation(model, prompt):
-    config = KVQuantConfig(bits=8, group_size=16, window=100_000, pre_rope=True)  # nothing gets quantized
+    config = KVQuantConfig(bits=8, group_size=16, window=100_000, pre_rope=True, full_precision="model")  # all kept
     cache = make_cache(model, config)
     with torch.no_grad():
         model(input_ids=prompt[:, :40], past_key_values=cache, use_cache=True)
@@ -171,3 +176,18 @@ def test_rotated_8bit_cache_generates_the_same_tokens(model, prompt):
         quantized = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=make_cache(model, config))
         reference = model.generate(prompt, max_new_tokens=16, do_sample=False)
     assert torch.equal(quantized, reference)
+
+
+def test_sink_tokens_stay_exact(model, prompt):
+    config = KVQuantConfig(bits=2, group_size=16, value_group=16, sink=8)
+    cache = make_cache(model, config)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :5], past_key_values=cache, use_cache=True)  # fewer tokens than the sink
+        model(input_ids=prompt[:, 5:40], past_key_values=cache, use_cache=True)
+        plain = make_cache(model, None)
+        model(input_ids=prompt[:, :40], past_key_values=plain, use_cache=True)
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == 40 and layer.sink_keys.shape[-2] == 8
+    assert layer.quantized_tokens == 24 and layer.keys.shape[-2] == 8  # groups end at positions 16 and 32
+    assert layer.sink_keys.dtype == torch.float16  # 16 bits, like the float16 cache it is compared with
+    assert torch.allclose(layer.sink_keys.float(), plain.layers[0].keys[..., :8, :], atol=1e-3)

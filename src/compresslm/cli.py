@@ -331,7 +331,8 @@ def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
 
     config = None if args.kv_bits == 16 else KVQuantConfig(args.kv_bits, args.kv_group, args.kv_value_group,
                                                             args.kv_window, args.kv_outliers,
-                                                            pre_rope=args.kv_pre_rope)  # fmt: skip
+                                                            pre_rope=args.kv_pre_rope, rotate=args.kv_rotate,
+                                                            key_axis=args.kv_key_axis, sink=args.kv_sink)  # fmt: skip
     result = kv_perplexity(lm, config, args.ppl or "wikitext2", ctx=args.ctx, limit=args.limit, chunk=args.kv_chunk,
                            show_progress=not args.quiet)  # fmt: skip
     payload = {"kv": result, "kv_bytes": result["kv_bytes"], "kv_bytes_fp16": result["kv_bytes_fp16"]}
@@ -589,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kv-window", type=int, default=0, help="recent tokens kept in full precision (default 0)")
     ev.add_argument("--kv-outliers", type=float, default=0.0, help="fraction of key entries kept in float16")
     ev.add_argument("--kv-pre-rope", action="store_true", help="quantize keys before the rotary embedding")
+    ev.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate each head before quantizing")
+    ev.add_argument("--kv-key-axis", choices=("channel", "token"), default="channel",
+                    help="keys per channel over token groups (default) or per token like values")  # fmt: skip
+    ev.add_argument("--kv-sink", type=int, default=0, help="first tokens kept in full precision (default 0)")
     ev.add_argument("--kv-chunk", type=int, default=128, help="prefill chunk for KV perplexity (default 128)")
     ev.add_argument("--passkey", default=None, help="passkey retrieval at these lengths, e.g. 1024,4096,8192")
     ev.add_argument("--passkey-trials", type=int, default=5, help="trials per passkey length (default 5)")

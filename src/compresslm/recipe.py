@@ -250,6 +250,9 @@ class KVCacheStage:
     window: int = 0
     outliers: float = 0.0
     pre_rope: bool = False
+    rotate: bool = False
+    key_axis: str = "channel"
+    sink: int = 0
     chunk: int = 128
     type: str = "kv_cache"
 
@@ -266,8 +269,9 @@ class KVCacheStage:
         from compresslm.kv.cache import KVQuantConfig
 
         return KVQuantConfig(
-            self.bits, self.group_size, self.value_group, self.window, self.outliers, pre_rope=self.pre_rope
-        )
+            self.bits, self.group_size, self.value_group, self.window, self.outliers, pre_rope=self.pre_rope,
+            rotate=self.rotate, key_axis=self.key_axis, sink=self.sink,
+        )  # fmt: skip
 
 
 STAGES: dict[str, type] = {
@@ -407,7 +411,10 @@ SMOOTHQUANT_PRESETS = {
 }  # fmt: skip
 
 
-_KV_PRESET = re.compile(r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?$")
+_KV_PRESET = re.compile(
+    r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
+    r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
+)
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
 )
@@ -444,8 +451,9 @@ def preset(name: str) -> Recipe:
 
     Parts: a quantization preset (`w4-g64-gptq`, see the module docstring), a pruning preset
     `<ratio%|N:M>-<magnitude|wanda|sparsegpt>[-layer][-owl]` (`50%-wanda`, `2:4-sparsegpt`,
-    `70%-wanda-owl`), a W8A8 preset, `emb8`/`emb4`, or a KV-cache part `kv<bits>[-g<tokens>][-w<window>]`
-    (`w4-g64-gptq+kv4`, `kv2-g64-w128`). `2:4-sparsegpt+w4-gptq` prunes, then
+    `70%-wanda-owl`), a W8A8 preset, `emb8`/`emb4`, or a KV-cache part
+    `kv<bits>[-g<tokens>][-w<window>][-s<sink tokens>][-pre][-rot][-kt]` (`w4-g64-gptq+kv4`,
+    `kv2-g64-w128`, `kv4-g128-s4-pre`; see KVCacheStage). `2:4-sparsegpt+w4-gptq` prunes, then
     quantizes with the mask held; `w4-gptq+50%-wanda` quantizes, then prunes the quantized weights.
     """
     lowered = name.lower()
@@ -456,7 +464,11 @@ def preset(name: str) -> Recipe:
             embedding = {"type": "quantize_embedding", "bits": int(part[3:]), "group_size": 64}
         elif match := _KV_PRESET.match(part):
             kv = {"type": "kv_cache", "bits": int(match["bits"])}
-            kv.update({k: int(v) for k, v in (("group_size", match["group"]), ("window", match["window"])) if v})
+            sizes = (("group_size", match["group"]), ("window", match["window"]), ("sink", match["sink"]))
+            kv.update({k: int(v) for k, v in sizes if v})
+            kv.update(pre_rope=bool(match["pre"]), rotate=bool(match["rot"]))
+            if match["kt"]:
+                kv["key_axis"] = "token"
             stages.append(kv)
         elif part in SMOOTHQUANT_PRESETS:
             stages.append(dict(SMOOTHQUANT_PRESETS[part]))

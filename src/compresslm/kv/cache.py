@@ -15,10 +15,19 @@ KVQuant): keys enter the cache rotated, are rotated back by their positions' ang
 by the model's own rotary module, not stored), quantized per channel where the channels'
 scales are stable, and rotated again when read.
 
+`sink` keeps the first tokens of the sequence in full precision (attention sinks: the first
+token draws much of every head's attention and its key is unlike the others', so quantizing it
+with its neighbours costs both it and them). They take the start of the first group, which is
+shorter by as much, so groups stay aligned to absolute positions.
+
 `rotate` applies a Hadamard rotation along each head's channels before quantizing (keys and
 values) and undoes it after dequantizing (QuaRot): outlier channels are spread over all channels.
 It pairs with `key_axis="token"` (keys quantized per token, like values), since after the rotation
 no channel stands out for per-channel scales to exploit.
+
+Tokens not (yet) quantized, the sink, the recent window and a group still filling, are held in
+16 bits (float16 when the model runs in float32), as the float16 cache the bytes are compared
+with would hold them; `full_precision="model"` keeps the model's own dtype instead.
 
 The cache really stores packed integers: `nbytes()` sums its tensors (codes, scales, minimums,
 outliers, full-precision tokens) and is what every report calls KV bytes.
@@ -47,6 +56,8 @@ class KVQuantConfig:
     pre_rope: bool = False  # quantize keys before the rotary embedding
     rotate: bool = False  # Hadamard-rotate each head's channels before quantizing (keys and values)
     key_axis: str = "channel"  # "channel": per-channel over groups of tokens (KIVI); "token": like values
+    sink: int = 0  # first tokens of the sequence kept in full precision
+    full_precision: str = "16bit"  # unquantized tokens: "16bit" (float16 for a float32 model) or "model"
 
     def __post_init__(self) -> None:
         for name in ("bits", "value_bits"):
@@ -59,8 +70,14 @@ class KVQuantConfig:
             raise CompressLMError(f"KV value_group must be a positive multiple of 8 channels, got {self.value_group}")
         if self.window < 0:
             raise CompressLMError(f"KV window must be >= 0 tokens, got {self.window}")
+        if self.sink < 0 or self.sink % 8 or self.sink >= self.group_size:
+            raise CompressLMError(
+                f"KV sink must be a multiple of 8 tokens below group_size {self.group_size}, got {self.sink}"
+            )
         if not 0.0 <= self.outliers < 0.5:
             raise CompressLMError(f"KV outliers must be a fraction in [0, 0.5), got {self.outliers}")
+        if self.full_precision not in ("16bit", "model"):
+            raise CompressLMError(f"KV full_precision must be '16bit' or 'model', got {self.full_precision!r}")
         if self.key_axis not in ("channel", "token"):
             raise CompressLMError(f"KV key_axis must be 'channel' or 'token', got {self.key_axis!r}")
         if self.outliers and self.key_axis == "token":
@@ -78,6 +95,8 @@ class KVQuantConfig:
         text += f", V{self.v_bits} per-token/{self.value_group} ch"
         if self.window:
             text += f", {self.window} recent tokens full precision"
+        if self.sink:
+            text += f", first {self.sink} tokens full precision"
         if self.outliers:
             text += f", {100 * self.outliers:g}% key outliers float16"
         if self.pre_rope:
@@ -118,6 +137,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.key_groups: list[dict] = []
         self.value_groups: list[dict] = []
         self.keys = self.values = None
+        self.sink_keys = self.sink_values = None
         self.quantized_tokens = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -132,8 +152,11 @@ class QuantizedKVLayer(CacheLayerMixin):
             )
         if self.config.rotate and head_dim & (head_dim - 1):
             raise CompressLMError(f"a Hadamard-rotated KV cache needs a power-of-two head_dim, got {head_dim}")
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
+        store = self.dtype
+        if self.config.full_precision == "16bit" and key_states.element_size() > 2:
+            store = torch.float16
+        self.keys = self.sink_keys = key_states[..., :0, :].to(store)
+        self.values = self.sink_values = value_states[..., :0, :].to(store)
         self.is_initialized = True
 
     def _quantize_keys(self, keys: torch.Tensor) -> dict:
@@ -202,10 +225,12 @@ class QuantizedKVLayer(CacheLayerMixin):
     def _history(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = [self._dequantize_keys(q) for q in self.key_groups]
         values = [self._dequantize_values(q) for q in self.value_groups]
-        history_k = torch.cat([*keys, self.keys.float()], dim=-2)
+        history_k = torch.cat([self.sink_keys.float(), *keys, self.keys.float()], dim=-2)
         if self.config.pre_rope and history_k.shape[-2]:
             history_k = self._rope(history_k, 0, inverse=False)
-        return history_k.to(self.dtype), torch.cat([*values, self.values.float()], dim=-2).to(self.dtype)
+        return history_k.to(self.dtype), torch.cat([self.sink_values.float(), *values, self.values.float()], dim=-2).to(
+            self.dtype
+        )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -215,20 +240,27 @@ class QuantizedKVLayer(CacheLayerMixin):
         out_v = torch.cat([history_v, value_states], dim=-2)
         if self.config.pre_rope:
             key_states = self._rope(key_states, self.get_seq_length(), inverse=True).to(self.dtype)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        g = self.config.group_size
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=-2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=-2)
+        missing = self.config.sink - self.sink_keys.shape[-2]
+        if missing > 0:  # the sequence's first tokens stay in full precision for good
+            self.sink_keys = torch.cat([self.sink_keys, self.keys[..., :missing, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, self.values[..., :missing, :]], dim=-2)
+            self.keys, self.values = self.keys[..., missing:, :], self.values[..., missing:, :]
+        # groups align to absolute positions: the sink takes the first tokens of the first group
+        g = self.config.group_size - (self.config.sink if self.quantized_tokens == 0 else 0)
         while self.keys.shape[-2] >= self.config.window + g:  # the oldest full group leaves full precision
             self.key_groups.append(self._quantize_keys(self.keys[..., :g, :]))
             self.value_groups.append(self._quantize_values(self.values[..., :g, :]))
             self.keys, self.values = self.keys[..., g:, :].contiguous(), self.values[..., g:, :].contiguous()
             self.quantized_tokens += g
+            g = self.config.group_size
         return out_k, out_v
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.quantized_tokens + self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.quantized_tokens + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -239,6 +271,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.key_groups, self.value_groups = [], []
         self.keys = self.values = None
+        self.sink_keys = self.sink_values = None
         self.quantized_tokens = 0
         self.is_initialized = False
 
@@ -250,6 +283,7 @@ class QuantizedKVLayer(CacheLayerMixin):
                 total += sum(t.numel() * t.element_size() for t in q["outliers"].values())
         if self.keys is not None:
             total += (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+            total += (self.sink_keys.numel() + self.sink_values.numel()) * self.sink_keys.element_size()
         return total
 
 
