@@ -173,7 +173,8 @@ def test_rotation_tames_an_outlier_channel():
 def test_rotated_8bit_cache_generates_the_same_tokens(model, prompt):
     config = KVQuantConfig(bits=8, group_size=16, value_group=16, rotate=True, key_axis="token")
     with torch.no_grad():
-        quantized = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=make_cache(model, config))
+        cache = make_cache(model, config)
+        quantized = model.generate(prompt, max_new_tokens=16, do_sample=False, past_key_values=cache)
         reference = model.generate(prompt, max_new_tokens=16, do_sample=False)
     assert torch.equal(quantized, reference)
 
