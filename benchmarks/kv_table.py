@@ -33,20 +33,19 @@ SETTINGS = [
     "fp",
     "k8-g128",
     "k4-g128",
-    "k4-g128-pre",
     "k4-g64-pre",
-    "k4-g64-o1-pre",
-    "k4-g64-o1-vg192-pre",
-    "k4-g128-o1-vg192-pre",
-    "k3-g128-pre",
-    "k2-g128-pre",
-    "k2-g64-w128-pre",
-    "k2-g32-w128-pre",
+    "k4-g64-s8-pre",
+    "k4-g64-s8-pre-rot-kt",
+    "k4-g128-s8-pre",
+    "k3-g64-s8-pre",
+    "k2-g64-w128-s8-pre",
+    "k2-g32-w128-s8-pre",
 ]
+BEST_4BIT = "k4-g64-s8-pre"
 DEFAULT_POINTS = [
     *(f"ppl {s}" for s in SETTINGS),
-    *(f"passkey {s}" for s in ("fp", "k8-g128", "k4-g128-pre", "k2-g64-w128-pre")),
-    *(f"speed {s}" for s in ("fp", "k4-g128-pre")),
+    *(f"passkey {s}" for s in ("fp", "k8-g128", BEST_4BIT, "k2-g64-w128-s8-pre")),
+    *(f"speed {s}" for s in ("fp", BEST_4BIT)),
 ]
 
 

@@ -192,6 +192,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dial(args: argparse.Namespace) -> int:
+    from compresslm.dial import materialize
+
+    report, summary = materialize(args.artifact, args.output, args.bits, args.sparsity)
+    widths = ", ".join(f"{n} layers at {b} bits" for b, n in sorted(report.bits.items()))
+    sizes = f"{summary['bits_per_param']:.3f} bits/param, {summary['linear_bits_per_param']:.3f} linear bits"
+    _print(f"{args.output}: {widths}, sparsity {args.sparsity:g}; {summary['bytes_on_disk']:,} bytes, {sizes}")
+    return 0
+
+
 def cmd_masks(args: argparse.Namespace) -> int:
     from compresslm.analysis.masks import mask_stability
     from compresslm.data.calibration import calibration_windows
@@ -362,9 +372,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CompressLMError("--passkey needs --kv-bits (16 for the full-precision cache)")
     if not (args.ppl or args.kld or args.tasks or args.speed or args.kv_bits is not None):
         raise CompressLMError("nothing to evaluate: give --ppl CORPUS, --kld, --tasks LIST, --speed and/or --kv-bits")
+    setting = None
+    if args.dial:
+        from compresslm.dial import parse_setting
+
+        setting = parse_setting(args.dial)  # a bad setting fails before the model loads
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     payload: dict = {"model": args.model}
     lines: list[str] = []
+    if setting is not None:
+        from compresslm.dial import set_budget
+
+        report = set_budget(lm, setting.get("bits"), setting.get("sparsity", 0.0))
+        payload["dial"] = {**setting, "switch_seconds": report.seconds, "layers": report.layers}
+        lines.append(f"dial {args.dial}: {report.layers} layers switched in {report.seconds:.2f} s")
     text = (args.ppl or args.kld) and args.kv_bits is None
     parts = ((text, _eval_text), (args.kv_bits is not None, _eval_kv), (args.tasks, _eval_tasks),
              (args.speed, _eval_speed))  # fmt: skip
@@ -512,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(comp)
     comp.set_defaults(func=cmd_compress)
 
+    dial = sub.add_parser("dial", help="write one setting (bits, sparsity) of a dial artifact as a container")
+    dial.add_argument("artifact", help="a container made with a dial recipe (--recipe dial)")
+    dial.add_argument("--bits", type=int, default=None, help="one of the artifact's widths (default: the widest)")
+    dial.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0 to <1")
+    dial.add_argument("-o", "--output", required=True, help="the container to write")
+    dial.set_defaults(func=cmd_dial)
+
     masks = sub.add_parser("masks", help="prune with two calibration sets and report how far the masks agree")
     masks.add_argument("model", help=model_help)
     masks.add_argument("--recipe", required=True, help="a pruning recipe: preset (50%%-wanda, 2:4-sparsegpt) or file")
@@ -584,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default=None, help="the uncompressed model for --kld (default: a container's source)"
     )
     ev.add_argument("--kld-topk", type=int, default=64, help="reference log-probs kept per token (default 64)")
+    ev.add_argument("--dial", default=None, help="a dial artifact's setting to evaluate, e.g. bits=3,sparsity=0.5")
     ev.add_argument("--kv-bits", type=int, default=None, help="KV cache bits (2-8; 16 = full precision)")
     ev.add_argument("--kv-group", type=int, default=128, help="tokens per key group (default 128)")
     ev.add_argument("--kv-value-group", type=int, default=64, help="channels per value group (default 64)")

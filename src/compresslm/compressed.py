@@ -41,7 +41,8 @@ class CompressedWeight:
     * `codes`: uint8 [out, in], each in [0, 2**bits - 1].
     * `scales`: float16 [out, groups] (or [1, 1] for a per-tensor grid).
     * `zeros`: uint8, same shape as `scales`; the code that represents 0.0. A symmetric grid has
-      the fixed zero point 2**(bits-1), stored all the same.
+      the fixed zero point 2**(bits-1), stored all the same. Or float16: a float zero point, for
+      grids whose zero falls between codes (the nested mid-rise grids of `quant.nested`).
     * `group_size`: columns per group along the input dimension; equal to in_features for a
       per-channel grid. The last group is shorter when it does not divide in_features.
     * `values`: float16 [out, in] instead of codes/scales/zeros for a weight that is not quantized
@@ -49,7 +50,8 @@ class CompressedWeight:
     * `mask`: optional bool [out, in], True where the weight is kept (sparsity).
     * `nm`: (N, M) when the mask keeps exactly N weights in every M consecutive inputs of a row.
     * `lowrank`: optional (A [out, r], B [r, in]) factors added to the dequantized weight.
-    * `importance`: optional order of weights for nested sparsity (the dial).
+    * `importance`: optional float16 [in_features], each input channel's calibration norm ‖x_j‖:
+      with the weights it orders them for the dial's nested sparsity (Wanda's score |W_ij|·‖x_j‖).
     * `meta`: free-form JSON-able facts about how it was made (algorithm, error, damping).
     """
 
@@ -88,6 +90,10 @@ class CompressedWeight:
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self._check_sparsity()
+        if self.importance is not None and (
+            self.importance.dtype != torch.float16 or tuple(self.importance.shape) != (self.shape[1],)
+        ):
+            raise InvalidCompressedWeight(f"importance must be float16 of shape ({self.shape[1]},)")
         if self.values is not None:
             self._check_unquantized()
             return
@@ -111,9 +117,12 @@ class CompressedWeight:
                 f"scales must be float16 of shape {(out_f, groups)} (or (1, 1)), "
                 f"got {self.scales.dtype} {tuple(self.scales.shape)}"
             )
-        if tuple(self.zeros.shape) != tuple(self.scales.shape) or self.zeros.dtype != torch.uint8:
-            raise InvalidCompressedWeight("zeros must be uint8 with the shape of scales")
-        if int(self.zeros.max()) >= 1 << self.bits:
+        if tuple(self.zeros.shape) != tuple(self.scales.shape) or self.zeros.dtype not in (torch.uint8, torch.float16):
+            raise InvalidCompressedWeight("zeros must be uint8 (or float16) with the shape of scales")
+        if self.zeros.dtype == torch.float16:
+            if self.symmetric or not torch.isfinite(self.zeros).all():
+                raise InvalidCompressedWeight("float zero points must be finite and belong to an asymmetric grid")
+        elif int(self.zeros.max()) >= 1 << self.bits:
             raise InvalidCompressedWeight(f"zero points exceed {self.bits} bits")
         if not torch.isfinite(self.scales).all():
             raise InvalidCompressedWeight("scales contain NaN or infinity")

@@ -63,6 +63,8 @@ class QuantizeStage:
     smoothquant_alpha: float = 0.5
     act_bits: int = 0
     act_granularity: str = "token"
+    nested_widths: list[int] = field(default_factory=list)  # the dial: these widths are prefixes of `bits`
+    nested_priorities: list[float] = field(default_factory=list)  # per width; empty = quant.nested's default
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -91,6 +93,24 @@ class QuantizeStage:
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         if not self.targets:
             raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
+        if self.nested_widths:
+            self._validate_nested(where)
+
+    def _validate_nested(self, where: str) -> None:
+        from compresslm.quant.nested import check_widths
+
+        try:
+            widths = check_widths(self.nested_widths)
+        except CompressLMError as exc:
+            raise RecipeError(f"{where}: nested_widths: {exc}") from None
+        if widths[-1] != self.bits:
+            raise RecipeError(f"{where}: nested_widths {list(widths)} must end at bits={self.bits} (the widest)")
+        if self.method not in ("gptq", "rtn") or self.granularity != "group" or self.symmetric:
+            raise RecipeError(f"{where}: nested widths need method gptq or rtn on an asymmetric group grid")
+        if self.clip_search or self.awq_scale or self.smoothquant or self.act_bits:
+            raise RecipeError(f"{where}: nested widths do not combine with clip search, AWQ, SmoothQuant or A-bits")
+        if self.nested_priorities and len(self.nested_priorities) != len(widths):
+            raise RecipeError(f"{where}: nested_priorities needs one weight per width {list(widths)}")
 
     @property
     def grid(self) -> Grid:
@@ -415,6 +435,7 @@ _KV_PRESET = re.compile(
     r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
 )
+_DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
 )
@@ -472,6 +493,9 @@ def preset(name: str) -> Recipe:
             stages.append(kv)
         elif part in SMOOTHQUANT_PRESETS:
             stages.append(dict(SMOOTHQUANT_PRESETS[part]))
+        elif match := _DIAL_PRESET.match(part):  # one artifact, 3/4/8 bits (see compresslm.dial)
+            stages.append({"method": "rtn" if match["rtn"] else "gptq", "bits": 8,
+                           "group_size": int(match["group"] or 64), "nested_widths": [3, 4, 8]})  # fmt: skip
         elif match := _PRUNE_PRESET.match(part):
             stages.append(_prune_preset(match))
         elif match := _PRESET.match(part):
@@ -480,12 +504,14 @@ def preset(name: str) -> Recipe:
             raise RecipeError(
                 f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
                 "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
-                "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, with +emb8/+emb4 for the embedding "
-                "(or give a YAML/JSON recipe file)"
+                "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-g32-rtn, with +emb8/+emb4 for the "
+                "embedding (or give a YAML/JSON recipe file)"
             )
     if not stages:
         raise RecipeError(f"preset '{name}' names no quantization or pruning stage")
     kinds = [stage.get("type", "quantize") for stage in stages]
+    if "prune" in kinds and any(stage.get("nested_widths") for stage in stages):
+        raise RecipeError(f"preset '{name}': the dial's nested widths do not combine with a pruning stage yet")
     if kinds.count("prune") > 1 or kinds.count("quantize") > 1 or kinds.count("kv_cache") > 1:
         raise RecipeError(f"preset '{name}' has more than one pruning, quantization or KV-cache part")
     return Recipe.from_dict({"name": lowered, "stages": ([embedding] if embedding else []) + stages})

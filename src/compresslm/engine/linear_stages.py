@@ -19,6 +19,7 @@ from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.quant.awq import awq_clip
 from compresslm.quant.gptq import GPTQOptions, gptq
+from compresslm.quant.nested import nested_quantize
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import PruneStage, QuantizeStage
 from compresslm.sparse.masks import SparsityPattern
@@ -56,6 +57,16 @@ def compress_weight(
             pattern.check(tuple(weight.shape))
         except CompressLMError as exc:
             raise CompressLMError(f"{name}: {exc}") from None
+    if quant is not None and quant.nested_widths:
+        if prune is not None:
+            raise CompressLMError(f"{name}: the dial's nested widths do not combine with pruning yet")
+        hessian_used = hessian if quant.method == "gptq" else None
+        priorities = tuple(quant.nested_priorities) or None
+        record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
+                                 hessian_used, quant.gptq_options, priorities)  # fmt: skip
+        if hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)
+            record.importance = torch.diagonal(hessian).clamp_min(0).sqrt().to(torch.float16)
+        return record
     if prune is None:
         return _quantize(weight, quant, hessian)
     if quant is None:

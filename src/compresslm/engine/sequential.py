@@ -245,6 +245,8 @@ def compress(
                 record = compress_weight(info.name, original, stages, hessian, pattern)
                 weights[info.name] = record
                 new = _replace(lm, info, record)
+                if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
+                    new.dial(min(record.meta["dial"]["widths"]))
                 rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
                 quant = _quant_stage(stages)
                 if quant is not None and quant.act_bits:
@@ -258,6 +260,9 @@ def compress(
             bar.update(1)
         bar.close()
 
+    for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
+        if isinstance(module, CompressedLinear) and module.nested is not None:
+            module.dial(module.nested.bits)
     lm.layout = discover_layout(lm.model)
     lm.kv_cache = recipe.kv_cache
     lm.changed()

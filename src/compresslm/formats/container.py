@@ -72,7 +72,7 @@ class _BlobWriter:
         return key
 
 
-_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values")
+_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance")
 
 
 def _write_mask(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
@@ -105,6 +105,9 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
         "values": None,
         "meta": record.meta,
     }
+    if record.importance is not None:
+        imp = record.importance
+        entry["importance"] = writer.add(f"{name}.importance", _tensor_bytes(imp), "float16", list(imp.shape))
     kept = record.mask
     if kept is not None:
         entry.update(_write_mask(writer, name, record))
@@ -117,7 +120,9 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
     entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
     entry["scales_shape"] = list(record.scales.shape)
     entry["scales"] = writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape))
-    if not record.symmetric:
+    if record.zeros.dtype == torch.float16:  # float zero points (nested grids)
+        entry["zeros"] = writer.add(f"{name}.zeros", _tensor_bytes(record.zeros), "float16", list(record.zeros.shape))
+    elif not record.symmetric:
         entry["zeros"] = writer.add(
             f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
         )
@@ -289,6 +294,9 @@ class _BlobReader:
             raise CorruptFileError(f"{self.path}: checksum mismatch in tensor '{key}'; the file is corrupt")
         return data
 
+    def dtype(self, key: str) -> str:
+        return self.header["blobs"][key]["dtype"]
+
     def tensor(self, key: str) -> torch.Tensor:
         entry = self.header["blobs"][key]
         dtype = _DTYPES[entry["dtype"]] if entry["dtype"] in _DTYPES else getattr(torch, entry["dtype"])
@@ -342,16 +350,21 @@ def _record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     scales = reader.tensor(entry["scales"])
     if entry["zeros"] is None:
         zeros = torch.full(tuple(entry["scales_shape"]), 1 << (entry["bits"] - 1), dtype=torch.uint8)
+    elif reader.dtype(entry["zeros"]) == "float16":
+        zeros = reader.tensor(entry["zeros"])
     else:
         count = int(np.prod(entry["scales_shape"]))
         zeros = unpack_bits(reader.read(entry["zeros"]), entry["bits"], count).reshape(entry["scales_shape"])
     fill = (
         zeros.expand(out_f, in_f) if tuple(zeros.shape) == (1, 1) else expand_groups(zeros, in_f, entry["group_size"])
     )
+    if fill.dtype != torch.uint8:  # pruned codes of a float-zero grid: any code, the mask zeroes them
+        fill = torch.zeros(out_f, in_f, dtype=torch.uint8)
     codes = _scatter_kept(codes, mask, fill.contiguous(), str(reader.path))
+    importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
     return CompressedWeight(
         shape=(out_f, in_f), bits=entry["bits"], group_size=entry["group_size"], symmetric=entry["symmetric"],
-        codes=codes, scales=scales, zeros=zeros, mask=mask, nm=nm, meta=entry.get("meta", {}),
+        codes=codes, scales=scales, zeros=zeros, mask=mask, nm=nm, meta=entry.get("meta", {}), importance=importance,
     )  # fmt: skip
 
 

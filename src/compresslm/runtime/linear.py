@@ -9,11 +9,14 @@ container computes bit for bit what the model computed right after compression.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compresslm.compressed import CompressedWeight
+from compresslm.errors import CompressLMError
 from compresslm.quant.smoothquant import fake_quantize_activations
 
 
@@ -37,6 +40,22 @@ class CompressedLinear(nn.Module):
         self.register_buffer("act_scale", None, persistent=False)
         self.sparse_weight: torch.Tensor | None = None
         self.kernel = "dense matmul of the dequantized weight"
+        dial = weight.meta.get("dial")
+        # a nested (dial) record at its widest width, unpruned: every narrower width and sparsity can be taken
+        self.nested = weight if dial and weight.bits == max(dial["widths"]) and weight.mask is None else None
+
+    def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
+        """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial)."""
+        from compresslm.quant.nested import nested_mask, slice_record
+
+        if self.nested is None:
+            raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
+        record = slice_record(self.nested, bits or self.nested.bits)
+        mask = nested_mask(self.nested, sparsity)
+        if mask is not None:
+            record = dataclasses.replace(record, mask=mask, nm=None)
+        self.compressed = record
+        self.weight = record.dequantize(self.weight.dtype).to(self.weight.device)
 
     def use_sparse_kernel(self) -> str:
         """Run a 2:4 weight through PyTorch's semi-structured sparse kernel where one exists.

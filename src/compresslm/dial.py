@@ -1,0 +1,113 @@
+"""The dial: one nested artifact, many budgets, switched without re-compressing.
+
+`compresslm compress MODEL --recipe dial -o ARTIFACT` quantizes every linear once with nested
+widths (3, 4 and 8 bits share one set of codes; see `compresslm.quant.nested`) and stores each
+input channel's calibration norm. From that artifact:
+
+* `set_budget(lm, bits=3, sparsity=0.5)` switches a loaded model in place (no disk, no calibration);
+  `bits` may also map module paths to widths (per-layer budgets, e.g. the budget solver's);
+* `materialize(ARTIFACT, OUT, bits=..., sparsity=...)` writes an ordinary container of that setting,
+  which reloads to exactly the model `set_budget` gives;
+* `compresslm eval ARTIFACT --dial bits=3,sparsity=0.5` evaluates a setting directly.
+
+Sparsity comes from one fixed order of the weights (Wanda's score), so a higher sparsity keeps a
+subset of the weights a lower one keeps. It removes weights without the weight updates SparseGPT
+makes for one chosen ratio: expect Wanda's quality, not SparseGPT's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+from compresslm.errors import CompressLMError
+from compresslm.models.loading import LoadedModel
+from compresslm.runtime.linear import CompressedLinear
+
+
+@dataclass
+class DialReport:
+    layers: int
+    bits: dict[int, int]  # width -> number of layers at it
+    sparsity: float
+    seconds: float
+
+
+def dial_layers(lm: LoadedModel) -> dict[str, CompressedLinear]:
+    """The model's linears that hold a nested record (empty for anything not made by a dial recipe)."""
+    return {n: m for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear) and m.nested is not None}
+
+
+def parse_setting(text: str) -> dict:
+    """'bits=3,sparsity=0.5' -> {'bits': 3, 'sparsity': 0.5}, with clear errors."""
+    setting: dict = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("bits", "sparsity"):
+            raise CompressLMError(
+                f"cannot read dial setting '{part}'; use bits=B and/or sparsity=S, e.g. bits=3,sparsity=0.5"
+            )
+        try:
+            setting[key] = int(value) if key == "bits" else float(value)
+        except ValueError:
+            raise CompressLMError(f"dial {key} must be a number, got '{value}'") from None
+    if not setting:
+        raise CompressLMError("empty dial setting; use bits=B and/or sparsity=S")
+    return setting
+
+
+def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsity: float = 0.0) -> DialReport:
+    """Switch every dial layer of `lm` to `bits` (a width, or module path -> width) and `sparsity`, in place."""
+    layers = dial_layers(lm)
+    if not layers:
+        raise CompressLMError(f"{lm.source} has no dial layers; make the artifact with a dial recipe (--recipe dial)")
+    if not 0.0 <= sparsity < 1.0:
+        raise CompressLMError(f"sparsity must be in [0, 1), got {sparsity}")
+    widths = next(iter(layers.values())).nested.meta["dial"]["widths"]
+    per_layer = bits if isinstance(bits, dict) else {}
+    unknown = sorted(set(per_layer) - set(layers))
+    if unknown:
+        raise CompressLMError(f"no dial layer named {unknown[0]!r} ({len(unknown)} unknown); see `compresslm info`")
+    for value in [*per_layer.values(), *([] if isinstance(bits, dict) or bits is None else [bits])]:
+        if value not in widths:
+            raise CompressLMError(f"{value} bits is not a width of this artifact; it has {widths}")
+    started = time.perf_counter()
+    counts: dict[int, int] = {}
+    for name, module in layers.items():
+        width = per_layer.get(name, module.compressed.bits) if isinstance(bits, dict) else bits or module.nested.bits
+        module.dial(width, sparsity)
+        counts[width] = counts.get(width, 0) + 1
+    lm.compressed = {**lm.compressed, **{name: module.compressed for name, module in layers.items()}}
+    lm.changed()
+    return DialReport(len(layers), counts, sparsity, time.perf_counter() - started)
+
+
+def _fixed(record, sparsity: float):
+    meta = {k: v for k, v in record.meta.items() if k != "dial"}
+    meta["dialed"] = {"widths": record.meta["dial"]["widths"], "bits": record.bits, "sparsity": sparsity}
+    return dataclasses.replace(record, importance=None, meta=meta)
+
+
+def materialize(
+    artifact: str | os.PathLike, output: str | os.PathLike, bits: int | None = None, sparsity: float = 0.0
+) -> tuple[DialReport, dict]:
+    """Write an ordinary container holding one setting of a dial artifact; returns the switch report and sizes."""
+    from compresslm.formats.container import load_container, read_header, save_container
+
+    lm = load_container(artifact)
+    report = set_budget(lm, bits, sparsity)
+    header, _ = read_header(artifact)
+    nested = dial_layers(lm)
+    linears = {  # a fixed setting: no calibration norms, no widths to dial further
+        name: _fixed(m.compressed, sparsity) if name in nested else m.compressed
+        for name, m in lm.model.named_modules()
+        if isinstance(m, CompressedLinear)
+    }
+    embeddings = {k: v for k, v in lm.compressed.items() if k not in linears}
+    metadata = {k: header[k] for k in ("recipe", "calibration", "source_model", "layers") if k in header}
+    metadata["dial_setting"] = {"artifact": str(artifact), "bits": bits, "sparsity": sparsity}
+    summary = save_container(lm, linears, output, metadata, dense_dtype=header.get("dense_dtype", "float16"),
+                             embeddings=embeddings)  # fmt: skip
+    return report, summary

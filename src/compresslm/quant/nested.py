@@ -1,0 +1,217 @@
+"""Nested ("dial") quantization: one set of codes from which every bit width in a list is a prefix.
+
+The grid is a mid-rise uniform quantizer per group: a group with range [lo, hi] has, at width b,
+step s_b = (hi - lo) / 2^b and levels lo + s_b (c + 1/2) for codes c in [0, 2^b). Each level's
+cell at width b is exactly the union of its two cells at width b + 1, so the b-bit code of a
+weight is its top-width code shifted right: widths are bit-plane prefixes of one code, and every
+level sits at the centre of its children. In `CompressedWeight` terms the width-b weight is
+(codes_b - z_b) * s_b with a float zero point z_b = -lo / s_b - 1/2 (stored as float16); a narrower
+width's scale is the top width's times a power of two (exact) and its zero point follows from
+the top width's (`width_grid`).
+
+Calibration runs coarse to fine, so each width is good in its own right, not only the widest:
+GPTQ at the narrowest width chooses its codes freely; each wider width runs GPTQ again from the
+original weight, with every code held inside the cell its narrower code chose (the constraint only
+bites where the narrower sweep's error feedback took a weight across a boundary). With
+`method="rtn"` every width is plain rounding (then each width equals RTN on the mid-rise grid).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compresslm.compressed import CompressedWeight, expand_groups, num_groups
+from compresslm.errors import CompressLMError
+from compresslm.quant.gptq import GPTQOptions, inverse_cholesky
+from compresslm.quant.grid import check_weight
+
+_MIN_SCALE = 2.0**-18  # float16 keeps a few bits of it, and 2^6 times it stays finite
+
+
+def check_widths(widths: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Sorted, distinct widths in 2..8 (at least two): a clear error otherwise."""
+    ordered = tuple(sorted({int(w) for w in widths}))
+    if len(ordered) < 2 or len(ordered) != len(widths) or not all(2 <= w <= 8 for w in ordered):
+        raise CompressLMError(f"nested widths must be at least two distinct bit widths in 2..8, got {list(widths)}")
+    return ordered
+
+
+def nested_range(weight: torch.Tensor, group_size: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-width float16 scales and float zero points [out, groups] of each group's [min, max] range."""
+    out_f, in_f = weight.shape
+    n = num_groups(in_f, group_size)
+    pad = n * group_size - in_f
+    w = weight.float()
+    if pad:  # pad the short last group with its own first column (changes neither min nor max)
+        w = torch.cat([w, w[:, -in_f % group_size :][:, :1].expand(out_f, pad)], dim=1)
+    groups = w.reshape(out_f, n, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / (1 << top)).clamp_min(_MIN_SCALE).half()
+    zero = (-lo / scale.float() - 0.5).half()
+    return scale, zero
+
+
+def width_grid(scales: torch.Tensor, zeros: torch.Tensor, top: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points (float16) of width `bits` from the top width's: s·2^(top-b), (z+½)/2^(top-b) - ½."""
+    factor = float(1 << (top - bits))
+    return (scales.float() * factor).half(), ((zeros.float() + 0.5) / factor - 0.5).half()
+
+
+def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
+    """The width-`bits` weight of a nested record: codes shifted right, its grid derived (exact)."""
+    dial = record.meta.get("dial")
+    if dial is None:
+        raise CompressLMError("this weight was not quantized nested (no dial widths); it has one width only")
+    if bits not in dial["widths"]:
+        raise CompressLMError(f"{bits} bits is not one of this weight's nested widths {dial['widths']}")
+    if bits == record.bits:
+        return record
+    scales, zeros = width_grid(record.scales, record.zeros, record.bits, bits)
+    return CompressedWeight(
+        shape=record.shape, bits=bits, group_size=record.group_size, symmetric=False,
+        codes=record.codes >> (record.bits - bits), scales=scales, zeros=zeros, mask=record.mask, nm=record.nm,
+        meta={**record.meta, "dial": {**dial, "active": bits}},
+    )  # fmt: skip
+
+
+def default_priorities(widths: tuple[int, ...]) -> tuple[float, ...]:
+    """Weights of each width's error in the joint choice: the narrowest 0.5, an 8-bit top 0.01, others 1.
+
+    Measured on a synthetic layer (3/4/8 bits, group 32): equal weights leave the narrowest width
+    1.16x and the next 1.21x the error of dedicated GPTQ; (0.5, 1) gives 1.27x and 1.10x; a top
+    width weighted 0.01 (its steps are 32x finer, so a unit of its error is tiny) stays within a
+    few percent of the 4-bit error while costing the others little.
+    """
+    return tuple(0.5 if i == 0 else 0.01 if (w == widths[-1] and w >= 6) else 1.0 for i, w in enumerate(widths))
+
+
+def nested_quantize(
+    weight: torch.Tensor,
+    widths: tuple[int, ...],
+    group_size: int,
+    hessian: torch.Tensor | None = None,
+    options: GPTQOptions | None = None,
+    priorities: tuple[float, ...] | None = None,
+) -> CompressedWeight:
+    """Quantize `weight` [out, in] so that each width in `widths` is a prefix of the widest codes.
+
+    Columns are swept once. For each, every top-width code is scored by the sum over widths of
+    `priorities[b]` times the squared distance, in that width's steps, between the width's target
+    and the level its prefix of the code selects; the best code is kept. With a `hessian` each
+    width keeps its own GPTQ state: its target is the weight updated by *its own* earlier errors
+    (optimal brain surgeon updates through the inverse Hessian's Cholesky factor), so every width
+    is compensated as GPTQ would compensate it alone, as far as the shared code allows. Without,
+    targets are the weights themselves (rounding). Returns the widest width's record, with
+    `meta["dial"]` listing the widths.
+    """
+    widths = check_widths(widths)
+    priorities = tuple(priorities) if priorities is not None else default_priorities(widths)
+    if len(priorities) != len(widths) or not all(p >= 0 for p in priorities) or not any(priorities):
+        raise CompressLMError(f"priorities {list(priorities)} must be one non-negative weight per width {widths}")
+    check_weight(weight)
+    out_f, in_f = weight.shape
+    if not 1 <= group_size <= in_f:
+        raise CompressLMError(f"group_size must be in 1..{in_f}, got {group_size}")
+    top = widths[-1]
+    w = weight.detach().float()
+    scales, zeros = nested_range(w, group_size, top)
+    meta: dict = {"algorithm": "nested-gptq" if hessian is not None else "nested-rtn", "grid": "mid-rise asym"}
+    if hessian is not None:
+        options = options or GPTQOptions(act_order=True)
+        factor, lam, retries = _prepare(hessian, in_f, options)
+        meta.update(damp=options.damp, damp_used=lam, damp_retries=retries, act_order=options.act_order)
+    else:
+        options = GPTQOptions(act_order=False)
+        factor = {"perm": torch.arange(in_f), "hinv": torch.eye(in_f), "dead": torch.zeros(in_f, dtype=torch.bool)}
+    codes = _joint_sweep(w, scales, zeros, widths, priorities, group_size, factor, options.block_size)
+    meta["dial"] = {"widths": list(widths), "priorities": list(priorities), "active": top}
+    return CompressedWeight(
+        shape=(out_f, in_f), bits=top, group_size=group_size, symmetric=False,
+        codes=codes.to(torch.uint8), scales=scales, zeros=zeros, meta=meta,
+    )  # fmt: skip
+
+
+def _prepare(hessian: torch.Tensor, in_f: int, options: GPTQOptions) -> tuple[dict, float, int]:
+    if hessian.shape != (in_f, in_f):
+        raise CompressLMError(f"nested GPTQ: Hessian shape {tuple(hessian.shape)} does not match {in_f} columns")
+    if not torch.isfinite(hessian).all():
+        raise CompressLMError("nested GPTQ: the Hessian contains NaN or infinite values")
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else torch.arange(in_f)
+    h = h[perm][:, perm]
+    upper, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
+    return {"perm": perm, "hinv": upper, "dead": dead}, lam, retries
+
+
+def _joint_sweep(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    widths: tuple[int, ...],
+    priorities: tuple[float, ...],
+    group_size: int,
+    factor: dict,
+    block_size: int,
+) -> torch.Tensor:
+    """The column sweep: one shared top-width code per weight, one error-feedback state per width."""
+    perm, hinv = factor["perm"], factor["hinv"]
+    out_f, in_f = w.shape
+    top = widths[-1]
+    start = w.masked_fill(factor["dead"][None, :], 0.0)[:, perm]
+    grids = []
+    for bits in widths:
+        s, z = width_grid(scales, zeros, top, bits)
+        grids.append(
+            (expand_groups(s.float(), in_f, group_size)[:, perm], expand_groups(z.float(), in_f, group_size)[:, perm])
+        )
+    states = [start.clone() for _ in widths]
+    prefixes = [torch.arange(1 << top) >> (top - bits) for bits in widths]  # each top code's prefix per width
+    codes = torch.zeros(out_f, in_f, dtype=torch.long)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        blocks = [state[:, i1:i2].clone() for state in states]
+        errors = [torch.zeros_like(block) for block in blocks]
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            cost = torch.zeros(out_f, 1 << top)
+            for block, (s, z), prefix, weight in zip(blocks, grids, prefixes, priorities, strict=True):
+                if weight:
+                    target = block[:, i : i + 1] / s[:, col : col + 1] + z[:, col : col + 1]  # in this width's steps
+                    cost += weight * (target - prefix[None, :]) ** 2
+            code = cost.argmin(dim=1)
+            codes[:, col] = code
+            for block, err, (s, z), bits in zip(blocks, errors, grids, widths, strict=True):
+                level = ((code >> (top - bits)) - z[:, col]) * s[:, col]
+                e = (block[:, i] - level) / hinv1[i, i]
+                block[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+                err[:, i] = e
+        for state, err in zip(states, errors, strict=True):
+            state[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return codes[:, torch.argsort(perm)]
+
+
+def nested_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None:
+    """Keep-mask for `sparsity` from one fixed order of the weights (None at sparsity 0).
+
+    The order is Wanda's score |W_ij|·‖x_j‖ on the widest width's weights (‖x_j‖ from
+    `record.importance`; plain magnitude without it), sorted stably per row, so the weights kept at
+    a higher sparsity are always a subset of those kept at a lower one.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise CompressLMError(f"sparsity must be in [0, 1), got {sparsity}")
+    out_f, in_f = record.shape
+    keep = round((1.0 - sparsity) * in_f)
+    if keep >= in_f:
+        return None
+    if keep < 1:
+        raise CompressLMError(f"sparsity {sparsity} leaves no weight in rows of {in_f}")
+    score = record.dequantize().abs()
+    if record.importance is not None:
+        score = score * record.importance.float()[None, :]
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    mask.scatter_(1, order[:, :keep], True)
+    return mask

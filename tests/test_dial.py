@@ -1,0 +1,165 @@
+"""The dial: nested widths as code prefixes, nested sparsity, switching in place, materialized settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compresslm.api import compress
+from compresslm.cli import main
+from compresslm.dial import materialize, parse_setting, set_budget
+from compresslm.errors import CompressLMError
+from compresslm.formats.container import load_container
+from compresslm.models.loading import LoadedModel, save_model
+from compresslm.models.tiny import tiny_model
+from compresslm.quant.gptq import GPTQOptions, gptq, hessian_from_inputs, output_error
+from compresslm.quant.grid import Grid
+from compresslm.quant.nested import nested_mask, nested_quantize, slice_record
+from compresslm.recipe import RecipeError, preset
+from compresslm.runtime.linear import CompressedLinear
+
+
+@pytest.fixture(scope="module")
+def layer():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96)
+    inputs = torch.randn(1024, 96) @ (0.3 * torch.randn(96, 96) + torch.eye(96))  # correlated inputs
+    return weight, hessian_from_inputs(inputs)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_narrower_codes_are_prefixes_and_errors_fall_with_width(layer, calibrated):
+    weight, hessian = layer
+    record = nested_quantize(weight, (3, 4, 8), 32, hessian if calibrated else None)
+    assert record.bits == 8 and record.zeros.dtype == torch.float16
+    errors = []
+    for bits in (3, 4, 8):
+        sliced = slice_record(record, bits)
+        assert torch.equal(sliced.codes, record.codes >> (8 - bits))  # the prefix property
+        assert int(sliced.codes.max()) < 1 << bits
+        errors.append(output_error(weight, sliced.dequantize(), hessian))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_nested_gptq_beats_rounding_at_the_narrow_widths(layer):
+    weight, hessian = layer
+    nested = nested_quantize(weight, (3, 4, 8), 32, hessian)
+    rounded = nested_quantize(weight, (3, 4, 8), 32, None)
+    dedicated = gptq(weight, hessian, Grid(3, "group", 32), GPTQOptions(act_order=True))
+    for bits in (3, 4):
+        assert output_error(weight, slice_record(nested, bits).dequantize(), hessian) < output_error(
+            weight, slice_record(rounded, bits).dequantize(), hessian
+        )
+    # sharing codes costs the narrowest width something, but it stays near a dedicated GPTQ
+    narrow = output_error(weight, slice_record(nested, 3).dequantize(), hessian)
+    assert narrow < 1.6 * output_error(weight, dedicated.dequantize(), hessian)
+
+
+def test_sparsity_order_is_nested(layer):
+    weight, hessian = layer
+    record = nested_quantize(weight, (3, 4, 8), 32, hessian)
+    record.importance = torch.diagonal(hessian).sqrt().half()
+    previous = None
+    for sparsity in (0.0, 0.5, 0.7, 0.9, 0.98):
+        mask = nested_mask(record, sparsity)
+        kept = torch.ones_like(record.codes, dtype=torch.bool) if mask is None else mask
+        assert int(kept.sum()) == 64 * round((1 - sparsity) * 96)
+        if previous is not None:
+            assert not (kept & ~previous).any()  # every kept weight was kept at the lower sparsity
+        previous = kept
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r: slice_record(r, 5), "not one of this weight's nested widths"),
+        (lambda r: nested_mask(r, 1.5), "sparsity must be in"),
+        (lambda r: nested_quantize(torch.randn(8, 16), (4, 9), 8), "distinct bit widths in 2..8"),
+        (lambda r: nested_quantize(torch.randn(8, 16), (4,), 8), "at least two"),
+    ],
+)
+def test_bad_settings_are_refused(layer, call, message):
+    record = nested_quantize(layer[0], (3, 4, 8), 32)
+    with pytest.raises(CompressLMError, match=message):
+        call(record)
+
+
+def test_dial_recipe_validation():
+    assert preset("dial").stages[0].nested_widths == [3, 4, 8]
+    with pytest.raises(RecipeError, match="must end at bits=4"):
+        preset("w4-g16-gptq").stages[0].__class__(method="gptq", bits=4, nested_widths=[3, 8]).validate("stage")
+    with pytest.raises(RecipeError, match="do not combine with a pruning stage"):
+        preset("dial+50%-wanda")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from compresslm.models.tiny import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("dial") / "tiny.dial.clm"
+    lm = LoadedModel.from_module(tiny_model("llama", layers=2), byte_tokenizer(), name="tiny")
+    recipe = preset("dial-g16")
+    recipe.calibration.samples, recipe.calibration.length = 4, 32
+    compressed, _, _ = compress(lm, recipe, path, show_progress=False)
+    return path, compressed
+
+
+def test_artifact_reloads_at_its_widest_width_bit_exactly(artifact):
+    path, compressed = artifact
+    reloaded = load_container(path)
+    ids = torch.arange(40)[None] % 200
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(ids).logits, compressed.model(ids).logits)
+    record = next(iter(reloaded.compressed.values()))
+    assert record.bits == 8 and record.importance is not None
+
+
+def test_switching_in_memory_equals_the_materialized_container(artifact, tmp_path):
+    path, _ = artifact
+    lm = load_container(path)
+    ids = torch.arange(48)[None] % 200
+    for bits, sparsity in ((8, 0.0), (4, 0.0), (3, 0.0), (4, 0.5)):
+        report = set_budget(lm, bits, sparsity)
+        assert report.bits == {bits: report.layers} and report.seconds >= 0
+        materialize(path, tmp_path / f"{bits}-{sparsity}.clm", bits, sparsity)
+        fixed = load_container(tmp_path / f"{bits}-{sparsity}.clm")
+        with torch.no_grad():
+            assert torch.equal(lm.model(ids).logits, fixed.model(ids).logits)
+        assert not any(isinstance(m, CompressedLinear) and m.nested is not None for m in fixed.model.modules())
+    sizes = {b: (tmp_path / f"{b}-0.0.clm").stat().st_size for b in (3, 4, 8)}
+    assert sizes[3] < sizes[4] < sizes[8]
+
+
+def test_per_layer_budgets_and_bad_settings(artifact):
+    path, _ = artifact
+    lm = load_container(path)
+    name = next(n for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear))
+    report = set_budget(lm, {name: 3})
+    assert lm.model.get_submodule(name).compressed.bits == 3 and report.bits[3] == 1
+    with pytest.raises(CompressLMError, match="9 bits is not a width"):
+        set_budget(lm, 9)
+    with pytest.raises(CompressLMError, match="sparsity must be in"):
+        set_budget(lm, 4, 1.5)
+    with pytest.raises(CompressLMError, match="no dial layer named"):
+        set_budget(lm, {"model.nowhere": 4})
+    with pytest.raises(CompressLMError, match="cannot read dial setting"):
+        parse_setting("bits=3,width=2")
+
+
+def test_a_plain_container_has_no_dial(tiny_lm, tmp_path):
+    compress(tiny_lm, "w4-g16-rtn", tmp_path / "plain.clm", show_progress=False)
+    with pytest.raises(CompressLMError, match="no dial layers"):
+        set_budget(load_container(tmp_path / "plain.clm"), 4)
+
+
+def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
+    source = str(save_model(tiny_model("llama", layers=2), tokenizer, tmp_path / "tiny"))
+    artifact = str(tmp_path / "a.clm")
+    common = ["--calib-samples", "4", "--calib-len", "32", "--quiet"]
+    assert main(["compress", source, "--recipe", "dial-g16-rtn", "-o", artifact, *common]) == 0
+    assert main(["dial", artifact, "--bits", "3", "--sparsity", "0.5", "-o", str(tmp_path / "b3.clm")]) == 0
+    assert "layers at 3 bits" in capsys.readouterr().err
+    assert main(["eval", artifact, "--dial", "bits=4", "--ppl", "wikitext2", "--ctx", "64", "--limit", "1",
+                 "--json", "--quiet"]) == 0  # fmt: skip
+    assert '"dial"' in capsys.readouterr().out
+    assert main(["eval", artifact, "--dial", "bits=five", "--ppl", "wikitext2"]) == 2
