@@ -1,0 +1,175 @@
+"""The dial on the reference model: one artifact's settings against dedicated compressions, one run.
+
+Points (each in its own subprocess, saved before the next starts; rerunning skips finished ones):
+
+* `artifact`: compress `smollm2-135m` with the `dial` recipe (nested 3/4/8-bit GPTQ, group 64,
+  the benchmark calibration) into `--workdir`/dial.clm; its size and compression time.
+* `dial bits=B[,sparsity=S]`: load the artifact, switch it in memory (`set_budget`), evaluate.
+* `switch`: the time `set_budget` takes for each setting in turn (median of 5 rounds, in memory).
+* `<preset>`: the dedicated compression of the same setting (GPTQ g64 at 8/4/3 bits, SparseGPT
+  at 50 %/70 %), through `point_runner.run_point` (written, reloaded, evaluated).
+
+Evaluation everywhere: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows.
+
+    .venv/bin/python benchmarks/dial_table.py [--points ...] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import point_runner
+from results_store import atomic_write
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "dial_table"
+SETTINGS = ["bits=8", "bits=4", "bits=3", "bits=8,sparsity=0.5", "bits=8,sparsity=0.7", "bits=4,sparsity=0.5"]
+DEDICATED = {  # the dedicated compression each dial setting is held against
+    "bits=8": "w8-g64-gptq",
+    "bits=4": "w4-g64-gptq",
+    "bits=3": "w3-g64-gptq",
+    "bits=8,sparsity=0.5": "50%-sparsegpt",
+    "bits=8,sparsity=0.7": "70%-sparsegpt",
+}
+DEFAULT_POINTS = ["artifact", *(f"dial {s}" for s in SETTINGS), "switch", *DEDICATED.values()]
+
+
+def _artifact(workdir: Path) -> Path:
+    return workdir / "dial.clm"
+
+
+def run_point(name: str, args: argparse.Namespace) -> dict:
+    from compresslm.dial import parse_setting, set_budget
+    from compresslm.eval.perplexity import perplexity
+    from compresslm.formats.container import container_summary, load_container
+
+    path = _artifact(Path(args.workdir))
+    if name == "artifact":
+        from compresslm.api import compress
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        _, result, summary = compress("smollm2-135m", "dial", path, show_progress=False)
+        return {"point": name, **summary, "compress_seconds": result.seconds,
+                "compress_and_save_seconds": time.perf_counter() - started, "recipe": result.recipe.to_dict(),
+                "calibration": result.calibration}  # fmt: skip
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the 'artifact' point first (same --workdir)")
+    if name == "switch":
+        lm = load_container(path)
+        times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+        for _ in range(5):
+            for setting in SETTINGS:
+                values = parse_setting(setting)
+                times[setting].append(set_budget(lm, values.get("bits"), values.get("sparsity", 0.0)).seconds)
+        return {"point": name, "seconds": {s: statistics.median(t) for s, t in times.items()},
+                "seconds_max": {s: max(t) for s, t in times.items()}, "rounds": 5}  # fmt: skip
+    if name.startswith("dial "):
+        setting = parse_setting(name.split(" ", 1)[1])
+        lm = load_container(path)
+        report = set_budget(lm, setting.get("bits"), setting.get("sparsity", 0.0))
+        with tempfile.TemporaryDirectory() as tmp:  # the setting's own size, as a fixed container
+            from compresslm.dial import materialize
+
+            _, fixed = materialize(path, Path(tmp) / "fixed.clm", setting.get("bits"), setting.get("sparsity", 0.0))
+        ppl = perplexity(lm, "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
+        return {"point": name, "ppl": ppl.ppl, "switch_seconds": report.seconds, "setting": setting,
+                "materialized": fixed, "artifact": container_summary(path), "eval_protocol": ppl.protocol}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        return point_runner.run_point(name, "smollm2-135m", args.limit, Path(tmp))
+
+
+def write_markdown(rows: dict) -> None:
+    art = rows.get("artifact")
+    lines = ["# The dial on `smollm2-135m`: one artifact against dedicated compressions", ""]
+    if art:
+        lines += [
+            f"Artifact: `dial` recipe (GPTQ, group 64, nested widths 3/4/8 sharing one code: narrower widths are "
+            f"the top bits), {art['bytes_on_disk']:,} bytes ({art['bits_per_param']:.3f} bits/param, "
+            f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s. "
+            "Sparsity: one Wanda-score order of the 8-bit weights, no weight updates.",
+            "",
+        ]
+    lines += [
+        "Eval: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows; every row measured in this run.",
+        "",
+        "| setting | dial ppl | dedicated | dedicated ppl | dial / dedicated | dial setting bytes | dedicated bytes |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    dedicated_bytes = 0
+    for setting in SETTINGS:
+        row = rows.get(f"dial {setting}")
+        if row is None:
+            continue
+        ref = rows.get(DEDICATED.get(setting, ""))
+        ratio = f"{row['ppl'] / ref['ppl']:.3f}" if ref else ""
+        if ref:
+            dedicated_bytes += ref["bytes_on_disk"]
+        lines.append(
+            f"| {setting} | {row['ppl']:.3f} | {DEDICATED.get(setting, '–')} | {ref['ppl']:.3f} | {ratio} "
+            f"| {row['materialized']['bytes_on_disk']:,} | {ref['bytes_on_disk']:,} |"
+            if ref
+            else f"| {setting} | {row['ppl']:.3f} | – | | | {row['materialized']['bytes_on_disk']:,} | |"
+        )
+    if art and dedicated_bytes:
+        lines += ["", f"The artifact ({art['bytes_on_disk']:,} bytes) against the dedicated containers above "
+                  f"together ({dedicated_bytes:,} bytes): {art['bytes_on_disk'] / dedicated_bytes:.2f}x."]  # fmt: skip
+    switch = rows.get("switch")
+    if switch:
+        cells = ", ".join(f"{s}: {t:.2f} s" for s, t in switch["seconds"].items())
+        lines += ["", f"Switching in memory (`set_budget`, median of {switch['rounds']} rounds): {cells}."]
+    lines += ["", "Command: `.venv/bin/python benchmarks/dial_table.py`. Shared 2-core machine."]
+    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+    _plot(rows)
+
+
+def _plot(rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, pick, marker in (("dial (one artifact)", "dial", "o"), ("dedicated GPTQ", "ded", "s")):
+        xs, ys = [], []
+        for setting in ("bits=3", "bits=4", "bits=8"):
+            row = rows.get(f"dial {setting}") if pick == "dial" else rows.get(DEDICATED[setting])
+            if row:
+                xs.append(int(setting.split("=")[1]))
+                ys.append(row["ppl"])
+        if xs:
+            ax.plot(xs, ys, marker=marker, label=label)
+    ax.set_xlabel("bits per weight (width)")
+    ax.set_ylabel("WikiText-2 ppl (ctx 2048, first 40 windows)")
+    ax.set_yscale("log")
+    ax.set_xticks([3, 4, 8])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="*", default=DEFAULT_POINTS)
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "compresslm" / "dial-bench"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_point(args.one, args)))
+        return
+    rows = point_runner.run_queue(
+        __file__, RESULTS.with_suffix(".json"), args.points, ["--limit", str(args.limit), "--workdir", args.workdir]
+    )
+    if rows:
+        write_markdown({n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows})
+
+
+if __name__ == "__main__":
+    main()
