@@ -163,3 +163,24 @@ def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
                  "--json", "--quiet"]) == 0  # fmt: skip
     assert '"dial"' in capsys.readouterr().out
     assert main(["eval", artifact, "--dial", "bits=five", "--ppl", "wikitext2"]) == 2
+
+
+def test_a_low_budget_reads_only_its_bit_planes(artifact):
+    path, _ = artifact
+    full = load_container(path)
+    low = load_container(path, dial_bits=3)
+    assert low.bytes_read < full.bytes_read
+    planes = sum(
+        full.container["blobs"][key]["nbytes"]
+        for e in full.container["linears"].values()
+        for key in e["code_planes"][3:]
+    )
+    assert full.bytes_read - low.bytes_read == planes  # exactly the five unread bit planes
+    set_budget(full, 3)
+    ids = torch.arange(40)[None] % 200
+    with torch.no_grad():
+        assert torch.equal(low.model(ids).logits, full.model(ids).logits)
+    with pytest.raises(CompressLMError, match="not a width"):
+        set_budget(low, 4)  # wider than what was read
+    with pytest.raises(CompressLMError, match="not a width of this artifact"):
+        load_container(path, dial_bits=5)

@@ -117,7 +117,14 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
         entry["values"] = writer.add(f"{name}.values", _tensor_bytes(values), "float16", [values.numel()])
         return entry
     codes = record.codes if kept is None else record.codes[kept]
-    entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
+    if record.meta.get("dial") and kept is None:  # nested widths: bit planes, most significant first
+        planes = [(codes >> (record.bits - 1 - p)) & 1 for p in range(record.bits)]
+        entry["code_planes"] = [
+            writer.add(f"{name}.codes.plane{p}", pack_bits(plane, 1), "u1", [codes.numel()])
+            for p, plane in enumerate(planes)
+        ]
+    else:
+        entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
     entry["scales_shape"] = list(record.scales.shape)
     entry["scales"] = writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape))
     if record.zeros.dtype == torch.float16:  # float zero points (nested grids)
@@ -278,11 +285,13 @@ class _BlobReader:
         self.path, self.header, self.start = path, header, start
         self.handle = path.open("rb")
         self._verified: dict[str, bytes] = {}
+        self.bytes_read = 0
 
-    def verify_all(self) -> None:
-        """Read and check every blob before anything is built; later reads take the checked bytes."""
+    def verify_all(self, skip: set[str] = frozenset()) -> None:
+        """Read and check every blob (but `skip`) before anything is built; later reads take the checked bytes."""
         for key in self.header["blobs"]:
-            self._verified[key] = self.read(key)
+            if key not in skip:
+                self._verified[key] = self.read(key)
 
     def read(self, key: str) -> bytes:
         if key in self._verified:
@@ -290,6 +299,7 @@ class _BlobReader:
         entry = self.header["blobs"][key]
         self.handle.seek(self.start + entry["offset"])
         data = self.handle.read(entry["nbytes"])
+        self.bytes_read += len(data)
         if len(data) != entry["nbytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CorruptFileError(f"{self.path}: checksum mismatch in tensor '{key}'; the file is corrupt")
         return data
@@ -338,7 +348,9 @@ def _scatter_kept(kept: torch.Tensor, mask: torch.Tensor | None, fill: torch.Ten
     return full
 
 
-def _record(reader: _BlobReader, entry: dict) -> CompressedWeight:
+def _record(reader: _BlobReader, entry: dict, dial_bits: int | None = None) -> CompressedWeight:
+    if dial_bits is not None and entry.get("code_planes"):
+        return _nested_record(reader, entry, dial_bits)
     out_f, in_f = entry["shape"]
     mask, nm = _read_mask(reader, entry)
     stored = out_f * in_f if mask is None else int(mask.sum())
@@ -346,7 +358,12 @@ def _record(reader: _BlobReader, entry: dict) -> CompressedWeight:
         values = reader.tensor(entry["values"])
         full = _scatter_kept(values, mask, torch.zeros(out_f, in_f, dtype=torch.float16), str(reader.path))
         return CompressedWeight.unquantized(full, mask, nm, entry.get("meta", {}))
-    codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], stored)
+    if entry.get("code_planes"):
+        codes = torch.zeros(stored, dtype=torch.uint8)
+        for p, key in enumerate(entry["code_planes"]):
+            codes |= unpack_bits(reader.read(key), 1, stored) << (entry["bits"] - 1 - p)
+    else:
+        codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], stored)
     scales = reader.tensor(entry["scales"])
     if entry["zeros"] is None:
         zeros = torch.full(tuple(entry["scales_shape"]), 1 << (entry["bits"] - 1), dtype=torch.uint8)
@@ -368,22 +385,54 @@ def _record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     )  # fmt: skip
 
 
-def load_container(path: str | os.PathLike, device: str | None = None) -> LoadedModel:
-    """Rebuild the compressed model from a `.clm` file, verifying every checksum first."""
+def _nested_record(reader: _BlobReader, entry: dict, bits: int) -> CompressedWeight:
+    """A dial artifact's weight at width `bits`, built from its first `bits` bit planes only."""
+    from compresslm.quant.nested import width_grid
+
+    widths = entry["meta"]["dial"]["widths"]
+    if bits not in widths:
+        raise CompressLMError(f"{bits} bits is not a width of this artifact; it has {widths}")
+    out_f, in_f = entry["shape"]
+    codes = torch.zeros(out_f * in_f, dtype=torch.uint8)
+    for p, key in enumerate(entry["code_planes"][:bits]):
+        codes |= unpack_bits(reader.read(key), 1, out_f * in_f) << (bits - 1 - p)
+    scales, zeros = width_grid(reader.tensor(entry["scales"]), reader.tensor(entry["zeros"]), entry["bits"], bits)
+    importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
+    meta = {**entry["meta"], "dial": {**entry["meta"]["dial"], "widths": [w for w in widths if w <= bits]}}
+    return CompressedWeight(
+        shape=(out_f, in_f), bits=bits, group_size=entry["group_size"], symmetric=False,
+        codes=codes.reshape(out_f, in_f), scales=scales, zeros=zeros, meta=meta, importance=importance,
+    )  # fmt: skip
+
+
+def _unread_planes(header: dict, dial_bits: int | None) -> set[str]:
+    if dial_bits is None:
+        return set()
+    return {key for entry in header["linears"].values() for key in entry.get("code_planes", [])[dial_bits:]}
+
+
+def load_container(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None) -> LoadedModel:
+    """Rebuild the compressed model from a `.clm` file, verifying every checksum first.
+
+    `dial_bits` loads a dial artifact at that width, reading only the bit planes it needs (and
+    verifying only what it reads); `lm.bytes_read` says how much of the file was read.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path).expanduser()
     header, start = read_header(p)
+    if dial_bits is not None and not any(e.get("code_planes") for e in header["linears"].values()):
+        raise CompressLMError(f"{p} is not a dial artifact (no nested widths); load it without a dial width")
     reader = _BlobReader(p, header, start)
     try:
-        reader.verify_all()  # nothing is built from a corrupt or truncated file
+        reader.verify_all(_unread_planes(header, dial_bits))  # nothing is built from a corrupt or truncated file
         config_dict = dict(header["config"])
         model_type = config_dict.pop("model_type")
         config = AutoConfig.for_model(model_type, **config_dict)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         weights = {}
         for name, entry in header["linears"].items():
-            record = _record(reader, entry)
+            record = _record(reader, entry, dial_bits)
             old = model.get_submodule(name)
             bias = getattr(old, "bias", None)
             new = CompressedLinear(record, bias)
@@ -421,6 +470,7 @@ def load_container(path: str | os.PathLike, device: str | None = None) -> Loaded
     lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
     lm.kind, lm.path = "container", str(p.resolve())
     lm.container = header
+    lm.bytes_read = reader.bytes_read
     lm.compressed = {**weights, **embeddings}
     if header.get("recipe"):
         from compresslm.recipe import Recipe
@@ -436,7 +486,8 @@ def container_summary(path: str | os.PathLike) -> dict:
     size = p.stat().st_size
 
     def record_bytes(entry: dict) -> int:
-        return sum(header["blobs"][entry[key]]["nbytes"] for key in _RECORD_BLOBS if entry.get(key))
+        keys = [entry[key] for key in _RECORD_BLOBS if entry.get(key)] + entry.get("code_planes", [])
+        return sum(header["blobs"][key]["nbytes"] for key in keys)
 
     linear_bytes = sum(record_bytes(entry) for entry in header["linears"].values())
     embedding_bytes = sum(record_bytes(entry) for entry in header.get("embeddings", {}).values())

@@ -47,6 +47,7 @@ class LoadedModel:
     kind: str  # "registered", "gguf", "hf_dir", "hub", "container" or "module"
     path: str | None = None  # the resolved file or directory, if any
     container: dict | None = field(default=None, repr=False)  # the .clm header, for containers
+    bytes_read: int | None = field(default=None, repr=False)  # bytes of the file read to build it (containers)
     compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
     kv_cache: object | None = None  # a recipe.KVCacheStage: evaluation runs through that quantized cache
     _fingerprint: str | None = field(default=None, repr=False)
