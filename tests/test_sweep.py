@@ -46,6 +46,9 @@ def test_builtin_grids_validate():
         ({"points": ["none"], "protocol": {"ppl": {"ctx": 1}}}, "ctx=1"),
         ({"points": ["none"], "protocol": {"tasks": ["arc"]}}, "unknown task(s) arc"),
         ({}, "no points"),
+        ({"points": [{"label": "d", "recipe": "w4-rtn", "dial": "bits=3"}]}, "need a dial recipe"),
+        ({"points": [{"label": "d", "recipe": "dial", "dial": "bits=5"}]}, "outside the recipe's widths"),
+        ({"points": [{"label": "d", "recipe": "dial", "dial": "bit=3"}]}, "cannot read dial setting"),
     ],
 )
 def test_bad_grids_fail_before_compute(grid, message):
@@ -140,3 +143,17 @@ def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path / "none.sqlite")]) == 2
     assert main(["sweep", model_dir, "--grid", str(tmp_path / "nope.yaml"), "--db", str(db), "--json"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
+
+
+def test_dial_points_share_one_artifact(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    points = [{"label": f"dial-{b}", "recipe": "dial-g16", "dial": f"bits={b}"} for b in (3, 4, 8)]
+    points.append({"label": "dial-4-50", "recipe": "dial-g16", "dial": "bits=4,sparsity=0.5"})
+    grid = load_grid({**TINY_GRID, "points": ["none", *points]})
+    rows = {r["label"]: r for r in run_sweep(model_dir, grid, tmp_path / "r.sqlite", tmp_path / "c",
+                                             show_progress=False, log=lambda *a: None)}  # fmt: skip
+    assert len(list((tmp_path / "c").glob("dial-*.clm"))) == 1  # compressed once for every setting
+    assert rows["dial-3"]["family"] == "dial" and rows["dial-4-50"]["family"] == "dial sparse"
+    assert rows["dial-3"]["bytes_on_disk"] < rows["dial-4"]["bytes_on_disk"] < rows["dial-8"]["bytes_on_disk"]
+    assert rows["dial-3"]["artifact_bytes"] == rows["dial-8"]["artifact_bytes"]
+    assert 0.45 < rows["dial-4-50"]["linear_sparsity"] < 0.55

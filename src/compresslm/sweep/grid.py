@@ -16,6 +16,7 @@ points:                         # preset names, or mappings with a label, recipe
   - w4-g64-rtn
   - {label: w4-gptq-32win, recipe: w4-g64-gptq, calibration: {samples: 32}}
   - {label: budget-3.5, recipe: w4-g64-gptq, target_bits: 3.5}   # the budget solver picks per-layer widths
+  - {label: dial-3, recipe: dial, dial: "bits=3"}   # one setting of a dial artifact (built once per recipe)
 product:                        # optional: every combination of the axes, formatted into `recipe`
   recipe: "w{bits}-g{group}-{method}"
   bits: [4, 3]
@@ -64,13 +65,17 @@ class SweepPoint:
     label: str
     recipe: Recipe | None  # None: the uncompressed model
     target_bits: float | None = None  # the budget solver chooses per-layer widths for this file size
+    dial: dict | None = None  # a setting ({"bits": 3, "sparsity": 0.5}) of the dial artifact `recipe` makes
 
     @property
     def key(self) -> str:
         """What makes two points the same measurement (label aside)."""
         recipe = self.recipe.to_dict() if self.recipe else None
-        return json.dumps({"recipe": recipe, "target_bits": self.target_bits} if self.target_bits else recipe,
-                          sort_keys=True)  # fmt: skip
+        if self.target_bits:
+            return json.dumps({"recipe": recipe, "target_bits": self.target_bits}, sort_keys=True)
+        if self.dial:
+            return json.dumps({"recipe": recipe, "dial": self.dial}, sort_keys=True)
+        return json.dumps(recipe, sort_keys=True)
 
 
 @dataclass
@@ -124,7 +129,7 @@ BUILTIN: dict[str, dict] = {
 _GRID_KEYS = ("name", "description", "protocol", "calibration", "points", "product")
 _PROTOCOL_KEYS = ("ppl", "kld", "tasks", "task_limit", "speed")
 _PPL_KEYS = ("corpus", "ctx", "limit")
-_POINT_KEYS = ("label", "recipe", "calibration", "target_bits")
+_POINT_KEYS = ("label", "recipe", "calibration", "target_bits", "dial")
 
 
 def _check_keys(where: str, data: dict, allowed: tuple) -> None:
@@ -197,7 +202,25 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
     target = raw.get("target_bits")
     if target is not None and (not isinstance(target, (int, float)) or target <= 0):
         raise GridError(f"{where}: target_bits={target!r} is not allowed; use a positive number of bits per parameter")
-    return SweepPoint(label, recipe, float(target) if target is not None else None)
+    dial = _dial_setting(raw.get("dial"), recipe, where) if raw.get("dial") is not None else None
+    if dial is not None and target is not None:
+        raise GridError(f"{where}: give target_bits or dial, not both")
+    return SweepPoint(label, recipe, float(target) if target is not None else None, dial)
+
+
+def _dial_setting(text: object, recipe: Recipe, where: str) -> dict:
+    from compresslm.dial import parse_setting
+
+    widths = next((s.nested_widths for s in recipe.stages if getattr(s, "nested_widths", None)), None)
+    if not widths:
+        raise GridError(f"{where}: dial settings need a dial recipe (nested widths, e.g. 'dial')")
+    try:
+        setting = parse_setting(str(text))
+    except CompressLMError as exc:
+        raise GridError(f"{where}: {exc}") from None
+    if setting.get("bits", widths[-1]) not in widths or not 0 <= setting.get("sparsity", 0.0) < 1:
+        raise GridError(f"{where}: dial setting {text!r} is outside the recipe's widths {widths} or sparsity [0, 1)")
+    return setting
 
 
 def load_grid(spec: str | dict) -> Grid:

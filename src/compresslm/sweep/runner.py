@@ -33,6 +33,8 @@ def family(point: SweepPoint) -> str:
         return "uncompressed"
     if point.target_bits is not None:
         return "budget solver"
+    if point.dial is not None:
+        return "dial" + (" sparse" if point.dial.get("sparsity") else "")
     parts = []
     for stage in point.recipe.stages:
         if stage.type == "quantize":
@@ -161,6 +163,8 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
     if point.recipe is None:
         lm = base
         row.update(_uncompressed_size(base))
+    elif point.dial is not None:
+        lm = _dial_point(point, base, row, workdir)
     else:
         path = workdir / f"{_safe(point.label)}.clm"
         work, recipe = copy.deepcopy(base), point.recipe
@@ -182,6 +186,30 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
     row.update(_evaluate(lm, grid, reference, data_dir))
     row["point_seconds"] = time.perf_counter() - started
     return row
+
+
+def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) -> LoadedModel:
+    """A dial setting: the artifact of the point's recipe (built by the first point that needs it), switched."""
+    from compresslm.api import compress
+    from compresslm.dial import materialize, set_budget
+    from compresslm.formats.container import container_summary, load_container
+
+    digest = hashlib.sha256(json.dumps(point.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    artifact = workdir / f"dial-{digest}.clm"
+    if not artifact.exists():
+        _, result, _ = compress(copy.deepcopy(base), point.recipe, artifact, show_progress=False)
+        row["compress_seconds"] = result.seconds  # the whole artifact's, paid once for all its settings
+        row["calibration"] = result.calibration
+    bits, sparsity = point.dial.get("bits"), point.dial.get("sparsity", 0.0)
+    fixed = workdir / f"{_safe(point.label)}.fixed.clm"
+    _, summary = materialize(artifact, fixed, bits, sparsity)  # the bytes this setting needs on its own
+    fixed.unlink(missing_ok=True)
+    row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk", "linear_sparsity")})
+    row.update({"recipe": point.recipe.to_dict(), "dial": point.dial,
+                "artifact_bytes": container_summary(artifact)["bytes_on_disk"]})  # fmt: skip
+    lm = load_container(artifact)
+    row["switch_seconds"] = set_budget(lm, bits, sparsity).seconds
+    return lm
 
 
 def _safe(label: str) -> str:
