@@ -134,7 +134,7 @@ def test_per_layer_budgets_and_bad_settings(artifact):
     path, _ = artifact
     lm = load_container(path)
     name = next(n for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear))
-    report = set_budget(lm, {name: 3})
+    report = lm.set_budget({name: 3})
     assert lm.model.get_submodule(name).compressed.bits == 3 and report.bits[3] == 1
     with pytest.raises(CompressLMError, match="9 bits is not a width"):
         set_budget(lm, 9)

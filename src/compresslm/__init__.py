@@ -20,6 +20,7 @@ _EXPORTS = {
     "discover_layout": "compresslm.models.layout",
     "PerplexityResult": "compresslm.eval.perplexity",
     "perplexity": "compresslm.eval.perplexity",
+    "set_budget": "compresslm.dial",
 }
 
 __all__ = ["__version__", *_EXPORTS]

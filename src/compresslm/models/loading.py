@@ -69,6 +69,12 @@ class LoadedModel:
         """Forget the cached fingerprint: call after changing the weights in place."""
         self._fingerprint = None
 
+    def set_budget(self, bits: int | dict[str, int] | None = None, sparsity: float = 0.0):
+        """Switch a dial artifact to another width and/or sparsity in place (see `compresslm.dial`)."""
+        from compresslm.dial import set_budget
+
+        return set_budget(self, bits, sparsity)
+
     def fingerprint(self) -> str:
         """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once."""
         if self._fingerprint is None:
