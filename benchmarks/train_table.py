@@ -1,0 +1,124 @@
+"""Training for compressibility on the reference model: does it beat post-hoc compression?
+
+Every variant trains the same steps on the same C4 windows with the same distillation teacher
+(the uncompressed model); then the checkpoints are compressed post hoc and evaluated under the
+benchmark protocol (WikiText-2 test, GPTQ rows, ctx 2048, first 40 windows). Points, each in its
+own subprocess, saved before the next starts (rerunning skips finished ones; a killed training run
+resumes from its checkpoint):
+
+* `train <preset>`: `compresslm.train` with a preset (finetune = the control) into `--workdir`.
+* `fp <run>`: ppl of a run's float weights (`base` = the untrained model).
+* `qat <run>`: ppl of a single-width QAT run's own container (weights on their learned grid).
+* `ptq <run> <recipe>`: post-training compression of a run's float weights, written, reloaded, evaluated.
+
+    .venv/bin/python benchmarks/train_table.py [--steps 100] [--points ...] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import point_runner
+from results_store import atomic_write
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results" / "train_table"
+RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "gmp-50%"]
+DEFAULT_POINTS = [
+    *(f"train {run}" for run in RUNS),
+    "fp base", "fp finetune", "fp nm-2:4", "fp gmp-50%",
+    "qat qat-w4", "qat qat-w3", "qat qat-w2",
+    *(f"ptq {run} {recipe}" for run in ("base", "finetune")
+      for recipe in ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")),
+    *(f"ptq random-precision w{b}-g64-{m}" for b in (4, 3) for m in ("rtn", "gptq")),
+    "ptq gmp-50% 50%-sparsegpt", "ptq nm-2:4 2:4-sparsegpt",
+]  # fmt: skip
+
+
+def _run_dir(workdir: Path, run: str) -> Path:
+    return workdir / run.replace("%", "pct").replace(":", "of")
+
+
+def _source(workdir: Path, run: str) -> str:
+    if run == "base":
+        return "smollm2-135m"
+    model = _run_dir(workdir, run) / "model"
+    if not model.exists():
+        raise SystemExit(f"{model} is missing: run the point 'train {run}' first (same --workdir)")
+    return str(model)
+
+
+def run_point(name: str, args: argparse.Namespace) -> dict:
+    from compresslm.eval.perplexity import perplexity
+    from compresslm.models.loading import load_model
+
+    workdir = Path(args.workdir)
+    kind, rest = name.split(" ", 1)
+    if kind == "train":
+        from compresslm.train.trainer import train
+
+        started = time.perf_counter()
+        summary = train(load_model("smollm2-135m"), rest, args.steps, _run_dir(workdir, rest), show_progress=False)
+        return {"point": name, **summary, "train_seconds": time.perf_counter() - started}
+    if kind in ("fp", "qat"):
+        path = _run_dir(workdir, rest) / f"model-w{rest[-1]}.clm" if kind == "qat" else _source(workdir, rest)
+        ppl = perplexity(load_model(path), "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
+        return {"point": name, "ppl": ppl.ppl, "eval_protocol": ppl.protocol}
+    run, recipe = rest.split(" ", 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        return {**point_runner.run_point(recipe, _source(workdir, run), args.limit, Path(tmp)), "point": name}
+
+
+def write_markdown(rows: dict, steps: int) -> None:
+    def ppl(point: str) -> str:
+        return f"{rows[point]['ppl']:.3f}" if point in rows else "–"
+
+    lines = [
+        "# Training for compressibility on `smollm2-135m`",
+        "",
+        f"Each run: {steps} steps of the same C4 windows, KL distillation from the uncompressed model; then "
+        "post-hoc compression where named. Eval: WikiText-2 test, GPTQ rows, ctx 2048, first 40 windows.",
+        "",
+        "| run | float weights | own container | w4 g64 GPTQ | w3 g64 GPTQ | w2 g64 GPTQ | 50 % SparseGPT "
+        "| 2:4 SparseGPT |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    recipes = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
+    for run in ["base", *RUNS]:
+        own = ppl(f"qat {run}") if run.startswith("qat") else ""
+        cells = " | ".join(ppl(f"ptq {run} {r}") for r in recipes)
+        lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
+    rp = [f"{p.split(' ', 2)[2]} {ppl(p)}" for p in rows if p.startswith("ptq random-precision")]
+    if rp:
+        lines += ["", "Random-precision checkpoint compressed post hoc: " + ", ".join(rp) + "."]
+    trained = [r for r in rows.values() if r["point"].startswith("train")]
+    if trained:
+        times = ", ".join(f"{r['point'][6:]} {r['train_seconds'] / 60:.0f} min" for r in trained)
+        lines += ["", f"Training time: {times} (shared 2-core CPU)."]
+    lines += ["", f"Command: `.venv/bin/python benchmarks/train_table.py --steps {steps}`."]
+    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="*", default=DEFAULT_POINTS)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "compresslm" / "train-bench"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_point(args.one, args)))
+        return
+    child = ["--steps", str(args.steps), "--limit", str(args.limit), "--workdir", args.workdir]
+    rows = point_runner.run_queue(__file__, RESULTS.with_suffix(".json"), args.points, child)
+    if rows:
+        write_markdown({n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows}, args.steps)
+
+
+if __name__ == "__main__":
+    main()
