@@ -61,6 +61,10 @@ def test_bad_train_recipes():
         train_recipe({"widths": [7]})
     with pytest.raises(CompressLMError, match="random_precision needs"):
         train_recipe({"widths": [4], "random_precision": True})
+    with pytest.raises(CompressLMError, match="dynamic_nm needs an nm pattern"):
+        train_recipe({"dynamic_nm": True})
+    with pytest.raises(CompressLMError, match="needs distill on"):
+        train_recipe({"hidden_weight": 1.0, "distill": False, "ce_weight": 1.0})
 
 
 def _recipe(**extra):
@@ -116,3 +120,37 @@ def test_random_precision_and_cli(tokenizer, tmp_path, capsys):
     rows = (tmp_path / "rp" / "loss.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("step,loss")
     assert main(["train", source, "--recipe", "qat-w9", "--steps", "1", "-o", str(tmp_path / "x")]) == 2
+
+
+def test_dynamic_2_4_masks_move_during_training_and_end_valid(tokenizer, tmp_path):
+    lm = _tiny(tokenizer)
+    wrapped = trainer._wrap(lm, _recipe(nm=[2, 4], dynamic_nm=True))
+    module = wrapped[0]
+    module.refresh_dynamic_mask()
+    before = module.mask.clone()
+    module(torch.randn(3, module.in_features)).sum().backward()
+    assert (module.weight.grad[before == 0] != 0).any()  # pruned weights still receive gradients (SR-STE)
+    summary = train(_tiny(tokenizer), _recipe(name="cast", nm=[2, 4], dynamic_nm=True), 6, tmp_path / "o",
+                    show_progress=False)  # fmt: skip
+    model = load_model(summary["model"])
+    for info in model.layout.linears():
+        groups = (info.module.weight.detach() != 0).reshape(info.module.out_features, -1, 4).sum(-1)
+        assert bool((groups <= 2).all())  # every group of 4 keeps at most 2 (exactly 2 unless a weight is 0)
+
+
+def test_lora_qat_trains_only_the_adapters_and_merges(tokenizer, tmp_path):
+    lm = _tiny(tokenizer)
+    original = {i.name: i.module.weight.detach().clone() for i in lm.layout.linears()}
+    summary = train(lm, _recipe(name="lora", widths=[4], lora_rank=4), 8, tmp_path / "o", show_progress=False)
+    assert summary["last_loss"] < summary["first_loss"]
+    merged = load_model(summary["model"])
+    changed = [not torch.equal(i.module.weight.detach(), original[i.name]) for i in merged.layout.linears()]
+    assert all(changed)  # the low-rank updates were merged into every linear
+    assert {r.bits for r in load_model(summary["container"]).compressed.values()} == {4}
+
+
+def test_hidden_state_distillation_is_in_the_loss(tokenizer, tmp_path):
+    plain = train(_tiny(tokenizer), _recipe(name="a", widths=[3]), 3, tmp_path / "a", show_progress=False)
+    hidden = train(_tiny(tokenizer), _recipe(name="b", widths=[3], hidden_weight=1.0), 3, tmp_path / "b",
+                   show_progress=False)  # fmt: skip
+    assert hidden["first_loss"] > plain["first_loss"]  # the same KL plus a positive hidden-state term

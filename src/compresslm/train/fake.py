@@ -10,6 +10,12 @@ them. The bit width `b` can be changed between steps (randomized precision sampl
 per step; `bits = 16` switches quantization off), and a sparsity `mask` (1 = kept) multiplies the
 weight (gradual pruning). The zero point is the asymmetric grid's, refitted from the current
 weights whenever the width changes.
+
+Two variants: `dynamic_nm` re-chooses an N:M mask from the current magnitudes at every forward and
+passes the gradient straight through to the pruned weights too (SR-STE, Zhou et al. 2021: pruned
+weights can grow back; the trainer adds a decay pulling them to zero), a continuous route to
+2:4; `lora_rank` freezes the weight and trains a low-rank update B·A through the grid (QLoRA-style
+cheap QAT: far fewer trained parameters), merged into the weight when training ends.
 """
 
 from __future__ import annotations
@@ -42,10 +48,23 @@ class FakeQuantLinear(nn.Module):
     """
 
     def __init__(
-        self, linear: nn.Linear, widths: tuple[int, ...] = (4,), group_size: int = 64, learn_step: bool = True
+        self,
+        linear: nn.Linear,
+        widths: tuple[int, ...] = (4,),
+        group_size: int = 64,
+        learn_step: bool = True,
+        dynamic_nm: tuple[int, int] | None = None,
+        lora_rank: int = 0,
     ):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=lora_rank == 0)
+        self.dynamic_nm = dynamic_nm
+        self.lora_a = self.lora_b = None
+        if lora_rank:
+            generator = torch.Generator().manual_seed(linear.in_features * 7919 + linear.out_features)
+            a = torch.randn(lora_rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)
+            self.lora_a = nn.Parameter(a.to(self.weight.dtype))
+            self.lora_b = nn.Parameter(torch.zeros(linear.out_features, lora_rank, dtype=self.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = min(group_size, self.in_features)
@@ -69,8 +88,27 @@ class FakeQuantLinear(nn.Module):
     def step_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.log_steps[str(self.bits)].exp(), getattr(self, f"zero_{self.bits}")
 
+    def dense_weight(self) -> torch.Tensor:
+        """The float weight the grid sees: the weight plus any low-rank update."""
+        if self.lora_a is None:
+            return self.weight
+        return self.weight + self.lora_b @ self.lora_a
+
+    def refresh_dynamic_mask(self) -> None:
+        """Re-choose the N:M mask from the current magnitudes (dynamic_nm only)."""
+        if self.dynamic_nm is not None:
+            self.mask = magnitude_mask(self.dense_weight(), 0.0, self.dynamic_nm)
+
+    def pruned_decay(self) -> torch.Tensor:
+        """½‖(1 − mask) ⊙ w‖²: SR-STE's pull of the currently pruned weights towards zero."""
+        if self.mask is None or self.dynamic_nm is None:
+            return torch.zeros((), device=self.weight.device)
+        return 0.5 * ((1 - self.mask) * self.dense_weight()).pow(2).sum()
+
     def quantized_weight(self) -> torch.Tensor:
-        w = self.weight if self.mask is None else self.weight * self.mask
+        w = self.dense_weight()
+        if self.mask is not None:  # dynamic masks pass the gradient straight through to pruned weights
+            w = w + (w * self.mask - w).detach() if self.dynamic_nm is not None else w * self.mask
         if self.bits >= 16:
             return w
         q_max = (1 << self.bits) - 1
@@ -80,14 +118,19 @@ class FakeQuantLinear(nn.Module):
         z = expand_groups(zero, self.in_features, self.group_size)
         codes = torch.clamp(round_ste(w / s) + z, 0, q_max)
         w_q = (codes - z) * s
-        return w_q if self.mask is None else w_q * self.mask
+        if self.mask is None:
+            return w_q
+        return w_q + (w_q * self.mask - w_q).detach() if self.dynamic_nm is not None else w_q * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         mask = f", {100 * (1 - float(self.mask.float().mean())):.0f}% masked" if self.mask is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}{mask}"
+        if self.dynamic_nm is not None:
+            mask += f" (dynamic {self.dynamic_nm[0]}:{self.dynamic_nm[1]})"
+        lora = f", LoRA rank {self.lora_a.shape[0]}" if self.lora_a is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}{mask}{lora}"
 
 
 def prune_schedule(step: int, total: int, target: float, kind: str = "cubic", start: float = 0.0) -> float:

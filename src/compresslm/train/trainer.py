@@ -49,6 +49,10 @@ class TrainRecipe:
     learn_step: bool = True
     sparsity: float = 0.0
     nm: list[int] | None = None  # e.g. [2, 4]: N:M masks (applied from the start)
+    dynamic_nm: bool = False  # re-choose the N:M masks every step (SR-STE), fixed at the end
+    nm_decay: float = 2e-4  # with dynamic_nm: pull of the currently pruned weights towards zero
+    lora_rank: int = 0  # > 0: frozen weights, a trained low-rank update per linear (merged at the end)
+    hidden_weight: float = 0.0  # > 0: also distil every block's hidden states (normalized MSE)
     schedule: str = "cubic"
     prune_every: int = 10
     prune_end: float = 0.75
@@ -75,6 +79,12 @@ class TrainRecipe:
             raise CompressLMError(
                 f"train recipe: schedule='{self.schedule}' is not allowed; choose cubic, linear, cosine"
             )
+        if self.dynamic_nm and self.nm is None:
+            raise CompressLMError("train recipe: dynamic_nm needs an nm pattern such as [2, 4]")
+        if self.lora_rank < 0 or self.nm_decay < 0 or self.hidden_weight < 0:
+            raise CompressLMError("train recipe: lora_rank, nm_decay and hidden_weight must be >= 0")
+        if self.hidden_weight > 0 and not self.distill:
+            raise CompressLMError("train recipe: hidden_weight distils hidden states: it needs distill on")
         if not self.distill and self.ce_weight <= 0:
             raise CompressLMError("train recipe: with distill off, ce_weight must be positive (nothing to learn from)")
         if self.lr <= 0 or self.batch_size < 1 or self.seq_len < 2 or self.prune_every < 1:
@@ -83,7 +93,7 @@ class TrainRecipe:
 
     @property
     def compresses(self) -> bool:
-        return bool(self.widths) or self.sparsity > 0 or self.nm is not None
+        return bool(self.widths) or self.sparsity > 0 or self.nm is not None or self.lora_rank > 0
 
 
 TRAIN_PRESETS: dict[str, dict] = {
@@ -95,6 +105,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     "gmp-50%": {"sparsity": 0.5},
     "gmp-70%": {"sparsity": 0.7},
     "nm-2:4": {"nm": [2, 4]},
+    "cast-2:4": {"nm": [2, 4], "dynamic_nm": True},
+    "lora-qat-w4": {"widths": [4], "lora_rank": 16, "lr": 1e-4},
+    "lora-qat-w3": {"widths": [3], "lora_rank": 16, "lr": 1e-4},
 }
 
 
@@ -126,18 +139,20 @@ def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
     for info in lm.layout.linears():
         if info.transposed or not isinstance(info.module, torch.nn.Linear):
             raise CompressLMError(f"{info.name}: training supports nn.Linear layers (not {type(info.module).__name__})")
-        module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step)
+        dynamic = tuple(recipe.nm) if recipe.dynamic_nm else None
+        module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step, dynamic, recipe.lora_rank)
         replace_module(lm.model, info.name, module)
         wrapped.append(module)
     return wrapped
 
 
 def _unwrap(lm: LoadedModel, modules: dict[str, FakeQuantLinear]) -> None:
-    """Back to nn.Linear with the trained (masked) float weights, ready for save_model or compress."""
+    """Back to nn.Linear with the trained (masked, LoRA-merged) float weights, ready for save_model or compress."""
     for name, module in modules.items():
         linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
-            weight = module.weight if module.mask is None else module.weight * module.mask
+            module.refresh_dynamic_mask()  # a dynamic mask is fixed from the final weights
+            weight = module.dense_weight() if module.mask is None else module.dense_weight() * module.mask
             linear.weight.copy_(weight)
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
@@ -188,7 +203,10 @@ def train(
             for module in modules.values():
                 module.set_bits(rng.choice(recipe.widths))
         sparsity = 0.0
-        if recipe.nm is not None and step == 0:
+        if recipe.dynamic_nm:
+            for module in modules.values():
+                module.refresh_dynamic_mask()
+        elif recipe.nm is not None and step == 0:
             for module in modules.values():
                 module.mask = magnitude_mask(module.weight, 0.0, tuple(recipe.nm))
         elif recipe.sparsity > 0:
@@ -197,16 +215,22 @@ def train(
                 for module in modules.values():
                     module.mask = magnitude_mask(module.weight, sparsity)
         batch = windows.windows[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        logprobs = F.log_softmax(logits, dim=-1)
+        hidden = recipe.hidden_weight > 0
+        student = model(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+        logprobs = F.log_softmax(student.logits[:, :-1].float(), dim=-1)
         loss = torch.zeros((), device=device)
         kl = ce = float("nan")
         if teacher is not None:
             with torch.no_grad():
-                target = F.log_softmax(teacher(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+                reference = teacher(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+                target = F.log_softmax(reference.logits[:, :-1].float(), dim=-1)
             kl_t = F.kl_div(logprobs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
             loss = loss + kl_t
             kl = float(kl_t.detach())
+            if hidden:
+                loss = loss + recipe.hidden_weight * _hidden_loss(student.hidden_states, reference.hidden_states)
+        if recipe.dynamic_nm and recipe.nm_decay > 0:
+            loss = loss + recipe.nm_decay * sum(m.pruned_decay() for m in modules.values())
         if recipe.ce_weight > 0 or teacher is None:
             ce_t = F.nll_loss(logprobs.flatten(0, 1), batch[:, 1:].flatten())
             loss = loss + recipe.ce_weight * ce_t
@@ -240,6 +264,13 @@ def train(
             "log": str(out / "loss.csv")}  # fmt: skip
 
 
+def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Mean over blocks of ‖h_s − h_t‖² / ‖h_t‖² (each block's output hidden states, embeddings excluded)."""
+    terms = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-8)
+             for s, t in zip(student[1:], teacher[1:], strict=True)]  # fmt: skip
+    return torch.stack(terms).mean()
+
+
 def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], recipe: TrainRecipe, out: Path) -> Path:
     """The QAT model as a .clm with the learned steps: the weights exactly as trained through the grid."""
     from compresslm.compressed import CompressedWeight
@@ -253,7 +284,7 @@ def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], 
         scale = step.detach().half()
         s = scale.float().repeat_interleave(module.group_size, dim=1)[:, : module.in_features]
         z = zero.repeat_interleave(module.group_size, dim=1)[:, : module.in_features]
-        codes = torch.clamp(torch.round(module.weight.detach() / s) + z, 0, (1 << module.bits) - 1)
+        codes = torch.clamp(torch.round(module.dense_weight().detach() / s) + z, 0, (1 << module.bits) - 1)
         record = CompressedWeight(shape=(module.out_features, module.in_features), bits=module.bits,
                                   group_size=module.group_size, symmetric=False, codes=codes.to(torch.uint8).cpu(),
                                   scales=scale.cpu(), zeros=zero.to(torch.uint8).cpu(),
