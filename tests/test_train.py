@@ -154,3 +154,19 @@ def test_hidden_state_distillation_is_in_the_loss(tokenizer, tmp_path):
     hidden = train(_tiny(tokenizer), _recipe(name="b", widths=[3], hidden_weight=1.0), 3, tmp_path / "b",
                    show_progress=False)  # fmt: skip
     assert hidden["first_loss"] > plain["first_loss"]  # the same KL plus a positive hidden-state term
+
+
+def test_learned_activation_clipping_trains_and_exports(tokenizer, tmp_path):
+    linear = torch.nn.Linear(32, 8)
+    module = FakeQuantLinear(linear, widths=(4,), group_size=16, act_bits=4)
+    x = torch.randn(6, 32)
+    module(x).pow(2).sum().backward()
+    assert float(module.log_clip.detach().exp()) == pytest.approx(float(x.abs().max()), rel=1e-5)  # first batch
+    assert module.log_clip.grad is not None and module.log_clip.grad != 0
+    summary = train(_tiny(tokenizer), _recipe(name="a8", widths=[4], act_bits=8), 4, tmp_path / "o",
+                    show_progress=False)  # fmt: skip
+    container = load_model(summary["container"])
+    configs = [m.activation_config() for m in container.model.modules() if hasattr(m, "activation_config")]
+    assert configs and all(c and c["bits"] == 8 and c["granularity"] == "tensor" for c in configs)
+    with pytest.raises(CompressLMError, match="act_bits=9"):
+        train_recipe({"act_bits": 9})

@@ -16,6 +16,10 @@ passes the gradient straight through to the pruned weights too (SR-STE, Zhou et 
 weights can grow back; the trainer adds a decay pulling them to zero), a continuous route to
 2:4; `lora_rank` freezes the weight and trains a low-rank update B·A through the grid (QLoRA-style
 cheap QAT: far fewer trained parameters), merged into the weight when training ends.
+
+`act_bits` also quantizes the layer's inputs, symmetric per tensor, with a learned clipping range
+α (initialised from the first batch's max |x|; its gradient flows through the step α/q_max, as
+LSQ learns steps, so clipped inputs pull α out and rounding error pulls it in).
 """
 
 from __future__ import annotations
@@ -55,8 +59,12 @@ class FakeQuantLinear(nn.Module):
         learn_step: bool = True,
         dynamic_nm: tuple[int, int] | None = None,
         lora_rank: int = 0,
+        act_bits: int = 0,
     ):
         super().__init__()
+        self.act_bits = act_bits
+        self.log_clip = nn.Parameter(torch.zeros(())) if act_bits else None
+        self.register_buffer("clip_ready", torch.tensor(False))
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=lora_rank == 0)
         self.dynamic_nm = dynamic_nm
         self.lora_a = self.lora_b = None
@@ -122,7 +130,22 @@ class FakeQuantLinear(nn.Module):
             return w_q
         return w_q + (w_q * self.mask - w_q).detach() if self.dynamic_nm is not None else w_q * self.mask
 
+    def activation_step(self) -> torch.Tensor:
+        """The learned input step α / q_max (act_bits only)."""
+        return self.log_clip.exp() / ((1 << (self.act_bits - 1)) - 1)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.clip_ready:  # first batch: the clip starts at the largest |x| seen
+            with torch.no_grad():
+                self.log_clip.copy_(x.detach().abs().amax().clamp_min(1e-5).log())
+                self.clip_ready.fill_(True)
+        q_max = (1 << (self.act_bits - 1)) - 1
+        step = scale_grad(self.activation_step(), 1.0 / math.sqrt(x[..., 0].numel() * q_max)).to(x.dtype)
+        return torch.clamp(round_ste(x / step), -q_max - 1, q_max) * step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits:
+            x = self.quantize_input(x)
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -130,7 +153,8 @@ class FakeQuantLinear(nn.Module):
         if self.dynamic_nm is not None:
             mask += f" (dynamic {self.dynamic_nm[0]}:{self.dynamic_nm[1]})"
         lora = f", LoRA rank {self.lora_a.shape[0]}" if self.lora_a is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}{mask}{lora}"
+        act = f", A{self.act_bits} learned clip" if self.act_bits else ""
+        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}{mask}{lora}{act}"
 
 
 def prune_schedule(step: int, total: int, target: float, kind: str = "cubic", start: float = 0.0) -> float:

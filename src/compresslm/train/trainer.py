@@ -53,6 +53,7 @@ class TrainRecipe:
     nm_decay: float = 2e-4  # with dynamic_nm: pull of the currently pruned weights towards zero
     lora_rank: int = 0  # > 0: frozen weights, a trained low-rank update per linear (merged at the end)
     hidden_weight: float = 0.0  # > 0: also distil every block's hidden states (normalized MSE)
+    act_bits: int = 0  # > 0: inputs quantized per tensor with a learned clipping range
     schedule: str = "cubic"
     prune_every: int = 10
     prune_end: float = 0.75
@@ -79,6 +80,8 @@ class TrainRecipe:
             raise CompressLMError(
                 f"train recipe: schedule='{self.schedule}' is not allowed; choose cubic, linear, cosine"
             )
+        if self.act_bits and not 2 <= self.act_bits <= 8:
+            raise CompressLMError(f"train recipe: act_bits={self.act_bits} is not allowed; choose 0 (off) or 2 to 8")
         if self.dynamic_nm and self.nm is None:
             raise CompressLMError("train recipe: dynamic_nm needs an nm pattern such as [2, 4]")
         if self.lora_rank < 0 or self.nm_decay < 0 or self.hidden_weight < 0:
@@ -93,7 +96,7 @@ class TrainRecipe:
 
     @property
     def compresses(self) -> bool:
-        return bool(self.widths) or self.sparsity > 0 or self.nm is not None or self.lora_rank > 0
+        return bool(self.widths) or self.sparsity > 0 or self.nm is not None or self.lora_rank > 0 or self.act_bits > 0
 
 
 TRAIN_PRESETS: dict[str, dict] = {
@@ -106,6 +109,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "gmp-70%": {"sparsity": 0.7},
     "nm-2:4": {"nm": [2, 4]},
     "cast-2:4": {"nm": [2, 4], "dynamic_nm": True},
+    "qat-w4a8": {"widths": [4], "act_bits": 8},
     "lora-qat-w4": {"widths": [4], "lora_rank": 16, "lr": 1e-4},
     "lora-qat-w3": {"widths": [3], "lora_rank": 16, "lr": 1e-4},
 }
@@ -140,7 +144,8 @@ def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
         if info.transposed or not isinstance(info.module, torch.nn.Linear):
             raise CompressLMError(f"{info.name}: training supports nn.Linear layers (not {type(info.module).__name__})")
         dynamic = tuple(recipe.nm) if recipe.dynamic_nm else None
-        module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step, dynamic, recipe.lora_rank)
+        module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step, dynamic, recipe.lora_rank,
+                                 recipe.act_bits)  # fmt: skip
         replace_module(lm.model, info.name, module)
         wrapped.append(module)
     return wrapped
@@ -290,7 +295,10 @@ def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], 
                                   scales=scale.cpu(), zeros=zero.to(torch.uint8).cpu(),
                                   meta={"algorithm": "qat", "train_recipe": recipe.name})  # fmt: skip
         records[name] = record
-        replace_module(snapshot.model, name, CompressedLinear(record, module.bias))
+        linear = CompressedLinear(record, module.bias)
+        if module.act_bits:  # the learned clip becomes the static per-tensor activation step
+            linear.set_activation_quantization(module.act_bits, "tensor", module.activation_step().detach())
+        replace_module(snapshot.model, name, linear)
     with torch.no_grad():
         for tensor in snapshot.model.state_dict().values():
             if tensor.is_floating_point():
