@@ -108,11 +108,13 @@ def _fixed_bytes(lm: LoadedModel, quantized: set[str], dense_bytes: int) -> int:
 SENSITIVITIES = ("fisher", "output")
 
 
-def output_fisher(lm: LoadedModel, windows: torch.Tensor, names: list[str], batch_size: int = 4) -> dict:
+def output_fisher(lm: LoadedModel, windows: torch.Tensor, names: list[str], batch_size: int = 1) -> dict:
     """Per output channel of each named linear: the summed squared gradient of the mean next-token loss.
 
     One forward and backward pass over `windows` with the weights frozen; only the activations'
-    gradients are kept (hooks on the linears' outputs).
+    gradients are kept (hooks on the linears' outputs). The batch size scales every layer's value
+    by the same factor (the plan does not change), so batches are small: the backward pass holds
+    the batch's logits and activations (about 10 GB at 8 × 512 tokens on the reference model).
     """
     fisher = {name: None for name in names}
     handles = []
@@ -202,7 +204,7 @@ def plan_budget(
         names = [i.name for b in lm.layout.blocks for i in b.linears if stage.applies_to(i.role, i.name)]
         if lm.layout.tied_lm_head and target_linear_bits is None and lm.layout.lm_head:
             names.append(lm.layout.lm_head)
-        weights_of = output_fisher(lm, calib.windows[:fisher_windows], names, settings.batch_size)
+        weights_of = output_fisher(lm, calib.windows[:fisher_windows], names)
     batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
     options: dict[str, list[tuple[float, float]]] = {}
     bits_of: dict[str, list[int]] = {}
