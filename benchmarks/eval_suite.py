@@ -139,6 +139,7 @@ def write_markdown(rows: dict) -> None:
                 )
         lines += ["", "A W4 container runs with its weights dequantized to float32 on CPU (no low-bit kernel), so "
                   "it is not expected to be faster; it is smaller on disk.", ""]  # fmt: skip
+        lines += [f"Note on {r['point']}: {r['note']}" for r in speed if r.get("note")] + [""]
     task_rows = [r for r in rows.values() if r["point"].startswith("task ")]
     for model in dict.fromkeys(r["model"] for r in task_rows):
         lines += [
