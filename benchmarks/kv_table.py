@@ -123,7 +123,11 @@ def write_markdown(rows: dict) -> None:
         for r in passkey:
             cells = " | ".join(f"{100 * x['accuracy']:.0f} % of {x['trials']}" for x in r["results"])
             lines.append(f"| {r['point'].split(' ', 1)[1]} | {cells} |")
-        lines.append("")
+        single = [r["point"] for r in passkey if "chunk" not in r["results"][0]]
+        note = "The prompt is prefilled in chunks of 128 tokens: the answer reads the key through the quantized cache"
+        if single:
+            note += f"; {', '.join(single)} ran with a single-shot prefill (the same for a full-precision cache)"
+        lines += ["", note + ".", ""]
     speed = [r for r in rows.values() if r["point"].startswith("speed")]
     if speed:
         lines += ["## Memory and speed against context (batch 1, 32 decoded tokens, median of 2 after a warm-up)", "",
