@@ -94,11 +94,11 @@ def materialize(
     artifact: str | os.PathLike, output: str | os.PathLike, bits: int | None = None, sparsity: float = 0.0
 ) -> tuple[DialReport, dict]:
     """Write an ordinary container holding one setting of a dial artifact; returns the switch report and sizes."""
-    from compresslm.formats.container import load_container, read_header, save_container
+    from compresslm.formats.container import load_container, save_container
 
     lm = load_container(artifact)
     report = set_budget(lm, bits, sparsity)
-    header, _ = read_header(artifact)
+    header = lm.container
     nested = dial_layers(lm)
     linears = {  # a fixed setting: no calibration norms, no widths to dial further
         name: _fixed(m.compressed, sparsity) if name in nested else m.compressed

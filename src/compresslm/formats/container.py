@@ -359,9 +359,7 @@ def _record(reader: _BlobReader, entry: dict, dial_bits: int | None = None) -> C
         full = _scatter_kept(values, mask, torch.zeros(out_f, in_f, dtype=torch.float16), str(reader.path))
         return CompressedWeight.unquantized(full, mask, nm, entry.get("meta", {}))
     if entry.get("code_planes"):
-        codes = torch.zeros(stored, dtype=torch.uint8)
-        for p, key in enumerate(entry["code_planes"]):
-            codes |= unpack_bits(reader.read(key), 1, stored) << (entry["bits"] - 1 - p)
+        codes = _read_planes(reader, entry["code_planes"], stored)
     else:
         codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], stored)
     scales = reader.tensor(entry["scales"])
@@ -385,6 +383,14 @@ def _record(reader: _BlobReader, entry: dict, dial_bits: int | None = None) -> C
     )  # fmt: skip
 
 
+def _read_planes(reader: _BlobReader, keys: list[str], count: int) -> torch.Tensor:
+    """`count` codes of len(keys) bits from their bit planes, most significant first."""
+    codes = torch.zeros(count, dtype=torch.uint8)
+    for p, key in enumerate(keys):
+        codes |= unpack_bits(reader.read(key), 1, count) << (len(keys) - 1 - p)
+    return codes
+
+
 def _nested_record(reader: _BlobReader, entry: dict, bits: int) -> CompressedWeight:
     """A dial artifact's weight at width `bits`, built from its first `bits` bit planes only."""
     from compresslm.quant.nested import width_grid
@@ -393,9 +399,7 @@ def _nested_record(reader: _BlobReader, entry: dict, bits: int) -> CompressedWei
     if bits not in widths:
         raise CompressLMError(f"{bits} bits is not a width of this artifact; it has {widths}")
     out_f, in_f = entry["shape"]
-    codes = torch.zeros(out_f * in_f, dtype=torch.uint8)
-    for p, key in enumerate(entry["code_planes"][:bits]):
-        codes |= unpack_bits(reader.read(key), 1, out_f * in_f) << (bits - 1 - p)
+    codes = _read_planes(reader, entry["code_planes"][:bits], out_f * in_f)
     scales, zeros = width_grid(reader.tensor(entry["scales"]), reader.tensor(entry["zeros"]), entry["bits"], bits)
     importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
     meta = {**entry["meta"], "dial": {**entry["meta"]["dial"], "widths": [w for w in widths if w <= bits]}}

@@ -31,12 +31,15 @@ from compresslm.progress import progress
 from compresslm.versions import versions
 
 
+def _prefill(model, ids: torch.Tensor, chunk: int, cache):
+    """Feed `ids` through `model` in chunks of `chunk` tokens, carrying `cache`; yield each chunk's output."""
+    for start in range(0, ids.shape[1], chunk):
+        yield model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+
+
 def _chunked_logits(model, ids: torch.Tensor, chunk: int, config: KVQuantConfig | None):
     cache = make_cache(model, config)
-    parts = []
-    for start in range(0, ids.shape[1], chunk):
-        out = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
-        parts.append(out.logits.float())
+    parts = [out.logits.float() for out in _prefill(model, ids, chunk, cache)]
     return torch.cat(parts, dim=1), cache
 
 
@@ -131,10 +134,8 @@ def passkey_accuracy(
                                   filler[offset : offset + 12 * length])  # fmt: skip
         ids = ids.to(lm.device)
         cache = make_cache(lm.model, config)
-        with torch.no_grad():
-            for start in range(0, ids.shape[1] - 1, chunk):  # all but the last token: generate feeds that one
-                lm.model(input_ids=ids[:, start : min(start + chunk, ids.shape[1] - 1)], past_key_values=cache,
-                         use_cache=True)  # fmt: skip
+        for _ in _prefill(lm.model, ids[:, :-1], chunk, cache):  # all but the last token: generate feeds that one
+            pass
         out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                 past_key_values=cache, pad_token_id=lm.tokenizer.eos_token_id)  # fmt: skip
         answer = lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -9,11 +9,10 @@ level sits at the centre of its children. In `CompressedWeight` terms the width-
 width's scale is the top width's times a power of two (exact) and its zero point follows from
 the top width's (`width_grid`).
 
-Calibration runs coarse to fine, so each width is good in its own right, not only the widest:
-GPTQ at the narrowest width chooses its codes freely; each wider width runs GPTQ again from the
-original weight, with every code held inside the cell its narrower code chose (the constraint only
-bites where the narrower sweep's error feedback took a weight across a boundary). With
-`method="rtn"` every width is plain rounding (then each width equals RTN on the mid-rise grid).
+Calibration chooses one code per weight for all widths at once (`nested_quantize`): with a
+Hessian, one GPTQ sweep keeps an error-feedback state per width and picks the top-width code whose
+prefixes best serve every width's target, weighted by `priorities`; without, the same choice is
+made on the weights themselves (rounding).
 """
 
 from __future__ import annotations

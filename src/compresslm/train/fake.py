@@ -113,10 +113,14 @@ class FakeQuantLinear(nn.Module):
             return torch.zeros((), device=self.weight.device)
         return 0.5 * ((1 - self.mask) * self.dense_weight()).pow(2).sum()
 
+    def _masked(self, w: torch.Tensor) -> torch.Tensor:
+        """w times the mask; a dynamic mask passes the gradient straight through to the pruned weights."""
+        if self.mask is None:
+            return w
+        return w + (w * self.mask - w).detach() if self.dynamic_nm is not None else w * self.mask
+
     def quantized_weight(self) -> torch.Tensor:
-        w = self.dense_weight()
-        if self.mask is not None:  # dynamic masks pass the gradient straight through to pruned weights
-            w = w + (w * self.mask - w).detach() if self.dynamic_nm is not None else w * self.mask
+        w = self._masked(self.dense_weight())
         if self.bits >= 16:
             return w
         q_max = (1 << self.bits) - 1
@@ -125,10 +129,7 @@ class FakeQuantLinear(nn.Module):
         s = expand_groups(step, self.in_features, self.group_size)
         z = expand_groups(zero, self.in_features, self.group_size)
         codes = torch.clamp(round_ste(w / s) + z, 0, q_max)
-        w_q = (codes - z) * s
-        if self.mask is None:
-            return w_q
-        return w_q + (w_q * self.mask - w_q).detach() if self.dynamic_nm is not None else w_q * self.mask
+        return self._masked((codes - z) * s)
 
     def activation_step(self) -> torch.Tensor:
         """The learned input step α / q_max (act_bits only)."""
