@@ -17,7 +17,6 @@ Evaluation everywhere: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 window
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -155,20 +154,11 @@ def _plot(rows: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", nargs="*", default=DEFAULT_POINTS)
-    parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "compresslm" / "dial-bench"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_point(args.one, args)))
-        return
-    rows = point_runner.run_queue(
-        __file__, RESULTS.with_suffix(".json"), args.points, ["--limit", str(args.limit), "--workdir", args.workdir]
-    )
-    if rows:
-        write_markdown({n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows})
+    workdir = str(Path.home() / ".cache" / "compresslm" / "dial-bench")
+    done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point,
+                                   [("--limit", int, 40), ("--workdir", str, workdir)])  # fmt: skip
+    if done and done[0]:
+        write_markdown(done[0])
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ Points (each saved before the next starts; rerunning skips finished points):
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from point_runner import footer, run_queue
+from point_runner import footer, table_main
 from results_store import atomic_write
 
 from compresslm.eval.tasks import ALL_TASKS
@@ -51,7 +50,12 @@ def _model(recipe: str, workdir: Path):
     return load_model(path)
 
 
-def run_point(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+def run_point(name: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return _measure(name, args, Path(tmp))
+
+
+def _measure(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     kind, rest = name.split(" ", 1)
     task_name, recipe = rest.split(" ", 1) if kind == "task" else (None, rest)
     lm = _model(recipe, workdir)
@@ -180,26 +184,11 @@ def rows_with_protocol(rows: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", nargs="*", default=DEFAULT_POINTS)
-    parser.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
-    parser.add_argument("--task-limit", type=int, default=500)
-    parser.add_argument("--gsm8k-limit", type=int, default=50)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(run_point(args.one, args, Path(tmp))))
-        return
-    rows = run_queue(
-        __file__,
-        RESULTS.with_suffix(".json"),
-        args.points,
-        ["--data-dir", args.data_dir, "--task-limit", str(args.task_limit), "--gsm8k-limit", str(args.gsm8k_limit)],
-    )
-    ordered = {n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows}
-    if ordered:
-        write_markdown(ordered)
+    data_dir = str(HERE.parent.parent / "shared" / "data")
+    options = [("--data-dir", str, data_dir), ("--task-limit", int, 500), ("--gsm8k-limit", int, 50)]
+    done = table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, options)
+    if done and done[0]:
+        write_markdown(done[0])
 
 
 if __name__ == "__main__":

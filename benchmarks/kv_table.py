@@ -20,11 +20,10 @@ heads; `-kt`: keys quantized per token like values instead of per channel).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
-from point_runner import run_queue
+from point_runner import table_main
 from results_store import atomic_write
 
 HERE = Path(__file__).parent
@@ -147,21 +146,9 @@ def write_markdown(rows: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", nargs="*", default=DEFAULT_POINTS)
-    parser.add_argument("--limit", type=int, default=10)
-    parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_point(args.one, args)))
-        return
-    rows = run_queue(
-        __file__, RESULTS.with_suffix(".json"), args.points, ["--limit", str(args.limit), "--trials", str(args.trials)]
-    )
-    ordered = {n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows}
-    if ordered:
-        write_markdown(ordered)
+    done = table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, [("--limit", int, 10), ("--trials", int, 3)])
+    if done and done[0]:
+        write_markdown(done[0])
 
 
 if __name__ == "__main__":

@@ -125,6 +125,29 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
         write_markdown(ordered, baseline_ppl(Path(script).parent, args.limit))
 
 
+def table_main(
+    script: str, results: Path, default_points: list[str], run_point: Callable, options: list[tuple[str, type, object]]
+) -> tuple[dict, argparse.Namespace] | None:
+    """The command line of a table script that measures its own kinds of point (not compress -> ppl).
+
+    `options` are (flag, type, default), passed on to every child process; `run_point(name, args)`
+    measures one point in the child (`--one`), which prints its row and gets None back. The parent
+    returns the finished rows, default points first, and its arguments.
+    """
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser.add_argument("--points", nargs="*", default=default_points)
+    for flag, kind, default in options:
+        parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_point(args.one, args)))
+        return None
+    child = [part for flag, _, _ in options for part in (flag, str(getattr(args, flag[2:].replace("-", "_"))))]
+    rows = run_queue(script, results.with_suffix(".json"), args.points, child)
+    return {name: rows[name] for name in [*default_points, *rows] if name in rows}, args
+
+
 def rss_cell(row: dict) -> str:
     """'compress / whole point' peak RSS in MiB (rows from before the split show only the whole point)."""
     whole = f"{row['peak_rss_bytes'] / 2**20:.0f}"

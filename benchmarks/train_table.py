@@ -17,7 +17,6 @@ resumes from its checkpoint):
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -104,20 +103,11 @@ def write_markdown(rows: dict, steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--points", nargs="*", default=DEFAULT_POINTS)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "compresslm" / "train-bench"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_point(args.one, args)))
-        return
-    child = ["--steps", str(args.steps), "--limit", str(args.limit), "--workdir", args.workdir]
-    rows = point_runner.run_queue(__file__, RESULTS.with_suffix(".json"), args.points, child)
-    if rows:
-        write_markdown({n: rows[n] for n in [*DEFAULT_POINTS, *rows] if n in rows}, args.steps)
+    workdir = str(Path.home() / ".cache" / "compresslm" / "train-bench")
+    options = [("--steps", int, 100), ("--limit", int, 40), ("--workdir", str, workdir)]
+    done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, options)
+    if done and done[0]:
+        write_markdown(done[0], done[1].steps)
 
 
 if __name__ == "__main__":
