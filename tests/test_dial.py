@@ -140,6 +140,10 @@ def test_per_layer_budgets_and_bad_settings(artifact):
         set_budget(lm, 9)
     with pytest.raises(CompressLMError, match="sparsity must be in"):
         set_budget(lm, 4, 1.5)
+    before = {n: m.compressed for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear)}
+    with pytest.raises(CompressLMError, match="leaves no weight"):
+        set_budget(lm, 4, 0.999)  # refused before any layer is switched
+    assert all(m.compressed is before[n] for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear))
     with pytest.raises(CompressLMError, match="no dial layer named"):
         set_budget(lm, {"model.nowhere": 4})
     with pytest.raises(CompressLMError, match="cannot read dial setting"):

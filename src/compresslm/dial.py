@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from compresslm.errors import CompressLMError
 from compresslm.models.loading import LoadedModel
+from compresslm.quant.nested import kept_per_row
 from compresslm.runtime.linear import CompressedLinear
 
 
@@ -63,8 +64,8 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
     layers = dial_layers(lm)
     if not layers:
         raise CompressLMError(f"{lm.source} has no dial layers; make the artifact with a dial recipe (--recipe dial)")
-    if not 0.0 <= sparsity < 1.0:
-        raise CompressLMError(f"sparsity must be in [0, 1), got {sparsity}")
+    for module in layers.values():  # every layer can take the sparsity before any is switched
+        kept_per_row(module.in_features, sparsity)
     widths = next(iter(layers.values())).nested.meta["dial"]["widths"]
     per_layer = bits if isinstance(bits, dict) else {}
     unknown = sorted(set(per_layer) - set(layers))

@@ -192,6 +192,16 @@ def _joint_sweep(
     return codes[:, torch.argsort(perm)]
 
 
+def kept_per_row(in_features: int, sparsity: float) -> int:
+    """Weights a row of `in_features` keeps at `sparsity`; an error for a ratio outside [0, 1) or none kept."""
+    if not 0.0 <= sparsity < 1.0:
+        raise CompressLMError(f"sparsity must be in [0, 1), got {sparsity}")
+    keep = round((1.0 - sparsity) * in_features)
+    if keep < 1:
+        raise CompressLMError(f"sparsity {sparsity} leaves no weight in rows of {in_features}")
+    return keep
+
+
 def nested_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None:
     """Keep-mask for `sparsity` from one fixed order of the weights (None at sparsity 0).
 
@@ -199,14 +209,10 @@ def nested_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | Non
     `record.importance`; plain magnitude without it), sorted stably per row, so the weights kept at
     a higher sparsity are always a subset of those kept at a lower one.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise CompressLMError(f"sparsity must be in [0, 1), got {sparsity}")
     out_f, in_f = record.shape
-    keep = round((1.0 - sparsity) * in_f)
+    keep = kept_per_row(in_f, sparsity)
     if keep >= in_f:
         return None
-    if keep < 1:
-        raise CompressLMError(f"sparsity {sparsity} leaves no weight in rows of {in_f}")
     score = record.dequantize().abs()
     if record.importance is not None:
         score = score * record.importance.float()[None, :]
