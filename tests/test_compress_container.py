@@ -173,7 +173,8 @@ def test_hessians_are_shared_between_linears_reading_the_same_input(tokenizer):
     batches = _capture_first_block_inputs(lm, windows, 2, torch.device("cpu"))
     assert isinstance(batches[0], _Batch)
     block = lm.layout.blocks[0]
-    stats = _collect_statistics(block, batches, torch.device("cpu"))
+    stats, outputs = _collect_statistics(block, batches, torch.device("cpu"))
+    assert len(outputs) == len(batches) and outputs[0].args[0].shape == batches[0].args[0].shape
     h = {name: stats.hessian(name) for name in stats.owner}
     names = {info.role: info.name for info in block.linears}
     assert stats.producer == {names["q"]: "model.layers.0.input_layernorm",

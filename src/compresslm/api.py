@@ -20,17 +20,21 @@ def compress(
     calibration: CalibrationSet | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    stats_cache: str | os.PathLike | None = None,
 ) -> tuple[LoadedModel, CompressionResult, dict | None]:
     """Compress a model (a source or a LoadedModel, changed in place) and optionally write a `.clm`.
 
     Returns the compressed model, the compression result (records, per-layer report, protocol) and,
-    when `output` is given, the container's measured sizes.
+    when `output` is given, the container's measured sizes. `stats_cache`: a directory where recipes
+    with `calibration.propagate: original` keep and reuse their calibration statistics.
     """
     from compresslm.formats.container import save_container
 
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     source = lm.describe()
-    result = _compress_in_place(lm, recipe, calibration=calibration, device=device, show_progress=show_progress)
+    result = _compress_in_place(
+        lm, recipe, calibration=calibration, device=device, show_progress=show_progress, stats_cache=stats_cache
+    )
     lm.compressed = {**result.weights, **result.embeddings}
     summary = None
     if output is not None:

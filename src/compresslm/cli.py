@@ -115,10 +115,12 @@ def parse_size(text: str) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from compresslm.api import compress
+    from compresslm.models.loading import cache_root
     from compresslm.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # validated before the model is even loaded
-    overrides = {"source": args.calib, "samples": args.calib_samples, "length": args.calib_len, "seed": args.seed}
+    overrides = {"source": args.calib, "samples": args.calib_samples, "length": args.calib_len, "seed": args.seed,
+                 "propagate": args.propagate}  # fmt: skip
     for key, value in overrides.items():
         if value is not None:
             setattr(recipe.calibration, key, value)
@@ -143,7 +145,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         _print(f"budget {plan.budget_bytes:,} B: predicted {plan.predicted_bytes:,} B; layers by bits: "
                + ", ".join(f"{b} bits x{n}" for b, n in sorted(counts.items(), reverse=True)))  # fmt: skip
     _print(f"compressing {args.model} with recipe '{recipe.name}'")
-    _lm, result, summary = compress(model, recipe, args.output, device=args.device, show_progress=not args.quiet)
+    _lm, result, summary = compress(model, recipe, args.output, device=args.device, show_progress=not args.quiet,
+                                    stats_cache=args.stats_cache or cache_root() / "calibration-stats")  # fmt: skip
     if args.target_linear_bits is not None and summary["linear_bits_per_param"] > args.target_linear_bits + 1e-9:
         raise CompressLMError(
             f"the linears take {summary['linear_bits_per_param']:.4f} bits per weight, over {args.target_linear_bits}"
@@ -529,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")
     comp.add_argument("--seed", type=int, default=None, help="calibration sampling seed (default 0)")
+    comp.add_argument("--propagate", choices=("compressed", "original"), default=None,
+                      help="what later blocks calibrate on: the compressed blocks' outputs (sequential, the "
+                           "default) or the original model's (one pass, statistics cached and reused)")  # fmt: skip
+    comp.add_argument("--stats-cache", default=None,
+                      help="where --propagate original keeps calibration statistics for reuse "
+                           "(default $COMPRESSLM_CACHE/calibration-stats)")  # fmt: skip
     comp.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
     _output_flags(comp)
     comp.set_defaults(func=cmd_compress)

@@ -302,6 +302,9 @@ STAGES: dict[str, type] = {
 }
 
 
+PROPAGATE = ("compressed", "original")
+
+
 @dataclass
 class CalibrationSettings:
     source: str = "c4"
@@ -309,12 +312,17 @@ class CalibrationSettings:
     length: int = 512
     seed: int = 0
     batch_size: int = 8
+    # "compressed": block i calibrates on the outputs of the already-compressed blocks before it (sequential);
+    # "original": every block calibrates on the uncompressed model's activations, so the statistics depend
+    # on the model and the windows alone and can be computed once and reused by every recipe.
+    propagate: str = "compressed"
 
     def validate(self) -> None:
         for name in ("samples", "length", "batch_size"):
             value = getattr(self, name)
             if value < 1:
                 raise RecipeError(f"calibration: {name}={value} is not allowed; use a positive number")
+        _choice("calibration", "propagate", self.propagate, PROPAGATE)
 
 
 @dataclass

@@ -184,7 +184,7 @@ def plan_budget(
     weight, as `linear_bits_per_param` counts them); the embedding is then left as the recipe has it.
     `sensitivity` is "fisher" (loss-weighted output error, see the module docstring) or "output".
     """
-    from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics, _run_block
+    from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
 
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
         raise CompressLMError("give exactly one budget: bits per parameter, bytes, or bits per linear weight")
@@ -210,7 +210,7 @@ def plan_budget(
     bits_of: dict[str, list[int]] = {}
     bar = progress(len(lm.layout.blocks), "sensitivity", unit="block", enabled=show_progress)
     for block in lm.layout.blocks:
-        stats = _collect_statistics(block, batches, lm.device)
+        stats, outputs = _collect_statistics(block, batches, lm.device)  # the block stays uncompressed
         for info in block.linears:
             if not stage.applies_to(info.role, info.name):
                 continue
@@ -223,7 +223,7 @@ def plan_budget(
                 cost = 8.0 * record_bytes(tuple(weight.shape), grid, aligned=target_linear_bits is None)
                 rows.append((cost, error))
             options[info.name], bits_of[info.name] = rows, list(bits_options)
-        batches = _run_block(block.module, batches)
+        batches = outputs
         bar.update(1)
     bar.close()
 

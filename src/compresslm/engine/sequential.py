@@ -7,6 +7,11 @@
    algorithm, swap in `CompressedLinear` modules, then run the *compressed* block to produce
    block i+1's inputs, so later blocks calibrate against the errors of earlier ones.
 
+With `calibration.propagate: original` the statistics pass's own outputs (the uncompressed
+block's) feed block i+1 instead: one forward pass per block instead of two, and statistics that
+depend on the model and the windows alone, so they can be cached on disk (`engine.stats_cache`)
+and reused by every later recipe without running the model at all.
+
 Only one block's activations live in memory at a time. The engine knows nothing of GPTQ's maths;
 it calls the pure algorithm functions in `compresslm.quant`.
 """
@@ -14,6 +19,7 @@ it calls the pure algorithm functions in `compresslm.quant`.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -26,9 +32,10 @@ from compresslm.engine.allocation import outlier_share, owl_ratios
 from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
+from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
-from compresslm.models.loading import DTYPES, LoadedModel
+from compresslm.models.loading import DTYPES, LoadedModel, model_fingerprint
 from compresslm.progress import progress
 from compresslm.quant.gptq import output_error
 from compresslm.quant.rtn import rtn
@@ -190,13 +197,15 @@ def compress(
     calibration: CalibrationSet | None = None,
     device: str | None = None,
     show_progress: bool = True,
+    stats_cache: str | os.PathLike | None = None,
 ) -> CompressionResult:
     """Compress `lm` in place according to `recipe` and return the records and a per-layer report.
 
     The model's targeted linear layers become `CompressedLinear` modules; tensors that stay dense
     are rounded to the recipe's `dense_dtype`. Calibration windows are drawn from the recipe's
     settings unless `calibration` is given; given windows are also used by recipes that need none
-    (RTN), to report each layer's reconstruction error.
+    (RTN), to report each layer's reconstruction error. `stats_cache` (a directory) keeps the
+    per-block statistics of recipes with `calibration.propagate: original` for reuse by later ones.
     """
     recipe = load_recipe(recipe)
     started = time.perf_counter()
@@ -218,24 +227,35 @@ def compress(
     lm.model.eval()
     run_device = torch.device(device) if device else lm.device
 
+    n_blocks = len(lm.layout.blocks)
+    batches: list[_Batch] = []
+    cache: StatisticsCache | None = None
+    on_original = False
     with torch.inference_mode(False), torch.no_grad():
         if recipe.needs_calibration or calibration is not None:  # given windows also buy error reports
             settings = recipe.calibration
+            on_original = settings.propagate == "original"
             if calibration is None:
                 calibration = calibration_windows(
                     lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed
                 )
-            calib_protocol = dict(calibration.protocol)
+            calib_protocol = {**calibration.protocol, "propagate": settings.propagate}
             lm.model.to(run_device)
-            batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
-        else:
-            batches = []
+            if on_original and stats_cache is not None:
+                key = cache_key(model_fingerprint(lm.model), calibration.protocol["windows_sha256"],
+                                settings.batch_size, str(run_device))  # fmt: skip
+                cache = StatisticsCache(stats_cache, key)
+                calib_protocol["statistics_reused"] = cache.complete(n_blocks)
+            if cache is None or not cache.complete(n_blocks):
+                batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
 
-        allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress)
-        bar = progress(len(lm.layout.blocks), "compress", unit="block", enabled=show_progress)
-        for block in lm.layout.blocks:
+        allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
+        if cache is not None and cache.complete(n_blocks):
+            batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
+        bar = progress(n_blocks, "compress", unit="block", enabled=show_progress)
+        for index, block in enumerate(lm.layout.blocks):
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
-            stats = _collect_statistics(block, batches, run_device) if batches else None
+            stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
             hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds)
             for info, stages in block_targets:
                 t0 = time.perf_counter()
@@ -255,10 +275,14 @@ def compress(
                 seconds = time.perf_counter() - t0
                 method, grid = describe_stages(stages, pattern)
                 layers.append(LayerReport(info.name, info.role, method, grid, rel, seconds, record.meta))
-            if batches:
+            if following is not None:
+                batches = following
+            elif batches:
                 batches = _run_block(block.module, batches)
             bar.update(1)
         bar.close()
+        if cache is not None and not cache.complete(n_blocks):
+            cache.mark_complete(n_blocks)
 
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
@@ -269,6 +293,8 @@ def compress(
     info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
     if folds:
         info["scale_folds"] = [asdict(fold) for fold in folds]
+    if cache is not None:
+        info["statistics_cache"] = str(cache.dir)
     if allocation:
         info["sparsity_allocation"] = {"method": "owl", "block_ratios": {k: p.ratio for k, p in allocation.items()}}
     if any(s.act_bits for s in recipe.stages if isinstance(s, QuantizeStage)):
@@ -325,12 +351,16 @@ def _allocate_sparsity(
     batches: list[_Batch],
     device: torch.device,
     show_progress: bool,
+    on_original: bool,
+    cache: StatisticsCache | None,
 ) -> dict[str, SparsityPattern]:
     """Per-block patterns for a prune stage with allocation 'owl' (empty otherwise).
 
     OWL needs every block's outlier share before the first block is pruned, so this runs the
     uncompressed model over the calibration windows once, block by block, keeping only a number
     per block; the sequential pass that follows starts again from the same first-block inputs.
+    Under `propagate: original` with a statistics cache, this pass's statistics are the ones the
+    blocks need, so they are saved and the compression pass runs no forward pass of its own.
     """
     stages = {id(s): s for _, ss in targets.values() for s in ss if isinstance(s, PruneStage) and s.allocation == "owl"}
     if not stages:
@@ -341,35 +371,63 @@ def _allocate_sparsity(
     shares, params, names = [], [], []
     current = batches
     bar = progress(len(lm.layout.blocks), "owl statistics", unit="block", enabled=show_progress)
-    for block in lm.layout.blocks:
+    for index, block in enumerate(lm.layout.blocks):
         owl_targets = [(info, ss) for info, ss in (targets[i.name] for i in block.linears if i.name in targets)
                        if stage in ss]  # fmt: skip
-        stats = _collect_statistics(block, current, device)
+        stats, following = _block_statistics(index, block, current, device, True, cache if on_original else None)
         if owl_targets:
             pairs = [(dense_weight(info.module, info.transposed).float(), stats.hessian(info.name))
                      for info, _ in owl_targets]  # fmt: skip
             shares.append(outlier_share(pairs, stage.owl_threshold))
             params.append(sum(w.numel() for w, _ in pairs))
             names.append(block.name)
-        current = _run_block(block.module, current)
+        current = following
         bar.update(1)
     bar.close()
+    if on_original and cache is not None and not cache.complete(len(lm.layout.blocks)):
+        cache.mark_complete(len(lm.layout.blocks))
     ratios = owl_ratios(shares, params, stage.pattern.ratio, stage.owl_lambda)
     return {name: stage.pattern.with_ratio(ratio) for name, ratio in zip(names, ratios, strict=True)}
 
 
-def _collect_statistics(block: BlockInfo, batches: list[_Batch], device: torch.device) -> BlockStatistics:
-    """Hessians and activation means for every linear of the block (see engine.statistics)."""
+def _block_statistics(
+    index: int,
+    block: BlockInfo,
+    batches: list[_Batch],
+    device: torch.device,
+    on_original: bool,
+    cache: StatisticsCache | None,
+) -> tuple[BlockStatistics | None, list[_Batch] | None]:
+    """This block's statistics and, when it calibrates on the original model, its uncompressed outputs.
+
+    Without batches the statistics come from a complete cache (or there are none: no calibration).
+    The outputs are None in sequential mode, where the next inputs come from the compressed block.
+    """
+    if not batches:
+        return (cache.load(index, device) if cache is not None else None), []
+    stats, outputs = _collect_statistics(block, batches, device)
+    if not on_original:
+        return stats, None
+    if cache is not None:
+        cache.save(index, stats)
+    return stats, outputs
+
+
+def _collect_statistics(
+    block: BlockInfo, batches: list[_Batch], device: torch.device
+) -> tuple[BlockStatistics, list[_Batch]]:
+    """Hessians and activation means for every linear of the block (see engine.statistics), and its outputs."""
     collector = StatisticsCollector(device)
     handles = [info.module.register_forward_pre_hook(collector.linear_hook(info.name)) for info in block.linears]
     for name in block.norms:
         handles.append(block.module.get_submodule(name.removeprefix(block.name + ".")).register_forward_hook(
             collector.norm_hook(name)))  # fmt: skip
+    outputs = []
     try:
         for batch in batches:
             collector.new_pass()
-            _run_block(block.module, [batch])
+            outputs.extend(_run_block(block.module, [batch]))
     finally:
         for handle in handles:
             handle.remove()
-    return collector.result
+    return collector.result, outputs

@@ -30,6 +30,13 @@ class InputStatistics:
         self.abs_max = torch.zeros(in_features, device=device)
         self.rows = 0
 
+    @classmethod
+    def from_tensors(cls, xtx: torch.Tensor, abs_sum: torch.Tensor, abs_max: torch.Tensor, rows: int):
+        """Statistics accumulated elsewhere (read back from the statistics cache)."""
+        stats = cls.__new__(cls)
+        stats.xtx, stats.abs_sum, stats.abs_max, stats.rows = xtx, abs_sum, abs_max, rows
+        return stats
+
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.xtx.addmm_(x.T, x)

@@ -5,7 +5,9 @@ the artifact, not the in-memory state), under the grid's protocol: perplexity (a
 KL divergence and top-1 agreement against the uncompressed model on the same windows, in one
 pass), optional tasks and speed. Finished points are skipped on a rerun; a point that was
 interrupted is redone. The uncompressed model's reference logits are computed once per sweep
-(and cached on disk across sweeps).
+(and cached on disk across sweeps), and so are the calibration statistics of points whose recipe
+calibrates on the original model (`calibration: {propagate: original}`): every such point after
+the first compresses without running the model.
 """
 
 from __future__ import annotations
@@ -21,10 +23,15 @@ import time
 from pathlib import Path
 
 from compresslm.eval.stats import mean_stderr
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.models.loading import LoadedModel, cache_root, load_model
 from compresslm.progress import progress
 from compresslm.sweep.grid import Grid, SweepPoint
 from compresslm.sweep.store import ResultStore, machine_id
+
+
+def stats_cache_dir() -> Path:
+    """Where points calibrating on the original model share their statistics (see engine.stats_cache)."""
+    return cache_root() / "calibration-stats"
 
 
 def family(point: SweepPoint) -> str:
@@ -175,7 +182,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
             recipe = plan.recipe
             row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
                              "predicted_bytes": plan.predicted_bytes}  # fmt: skip
-        _, result, summary = compress(work, recipe, path, show_progress=False)
+        _, result, summary = compress(work, recipe, path, show_progress=False, stats_cache=stats_cache_dir())
         del work
         row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
                                             "linear_sparsity")})  # fmt: skip
@@ -197,7 +204,8 @@ def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) 
     digest = hashlib.sha256(json.dumps(point.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     artifact = workdir / f"dial-{digest}.clm"
     if not artifact.exists():
-        _, result, _ = compress(copy.deepcopy(base), point.recipe, artifact, show_progress=False)
+        _, result, _ = compress(copy.deepcopy(base), point.recipe, artifact, show_progress=False,
+                                stats_cache=stats_cache_dir())  # fmt: skip
         row["compress_seconds"] = result.seconds  # the whole artifact's, paid once for all its settings
         row["calibration"] = result.calibration
     bits, sparsity = point.dial.get("bits"), point.dial.get("sparsity", 0.0)
