@@ -46,31 +46,34 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
     from compresslm.dial import parse_setting, set_budget
     from compresslm.eval.perplexity import perplexity
     from compresslm.formats.container import container_summary, load_container
+    from compresslm.models.loading import load_model
 
     path = _artifact(Path(args.workdir))
+    where = point_runner.use_device(args.device)
     if name == "artifact":
         from compresslm.api import compress
 
         path.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        _, result, summary = compress("smollm2-135m", "dial", path, show_progress=False)
+        _, result, summary = compress(load_model("smollm2-135m", device=args.device), "dial", path,
+                                      show_progress=False)  # fmt: skip
         return {"point": name, **summary, "compress_seconds": result.seconds,
                 "compress_and_save_seconds": time.perf_counter() - started, "recipe": result.recipe.to_dict(),
-                "calibration": result.calibration}  # fmt: skip
+                "calibration": result.calibration, **where}  # fmt: skip
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the 'artifact' point first (same --workdir)")
     if name == "switch":
-        lm = load_container(path)
+        lm = load_container(path, device=args.device)
         times: dict[str, list[float]] = {s: [] for s in SETTINGS}
         for _ in range(5):
             for setting in SETTINGS:
                 values = parse_setting(setting)
                 times[setting].append(set_budget(lm, values.get("bits"), values.get("sparsity", 0.0)).seconds)
         return {"point": name, "seconds": {s: statistics.median(t) for s, t in times.items()},
-                "seconds_max": {s: max(t) for s, t in times.items()}, "rounds": 5}  # fmt: skip
+                "seconds_max": {s: max(t) for s, t in times.items()}, "rounds": 5, **where}  # fmt: skip
     if name.startswith("dial "):
         setting = parse_setting(name.split(" ", 1)[1])
-        lm = load_container(path)
+        lm = load_container(path, device=args.device)
         report = set_budget(lm, setting.get("bits"), setting.get("sparsity", 0.0))
         with tempfile.TemporaryDirectory() as tmp:  # the setting's own size, as a fixed container
             from compresslm.dial import materialize
@@ -78,12 +81,13 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
             _, fixed = materialize(path, Path(tmp) / "fixed.clm", setting.get("bits"), setting.get("sparsity", 0.0))
         ppl = perplexity(lm, "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
         return {"point": name, "ppl": ppl.ppl, "switch_seconds": report.seconds, "setting": setting,
-                "materialized": fixed, "artifact": container_summary(path), "eval_protocol": ppl.protocol}  # fmt: skip
+                "materialized": fixed, "artifact": container_summary(path), "eval_protocol": ppl.protocol,
+                **where}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        return point_runner.run_point(name, "smollm2-135m", args.limit, Path(tmp))
+        return point_runner.run_point(name, "smollm2-135m", args.limit, Path(tmp), args.device)
 
 
-def write_markdown(rows: dict) -> None:
+def write_markdown(rows: dict, results: Path = RESULTS) -> None:
     art = rows.get("artifact")
     lines = ["# The dial on `smollm2-135m`: one artifact against dedicated compressions", ""]
     if art:
@@ -122,12 +126,14 @@ def write_markdown(rows: dict) -> None:
     if switch:
         cells = ", ".join(f"{s}: {t:.2f} s" for s, t in switch["seconds"].items())
         lines += ["", f"Switching in memory (`set_budget`, median of {switch['rounds']} rounds): {cells}."]
-    lines += ["", "Command: `.venv/bin/python benchmarks/dial_table.py`. Shared 2-core machine."]
-    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
-    _plot(rows)
+    device = next(iter(rows.values())).get("device", "cpu")
+    machine = "Shared 2-core machine." if device == "cpu" else f"One {device}, float32 with TF32 off."
+    lines += ["", f"Command: `{point_runner.command_line('benchmarks/dial_table.py')}`. {machine}"]
+    atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
+    _plot(rows, results)
 
 
-def _plot(rows: dict) -> None:
+def _plot(rows: dict, results: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,15 +156,16 @@ def _plot(rows: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS.with_suffix(".png"), dpi=120)
+    fig.savefig(results.with_suffix(".png"), dpi=120)
 
 
 def main() -> None:
     workdir = str(Path.home() / ".cache" / "compresslm" / "dial-bench")
-    done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point,
-                                   [("--limit", int, 40), ("--workdir", str, workdir)])  # fmt: skip
+    options = [("--limit", int, 40), ("--workdir", str, workdir), ("--device", str, "cpu"),
+               ("--results", str, str(RESULTS))]  # fmt: skip
+    done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, options)
     if done and done[0]:
-        write_markdown(done[0])
+        write_markdown(done[0], Path(done[1].results))
 
 
 if __name__ == "__main__":

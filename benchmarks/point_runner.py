@@ -25,17 +25,51 @@ from results_store import load_rows, save_rows
 CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
-    """Compress with preset `name`, save, reload from disk, evaluate. Runs inside the point's own process."""
+def use_device(device: str) -> dict:
+    """Prepare `device` for float32 benchmarks (TF32 off on CUDA) and describe it for the row."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {"device": "cpu", "cpus": os.cpu_count()}
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32: no TF32 matmuls or convolutions
+    torch.backends.cudnn.allow_tf32 = False
+    torch.cuda.reset_peak_memory_stats()
+    return {"device": torch.cuda.get_device_name(), "float32_matmul": "ieee (TF32 off)", "cpus": os.cpu_count()}
+
+
+def gpu_peak() -> dict:
+    import torch
+
+    return {"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
+
+
+def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "cpu") -> dict:
+    """Compress with preset `name`, save, reload from disk, evaluate. Runs inside the point's own process.
+
+    `name` is a preset, `<preset>@4.6[:output]` (the budget solver at 4.6 bits per linear weight) or
+    `<preset>[propagate=original]` (every block calibrates on the uncompressed model; the statistics
+    are cached and shared by every such point on the same model).
+    """
     from compresslm.api import compress
     from compresslm.eval.perplexity import perplexity
-    from compresslm.models.loading import load_model
+    from compresslm.models.loading import cache_root, load_model
 
-    lm = load_model(model)
-    container = workdir / f"{name.replace('%', 'pct').replace(':', 'of').replace('@', 'at')}.clm"
+    where = use_device(device)
+    lm = load_model(model, device=device)
+    if name == "none":  # the uncompressed model under the same protocol, on the same device
+        ppl = perplexity(lm, "wikitext2", ctx=2048, limit=limit, show_progress=False)
+        params = sum(p.numel() for p in lm.model.parameters())
+        size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+        return {"point": name, "ppl": ppl.ppl, "bits_per_param": 8 * size / params,
+                "linear_bits_per_param": 8 * size / params, "linear_sparsity": 0.0, "bytes_on_disk": size,
+                "size_source": "float32 tensors in memory, not a file", "compress_seconds": 0.0,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "eval_protocol": ppl.protocol, **where, **gpu_peak()}  # fmt: skip
+    safe = name.replace("%", "pct").replace(":", "of").replace("@", "at").replace("[", "_").replace("]", "")
+    container = workdir / f"{safe.replace('=', '-')}.clm"
     started = time.perf_counter()
-    # "<preset>@4.6[:output]": the budget solver at 4.6 bits per linear weight (Fisher sensitivity unless named)
-    recipe, _, budget = name.partition("@")
+    recipe, _, override = name.partition("[propagate=")
+    recipe, _, budget = recipe.partition("@")
     if budget:
         from compresslm.engine.budget import plan_budget
         from compresslm.recipe import preset
@@ -43,11 +77,18 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
         linear_bits, _, sensitivity = budget.partition(":")
         recipe = plan_budget(lm, preset(recipe), target_linear_bits=float(linear_bits),
                              sensitivity=sensitivity or "fisher", show_progress=False).recipe  # fmt: skip
-    _, result, summary = compress(lm, recipe, container, show_progress=False)
+    if override:
+        from compresslm.recipe import load_recipe
+
+        recipe = load_recipe(recipe)
+        recipe.calibration.propagate = override.removesuffix("]")
+        recipe.validate()
+    stats_cache = cache_root() / "calibration-stats"
+    _, result, summary = compress(lm, recipe, container, show_progress=False, stats_cache=stats_cache)
     seconds = time.perf_counter() - started
     compress_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del lm  # the evaluation runs on the reloaded container alone
-    reloaded = load_model(container)
+    reloaded = load_model(container, device=device)
     ppl = perplexity(reloaded, "wikitext2", ctx=2048, limit=limit, show_progress=False)
     errors = [layer.relative_error for layer in result.layers if layer.relative_error is not None]
     return {
@@ -67,6 +108,8 @@ def run_point(name: str, model: str, limit: int, workdir: Path) -> dict:
         "compression_info": {k: v for k, v in result.info.items() if k != "model"},
         "eval_protocol": ppl.protocol,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        **where,
+        **gpu_peak(),
     }
 
 
@@ -109,20 +152,22 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--points", nargs="*", default=default_points)
     parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--results", type=Path, default=results, help="the table's JSON/markdown path, no suffix")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
     args = parser.parse_args()
 
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(run_point(args.one, args.model, args.limit, Path(tmp))))
+            print(json.dumps(run_point(args.one, args.model, args.limit, Path(tmp), args.device)))
         return
 
-    rows = run_queue(
-        script, results.with_suffix(".json"), args.points, ["--model", args.model, "--limit", str(args.limit)]
-    )
+    child = ["--model", args.model, "--limit", str(args.limit), "--device", args.device]
+    rows = run_queue(script, args.results.with_suffix(".json"), args.points, child)
     ordered = {name: rows[name] for name in [*default_points, *args.points, *rows] if name in rows}
     if ordered:
-        write_markdown(ordered, baseline_ppl(Path(script).parent, args.limit))
+        baseline = ordered.pop("none")["ppl"] if "none" in ordered else baseline_ppl(Path(script).parent, args.limit)
+        write_markdown(ordered, baseline, args.results)
 
 
 def table_main(
@@ -144,7 +189,7 @@ def table_main(
         print(json.dumps(run_point(args.one, args)))
         return None
     child = [part for flag, _, _ in options for part in (flag, str(getattr(args, flag[2:].replace("-", "_"))))]
-    rows = run_queue(script, results.with_suffix(".json"), args.points, child)
+    rows = run_queue(script, Path(getattr(args, "results", None) or results).with_suffix(".json"), args.points, child)
     return {name: rows[name] for name in [*default_points, *rows] if name in rows}, args
 
 
@@ -156,11 +201,25 @@ def rss_cell(row: dict) -> str:
     return f"{row['compress_peak_rss_bytes'] / 2**20:.0f} / {whole}"
 
 
+def command_line(script: str) -> str:
+    """How this table was produced: the script and the arguments it was given."""
+    return " ".join([".venv/bin/python", script, *sys.argv[1:]])
+
+
 def footer(rows: dict, command: str) -> list[str]:
     """Command, machine, versions and how the OpenMP pool waited, for a table's markdown."""
     import platform
 
-    v = next(iter(rows.values()))["eval_protocol"]["versions"]
+    first = next(iter(rows.values()))
+    v = first["eval_protocol"]["versions"]
+    if first.get("device", "cpu") != "cpu":
+        return [
+            "",
+            f"Command: `{command}`. Measured on one {first['device']} ({first.get('cpus')} CPU cores beside it), "
+            f"float32 with TF32 off, one process per point; the 'peak RSS' column is host memory.",
+            f"Versions: compresslm {v['compresslm']}, torch {v['torch']}, transformers {v['transformers']}, "
+            f"python {v['python']}; {v['platform']}.",
+        ]
     passive = [name for name, row in rows.items() if row.get("omp_wait_policy") == "PASSIVE"]
     lines = [
         "",

@@ -31,7 +31,7 @@ DEFAULT_POINTS = [
 ]
 
 
-def write_markdown(rows: dict, baseline: float | None) -> None:
+def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) -> None:
     p = next(iter(rows.values()))["eval_protocol"]
     lines = [
         "# Pruning of `smollm2-135m` (benchmark protocol)",
@@ -60,8 +60,8 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
             f"| {row['bits_per_param']:.3f} | {row['linear_bits_per_param']:.3f} | {row['bytes_on_disk']:,} "
             f"| {row['compress_seconds']:.0f} | {point_runner.rss_cell(row)} |"
         )
-    lines += point_runner.footer(rows, ".venv/bin/python benchmarks/prune_table.py")
-    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+    lines += point_runner.footer(rows, point_runner.command_line("benchmarks/prune_table.py"))
+    atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

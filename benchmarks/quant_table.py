@@ -61,7 +61,7 @@ DEFAULT_POINTS = [
 ]
 
 
-def write_markdown(rows: dict, baseline: float | None) -> None:
+def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) -> None:
     any_row = next(iter(rows.values()))
     p = any_row["eval_protocol"]
     lines = [
@@ -102,8 +102,8 @@ def write_markdown(rows: dict, baseline: float | None) -> None:
         "The reference model ships as a Q4_1 GGUF (4-bit, group 32): its weights already sit on a group-32 grid, so "
         "g32 rows (and, less so, g64 rows, whose groups hold two of those) are flattered by that origin.",
     ]
-    lines += point_runner.footer(rows, ".venv/bin/python benchmarks/quant_table.py")
-    atomic_write(RESULTS.with_suffix(".md"), "\n".join(line for line in lines) + "\n")
+    lines += point_runner.footer(rows, point_runner.command_line("benchmarks/quant_table.py"))
+    atomic_write(results.with_suffix(".md"), "\n".join(line for line in lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,22 +57,26 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
 
     workdir = Path(args.workdir)
     kind, rest = name.split(" ", 1)
+    where = point_runner.use_device(args.device)
     if kind == "train":
         from compresslm.train.trainer import train
 
         started = time.perf_counter()
-        summary = train(load_model("smollm2-135m"), rest, args.steps, _run_dir(workdir, rest), show_progress=False)
-        return {"point": name, **summary, "train_seconds": time.perf_counter() - started}
+        lm = load_model("smollm2-135m", device=args.device)
+        summary = train(lm, rest, args.steps, _run_dir(workdir, rest), show_progress=False)
+        return {"point": name, **summary, "train_seconds": time.perf_counter() - started, **where}
     if kind in ("fp", "qat"):
         path = _run_dir(workdir, rest) / f"model-w{rest[-1]}.clm" if kind == "qat" else _source(workdir, rest)
-        ppl = perplexity(load_model(path), "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
-        return {"point": name, "ppl": ppl.ppl, "eval_protocol": ppl.protocol}
+        lm = load_model(path, device=args.device)
+        ppl = perplexity(lm, "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
+        return {"point": name, "ppl": ppl.ppl, "eval_protocol": ppl.protocol, **where}
     run, recipe = rest.split(" ", 1)
     with tempfile.TemporaryDirectory() as tmp:
-        return {**point_runner.run_point(recipe, _source(workdir, run), args.limit, Path(tmp)), "point": name}
+        row = point_runner.run_point(recipe, _source(workdir, run), args.limit, Path(tmp), args.device)
+        return {**row, "point": name}
 
 
-def write_markdown(rows: dict, steps: int) -> None:
+def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
     def ppl(point: str) -> str:
         return f"{rows[point]['ppl']:.3f}" if point in rows else "–"
 
@@ -97,17 +101,19 @@ def write_markdown(rows: dict, steps: int) -> None:
     trained = [r for r in rows.values() if r["point"].startswith("train")]
     if trained:
         times = ", ".join(f"{r['point'][6:]} {r['train_seconds'] / 60:.0f} min" for r in trained)
-        lines += ["", f"Training time: {times} (shared 2-core CPU)."]
-    lines += ["", f"Command: `.venv/bin/python benchmarks/train_table.py --steps {steps}`."]
-    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+        device = trained[0].get("device", "cpu")
+        lines += ["", f"Training time: {times} ({'shared 2-core CPU' if device == 'cpu' else device})."]
+    lines += ["", f"Command: `{point_runner.command_line('benchmarks/train_table.py')}`."]
+    atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
     workdir = str(Path.home() / ".cache" / "compresslm" / "train-bench")
-    options = [("--steps", int, 100), ("--limit", int, 40), ("--workdir", str, workdir)]
+    options = [("--steps", int, 100), ("--limit", int, 40), ("--workdir", str, workdir), ("--device", str, "cpu"),
+               ("--results", str, str(RESULTS))]  # fmt: skip
     done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, options)
     if done and done[0]:
-        write_markdown(done[0], done[1].steps)
+        write_markdown(done[0], done[1].steps, Path(done[1].results))
 
 
 if __name__ == "__main__":
