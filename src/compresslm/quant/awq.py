@@ -60,11 +60,11 @@ def awq_clip(
     scales, _ = fit_weight(w, grid)
     n_groups = scales.shape[1]
     g = in_f if grid.granularity == "tensor" else grid.group_size_for(in_f)
-    best_err = torch.full((out_f, n_groups), float("inf"))
-    best_shrink = torch.ones(out_f, n_groups)
+    best_err = torch.full((out_f, n_groups), float("inf"), device=w.device)
+    best_shrink = torch.ones(out_f, n_groups, device=w.device)
     for step in range(int(max_shrink * n_grid) + 1):
         shrink_value = 1.0 - step / n_grid
-        shrink = torch.full((out_f, n_groups), shrink_value)
+        shrink = torch.full((out_f, n_groups), shrink_value, device=w.device)
         delta = w - fake_quantize(w, grid, shrink if grid.granularity != "tensor" else shrink[:1, :1])
         errs = []
         for group in range(n_groups):

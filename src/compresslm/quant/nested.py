@@ -121,7 +121,9 @@ def nested_quantize(
         meta.update(damp=options.damp, damp_used=lam, damp_retries=retries, act_order=options.act_order)
     else:
         options = GPTQOptions(act_order=False)
-        factor = {"perm": torch.arange(in_f), "hinv": torch.eye(in_f), "dead": torch.zeros(in_f, dtype=torch.bool)}
+        dev = w.device
+        factor = {"perm": torch.arange(in_f, device=dev), "hinv": torch.eye(in_f, device=dev),
+                  "dead": torch.zeros(in_f, dtype=torch.bool, device=dev)}  # fmt: skip
     codes = _joint_sweep(w, scales, zeros, widths, priorities, group_size, factor, options.block_size)
     meta["dial"] = {"widths": list(widths), "priorities": list(priorities), "active": top}
     return CompressedWeight(
@@ -138,7 +140,7 @@ def _prepare(hessian: torch.Tensor, in_f: int, options: GPTQOptions) -> tuple[di
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else torch.arange(in_f, device=h.device)
     h = h[perm][:, perm]
     upper, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
     return {"perm": perm, "hinv": upper, "dead": dead}, lam, retries
@@ -166,8 +168,8 @@ def _joint_sweep(
             (expand_groups(s.float(), in_f, group_size)[:, perm], expand_groups(z.float(), in_f, group_size)[:, perm])
         )
     states = [start.clone() for _ in widths]
-    prefixes = [torch.arange(1 << top) >> (top - bits) for bits in widths]  # each top code's prefix per width
-    codes = torch.zeros(out_f, in_f, dtype=torch.long)
+    prefixes = [torch.arange(1 << top, device=w.device) >> (top - bits) for bits in widths]  # each code's prefix
+    codes = torch.zeros(out_f, in_f, dtype=torch.long, device=w.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         blocks = [state[:, i1:i2].clone() for state in states]
@@ -175,7 +177,7 @@ def _joint_sweep(
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            cost = torch.zeros(out_f, 1 << top)
+            cost = torch.zeros(out_f, 1 << top, device=w.device)
             for block, (s, z), prefix, weight in zip(blocks, grids, prefixes, priorities, strict=True):
                 if weight:
                     target = block[:, i : i + 1] / s[:, col : col + 1] + z[:, col : col + 1]  # in this width's steps
@@ -217,6 +219,6 @@ def nested_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | Non
     if record.importance is not None:
         score = score * record.importance.float()[None, :]
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    mask = torch.zeros(out_f, in_f, dtype=torch.bool, device=order.device)
     mask.scatter_(1, order[:, :keep], True)
     return mask

@@ -119,8 +119,8 @@ def sparsegpt(
         step = step * pattern.m // _gcd(step, pattern.m)
     block_size = step * max(1, options.block_size // step)  # groups and N:M groups never straddle a block
     n_groups = -(-in_f // g)
-    scales = torch.zeros(out_f, n_groups)
-    zeros = torch.zeros(out_f, n_groups)
+    scales = torch.zeros(out_f, n_groups, device=w.device)
+    zeros = torch.zeros(out_f, n_groups, device=w.device)
     codes = torch.zeros_like(w)
     mask = torch.ones_like(w, dtype=torch.bool)
 

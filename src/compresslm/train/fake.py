@@ -71,8 +71,9 @@ class FakeQuantLinear(nn.Module):
         if lora_rank:
             generator = torch.Generator().manual_seed(linear.in_features * 7919 + linear.out_features)
             a = torch.randn(lora_rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)
-            self.lora_a = nn.Parameter(a.to(self.weight.dtype))
-            self.lora_b = nn.Parameter(torch.zeros(linear.out_features, lora_rank, dtype=self.weight.dtype))
+            self.lora_a = nn.Parameter(a.to(self.weight.device, self.weight.dtype))  # drawn on the CPU: reproducible
+            w = self.weight
+            self.lora_b = nn.Parameter(torch.zeros(linear.out_features, lora_rank, dtype=w.dtype, device=w.device))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = min(group_size, self.in_features)
