@@ -166,7 +166,9 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
     rows = run_queue(script, args.results.with_suffix(".json"), args.points, child)
     ordered = {name: rows[name] for name in [*default_points, *args.points, *rows] if name in rows}
     if ordered:
-        baseline = ordered.pop("none")["ppl"] if "none" in ordered else baseline_ppl(Path(script).parent, args.limit)
+        # the float32 reference of another machine is not this table's: without a 'none' row, no Δ column
+        cpu_baseline = baseline_ppl(Path(script).parent, args.limit) if args.device == "cpu" else None
+        baseline = ordered.pop("none")["ppl"] if "none" in ordered else cpu_baseline
         write_markdown(ordered, baseline, args.results)
 
 
