@@ -58,6 +58,10 @@ DEFAULT_POINTS = [
     "w4-g64-gptq-awq@4.6:output",
     "w4-g64-gptq-awq@4.6",
     "w4-g48-gptq-awq@4.6",
+    # every block calibrated on the uncompressed model: one pass per block, statistics cached and reused
+    "w4-g64-gptq[propagate=original]",
+    "w3-g64-gptq[propagate=original]",
+    "w4-g64-gptq-awq[propagate=original]",
 ]
 
 
@@ -96,6 +100,16 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
             f"| {point_runner.rss_cell(row)} |"
         )
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, start=1)]
+    original = [row for row in rows.values() if (row.get("calibration") or {}).get("propagate") == "original"]
+    if original:
+        reused = [row["point"] for row in original if row["calibration"].get("statistics_reused")]
+        lines += [
+            "",
+            "`[propagate=original]`: every block calibrates on the uncompressed model's activations (one forward "
+            "pass per block instead of two) and the statistics are cached on disk; rows that found them cached "
+            f"ran no forward pass at all: {', '.join(reused) or 'none'}. All other rows are sequential (each block "
+            "calibrates on the outputs of the blocks already compressed).",
+        ]
     lines += [
         "",
         "Asymmetric grids with integer zero points unless named `-sym`; group sizes along the input dimension.",
