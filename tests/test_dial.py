@@ -14,7 +14,7 @@ from compresslm.models.loading import LoadedModel, save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.gptq import GPTQOptions, gptq, hessian_from_inputs, output_error
 from compresslm.quant.grid import Grid
-from compresslm.quant.nested import nested_mask, nested_quantize, slice_record
+from compresslm.quant.nested import nested_mask, nested_quantize, nested_rank, slice_record
 from compresslm.recipe import RecipeError, preset
 from compresslm.runtime.linear import CompressedLinear
 
@@ -67,6 +67,17 @@ def test_sparsity_order_is_nested(layer):
         if previous is not None:
             assert not (kept & ~previous).any()  # every kept weight was kept at the lower sparsity
         previous = kept
+
+
+def test_the_cached_rank_gives_the_same_masks(layer):
+    weight, hessian = layer
+    record = nested_quantize(weight, (3, 4, 8), 32, hessian)
+    record.importance = torch.diagonal(hessian).sqrt().half()
+    rank = nested_rank(record)
+    assert rank.dtype == torch.int16
+    assert torch.equal(rank.sort(dim=1).values, torch.arange(96, dtype=torch.int16).expand(64, 96))  # permutations
+    for sparsity in (0.3, 0.5, 0.9):
+        assert torch.equal(nested_mask(record, sparsity, rank), nested_mask(record, sparsity))
 
 
 @pytest.mark.parametrize(

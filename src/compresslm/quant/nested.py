@@ -204,21 +204,31 @@ def kept_per_row(in_features: int, sparsity: float) -> int:
     return keep
 
 
-def nested_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None:
-    """Keep-mask for `sparsity` from one fixed order of the weights (None at sparsity 0).
+def nested_rank(record: CompressedWeight) -> torch.Tensor:
+    """Each weight's position in its row's keep order (0 = kept longest), as int16 where rows allow.
 
     The order is Wanda's score |W_ij|·‖x_j‖ on the widest width's weights (‖x_j‖ from
-    `record.importance`; plain magnitude without it), sorted stably per row, so the weights kept at
-    a higher sparsity are always a subset of those kept at a lower one.
+    `record.importance`; plain magnitude without it), sorted stably per row. Computed once per
+    layer and kept by `CompressedLinear`, it turns every later sparsity switch into one comparison.
     """
     out_f, in_f = record.shape
-    keep = kept_per_row(in_f, sparsity)
-    if keep >= in_f:
-        return None
     score = record.dequantize().abs()
     if record.importance is not None:
         score = score * record.importance.float()[None, :]
     order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    mask = torch.zeros(out_f, in_f, dtype=torch.bool, device=order.device)
-    mask.scatter_(1, order[:, :keep], True)
-    return mask
+    dtype = torch.int16 if in_f <= torch.iinfo(torch.int16).max else torch.int32
+    rank = torch.empty(out_f, in_f, dtype=dtype, device=order.device)
+    rank.scatter_(1, order, torch.arange(in_f, dtype=dtype, device=order.device).expand(out_f, in_f))
+    return rank
+
+
+def nested_mask(record: CompressedWeight, sparsity: float, rank: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Keep-mask for `sparsity` from one fixed order of the weights (None at sparsity 0).
+
+    The weights kept at a higher sparsity are always a subset of those kept at a lower one: each
+    row keeps its `kept_per_row` first weights of `nested_rank`'s order (pass `rank` to reuse it).
+    """
+    keep = kept_per_row(record.shape[1], sparsity)
+    if keep >= record.shape[1]:
+        return None
+    return (rank if rank is not None else nested_rank(record)) < keep

@@ -43,15 +43,18 @@ class CompressedLinear(nn.Module):
         dial = weight.meta.get("dial")
         # a nested (dial) record at its widest width, unpruned: every narrower width and sparsity can be taken
         self.nested = weight if dial and weight.bits == max(dial["widths"]) and weight.mask is None else None
+        self.rank: torch.Tensor | None = None  # a dial layer's keep order (see quant.nested.nested_rank)
 
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
         """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial)."""
-        from compresslm.quant.nested import nested_mask, slice_record
+        from compresslm.quant.nested import nested_mask, nested_rank, slice_record
 
         if self.nested is None:
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
         record = slice_record(self.nested, bits or self.nested.bits)
-        mask = nested_mask(self.nested, sparsity)
+        if sparsity > 0 and self.rank is None:  # the keep order, computed on the first sparse setting only
+            self.rank = nested_rank(self.nested)
+        mask = nested_mask(self.nested, sparsity, self.rank)
         if mask is not None:
             record = dataclasses.replace(record, mask=mask, nm=None)
         self.compressed = record
