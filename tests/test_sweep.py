@@ -126,6 +126,20 @@ def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     assert kv["eval_protocol"]["kv_cache"].startswith("K4")
 
 
+def test_points_calibrating_on_the_original_model_share_statistics(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    grid = load_grid({
+        "name": "shared",
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 64, "limit": 2}, "kld": False},
+        "calibration": {"samples": 4, "length": 32, "batch_size": 2, "propagate": "original"},
+        "points": ["w4-g16-gptq", "w3-g16-gptq", "50%-sparsegpt"],
+    })  # fmt: skip
+    rows = run_sweep(model_dir, grid, tmp_path / "r.sqlite", show_progress=False, log=lambda *a: None)
+    reused = [row["calibration"]["statistics_reused"] for row in rows]
+    assert reused == [False, True, True]
+    assert len(list((tmp_path / "cache" / "calibration-stats").iterdir())) == 1
+
+
 def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
     grid_file = tmp_path / "tiny.yaml"
