@@ -339,13 +339,12 @@ def _eval_speed(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
 
 def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
     """Perplexity through a quantized KV cache (chunked prefill), KL to the full-precision cache, passkey."""
-    from compresslm.kv.cache import KVQuantConfig
     from compresslm.kv.evaluate import kv_perplexity, passkey_accuracy
+    from compresslm.recipe import KVCacheStage
 
-    config = None if args.kv_bits == 16 else KVQuantConfig(args.kv_bits, args.kv_group, args.kv_value_group,
-                                                            args.kv_window, args.kv_outliers,
-                                                            pre_rope=args.kv_pre_rope, rotate=args.kv_rotate,
-                                                            key_axis=args.kv_key_axis, sink=args.kv_sink)  # fmt: skip
+    stage = KVCacheStage(args.kv_bits, args.kv_group, args.kv_value_group, args.kv_window, args.kv_outliers,
+                         args.kv_pre_rope, args.kv_rotate, args.kv_key_axis, args.kv_sink, args.kv_chunk)  # fmt: skip
+    config = None if args.kv_bits == 16 else stage.config
     result = kv_perplexity(lm, config, args.ppl or "wikitext2", ctx=args.ctx, limit=args.limit, chunk=args.kv_chunk,
                            show_progress=not args.quiet)  # fmt: skip
     payload = {"kv": result, "kv_bytes": result["kv_bytes"], "kv_bytes_fp16": result["kv_bytes_fp16"]}
