@@ -27,6 +27,10 @@ CASES = [
     ((3, 4), (0.1, 1.0)),
     ((3, 4, 8), None),  # the dial's defaults
     ((3, 4, 8), (0.5, 1.0, 0.001)),
+    # the narrowest width first: how far the 4-bit width falls when 3 bits are served best
+    ((3, 4, 8), (1.0, 0.3, 0.003)),
+    ((3, 4, 8), (1.0, 0.1, 0.001)),
+    ((3, 4, 8), (1.0, 0.01, 0.0001)),
 ]
 
 
