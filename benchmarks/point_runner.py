@@ -51,18 +51,17 @@ def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "c
     are cached and shared by every such point on the same model).
     """
     from compresslm.api import compress
+    from compresslm.engine.stats_cache import default_cache_dir
     from compresslm.eval.perplexity import perplexity
-    from compresslm.models.loading import cache_root, load_model
+    from compresslm.models.loading import load_model
 
     where = use_device(device)
     lm = load_model(model, device=device)
     if name == "none":  # the uncompressed model under the same protocol, on the same device
+        from compresslm.sweep.runner import uncompressed_size
+
         ppl = perplexity(lm, "wikitext2", ctx=2048, limit=limit, show_progress=False)
-        params = sum(p.numel() for p in lm.model.parameters())
-        size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-        return {"point": name, "ppl": ppl.ppl, "bits_per_param": 8 * size / params,
-                "linear_bits_per_param": 8 * size / params, "linear_sparsity": 0.0, "bytes_on_disk": size,
-                "size_source": "float32 tensors in memory, not a file", "compress_seconds": 0.0,
+        return {"point": name, "ppl": ppl.ppl, **uncompressed_size(lm), "compress_seconds": 0.0,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "eval_protocol": ppl.protocol, **where, **gpu_peak()}  # fmt: skip
     safe = name.replace("%", "pct").replace(":", "of").replace("@", "at").replace("[", "_").replace("]", "")
@@ -83,8 +82,7 @@ def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "c
         recipe = load_recipe(recipe)
         recipe.calibration.propagate = override.removesuffix("]")
         recipe.validate()
-    stats_cache = cache_root() / "calibration-stats"
-    _, result, summary = compress(lm, recipe, container, show_progress=False, stats_cache=stats_cache)
+    _, result, summary = compress(lm, recipe, container, show_progress=False, stats_cache=default_cache_dir())
     seconds = time.perf_counter() - started
     compress_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del lm  # the evaluation runs on the reloaded container alone

@@ -115,7 +115,7 @@ def parse_size(text: str) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from compresslm.api import compress
-    from compresslm.models.loading import cache_root
+    from compresslm.engine.stats_cache import default_cache_dir
     from compresslm.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # validated before the model is even loaded
@@ -146,7 +146,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                + ", ".join(f"{b} bits x{n}" for b, n in sorted(counts.items(), reverse=True)))  # fmt: skip
     _print(f"compressing {args.model} with recipe '{recipe.name}'")
     _lm, result, summary = compress(model, recipe, args.output, device=args.device, show_progress=not args.quiet,
-                                    stats_cache=args.stats_cache or cache_root() / "calibration-stats")  # fmt: skip
+                                    stats_cache=args.stats_cache or default_cache_dir())  # fmt: skip
     if args.target_linear_bits is not None and summary["linear_bits_per_param"] > args.target_linear_bits + 1e-9:
         raise CompressLMError(
             f"the linears take {summary['linear_bits_per_param']:.4f} bits per weight, over {args.target_linear_bits}"
@@ -342,8 +342,9 @@ def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
     from compresslm.kv.evaluate import kv_perplexity, passkey_accuracy
     from compresslm.recipe import KVCacheStage
 
-    stage = KVCacheStage(args.kv_bits, args.kv_group, args.kv_value_group, args.kv_window, args.kv_outliers,
-                         args.kv_pre_rope, args.kv_rotate, args.kv_key_axis, args.kv_sink, args.kv_chunk)  # fmt: skip
+    stage = KVCacheStage(bits=args.kv_bits, group_size=args.kv_group, value_group=args.kv_value_group,
+                         window=args.kv_window, outliers=args.kv_outliers, pre_rope=args.kv_pre_rope,
+                         rotate=args.kv_rotate, key_axis=args.kv_key_axis, sink=args.kv_sink)  # fmt: skip
     config = None if args.kv_bits == 16 else stage.config
     result = kv_perplexity(lm, config, args.ppl or "wikitext2", ctx=args.ctx, limit=args.limit, chunk=args.kv_chunk,
                            show_progress=not args.quiet)  # fmt: skip

@@ -230,7 +230,7 @@ def compress(
     n_blocks = len(lm.layout.blocks)
     batches: list[_Batch] = []
     cache: StatisticsCache | None = None
-    on_original = False
+    on_original = reused = False
     with torch.inference_mode(False), torch.no_grad():
         if recipe.needs_calibration or calibration is not None:  # given windows also buy error reports
             settings = recipe.calibration
@@ -244,13 +244,13 @@ def compress(
             if on_original and stats_cache is not None:
                 key = cache_key(model_fingerprint(lm.model), calibration.protocol["windows_sha256"],
                                 settings.batch_size, str(run_device))  # fmt: skip
-                cache = StatisticsCache(stats_cache, key)
-                calib_protocol["statistics_reused"] = cache.complete(n_blocks)
-            if cache is None or not cache.complete(n_blocks):
+                cache = StatisticsCache(stats_cache, key, n_blocks)
+                reused = calib_protocol["statistics_reused"] = cache.complete()
+            if not reused:
                 batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
 
         allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
-        if cache is not None and cache.complete(n_blocks):
+        if cache is not None and cache.complete():
             batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
         bar = progress(n_blocks, "compress", unit="block", enabled=show_progress)
         for index, block in enumerate(lm.layout.blocks):
@@ -281,8 +281,6 @@ def compress(
                 batches = _run_block(block.module, batches)
             bar.update(1)
         bar.close()
-        if cache is not None and not cache.complete(n_blocks):
-            cache.mark_complete(n_blocks)
 
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
@@ -384,8 +382,6 @@ def _allocate_sparsity(
         current = following
         bar.update(1)
     bar.close()
-    if on_original and cache is not None and not cache.complete(len(lm.layout.blocks)):
-        cache.mark_complete(len(lm.layout.blocks))
     ratios = owl_ratios(shares, params, stage.pattern.ratio, stage.owl_lambda)
     return {name: stage.pattern.with_ratio(ratio) for name, ratio in zip(names, ratios, strict=True)}
 

@@ -26,9 +26,15 @@ import torch
 from compresslm.engine.statistics import BlockStatistics, InputStatistics
 from compresslm.errors import CompressLMError
 from compresslm.fileio import atomic_torch_save
+from compresslm.models.loading import cache_root
 
 FORMAT = 1
-_COMPLETE = "complete.json"
+_COMPLETE = "complete.pt"
+
+
+def default_cache_dir() -> Path:
+    """Where the CLI, sweeps and benchmarks keep these statistics: `$COMPRESSLM_CACHE/calibration-stats`."""
+    return cache_root() / "calibration-stats"
 
 
 def cache_key(model_sha256: str, windows_sha256: str, batch_size: int, device: str) -> str:
@@ -37,26 +43,28 @@ def cache_key(model_sha256: str, windows_sha256: str, batch_size: int, device: s
 
 
 class StatisticsCache:
-    """The statistics of one (model, windows) pair: `block_NNN.pt` files plus a completion marker."""
+    """The statistics of one (model, windows) pair: one `block_NNN.pt` file per block, then a marker.
 
-    def __init__(self, root: str | os.PathLike, key: str):
+    Saving the last block writes the marker (the size of every block's file), so an entry whose
+    writer was killed part-way is incomplete and is recomputed, never read.
+    """
+
+    def __init__(self, root: str | os.PathLike, key: str, blocks: int):
         self.dir = Path(root) / key
+        self.blocks = blocks
 
     def _path(self, index: int) -> Path:
         return self.dir / f"block_{index:03d}.pt"
 
-    def complete(self, blocks: int) -> bool:
-        """True when every block's file was written (the marker is written after the last one)."""
-        marker = self.dir / _COMPLETE
-        if not marker.exists():
-            return False
+    def complete(self) -> bool:
+        """True when every block's file is there, as the marker recorded it."""
         try:
-            sizes = json.loads(marker.read_text())["sizes"]
-        except (OSError, ValueError, KeyError):
+            sizes = torch.load(self.dir / _COMPLETE, weights_only=True)["sizes"]
+        except Exception:  # no marker yet, or a damaged one: the entry is recomputed
             return False
-        if len(sizes) != blocks:
+        if len(sizes) != self.blocks:
             return False
-        paths = [self._path(i) for i in range(blocks)]
+        paths = [self._path(i) for i in range(self.blocks)]
         return all(p.exists() and p.stat().st_size == n for p, n in zip(paths, sizes, strict=True))
 
     def save(self, index: int, stats: BlockStatistics) -> None:
@@ -70,12 +78,9 @@ class StatisticsCache:
             "producer": stats.producer,
         }
         atomic_torch_save(payload, self._path(index))
-
-    def mark_complete(self, blocks: int) -> None:
-        sizes = [self._path(i).stat().st_size for i in range(blocks)]
-        tmp = self.dir / f".{_COMPLETE}.tmp"
-        tmp.write_text(json.dumps({"format": FORMAT, "sizes": sizes}))
-        os.replace(tmp, self.dir / _COMPLETE)
+        if index == self.blocks - 1:
+            sizes = [self._path(i).stat().st_size for i in range(self.blocks)]
+            atomic_torch_save({"format": FORMAT, "sizes": sizes}, self.dir / _COMPLETE)
 
     def load(self, index: int, device: torch.device) -> BlockStatistics:
         path = self._path(index)

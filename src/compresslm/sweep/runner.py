@@ -22,16 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from compresslm.engine.stats_cache import default_cache_dir
 from compresslm.eval.stats import mean_stderr
-from compresslm.models.loading import LoadedModel, cache_root, load_model
+from compresslm.models.loading import LoadedModel, load_model
 from compresslm.progress import progress
 from compresslm.sweep.grid import Grid, SweepPoint
 from compresslm.sweep.store import ResultStore, machine_id
-
-
-def stats_cache_dir() -> Path:
-    """Where points calibrating on the original model share their statistics (see engine.stats_cache)."""
-    return cache_root() / "calibration-stats"
 
 
 def family(point: SweepPoint) -> str:
@@ -108,7 +104,8 @@ def _kv_bytes(lm: LoadedModel, tokens: int) -> dict:
     return {"kv_bytes": cache.nbytes(), "kv_bytes_fp16": fp16_kv_bytes(lm.model, tokens)}
 
 
-def _uncompressed_size(lm: LoadedModel) -> dict:
+def uncompressed_size(lm: LoadedModel) -> dict:
+    """Sizes of the model as evaluated (its tensors in memory), in the fields a compressed point reports."""
     params = sum(p.numel() for p in lm.model.parameters())
     size = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     bits = 8 * size / params
@@ -169,7 +166,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
     row: dict = {"label": point.label, "family": family(point), "model": model_name}
     if point.recipe is None:
         lm = base
-        row.update(_uncompressed_size(base))
+        row.update(uncompressed_size(base))
     elif point.dial is not None:
         lm = _dial_point(point, base, row, workdir)
     else:
@@ -182,7 +179,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
             recipe = plan.recipe
             row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
                              "predicted_bytes": plan.predicted_bytes}  # fmt: skip
-        _, result, summary = compress(work, recipe, path, show_progress=False, stats_cache=stats_cache_dir())
+        _, result, summary = compress(work, recipe, path, show_progress=False, stats_cache=default_cache_dir())
         del work
         row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
                                             "linear_sparsity")})  # fmt: skip
@@ -205,7 +202,7 @@ def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) 
     artifact = workdir / f"dial-{digest}.clm"
     if not artifact.exists():
         _, result, _ = compress(copy.deepcopy(base), point.recipe, artifact, show_progress=False,
-                                stats_cache=stats_cache_dir())  # fmt: skip
+                                stats_cache=default_cache_dir())  # fmt: skip
         row["compress_seconds"] = result.seconds  # the whole artifact's, paid once for all its settings
         row["calibration"] = result.calibration
     bits, sparsity = point.dial.get("bits"), point.dial.get("sparsity", 0.0)
