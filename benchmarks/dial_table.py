@@ -2,8 +2,9 @@
 
 Points (each in its own subprocess, saved before the next starts; rerunning skips finished ones):
 
-* `artifact`: compress `smollm2-135m` with the `dial` recipe (nested 3/4/8-bit GPTQ, group 64,
-  the benchmark calibration) into `--workdir`/dial.clm; its size and compression time.
+* `artifact`: compress `smollm2-135m` with the `dial` recipe (GPTQ, group 64: 8-bit codes whose
+  top 4 bits are the 4-bit width, 3 bits as codes of their own; the benchmark calibration) into
+  `--workdir`/dial.clm; its size and compression time.
 * `dial bits=B[,sparsity=S]`: load the artifact, switch it in memory (`set_budget`), evaluate.
 * `switch`: the time `set_budget` takes for each setting in turn (median of 5 rounds, in memory).
 * `<preset>`: the dedicated compression of the same setting (GPTQ g64 at 8/4/3 bits, SparseGPT
@@ -87,13 +88,24 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
         return point_runner.run_point(name, "smollm2-135m", args.limit, Path(tmp), args.device)
 
 
+def _layout(recipe: dict | None) -> str:
+    """How the artifact's widths are stored, read from its recipe."""
+    stage = next((s for s in (recipe or {}).get("stages", []) if s.get("nested_widths")), {})
+    chain, separate = stage.get("nested_widths", [3, 4, 8]), stage.get("separate_widths", [])
+    text = f"GPTQ, group {stage.get('group_size', 64)}, nested widths {'/'.join(map(str, chain))} sharing one code"
+    if separate:
+        text += f" (narrower widths are its top bits), {'/'.join(map(str, separate))} bits as codes of their own"
+    else:
+        text += " (narrower widths are its top bits)"
+    return text
+
+
 def write_markdown(rows: dict, results: Path = RESULTS) -> None:
     art = rows.get("artifact")
     lines = ["# The dial on `smollm2-135m`: one artifact against dedicated compressions", ""]
     if art:
         lines += [
-            f"Artifact: `dial` recipe (GPTQ, group 64, nested widths 3/4/8 sharing one code: narrower widths are "
-            f"the top bits), {art['bytes_on_disk']:,} bytes ({art['bits_per_param']:.3f} bits/param, "
+            f"Artifact: {_layout(art.get('recipe'))}, {art['bytes_on_disk']:,} bytes ({art['bits_per_param']:.3f} bits/param, "
             f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s. "
             "Sparsity: one Wanda-score order of the 8-bit weights, no weight updates.",
             "",

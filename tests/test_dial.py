@@ -14,7 +14,7 @@ from compresslm.models.loading import LoadedModel, save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.gptq import GPTQOptions, gptq, hessian_from_inputs, output_error
 from compresslm.quant.grid import Grid
-from compresslm.quant.nested import nested_mask, nested_quantize, nested_rank, slice_record
+from compresslm.quant.nested import nested_mask, nested_quantize, nested_rank, slice_record, with_alternates
 from compresslm.recipe import RecipeError, preset
 from compresslm.runtime.linear import CompressedLinear
 
@@ -95,8 +95,35 @@ def test_bad_settings_are_refused(layer, call, message):
         call(record)
 
 
+def test_a_separate_width_is_the_dedicated_quantization(layer):
+    weight, hessian = layer
+    chain = nested_quantize(weight, (4, 8), 32, hessian, priorities=tuple(preset("dial").stages[0].nested_priorities))
+    dedicated = gptq(weight, hessian, Grid(3, "group", 32), GPTQOptions(act_order=True))
+    record = with_alternates(chain, [dedicated])
+    assert record.meta["dial"]["widths"] == [3, 4, 8] and record.meta["dial"]["chain"] == [4, 8]
+    three = slice_record(record, 3)
+    assert torch.equal(three.dequantize(), dedicated.dequantize()) and three.meta["dial"]["active"] == 3
+    assert torch.equal(slice_record(record, 4).codes, record.codes >> 4)
+    # a 4-bit-first chain serves 4 bits better than the chain that also carries 3 bits
+    shared = nested_quantize(weight, (3, 4, 8), 32, hessian)
+    four = [output_error(weight, slice_record(r, 4).dequantize(), hessian) for r in (record, shared)]
+    assert four[0] < four[1]
+    with pytest.raises(CompressLMError, match="repeat a width"):
+        with_alternates(chain, [dedicated, dedicated])
+    with pytest.raises(CompressLMError, match="outside"):
+        with_alternates(chain, [gptq(weight, hessian, Grid(4, "group", 32))])
+
+
 def test_dial_recipe_validation():
-    assert preset("dial").stages[0].nested_widths == [3, 4, 8]
+    stage = preset("dial").stages[0]
+    assert (stage.nested_widths, stage.separate_widths) == ([4, 8], [3])
+    assert preset("dial-shared").stages[0].nested_widths == [3, 4, 8]
+    assert preset("dial-g32-rtn").stages[0].separate_widths == []
+    quantize = stage.__class__
+    with pytest.raises(RecipeError, match="separate_widths"):
+        quantize(method="gptq", bits=8, nested_widths=[4, 8], separate_widths=[4]).validate("stage")
+    with pytest.raises(RecipeError, match="belong to a dial"):
+        quantize(method="gptq", bits=8, separate_widths=[3]).validate("stage")
     with pytest.raises(RecipeError, match="must end at bits=4"):
         preset("w4-g16-gptq").stages[0].__class__(method="gptq", bits=4, nested_widths=[3, 8]).validate("stage")
     with pytest.raises(RecipeError, match="do not combine with a pruning stage"):
@@ -180,22 +207,47 @@ def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
     assert main(["eval", artifact, "--dial", "bits=five", "--ppl", "wikitext2"]) == 2
 
 
-def test_a_low_budget_reads_only_its_bit_planes(artifact):
+def _nbytes(header: dict, entry: dict, skip: tuple[str, ...] = ()) -> int:
+    keys = [entry[k] for k in ("codes", "scales", "zeros", "importance") if entry.get(k) and k not in skip]
+    return sum(header["blobs"][key]["nbytes"] for key in keys + entry.get("code_planes", []))
+
+
+def test_a_low_budget_reads_only_what_it_needs(artifact):
     path, _ = artifact
     full = load_container(path)
-    low = load_container(path, dial_bits=3)
-    assert low.bytes_read < full.bytes_read
-    planes = sum(
-        full.container["blobs"][key]["nbytes"]
-        for e in full.container["linears"].values()
-        for key in e["code_planes"][3:]
-    )
-    assert full.bytes_read - low.bytes_read == planes  # exactly the five unread bit planes
-    set_budget(full, 3)
+    header, linears = full.container, full.container["linears"].values()
     ids = torch.arange(40)[None] % 200
+    # 4 bits: the first four bit planes of the shared chain, not its deeper planes nor the 3-bit codes
+    low = load_container(path, dial_bits=4)
+    deeper = sum(header["blobs"][key]["nbytes"] for e in linears for key in e["code_planes"][4:])
+    separate = sum(_nbytes(header, alt) for e in linears for alt in e["alternates"])
+    assert full.bytes_read - low.bytes_read == deeper + separate
+    set_budget(full, 4)
     with torch.no_grad():
         assert torch.equal(low.model(ids).logits, full.model(ids).logits)
     with pytest.raises(CompressLMError, match="not a width"):
-        set_budget(low, 4)  # wider than what was read
+        set_budget(low, 8)  # wider than what was read
+    # 3 bits: its own codes (and the calibration norms), nothing of the shared chain
+    three = load_container(path, dial_bits=3)
+    chain = sum(_nbytes(header, e, skip=("importance",)) for e in linears)
+    assert full.bytes_read - three.bytes_read == chain
+    set_budget(full, 3)
+    with torch.no_grad():
+        assert torch.equal(three.model(ids).logits, full.model(ids).logits)
     with pytest.raises(CompressLMError, match="not a width of this artifact"):
         load_container(path, dial_bits=5)
+
+
+def test_the_3_bit_setting_is_the_dedicated_gptq_model(artifact, tmp_path):
+    from compresslm.models.tiny import byte_tokenizer
+
+    path, _ = artifact
+    lm = LoadedModel.from_module(tiny_model("llama", layers=2), byte_tokenizer(), name="tiny")
+    recipe = preset("w3-g16-gptq")
+    recipe.calibration.samples, recipe.calibration.length = 4, 32
+    dedicated, _, _ = compress(lm, recipe, tmp_path / "w3.clm", show_progress=False)
+    dial = load_container(path)
+    set_budget(dial, 3)
+    ids = torch.arange(40)[None] % 200
+    with torch.no_grad():
+        assert torch.equal(dial.model(ids).logits, dedicated.model(ids).logits)

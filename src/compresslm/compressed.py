@@ -52,6 +52,9 @@ class CompressedWeight:
     * `lowrank`: optional (A [out, r], B [r, in]) factors added to the dequantized weight.
     * `importance`: optional float16 [in_features], each input channel's calibration norm ‖x_j‖:
       with the weights it orders them for the dial's nested sparsity (Wanda's score |W_ij|·‖x_j‖).
+    * `alternates`: a dial weight's widths that are stored as their own codes rather than as
+      prefixes of `codes` (see `quant.nested.slice_record`); each is a quantized record of the same
+      shape whose `meta["dial"]["widths"]` names the widths it serves.
     * `meta`: free-form JSON-able facts about how it was made (algorithm, error, damping).
     """
 
@@ -68,6 +71,7 @@ class CompressedWeight:
     meta: dict = field(default_factory=dict)
     values: torch.Tensor | None = None
     nm: tuple[int, int] | None = None
+    alternates: tuple[CompressedWeight, ...] = ()
 
     @classmethod
     def unquantized(
@@ -90,6 +94,12 @@ class CompressedWeight:
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self._check_sparsity()
+        self.alternates = tuple(self.alternates)
+        for alt in self.alternates:
+            if alt.shape != self.shape or not alt.quantized or alt.alternates or "dial" not in alt.meta:
+                raise InvalidCompressedWeight(
+                    f"an alternate width must be a quantized {self.shape} record naming its dial widths"
+                )
         if self.importance is not None and (
             self.importance.dtype != torch.float16 or tuple(self.importance.shape) != (self.shape[1],)
         ):

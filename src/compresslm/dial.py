@@ -1,8 +1,9 @@
 """The dial: one nested artifact, many budgets, switched without re-compressing.
 
 `compresslm compress MODEL --recipe dial -o ARTIFACT` quantizes every linear once with nested
-widths (3, 4 and 8 bits share one set of codes; see `compresslm.quant.nested`) and stores each
-input channel's calibration norm. From that artifact:
+widths (4 bits are the top of the 8-bit codes, 3 bits have codes of their own; `dial-shared` nests
+all three in one code; see `compresslm.quant.nested`) and stores each input channel's calibration
+norm. From that artifact:
 
 * `set_budget(lm, bits=3, sparsity=0.5)` switches a loaded model in place (no disk, no calibration);
   `bits` may also map module paths to widths (per-layer budgets, e.g. the budget solver's);
@@ -88,7 +89,7 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
 def _fixed(record, sparsity: float):
     meta = {k: v for k, v in record.meta.items() if k != "dial"}
     meta["dialed"] = {"widths": record.meta["dial"]["widths"], "bits": record.bits, "sparsity": sparsity}
-    return dataclasses.replace(record, importance=None, meta=meta)
+    return dataclasses.replace(record, importance=None, alternates=(), meta=meta)
 
 
 def materialize(

@@ -65,6 +65,7 @@ class QuantizeStage:
     act_granularity: str = "token"
     nested_widths: list[int] = field(default_factory=list)  # the dial: these widths are prefixes of `bits`
     nested_priorities: list[float] = field(default_factory=list)  # per width; empty = quant.nested's default
+    separate_widths: list[int] = field(default_factory=list)  # dial widths kept as their own codes, not prefixes
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -95,6 +96,8 @@ class QuantizeStage:
             raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
         if self.nested_widths:
             self._validate_nested(where)
+        elif self.separate_widths:
+            raise RecipeError(f"{where}: separate_widths belong to a dial; give nested_widths too")
 
     def _validate_nested(self, where: str) -> None:
         from compresslm.quant.nested import check_widths
@@ -111,10 +114,20 @@ class QuantizeStage:
             raise RecipeError(f"{where}: nested widths do not combine with clip search, AWQ, SmoothQuant or A-bits")
         if self.nested_priorities and len(self.nested_priorities) != len(widths):
             raise RecipeError(f"{where}: nested_priorities needs one weight per width {list(widths)}")
+        separate = self.separate_widths
+        if len(set(separate)) != len(separate) or any(not 2 <= b <= 8 or b in widths for b in separate):
+            raise RecipeError(
+                f"{where}: separate_widths {list(separate)} must be distinct widths in 2..8 outside nested_widths"
+            )
 
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search)
+
+    @property
+    def dial_widths(self) -> list[int]:
+        """Every width a dial made by this stage serves: the shared chain and the separate widths."""
+        return sorted({*self.nested_widths, *self.separate_widths})
 
     @property
     def uses_act_order(self) -> bool:
@@ -443,7 +456,7 @@ _KV_PRESET = re.compile(
     r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
 )
-_DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?$")
+_DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?(?P<shared>-shared)?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
 )
@@ -463,6 +476,20 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
         stage["act_order"] = "act" in flags
     stage["awq_scale"] = "awq" in flags
     return stage
+
+
+def _dial_preset(match: re.Match) -> dict:
+    """3, 4 and 8 bits in one artifact. With GPTQ, 3 bits get codes of their own unless `-shared`.
+
+    One code cannot serve GPTQ's 3 and 4 bits at once (`benchmarks/results/nested_layer.md`), so
+    the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (4 bits within 1.06x of a dedicated
+    GPTQ's layer error there, 8 bits ~40x its own, still ~6x below the 4-bit error). Rounding
+    (`-rtn`) nests all three for free: its 3-bit cells are exactly pairs of 4-bit cells.
+    """
+    stage = {"method": "rtn" if match["rtn"] else "gptq", "bits": 8, "group_size": int(match["group"] or 64)}
+    if match["rtn"] or match["shared"]:
+        return {**stage, "nested_widths": [3, 4, 8]}
+    return {**stage, "nested_widths": [4, 8], "nested_priorities": [1.0, 0.002], "separate_widths": [3]}
 
 
 def _prune_preset(match: re.Match) -> dict:
@@ -502,8 +529,7 @@ def preset(name: str) -> Recipe:
         elif part in SMOOTHQUANT_PRESETS:
             stages.append(dict(SMOOTHQUANT_PRESETS[part]))
         elif match := _DIAL_PRESET.match(part):  # one artifact, 3/4/8 bits (see compresslm.dial)
-            stages.append({"method": "rtn" if match["rtn"] else "gptq", "bits": 8,
-                           "group_size": int(match["group"] or 64), "nested_widths": [3, 4, 8]})  # fmt: skip
+            stages.append(_dial_preset(match))
         elif match := _PRUNE_PRESET.match(part):
             stages.append(_prune_preset(match))
         elif match := _PRESET.match(part):
@@ -512,8 +538,8 @@ def preset(name: str) -> Recipe:
             raise RecipeError(
                 f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
                 "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
-                "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-g32-rtn, with +emb8/+emb4 for the "
-                "embedding (or give a YAML/JSON recipe file)"
+                "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-shared, dial-g32-rtn, "
+                "with +emb8/+emb4 for the embedding (or give a YAML/JSON recipe file)"
             )
     if not stages:
         raise RecipeError(f"preset '{name}' names no quantization or pruning stage")

@@ -13,13 +13,15 @@ This is the one place that knows how stages combine; each algorithm stays a pure
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.quant.awq import awq_clip
 from compresslm.quant.gptq import GPTQOptions, gptq
-from compresslm.quant.nested import nested_quantize
+from compresslm.quant.nested import nested_quantize, with_alternates
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import PruneStage, QuantizeStage
 from compresslm.sparse.masks import SparsityPattern
@@ -64,6 +66,11 @@ def compress_weight(
         priorities = tuple(quant.nested_priorities) or None
         record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
                                  hessian_used, quant.gptq_options, priorities)  # fmt: skip
+        if quant.separate_widths:  # widths a shared code serves badly: quantized on their own
+            single = {"nested_widths": [], "nested_priorities": [], "separate_widths": []}
+            alternates = [_quantize(weight, dataclasses.replace(quant, bits=bits, **single), hessian)
+                          for bits in sorted(quant.separate_widths)]  # fmt: skip
+            record = with_alternates(record, alternates)
         if hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)
             record.importance = torch.diagonal(hessian).clamp_min(0).sqrt().to(torch.float16)
         return record

@@ -24,7 +24,7 @@ import math
 import os
 import struct
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +133,8 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
         entry["zeros"] = writer.add(
             f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
         )
+    if record.alternates:  # a dial's separately stored widths, each a record of its own
+        entry["alternates"] = [_write_record(writer, f"{name}.w{alt.bits}", alt) for alt in record.alternates]
     return entry
 
 
@@ -350,7 +352,24 @@ def _scatter_kept(kept: torch.Tensor, mask: torch.Tensor | None, fill: torch.Ten
 
 def _record(reader: _BlobReader, entry: dict, dial_bits: int | None = None) -> CompressedWeight:
     if dial_bits is not None and entry.get("code_planes"):
-        return _nested_record(reader, entry, dial_bits)
+        alt = _alternate_for(entry, dial_bits)
+        if alt is None:
+            return _nested_record(reader, entry, dial_bits)
+        record = _record(reader, alt)
+        importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
+        return replace(record, importance=importance)
+    record = _plain_record(reader, entry)
+    if entry.get("alternates"):
+        record = replace(record, alternates=tuple(_record(reader, alt) for alt in entry["alternates"]))
+    return record
+
+
+def _alternate_for(entry: dict, bits: int) -> dict | None:
+    """The stored alternate of a dial entry that holds width `bits` (None: the shared chain holds it)."""
+    return next((alt for alt in entry.get("alternates", []) if bits in alt["meta"]["dial"]["widths"]), None)
+
+
+def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     out_f, in_f = entry["shape"]
     mask, nm = _read_mask(reader, entry)
     stored = out_f * in_f if mask is None else int(mask.sum())
@@ -395,24 +414,44 @@ def _nested_record(reader: _BlobReader, entry: dict, bits: int) -> CompressedWei
     """A dial artifact's weight at width `bits`, built from its first `bits` bit planes only."""
     from compresslm.quant.nested import width_grid
 
-    widths = entry["meta"]["dial"]["widths"]
-    if bits not in widths:
-        raise CompressLMError(f"{bits} bits is not a width of this artifact; it has {widths}")
+    dial = entry["meta"]["dial"]
+    chain = dial.get("chain", dial["widths"])
+    if bits not in chain:
+        raise CompressLMError(f"{bits} bits is not a width of this artifact; it has {dial['widths']}")
     out_f, in_f = entry["shape"]
     codes = _read_planes(reader, entry["code_planes"][:bits], out_f * in_f)
     scales, zeros = width_grid(reader.tensor(entry["scales"]), reader.tensor(entry["zeros"]), entry["bits"], bits)
     importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
-    meta = {**entry["meta"], "dial": {**entry["meta"]["dial"], "widths": [w for w in widths if w <= bits]}}
+    narrower = [w for w in chain if w <= bits]
+    meta = {**entry["meta"], "dial": {**dial, "widths": narrower, "chain": narrower}}
     return CompressedWeight(
         shape=(out_f, in_f), bits=bits, group_size=entry["group_size"], symmetric=False,
         codes=codes.reshape(out_f, in_f), scales=scales, zeros=zeros, meta=meta, importance=importance,
     )  # fmt: skip
 
 
+def _entry_keys(entry: dict) -> list[str]:
+    """Every blob of one stored record (its alternates apart)."""
+    return [entry[key] for key in _RECORD_BLOBS if entry.get(key)] + entry.get("code_planes", [])
+
+
 def _unread_planes(header: dict, dial_bits: int | None) -> set[str]:
+    """Blobs a load at width `dial_bits` does not need: deeper bit planes and the other widths' records."""
     if dial_bits is None:
         return set()
-    return {key for entry in header["linears"].values() for key in entry.get("code_planes", [])[dial_bits:]}
+    unread = set()
+    for entry in header["linears"].values():
+        if not entry.get("code_planes"):
+            continue
+        chosen = _alternate_for(entry, dial_bits)
+        for alt in entry.get("alternates", []):
+            if alt is not chosen:
+                unread.update(_entry_keys(alt))
+        if chosen is None:
+            unread.update(entry["code_planes"][dial_bits:])
+        else:
+            unread.update(key for key in _entry_keys(entry) if key != entry.get("importance"))
+    return unread
 
 
 def load_container(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None) -> LoadedModel:
@@ -490,8 +529,8 @@ def container_summary(path: str | os.PathLike) -> dict:
     size = p.stat().st_size
 
     def record_bytes(entry: dict) -> int:
-        keys = [entry[key] for key in _RECORD_BLOBS if entry.get(key)] + entry.get("code_planes", [])
-        return sum(header["blobs"][key]["nbytes"] for key in keys)
+        own = sum(header["blobs"][key]["nbytes"] for key in _entry_keys(entry))
+        return own + sum(record_bytes(alt) for alt in entry.get("alternates", []))
 
     linear_bytes = sum(record_bytes(entry) for entry in header["linears"].values())
     embedding_bytes = sum(record_bytes(entry) for entry in header.get("embeddings", {}).values())

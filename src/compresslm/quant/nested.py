@@ -1,5 +1,9 @@
 """Nested ("dial") quantization: one set of codes from which every bit width in a list is a prefix.
 
+A dial weight may also carry `alternates`: widths quantized on their own (GPTQ at that width),
+because one shared code cannot serve every width well (below); `slice_record` picks whichever
+holds the width asked for, and `with_alternates` attaches them.
+
 The grid is a mid-rise uniform quantizer per group: a group with range [lo, hi] has, at width b,
 step s_b = (hi - lo) / 2^b and levels lo + s_b (c + 1/2) for codes c in [0, 2^b). Each level's
 cell at width b is exactly the union of its two cells at width b + 1, so the b-bit code of a
@@ -16,6 +20,8 @@ made on the weights themselves (rounding).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -63,6 +69,11 @@ def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
         raise CompressLMError("this weight was not quantized nested (no dial widths); it has one width only")
     if bits not in dial["widths"]:
         raise CompressLMError(f"{bits} bits is not one of this weight's nested widths {dial['widths']}")
+    for alt in record.alternates:  # a width stored as its own codes
+        if bits in alt.meta["dial"]["widths"]:
+            return slice_record(alt, bits)
+    if bits not in dial.get("chain", dial["widths"]):
+        raise CompressLMError(f"{bits} bits is listed as a dial width but neither the chain nor an alternate holds it")
     if bits == record.bits:
         return record
     scales, zeros = width_grid(record.scales, record.zeros, record.bits, bits)
@@ -71,6 +82,27 @@ def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
         codes=record.codes >> (record.bits - bits), scales=scales, zeros=zeros, mask=record.mask, nm=record.nm,
         meta={**record.meta, "dial": {**dial, "active": bits}},
     )  # fmt: skip
+
+
+def with_alternates(record: CompressedWeight, alternates: list[CompressedWeight]) -> CompressedWeight:
+    """`record` (a nested chain) carrying `alternates` (single-width records) as further dial widths.
+
+    The chain's own widths stay in `meta["dial"]["chain"]`; `meta["dial"]["widths"]` lists them all.
+    """
+    dial = record.meta["dial"]
+    chain = dial.get("chain", dial["widths"])
+    marked = []
+    for alt in alternates:
+        if alt.shape != record.shape or alt.bits in chain or alt.mask is not None:
+            raise CompressLMError(
+                f"an alternate {alt.bits}-bit weight must be unpruned, of shape {record.shape}, outside {chain}"
+            )
+        marked.append(dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [alt.bits], "active": alt.bits}}))
+    widths = sorted({*chain, *(alt.bits for alt in alternates)})
+    if len(widths) != len(chain) + len(alternates):
+        raise CompressLMError(f"alternate widths {[a.bits for a in alternates]} repeat a width")
+    meta = {**record.meta, "dial": {**dial, "widths": widths, "chain": list(chain)}}
+    return dataclasses.replace(record, alternates=tuple(marked), meta=meta)
 
 
 def default_priorities(widths: tuple[int, ...]) -> tuple[float, ...]:

@@ -211,7 +211,7 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
 def _dial_setting(text: object, recipe: Recipe, where: str) -> dict:
     from compresslm.dial import parse_setting
 
-    widths = next((s.nested_widths for s in recipe.stages if getattr(s, "nested_widths", None)), None)
+    widths = next((s.dial_widths for s in recipe.stages if getattr(s, "nested_widths", None)), None)
     if not widths:
         raise GridError(f"{where}: dial settings need a dial recipe (nested widths, e.g. 'dial')")
     try:
