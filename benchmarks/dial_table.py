@@ -105,7 +105,8 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
     lines = ["# The dial on `smollm2-135m`: one artifact against dedicated compressions", ""]
     if art:
         lines += [
-            f"Artifact: {_layout(art.get('recipe'))}, {art['bytes_on_disk']:,} bytes ({art['bits_per_param']:.3f} bits/param, "
+            f"Artifact: {_layout(art.get('recipe'))}, {art['bytes_on_disk']:,} bytes "
+            f"({art['bits_per_param']:.3f} bits/param, "
             f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s. "
             "Sparsity: one Wanda-score order of the 8-bit weights, no weight updates.",
             "",
