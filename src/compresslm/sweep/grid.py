@@ -116,10 +116,14 @@ BUILTIN: dict[str, dict] = {
             "none",
             {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},
             {"label": "budget-2.5", "recipe": "w4-g64-gptq", "target_bits": 2.5},
+            # the dial's settings from one artifact, beside the dedicated compressions above
+            *({"label": f"dial-{b}", "recipe": "dial", "dial": f"bits={b}"} for b in (8, 4, 3)),
+            {"label": "dial-8-50%", "recipe": "dial", "dial": "bits=8,sparsity=0.5"},
         ],
         "product": [
             {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "gptq", "awq"]},
             {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
+            {"recipe": "w8-g64-gptq"},
             {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda", "sparsegpt"]},
             {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},
         ],
