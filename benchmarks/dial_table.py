@@ -97,7 +97,15 @@ def _layout(recipe: dict | None) -> str:
         text += f" (narrower widths are its top bits), {'/'.join(map(str, separate))} bits as codes of their own"
     else:
         text += " (narrower widths are its top bits)"
-    return text
+    levels = stage.get("dial_sparsity")
+    if levels:
+        return text + (
+            f". Sparsity at {stage.get('bits', 8)} bits: a nested-sparse plane (one order, values updated as "
+            f"SparseGPT would for {'/'.join(f'{int(100 * s)}' for s in levels)} %, weighted "
+            f"{'/'.join(map(str, stage.get('dial_sparsity_priorities') or [1] * len(levels)))}); at other widths "
+            "one Wanda-score order of the dense weights, no weight updates"
+        )
+    return text + ". Sparsity: one Wanda-score order of the 8-bit weights, no weight updates"
 
 
 def write_markdown(rows: dict, results: Path = RESULTS) -> None:
@@ -105,10 +113,9 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
     lines = ["# The dial on `smollm2-135m`: one artifact against dedicated compressions", ""]
     if art:
         lines += [
-            f"Artifact: {_layout(art.get('recipe'))}, {art['bytes_on_disk']:,} bytes "
+            f"Artifact: {_layout(art.get('recipe'))}; {art['bytes_on_disk']:,} bytes "
             f"({art['bits_per_param']:.3f} bits/param, "
-            f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s. "
-            "Sparsity: one Wanda-score order of the 8-bit weights, no weight updates.",
+            f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s.",
             "",
         ]
     lines += [

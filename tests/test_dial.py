@@ -17,6 +17,7 @@ from compresslm.quant.grid import Grid
 from compresslm.quant.nested import nested_mask, nested_quantize, nested_rank, slice_record, with_alternates
 from compresslm.recipe import RecipeError, preset
 from compresslm.runtime.linear import CompressedLinear
+from compresslm.sparse.nested import nested_sparsegpt, order_mask
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,33 @@ def test_a_separate_width_is_the_dedicated_quantization(layer):
         with_alternates(chain, [gptq(weight, hessian, Grid(4, "group", 32))])
 
 
+def test_nested_sparse_masks_are_prefixes_and_beat_the_fixed_order(layer):
+    weight, hessian = layer
+    grid = Grid(8, "group", 32)
+    plane = nested_sparsegpt(weight, hessian, (0.5, 0.7), (1.0, 0.5), grid, block_size=64)
+    assert plane.order.dtype == torch.uint8 and plane.meta["dial"]["order_block"] == 64
+    previous = None
+    for sparsity in (0.0, 0.3, 0.5, 0.6, 0.7, 0.9):
+        mask = order_mask(plane, sparsity)
+        kept = torch.ones_like(plane.codes, dtype=torch.bool) if mask is None else mask
+        assert int(kept[:, :64].sum()) == 64 * round((1 - sparsity) * 64)  # per row, per block of 64 columns
+        assert int(kept[:, 64:].sum()) == 64 * round((1 - sparsity) * 32)  # the shorter last block
+        if previous is not None:
+            assert not (kept & ~previous).any()
+        previous = kept
+    # at its levels, the updated values beat pruning the weights by a fixed order without updates
+    record = nested_quantize(weight, (4, 8), 32, hessian)
+    record.importance = torch.diagonal(hessian).sqrt().half()
+    for sparsity in (0.5, 0.7):
+        fixed = record.dequantize() * nested_mask(record, sparsity)
+        updated = plane.dequantize() * order_mask(plane, sparsity)
+        assert output_error(weight, updated, hessian) < output_error(weight, fixed, hessian)
+    with pytest.raises(CompressLMError, match="increasing ratios"):
+        nested_sparsegpt(weight, hessian, (0.7, 0.5), (1.0, 1.0), grid)
+    with pytest.raises(CompressLMError, match="leaves no weight"):
+        order_mask(plane, 0.999)
+
+
 def test_dial_recipe_validation():
     stage = preset("dial").stages[0]
     assert (stage.nested_widths, stage.separate_widths) == ([4, 8], [3])
@@ -124,6 +152,10 @@ def test_dial_recipe_validation():
         quantize(method="gptq", bits=8, nested_widths=[4, 8], separate_widths=[4]).validate("stage")
     with pytest.raises(RecipeError, match="belong to a dial"):
         quantize(method="gptq", bits=8, separate_widths=[3]).validate("stage")
+    with pytest.raises(RecipeError, match="needs method gptq"):
+        quantize(method="rtn", bits=8, nested_widths=[4, 8], dial_sparsity=[0.5]).validate("stage")
+    with pytest.raises(RecipeError, match="dial_sparsity: nested sparsity levels"):
+        quantize(method="gptq", bits=8, nested_widths=[4, 8], dial_sparsity=[0.5, 1.2]).validate("stage")
     with pytest.raises(RecipeError, match="must end at bits=4"):
         preset("w4-g16-gptq").stages[0].__class__(method="gptq", bits=4, nested_widths=[3, 8]).validate("stage")
     with pytest.raises(RecipeError, match="do not combine with a pruning stage"):
@@ -145,18 +177,24 @@ def artifact(tmp_path_factory):
 def test_artifact_reloads_at_its_widest_width_bit_exactly(artifact):
     path, compressed = artifact
     reloaded = load_container(path)
+    record = next(iter(reloaded.compressed.values()))
+    assert record.bits == 8 and record.importance is not None
     ids = torch.arange(40)[None] % 200
     with torch.no_grad():
         assert torch.equal(reloaded.model(ids).logits, compressed.model(ids).logits)
-    record = next(iter(reloaded.compressed.values()))
-    assert record.bits == 8 and record.importance is not None
+        for lm in (reloaded, compressed):  # sparse settings come from the nested-sparse plane, order included
+            set_budget(lm, 8, 0.6)
+        assert torch.equal(reloaded.model(ids).logits, compressed.model(ids).logits)
+    layer = next(m for m in reloaded.model.modules() if isinstance(m, CompressedLinear))
+    assert layer.compressed.meta["algorithm"] == "nested-sparsegpt" and 0.55 < layer.compressed.sparsity < 0.65
+    set_budget(compressed, 8)
 
 
 def test_switching_in_memory_equals_the_materialized_container(artifact, tmp_path):
     path, _ = artifact
     lm = load_container(path)
     ids = torch.arange(48)[None] % 200
-    for bits, sparsity in ((8, 0.0), (4, 0.0), (3, 0.0), (4, 0.5)):
+    for bits, sparsity in ((8, 0.0), (4, 0.0), (3, 0.0), (4, 0.5), (8, 0.5), (8, 0.75)):
         report = set_budget(lm, bits, sparsity)
         assert report.bits == {bits: report.layers} and report.seconds >= 0
         materialize(path, tmp_path / f"{bits}-{sparsity}.clm", bits, sparsity)
@@ -208,7 +246,7 @@ def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
 
 
 def _nbytes(header: dict, entry: dict, skip: tuple[str, ...] = ()) -> int:
-    keys = [entry[k] for k in ("codes", "scales", "zeros", "importance") if entry.get(k) and k not in skip]
+    keys = [entry[k] for k in ("codes", "scales", "zeros", "importance", "order") if entry.get(k) and k not in skip]
     return sum(header["blobs"][key]["nbytes"] for key in keys + entry.get("code_planes", []))
 
 
@@ -217,7 +255,8 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
     full = load_container(path)
     header, linears = full.container, full.container["linears"].values()
     ids = torch.arange(40)[None] % 200
-    # 4 bits: the first four bit planes of the shared chain, not its deeper planes nor the 3-bit codes
+    # 4 bits: the first four bit planes of the shared chain, not its deeper planes, the 3-bit codes
+    # or the nested-sparse plane
     low = load_container(path, dial_bits=4)
     deeper = sum(header["blobs"][key]["nbytes"] for e in linears for key in e["code_planes"][4:])
     separate = sum(_nbytes(header, alt) for e in linears for alt in e["alternates"])
@@ -227,9 +266,10 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
         assert torch.equal(low.model(ids).logits, full.model(ids).logits)
     with pytest.raises(CompressLMError, match="not a width"):
         set_budget(low, 8)  # wider than what was read
-    # 3 bits: its own codes (and the calibration norms), nothing of the shared chain
+    # 3 bits: its own codes (and the calibration norms), nothing of the shared chain or the sparse plane
     three = load_container(path, dial_bits=3)
     chain = sum(_nbytes(header, e, skip=("importance",)) for e in linears)
+    chain += sum(_nbytes(header, alt) for e in linears for alt in e["alternates"] if alt.get("order"))
     assert full.bytes_read - three.bytes_read == chain
     set_budget(full, 3)
     with torch.no_grad():

@@ -52,6 +52,9 @@ class CompressedWeight:
     * `lowrank`: optional (A [out, r], B [r, in]) factors added to the dequantized weight.
     * `importance`: optional float16 [in_features], each input channel's calibration norm ‖x_j‖:
       with the weights it orders them for the dial's nested sparsity (Wanda's score |W_ij|·‖x_j‖).
+    * `order`: optional uint8 [out, in], each weight's position in its row's keep order within
+      blocks of `meta["dial"]["order_block"]` columns (0 = kept longest): a nested-sparse dial
+      record (`sparse.nested`), from which every sparsity ratio is a prefix.
     * `alternates`: a dial weight's widths that are stored as their own codes rather than as
       prefixes of `codes` (see `quant.nested.slice_record`); each is a quantized record of the same
       shape whose `meta["dial"]["widths"]` names the widths it serves.
@@ -71,6 +74,7 @@ class CompressedWeight:
     meta: dict = field(default_factory=dict)
     values: torch.Tensor | None = None
     nm: tuple[int, int] | None = None
+    order: torch.Tensor | None = None
     alternates: tuple[CompressedWeight, ...] = ()
 
     @classmethod
@@ -94,6 +98,8 @@ class CompressedWeight:
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self._check_sparsity()
+        if self.order is not None and (self.order.dtype != torch.uint8 or tuple(self.order.shape) != self.shape):
+            raise InvalidCompressedWeight(f"order must be uint8 of shape {self.shape}")
         self.alternates = tuple(self.alternates)
         for alt in self.alternates:
             if alt.shape != self.shape or not alt.quantized or alt.alternates or "dial" not in alt.meta:

@@ -27,6 +27,7 @@ from compresslm.errors import CompressLMError
 from compresslm.models.loading import LoadedModel
 from compresslm.quant.nested import kept_per_row
 from compresslm.runtime.linear import CompressedLinear
+from compresslm.sparse.nested import kept_per_column
 
 
 @dataclass
@@ -67,6 +68,9 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
         raise CompressLMError(f"{lm.source} has no dial layers; make the artifact with a dial recipe (--recipe dial)")
     for module in layers.values():  # every layer can take the sparsity before any is switched
         kept_per_row(module.in_features, sparsity)
+        for plane in module.nested.alternates:
+            if plane.order is not None:
+                kept_per_column(module.in_features, plane.meta["dial"]["order_block"], sparsity)
     widths = next(iter(layers.values())).nested.meta["dial"]["widths"]
     per_layer = bits if isinstance(bits, dict) else {}
     unknown = sorted(set(per_layer) - set(layers))
@@ -89,7 +93,7 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
 def _fixed(record, sparsity: float):
     meta = {k: v for k, v in record.meta.items() if k != "dial"}
     meta["dialed"] = {"widths": record.meta["dial"]["widths"], "bits": record.bits, "sparsity": sparsity}
-    return dataclasses.replace(record, importance=None, alternates=(), meta=meta)
+    return dataclasses.replace(record, importance=None, order=None, alternates=(), meta=meta)
 
 
 def materialize(

@@ -66,6 +66,8 @@ class QuantizeStage:
     nested_widths: list[int] = field(default_factory=list)  # the dial: these widths are prefixes of `bits`
     nested_priorities: list[float] = field(default_factory=list)  # per width; empty = quant.nested's default
     separate_widths: list[int] = field(default_factory=list)  # dial widths kept as their own codes, not prefixes
+    dial_sparsity: list[float] = field(default_factory=list)  # sparsity levels of a nested-sparse plane (GPTQ)
+    dial_sparsity_priorities: list[float] = field(default_factory=list)  # one weight per level
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -96,8 +98,8 @@ class QuantizeStage:
             raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
         if self.nested_widths:
             self._validate_nested(where)
-        elif self.separate_widths:
-            raise RecipeError(f"{where}: separate_widths belong to a dial; give nested_widths too")
+        elif self.separate_widths or self.dial_sparsity:
+            raise RecipeError(f"{where}: separate_widths and dial_sparsity belong to a dial; give nested_widths too")
 
     def _validate_nested(self, where: str) -> None:
         from compresslm.quant.nested import check_widths
@@ -119,6 +121,17 @@ class QuantizeStage:
             raise RecipeError(
                 f"{where}: separate_widths {list(separate)} must be distinct widths in 2..8 outside nested_widths"
             )
+        if self.dial_sparsity:
+            from compresslm.sparse.nested import check_levels
+
+            if self.method != "gptq":
+                raise RecipeError(f"{where}: dial_sparsity updates weights from calibration; it needs method gptq")
+            try:
+                check_levels(self.dial_sparsity, self.dial_sparsity_priorities or [1.0] * len(self.dial_sparsity))
+            except CompressLMError as exc:
+                raise RecipeError(f"{where}: dial_sparsity: {exc}") from None
+        elif self.dial_sparsity_priorities:
+            raise RecipeError(f"{where}: dial_sparsity_priorities without dial_sparsity levels")
 
     @property
     def grid(self) -> Grid:
@@ -485,11 +498,14 @@ def _dial_preset(match: re.Match) -> dict:
     the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (4 bits within 1.06x of a dedicated
     GPTQ's layer error there, 8 bits ~40x its own, still ~6x below the 4-bit error). Rounding
     (`-rtn`) nests all three for free: its 3-bit cells are exactly pairs of 4-bit cells.
+    With GPTQ, sparse settings at 8 bits come from a nested-sparse plane (`sparse.nested`) tuned
+    for 50/60/70/80 %, weighted 1/0.5/0.5/0.2 (`benchmarks/results/nested_sparse_layer.md`).
     """
     stage = {"method": "rtn" if match["rtn"] else "gptq", "bits": 8, "group_size": int(match["group"] or 64)}
     if match["rtn"] or match["shared"]:
         return {**stage, "nested_widths": [3, 4, 8]}
-    return {**stage, "nested_widths": [4, 8], "nested_priorities": [1.0, 0.002], "separate_widths": [3]}
+    return {**stage, "nested_widths": [4, 8], "nested_priorities": [1.0, 0.002], "separate_widths": [3],
+            "dial_sparsity": [0.5, 0.6, 0.7, 0.8], "dial_sparsity_priorities": [1.0, 0.5, 0.5, 0.2]}  # fmt: skip
 
 
 def _prune_preset(match: re.Match) -> dict:

@@ -25,6 +25,7 @@ from compresslm.quant.nested import nested_quantize, with_alternates
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import PruneStage, QuantizeStage
 from compresslm.sparse.masks import SparsityPattern
+from compresslm.sparse.nested import nested_sparsegpt
 from compresslm.sparse.prune import apply_mask, magnitude, saliency_mask, sparsegpt, wanda
 
 
@@ -66,10 +67,17 @@ def compress_weight(
         priorities = tuple(quant.nested_priorities) or None
         record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
                                  hessian_used, quant.gptq_options, priorities)  # fmt: skip
-        if quant.separate_widths:  # widths a shared code serves badly: quantized on their own
-            single = {"nested_widths": [], "nested_priorities": [], "separate_widths": []}
-            alternates = [_quantize(weight, dataclasses.replace(quant, bits=bits, **single), hessian)
-                          for bits in sorted(quant.separate_widths)]  # fmt: skip
+        single = {"nested_widths": [], "nested_priorities": [], "separate_widths": [], "dial_sparsity": [],
+                  "dial_sparsity_priorities": []}  # fmt: skip
+        # widths a shared code serves badly: quantized on their own
+        alternates = [_quantize(weight, dataclasses.replace(quant, bits=bits, **single), hessian)
+                      for bits in sorted(quant.separate_widths)]  # fmt: skip
+        if quant.dial_sparsity:  # sparse settings: values updated for nested sparsity, with their own order
+            levels = tuple(quant.dial_sparsity)
+            priorities = tuple(quant.dial_sparsity_priorities) or (1.0,) * len(levels)
+            alternates.append(nested_sparsegpt(weight, hessian, levels, priorities, quant.grid, quant.block_size,
+                                               quant.damp))  # fmt: skip
+        if alternates:
             record = with_alternates(record, alternates)
         if hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)
             record.importance = torch.diagonal(hessian).clamp_min(0).sqrt().to(torch.float16)

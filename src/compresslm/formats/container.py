@@ -72,7 +72,7 @@ class _BlobWriter:
         return key
 
 
-_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance")
+_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "order")
 
 
 def _write_mask(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
@@ -108,6 +108,9 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
     if record.importance is not None:
         imp = record.importance
         entry["importance"] = writer.add(f"{name}.importance", _tensor_bytes(imp), "float16", list(imp.shape))
+    if record.order is not None:  # a nested-sparse keep order: positions within blocks of columns
+        bits = max(1, (record.meta["dial"]["order_block"] - 1).bit_length())
+        entry["order"] = writer.add(f"{name}.order", pack_bits(record.order, bits), f"u{bits}", list(record.shape))
     kept = record.mask
     if kept is not None:
         entry.update(_write_mask(writer, name, record))
@@ -366,7 +369,10 @@ def _record(reader: _BlobReader, entry: dict, dial_bits: int | None = None) -> C
 
 def _alternate_for(entry: dict, bits: int) -> dict | None:
     """The stored alternate of a dial entry that holds width `bits` (None: the shared chain holds it)."""
-    return next((alt for alt in entry.get("alternates", []) if bits in alt["meta"]["dial"]["widths"]), None)
+    return next(
+        (alt for alt in entry.get("alternates", []) if not alt.get("order") and bits in alt["meta"]["dial"]["widths"]),
+        None,
+    )
 
 
 def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
@@ -396,9 +402,14 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
         fill = torch.zeros(out_f, in_f, dtype=torch.uint8)
     codes = _scatter_kept(codes, mask, fill.contiguous(), str(reader.path))
     importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
+    order = None
+    if entry.get("order"):
+        bits = int(reader.dtype(entry["order"])[1:])
+        order = unpack_bits(reader.read(entry["order"]), bits, out_f * in_f).reshape(out_f, in_f)
     return CompressedWeight(
         shape=(out_f, in_f), bits=entry["bits"], group_size=entry["group_size"], symmetric=entry["symmetric"],
         codes=codes, scales=scales, zeros=zeros, mask=mask, nm=nm, meta=entry.get("meta", {}), importance=importance,
+        order=order,
     )  # fmt: skip
 
 
@@ -436,7 +447,8 @@ def _entry_keys(entry: dict) -> list[str]:
 
 
 def _unread_planes(header: dict, dial_bits: int | None) -> set[str]:
-    """Blobs a load at width `dial_bits` does not need: deeper bit planes and the other widths' records."""
+    """Blobs a load at width `dial_bits` does not need: deeper bit planes, the other widths' records and
+    the nested-sparse plane (a load at one width serves dense settings and the Wanda order only)."""
     if dial_bits is None:
         return set()
     unread = set()

@@ -70,7 +70,7 @@ def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
     if bits not in dial["widths"]:
         raise CompressLMError(f"{bits} bits is not one of this weight's nested widths {dial['widths']}")
     for alt in record.alternates:  # a width stored as its own codes
-        if bits in alt.meta["dial"]["widths"]:
+        if alt.order is None and bits in alt.meta["dial"]["widths"]:
             return slice_record(alt, bits)
     if bits not in dial.get("chain", dial["widths"]):
         raise CompressLMError(f"{bits} bits is listed as a dial width but neither the chain nor an alternate holds it")
@@ -85,24 +85,36 @@ def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
 
 
 def with_alternates(record: CompressedWeight, alternates: list[CompressedWeight]) -> CompressedWeight:
-    """`record` (a nested chain) carrying `alternates` (single-width records) as further dial widths.
+    """`record` (a nested chain) carrying `alternates` as further dial planes.
 
-    The chain's own widths stay in `meta["dial"]["chain"]`; `meta["dial"]["widths"]` lists them all.
+    A single-width record adds a width outside the chain; a nested-sparse record
+    (`sparse.nested.nested_sparsegpt`) serves sparse settings at its width. The chain's own widths
+    stay in `meta["dial"]["chain"]`; `meta["dial"]["widths"]` lists every dense width.
     """
     dial = record.meta["dial"]
     chain = dial.get("chain", dial["widths"])
     marked = []
     for alt in alternates:
-        if alt.shape != record.shape or alt.bits in chain or alt.mask is not None:
+        sparse = alt.order is not None
+        if alt.shape != record.shape or alt.mask is not None or (alt.bits in chain) != sparse:
             raise CompressLMError(
-                f"an alternate {alt.bits}-bit weight must be unpruned, of shape {record.shape}, outside {chain}"
+                f"an alternate {alt.bits}-bit weight must be unpruned, of shape {record.shape}, and outside {chain} "
+                "unless it holds a nested sparsity order"
             )
-        marked.append(dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [alt.bits], "active": alt.bits}}))
-    widths = sorted({*chain, *(alt.bits for alt in alternates)})
-    if len(widths) != len(chain) + len(alternates):
-        raise CompressLMError(f"alternate widths {[a.bits for a in alternates]} repeat a width")
+        if not sparse:
+            alt = dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [alt.bits], "active": alt.bits}})
+        marked.append(alt)
+    dense = [alt.bits for alt in marked if alt.order is None]
+    widths = sorted({*chain, *dense})
+    if len(widths) != len(chain) + len(dense) or len(marked) - len(dense) > 1:
+        raise CompressLMError(f"alternate widths {[a.bits for a in alternates]} repeat a width or a sparse plane")
     meta = {**record.meta, "dial": {**dial, "widths": widths, "chain": list(chain)}}
     return dataclasses.replace(record, alternates=tuple(marked), meta=meta)
+
+
+def sparse_plane(record: CompressedWeight, bits: int) -> CompressedWeight | None:
+    """The nested-sparse alternate of a dial record that serves sparse settings at `bits` (or None)."""
+    return next((alt for alt in record.alternates if alt.order is not None and alt.bits == bits), None)
 
 
 def default_priorities(widths: tuple[int, ...]) -> tuple[float, ...]:

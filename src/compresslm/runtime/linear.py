@@ -47,14 +47,19 @@ class CompressedLinear(nn.Module):
 
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
         """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial)."""
-        from compresslm.quant.nested import nested_mask, nested_rank, slice_record
+        from compresslm.quant.nested import nested_mask, nested_rank, slice_record, sparse_plane
+        from compresslm.sparse.nested import order_mask
 
         if self.nested is None:
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
         record = slice_record(self.nested, bits or self.nested.bits)
-        if sparsity > 0 and self.rank is None:  # the keep order, computed on the first sparse setting only
-            self.rank = nested_rank(self.nested)
-        mask = nested_mask(self.nested, sparsity, self.rank)
+        plane = sparse_plane(self.nested, record.bits) if sparsity > 0 else None
+        if plane is not None:  # values updated for nested sparsity, with their own order
+            record, mask = plane, order_mask(plane, sparsity)
+        else:
+            if sparsity > 0 and self.rank is None:  # the keep order, computed on the first sparse setting only
+                self.rank = nested_rank(self.nested)
+            mask = nested_mask(self.nested, sparsity, self.rank)
         if mask is not None:
             record = dataclasses.replace(record, mask=mask, nm=None)
         self.compressed = record

@@ -1,0 +1,138 @@
+"""Nested sparsity with weight updates: one order and one set of values for many sparsity ratios.
+
+A keep order alone (Wanda's score, `quant.nested.nested_rank`) gives every ratio as a prefix but
+makes no weight updates, and pruning without updates is far from SparseGPT (Wanda-order masks
+have 1.2x to 1.8x SparseGPT's layer error on the reference model's layers at 50 to 80 %:
+`benchmarks/results/nested_sparse_layer.md`). `nested_sparsegpt` runs SparseGPT's column sweep
+once for several ratios at once: one error-feedback state per ratio, one order per row within
+each block of columns (chosen adaptively, as SparseGPT chooses its masks, from the saliency of all
+states weighted by `priorities`), and one stored value per weight: the priority-weighted mean of
+what each ratio that keeps the weight wants it to be, quantized on the given grid. Every ratio in
+[0, 1) is then a prefix of the order: each block row keeps its first round((1 - s) * columns)
+weights. The values are tuned for the listed ratios; ratios between them get values tuned for
+their neighbours, and the sparse values no longer serve the dense model (keep its own codes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from compresslm.compressed import CompressedWeight
+from compresslm.errors import CompressLMError
+from compresslm.quant.gptq import inverse_cholesky
+from compresslm.quant.grid import Grid, check_weight, fit_rows, quantize_codes, to_compressed
+
+
+def check_levels(levels: list[float] | tuple[float, ...], priorities: list[float] | tuple[float, ...]) -> None:
+    """Increasing ratios in (0, 1), one non-negative priority each (not all zero): a clear error otherwise."""
+    levels, priorities = list(levels), list(priorities)
+    if not levels or any(not 0.0 < s < 1.0 for s in levels) or levels != sorted(set(levels)):
+        raise CompressLMError(f"nested sparsity levels must be increasing ratios in (0, 1), got {levels}")
+    if len(priorities) != len(levels) or any(p < 0 for p in priorities) or not any(priorities):
+        raise CompressLMError(f"priorities {priorities} must be one non-negative weight per level {levels}")
+
+
+def kept_in_block(columns: int, sparsity: float) -> int:
+    """Weights each row of a block of `columns` keeps at `sparsity`."""
+    return round((1.0 - sparsity) * columns)
+
+
+def nested_sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    levels: tuple[float, ...],
+    priorities: tuple[float, ...],
+    grid: Grid,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> CompressedWeight:
+    """Quantized values and a per-block keep order serving every ratio in `levels` (see the module doc).
+
+    Returns a record without a mask: `order` holds each weight's position in its row's keep
+    order within its block of `block_size` columns (0 = kept longest) and `meta["dial"]` the
+    levels; `order_mask` turns a ratio into a mask.
+    """
+    check_levels(levels, priorities)
+    check_weight(weight)
+    out_f, in_f = weight.shape
+    if hessian.shape != (in_f, in_f) or not torch.isfinite(hessian).all():
+        raise CompressLMError(f"nested sparsegpt needs a finite {in_f} x {in_f} Hessian")
+    g = grid.group_size_for(in_f)
+    block = g * max(1, block_size // g)  # groups never straddle a block
+    if grid.granularity != "group" or block > 256:
+        raise CompressLMError(
+            f"nested sparsegpt needs a group-wise grid whose groups fit blocks of at most 256 columns (got {grid})"
+        )
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    hinv, lam, retries = inverse_cholesky(h, damp, 5)
+    start = weight.detach().float().masked_fill(dead[None, :], 0.0)
+    states = [start.clone() for _ in levels]
+    n_groups = -(-in_f // g)
+    scales = torch.zeros(out_f, n_groups, device=start.device)
+    zeros = torch.zeros(out_f, n_groups, device=start.device)
+    codes = torch.zeros_like(start)
+    order = torch.zeros(out_f, in_f, dtype=torch.uint8, device=start.device)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        n = i2 - i1
+        hinv1 = hinv[i1:i2, i1:i2]
+        d2 = torch.diag(hinv1).pow(2)[None, :]
+        blocks = [state[:, i1:i2].clone() for state in states]
+        errors = [torch.zeros_like(b) for b in blocks]
+        saliency = sum(p * b.pow(2) for p, b in zip(priorities, blocks, strict=True)) / d2
+        ranked = saliency.argsort(dim=1, descending=True, stable=True)
+        position = torch.empty_like(ranked)
+        position.scatter_(1, ranked, torch.arange(n, device=start.device).expand(out_f, n))
+        order[:, i1:i2] = position.to(torch.uint8)
+        keeps = [position < kept_in_block(n, s) for s in levels]
+        for i in range(n):
+            col = i1 + i
+            if col % g == 0:  # fit the group's grid on the least sparse state's weights as they stand now
+                scales[:, col // g], zeros[:, col // g] = fit_rows(blocks[0][:, i : i + g], grid)
+            wanted = sum(p * k[:, i] * b[:, i] for p, k, b in zip(priorities, keeps, blocks, strict=True))
+            weight_sum = sum(p * k[:, i].float() for p, k in zip(priorities, keeps, strict=True))
+            value = torch.where(weight_sum > 0, wanted / weight_sum.clamp_min(1e-30), blocks[0][:, i])
+            s, z = scales[:, col // g], zeros[:, col // g]
+            code = quantize_codes(value, s, z, grid.maxq)
+            codes[:, col] = code
+            value = (code - z) * s
+            for keep, b, err in zip(keeps, blocks, errors, strict=True):
+                e = (b[:, i] - value * keep[:, i]) / hinv1[i, i]
+                b[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+                err[:, i] = e
+        for state, err in zip(states, errors, strict=True):
+            state[:, i2:] -= err @ hinv[i1:i2, i2:]
+    meta = {
+        "algorithm": "nested-sparsegpt", "grid": grid.describe(), "damp": damp, "damp_used": lam,
+        "damp_retries": retries,
+        "dial": {"widths": [grid.bits], "active": grid.bits, "sparse": True, "levels": list(levels),
+                 "priorities": list(priorities), "order_block": block},
+    }  # fmt: skip
+    return dataclasses.replace(to_compressed(codes, scales, zeros, grid, meta), order=order.cpu())
+
+
+def kept_per_column(in_features: int, block: int, sparsity: float) -> torch.Tensor:
+    """For each column, how many weights its block's rows keep at `sparsity`; an error if a block keeps none."""
+    if not 0.0 <= sparsity < 1.0:
+        raise CompressLMError(f"sparsity must be in [0, 1), got {sparsity}")
+    keep = torch.empty(in_features, dtype=torch.int16)
+    for i1 in range(0, in_features, block):
+        n = min(block, in_features - i1)
+        keep[i1 : i1 + n] = kept_in_block(n, sparsity)
+        if kept_in_block(n, sparsity) < 1:
+            raise CompressLMError(f"sparsity {sparsity} leaves no weight in blocks of {n} columns")
+    return keep
+
+
+def order_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None:
+    """Keep-mask for `sparsity` from a nested-sparse record's order (None at sparsity 0)."""
+    if record.order is None:
+        raise CompressLMError("this weight holds no nested sparsity order")
+    keep = kept_per_column(record.shape[1], record.meta["dial"]["order_block"], sparsity)
+    if sparsity == 0.0:
+        return None
+    return record.order.to(torch.int16) < keep.to(record.order.device)[None, :]
