@@ -88,6 +88,20 @@ def test_pareto_on_synthetic_points():
     assert families == ["f", "h"] and cells["f"][3.0]["label"] == "b" and cells["f"][8.0]["label"] == "f"
 
 
+def test_budget_points_are_held_against_every_larger_uniform_point():
+    from compresslm.sweep.report import _budget_vs_uniform
+
+    rows = [{"label": "budget-3.5", "family": "budget solver", "bytes_on_disk": 100, "ppl": 30.0},
+            {"label": "w4", "family": "gptq", "bytes_on_disk": 120, "ppl": 25.0},
+            {"label": "w3", "family": "gptq", "bytes_on_disk": 105, "ppl": 40.0},
+            {"label": "w2", "family": "gptq", "bytes_on_disk": 90, "ppl": 20.0},  # smaller: not compared
+            {"label": "dial-4", "family": "dial", "bytes_on_disk": 130, "ppl": 10.0},  # not uniform
+            {"label": "none", "family": "uncompressed", "bytes_on_disk": 300, "ppl": 5.0}]  # fmt: skip
+    table = _budget_vs_uniform(rows)
+    assert table[2] == "| budget-3.5 | 100 | 30.00 | 2 | 1 | w4 (25.00) |"
+    assert _budget_vs_uniform(rows[1:]) == []
+
+
 def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
     grid = load_grid(TINY_GRID)

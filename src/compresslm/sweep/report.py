@@ -113,6 +113,26 @@ def _elasticity(rows: list[dict]) -> list[str]:
     return lines
 
 
+_NOT_UNIFORM = ("uncompressed", "budget solver", "dial", "dial sparse")
+
+
+def _budget_vs_uniform(rows: list[dict]) -> list[str]:
+    """Each budget-solver point against every uniform point of equal or larger file: which it beats on ppl."""
+    solved = [r for r in rows if r["family"] == "budget solver" and r.get("ppl") is not None]
+    uniform = [r for r in rows if r["family"] not in _NOT_UNIFORM and r.get("ppl") is not None]
+    if not solved:
+        return []
+    lines = ["| budget point | bytes on disk | ppl | uniform points as large or larger | beaten | not beaten (ppl) |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for row in sorted(solved, key=lambda r: r["bytes_on_disk"]):
+        larger = [u for u in uniform if u["bytes_on_disk"] >= row["bytes_on_disk"]]
+        lost = sorted((u for u in larger if u["ppl"] <= row["ppl"]), key=lambda u: u["ppl"])
+        names = ", ".join(f"{u['label']} ({u['ppl']:.2f})" for u in lost) or "none"
+        lines.append(f"| {row['label']} | {row['bytes_on_disk']:,} | {row['ppl']:.2f} | {len(larger)} "
+                     f"| {len(larger) - len(lost)} | {names} |")  # fmt: skip
+    return lines
+
+
 def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "compresslm sweep") -> Path:
     """Write report.md, report.html and the PNG plots into `out_dir`; return the HTML path."""
     out = Path(out_dir).expanduser()
@@ -142,7 +162,9 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
         tables = [("All points", _points_table(members)),
                   ("Pareto frontier: bytes on disk vs ppl", _points_table(front)),
                   ("Precision elasticity: best ppl within each linear-bits budget (best per column in bold)",
-                   _elasticity(members))]  # fmt: skip
+                   _elasticity(members)),
+                  ("Budget solver against every uniform setting of equal or larger size (ppl)",
+                   _budget_vs_uniform(members))]  # fmt: skip
         if any("kld_mean" in r for r in members):
             tables.insert(2, ("Pareto frontier: bits/param vs KL", _points_table(pareto(
                 [r for r in members if r["family"] != "uncompressed"], "bits_per_param", "kld_mean"))))  # fmt: skip
