@@ -109,7 +109,11 @@ BUILTIN: dict[str, dict] = {
     },
     "full": {
         "name": "full",
-        "description": "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048)",
+        "description": (
+            "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048): RTN, GPTQ "
+            "and AWQ at 8/4/3/2 bits, Wanda and SparseGPT at 50 % and 2:4 (SparseGPT also at 70 %), SparseGPT + W4 "
+            "GPTQ at both, the budget solver at 3.5 and 2.5 bits/param and the dial's settings"
+        ),
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
         "calibration": {"samples": 128, "length": 512},
         "points": [
@@ -118,13 +122,14 @@ BUILTIN: dict[str, dict] = {
             {"label": "budget-2.5", "recipe": "w4-g64-gptq", "target_bits": 2.5},
             # the dial's settings from one artifact, beside the dedicated compressions above
             *({"label": f"dial-{b}", "recipe": "dial", "dial": f"bits={b}"} for b in (8, 4, 3)),
-            {"label": "dial-8-50%", "recipe": "dial", "dial": "bits=8,sparsity=0.5"},
+            *({"label": f"dial-8-{r}%", "recipe": "dial", "dial": f"bits=8,sparsity=0.{r // 10}"} for r in (50, 70)),
         ],
         "product": [
             {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "gptq", "awq"]},
             {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
             {"recipe": "w8-g64-gptq"},
             {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda", "sparsegpt"]},
+            {"recipe": "70%-sparsegpt"},
             {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},
         ],
     },
