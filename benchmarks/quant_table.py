@@ -10,6 +10,7 @@ subprocess so that its peak RSS is its own (see point_runner.py). Rerunning skip
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import point_runner
@@ -65,6 +66,27 @@ DEFAULT_POINTS = [
 ]
 
 
+SETTINGS = ["w8", "w4-g32", "w4-g64", "w4-g128", "w3-g32", "w3-g64", "w3-g128", "w2-g32", "w2-g64"]
+
+
+def _matrix(rows: dict, other: dict) -> list[str]:
+    """RTN, GPTQ and AWQ side by side for every width and group (cells from the H100 table marked †)."""
+    lines = ["| setting | RTN | GPTQ | AWQ | GPTQ and AWQ beat RTN |", "|---|---:|---:|---:|---|"]
+    for setting in SETTINGS:
+        cells, ppl = [], {}
+        for method in ("rtn", "gptq", "awq"):
+            name = f"{setting}-{method}"
+            row, mark = (rows[name], "") if name in rows else (other.get(name), " †")
+            cells.append(f"{row['ppl']:.3f}{mark}" if row else "")
+            if row:
+                ppl[method] = row["ppl"]
+        verdict = ""
+        if len(ppl) == 3:
+            verdict = "yes" if max(ppl["gptq"], ppl["awq"]) < ppl["rtn"] else "no"
+        lines.append(f"| {setting} | {' | '.join(cells)} | {verdict} |")
+    return lines
+
+
 def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) -> None:
     any_row = next(iter(rows.values()))
     p = any_row["eval_protocol"]
@@ -100,6 +122,12 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
             f"| {point_runner.rss_cell(row)} |"
         )
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, start=1)]
+    h100 = HERE / "results" / "h100" / "quant_table.json"
+    other = json.loads(h100.read_text()) if results == RESULTS and h100.exists() else {}
+    lines += ["", "## RTN, GPTQ and AWQ at every width and group", "", *_matrix(rows, other)]
+    if any(f"{s}-{m}" not in rows and f"{s}-{m}" in other for s in SETTINGS for m in ("rtn", "gptq", "awq")):
+        lines += ["", "† measured on an H100 with the same code and protocol (`results/h100/quant_table.md`; its RTN "
+                  "rows match this table's to the third decimal), not yet on this machine."]  # fmt: skip
     original = [row for row in rows.values() if (row.get("calibration") or {}).get("propagate") == "original"]
     if original:
         reused = [row["point"] for row in original if row["calibration"].get("statistics_reused")]
