@@ -446,7 +446,7 @@ def _entry_keys(entry: dict) -> list[str]:
     return [entry[key] for key in _RECORD_BLOBS if entry.get(key)] + entry.get("code_planes", [])
 
 
-def _unread_planes(header: dict, dial_bits: int | None) -> set[str]:
+def _unread_blobs(header: dict, dial_bits: int | None) -> set[str]:
     """Blobs a load at width `dial_bits` does not need: deeper bit planes, the other widths' records and
     the nested-sparse plane (a load at one width serves dense settings and the Wanda order only)."""
     if dial_bits is None:
@@ -480,7 +480,7 @@ def load_container(path: str | os.PathLike, device: str | None = None, dial_bits
         raise CompressLMError(f"{p} is not a dial artifact (no nested widths); load it without a dial width")
     reader = _BlobReader(p, header, start)
     try:
-        reader.verify_all(_unread_planes(header, dial_bits))  # nothing is built from a corrupt or truncated file
+        reader.verify_all(_unread_blobs(header, dial_bits))  # nothing is built from a corrupt or truncated file
         config_dict = dict(header["config"])
         model_type = config_dict.pop("model_type")
         config = AutoConfig.for_model(model_type, **config_dict)
