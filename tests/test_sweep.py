@@ -98,7 +98,7 @@ def test_budget_points_are_held_against_every_larger_uniform_point():
             {"label": "dial-4", "family": "dial", "bytes_on_disk": 130, "ppl": 10.0},  # not uniform
             {"label": "none", "family": "uncompressed", "bytes_on_disk": 300, "ppl": 5.0}]  # fmt: skip
     table = _budget_vs_uniform(rows)
-    assert table[2] == "| budget-3.5 | 100 | 30.00 | 2 | 1 | w4 (25.00) |"
+    assert table[2] == "| budget-3.5 | 100 | 30.00 | 2 | 1 | w4 (25.00) | w2 (20.00) |"
     assert _budget_vs_uniform(rows[1:]) == []
 
 

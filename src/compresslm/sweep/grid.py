@@ -112,7 +112,8 @@ BUILTIN: dict[str, dict] = {
         "description": (
             "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048): RTN, GPTQ "
             "and AWQ at 8/4/3/2 bits, Wanda and SparseGPT at 50 % and 2:4 (SparseGPT also at 70 %), SparseGPT + W4 "
-            "GPTQ at both, the budget solver at 3.5 and 2.5 bits/param and the dial's settings"
+            "GPTQ at both, W3/W2 GPTQ with a 4-bit embedding, the budget solver at 3.5 and 2.5 bits/param and the "
+            "dial's settings"
         ),
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
         "calibration": {"samples": 128, "length": 512},
@@ -128,6 +129,8 @@ BUILTIN: dict[str, dict] = {
             {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "gptq", "awq"]},
             {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
             {"recipe": "w8-g64-gptq"},
+            # uniform widths with a 4-bit embedding: the sizes the budget solver's 3.5 and 2.5 bits/param reach
+            {"recipe": "w{bits}-g64-gptq+emb4", "bits": [3, 2]},
             {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda", "sparsegpt"]},
             {"recipe": "70%-sparsegpt"},
             {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},

@@ -122,14 +122,16 @@ def _budget_vs_uniform(rows: list[dict]) -> list[str]:
     uniform = [r for r in rows if r["family"] not in _NOT_UNIFORM and r.get("ppl") is not None]
     if not solved:
         return []
-    lines = ["| budget point | bytes on disk | ppl | uniform points as large or larger | beaten | not beaten (ppl) |",
-             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| budget point | bytes on disk | ppl | uniform points as large or larger | beaten | not beaten (ppl) "
+             "| smaller uniform points that beat it |", "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for row in sorted(solved, key=lambda r: r["bytes_on_disk"]):
         larger = [u for u in uniform if u["bytes_on_disk"] >= row["bytes_on_disk"]]
         lost = sorted((u for u in larger if u["ppl"] <= row["ppl"]), key=lambda u: u["ppl"])
+        dominated = [u for u in uniform if u["bytes_on_disk"] < row["bytes_on_disk"] and u["ppl"] <= row["ppl"]]
         names = ", ".join(f"{u['label']} ({u['ppl']:.2f})" for u in lost) or "none"
+        smaller = ", ".join(f"{u['label']} ({u['ppl']:.2f})" for u in dominated) or "none (it is on the frontier)"
         lines.append(f"| {row['label']} | {row['bytes_on_disk']:,} | {row['ppl']:.2f} | {len(larger)} "
-                     f"| {len(larger) - len(lost)} | {names} |")  # fmt: skip
+                     f"| {len(larger) - len(lost)} | {names} | {smaller} |")  # fmt: skip
     return lines
 
 
