@@ -10,7 +10,7 @@ import torch
 
 from compresslm.api import compress
 from compresslm.cli import main, parse_size
-from compresslm.engine.budget import output_fisher, plan_budget, record_bytes
+from compresslm.engine.budget import output_fisher, plan_budget, record_bytes, sparse_record_bytes
 from compresslm.errors import CompressLMError
 from compresslm.models.loading import LoadedModel, save_model
 from compresslm.models.tiny import tiny_model
@@ -65,6 +65,40 @@ def test_plan_fits_between_uniform_sizes(tokenizer, tmp_path):
     assert summary["bytes_on_disk"] <= target
 
 
+def test_sparse_record_bytes_match_the_container(tokenizer, tmp_path):
+    from compresslm.sparse.masks import SparsityPattern
+
+    for name, pattern, bits in (("50%-sparsegpt+w3-g16-gptq", "50%", 3), ("2:4-sparsegpt+w4-g16-gptq", "2:4", 4)):
+        lm = LoadedModel.from_module(tiny_model("llama", layers=1), tokenizer)
+        recipe = preset(name)
+        recipe.calibration.samples, recipe.calibration.length = 4, 32
+        _, result, summary = compress(lm, recipe, tmp_path / "s.clm", show_progress=False)
+        grid = Grid(bits, "group", 16)
+        predicted = sum(sparse_record_bytes(r.shape, grid, SparsityPattern.parse(pattern), aligned=False)
+                        for r in result.weights.values())  # fmt: skip
+        assert 8 * predicted / summary["linear_parameters"] == pytest.approx(summary["linear_bits_per_param"])
+
+
+def test_the_plan_can_choose_sparsity_and_still_fits(tokenizer, tmp_path):
+    def tiny():
+        return LoadedModel.from_module(tiny_model("llama", layers=2), tokenizer, name="tiny")
+
+    base = preset("w8-g16-gptq")
+    base.calibration.samples, base.calibration.length = 4, 32
+    dense8 = compress(tiny(), base, tmp_path / "8.clm", show_progress=False)[2]["bytes_on_disk"]
+    target = int(dense8 * 0.8)  # below every dense option offered (8 bits only): sparse layers must fill the gap
+    plan = plan_budget(tiny(), base, target_bytes=target, bits_options=(8,), show_progress=False)
+    sparse = [c for c in plan.choices.values() if "+" in str(c)]
+    assert sparse and all(c.split("+")[1] in ("50%", "2:4") for c in sparse)
+    assert any(stage.type == "prune" and stage.method == "sparsegpt" for stage in plan.recipe.stages)
+    summary = compress(tiny(), plan.recipe, tmp_path / "b.clm", show_progress=False)[2]
+    assert summary["bytes_on_disk"] <= target and summary["linear_sparsity"] > 0
+    with pytest.raises(CompressLMError, match="sparse budget options need"):
+        plan_budget(tiny(), preset("w4-g16-awq"), target_bytes=target, sparsity_options=("50%",))
+    none = plan_budget(tiny(), base, target_bytes=dense8 * 2, sparsity_options=(), show_progress=False)
+    assert all("+" not in str(c) for c in none.choices.values())
+
+
 def test_parse_size():
     assert parse_size("60MB") == 60_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size("123") == 123
     with pytest.raises(CompressLMError, match="cannot read size"):
@@ -77,7 +111,10 @@ def test_cli_target_size(tokenizer, tmp_path, capsys):
             "--calib-len", "32", "--target-size", "180KB", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "b.clm").stat().st_size <= 180_000
-    assert "layers by bits" in capsys.readouterr().err
+    assert "layers by choice" in capsys.readouterr().err
+    assert main([*argv, "--budget-sparsity", "none"]) == 0 and "+" not in capsys.readouterr().err
+    assert main([*argv, "--budget-sparsity", "60 percent"]) == 2
+    assert "60 percent" in capsys.readouterr().err
     assert main([*argv[:-3], "--target-bits", "4", "--target-size", "1MB"]) == 2
     assert main([*argv[:-3], "--target-size", "1KB", "--quiet"]) == 2
     assert "below the smallest possible size" in capsys.readouterr().err

@@ -113,6 +113,20 @@ def parse_size(text: str) -> int:
         raise CompressLMError(f"cannot read size {text!r}; use e.g. 60MB, 57.5MiB or 60000000") from None
 
 
+def _budget_sparsity(text: str | None) -> tuple[str, ...] | None:
+    """--budget-sparsity: None (the solver's default), () for 'none', else the listed patterns, checked."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    from compresslm.sparse.masks import SparsityPattern
+
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    for pattern in patterns:
+        SparsityPattern.parse(pattern)  # a clear error for '60 percent'
+    return patterns
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from compresslm.api import compress
     from compresslm.engine.stats_cache import default_cache_dir
@@ -137,13 +151,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=args.device)
         plan = plan_budget(model, recipe, target_bits=args.target_bits, target_bytes=target_bytes,
                            target_linear_bits=args.target_linear_bits, sensitivity=args.sensitivity,
+                           sparsity_options=_budget_sparsity(args.budget_sparsity),
                            show_progress=not args.quiet)  # fmt: skip
         recipe = plan.recipe
-        counts: dict[int, int] = {}
-        for bits in plan.choices.values():
-            counts[bits] = counts.get(bits, 0) + 1
-        _print(f"budget {plan.budget_bytes:,} B: predicted {plan.predicted_bytes:,} B; layers by bits: "
-               + ", ".join(f"{b} bits x{n}" for b, n in sorted(counts.items(), reverse=True)))  # fmt: skip
+        counts: dict[str, int] = {}
+        for choice in plan.choices.values():  # 4, or 4+50% (4 bits, 50 % sparse)
+            counts[f"{choice} bits"] = counts.get(f"{choice} bits", 0) + 1
+        _print(f"budget {plan.budget_bytes:,} B: predicted {plan.predicted_bytes:,} B; layers by choice: "
+               + ", ".join(f"{c} x{n}" for c, n in sorted(counts.items(), reverse=True)))  # fmt: skip
     _print(f"compressing {args.model} with recipe '{recipe.name}'")
     _lm, result, summary = compress(model, recipe, args.output, device=args.device, show_progress=not args.quiet,
                                     stats_cache=args.stats_cache or default_cache_dir())  # fmt: skip
@@ -528,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--sensitivity", choices=("fisher", "output"), default="fisher",
                       help="budget solver's layer sensitivity: output error weighted by the loss's gradient "
                            "(fisher, default) or plain output error")  # fmt: skip
+    comp.add_argument("--budget-sparsity", default=None,
+                      help="sparsity patterns the budget solver may give a layer at 3 or 4 bits, comma-separated "
+                           "(default 50%%,2:4 where the recipe allows them; 'none' for none)")  # fmt: skip
     comp.add_argument("--calib", default=None, help="calibration source: c4 (default), wikitext2, or a text/JSONL path")
     comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")

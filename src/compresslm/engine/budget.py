@@ -12,11 +12,17 @@
    one backward pass over `fisher_windows` windows): the second-order estimate of how much the
    loss rises, which compares layers; the unweighted output error ("output") does not, since a
    unit of error in an early down_proj and in a late v_proj cost the loss very differently.
+   Sparse options (`sparsity_options`, on by default where the recipe's method allows them: GPTQ or
+   RTN without input rescaling) add, per linear, 50 % and 2:4 sparsity at 3 and 4 bits: their error
+   is measured the same way on Wanda's mask with RTN on the kept weights, and their bytes count the
+   kept codes and the stored mask. Chosen, they compress as SparseGPT then the recipe's method
+   (one joint sweep with GPTQ).
 3. A multiple-choice knapsack (`quant.allocation.allocate`) picks one option per item so that the
    whole file, including everything that stays dense, the tokenizer and a margin for the header,
    fits the budget with the least total error.
 
-The plan becomes an ordinary recipe (one quantize stage per bit width, targeting module paths),
+The plan becomes an ordinary recipe (one quantize stage per bit width and one SparseGPT stage per
+sparsity pattern, targeting module paths),
 so the compression itself is the usual sequential pass with the recipe's method (e.g. GPTQ).
 """
 
@@ -33,14 +39,17 @@ import torch
 from compresslm.compressed import num_groups
 from compresslm.data.calibration import calibration_windows
 from compresslm.errors import CompressLMError
+from compresslm.formats.packing import nm_index_bits, packed_nbytes
 from compresslm.models.loading import LoadedModel
 from compresslm.progress import progress
 from compresslm.quant.allocation import allocate
 from compresslm.quant.gptq import hessian_from_inputs
 from compresslm.quant.grid import Grid
 from compresslm.quant.rtn import rtn
-from compresslm.recipe import QuantizeEmbeddingStage, QuantizeStage, Recipe
+from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe
 from compresslm.runtime.linear import dense_weight
+from compresslm.sparse.masks import SparsityPattern, select_mask
+from compresslm.sparse.prune import scores
 
 ALIGN = 64
 BITS_OPTIONS = (2, 3, 4, 5, 6, 8)
@@ -70,10 +79,40 @@ def record_bytes(shape: tuple[int, int], grid: Grid, aligned: bool = True) -> in
     return total
 
 
+SPARSE_BITS = (3, 4)
+SPARSITY_OPTIONS = ("50%", "2:4")
+
+
+def sparse_record_bytes(shape: tuple[int, int], grid: Grid, pattern: SparsityPattern, aligned: bool = True) -> int:
+    """Bytes of a pruned, quantized weight in the container: the kept codes, the mask, scales and zeros."""
+    out_f, in_f = shape
+    pad = _aligned if aligned else int
+    if pattern.is_nm:
+        kept = out_f * in_f * pattern.n // pattern.m
+        mask = pad(packed_nbytes(out_f * in_f // pattern.m, nm_index_bits(pattern.n, pattern.m)))
+    else:
+        kept = out_f * (in_f - round(pattern.ratio * in_f))
+        mask = pad(packed_nbytes(out_f * in_f, 1))
+    groups = out_f * num_groups(in_f, grid.group_size_for(in_f))
+    total = pad(packed_nbytes(kept, grid.bits)) + mask + pad(2 * groups)
+    if not grid.symmetric:
+        total += pad(packed_nbytes(groups, grid.bits))
+    return total
+
+
+def sparse_options_allowed(stage: QuantizeStage) -> bool:
+    """Sparse options need a method that quantizes kept weights under a fixed mask, without rescaling inputs."""
+    return (
+        stage.method in ("gptq", "rtn")
+        and stage.granularity == "group"
+        and not (stage.awq_scale or stage.smoothquant or stage.act_bits or stage.nested_widths)
+    )
+
+
 @dataclass
 class BudgetPlan:
     recipe: Recipe
-    choices: dict[str, int]  # module path -> bits (16 = float16 for the embedding)
+    choices: dict[str, int | str]  # module path -> bits (16 = float16 for the embedding) or "<bits>+<sparsity>"
     predicted_bytes: int
     budget_bytes: int
     fixed_bytes: int
@@ -176,13 +215,16 @@ def plan_budget(
     bits_options: tuple[int, ...] = BITS_OPTIONS,
     sensitivity: str = "fisher",
     fisher_windows: int = 32,
+    sparsity_options: tuple[str, ...] | None = None,
     show_progress: bool = True,
 ) -> BudgetPlan:
-    """Choose per-layer bits (and the tied embedding's) so the written container fits the target.
+    """Choose per-layer bits and sparsity (and the tied embedding's bits) so the written container fits.
 
     `target_linear_bits` budgets the compressed linears alone (codes, scales, zero points per
     weight, as `linear_bits_per_param` counts them); the embedding is then left as the recipe has it.
     `sensitivity` is "fisher" (loss-weighted output error, see the module docstring) or "output".
+    `sparsity_options` (default: 50 % and 2:4 where the recipe's method allows them, else none;
+    `()` for none) lists the patterns offered at 3 and 4 bits.
     """
     from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
 
@@ -192,6 +234,14 @@ def plan_budget(
     if len(stages) != 1 or len(base.stages) != 1:
         raise CompressLMError("the budget solver takes a recipe with one quantize stage (its method and grid)")
     stage = stages[0]
+    if sparsity_options is None:
+        sparsity_options = SPARSITY_OPTIONS if sparse_options_allowed(stage) else ()
+    elif sparsity_options and not sparse_options_allowed(stage):
+        raise CompressLMError(
+            f"sparse budget options need a gptq or rtn recipe on a group grid without AWQ/SmoothQuant, "
+            f"not '{base.name or stage.method}'"
+        )
+    patterns = [SparsityPattern.parse(p) for p in sparsity_options]
     if sensitivity not in SENSITIVITIES:
         raise CompressLMError(f"sensitivity={sensitivity!r} is not known; use one of {', '.join(SENSITIVITIES)}")
     params = sum(p.numel() for p in lm.model.parameters())
@@ -207,7 +257,7 @@ def plan_budget(
         weights_of = output_fisher(lm, calib.windows[:fisher_windows], names)
     batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
     options: dict[str, list[tuple[float, float]]] = {}
-    bits_of: dict[str, list[int]] = {}
+    bits_of: dict[str, list[int | str]] = {}
     bar = progress(len(lm.layout.blocks), "sensitivity", unit="block", enabled=show_progress)
     for block in lm.layout.blocks:
         stats, outputs = _collect_statistics(block, batches, lm.device)  # the block stays uncompressed
@@ -216,13 +266,23 @@ def plan_budget(
                 continue
             weight = dense_weight(info.module, info.transposed).float()
             hessian = stats.hessian(info.name)
-            rows = []
+            rows, labels = [], list(bits_options)
+            fisher, aligned = weights_of.get(info.name), target_linear_bits is None
             for bits in bits_options:
                 grid = _grid(stage, bits)
-                error = _weighted_error(weight, rtn(weight, grid).dequantize(), hessian, weights_of.get(info.name))
-                cost = 8.0 * record_bytes(tuple(weight.shape), grid, aligned=target_linear_bits is None)
-                rows.append((cost, error))
-            options[info.name], bits_of[info.name] = rows, list(bits_options)
+                error = _weighted_error(weight, rtn(weight, grid).dequantize(), hessian, fisher)
+                rows.append((8.0 * record_bytes(tuple(weight.shape), grid, aligned=aligned), error))
+            for text, pattern in zip(sparsity_options, patterns, strict=True):
+                if pattern.is_nm and weight.shape[1] % pattern.m:
+                    continue
+                mask = select_mask(scores("wanda", weight, hessian), pattern)
+                kept = weight.masked_fill(~mask, 0.0)
+                for bits in SPARSE_BITS:
+                    grid = _grid(stage, bits)
+                    error = _weighted_error(weight, rtn(kept, grid).dequantize() * mask, hessian, fisher)
+                    rows.append((8.0 * sparse_record_bytes(tuple(weight.shape), grid, pattern, aligned), error))
+                    labels.append(f"{bits}+{text}")
+            options[info.name], bits_of[info.name] = rows, labels
         batches = outputs
         bar.update(1)
     bar.close()
@@ -257,9 +317,14 @@ def plan_budget(
     new_stages: list = []
     if embedding is not None and chosen[embedding] != 16:
         new_stages.append(QuantizeEmbeddingStage(bits=chosen[embedding], group_size=64))
+    linears = {name: choice for name, choice in chosen.items() if name != embedding}
+    widths = {name: int(str(choice).split("+")[0]) for name, choice in linears.items()}
+    for pattern in sorted({str(c).split("+", 1)[1] for c in linears.values() if "+" in str(c)}):
+        targets = [name for name, c in linears.items() if str(c).endswith(f"+{pattern}")]
+        new_stages.append(PruneStage(method="sparsegpt", sparsity=pattern, damp=stage.damp, targets=targets))
     fields = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.name not in ("bits", "targets")}
-    for bits in sorted({b for name, b in chosen.items() if name != embedding}, reverse=True):
-        targets = [name for name, b in chosen.items() if name != embedding and b == bits]
+    for bits in sorted(set(widths.values()), reverse=True):
+        targets = [name for name, b in widths.items() if b == bits]
         new_stages.append(QuantizeStage(**{**fields, "bits": bits, "targets": targets}))
     if target_linear_bits is not None:
         label = f"{target_linear_bits:g} bits per linear weight"
