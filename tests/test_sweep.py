@@ -102,6 +102,28 @@ def test_budget_points_are_held_against_every_larger_uniform_point():
     assert _budget_vs_uniform(rows[1:]) == []
 
 
+def test_dial_points_are_held_against_dedicated_points():
+    from compresslm.recipe import preset
+    from compresslm.sweep.report import _dial_vs_dedicated
+
+    dial = preset("dial").to_dict()
+
+    def point(label, recipe, ppl, size, family="gptq", **extra):
+        return {"label": label, "family": family, "recipe": preset(recipe).to_dict() if recipe else dial,
+                "ppl": ppl, "bytes_on_disk": size, **extra}  # fmt: skip
+
+    rows = [point("w4-g64-gptq", "w4-g64-gptq", 24.0, 100), point("w4-g32-gptq", "w4-g32-gptq", 23.0, 110),
+            point("w4-g64-gptq+emb4", "w4-g64-gptq+emb4", 26.0, 80), point("50%-sparsegpt", "50%-sparsegpt", 40.0, 150),
+            point("dial-4", None, 24.6, 105, "dial", dial={"bits": 4}, artifact_bytes=400),
+            point("dial-8-50%", None, 42.0, 140, "dial sparse", dial={"bits": 8, "sparsity": 0.5}, artifact_bytes=400),
+            point("dial-3", None, 45.0, 90, "dial", dial={"bits": 3}, artifact_bytes=400)]  # fmt: skip
+    table = _dial_vs_dedicated(rows)
+    assert "| dial-4 | bits=4 | 24.600 | w4-g64-gptq | 24.000 | 1.025 | 105 | 100 |" in table
+    assert any(line.startswith("| dial-8-50% |") and "| 50%-sparsegpt | 40.000 | 1.050 |" in line for line in table)
+    assert any(line.startswith("| dial-3 |") and "| – |" in line for line in table)  # no dedicated 3-bit point
+    assert table[-1].endswith("(250 bytes): 1.60x.")
+
+
 def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
     grid = load_grid(TINY_GRID)

@@ -135,6 +135,53 @@ def _budget_vs_uniform(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _dedicated_for(dial_row: dict, rows: list[dict]) -> dict | None:
+    """The uniform point that compresses to a dial row's setting on its own: GPTQ at its width and group
+    (dense settings), or SparseGPT at its ratio (sparse ones); None if the sweep has none."""
+    setting = dial_row.get("dial") or {}
+    group = next((st.get("group_size") for st in dial_row["recipe"]["stages"] if st.get("nested_widths")), None)
+    sparsity = setting.get("sparsity", 0.0)
+    for row in rows:
+        stages = (row.get("recipe") or {}).get("stages", [])
+        if row["family"] in _NOT_UNIFORM or len(stages) != 1 or row.get("ppl") is None:
+            continue
+        st = stages[0]
+        if sparsity:
+            if st["type"] == "prune" and st["method"] == "sparsegpt" and str(st["sparsity"]) == f"{100 * sparsity:g}%":
+                return row
+        elif (st["type"] == "quantize" and st["method"] == "gptq" and st["bits"] == setting.get("bits")
+              and st["granularity"] == "group" and st["group_size"] == group and not st["awq_scale"]
+              and not st["nested_widths"]):  # fmt: skip
+            return row
+    return None
+
+
+def _dial_vs_dedicated(rows: list[dict]) -> list[str]:
+    """Each dial setting beside the dedicated compression of the same setting in the sweep."""
+    dials = [r for r in rows if r["family"] in ("dial", "dial sparse") and r.get("ppl") is not None]
+    if not dials:
+        return []
+    lines = ["| dial point | setting | ppl | dedicated point | ppl | dial / dedicated | setting bytes "
+             "| dedicated bytes |", "|---|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    matched = {}
+    for row in dials:
+        ref = _dedicated_for(row, rows)
+        setting = ", ".join(f"{k}={v}" for k, v in row["dial"].items())
+        if ref is None:
+            lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | – | | | {row['bytes_on_disk']:,} | |")
+            continue
+        matched[ref["label"]] = ref["bytes_on_disk"]
+        ratio = row["ppl"] / ref["ppl"]
+        lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | {ref['label']} | {ref['ppl']:.3f} "
+                     f"| {ratio:.3f} | {row['bytes_on_disk']:,} | {ref['bytes_on_disk']:,} |")  # fmt: skip
+    artifact = max(r.get("artifact_bytes", 0) for r in dials)
+    if matched and artifact:
+        total = sum(matched.values())
+        lines += ["", f"The dial artifact ({artifact:,} bytes) against the {len(matched)} dedicated containers above "
+                  f"together ({total:,} bytes): {artifact / total:.2f}x."]  # fmt: skip
+    return lines
+
+
 def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "compresslm sweep") -> Path:
     """Write report.md, report.html and the PNG plots into `out_dir`; return the HTML path."""
     out = Path(out_dir).expanduser()
@@ -166,7 +213,9 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
                   ("Precision elasticity: best ppl within each linear-bits budget (best per column in bold)",
                    _elasticity(members)),
                   ("Budget solver against every uniform setting of equal or larger size (ppl)",
-                   _budget_vs_uniform(members))]  # fmt: skip
+                   _budget_vs_uniform(members)),
+                  ("The dial's settings against dedicated compressions in the same sweep",
+                   _dial_vs_dedicated(members))]  # fmt: skip
         if any("kld_mean" in r for r in members):
             tables.insert(2, ("Pareto frontier: bits/param vs KL", _points_table(pareto(
                 [r for r in members if r["family"] != "uncompressed"], "bits_per_param", "kld_mean"))))  # fmt: skip
