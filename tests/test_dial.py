@@ -187,6 +187,8 @@ def test_artifact_reloads_at_its_widest_width_bit_exactly(artifact):
         assert torch.equal(reloaded.model(ids).logits, compressed.model(ids).logits)
     layer = next(m for m in reloaded.model.modules() if isinstance(m, CompressedLinear))
     assert layer.compressed.meta["algorithm"] == "nested-sparsegpt" and 0.55 < layer.compressed.sparsity < 0.65
+    set_budget(reloaded, 8, 0.3)  # below the plane's lowest level: the fixed order on the dense codes
+    assert layer.compressed.meta["algorithm"] != "nested-sparsegpt" and 0.25 < layer.compressed.sparsity < 0.35
     set_budget(compressed, 8)
 
 

@@ -112,9 +112,22 @@ def with_alternates(record: CompressedWeight, alternates: list[CompressedWeight]
     return dataclasses.replace(record, alternates=tuple(marked), meta=meta)
 
 
-def sparse_plane(record: CompressedWeight, bits: int) -> CompressedWeight | None:
-    """The nested-sparse alternate of a dial record that serves sparse settings at `bits` (or None)."""
-    return next((alt for alt in record.alternates if alt.order is not None and alt.bits == bits), None)
+def sparse_plane(record: CompressedWeight, bits: int, sparsity: float) -> CompressedWeight | None:
+    """The nested-sparse alternate of a dial record that serves `sparsity` at `bits`, or None.
+
+    A plane serves ratios from its lowest level up: below it, its values (tuned for the levels)
+    lose to the dense codes pruned by the fixed order (at 20 % sparsity, 6x to 21x its layer error
+    on four of the reference model's layers: `benchmarks/results/nested_sparse_layer.md`), so those
+    settings keep the fixed order.
+    """
+    return next(
+        (
+            alt
+            for alt in record.alternates
+            if alt.order is not None and alt.bits == bits and sparsity >= min(alt.meta["dial"]["levels"])
+        ),
+        None,
+    )
 
 
 def default_priorities(widths: tuple[int, ...]) -> tuple[float, ...]:

@@ -53,7 +53,7 @@ class CompressedLinear(nn.Module):
         if self.nested is None:
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
         record = slice_record(self.nested, bits or self.nested.bits)
-        plane = sparse_plane(self.nested, record.bits) if sparsity > 0 else None
+        plane = sparse_plane(self.nested, record.bits, sparsity) if sparsity > 0 else None
         if plane is not None:  # values updated for nested sparsity, with their own order
             record, mask = plane, order_mask(plane, sparsity)
         else:
