@@ -102,6 +102,22 @@ def test_budget_points_are_held_against_every_larger_uniform_point():
     assert _budget_vs_uniform(rows[1:]) == []
 
 
+def test_report_has_speed_and_memory_frontiers_when_measured(tmp_path):
+    from compresslm.sweep.report import write_report
+
+    def row(label, ppl, size, tps, rss):
+        return {"label": label, "family": "gptq", "model": "tiny", "model_sha": "ab" * 8, "machine": "m",
+                "ppl": ppl, "bits_per_param": size / 10, "linear_bits_per_param": size / 10, "bytes_on_disk": size,
+                "decode_tokens_per_s": tps, "peak_rss_bytes": rss}  # fmt: skip
+
+    rows = [row("fast", 30.0, 40, 100.0, 2**30), row("slow", 20.0, 80, 50.0, 2**31), row("bad", 40.0, 90, 40.0, 2**32)]
+    write_report(rows, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    speed = text.split("### Pareto frontier: decode time per token")[1].split("###")[0]
+    assert "| fast |" in speed and "| slow |" in speed and "| bad |" not in speed and "100.0 | 1024 |" in speed
+    assert "### Pareto frontier: peak memory (RSS) vs ppl" in text
+
+
 def test_dial_points_are_held_against_dedicated_points():
     from compresslm.recipe import preset
     from compresslm.sweep.report import _dial_vs_dedicated

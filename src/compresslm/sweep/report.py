@@ -77,19 +77,24 @@ def _fmt(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else ""
 
 
-def _points_table(rows: list[dict]) -> list[str]:
+def _points_table(rows: list[dict], speed: bool = False) -> list[str]:
+    extra = " decode tok/s | peak RSS MiB |" if speed else ""
     lines = [
         "| point | family | ppl | KL mean | top-1 | bits/param | linear bits/param | pruned | bytes on disk "
-        "| compress s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| compress s |" + extra,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if speed else ""),
     ]
     for r in sorted(rows, key=lambda r: -r["bits_per_param"]):
         top1 = f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else ""
+        cells = ""
+        if speed:
+            rss = r.get("peak_rss_bytes")
+            cells = f" {_fmt(r.get('decode_tokens_per_s'), 1)} | {_fmt(rss / 2**20 if rss else None, 0)} |"
         lines.append(
             f"| {r['label']} | {r['family']} | {_fmt(r.get('ppl'))} | {_fmt(r.get('kld_mean'), 4)} | {top1} "
             f"| {_fmt(r['bits_per_param'])} | {_fmt(r['linear_bits_per_param'])} "
             f"| {100 * r.get('linear_sparsity', 0.0):.0f} % | {r['bytes_on_disk']:,} "
-            f"| {_fmt(r.get('compress_seconds'), 0)} |"
+            f"| {_fmt(r.get('compress_seconds'), 0)} |" + cells
         )
     return lines
 
@@ -208,7 +213,8 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
             md += [f"![{loss} vs {cost}]({file})", ""]
             body.append(f'<img alt="{loss} vs {cost}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         front = pareto([r for r in members if r["family"] != "uncompressed"], "bytes_on_disk", "ppl")
-        tables = [("All points", _points_table(members)),
+        timed_any = any("decode_tokens_per_s" in r for r in members)
+        tables = [("All points", _points_table(members, speed=timed_any)),
                   ("Pareto frontier: bytes on disk vs ppl", _points_table(front)),
                   ("Precision elasticity: best ppl within each linear-bits budget (best per column in bold)",
                    _elasticity(members)),
@@ -219,6 +225,13 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
         if any("kld_mean" in r for r in members):
             tables.insert(2, ("Pareto frontier: bits/param vs KL", _points_table(pareto(
                 [r for r in members if r["family"] != "uncompressed"], "bits_per_param", "kld_mean"))))  # fmt: skip
+        if timed_any:  # speed and memory frontiers, where measured
+            timed = [{**r, "decode_ms_per_token": 1000.0 / r["decode_tokens_per_s"]} for r in members
+                     if r.get("decode_tokens_per_s")]  # fmt: skip
+            tables.insert(2, ("Pareto frontier: decode time per token (batch 1) vs ppl",
+                              _points_table(pareto(timed, "decode_ms_per_token", "ppl"), speed=True)))  # fmt: skip
+            tables.insert(3, ("Pareto frontier: peak memory (RSS) vs ppl",
+                              _points_table(pareto(timed, "peak_rss_bytes", "ppl"), speed=True)))  # fmt: skip
         for heading, table in tables:
             if not table:
                 continue
