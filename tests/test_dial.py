@@ -280,6 +280,26 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
         load_container(path, dial_bits=5)
 
 
+def test_the_chain_calibrates_on_its_own_stream(artifact, tmp_path):
+    """The 4-bit setting equals a dial of the 4/8 chain alone, which propagates at 4 bits."""
+    from compresslm.models.tiny import byte_tokenizer
+    from compresslm.recipe import Recipe
+
+    path, _ = artifact
+    lm = LoadedModel.from_module(tiny_model("llama", layers=2), byte_tokenizer(), name="tiny")
+    stage = {"method": "gptq", "bits": 8, "group_size": 16, "nested_widths": [4, 8], "nested_priorities": [1.0, 0.002]}
+    recipe = Recipe.from_dict({"stages": [stage], "calibration": {"samples": 4, "length": 32}})
+    chain, result, _ = compress(lm, recipe, tmp_path / "chain.clm", show_progress=False)
+    assert "dial_streams" not in result.calibration
+    dial = load_container(path)
+    assert dial.container["calibration"]["dial_streams"]["chain"] == [4]
+    set_budget(dial, 4)
+    set_budget(chain, 4)
+    ids = torch.arange(40)[None] % 200
+    with torch.no_grad():
+        assert torch.equal(dial.model(ids).logits, chain.model(ids).logits)
+
+
 def test_the_3_bit_setting_is_the_dedicated_gptq_model(artifact, tmp_path):
     from compresslm.models.tiny import byte_tokenizer
 

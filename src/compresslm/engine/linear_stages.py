@@ -44,10 +44,13 @@ def compress_weight(
     stages: list,
     hessian: torch.Tensor | None,
     pattern: SparsityPattern | None = None,
+    chain_hessian: torch.Tensor | None = None,
 ) -> CompressedWeight:
     """Turn `weight` [out, in] into a CompressedWeight by `stages` (at most one prune and one quantize).
 
     `pattern` overrides the prune stage's own (layer-wise allocation gives each block its ratio).
+    `chain_hessian`: for a dial with separate widths, the Hessian of the stream propagated at its
+    chain's narrowest width (see `_dial`).
     """
     prune = next((s for s in stages if isinstance(s, PruneStage)), None)
     quant = next((s for s in stages if isinstance(s, QuantizeStage)), None)
@@ -63,25 +66,7 @@ def compress_weight(
     if quant is not None and quant.nested_widths:
         if prune is not None:
             raise CompressLMError(f"{name}: the dial's nested widths do not combine with pruning yet")
-        hessian_used = hessian if quant.method == "gptq" else None
-        priorities = tuple(quant.nested_priorities) or None
-        record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
-                                 hessian_used, quant.gptq_options, priorities)  # fmt: skip
-        single = {"nested_widths": [], "nested_priorities": [], "separate_widths": [], "dial_sparsity": [],
-                  "dial_sparsity_priorities": []}  # fmt: skip
-        # widths a shared code serves badly: quantized on their own
-        alternates = [_quantize(weight, dataclasses.replace(quant, bits=bits, **single), hessian)
-                      for bits in sorted(quant.separate_widths)]  # fmt: skip
-        if quant.dial_sparsity:  # sparse settings: values updated for nested sparsity, with their own order
-            levels = tuple(quant.dial_sparsity)
-            priorities = tuple(quant.dial_sparsity_priorities) or (1.0,) * len(levels)
-            alternates.append(nested_sparsegpt(weight, hessian, levels, priorities, quant.grid, quant.block_size,
-                                               quant.damp))  # fmt: skip
-        if alternates:
-            record = with_alternates(record, alternates)
-        if hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)
-            record.importance = torch.diagonal(hessian).clamp_min(0).sqrt().to(torch.float16)
-        return record
+        return _dial(weight, quant, hessian, chain_hessian if chain_hessian is not None else hessian)
     if prune is None:
         return _quantize(weight, quant, hessian)
     if quant is None:
@@ -94,6 +79,36 @@ def compress_weight(
     record = _quantize(weight, quant, hessian)
     mask = saliency_mask(prune.method, record.dequantize(), hessian, pattern)
     return apply_mask(record, mask, pattern.nm)
+
+
+def _dial(
+    weight: torch.Tensor, quant: QuantizeStage, hessian: torch.Tensor | None, chain_hessian: torch.Tensor | None
+) -> CompressedWeight:
+    """A dial weight: the nested chain, the separate widths and the nested-sparse plane.
+
+    The separate widths calibrate on `hessian` (the stream the narrowest width propagates); the
+    chain, the sparse plane and the sparsity order on `chain_hessian`, the stream propagated at
+    the chain's narrowest width (the same Hessian when the engine keeps one stream).
+    """
+    priorities = tuple(quant.nested_priorities) or None
+    record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
+                             chain_hessian if quant.method == "gptq" else None, quant.gptq_options,
+                             priorities)  # fmt: skip
+    single = {"nested_widths": [], "nested_priorities": [], "separate_widths": [], "dial_sparsity": [],
+              "dial_sparsity_priorities": []}  # fmt: skip
+    # widths a shared code serves badly: quantized on their own
+    alternates = [_quantize(weight, dataclasses.replace(quant, bits=bits, **single), hessian)
+                  for bits in sorted(quant.separate_widths)]  # fmt: skip
+    if quant.dial_sparsity:  # sparse settings: values updated for nested sparsity, with their own order
+        levels = tuple(quant.dial_sparsity)
+        priorities = tuple(quant.dial_sparsity_priorities) or (1.0,) * len(levels)
+        alternates.append(nested_sparsegpt(weight, chain_hessian, levels, priorities, quant.grid, quant.block_size,
+                                           quant.damp))  # fmt: skip
+    if alternates:
+        record = with_alternates(record, alternates)
+    if chain_hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)
+        record.importance = torch.diagonal(chain_hessian).clamp_min(0).sqrt().to(torch.float16)
+    return record
 
 
 def _prune(

@@ -249,6 +249,13 @@ def compress(
             if not reused:
                 batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
 
+        # a dial with separate widths calibrates its shared chain on a second stream, propagated at the
+        # chain's narrowest width, while the main stream follows the narrowest width overall
+        chains = {min(s.nested_widths) for _, ss in targets.values() for s in ss
+                  if isinstance(s, QuantizeStage) and s.separate_widths}  # fmt: skip
+        chain_batches = list(batches) if chains and batches and not on_original else []
+        if chain_batches:
+            calib_protocol["dial_streams"] = {"separate widths": "narrowest width", "chain": sorted(chains)}
         allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
         if cache is not None and cache.complete():
             batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
@@ -257,12 +264,16 @@ def compress(
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
             stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
             hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds)
+            chain_hessians = {}
+            if chain_batches:
+                chain_stats, _ = _collect_statistics(block, chain_batches, run_device)
+                chain_hessians = {info.name: chain_stats.hessian(info.name) for info, _ in block_targets}
             for info, stages in block_targets:
                 t0 = time.perf_counter()
                 hessian = hessians.get(info.name)
                 original = dense_weight(info.module, info.transposed).float()
                 pattern = _pattern_for(_prune_stage(stages), block.name, allocation)
-                record = compress_weight(info.name, original, stages, hessian, pattern)
+                record = compress_weight(info.name, original, stages, hessian, pattern, chain_hessians.get(info.name))
                 weights[info.name] = record
                 new = _replace(lm, info, record)
                 if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
@@ -279,6 +290,12 @@ def compress(
                 batches = following
             elif batches:
                 batches = _run_block(block.module, batches)
+                if chain_batches:  # the same block with its dial layers at their chain's narrowest width
+                    for module in block.module.modules():
+                        if isinstance(module, CompressedLinear) and module.nested is not None:
+                            dial = module.nested.meta["dial"]
+                            module.dial(min(dial.get("chain", dial["widths"])))
+                    chain_batches = _run_block(block.module, chain_batches)
             bar.update(1)
         bar.close()
 
