@@ -495,8 +495,8 @@ def _dial_preset(match: re.Match) -> dict:
     """3, 4 and 8 bits in one artifact. With GPTQ, 3 bits get codes of their own unless `-shared`.
 
     One code cannot serve GPTQ's 3 and 4 bits at once (`benchmarks/results/nested_layer.md`), so
-    the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (4 bits within 1.06x of a dedicated
-    GPTQ's layer error there, 8 bits ~40x its own, still ~6x below the 4-bit error). Rounding
+    the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (there: 4 bits at 1.06x a dedicated GPTQ's
+    layer error, 8 bits at 41x a dedicated 8-bit GPTQ's, whose steps are 16x finer). Rounding
     (`-rtn`) nests all three for free: its 3-bit cells are exactly pairs of 4-bit cells.
     With GPTQ, sparse settings at 8 bits come from a nested-sparse plane (`sparse.nested`) tuned
     for 50/60/70/80 %, weighted 1/0.5/0.5/0.2 (`benchmarks/results/nested_sparse_layer.md`).
