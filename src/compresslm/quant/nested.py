@@ -176,12 +176,9 @@ def nested_quantize(
         options = options or GPTQOptions(act_order=True)
         factor, lam, retries = _prepare(hessian, in_f, options)
         meta.update(damp=options.damp, damp_used=lam, damp_retries=retries, act_order=options.act_order)
+        codes = _joint_sweep(w, scales, zeros, widths, priorities, group_size, factor, options.block_size)
     else:
-        options = GPTQOptions(act_order=False)
-        dev = w.device
-        factor = {"perm": torch.arange(in_f, device=dev), "hinv": torch.eye(in_f, device=dev),
-                  "dead": torch.zeros(in_f, dtype=torch.bool, device=dev)}  # fmt: skip
-    codes = _joint_sweep(w, scales, zeros, widths, priorities, group_size, factor, options.block_size)
+        codes = _joint_round(w, scales, zeros, widths, priorities, group_size)
     meta["dial"] = {"widths": list(widths), "priorities": list(priorities), "active": top}
     return CompressedWeight(
         shape=(out_f, in_f), bits=top, group_size=group_size, symmetric=False,
@@ -201,6 +198,35 @@ def _prepare(hessian: torch.Tensor, in_f: int, options: GPTQOptions) -> tuple[di
     h = h[perm][:, perm]
     upper, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
     return {"perm": perm, "hinv": upper, "dead": dead}, lam, retries
+
+
+def _joint_round(
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    widths: tuple[int, ...],
+    priorities: tuple[float, ...],
+    group_size: int,
+    rows_per_chunk: int = 16,
+) -> torch.Tensor:
+    """Without a Hessian each weight's code is chosen on its own: the sweep's choice, all columns at once."""
+    out_f, in_f = w.shape
+    top = widths[-1]
+    grids = []
+    for bits in widths:
+        s, z = width_grid(scales, zeros, top, bits)
+        grids.append((expand_groups(s.float(), in_f, group_size), expand_groups(z.float(), in_f, group_size)))
+    prefixes = [torch.arange(1 << top, device=w.device) >> (top - bits) for bits in widths]
+    codes = torch.empty(out_f, in_f, dtype=torch.long, device=w.device)
+    for r1 in range(0, out_f, rows_per_chunk):  # [rows, in, 2^top] costs, a chunk of rows at a time
+        r2 = min(r1 + rows_per_chunk, out_f)
+        cost = torch.zeros(r2 - r1, in_f, 1 << top, device=w.device)
+        for (s, z), prefix, weight in zip(grids, prefixes, priorities, strict=True):
+            if weight:
+                target = w[r1:r2] / s[r1:r2] + z[r1:r2]
+                cost += weight * (target[..., None] - prefix) ** 2
+        codes[r1:r2] = cost.argmin(dim=-1)
+    return codes
 
 
 def _joint_sweep(
