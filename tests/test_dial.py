@@ -42,6 +42,18 @@ def test_narrower_codes_are_prefixes_and_errors_fall_with_width(layer, calibrate
     assert errors[0] > errors[1] > errors[2]
 
 
+def test_rounding_all_at_once_matches_the_column_sweep():
+    from compresslm.quant.nested import _joint_round, _joint_sweep, nested_range
+
+    torch.manual_seed(1)
+    weight = torch.randn(40, 100)  # 100 columns: a short last group of 4
+    scales, zeros = nested_range(weight, 32, 8)
+    identity = {"perm": torch.arange(100), "hinv": torch.eye(100), "dead": torch.zeros(100, dtype=torch.bool)}
+    for widths, priorities in (((3, 4, 8), (0.5, 1.0, 0.01)), ((4, 8), (1.0, 0.002))):
+        swept = _joint_sweep(weight, scales, zeros, widths, priorities, 32, identity, 128)
+        assert torch.equal(_joint_round(weight, scales, zeros, widths, priorities, 32, rows_per_chunk=7), swept)
+
+
 def test_nested_gptq_beats_rounding_at_the_narrow_widths(layer):
     weight, hessian = layer
     nested = nested_quantize(weight, (3, 4, 8), 32, hessian)
