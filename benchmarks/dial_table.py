@@ -12,7 +12,7 @@ Points (each in its own subprocess, saved before the next starts; rerunning skip
 
 Evaluation everywhere: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows.
 
-    .venv/bin/python benchmarks/dial_table.py [--points ...] [--workdir DIR]
+    .venv/bin/python benchmarks/dial_table.py [--points ...] [--workdir DIR] [--recipe dial]
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ DEDICATED = {  # the dedicated compression each dial setting is held against
 DEFAULT_POINTS = ["artifact", *(f"dial {s}" for s in SETTINGS), "switch", *DEDICATED.values()]
 
 
-def _artifact(workdir: Path) -> Path:
-    return workdir / "dial.clm"
+def _artifact(workdir: Path, recipe: str) -> Path:
+    return workdir / f"{recipe}.clm"
 
 
 def run_point(name: str, args: argparse.Namespace) -> dict:
@@ -49,14 +49,14 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
     from compresslm.formats.container import container_summary, load_container
     from compresslm.models.loading import load_model
 
-    path = _artifact(Path(args.workdir))
+    path = _artifact(Path(args.workdir), args.recipe)
     where = point_runner.use_device(args.device)
     if name == "artifact":
         from compresslm.api import compress
 
         path.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        _, result, summary = compress(load_model("smollm2-135m", device=args.device), "dial", path,
+        _, result, summary = compress(load_model("smollm2-135m", device=args.device), args.recipe, path,
                                       show_progress=False)  # fmt: skip
         return {"point": name, **summary, "compress_seconds": result.seconds,
                 "compress_and_save_seconds": time.perf_counter() - started, "recipe": result.recipe.to_dict(),
@@ -92,7 +92,8 @@ def _layout(recipe: dict | None) -> str:
     """How the artifact's widths are stored, read from its recipe."""
     stage = next((s for s in (recipe or {}).get("stages", []) if s.get("nested_widths")), {})
     chain, separate = stage.get("nested_widths", [3, 4, 8]), stage.get("separate_widths", [])
-    text = f"GPTQ, group {stage.get('group_size', 64)}, nested widths {'/'.join(map(str, chain))} sharing one code"
+    method = {"gptq": "GPTQ", "rtn": "RTN"}.get(stage.get("method", "gptq"), stage.get("method"))
+    text = f"{method}, group {stage.get('group_size', 64)}, nested widths {'/'.join(map(str, chain))} sharing one code"
     if separate:
         text += f" (narrower widths are its top bits), {'/'.join(map(str, separate))} bits as codes of their own"
     else:
@@ -182,7 +183,7 @@ def _plot(rows: dict, results: Path) -> None:
 def main() -> None:
     workdir = str(Path.home() / ".cache" / "compresslm" / "dial-bench")
     options = [("--limit", int, 40), ("--workdir", str, workdir), ("--device", str, "cpu"),
-               ("--results", str, str(RESULTS))]  # fmt: skip
+               ("--results", str, str(RESULTS)), ("--recipe", str, "dial")]  # fmt: skip
     done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, options)
     if done and done[0]:
         write_markdown(done[0], Path(done[1].results))
