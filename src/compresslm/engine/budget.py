@@ -272,10 +272,11 @@ def plan_budget(
                 grid = _grid(stage, bits)
                 error = _weighted_error(weight, rtn(weight, grid).dequantize(), hessian, fisher)
                 rows.append((8.0 * record_bytes(tuple(weight.shape), grid, aligned=aligned), error))
+            wanda = scores("wanda", weight, hessian) if patterns else None
             for text, pattern in zip(sparsity_options, patterns, strict=True):
                 if pattern.is_nm and weight.shape[1] % pattern.m:
                     continue
-                mask = select_mask(scores("wanda", weight, hessian), pattern)
+                mask = select_mask(wanda, pattern)
                 kept = weight.masked_fill(~mask, 0.0)
                 for bits in SPARSE_BITS:
                     grid = _grid(stage, bits)

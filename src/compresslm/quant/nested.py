@@ -200,6 +200,19 @@ def _prepare(hessian: torch.Tensor, in_f: int, options: GPTQOptions) -> tuple[di
     return {"perm": perm, "hinv": upper, "dead": dead}, lam, retries
 
 
+def _width_grids(
+    scales: torch.Tensor, zeros: torch.Tensor, widths: tuple[int, ...], in_f: int, group_size: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Each width's scales and zero points per column [out, in], and each top-width code's prefix at it."""
+    top = widths[-1]
+    grids = []
+    for bits in widths:
+        s, z = width_grid(scales, zeros, top, bits)
+        grids.append((expand_groups(s.float(), in_f, group_size), expand_groups(z.float(), in_f, group_size)))
+    prefixes = [torch.arange(1 << top, device=scales.device) >> (top - bits) for bits in widths]
+    return grids, prefixes
+
+
 def _joint_round(
     w: torch.Tensor,
     scales: torch.Tensor,
@@ -212,11 +225,7 @@ def _joint_round(
     """Without a Hessian each weight's code is chosen on its own: the sweep's choice, all columns at once."""
     out_f, in_f = w.shape
     top = widths[-1]
-    grids = []
-    for bits in widths:
-        s, z = width_grid(scales, zeros, top, bits)
-        grids.append((expand_groups(s.float(), in_f, group_size), expand_groups(z.float(), in_f, group_size)))
-    prefixes = [torch.arange(1 << top, device=w.device) >> (top - bits) for bits in widths]
+    grids, prefixes = _width_grids(scales, zeros, widths, in_f, group_size)
     codes = torch.empty(out_f, in_f, dtype=torch.long, device=w.device)
     for r1 in range(0, out_f, rows_per_chunk):  # [rows, in, 2^top] costs, a chunk of rows at a time
         r2 = min(r1 + rows_per_chunk, out_f)
@@ -244,14 +253,9 @@ def _joint_sweep(
     out_f, in_f = w.shape
     top = widths[-1]
     start = w.masked_fill(factor["dead"][None, :], 0.0)[:, perm]
-    grids = []
-    for bits in widths:
-        s, z = width_grid(scales, zeros, top, bits)
-        grids.append(
-            (expand_groups(s.float(), in_f, group_size)[:, perm], expand_groups(z.float(), in_f, group_size)[:, perm])
-        )
+    grids, prefixes = _width_grids(scales, zeros, widths, in_f, group_size)
+    grids = [(s[:, perm], z[:, perm]) for s, z in grids]
     states = [start.clone() for _ in widths]
-    prefixes = [torch.arange(1 << top, device=w.device) >> (top - bits) for bits in widths]  # each code's prefix
     codes = torch.zeros(out_f, in_f, dtype=torch.long, device=w.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
