@@ -90,6 +90,11 @@ def run_llmc(method: str, bits: int, group: int, symmetric: bool, limit: int) ->
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _load(row: dict) -> str:
+    load = row.get("load_avg_at_end")
+    return "–" if load is None else f"{load:.1f}"
+
+
 def write_markdown(rows: dict) -> None:
     first = next(iter(rows.values()))
     p = first["eval_protocol"]
@@ -97,17 +102,17 @@ def write_markdown(rows: dict) -> None:
         "# compresslm vs llm-compressor on `smollm2-135m` (W4, group 64)",
         "",
         "Same float32 model, the same 128 × 512-token C4 calibration windows (seed 0) given to both tools,",
-        f"evaluated by the same function: WikiText-2 raw test, GPTQ rows, ctx {p['ctx']}, first {p['windows']} "
+        f"evaluated by the same function: WikiText-2 raw test, ctx {p['ctx']}, first {p['windows']} "
         f"windows ({p['tokens_scored']:,} tokens). Points ran one after another in one run on this machine.",
         "",
-        "| tool | method | grid | ppl | compress s | peak RSS MiB |",
-        "|---|---|---|---:|---:|---:|",
+        "| tool | method | grid | ppl | compress s | peak RSS MiB | load avg at end |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
         _, method, bits, group, sym = POINTS[name]
         grid = f"W{bits} g{group} {'sym' if sym else 'asym'}"
         lines.append(f"| {row['tool']} | {method} | {grid} | {row['ppl']:.3f} | {row['compress_seconds']:.0f} "
-                     f"| {row['peak_rss_bytes'] / 2**20:.0f} |")  # fmt: skip
+                     f"| {row['peak_rss_bytes'] / 2**20:.0f} | {_load(row)} |")  # fmt: skip
     lines += [
         "",
         "Command: `.venv/bin/python benchmarks/llmcompressor_anchor.py`. llm-compressor ran with its defaults for",
@@ -115,12 +120,21 @@ def write_markdown(rows: dict) -> None:
         "**act-order static** (its default); sequential pipeline; lm_head ignored. compresslm's `-act` row is the",
         "same algorithm choice (now compresslm's default for GPTQ); `-noact` quantizes columns in natural order",
         "with dynamic groups. compresslm rows store embeddings and norms as float16. Wall times: both tools on",
-        "the same 2 CPU cores, one point after the other, nothing else running.",
+        "the same 2 CPU cores, one point after the other. The GPTQ rows ran with nothing else on the machine",
+        "(their load was not yet recorded); a load average well above 2 means another job shared the cores",
+        "and the row's time is inflated: compare times only between rows of similar load.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {p['versions']['platform']}.",
     ]
+    for name, row in rows.items():
+        if row.get("patch"):
+            lines.append(f"- {name} ran with one change to llm-compressor: {row['patch']}.")
+    seen = set()
     for row in rows.values():
         v = row["eval_protocol"]["versions"]
-        lines.append(f"- {row['tool']}: torch {v['torch']}, transformers {v['transformers']}, python {v['python']}")
+        line = f"- {row['tool']}: torch {v['torch']}, transformers {v['transformers']}, python {v['python']}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
@@ -138,6 +152,8 @@ def main() -> None:
         tool, method, bits, group, sym = POINTS[name]
         print(f"[{name}] running", file=sys.stderr, flush=True)
         rows[name] = run_ours(method, args.limit) if tool == "ours" else run_llmc(method, bits, group, sym, args.limit)
+        # the 1-minute load average as the point ends: about 1-2 when it ran alone on the 2 cores
+        rows[name]["load_avg_at_end"] = os.getloadavg()[0]
         save_rows(json_path, rows)
         print(f"[{name}] ppl {rows[name]['ppl']:.3f} in {rows[name]['compress_seconds']:.0f} s", file=sys.stderr)
     write_markdown({name: rows[name] for name in POINTS if name in rows})

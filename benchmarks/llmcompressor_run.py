@@ -31,6 +31,19 @@ def scheme(bits: int, group: int, symmetric: bool) -> dict:
     }
 
 
+def allow_awq_without_accelerator() -> str | None:
+    """llm-compressor 0.14's AWQ pins its cached activations before each grid search, and
+    `Tensor.pin_memory()` raises "Cannot access accelerator device" on a machine without one.
+    Pinning only speeds host-to-GPU copies, so on a CPU-only machine it is made a no-op; the
+    result row says so. Returns that label, or None where nothing was changed."""
+    if torch.cuda.is_available():
+        return None
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    return "IntermediatesCache.pin_memory made a no-op (no accelerator here; pinning only speeds GPU copies)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
@@ -61,6 +74,7 @@ def main() -> None:
         modifier = GPTQModifier(config_groups=config, ignore=["lm_head"], block_size=128, dampening_frac=0.01)
     else:
         modifier = AWQModifier(config_groups=config, ignore=["lm_head"])
+    patched = allow_awq_without_accelerator() if args.method == "awq" else None
     started = time.perf_counter()
     oneshot(
         model=model,
@@ -87,6 +101,7 @@ def main() -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "eval_protocol": result.protocol,
         "versions": versions(),
+        "patch": patched,
     }))  # fmt: skip
 
 

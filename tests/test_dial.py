@@ -7,7 +7,7 @@ import torch
 
 from compresslm.api import compress
 from compresslm.cli import main
-from compresslm.dial import materialize, parse_setting, set_budget
+from compresslm.dial import _stored_bits, materialize, parse_setting, plan_widths, set_budget
 from compresslm.errors import CompressLMError
 from compresslm.formats.container import load_container
 from compresslm.models.loading import LoadedModel, save_model
@@ -238,6 +238,48 @@ def test_per_layer_budgets_and_bad_settings(artifact):
         set_budget(lm, {"model.nowhere": 4})
     with pytest.raises(CompressLMError, match="cannot read dial setting"):
         parse_setting("bits=3,width=2")
+
+
+def test_planned_widths_fit_the_average_and_trade_error_for_bits(artifact, tmp_path):
+    path, _ = artifact
+    lm = load_container(path)
+    layers = {n: m for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear)}
+    params = sum(m.nested.codes.numel() for m in layers.values())
+
+    def bits_of(plan: dict[str, int]) -> float:
+        return sum(_stored_bits(slice_record(layers[n].nested, b)) for n, b in plan.items()) / params
+
+    plans = {}
+    for avg in (4.5, 6.0, 8.5, 10.5):
+        plans[avg] = plan_widths(lm, avg)
+        assert set(plans[avg]) == set(layers) and bits_of(plans[avg]) <= avg
+    assert set(plans[10.5].values()) == {8}  # room for everything: the widest width throughout
+    assert sum(plans[6.0].values()) < sum(plans[8.5].values()) < sum(plans[10.5].values())
+    assert len(set(plans[6.0].values())) > 1  # a size between two widths mixes them
+    with pytest.raises(CompressLMError, match="below this artifact's narrowest setting"):
+        plan_widths(lm, 2.0)
+    report, summary = materialize(path, tmp_path / "avg6.clm", avg_bits=6.0)
+    assert sum(report.bits.values()) == len(layers)
+    assert summary["linear_bits_per_param"] <= 6.0 + 0.05  # padding of each blob to 64 bytes aside
+    with pytest.raises(CompressLMError, match="either bits or avg_bits"):
+        materialize(path, tmp_path / "both.clm", bits=4, avg_bits=6.0)
+
+
+def test_cli_dial_per_layer_widths(artifact, tmp_path, capsys):
+    import json
+
+    path, _ = artifact
+    name = next(n for n, m in load_container(path).model.named_modules() if isinstance(m, CompressedLinear))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({name: 3}))
+    assert main(["dial", str(path), "--bits-per-layer", str(plan), "-o", str(tmp_path / "one.clm")]) == 0
+    assert "1 layers at 3 bits" in capsys.readouterr().err
+    assert load_container(tmp_path / "one.clm").model.get_submodule(name).compressed.bits == 3
+    assert main(["dial", str(path), "--avg-bits", "6", "-o", str(tmp_path / "avg.clm")]) == 0
+    plan.write_text(json.dumps({name: "three"}))
+    assert main(["dial", str(path), "--bits-per-layer", str(plan), "-o", str(tmp_path / "bad.clm")]) == 2
+    assert "module path -> bits" in capsys.readouterr().err
+    assert main(["dial", str(path), "--bits-per-layer", str(tmp_path / "none.json"), "-o", str(tmp_path / "x")]) == 2
 
 
 def test_a_plain_container_has_no_dial(tiny_lm, tmp_path):

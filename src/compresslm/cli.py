@@ -210,10 +210,29 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_layer_widths(path: str) -> dict[str, int]:
+    """A JSON object of module path -> width, checked for shape (the widths are checked by the dial)."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompressLMError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise CompressLMError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+        example = '{"model.layers.0.mlp.up_proj": 4}'
+        raise CompressLMError(f"{path}: expected a JSON object of module path -> bits, e.g. {example}")
+    return data
+
+
 def cmd_dial(args: argparse.Namespace) -> int:
     from compresslm.dial import materialize
 
-    report, summary = materialize(args.artifact, args.output, args.bits, args.sparsity)
+    bits = args.bits
+    if args.bits_per_layer:
+        if args.bits is not None or args.avg_bits is not None:
+            raise CompressLMError("--bits-per-layer replaces --bits and --avg-bits; give one of them")
+        bits = _read_layer_widths(args.bits_per_layer)
+    report, summary = materialize(args.artifact, args.output, bits, args.sparsity, avg_bits=args.avg_bits)
     widths = ", ".join(f"{n} layers at {b} bits" for b, n in sorted(report.bits.items()))
     sizes = f"{summary['bits_per_param']:.3f} bits/param, {summary['linear_bits_per_param']:.3f} linear bits"
     _print(f"{args.output}: {widths}, sparsity {args.sparsity:g}; {summary['bytes_on_disk']:,} bytes, {sizes}")
@@ -563,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     dial = sub.add_parser("dial", help="write one setting (bits, sparsity) of a dial artifact as a container")
     dial.add_argument("artifact", help="a container made with a dial recipe (--recipe dial)")
     dial.add_argument("--bits", type=int, default=None, help="one of the artifact's widths (default: the widest)")
+    dial.add_argument("--avg-bits", type=float, default=None,
+                      help="choose a width per layer so the layers average at most this many bits per weight "
+                           "(scales and zero points counted), from the artifact alone")  # fmt: skip
+    dial.add_argument("--bits-per-layer", default=None, metavar="JSON",
+                      help="a JSON file of module path -> width; layers it leaves out stay at the widest")  # fmt: skip
     dial.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0 to <1")
     dial.add_argument("-o", "--output", required=True, help="the container to write")
     dial.set_defaults(func=cmd_dial)

@@ -9,11 +9,15 @@ norm. From that artifact:
   `bits` may also map module paths to widths (per-layer budgets, e.g. the budget solver's);
 * `materialize(ARTIFACT, OUT, bits=..., sparsity=...)` writes an ordinary container of that setting,
   which reloads to exactly the model `set_budget` gives;
-* `compresslm eval ARTIFACT --dial bits=3,sparsity=0.5` evaluates a setting directly.
+* `compresslm eval ARTIFACT --dial bits=3,sparsity=0.5` evaluates a setting directly;
+* `plan_widths(lm, avg_bits)` picks a width per layer for a size between the artifact's widths,
+  from the artifact alone (`compresslm dial ARTIFACT --avg-bits 5 -o OUT`).
 
-Sparsity comes from one fixed order of the weights (Wanda's score), so a higher sparsity keeps a
-subset of the weights a lower one keeps. It removes weights without the weight updates SparseGPT
-makes for one chosen ratio: expect Wanda's quality, not SparseGPT's.
+Sparse settings at the width of a nested-sparse plane (the `dial` preset's 8 bits, at or above the
+plane's lowest ratio) take the plane's values and keep order, tuned by SparseGPT's sweep for its
+ratios (`sparse.nested`). Every other sparse setting comes from one fixed order of the weights
+(Wanda's score), without weight updates: expect Wanda's quality there, not SparseGPT's. Either way
+a higher sparsity keeps a subset of the weights a lower one keeps.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
+from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
+from compresslm.formats.packing import packed_nbytes
 from compresslm.models.loading import LoadedModel
-from compresslm.quant.nested import kept_per_row
+from compresslm.quant.allocation import allocate
+from compresslm.quant.nested import kept_per_row, slice_record
 from compresslm.runtime.linear import CompressedLinear
 from compresslm.sparse.nested import kept_per_column
 
@@ -90,6 +99,54 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
     return DialReport(len(layers), counts, sparsity, time.perf_counter() - started)
 
 
+def _stored_bits(record: CompressedWeight) -> int:
+    """Bits a fixed-width record keeps: packed codes, float16 scales, zero points (blob padding aside)."""
+    if record.zeros.dtype == torch.float16:  # float zero points (nested grids)
+        zeros = 16 * record.zeros.numel()
+    else:  # packed integer zero points; a symmetric grid stores none
+        zeros = 0 if record.symmetric else 8 * packed_nbytes(record.zeros.numel(), record.bits)
+    return 8 * packed_nbytes(record.codes.numel(), record.bits) + 16 * record.scales.numel() + zeros
+
+
+def plan_widths(lm: LoadedModel, avg_bits: float) -> dict[str, int]:
+    """One width per dial layer so the layers average at most `avg_bits` bits per weight (codes,
+    scales and zero points counted), with the least estimated output error.
+
+    Needs nothing but the artifact: each width's error is ‖(W_b − W_widest)·diag(‖x_j‖)‖², the
+    squared output error its rounding adds over the calibration inputs, with the input norms ‖x_j‖
+    the artifact stores. The widest width is the reference (error 0). The same multiple-choice
+    knapsack as the budget solver picks the widths; unlike the solver it has no gradient to weigh
+    layers by their effect on the loss (no data here), so an early and a late layer's unit of
+    output error count the same.
+    """
+    layers = dial_layers(lm)
+    if not layers:
+        raise CompressLMError(f"{lm.source} has no dial layers; make the artifact with a dial recipe (--recipe dial)")
+    options: dict[str, list[tuple[float, float]]] = {}
+    widths: dict[str, list[int]] = {}
+    params = 0
+    for name, module in layers.items():
+        nested = module.nested
+        reference = nested.dequantize()
+        scale = nested.importance.float()[None, :] if nested.importance is not None else 1.0
+        widths[name] = sorted(nested.meta["dial"]["widths"])
+        options[name] = []
+        for bits in widths[name]:
+            record = slice_record(nested, bits)
+            error = float((((record.dequantize() - reference) * scale) ** 2).sum())
+            options[name].append((float(_stored_bits(record)), error))
+        params += nested.codes.numel()
+    low = sum(min(c for c, _ in opts) for opts in options.values()) / params
+    high = sum(max(c for c, _ in opts) for opts in options.values()) / params
+    if avg_bits < low:
+        raise CompressLMError(
+            f"avg_bits={avg_bits:g} is below this artifact's narrowest setting ({low:.3f} bits per weight with "
+            f"scales and zero points); choose {low:.3f} to {high:.3f}"
+        )
+    choice = allocate(options, avg_bits * params)
+    return {name: widths[name][index] for name, index in choice.items()}
+
+
 def _fixed(record, sparsity: float):
     meta = {k: v for k, v in record.meta.items() if k != "dial"}
     meta["dialed"] = {"widths": record.meta["dial"]["widths"], "bits": record.bits, "sparsity": sparsity}
@@ -97,12 +154,23 @@ def _fixed(record, sparsity: float):
 
 
 def materialize(
-    artifact: str | os.PathLike, output: str | os.PathLike, bits: int | None = None, sparsity: float = 0.0
+    artifact: str | os.PathLike,
+    output: str | os.PathLike,
+    bits: int | dict[str, int] | None = None,
+    sparsity: float = 0.0,
+    avg_bits: float | None = None,
 ) -> tuple[DialReport, dict]:
-    """Write an ordinary container holding one setting of a dial artifact; returns the switch report and sizes."""
+    """Write an ordinary container holding one setting of a dial artifact; returns the switch report and sizes.
+
+    `bits` is a width or module path -> width; `avg_bits` instead lets `plan_widths` choose them.
+    """
     from compresslm.formats.container import load_container, save_container
 
+    if avg_bits is not None and bits is not None:
+        raise CompressLMError("give either bits or avg_bits, not both")
     lm = load_container(artifact)
+    if avg_bits is not None:
+        bits = plan_widths(lm, avg_bits)
     report = set_budget(lm, bits, sparsity)
     header = lm.container
     nested = dial_layers(lm)
@@ -113,7 +181,7 @@ def materialize(
     }
     embeddings = {k: v for k, v in lm.compressed.items() if k not in linears}
     metadata = {k: header[k] for k in ("recipe", "calibration", "source_model", "layers") if k in header}
-    metadata["dial_setting"] = {"artifact": str(artifact), "bits": bits, "sparsity": sparsity}
+    metadata["dial_setting"] = {"artifact": str(artifact), "bits": bits, "sparsity": sparsity, "avg_bits": avg_bits}
     summary = save_container(lm, linears, output, metadata, dense_dtype=header.get("dense_dtype", "float16"),
                              embeddings=embeddings)  # fmt: skip
     return report, summary

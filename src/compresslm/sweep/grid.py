@@ -117,22 +117,24 @@ BUILTIN: dict[str, dict] = {
         ),
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
         "calibration": {"samples": 128, "length": 512},
+        # ordered so that a sweep cut short has measured what the dial and the budget solver are judged against
         "points": [
             "none",
-            {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},
-            {"label": "budget-2.5", "recipe": "w4-g64-gptq", "target_bits": 2.5},
-            # the dial's settings from one artifact, beside the dedicated compressions above
+            # the dial's settings from one artifact, then the dedicated compressions they are compared with
             *({"label": f"dial-{b}", "recipe": "dial", "dial": f"bits={b}"} for b in (8, 4, 3)),
             *({"label": f"dial-8-{r}%", "recipe": "dial", "dial": f"bits=8,sparsity=0.{r // 10}"} for r in (50, 70)),
+            "w8-g64-gptq", "w4-g64-gptq", "w3-g64-gptq", "50%-sparsegpt", "70%-sparsegpt",
+            # the budget solver, then the uniform points of the sizes it reaches (3.5 and 2.5 bits/param)
+            {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},
+            {"label": "budget-2.5", "recipe": "w4-g64-gptq", "target_bits": 2.5},
+            "w3-g64-gptq+emb4", "w2-g64-gptq+emb4",
         ],
         "product": [
-            {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "gptq", "awq"]},
+            {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "awq"]},
+            {"recipe": "w2-g64-gptq"},
             {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
-            {"recipe": "w8-g64-gptq"},
-            # uniform widths with a 4-bit embedding: the sizes the budget solver's 3.5 and 2.5 bits/param reach
-            {"recipe": "w{bits}-g64-gptq+emb4", "bits": [3, 2]},
-            {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda", "sparsegpt"]},
-            {"recipe": "70%-sparsegpt"},
+            {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda"]},
+            {"recipe": "2:4-sparsegpt"},
             {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},
         ],
     },
