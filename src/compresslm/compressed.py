@@ -195,10 +195,17 @@ class CompressedWeight:
             return weight.to(dtype)
         scales = self.scales.float()
         zeros = self.zeros.float()
-        if not self.per_tensor:
-            scales = expand_groups(scales, self.in_features, self.group_size)
-            zeros = expand_groups(zeros, self.in_features, self.group_size)
-        weight = (self.codes.float() - zeros) * scales
+        if not self.per_tensor and self.in_features % self.group_size == 0:
+            # equal groups: broadcast per group instead of expanding scales and zeros (3-4x faster on CPU,
+            # the same operations per element, so the same bits)
+            out_f, groups = scales.shape
+            codes = self.codes.reshape(out_f, groups, self.group_size).float()
+            weight = ((codes - zeros[..., None]) * scales[..., None]).view(out_f, self.in_features)
+        else:
+            if not self.per_tensor:
+                scales = expand_groups(scales, self.in_features, self.group_size)
+                zeros = expand_groups(zeros, self.in_features, self.group_size)
+            weight = (self.codes.float() - zeros) * scales
         if self.mask is not None:  # a product, not masked_fill: ~9x faster on CPU, and the codes are finite
             weight = weight * self.mask
         if self.lowrank is not None:
