@@ -137,6 +137,10 @@ def test_dial_points_are_held_against_dedicated_points():
     assert "| dial-4 | bits=4 | 24.600 | w4-g64-gptq | 24.000 | 1.025 | 105 | 100 |" in table
     assert any(line.startswith("| dial-8-50% |") and "| 50%-sparsegpt | 40.000 | 1.050 |" in line for line in table)
     assert any(line.startswith("| dial-3 |") and "| – |" in line for line in table)  # no dedicated 3-bit point
+    from compresslm.sweep.report import _dial_plot
+
+    assert _dial_plot(rows, "dial", "protocol").startswith(b"\x89PNG")
+    assert _dial_plot(rows[:2], "no dial", "protocol") is None
     assert table[-1].endswith("(250 bytes): 1.60x.")
 
 

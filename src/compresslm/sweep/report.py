@@ -161,6 +161,41 @@ def _dedicated_for(dial_row: dict, rows: list[dict]) -> dict | None:
     return None
 
 
+def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
+    """The dial's curve beside the dedicated compressions: ppl by width (dense) and by sparsity (sparse)."""
+    dials = [r for r in rows if r["family"] in ("dial", "dial sparse") and r.get("ppl") is not None]
+    if not dials:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
+    for ax, sparse in zip(axes, (False, True), strict=True):
+        members = [r for r in dials if bool(r["dial"].get("sparsity")) == sparse]
+        key = (lambda r: r["dial"]["sparsity"]) if sparse else (lambda r: r["dial"].get("bits", 8))
+        members.sort(key=key)
+        pairs = [(key(r), r, _dedicated_for(r, rows)) for r in members]
+        ax.plot([x for x, _, _ in pairs], [r["ppl"] for _, r, _ in pairs], marker="o", label="dial (one artifact)")
+        matched = [(x, ref) for x, _, ref in pairs if ref is not None]
+        if matched:
+            ax.plot([x for x, _ in matched], [ref["ppl"] for _, ref in matched], marker="s", linestyle="--",
+                    label="dedicated (SparseGPT)" if sparse else "dedicated (GPTQ)")  # fmt: skip
+        ax.set_xlabel("sparsity (at the dial's width)" if sparse else "bits per weight (width)")
+        ax.set_ylabel("ppl")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(" ".join(title.split()), fontsize=11)
+    fig.text(0.01, 0.01, textwrap.fill(" ".join(protocol.split()), 140), fontsize=7, color="dimgray")
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.2, wspace=0.3)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _dial_vs_dedicated(rows: list[dict]) -> list[str]:
     """Each dial setting beside the dedicated compression of the same setting in the sweep."""
     dials = [r for r in rows if r["family"] in ("dial", "dial sparse") and r.get("ppl") is not None]
@@ -212,6 +247,12 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
             (out / file).write_bytes(png)
             md += [f"![{loss} vs {cost}]({file})", ""]
             body.append(f'<img alt="{loss} vs {cost}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        png = _dial_plot(members, f"{model}: the dial against dedicated compressions", protocol)
+        if png is not None:
+            file = f"{index}_dial_vs_dedicated.png"
+            (out / file).write_bytes(png)
+            md += [f"![dial vs dedicated]({file})", ""]
+            body.append(f'<img alt="dial vs dedicated" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         front = pareto([r for r in members if r["family"] != "uncompressed"], "bytes_on_disk", "ppl")
         timed_any = any("decode_tokens_per_s" in r for r in members)
         tables = [("All points", _points_table(members, speed=timed_any)),
