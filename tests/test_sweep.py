@@ -227,3 +227,15 @@ def test_dial_points_share_one_artifact(model_dir, tmp_path, monkeypatch):
     assert rows["dial-3"]["bytes_on_disk"] < rows["dial-4"]["bytes_on_disk"] < rows["dial-8"]["bytes_on_disk"]
     assert rows["dial-3"]["artifact_bytes"] == rows["dial-8"]["artifact_bytes"]
     assert 0.45 < rows["dial-4-50"]["linear_sparsity"] < 0.55
+
+
+def test_example_grids_load():
+    from pathlib import Path
+
+    from compresslm.sweep.grid import load_grid
+
+    examples = sorted((Path(__file__).parent.parent / "examples" / "grids").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        grid = load_grid(str(path))
+        assert grid.points and grid.name == path.stem
