@@ -276,6 +276,8 @@ def test_cli_dial_per_layer_widths(artifact, tmp_path, capsys):
     assert "1 layers at 3 bits" in capsys.readouterr().err
     assert load_container(tmp_path / "one.clm").model.get_submodule(name).compressed.bits == 3
     assert main(["dial", str(path), "--avg-bits", "6", "-o", str(tmp_path / "avg.clm")]) == 0
+    assert main(["eval", str(path), "--dial", "avg_bits=6", "--ppl", "wikitext2", "--ctx", "64", "--limit", "1",
+                 "--quiet"]) == 0  # fmt: skip
     plan.write_text(json.dumps({name: "three"}))
     assert main(["dial", str(path), "--bits-per-layer", str(plan), "-o", str(tmp_path / "bad.clm")]) == 2
     assert "module path -> bits" in capsys.readouterr().err

@@ -49,6 +49,8 @@ def test_builtin_grids_validate():
         ({"points": [{"label": "d", "recipe": "w4-rtn", "dial": "bits=3"}]}, "need a dial recipe"),
         ({"points": [{"label": "d", "recipe": "dial", "dial": "bits=5"}]}, "outside the recipe's widths"),
         ({"points": [{"label": "d", "recipe": "dial", "dial": "bit=3"}]}, "cannot read dial setting"),
+        ({"points": [{"label": "d", "recipe": "dial", "dial": "avg_bits=2"}]}, "below the narrowest width"),
+        ({"points": [{"label": "d", "recipe": "dial", "dial": "bits=4,avg_bits=5"}]}, "bits or avg_bits, not both"),
     ],
 )
 def test_bad_grids_fail_before_compute(grid, message):
@@ -133,6 +135,8 @@ def test_dial_points_are_held_against_dedicated_points():
             point("dial-4", None, 24.6, 105, "dial", dial={"bits": 4}, artifact_bytes=400),
             point("dial-8-50%", None, 42.0, 140, "dial sparse", dial={"bits": 8, "sparsity": 0.5}, artifact_bytes=400),
             point("dial-3", None, 45.0, 90, "dial", dial={"bits": 3}, artifact_bytes=400)]  # fmt: skip
+    for row, bits in zip(rows, (4.3, 4.6, 4.1, 9.0, 4.3, 8.3, 3.3), strict=True):
+        row["linear_bits_per_param"] = bits
     table = _dial_vs_dedicated(rows)
     assert "| dial-4 | bits=4 | 24.600 | w4-g64-gptq | 24.000 | 1.025 | 105 | 100 |" in table
     assert any(line.startswith("| dial-8-50% |") and "| 50%-sparsegpt | 40.000 | 1.050 |" in line for line in table)
@@ -219,6 +223,7 @@ def test_dial_points_share_one_artifact(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
     points = [{"label": f"dial-{b}", "recipe": "dial-g16", "dial": f"bits={b}"} for b in (3, 4, 8)]
     points.append({"label": "dial-4-50", "recipe": "dial-g16", "dial": "bits=4,sparsity=0.5"})
+    points.append({"label": "dial-avg6", "recipe": "dial-g16", "dial": "avg_bits=6"})
     grid = load_grid({**TINY_GRID, "points": ["none", *points]})
     rows = {r["label"]: r for r in run_sweep(model_dir, grid, tmp_path / "r.sqlite", tmp_path / "c",
                                              show_progress=False, log=lambda *a: None)}  # fmt: skip
@@ -227,6 +232,9 @@ def test_dial_points_share_one_artifact(model_dir, tmp_path, monkeypatch):
     assert rows["dial-3"]["bytes_on_disk"] < rows["dial-4"]["bytes_on_disk"] < rows["dial-8"]["bytes_on_disk"]
     assert rows["dial-3"]["artifact_bytes"] == rows["dial-8"]["artifact_bytes"]
     assert 0.45 < rows["dial-4-50"]["linear_sparsity"] < 0.55
+    # planned widths: a size between the uniform ones
+    assert rows["dial-4"]["bytes_on_disk"] < rows["dial-avg6"]["bytes_on_disk"] < rows["dial-8"]["bytes_on_disk"]
+    assert rows["dial-avg6"]["linear_bits_per_param"] <= 6.05
 
 
 def test_example_grids_load():

@@ -418,9 +418,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     payload: dict = {"model": args.model}
     lines: list[str] = []
     if setting is not None:
-        from compresslm.dial import set_budget
+        from compresslm.dial import apply_setting
 
-        report = set_budget(lm, setting.get("bits"), setting.get("sparsity", 0.0))
+        report = apply_setting(lm, setting)
         payload["dial"] = {**setting, "switch_seconds": report.seconds, "layers": report.layers}
         lines.append(f"dial {args.dial}: {report.layers} layers switched in {report.seconds:.2f} s")
     text = (args.ppl or args.kld) and args.kv_bits is None

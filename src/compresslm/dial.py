@@ -11,7 +11,7 @@ norm. From that artifact:
   which reloads to exactly the model `set_budget` gives;
 * `compresslm eval ARTIFACT --dial bits=3,sparsity=0.5` evaluates a setting directly;
 * `plan_widths(lm, avg_bits)` picks a width per layer for a size between the artifact's widths,
-  from the artifact alone (`compresslm dial ARTIFACT --avg-bits 5 -o OUT`).
+  from the artifact alone (`compresslm dial ARTIFACT --avg-bits 5 -o OUT`, `--dial avg_bits=5`).
 
 Sparse settings at the width of a nested-sparse plane (the `dial` preset's 8 bits, at or above the
 plane's lowest ratio) take the plane's values and keep order, tuned by SparseGPT's sweep for its
@@ -53,21 +53,32 @@ def dial_layers(lm: LoadedModel) -> dict[str, CompressedLinear]:
 
 
 def parse_setting(text: str) -> dict:
-    """'bits=3,sparsity=0.5' -> {'bits': 3, 'sparsity': 0.5}, with clear errors."""
+    """'bits=3,sparsity=0.5' -> {'bits': 3, 'sparsity': 0.5} (or avg_bits=5.5 for planned widths), with clear errors."""
     setting: dict = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or key not in ("bits", "sparsity"):
+        if not sep or key not in ("bits", "sparsity", "avg_bits"):
             raise CompressLMError(
-                f"cannot read dial setting '{part}'; use bits=B and/or sparsity=S, e.g. bits=3,sparsity=0.5"
+                f"cannot read dial setting '{part}'; use bits=B (or avg_bits=A) and/or sparsity=S, "
+                "e.g. bits=3,sparsity=0.5"
             )
         try:
             setting[key] = int(value) if key == "bits" else float(value)
         except ValueError:
             raise CompressLMError(f"dial {key} must be a number, got '{value}'") from None
     if not setting:
-        raise CompressLMError("empty dial setting; use bits=B and/or sparsity=S")
+        raise CompressLMError("empty dial setting; use bits=B (or avg_bits=A) and/or sparsity=S")
+    if "bits" in setting and "avg_bits" in setting:
+        raise CompressLMError("a dial setting takes bits or avg_bits, not both")
+    if setting.get("avg_bits", 1.0) <= 0:
+        raise CompressLMError(f"dial avg_bits must be positive, got {setting['avg_bits']:g}")
     return setting
+
+
+def apply_setting(lm: LoadedModel, setting: dict) -> DialReport:
+    """Switch `lm` to a parsed setting: `bits` as given, or the widths `plan_widths` picks for `avg_bits`."""
+    bits = plan_widths(lm, setting["avg_bits"]) if "avg_bits" in setting else setting.get("bits")
+    return set_budget(lm, bits, setting.get("sparsity", 0.0))
 
 
 def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsity: float = 0.0) -> DialReport:

@@ -113,7 +113,7 @@ BUILTIN: dict[str, dict] = {
             "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048): RTN, GPTQ "
             "and AWQ at 8/4/3/2 bits, Wanda and SparseGPT at 50 % and 2:4 (SparseGPT also at 70 %), SparseGPT + W4 "
             "GPTQ at both, W3/W2 GPTQ with a 4-bit embedding, the budget solver at 3.5 and 2.5 bits/param and the "
-            "dial's settings"
+            "dial's settings (8/4/3 bits, 50 %/70 % at 8 bits, planned widths at 6 bits per weight)"
         ),
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
         "calibration": {"samples": 128, "length": 512},
@@ -123,6 +123,7 @@ BUILTIN: dict[str, dict] = {
             # the dial's settings from one artifact, then the dedicated compressions they are compared with
             *({"label": f"dial-{b}", "recipe": "dial", "dial": f"bits={b}"} for b in (8, 4, 3)),
             *({"label": f"dial-8-{r}%", "recipe": "dial", "dial": f"bits=8,sparsity=0.{r // 10}"} for r in (50, 70)),
+            {"label": "dial-avg6", "recipe": "dial", "dial": "avg_bits=6"},  # widths planned per layer
             "w8-g64-gptq", "w4-g64-gptq", "w3-g64-gptq", "50%-sparsegpt", "70%-sparsegpt",
             # the budget solver, then the uniform points of the sizes it reaches (3.5 and 2.5 bits/param)
             {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},
@@ -234,6 +235,8 @@ def _dial_setting(text: object, recipe: Recipe, where: str) -> dict:
         raise GridError(f"{where}: {exc}") from None
     if setting.get("bits", widths[-1]) not in widths or not 0 <= setting.get("sparsity", 0.0) < 1:
         raise GridError(f"{where}: dial setting {text!r} is outside the recipe's widths {widths} or sparsity [0, 1)")
+    if setting.get("avg_bits", widths[-1]) < min(widths):
+        raise GridError(f"{where}: dial avg_bits={setting['avg_bits']:g} is below the narrowest width {min(widths)}")
     return setting
 
 

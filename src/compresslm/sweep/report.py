@@ -174,15 +174,19 @@ def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=110)
     for ax, sparse in zip(axes, (False, True), strict=True):
         members = [r for r in dials if bool(r["dial"].get("sparsity")) == sparse]
-        key = (lambda r: r["dial"]["sparsity"]) if sparse else (lambda r: r["dial"].get("bits", 8))
+        if not members:
+            ax.set_visible(False)
+            continue
+        # dense settings by the bits they keep (planned mixed widths fall between the uniform ones)
+        key = (lambda r: r["dial"]["sparsity"]) if sparse else (lambda r: r["linear_bits_per_param"])
         members.sort(key=key)
         pairs = [(key(r), r, _dedicated_for(r, rows)) for r in members]
         ax.plot([x for x, _, _ in pairs], [r["ppl"] for _, r, _ in pairs], marker="o", label="dial (one artifact)")
-        matched = [(x, ref) for x, _, ref in pairs if ref is not None]
+        matched = [(x if sparse else ref["linear_bits_per_param"], ref) for x, _, ref in pairs if ref is not None]
         if matched:
             ax.plot([x for x, _ in matched], [ref["ppl"] for _, ref in matched], marker="s", linestyle="--",
                     label="dedicated (SparseGPT)" if sparse else "dedicated (GPTQ)")  # fmt: skip
-        ax.set_xlabel("sparsity (at the dial's width)" if sparse else "bits per weight (width)")
+        ax.set_xlabel("sparsity (at the dial's width)" if sparse else "linear bits/param (scales included)")
         ax.set_ylabel("ppl")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)

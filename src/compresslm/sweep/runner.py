@@ -195,7 +195,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
 def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) -> LoadedModel:
     """A dial setting: the artifact of the point's recipe (built by the first point that needs it), switched."""
     from compresslm.api import compress
-    from compresslm.dial import materialize, set_budget
+    from compresslm.dial import apply_setting, materialize
     from compresslm.formats.container import container_summary, load_container
 
     digest = hashlib.sha256(json.dumps(point.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
@@ -205,15 +205,15 @@ def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) 
                                 stats_cache=default_cache_dir())  # fmt: skip
         row["compress_seconds"] = result.seconds  # the whole artifact's, paid once for all its settings
         row["calibration"] = result.calibration
-    bits, sparsity = point.dial.get("bits"), point.dial.get("sparsity", 0.0)
+    bits, sparsity, avg_bits = point.dial.get("bits"), point.dial.get("sparsity", 0.0), point.dial.get("avg_bits")
     fixed = workdir / f"{_safe(point.label)}.fixed.clm"
-    _, summary = materialize(artifact, fixed, bits, sparsity)  # the bytes this setting needs on its own
+    _, summary = materialize(artifact, fixed, bits, sparsity, avg_bits)  # the bytes this setting needs on its own
     fixed.unlink(missing_ok=True)
     row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk", "linear_sparsity")})
     row.update({"recipe": point.recipe.to_dict(), "dial": point.dial,
                 "artifact_bytes": container_summary(artifact)["bytes_on_disk"]})  # fmt: skip
     lm = load_container(artifact)
-    row["switch_seconds"] = set_budget(lm, bits, sparsity).seconds
+    row["switch_seconds"] = apply_setting(lm, point.dial).seconds
     return lm
 
 
