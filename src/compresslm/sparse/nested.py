@@ -81,14 +81,15 @@ def nested_sparsegpt(
         n = i2 - i1
         hinv1 = hinv[i1:i2, i1:i2]
         d2 = torch.diag(hinv1).pow(2)[None, :]
-        blocks = [state[:, i1:i2].clone() for state in states]
-        errors = [torch.zeros_like(b) for b in blocks]
+        # every level's block stacked [levels, out, n], so one update per column serves them all
+        blocks = torch.stack([state[:, i1:i2] for state in states])
+        errors = torch.zeros_like(blocks)
         saliency = sum(p * b.pow(2) for p, b in zip(priorities, blocks, strict=True)) / d2
         ranked = saliency.argsort(dim=1, descending=True, stable=True)
         position = torch.empty_like(ranked)
         position.scatter_(1, ranked, torch.arange(n, device=start.device).expand(out_f, n))
         order[:, i1:i2] = position.to(torch.uint8)
-        keeps = [position < kept_in_block(n, s) for s in levels]
+        keeps = torch.stack([position < kept_in_block(n, s) for s in levels])
         for i in range(n):
             col = i1 + i
             if col % g == 0:  # fit the group's grid on the least sparse state's weights as they stand now
@@ -100,10 +101,9 @@ def nested_sparsegpt(
             code = quantize_codes(value, s, z, grid.maxq)
             codes[:, col] = code
             value = (code - z) * s
-            for keep, b, err in zip(keeps, blocks, errors, strict=True):
-                e = (b[:, i] - value * keep[:, i]) / hinv1[i, i]
-                b[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-                err[:, i] = e
+            e = (blocks[:, :, i] - value[None, :] * keeps[:, :, i]) / hinv1[i, i]
+            blocks[:, :, i:] -= e[:, :, None] * hinv1[i, i:][None, None, :]
+            errors[:, :, i] = e
         for state, err in zip(states, errors, strict=True):
             state[:, i2:] -= err @ hinv[i1:i2, i2:]
     meta = {
