@@ -153,7 +153,8 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
         first = switch.get("first_seconds")
         rounds = switch["rounds"]
         lines += ["", f"Switching in memory (`set_budget`, one setting after another, {rounds} rounds):", "",
-                  "| setting | first switch s | later switches, median s | max s |", "|---|---:|---:|---:|"]  # fmt: skip
+                  "| setting | first switch s | later switches, median s | max s |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
         for setting, median in switch["seconds"].items():
             start = f"{first[setting]:.2f}" if first else "–"
             lines.append(f"| {setting} | {start} | {median:.2f} | {switch['seconds_max'][setting]:.2f} |")
