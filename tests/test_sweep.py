@@ -219,6 +219,31 @@ def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
     assert "neither a built-in" in capsys.readouterr().err
 
 
+def test_two_sweeps_can_share_a_database(model_dir, tmp_path, monkeypatch):
+    """A point another process finished while this sweep ran is skipped, not measured again."""
+    import compresslm.sweep.runner as runner
+
+    grid = load_grid({**TINY_GRID, "points": ["none", "w8-rtn", "w4-g16-rtn"]})
+    db = tmp_path / "r.sqlite"
+    real_measure, measured = runner._measure, []
+
+    def measure(point, base, *args, **kwargs):
+        measured.append(point.label)
+        row = real_measure(point, base, *args, **kwargs)
+        if point.label == "none":  # meanwhile, "another sweep" finishes the last point
+            other = ResultStore(db)
+            last = grid.points[-1]
+            key = (base.fingerprint(), runner.machine_id(), last.key, runner._protocol_key(grid))
+            other.start(*key, grid.name, last.label)
+            other.finish(*key, {**row, "label": last.label, "family": "rtn"})
+            other.close()
+        return row
+
+    monkeypatch.setattr(runner, "_measure", measure)
+    rows = run_sweep(model_dir, grid, db, show_progress=False, log=lambda *a: None)
+    assert measured == ["none", "w8-rtn"] and len(rows) == 3
+
+
 def test_dial_points_share_one_artifact(model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
     points = [{"label": f"dial-{b}", "recipe": "dial-g16", "dial": f"bits={b}"} for b in (3, 4, 8)]

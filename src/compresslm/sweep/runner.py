@@ -140,6 +140,9 @@ def run_sweep(
     try:
         bar = progress(len(todo), "sweep", unit="point", enabled=show_progress)
         for point in todo:
+            if store.is_done(model_sha, machine, point.key, protocol_key):  # finished meanwhile by another
+                bar.update(1)  # sweep sharing this database: two processes can split one grid
+                continue
             store.start(model_sha, machine, point.key, protocol_key, grid.name, point.label)
             row = _measure(point, base, str(model), grid, reference, workdir, containers is not None, data_dir)
             store.finish(model_sha, machine, point.key, protocol_key, row)
