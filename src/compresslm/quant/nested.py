@@ -278,22 +278,25 @@ def _joint_sweep(
     codes = torch.zeros(out_f, in_f, dtype=torch.long, device=w.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        blocks = [state[:, i1:i2].clone() for state in states]
-        errors = [torch.zeros_like(block) for block in blocks]
+        n = i2 - i1
+        blocks = torch.stack([state[:, i1:i2] for state in states])  # every width's block, [widths, out, n]
+        # each column's errors so far, [widths, n, out]; a column's current value is computed when it is
+        # reached (its start value minus the earlier errors times the factor), not updated after every column
+        errors = torch.zeros(len(widths), n, out_f, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        for i in range(n):
             col = i1 + i
+            current = blocks[:, :, i] - torch.matmul(hinv1[:i, i], errors[:, :i]) if i else blocks[:, :, i]
             # each width's target in its own steps, then the shared code that serves them best
-            targets = [block[:, i] / s[:, col] + z[:, col] for block, (s, z) in zip(blocks, grids, strict=True)]
+            targets = [c / s[:, col] + z[:, col] for c, (s, z) in zip(current, grids, strict=True)]
             code = _best_codes(targets, widths, priorities)
             codes[:, col] = code
-            for block, err, (s, z), bits in zip(blocks, errors, grids, widths, strict=True):
-                level = ((code >> (top - bits)) - z[:, col]) * s[:, col]
-                e = (block[:, i] - level) / hinv1[i, i]
-                block[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-                err[:, i] = e
+            levels = [
+                ((code >> (top - bits)) - z[:, col]) * s[:, col] for (s, z), bits in zip(grids, widths, strict=True)
+            ]
+            errors[:, i] = (current - torch.stack(levels)) / hinv1[i, i]
         for state, err in zip(states, errors, strict=True):
-            state[:, i2:] -= err @ hinv[i1:i2, i2:]
+            state[:, i2:] -= err.T @ hinv[i1:i2, i2:]
     return codes[:, torch.argsort(perm)]
 
 
