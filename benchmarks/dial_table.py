@@ -19,6 +19,7 @@ Evaluation everywhere: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 window
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -76,7 +77,7 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
         return {"point": name, "seconds": {s: statistics.median(t[1:]) for s, t in times.items()},
                 "first_seconds": {s: t[0] for s, t in times.items()},
                 "seconds_max": {s: max(t[1:]) for s, t in times.items()}, "rounds": 5, "artifact": str(path),
-                **where}  # fmt: skip
+                "load_avg_at_end": os.getloadavg()[0], **where}  # fmt: skip
     if name.startswith("dial "):
         setting = parse_setting(name.split(" ", 1)[1])
         lm = load_container(path, device=args.device)
@@ -124,12 +125,14 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
             f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s.",
             "",
         ]
-    lines += [
-        "Eval: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows; every row measured in this run.",
-        "",
-        "| setting | dial ppl | dedicated | dedicated ppl | dial / dedicated | dial setting bytes | dedicated bytes |",
-        "|---|---:|---|---:|---:|---:|---:|",
-    ]
+    if any(name.startswith("dial ") for name in rows):
+        lines += [
+            "Eval: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows; every row measured in this run.",
+            "",
+            "| setting | dial ppl | dedicated | dedicated ppl | dial / dedicated | dial setting bytes "
+            "| dedicated bytes |",
+            "|---|---:|---|---:|---:|---:|---:|",
+        ]
     dedicated_bytes = 0
     for setting in SETTINGS:
         row = rows.get(f"dial {setting}")
@@ -158,11 +161,15 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
         for setting, median in switch["seconds"].items():
             start = f"{first[setting]:.2f}" if first else "–"
             lines.append(f"| {setting} | {start} | {median:.2f} | {switch['seconds_max'][setting]:.2f} |")
+        if "load_avg_at_end" in switch:
+            lines += ["", f"1-minute load average as the switches ended: {switch['load_avg_at_end']:.1f} (2 cores; "
+                      "above 2, other jobs shared them and the times are upper bounds)."]  # fmt: skip
     device = next(iter(rows.values())).get("device", "cpu")
     machine = "Shared 2-core machine." if device == "cpu" else f"One {device}, float32 with TF32 off."
     lines += ["", f"Command: `{point_runner.command_line('benchmarks/dial_table.py')}`. {machine}"]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
-    _plot(rows, results)
+    if any(name.startswith("dial ") for name in rows):
+        _plot(rows, results)
 
 
 def _plot(rows: dict, results: Path) -> None:

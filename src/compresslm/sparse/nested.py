@@ -137,4 +137,5 @@ def order_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None
     keep = kept_per_column(record.shape[1], record.meta["dial"]["order_block"], sparsity)
     if sparsity == 0.0:
         return None
-    return record.order.to(torch.int16) < keep.to(record.order.device)[None, :]
+    # the order is uint8 (ranks < 128 within a block) and so is every count kept: compare without widening
+    return record.order < keep.to(device=record.order.device, dtype=torch.uint8)[None, :]
