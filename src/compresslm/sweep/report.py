@@ -32,6 +32,16 @@ def _protocol_line(rows: list[dict]) -> str:
     return text
 
 
+def _png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _plot(rows: list[dict], cost: str, loss: str, title: str, protocol: str) -> bytes | None:
     import matplotlib
 
@@ -67,10 +77,7 @@ def _plot(rows: list[dict], cost: str, loss: str, title: str, protocol: str) -> 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.16)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -194,10 +201,7 @@ def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
     fig.suptitle(" ".join(title.split()), fontsize=11)
     fig.text(0.01, 0.01, textwrap.fill(" ".join(protocol.split()), 140), fontsize=7, color="dimgray")
     fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.2, wspace=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def _dial_vs_dedicated(rows: list[dict]) -> list[str]:
