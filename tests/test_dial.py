@@ -172,6 +172,33 @@ def test_dial_recipe_validation():
         preset("w4-g16-gptq").stages[0].__class__(method="gptq", bits=4, nested_widths=[3, 8]).validate("stage")
     with pytest.raises(RecipeError, match="do not combine with a pruning stage"):
         preset("dial+50%-wanda")
+    assert stage.separate_sparsity == [0.5, 0.7]
+    with pytest.raises(RecipeError, match="separate_sparsity prunes with SparseGPT"):
+        quantize(method="rtn", bits=8, nested_widths=[4, 8], separate_sparsity=[0.5]).validate("stage")
+    with pytest.raises(RecipeError, match="separate_sparsity: nested sparsity levels"):
+        quantize(method="gptq", bits=8, nested_widths=[4, 8], separate_sparsity=[0.7, 0.5]).validate("stage")
+    with pytest.raises(RecipeError, match="belong to a dial"):
+        quantize(method="gptq", bits=8, separate_sparsity=[0.5]).validate("stage")
+
+
+def test_recipes_without_pruned_ratios_keep_their_text():
+    """A field added later is left out while empty: recipes and sweep keys written before stay the same."""
+    assert "separate_sparsity" not in preset("w4-g64-gptq").to_dict()["stages"][0]
+    assert preset("dial").to_dict()["stages"][0]["separate_sparsity"] == [0.5, 0.7]
+
+
+def test_pruned_alternates_are_checked(layer):
+    weight, hessian = layer
+    chain = nested_quantize(weight, (4, 8), 16, hessian)
+    pruned = gptq(weight, hessian, Grid(8, "group", 16, False), GPTQOptions())
+    pruned = pruned.__class__(**{**pruned.__dict__, "mask": weight.abs() > 0.5, "meta": {"dial": {}}})
+    with pytest.raises(CompressLMError, match="name its ratio"):
+        with_alternates(chain, [pruned])
+    named = pruned.__class__(**{**pruned.__dict__, "meta": {"dial": {"sparsity": 0.6}}})
+    with pytest.raises(CompressLMError, match="repeat"):
+        with_alternates(chain, [named, named])
+    record = with_alternates(chain, [named])
+    assert record.meta["dial"]["widths"] == [4, 8] and slice_record(record, 8) is record
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +331,7 @@ def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
 
 
 def _nbytes(header: dict, entry: dict, skip: tuple[str, ...] = ()) -> int:
-    keys = [entry[k] for k in ("codes", "scales", "zeros", "importance", "order") if entry.get(k) and k not in skip]
+    keys = [entry[k] for k in ("codes", "scales", "zeros", "mask", "importance", "order") if entry.get(k) and k not in skip]
     return sum(header["blobs"][key]["nbytes"] for key in keys + entry.get("code_planes", []))
 
 
@@ -327,7 +354,7 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
     # 3 bits: its own codes (and the calibration norms), nothing of the shared chain or the sparse plane
     three = load_container(path, dial_bits=3)
     chain = sum(_nbytes(header, e, skip=("importance",)) for e in linears)
-    chain += sum(_nbytes(header, alt) for e in linears for alt in e["alternates"] if alt.get("order"))
+    chain += sum(_nbytes(header, alt) for e in linears for alt in e["alternates"] if alt.get("order") or alt.get("mask"))
     assert full.bytes_read - three.bytes_read == chain
     set_budget(full, 3)
     with torch.no_grad():
@@ -369,3 +396,24 @@ def test_the_3_bit_setting_is_the_dedicated_gptq_model(artifact, tmp_path):
     ids = torch.arange(40)[None] % 200
     with torch.no_grad():
         assert torch.equal(dial.model(ids).logits, dedicated.model(ids).logits)
+
+
+def test_a_pruned_ratio_is_the_dedicated_sparsegpt_model(artifact, tmp_path):
+    """8 bits at 50 %: exactly SparseGPT 50 % + GPTQ W8, calibrated on its own 50 %-sparse stream."""
+    from compresslm.models.tiny import byte_tokenizer
+
+    path, _ = artifact
+    lm = LoadedModel.from_module(tiny_model("llama", layers=2), byte_tokenizer(), name="tiny")
+    recipe = preset("50%-sparsegpt+w8-g16-gptq")
+    recipe.calibration.samples, recipe.calibration.length = 4, 32
+    dedicated, _, _ = compress(lm, recipe, tmp_path / "s50.clm", show_progress=False)
+    dial = load_container(path)
+    assert dial.container["calibration"]["dial_streams"]["pruned ratios"] == [0.5, 0.7]
+    set_budget(dial, 8, 0.5)
+    ids = torch.arange(40)[None] % 200
+    with torch.no_grad():
+        assert torch.equal(dial.model(ids).logits, dedicated.model(ids).logits)
+    layer = next(m for m in dial.model.modules() if isinstance(m, CompressedLinear))
+    assert layer.compressed.meta["algorithm"] != "nested-sparsegpt"
+    set_budget(dial, 8, 0.6)  # between the pruned ratios: the nested-sparse plane
+    assert layer.compressed.meta["algorithm"] == "nested-sparsegpt"

@@ -68,6 +68,7 @@ class QuantizeStage:
     separate_widths: list[int] = field(default_factory=list)  # dial widths kept as their own codes, not prefixes
     dial_sparsity: list[float] = field(default_factory=list)  # sparsity levels of a nested-sparse plane (GPTQ)
     dial_sparsity_priorities: list[float] = field(default_factory=list)  # one weight per level
+    separate_sparsity: list[float] = field(default_factory=list)  # dial ratios pruned on their own (SparseGPT)
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -98,8 +99,11 @@ class QuantizeStage:
             raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
         if self.nested_widths:
             self._validate_nested(where)
-        elif self.separate_widths or self.dial_sparsity:
-            raise RecipeError(f"{where}: separate_widths and dial_sparsity belong to a dial; give nested_widths too")
+        elif self.separate_widths or self.dial_sparsity or self.separate_sparsity:
+            raise RecipeError(
+                f"{where}: separate_widths, dial_sparsity and separate_sparsity belong to a dial; "
+                "give nested_widths too"
+            )
 
     def _validate_nested(self, where: str) -> None:
         from compresslm.quant.nested import check_widths
@@ -132,6 +136,15 @@ class QuantizeStage:
                 raise RecipeError(f"{where}: dial_sparsity: {exc}") from None
         elif self.dial_sparsity_priorities:
             raise RecipeError(f"{where}: dial_sparsity_priorities without dial_sparsity levels")
+        if self.separate_sparsity:
+            from compresslm.sparse.nested import check_levels
+
+            if self.method != "gptq":
+                raise RecipeError(f"{where}: separate_sparsity prunes with SparseGPT; it needs method gptq")
+            try:
+                check_levels(self.separate_sparsity, [1.0] * len(self.separate_sparsity))
+            except CompressLMError as exc:
+                raise RecipeError(f"{where}: separate_sparsity: {exc}") from None
 
     @property
     def grid(self) -> Grid:
@@ -380,7 +393,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return {
             "name": self.name,
-            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "stages": [_stage_dict(s) for s in self.stages],
             "calibration": dataclasses.asdict(self.calibration),
             "dense_dtype": self.dense_dtype,
         }
@@ -491,6 +504,19 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
     return stage
 
 
+# stage fields added after sweeps had recorded points: left out of a stage's dict while empty, so
+# recipes (and the sweep keys made from them) written before they existed keep their exact text
+_LATER_FIELDS = ("separate_sparsity",)
+
+
+def _stage_dict(stage) -> dict:
+    data = dataclasses.asdict(stage)
+    for name in _LATER_FIELDS:
+        if name in data and not data[name]:
+            del data[name]
+    return data
+
+
 def _dial_preset(match: re.Match) -> dict:
     """3, 4 and 8 bits in one artifact. With GPTQ, 3 bits get codes of their own unless `-shared`.
 
@@ -499,13 +525,17 @@ def _dial_preset(match: re.Match) -> dict:
     layer error, 8 bits at 41x a dedicated 8-bit GPTQ's, whose steps are 16x finer). Rounding
     (`-rtn`) nests all three for free: its 3-bit cells are exactly pairs of 4-bit cells.
     With GPTQ, sparse settings at 8 bits come from a nested-sparse plane (`sparse.nested`) tuned
-    for 50/60/70/80 %, weighted 1/0.5/0.5/0.2 (`benchmarks/results/nested_sparse_layer.md`).
+    for 50/60/70/80 %, weighted 1/0.5/0.5/0.2 (`benchmarks/results/nested_sparse_layer.md`),
+    except 50 and 70 %, pruned on their own by SparseGPT: on the reference model the shared plane
+    reached 1.25x (50 %) and 1.9x (70 %) a dedicated SparseGPT's perplexity
+    (`benchmarks/results/sweep_full`), its per-layer excess compounding over the layers.
     """
     stage = {"method": "rtn" if match["rtn"] else "gptq", "bits": 8, "group_size": int(match["group"] or 64)}
     if match["rtn"] or match["shared"]:
         return {**stage, "nested_widths": [3, 4, 8]}
     return {**stage, "nested_widths": [4, 8], "nested_priorities": [1.0, 0.002], "separate_widths": [3],
-            "dial_sparsity": [0.5, 0.6, 0.7, 0.8], "dial_sparsity_priorities": [1.0, 0.5, 0.5, 0.2]}  # fmt: skip
+            "dial_sparsity": [0.5, 0.6, 0.7, 0.8], "dial_sparsity_priorities": [1.0, 0.5, 0.5, 0.2],
+            "separate_sparsity": [0.5, 0.7]}  # fmt: skip
 
 
 def _prune_preset(match: re.Match) -> dict:

@@ -45,12 +45,14 @@ def compress_weight(
     hessian: torch.Tensor | None,
     pattern: SparsityPattern | None = None,
     chain_hessian: torch.Tensor | None = None,
+    sparse_hessians: dict[float, torch.Tensor] | None = None,
 ) -> CompressedWeight:
     """Turn `weight` [out, in] into a CompressedWeight by `stages` (at most one prune and one quantize).
 
     `pattern` overrides the prune stage's own (layer-wise allocation gives each block its ratio).
     `chain_hessian`: for a dial with separate widths, the Hessian of the stream propagated at its
-    chain's narrowest width (see `_dial`).
+    chain's narrowest width; `sparse_hessians`: for a dial's separately pruned ratios, the Hessian
+    of the stream propagated at each ratio (see `_dial`).
     """
     prune = next((s for s in stages if isinstance(s, PruneStage)), None)
     quant = next((s for s in stages if isinstance(s, QuantizeStage)), None)
@@ -66,7 +68,8 @@ def compress_weight(
     if quant is not None and quant.nested_widths:
         if prune is not None:
             raise CompressLMError(f"{name}: the dial's nested widths do not combine with pruning yet")
-        return _dial(weight, quant, hessian, chain_hessian if chain_hessian is not None else hessian)
+        chain = chain_hessian if chain_hessian is not None else hessian
+        return _dial(weight, quant, hessian, chain, sparse_hessians or {})
     if prune is None:
         return _quantize(weight, quant, hessian)
     if quant is None:
@@ -82,20 +85,27 @@ def compress_weight(
 
 
 def _dial(
-    weight: torch.Tensor, quant: QuantizeStage, hessian: torch.Tensor | None, chain_hessian: torch.Tensor | None
+    weight: torch.Tensor,
+    quant: QuantizeStage,
+    hessian: torch.Tensor | None,
+    chain_hessian: torch.Tensor | None,
+    sparse_hessians: dict[float, torch.Tensor],
 ) -> CompressedWeight:
-    """A dial weight: the nested chain, the separate widths and the nested-sparse plane.
+    """A dial weight: the nested chain, the separate widths, the nested-sparse plane and the separately
+    pruned ratios.
 
     The separate widths calibrate on `hessian` (the stream the narrowest width propagates); the
     chain, the sparse plane and the sparsity order on `chain_hessian`, the stream propagated at
-    the chain's narrowest width (the same Hessian when the engine keeps one stream).
+    the chain's narrowest width (the same Hessian when the engine keeps one stream); each separately
+    pruned ratio on its own stream's Hessian (`sparse_hessians`, falling back to `chain_hessian`),
+    so that it is exactly the joint SparseGPT + GPTQ compression a dedicated run would make.
     """
     priorities = tuple(quant.nested_priorities) or None
     record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
                              chain_hessian if quant.method == "gptq" else None, quant.gptq_options,
                              priorities)  # fmt: skip
     single = {"nested_widths": [], "nested_priorities": [], "separate_widths": [], "dial_sparsity": [],
-              "dial_sparsity_priorities": []}  # fmt: skip
+              "dial_sparsity_priorities": [], "separate_sparsity": []}  # fmt: skip
     # widths a shared code serves badly: quantized on their own
     alternates = [_quantize(weight, dataclasses.replace(quant, bits=bits, **single), hessian)
                   for bits in sorted(quant.separate_widths)]  # fmt: skip
@@ -104,6 +114,11 @@ def _dial(
         priorities = tuple(quant.dial_sparsity_priorities) or (1.0,) * len(levels)
         alternates.append(nested_sparsegpt(weight, chain_hessian, levels, priorities, quant.grid, quant.block_size,
                                            quant.damp))  # fmt: skip
+    options = GPTQOptions(quant.block_size, quant.damp)
+    for ratio in quant.separate_sparsity:  # ratios the shared plane serves badly: pruned on their own
+        plane = sparsegpt(weight, sparse_hessians.get(ratio, chain_hessian), SparsityPattern(ratio), quant.grid,
+                          options)  # fmt: skip
+        alternates.append(dataclasses.replace(plane, meta={**plane.meta, "dial": {"sparsity": ratio}}))
     if alternates:
         record = with_alternates(record, alternates)
     if chain_hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)

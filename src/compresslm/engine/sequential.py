@@ -250,12 +250,17 @@ def compress(
                 batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
 
         # a dial with separate widths calibrates its shared chain on a second stream, propagated at the
-        # chain's narrowest width, while the main stream follows the narrowest width overall
-        chains = {min(s.nested_widths) for _, ss in targets.values() for s in ss
-                  if isinstance(s, QuantizeStage) and s.separate_widths}  # fmt: skip
-        chain_batches = list(batches) if chains and batches and not on_original else []
-        if chain_batches:
-            calib_protocol["dial_streams"] = {"separate widths": "narrowest width", "chain": sorted(chains)}
+        # chain's narrowest width, while the main stream follows the narrowest width overall; each
+        # separately pruned ratio calibrates on a stream of its own, propagated at that ratio
+        dial_stages = [s for _, ss in targets.values() for s in ss if isinstance(s, QuantizeStage) and s.nested_widths]
+        chains = {min(s.nested_widths) for s in dial_stages if s.separate_widths}
+        ratios = sorted({r for s in dial_stages for r in s.separate_sparsity})
+        streams: dict[str | float, list[_Batch]] = {}
+        if batches and not on_original:
+            streams = {key: list(batches) for key in (["chain"] if chains else []) + ratios}
+        if streams:
+            calib_protocol["dial_streams"] = {"separate widths": "narrowest width", "chain": sorted(chains),
+                                              "pruned ratios": ratios}  # fmt: skip
         allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
         if cache is not None and cache.complete():
             batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
@@ -264,16 +269,18 @@ def compress(
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
             stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
             hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds)
-            chain_hessians = {}
-            if chain_batches:
-                chain_stats, _ = _collect_statistics(block, chain_batches, run_device)
-                chain_hessians = {info.name: chain_stats.hessian(info.name) for info, _ in block_targets}
+            stream_hessians: dict[str | float, dict[str, torch.Tensor]] = {}
+            for key, stream in streams.items():
+                stream_stats, _ = _collect_statistics(block, stream, run_device)
+                stream_hessians[key] = {info.name: stream_stats.hessian(info.name) for info, _ in block_targets}
             for info, stages in block_targets:
                 t0 = time.perf_counter()
                 hessian = hessians.get(info.name)
                 original = dense_weight(info.module, info.transposed).float()
                 pattern = _pattern_for(_prune_stage(stages), block.name, allocation)
-                record = compress_weight(info.name, original, stages, hessian, pattern, chain_hessians.get(info.name))
+                chain = stream_hessians.get("chain", {}).get(info.name)
+                pruned = {r: stream_hessians[r][info.name] for r in ratios if r in stream_hessians}
+                record = compress_weight(info.name, original, stages, hessian, pattern, chain, pruned)
                 weights[info.name] = record
                 new = _replace(lm, info, record)
                 if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
@@ -290,12 +297,11 @@ def compress(
                 batches = following
             elif batches:
                 batches = _run_block(block.module, batches)
-                if chain_batches:  # the same block with its dial layers at their chain's narrowest width
+                for key in streams:  # the same block with its dial layers at the stream's setting
                     for module in block.module.modules():
                         if isinstance(module, CompressedLinear) and module.nested is not None:
-                            dial = module.nested.meta["dial"]
-                            module.dial(min(dial.get("chain", dial["widths"])))
-                    chain_batches = _run_block(block.module, chain_batches)
+                            _dial_to_stream(module, key)
+                    streams[key] = _run_block(block.module, streams[key])
             bar.update(1)
         bar.close()
 
@@ -316,6 +322,15 @@ def compress(
         info["activation_quantization"] = "simulated (quantize-dequantize in float; no int8 kernel used)"
     seconds = time.perf_counter() - started
     return CompressionResult(weights, layers, recipe, calib_protocol, seconds, info, embeddings)
+
+
+def _dial_to_stream(module: CompressedLinear, key: str | float) -> None:
+    """Set a dial layer to a calibration stream's setting: the chain's narrowest width, or a pruned ratio."""
+    dial = module.nested.meta["dial"]
+    if key == "chain":
+        module.dial(min(dial.get("chain", dial["widths"])))
+    else:
+        module.dial(module.nested.bits, key)
 
 
 def _quantize_embeddings(

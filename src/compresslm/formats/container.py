@@ -137,8 +137,14 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
             f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
         )
     if record.alternates:  # a dial's separately stored widths, each a record of its own
-        entry["alternates"] = [_write_record(writer, f"{name}.w{alt.bits}", alt) for alt in record.alternates]
+        entry["alternates"] = [_write_record(writer, _alternate_name(name, alt), alt) for alt in record.alternates]
     return entry
+
+
+def _alternate_name(name: str, alt: CompressedWeight) -> str:
+    """A dial alternate's blob prefix: its width, and a pruned ratio's per mille (`.w8.s500`)."""
+    ratio = alt.meta["dial"].get("sparsity") if alt.mask is not None else None
+    return f"{name}.w{alt.bits}" + (f".s{round(ratio * 1000)}" if ratio is not None else "")
 
 
 def save_container(

@@ -88,46 +88,54 @@ def with_alternates(record: CompressedWeight, alternates: list[CompressedWeight]
     """`record` (a nested chain) carrying `alternates` as further dial planes.
 
     A single-width record adds a width outside the chain; a nested-sparse record
-    (`sparse.nested.nested_sparsegpt`) serves sparse settings at its width. The chain's own widths
-    stay in `meta["dial"]["chain"]`; `meta["dial"]["widths"]` lists every dense width.
+    (`sparse.nested.nested_sparsegpt`) serves sparse settings at its width; a pruned record whose
+    `meta["dial"]["sparsity"]` names its ratio serves exactly that ratio at its width. The chain's
+    own widths stay in `meta["dial"]["chain"]`; `meta["dial"]["widths"]` lists every dense width.
     """
     dial = record.meta["dial"]
     chain = dial.get("chain", dial["widths"])
-    marked = []
+    marked, ratios = [], []
     for alt in alternates:
-        sparse = alt.order is not None
-        if alt.shape != record.shape or alt.mask is not None or (alt.bits in chain) != sparse:
+        if alt.shape != record.shape:
+            raise CompressLMError(f"an alternate of a {record.shape} dial weight has shape {alt.shape}")
+        if alt.mask is not None:  # one ratio, pruned on its own
+            ratio = alt.meta.get("dial", {}).get("sparsity")
+            if alt.order is not None or alt.nm is not None or not isinstance(ratio, float) or not 0 < ratio < 1:
+                raise CompressLMError("a pruned alternate must be unstructured and name its ratio in meta['dial']")
+            ratios.append(ratio)
+            alt = dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [], "active": alt.bits,
+                                                                      "sparsity": ratio}})  # fmt: skip
+        elif (alt.bits in chain) != (alt.order is not None):
             raise CompressLMError(
-                f"an alternate {alt.bits}-bit weight must be unpruned, of shape {record.shape}, and outside {chain} "
-                "unless it holds a nested sparsity order"
+                f"an alternate {alt.bits}-bit weight must be outside {chain} unless it holds a nested sparsity order"
             )
-        if not sparse:
+        elif alt.order is None:
             alt = dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [alt.bits], "active": alt.bits}})
         marked.append(alt)
-    dense = [alt.bits for alt in marked if alt.order is None]
+    dense = [alt.bits for alt in marked if alt.order is None and alt.mask is None]
     widths = sorted({*chain, *dense})
-    if len(widths) != len(chain) + len(dense) or len(marked) - len(dense) > 1:
-        raise CompressLMError(f"alternate widths {[a.bits for a in alternates]} repeat a width or a sparse plane")
+    planes = [alt for alt in marked if alt.order is not None]
+    if len(widths) != len(chain) + len(dense) or len(planes) > 1 or len(set(ratios)) != len(ratios):
+        raise CompressLMError(
+            f"alternate widths {[a.bits for a in alternates]} repeat a width, a sparse plane or a pruned ratio"
+        )
     meta = {**record.meta, "dial": {**dial, "widths": widths, "chain": list(chain)}}
     return dataclasses.replace(record, alternates=tuple(marked), meta=meta)
 
 
 def sparse_plane(record: CompressedWeight, bits: int, sparsity: float) -> CompressedWeight | None:
-    """The nested-sparse alternate of a dial record that serves `sparsity` at `bits`, or None.
+    """The alternate of a dial record that serves `sparsity` at `bits`, or None.
 
-    A plane serves ratios from its lowest level up: below it, its values (tuned for the levels)
+    A ratio pruned on its own (its record has a mask) serves exactly that ratio. A nested-sparse
+    plane serves ratios from its lowest level up: below it, its values (tuned for the levels)
     lose to the dense codes pruned by the fixed order (at 20 % sparsity, 6x to 21x its layer error
     on four of the reference model's layers: `benchmarks/results/nested_sparse_layer.md`), so those
     settings keep the fixed order.
     """
-    return next(
-        (
-            alt
-            for alt in record.alternates
-            if alt.order is not None and alt.bits == bits and sparsity >= min(alt.meta["dial"]["levels"])
-        ),
-        None,
-    )
+    at_width = [alt for alt in record.alternates if alt.bits == bits]
+    exact = [alt for alt in at_width if alt.mask is not None and abs(alt.meta["dial"]["sparsity"] - sparsity) < 1e-9]
+    nested = [alt for alt in at_width if alt.order is not None and sparsity >= min(alt.meta["dial"]["levels"])]
+    return next(iter(exact + nested), None)
 
 
 def default_priorities(widths: tuple[int, ...]) -> tuple[float, ...]:

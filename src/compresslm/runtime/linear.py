@@ -54,7 +54,9 @@ class CompressedLinear(nn.Module):
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
         record = slice_record(self.nested, bits or self.nested.bits)
         plane = sparse_plane(self.nested, record.bits, sparsity) if sparsity > 0 else None
-        if plane is not None:  # values updated for nested sparsity, with their own order
+        if plane is not None and plane.mask is not None:  # this ratio, pruned on its own
+            record, mask = plane, plane.mask
+        elif plane is not None:  # values updated for nested sparsity, with their own order
             record, mask = plane, order_mask(plane, sparsity)
         else:
             if sparsity > 0 and self.rank is None:  # the keep order, computed on the first sparse setting only
