@@ -331,7 +331,8 @@ def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
 
 
 def _nbytes(header: dict, entry: dict, skip: tuple[str, ...] = ()) -> int:
-    keys = [entry[k] for k in ("codes", "scales", "zeros", "mask", "importance", "order") if entry.get(k) and k not in skip]
+    blobs = ("codes", "scales", "zeros", "mask", "importance", "order")
+    keys = [entry[k] for k in blobs if entry.get(k) and k not in skip]
     return sum(header["blobs"][key]["nbytes"] for key in keys + entry.get("code_planes", []))
 
 
@@ -354,7 +355,7 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
     # 3 bits: its own codes (and the calibration norms), nothing of the shared chain or the sparse plane
     three = load_container(path, dial_bits=3)
     chain = sum(_nbytes(header, e, skip=("importance",)) for e in linears)
-    chain += sum(_nbytes(header, alt) for e in linears for alt in e["alternates"] if alt.get("order") or alt.get("mask"))
+    chain += sum(_nbytes(header, a) for e in linears for a in e["alternates"] if a.get("order") or a.get("mask"))
     assert full.bytes_read - three.bytes_read == chain
     set_budget(full, 3)
     with torch.no_grad():

@@ -272,3 +272,26 @@ def test_example_grids_load():
     for path in examples:
         grid = load_grid(str(path))
         assert grid.points and grid.name == path.stem
+
+
+SIZES = {"bits_per_param": 5.0, "linear_bits_per_param": 4.5, "linear_sparsity": 0.0, "bytes_on_disk": 10}
+
+
+def test_a_remeasured_point_supersedes_its_earlier_row(tmp_path, capsys):
+    """Same label, grid and protocol under a new recipe key: the report shows the latest and says so."""
+    db = tmp_path / "r.sqlite"
+    store = ResultStore(db)
+    for key, ppl in (("old-recipe", 30.0), ("new-recipe", 20.0)):
+        store.start("sha", "machine", key, "protocol", "g", "dial-4")
+        store.finish("sha", "machine", key, "protocol", {"label": "dial-4", "family": "rtn", "ppl": ppl,
+                                                         **SIZES})  # fmt: skip
+    store.start("sha", "machine", "other", "protocol", "g", "w4")
+    store.finish("sha", "machine", "other", "protocol", {"label": "w4", "family": "gptq", "ppl": 25.0,
+                                                         **SIZES})  # fmt: skip
+    assert [r["ppl"] for r in store.results()] == [30.0, 20.0, 25.0]
+    latest = store.results(latest=True)
+    assert sorted((r["label"], r["ppl"], r["superseded"]) for r in latest) == [("dial-4", 20.0, 1), ("w4", 25.0, 0)]
+    store.close()
+    assert main(["report", str(db), "--out", str(tmp_path / "rep")]) == 0
+    assert "1 earlier measurement(s)" in capsys.readouterr().err
+    assert "1 earlier measurement(s)" in (tmp_path / "rep" / "report.md").read_text()

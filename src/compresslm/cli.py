@@ -492,12 +492,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not Path(args.db).is_file():
         raise CompressLMError(f"results database not found: {args.db}")
     store = ResultStore(args.db)
-    rows = store.results(args.grid)
+    rows = store.results(args.grid, latest=not args.all)
     store.close()
     if not rows:
         raise CompressLMError(f"no finished points in {args.db}" + (f" for grid '{args.grid}'" if args.grid else ""))
     page = write_report(rows, args.out, title=f"compresslm results from {Path(args.db).name}")
     _print_frontier(rows)
+    superseded = sum(r.get("superseded", 0) for r in rows)
+    if superseded:
+        _print(f"{superseded} earlier measurement(s) of re-measured points left out (--all shows every row)")
     _print(f"report: {page}")
     return 0
 
@@ -629,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("db", help="SQLite results database")
     rep.add_argument("--out", default="report", help="report folder")
     rep.add_argument("--grid", default=None, help="only this grid's points")
+    rep.add_argument("--all", action="store_true",
+                     help="every finished row, also those a later measurement of a point supersedes")  # fmt: skip
     rep.set_defaults(func=cmd_report)
 
     tr = sub.add_parser(

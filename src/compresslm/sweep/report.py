@@ -242,6 +242,12 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
     for index, ((model, machine), members) in enumerate(groups.items(), start=1):
         protocol = _protocol_line(members)
         md += [f"## {model} on {machine}", "", f"Protocol: {protocol}. Sizes are measured from the written files.", ""]
+        superseded = sum(r.get("superseded", 0) for r in members)
+        if superseded:  # the database keeps them; say so rather than silently dropping them
+            note = (f"{superseded} earlier measurement(s) of points re-measured since (same label, changed recipe) "
+                    "are left out; `compresslm report --all` shows every row.")  # fmt: skip
+            md += [note, ""]
+            body.append(f"<p>{html.escape(note)}</p>")
         body += [
             f"<h2>{html.escape(model)} on {html.escape(machine)}</h2>",
             f"<p>Protocol: {html.escape(protocol)}</p>",

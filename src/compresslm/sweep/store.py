@@ -78,8 +78,13 @@ class ResultStore:
                 (_now(), json.dumps(result), model_sha, machine, point_key, protocol_key),
             )
 
-    def results(self, grid: str | None = None) -> list[dict]:
-        """Finished points (optionally of one grid), each with its model, machine and grid."""
+    def results(self, grid: str | None = None, latest: bool = False) -> list[dict]:
+        """Finished points (optionally of one grid), each with its model, machine and grid.
+
+        `latest`: of points sharing a grid, label, model, machine and protocol (a point re-measured
+        after its recipe changed, e.g. a new dial artifact), only the last finished; each kept row
+        then counts the rows it supersedes in `superseded`.
+        """
         query = (
             "SELECT model_sha, machine, grid, label, point_key, protocol_key, result FROM points WHERE status='done'"
         )
@@ -89,11 +94,19 @@ class ResultStore:
             args = (grid,)
         rows = []
         for model_sha, machine, grid_name, label, point_key, protocol_key, result in self.db.execute(
-            query + " ORDER BY rowid", args
+            query + (" ORDER BY finished_at, rowid" if latest else " ORDER BY rowid"), args
         ):
             rows.append({**json.loads(result), "model_sha": model_sha, "machine": machine, "grid": grid_name,
                          "label": label, "point_key": point_key, "protocol_key": protocol_key})  # fmt: skip
-        return rows
+        if not latest:
+            return rows
+        newest: dict[tuple, dict] = {}
+        for row in rows:
+            same = (row["model_sha"], row["machine"], row["grid"], row["label"], row["protocol_key"])
+            row["superseded"] = newest[same]["superseded"] + 1 if same in newest else 0
+            newest.pop(same, None)  # re-inserted: the order of first measurement is lost, the latest's kept
+            newest[same] = row
+        return list(newest.values())
 
     def unfinished(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT label FROM points WHERE status!='done'")]
