@@ -55,9 +55,10 @@ class CompressedWeight:
     * `order`: optional uint8 [out, in], each weight's position in its row's keep order within
       blocks of `meta["dial"]["order_block"]` columns (0 = kept longest): a nested-sparse dial
       record (`sparse.nested`), from which every sparsity ratio is a prefix.
-    * `alternates`: a dial weight's widths that are stored as their own codes rather than as
-      prefixes of `codes` (see `quant.nested.slice_record`); each is a quantized record of the same
-      shape whose `meta["dial"]["widths"]` names the widths it serves.
+    * `alternates`: a dial weight's further planes, each a quantized record of the same shape:
+      widths stored as their own codes rather than as prefixes of `codes` (`meta["dial"]["widths"]`
+      names them; see `quant.nested.slice_record`), a nested-sparse plane (with `order`) and
+      ratios pruned on their own (with `mask`; `meta["dial"]["sparsity"]` names the ratio).
     * `meta`: free-form JSON-able facts about how it was made (algorithm, error, damping).
     """
 

@@ -13,11 +13,14 @@ norm. From that artifact:
 * `plan_widths(lm, avg_bits)` picks a width per layer for a size between the artifact's widths,
   from the artifact alone (`compresslm dial ARTIFACT --avg-bits 5 -o OUT`, `--dial avg_bits=5`).
 
-Sparse settings at the width of a nested-sparse plane (the `dial` preset's 8 bits, at or above the
-plane's lowest ratio) take the plane's values and keep order, tuned by SparseGPT's sweep for its
-ratios (`sparse.nested`). Every other sparse setting comes from one fixed order of the weights
-(Wanda's score), without weight updates: expect Wanda's quality there, not SparseGPT's. Either way
-a higher sparsity keeps a subset of the weights a lower one keeps.
+Sparse settings at the width of the sparse planes (the `dial` preset's 8 bits): a ratio pruned on
+its own (`separate_sparsity`, the preset's 50 and 70 %) is exactly the SparseGPT + GPTQ model a
+dedicated run makes; other ratios at or above the nested-sparse plane's lowest level take that
+plane's values and keep order, tuned by SparseGPT's sweep for its ratios (`sparse.nested`). Every
+other sparse setting comes from one fixed order of the weights (Wanda's score), without weight
+updates: expect Wanda's quality there, not SparseGPT's. Within the nested plane, and within the
+fixed order, a higher sparsity keeps a subset of the weights a lower one keeps; the separately
+pruned ratios each have a mask of their own.
 """
 
 from __future__ import annotations
