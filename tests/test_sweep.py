@@ -134,18 +134,23 @@ def test_dial_points_are_held_against_dedicated_points():
             point("w4-g64-gptq+emb4", "w4-g64-gptq+emb4", 26.0, 80), point("50%-sparsegpt", "50%-sparsegpt", 40.0, 150),
             point("dial-4", None, 24.6, 105, "dial", dial={"bits": 4}, artifact_bytes=400),
             point("dial-8-50%", None, 42.0, 140, "dial sparse", dial={"bits": 8, "sparsity": 0.5}, artifact_bytes=400),
-            point("dial-3", None, 45.0, 90, "dial", dial={"bits": 3}, artifact_bytes=400)]  # fmt: skip
-    for row, bits in zip(rows, (4.3, 4.6, 4.1, 9.0, 4.3, 8.3, 3.3), strict=True):
+            point("dial-3", None, 45.0, 90, "dial", dial={"bits": 3}, artifact_bytes=400),
+            point("50%-sparsegpt+w8-g64-gptq", "50%-sparsegpt+w8-g64-gptq", 42.0, 120, "joint")]  # fmt: skip
+    for row, bits in zip(rows, (4.3, 4.6, 4.1, 9.0, 4.3, 8.3, 3.3, 5.4), strict=True):
         row["linear_bits_per_param"] = bits
     table = _dial_vs_dedicated(rows)
     assert "| dial-4 | bits=4 | 24.600 | w4-g64-gptq | 24.000 | 1.025 | 105 | 100 |" in table
-    assert any(line.startswith("| dial-8-50% |") and "| 50%-sparsegpt | 40.000 | 1.050 |" in line for line in table)
+    sparse = [line for line in table if line.startswith("| dial-8-50% |")]  # the same setting first, then float16
+    assert (
+        "| 50%-sparsegpt+w8-g64-gptq | 42.000 | 1.000 |" in sparse[0]
+        and "| 50%-sparsegpt | 40.000 | 1.050 |" in sparse[1]
+    )
     assert any(line.startswith("| dial-3 |") and "| – |" in line for line in table)  # no dedicated 3-bit point
     from compresslm.sweep.report import _dial_plot
 
     assert _dial_plot(rows, "dial", "protocol").startswith(b"\x89PNG")
     assert _dial_plot(rows[:2], "no dial", "protocol") is None
-    assert table[-1].endswith("(250 bytes): 1.60x.")
+    assert table[-1].endswith("(220 bytes): 1.82x.")
 
 
 def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):

@@ -147,25 +147,38 @@ def _budget_vs_uniform(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _dedicated_for(dial_row: dict, rows: list[dict]) -> dict | None:
-    """The uniform point that compresses to a dial row's setting on its own: GPTQ at its width and group
-    (dense settings), or SparseGPT at its ratio (sparse ones); None if the sweep has none."""
+def _dedicated_for(dial_row: dict, rows: list[dict]) -> list[dict]:
+    """The uniform points that compress to a dial row's setting on their own, the same setting first.
+
+    Dense settings: GPTQ at the dial's width and group. Sparse ones: SparseGPT at the ratio with
+    GPTQ at the dial's width and group (the same setting), then SparseGPT alone at the ratio
+    (float16 values), whichever the sweep has.
+    """
     setting = dial_row.get("dial") or {}
     group = next((st.get("group_size") for st in dial_row["recipe"]["stages"] if st.get("nested_widths")), None)
-    sparsity = setting.get("sparsity", 0.0)
+    sparsity, bits = setting.get("sparsity", 0.0), setting.get("bits")
+
+    def is_gptq(st: dict) -> bool:
+        return (st["type"] == "quantize" and st["method"] == "gptq" and st["bits"] == bits
+                and st["granularity"] == "group" and st["group_size"] == group and not st["awq_scale"]
+                and not st["nested_widths"])  # fmt: skip
+
+    def is_sparsegpt(st: dict) -> bool:
+        return st["type"] == "prune" and st["method"] == "sparsegpt" and str(st["sparsity"]) == f"{100 * sparsity:g}%"
+
+    same, fp16 = [], []
     for row in rows:
         stages = (row.get("recipe") or {}).get("stages", [])
-        if row["family"] in _NOT_UNIFORM or len(stages) != 1 or row.get("ppl") is None:
+        if row["family"] in _NOT_UNIFORM or row.get("ppl") is None or not stages:
             continue
-        st = stages[0]
-        if sparsity:
-            if st["type"] == "prune" and st["method"] == "sparsegpt" and str(st["sparsity"]) == f"{100 * sparsity:g}%":
-                return row
-        elif (st["type"] == "quantize" and st["method"] == "gptq" and st["bits"] == setting.get("bits")
-              and st["granularity"] == "group" and st["group_size"] == group and not st["awq_scale"]
-              and not st["nested_widths"]):  # fmt: skip
-            return row
-    return None
+        if not sparsity:
+            if len(stages) == 1 and is_gptq(stages[0]):
+                same.append(row)
+        elif len(stages) == 2 and is_sparsegpt(stages[0]) and is_gptq(stages[1]):
+            same.append(row)
+        elif len(stages) == 1 and is_sparsegpt(stages[0]):
+            fp16.append(row)
+    return same[:1] + fp16[:1]
 
 
 def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
@@ -187,7 +200,7 @@ def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
         # dense settings by the bits they keep (planned mixed widths fall between the uniform ones)
         key = (lambda r: r["dial"]["sparsity"]) if sparse else (lambda r: r["linear_bits_per_param"])
         members.sort(key=key)
-        pairs = [(key(r), r, _dedicated_for(r, rows)) for r in members]
+        pairs = [(key(r), r, next(iter(_dedicated_for(r, rows)), None)) for r in members]
         ax.plot([x for x, _, _ in pairs], [r["ppl"] for _, r, _ in pairs], marker="o", label="dial (one artifact)")
         matched = [(x if sparse else ref["linear_bits_per_param"], ref) for x, _, ref in pairs if ref is not None]
         if matched:
@@ -213,15 +226,16 @@ def _dial_vs_dedicated(rows: list[dict]) -> list[str]:
              "| dedicated bytes |", "|---|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
     matched = {}
     for row in dials:
-        ref = _dedicated_for(row, rows)
+        refs = _dedicated_for(row, rows)
         setting = ", ".join(f"{k}={v}" for k, v in row["dial"].items())
-        if ref is None:
+        if not refs:
             lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | – | | | {row['bytes_on_disk']:,} | |")
             continue
-        matched[ref["label"]] = ref["bytes_on_disk"]
-        ratio = row["ppl"] / ref["ppl"]
-        lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | {ref['label']} | {ref['ppl']:.3f} "
-                     f"| {ratio:.3f} | {row['bytes_on_disk']:,} | {ref['bytes_on_disk']:,} |")  # fmt: skip
+        matched[refs[0]["label"]] = refs[0]["bytes_on_disk"]  # one container per setting in the size sum
+        for ref in refs:
+            ratio = row["ppl"] / ref["ppl"]
+            lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | {ref['label']} | {ref['ppl']:.3f} "
+                         f"| {ratio:.3f} | {row['bytes_on_disk']:,} | {ref['bytes_on_disk']:,} |")  # fmt: skip
     artifact = max(r.get("artifact_bytes", 0) for r in dials)
     if matched and artifact:
         total = sum(matched.values())
