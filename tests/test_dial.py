@@ -184,6 +184,7 @@ def test_dial_recipe_validation():
 def test_recipes_without_pruned_ratios_keep_their_text():
     """A field added later is left out while empty: recipes and sweep keys written before stay the same."""
     assert "separate_sparsity" not in preset("w4-g64-gptq").to_dict()["stages"][0]
+    assert "grid_fit" not in preset("50%-sparsegpt").to_dict()["stages"][0]
     assert preset("dial").to_dict()["stages"][0]["separate_sparsity"] == [0.5, 0.7]
 
 
@@ -406,6 +407,7 @@ def test_a_pruned_ratio_is_the_dedicated_sparsegpt_model(artifact, tmp_path):
     path, _ = artifact
     lm = LoadedModel.from_module(tiny_model("llama", layers=2), byte_tokenizer(), name="tiny")
     recipe = preset("50%-sparsegpt+w8-g16-gptq")
+    recipe.stages[0].grid_fit = "both"  # as the dial fits its pruned planes' grids
     recipe.calibration.samples, recipe.calibration.length = 4, 32
     dedicated, _, _ = compress(lm, recipe, tmp_path / "s50.clm", show_progress=False)
     dial = load_container(path)

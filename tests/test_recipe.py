@@ -95,3 +95,15 @@ def test_targets_and_ignore():
     assert stage.applies_to("q", "model.layers.1.self_attn.q_proj")
     assert not stage.applies_to("q", "model.layers.0.self_attn.q_proj")
     assert not stage.applies_to("down", "model.layers.1.mlp.down_proj")
+
+
+def test_grid_fit_belongs_to_sparsegpt():
+    from compresslm.recipe import Recipe
+
+    stages = [{"type": "prune", "method": "sparsegpt", "sparsity": "50%", "grid_fit": "both"}, {"bits": 8}]
+    recipe = Recipe.from_dict({"stages": stages})
+    assert recipe.to_dict()["stages"][0]["grid_fit"] == "both"
+    with pytest.raises(RecipeError, match="grid_fit"):
+        Recipe.from_dict({"stages": [{"type": "prune", "method": "wanda", "grid_fit": "final"}]})
+    with pytest.raises(RecipeError, match="grid_fit"):
+        Recipe.from_dict({"stages": [{"type": "prune", "method": "sparsegpt", "grid_fit": "later"}]})

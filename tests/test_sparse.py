@@ -11,6 +11,7 @@ import torch
 from compresslm.api import compress
 from compresslm.compressed import CompressedWeight, InvalidCompressedWeight
 from compresslm.engine.allocation import owl_ratios
+from compresslm.errors import CompressLMError
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits
 from compresslm.models.loading import LoadedModel, load_model
 from compresslm.models.tiny import tiny_model
@@ -118,6 +119,23 @@ def test_joint_sparsegpt_quantizes_kept_weights_and_zeroes_the_rest(layer):
     pruned_only = sparsegpt(weight, hessian, SparsityPattern(n=2, m=4))
     # quantizing costs something on top of pruning, but not much at 4 bits
     assert _rel(weight, pruned_only, hessian) < _rel(weight, record, hessian) < 2 * _rel(weight, pruned_only, hessian)
+
+
+def test_joint_sparsegpt_can_fit_its_grids_on_where_the_weights_end(layer):
+    weight, hessian = layer
+    grid, pattern = Grid(8, "group", 32), SparsityPattern(ratio=0.7)
+    pruned_only = _rel(weight, sparsegpt(weight, hessian, pattern), hessian)
+    errors = {}
+    for fit_on in ("current", "final", "both"):
+        record = sparsegpt(weight, hessian, pattern, grid, fit_on=fit_on)
+        assert abs(record.sparsity - 0.7) < 0.01 and (record.dequantize()[~record.mask] == 0).all()
+        errors[fit_on] = _rel(weight, record, hessian)
+    # on this layer the updates of a group's later columns push weights past the range fitted when the
+    # sweep reaches the group, and clipping them costs far more than 8-bit rounding
+    assert errors["current"] > 1.1 * pruned_only
+    assert max(errors["final"], errors["both"]) < 1.02 * pruned_only
+    with pytest.raises(CompressLMError, match="fit_on must be"):
+        sparsegpt(weight, hessian, pattern, grid, fit_on="later")
 
 
 def test_gptq_holds_a_given_mask(layer):

@@ -234,7 +234,10 @@ class PruneStage:
     `owl_threshold` × their mean. Stage order matters: a prune stage before a quantize stage
     chooses the mask on float weights and quantizes the kept ones with the mask held fixed
     (SparseGPT followed by GPTQ runs as one joint sweep); after a quantize stage it chooses the
-    mask on the quantized weights, which keep their codes.
+    mask on the quantized weights, which keep their codes. `grid_fit` says where that joint sweep
+    fits each group's grid: `current` (on the kept weights when the sweep reaches the group),
+    `final` (where an unquantized SparseGPT pass leaves them) or `both` (the union of the ranges);
+    see `sparse.prune.sparsegpt`.
     """
 
     method: str = "wanda"
@@ -245,6 +248,7 @@ class PruneStage:
     owl_threshold: float = 5.0
     damp: float = 0.01
     block_size: int = 128
+    grid_fit: str = "current"
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "prune"
@@ -252,6 +256,9 @@ class PruneStage:
     def validate(self, where: str) -> None:
         _choice(where, "method", self.method, PRUNE_METHODS)
         _choice(where, "scope", self.scope, ("row", "layer"))
+        _choice(where, "grid_fit", self.grid_fit, ("current", "final", "both"))
+        if self.grid_fit != "current" and self.method != "sparsegpt":
+            raise RecipeError(f"{where}: grid_fit belongs to SparseGPT's joint quantization, not to {self.method}")
         _choice(where, "allocation", self.allocation, ALLOCATIONS)
         try:
             pattern = self.pattern
@@ -504,15 +511,15 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
     return stage
 
 
-# stage fields added after sweeps had recorded points: left out of a stage's dict while empty, so
-# recipes (and the sweep keys made from them) written before they existed keep their exact text
-_LATER_FIELDS = ("separate_sparsity",)
+# stage fields added after sweeps had recorded points, with their defaults: left out of a stage's dict
+# while at the default, so recipes (and the sweep keys made from them) written before keep their exact text
+_LATER_FIELDS = {"separate_sparsity": [], "grid_fit": "current"}
 
 
 def _stage_dict(stage) -> dict:
     data = dataclasses.asdict(stage)
-    for name in _LATER_FIELDS:
-        if name in data and not data[name]:
+    for name, default in _LATER_FIELDS.items():
+        if name in data and data[name] == default:
             del data[name]
     return data
 

@@ -97,8 +97,21 @@ def sparsegpt(
     pattern: SparsityPattern,
     grid: Grid | None = None,
     options: GPTQOptions | None = None,
+    fit_on: str = "current",
 ) -> CompressedWeight:
-    """Prune (and, with `grid`, quantize) `weight` minimising ‖(W − Ŵ)X‖² column by column."""
+    """Prune (and, with `grid`, quantize) `weight` minimising ‖(W − Ŵ)X‖² column by column.
+
+    With a grid, each group's grid is fitted when the sweep reaches the group, on its kept weights
+    as they stand then (`fit_on="current"`); the updates of the group's later columns can push
+    weights past that range and clip them. `"final"` fits on where an unquantized SparseGPT pass
+    leaves the weights instead, `"both"` on the union of the two ranges (one more pass each;
+    `benchmarks/results/joint_grid_layer.md` measures them).
+    """
+    if fit_on not in ("current", "final", "both"):
+        raise CompressLMError(f"sparsegpt: fit_on must be current, final or both, not {fit_on!r}")
+    final = None
+    if grid is not None and fit_on != "current":
+        final = sparsegpt(weight, hessian, pattern, None, options).dequantize()
     options = options or GPTQOptions()
     check_weight(weight)
     pattern.check(tuple(weight.shape))
@@ -140,6 +153,9 @@ def sparsegpt(
                 keep1[:, i : i + pattern.m] = select_mask(part, SparsityPattern(n=pattern.n, m=pattern.m))
             if quantize and col % g == 0:
                 chunk = w1[:, i : i + g] * keep1[:, i : i + g]
+                if final is not None:
+                    ahead = final[:, col : col + g]
+                    chunk = ahead if fit_on == "final" else torch.cat([chunk, ahead], dim=1)
                 scales[:, col // g], zeros[:, col // g] = fit_rows(chunk, grid)
             column = w1[:, i]
             q = column * keep1[:, i]
