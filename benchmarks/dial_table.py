@@ -30,7 +30,8 @@ from results_store import atomic_write
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "dial_table"
-SETTINGS = ["bits=8", "bits=4", "bits=3", "bits=8,sparsity=0.5", "bits=8,sparsity=0.7", "bits=4,sparsity=0.5"]
+SETTINGS = ["bits=8", "bits=4", "bits=3", "bits=8,sparsity=0.5", "bits=8,sparsity=0.6", "bits=8,sparsity=0.7",
+            "bits=4,sparsity=0.5"]  # fmt: skip
 DEDICATED = {  # the dedicated compression each dial setting is held against
     "bits=8": "w8-g64-gptq",
     "bits=4": "w4-g64-gptq",

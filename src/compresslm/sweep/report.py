@@ -200,12 +200,15 @@ def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
         # dense settings by the bits they keep (planned mixed widths fall between the uniform ones)
         key = (lambda r: r["dial"]["sparsity"]) if sparse else (lambda r: r["linear_bits_per_param"])
         members.sort(key=key)
-        pairs = [(key(r), r, next(iter(_dedicated_for(r, rows)), None)) for r in members]
+        pairs = [(key(r), r, _dedicated_for(r, rows)) for r in members]
         ax.plot([x for x, _, _ in pairs], [r["ppl"] for _, r, _ in pairs], marker="o", label="dial (one artifact)")
-        matched = [(x if sparse else ref["linear_bits_per_param"], ref) for x, _, ref in pairs if ref is not None]
-        if matched:
-            ax.plot([x for x, _ in matched], [ref["ppl"] for _, ref in matched], marker="s", linestyle="--",
-                    label="dedicated (SparseGPT)" if sparse else "dedicated (GPTQ)")  # fmt: skip
+        # the dedicated compressions: the same setting, and (sparse) SparseGPT with float16 values
+        for label, joint, marker in (("dedicated, same setting", True, "s"), ("SparseGPT, float16", False, "^")):
+            matched = [(x if sparse else ref["linear_bits_per_param"], ref) for x, _, refs in pairs for ref in refs
+                       if (len(ref["recipe"]["stages"]) == 2 or not sparse) == joint]  # fmt: skip
+            if matched:
+                ax.plot([x for x, _ in matched], [ref["ppl"] for _, ref in matched], marker=marker, linestyle="--",
+                        label=label if sparse else "dedicated (GPTQ)")  # fmt: skip
         ax.set_xlabel("sparsity (at the dial's width)" if sparse else "linear bits/param (scales included)")
         ax.set_ylabel("ppl")
         ax.set_yscale("log")
