@@ -126,7 +126,8 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
             f"{art['linear_bits_per_param']:.3f} linear bits), compressed in {art['compress_seconds']:.0f} s.",
             "",
         ]
-    if any(name.startswith("dial ") for name in rows):
+    has_ppl = any(name.startswith("dial ") for name in rows)  # a switch-only run has no ppl table or plot
+    if has_ppl:
         lines += [
             "Eval: WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows; every row measured in this run.",
             "",
@@ -169,7 +170,7 @@ def write_markdown(rows: dict, results: Path = RESULTS) -> None:
     machine = "Shared 2-core machine." if device == "cpu" else f"One {device}, float32 with TF32 off."
     lines += ["", f"Command: `{point_runner.command_line('benchmarks/dial_table.py')}`. {machine}"]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
-    if any(name.startswith("dial ") for name in rows):
+    if has_ppl:
         _plot(rows, results)
 
 

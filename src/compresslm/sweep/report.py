@@ -147,12 +147,13 @@ def _budget_vs_uniform(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _dedicated_for(dial_row: dict, rows: list[dict]) -> list[dict]:
-    """The uniform points that compress to a dial row's setting on their own, the same setting first.
+def _dedicated_for(dial_row: dict, rows: list[dict]) -> list[tuple[str, dict]]:
+    """The uniform points that compress to a dial row's setting on their own, as (kind, row), the
+    same setting first.
 
-    Dense settings: GPTQ at the dial's width and group. Sparse ones: SparseGPT at the ratio with
-    GPTQ at the dial's width and group (the same setting), then SparseGPT alone at the ratio
-    (float16 values), whichever the sweep has.
+    Dense settings: GPTQ at the dial's width and group ("same"). Sparse ones: SparseGPT at the ratio
+    with GPTQ at the dial's width and group ("same"), then SparseGPT alone at the ratio ("float16"),
+    whichever the sweep has.
     """
     setting = dial_row.get("dial") or {}
     group = next((st.get("group_size") for st in dial_row["recipe"]["stages"] if st.get("nested_widths")), None)
@@ -178,7 +179,7 @@ def _dedicated_for(dial_row: dict, rows: list[dict]) -> list[dict]:
             same.append(row)
         elif len(stages) == 1 and is_sparsegpt(stages[0]):
             fp16.append(row)
-    return same[:1] + fp16[:1]
+    return [("same", row) for row in same[:1]] + [("float16", row) for row in fp16[:1]]
 
 
 def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
@@ -203,9 +204,9 @@ def _dial_plot(rows: list[dict], title: str, protocol: str) -> bytes | None:
         pairs = [(key(r), r, _dedicated_for(r, rows)) for r in members]
         ax.plot([x for x, _, _ in pairs], [r["ppl"] for _, r, _ in pairs], marker="o", label="dial (one artifact)")
         # the dedicated compressions: the same setting, and (sparse) SparseGPT with float16 values
-        for label, joint, marker in (("dedicated, same setting", True, "s"), ("SparseGPT, float16", False, "^")):
-            matched = [(x if sparse else ref["linear_bits_per_param"], ref) for x, _, refs in pairs for ref in refs
-                       if (len(ref["recipe"]["stages"]) == 2 or not sparse) == joint]  # fmt: skip
+        for label, wanted, marker in (("dedicated, same setting", "same", "s"), ("SparseGPT, float16", "float16", "^")):
+            matched = [(x if sparse else ref["linear_bits_per_param"], ref) for x, _, refs in pairs
+                       for kind, ref in refs if kind == wanted]  # fmt: skip
             if matched:
                 ax.plot([x for x, _ in matched], [ref["ppl"] for _, ref in matched], marker=marker, linestyle="--",
                         label=label if sparse else "dedicated (GPTQ)")  # fmt: skip
@@ -234,8 +235,9 @@ def _dial_vs_dedicated(rows: list[dict]) -> list[str]:
         if not refs:
             lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | – | | | {row['bytes_on_disk']:,} | |")
             continue
-        matched[refs[0]["label"]] = refs[0]["bytes_on_disk"]  # one container per setting in the size sum
-        for ref in refs:
+        first = refs[0][1]
+        matched[first["label"]] = first["bytes_on_disk"]  # one container per setting in the size sum
+        for _, ref in refs:
             ratio = row["ppl"] / ref["ppl"]
             lines.append(f"| {row['label']} | {setting} | {row['ppl']:.3f} | {ref['label']} | {ref['ppl']:.3f} "
                          f"| {ratio:.3f} | {row['bytes_on_disk']:,} | {ref['bytes_on_disk']:,} |")  # fmt: skip
@@ -259,16 +261,16 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
     for index, ((model, machine), members) in enumerate(groups.items(), start=1):
         protocol = _protocol_line(members)
         md += [f"## {model} on {machine}", "", f"Protocol: {protocol}. Sizes are measured from the written files.", ""]
+        body += [
+            f"<h2>{html.escape(model)} on {html.escape(machine)}</h2>",
+            f"<p>Protocol: {html.escape(protocol)}</p>",
+        ]
         superseded = sum(r.get("superseded", 0) for r in members)
         if superseded:  # the database keeps them; say so rather than silently dropping them
             note = (f"{superseded} earlier measurement(s) of points re-measured since (same label, changed recipe) "
                     "are left out; `compresslm report --all` shows every row.")  # fmt: skip
             md += [note, ""]
             body.append(f"<p>{html.escape(note)}</p>")
-        body += [
-            f"<h2>{html.escape(model)} on {html.escape(machine)}</h2>",
-            f"<p>Protocol: {html.escape(protocol)}</p>",
-        ]
         for cost, loss, name in (("bits_per_param", "ppl", "ppl_vs_bits"), ("linear_bits_per_param", "ppl",
                                   "ppl_vs_linear_bits"), ("bits_per_param", "kld_mean", "kld_vs_bits")):  # fmt: skip
             png = _plot(members, cost, loss, f"{model}: {loss} vs {cost.replace('_', ' ')}", protocol)
