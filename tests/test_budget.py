@@ -144,3 +144,33 @@ def test_fisher_weights_every_linear_and_changes_the_plan(tokenizer):
     assert "fisher" in plans["fisher"].recipe.name and "output" in plans["output"].recipe.name
     with pytest.raises(CompressLMError, match="sensitivity='hessian' is not known"):
         plan_budget(lm, base, target_linear_bits=4.4, sensitivity="hessian", show_progress=False)
+
+
+@pytest.mark.parametrize("sparsity", [None, "50%"])
+def test_method_estimate_is_the_compression_the_plan_runs(tokenizer, sparsity):
+    """The solver's "method" estimate of a first-block layer is exactly what the engine writes for it."""
+    from compresslm.data.calibration import calibration_windows
+    from compresslm.engine.budget import _approximation
+    from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
+    from compresslm.recipe import PruneStage, Recipe
+
+    base = preset("w3-g16-gptq")
+    base.calibration.samples, base.calibration.length = 4, 32
+    base.dense_dtype = "float32"  # float16 rounding of the embedding would move the Hessian by a rounding
+    lm = LoadedModel.from_module(tiny_model("llama", layers=1), tokenizer, name="tiny")
+    settings = base.calibration
+    calib = calibration_windows(lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed)
+    batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
+    stats, _ = _collect_statistics(lm.layout.blocks[0], batches, lm.device)
+    name = "model.layers.0.self_attn.q_proj"
+    weight = lm.model.get_submodule(name).weight.detach().float().clone()
+    stage = base.stages[0]
+    estimate = _approximation(name, weight, stats.hessian(name), stage, 3, sparsity, "method")
+    stages = base.stages if sparsity is None else [PruneStage(method="sparsegpt", sparsity=sparsity), *base.stages]
+    recipe = Recipe(stages, calibration=base.calibration, dense_dtype="float32")
+    _, result, _ = compress(lm, recipe, show_progress=False)
+    assert torch.equal(estimate, result.weights[name].dequantize().float())
+    rounded = _approximation(name, weight, stats.hessian(name), stage, 3, sparsity, "rtn")
+    assert not torch.equal(estimate, rounded)
+    with pytest.raises(CompressLMError, match="estimate='exact' is not known"):
+        plan_budget(lm, base, target_linear_bits=4.0, estimate="exact", show_progress=False)

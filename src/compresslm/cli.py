@@ -152,7 +152,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         plan = plan_budget(model, recipe, target_bits=args.target_bits, target_bytes=target_bytes,
                            target_linear_bits=args.target_linear_bits, sensitivity=args.sensitivity,
                            sparsity_options=_budget_sparsity(args.budget_sparsity),
-                           show_progress=not args.quiet)  # fmt: skip
+                           estimate=args.budget_estimate, show_progress=not args.quiet)  # fmt: skip
         recipe = plan.recipe
         counts: dict[str, int] = {}
         for choice in plan.choices.values():  # 4, or 4+50% (4 bits, 50 % sparse)
@@ -565,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--sensitivity", choices=("fisher", "output"), default="fisher",
                       help="budget solver's layer sensitivity: output error weighted by the loss's gradient "
                            "(fisher, default) or plain output error")  # fmt: skip
+    comp.add_argument("--budget-estimate", choices=("method", "rtn"), default="method",
+                      help="how the budget solver measures each option's error: the recipe's own method, as the "
+                           "compression runs it (default), or plain RTN (faster, misleads the choice)")  # fmt: skip
     comp.add_argument("--budget-sparsity", default=None,
                       help="sparsity patterns the budget solver may give a layer at 3 or 4 bits, comma-separated "
                            "(default 50%%,2:4 where the recipe allows them; 'none' for none)")  # fmt: skip

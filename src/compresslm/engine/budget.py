@@ -2,11 +2,15 @@
 
 1. One pass of the *uncompressed* model over the calibration windows, block by block, collects
    every linear's input Hessian H (and the lm_head's, from the final norm's output).
-2. For each linear and each candidate bit width, RTN on the recipe's grid gives the output error
-   per output channel, diag(ΔW H ΔWᵀ) (squared output error summed over the calibration tokens),
-   and the exact bytes the container will spend on it (packed codes, float16 scales, packed zero
-   points, blob alignment). A tied embedding is an item too (float16, 8 or 4 bits), its error
-   measured where it matters most, as the lm_head.
+2. For each linear and each candidate bit width, the recipe's own method (`estimate="method"`, the
+   default: GPTQ, or SparseGPT + GPTQ for a sparse option, exactly as the compression will run
+   them) or plain RTN (`estimate="rtn"`, faster) gives the output error per output channel,
+   diag(ΔW H ΔWᵀ) (squared output error summed over the calibration tokens), and the exact bytes
+   the container will spend on it (packed codes, float16 scales, packed zero points, blob
+   alignment). RTN estimates ignore how much of each option's error the method then removes, which
+   differs between widths and between dense and sparse options.
+   A tied embedding is an item too (float16, 8 or 4 bits), its error measured where it matters
+   most, as the lm_head (it is rounded by RTN in the compression too).
    With `sensitivity="fisher"` (the default) each channel's error is weighted by the mean squared
    gradient of the calibration loss with respect to that output (a diagonal empirical Fisher, from
    one backward pass over `fisher_windows` windows): the second-order estimate of how much the
@@ -14,9 +18,9 @@
    unit of error in an early down_proj and in a late v_proj cost the loss very differently.
    Sparse options (`sparsity_options`, on by default where the recipe's method allows them: GPTQ or
    RTN without input rescaling) add, per linear, 50 % and 2:4 sparsity at 3 and 4 bits: their error
-   is measured the same way on Wanda's mask with RTN on the kept weights, and their bytes count the
-   kept codes and the stored mask. Chosen, they compress as SparseGPT then the recipe's method
-   (one joint sweep with GPTQ).
+   is measured the same way (SparseGPT + the recipe's method, or with `estimate="rtn"` Wanda's mask
+   and RTN on the kept weights), and their bytes count the kept codes and the stored mask. Chosen,
+   they compress as SparseGPT then the recipe's method (one joint sweep with GPTQ).
 3. A multiple-choice knapsack (`quant.allocation.allocate`) picks one option per item so that the
    whole file, including everything that stays dense, the tokenizer and a margin for the header,
    fits the budget with the least total error.
@@ -38,6 +42,7 @@ import torch
 
 from compresslm.compressed import num_groups
 from compresslm.data.calibration import calibration_windows
+from compresslm.engine.linear_stages import compress_weight
 from compresslm.errors import CompressLMError
 from compresslm.formats.packing import nm_index_bits, packed_nbytes
 from compresslm.models.loading import LoadedModel
@@ -198,6 +203,36 @@ def _weighted_error(weight, approx, hessian, fisher: torch.Tensor | None) -> flo
     return float(rows.sum() if fisher is None else (rows * fisher.to(rows.device)).sum())
 
 
+ESTIMATES = ("method", "rtn")
+
+
+def _approximation(
+    name: str,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    stage: QuantizeStage,
+    bits: int,
+    sparsity: str | None,
+    estimate: str,
+) -> torch.Tensor:
+    """The weight an option would leave: compressed as the plan's recipe will (`"method"`) or by RTN.
+
+    `"method"` calls the engine's own `compress_weight` with the stages the plan writes for this
+    option (SparseGPT then the recipe's quantize stage for a sparse one), on the uncompressed
+    model's Hessian; `"rtn"` rounds to the grid (on Wanda's mask for a sparse option).
+    """
+    quant = dataclasses.replace(stage, bits=bits, targets=[])
+    if estimate == "rtn":
+        if sparsity is None:
+            return rtn(weight, quant.grid).dequantize()
+        mask = select_mask(scores("wanda", weight, hessian), SparsityPattern.parse(sparsity))
+        return rtn(weight.masked_fill(~mask, 0.0), quant.grid).dequantize() * mask
+    stages: list = [quant]
+    if sparsity is not None:
+        stages.insert(0, PruneStage(method="sparsegpt", sparsity=sparsity, damp=stage.damp))
+    return compress_weight(name, weight, stages, hessian).dequantize().float()
+
+
 def _row_errors(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """diag(ΔW H ΔWᵀ): each output channel's squared error summed over the calibration inputs."""
     delta = weight - approx
@@ -216,6 +251,7 @@ def plan_budget(
     sensitivity: str = "fisher",
     fisher_windows: int = 32,
     sparsity_options: tuple[str, ...] | None = None,
+    estimate: str = "method",
     show_progress: bool = True,
 ) -> BudgetPlan:
     """Choose per-layer bits and sparsity (and the tied embedding's bits) so the written container fits.
@@ -224,7 +260,9 @@ def plan_budget(
     weight, as `linear_bits_per_param` counts them); the embedding is then left as the recipe has it.
     `sensitivity` is "fisher" (loss-weighted output error, see the module docstring) or "output".
     `sparsity_options` (default: 50 % and 2:4 where the recipe's method allows them, else none;
-    `()` for none) lists the patterns offered at 3 and 4 bits.
+    `()` for none) lists the patterns offered at 3 and 4 bits. `estimate` is "method" (each option's
+    error from the recipe's own method, as the compression will run it) or "rtn" (see the module
+    docstring).
     """
     from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
 
@@ -242,6 +280,8 @@ def plan_budget(
             f"not '{base.name or stage.method}'"
         )
     patterns = [SparsityPattern.parse(p) for p in sparsity_options]
+    if estimate not in ESTIMATES:
+        raise CompressLMError(f"estimate={estimate!r} is not known; use one of {', '.join(ESTIMATES)}")
     if sensitivity not in SENSITIVITIES:
         raise CompressLMError(f"sensitivity={sensitivity!r} is not known; use one of {', '.join(SENSITIVITIES)}")
     params = sum(p.numel() for p in lm.model.parameters())
@@ -269,18 +309,17 @@ def plan_budget(
             rows, labels = [], list(bits_options)
             fisher, aligned = weights_of.get(info.name), target_linear_bits is None
             for bits in bits_options:
+                approx = _approximation(info.name, weight, hessian, stage, bits, None, estimate)
                 grid = _grid(stage, bits)
-                error = _weighted_error(weight, rtn(weight, grid).dequantize(), hessian, fisher)
+                error = _weighted_error(weight, approx, hessian, fisher)
                 rows.append((8.0 * record_bytes(tuple(weight.shape), grid, aligned=aligned), error))
-            wanda = scores("wanda", weight, hessian) if patterns else None
             for text, pattern in zip(sparsity_options, patterns, strict=True):
                 if pattern.is_nm and weight.shape[1] % pattern.m:
                     continue
-                mask = select_mask(wanda, pattern)
-                kept = weight.masked_fill(~mask, 0.0)
                 for bits in SPARSE_BITS:
+                    approx = _approximation(info.name, weight, hessian, stage, bits, text, estimate)
                     grid = _grid(stage, bits)
-                    error = _weighted_error(weight, rtn(kept, grid).dequantize() * mask, hessian, fisher)
+                    error = _weighted_error(weight, approx, hessian, fisher)
                     rows.append((8.0 * sparse_record_bytes(tuple(weight.shape), grid, pattern, aligned), error))
                     labels.append(f"{bits}+{text}")
             options[info.name], bits_of[info.name] = rows, labels
@@ -331,7 +370,8 @@ def plan_budget(
         label = f"{target_linear_bits:g} bits per linear weight"
     else:
         label = f"{target_bits:g} bits/param" if target_bits is not None else f"{target_bytes:,} bytes"
-    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()}, {sensitivity})",
+    how = sensitivity if estimate == "method" else f"{sensitivity}, rtn estimate"
+    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()}, {how})",
                     calibration=base.calibration, dense_dtype=base.dense_dtype).validate()  # fmt: skip
     total_error = sum(options[name][index][1] for name, index in choice.items())
     return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error)
