@@ -401,13 +401,13 @@ def test_the_3_bit_setting_is_the_dedicated_gptq_model(artifact, tmp_path):
 
 
 def test_a_pruned_ratio_is_the_dedicated_sparsegpt_model(artifact, tmp_path):
-    """8 bits at 50 %: exactly SparseGPT 50 % + GPTQ W8, calibrated on its own 50 %-sparse stream."""
+    """8 bits at 50 %: exactly SparseGPT 50 % then GPTQ W8 on its mask, calibrated on its own 50 %-sparse stream."""
     from compresslm.models.tiny import byte_tokenizer
 
     path, _ = artifact
     lm = LoadedModel.from_module(tiny_model("llama", layers=2), byte_tokenizer(), name="tiny")
     recipe = preset("50%-sparsegpt+w8-g16-gptq")
-    recipe.stages[0].grid_fit = "both"  # as the dial fits its pruned planes' grids
+    recipe.stages[0].grid_fit = "after"  # as the dial quantizes its pruned planes
     recipe.calibration.samples, recipe.calibration.length = 4, 32
     dedicated, _, _ = compress(lm, recipe, tmp_path / "s50.clm", show_progress=False)
     dial = load_container(path)

@@ -101,6 +101,7 @@ def test_grid_fit_belongs_to_sparsegpt():
     from compresslm.recipe import Recipe
 
     stages = [{"type": "prune", "method": "sparsegpt", "sparsity": "50%", "grid_fit": "both"}, {"bits": 8}]
+    assert Recipe.from_dict({"stages": [{**stages[0], "grid_fit": "after"}, stages[1]]}).stages[0].grid_fit == "after"
     recipe = Recipe.from_dict({"stages": stages})
     assert recipe.to_dict()["stages"][0]["grid_fit"] == "both"
     with pytest.raises(RecipeError, match="grid_fit"):

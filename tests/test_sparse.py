@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -268,3 +269,20 @@ def test_sparse_kernel_is_reported_honestly_on_cpu(layer):
     assert "not 2:4" in dense.use_sparse_kernel()
     x = torch.randn(3, weight.shape[1])
     assert torch.equal(module(x), x @ module.compressed.dequantize().T)
+
+
+def test_grid_fit_after_quantizes_sparsegpts_result_on_its_mask(layer):
+    """`grid_fit: after`: no joint sweep; float SparseGPT, then GPTQ on the kept weights, mask fixed."""
+    from compresslm.engine.linear_stages import compress_weight
+    from compresslm.quant.gptq import gptq
+    from compresslm.recipe import PruneStage, QuantizeStage
+
+    weight, hessian = layer
+    stages = [PruneStage(method="sparsegpt", sparsity="70%", grid_fit="after"),
+              QuantizeStage(method="gptq", bits=8, group_size=32)]  # fmt: skip
+    record = compress_weight("layer", weight, stages, hessian)
+    pruned = sparsegpt(weight, hessian, SparsityPattern(ratio=0.7))
+    expected = gptq(pruned.dequantize(), hessian, stages[1].grid, stages[1].gptq_options, mask=pruned.mask)
+    assert torch.equal(record.mask, pruned.mask) and torch.equal(record.dequantize(), expected.dequantize())
+    joint = compress_weight("layer", weight, [dataclasses.replace(stages[0], grid_fit="current"), stages[1]], hessian)
+    assert not torch.equal(joint.dequantize(), record.dequantize())  # one sweep: quantization updates pruning

@@ -135,8 +135,10 @@ def test_dial_points_are_held_against_dedicated_points():
             point("dial-4", None, 24.6, 105, "dial", dial={"bits": 4}, artifact_bytes=400),
             point("dial-8-50%", None, 42.0, 140, "dial sparse", dial={"bits": 8, "sparsity": 0.5}, artifact_bytes=400),
             point("dial-3", None, 45.0, 90, "dial", dial={"bits": 3}, artifact_bytes=400),
+            point("50%-sparsegpt+w8 joint", "50%-sparsegpt+w8-g64-gptq", 41.0, 120, "joint"),
             point("50%-sparsegpt+w8-g64-gptq", "50%-sparsegpt+w8-g64-gptq", 42.0, 120, "joint")]  # fmt: skip
-    for row, bits in zip(rows, (4.3, 4.6, 4.1, 9.0, 4.3, 8.3, 3.3, 5.4), strict=True):
+    rows[-1]["recipe"]["stages"][0]["grid_fit"] = "after"  # quantized after SparseGPT, as the dial's planes are
+    for row, bits in zip(rows, (4.3, 4.6, 4.1, 9.0, 4.3, 8.3, 3.3, 5.4, 5.4), strict=True):
         row["linear_bits_per_param"] = bits
     table = _dial_vs_dedicated(rows)
     assert "| dial-4 | bits=4 | 24.600 | w4-g64-gptq | 24.000 | 1.025 | 105 | 100 |" in table
@@ -222,6 +224,24 @@ def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
     assert main(["report", str(tmp_path / "none.sqlite")]) == 2
     assert main(["sweep", model_dir, "--grid", str(tmp_path / "nope.yaml"), "--db", str(db), "--json"]) == 2
     assert "neither a built-in" in capsys.readouterr().err
+
+
+def test_a_point_that_cannot_be_made_is_recorded_and_the_sweep_goes_on(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    grid_file = tmp_path / "tiny.yaml"
+    import yaml
+
+    impossible = {"label": "budget-0.5", "recipe": "w4-g16-rtn", "target_bits": 0.5}
+    grid_file.write_text(yaml.safe_dump({**TINY_GRID, "points": [impossible, "w8-rtn"]}))
+    db, out = tmp_path / "r.sqlite", tmp_path / "report"
+    assert main(["sweep", model_dir, "--grid", str(grid_file), "--db", str(db), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "budget-0.5: not measured: the budget is below the smallest possible size" in err
+    store = ResultStore(db)
+    assert [r["label"] for r in store.results()] == ["w8-rtn"]  # the next point was measured
+    assert [f["label"] for f in store.failures()] == ["budget-0.5"] and store.unfinished() == ["budget-0.5"]
+    store.close()
+    assert "Points not measured" in (out / "report.md").read_text()
 
 
 def test_two_sweeps_can_share_a_database(model_dir, tmp_path, monkeypatch):

@@ -472,17 +472,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from compresslm.sweep.grid import load_grid
     from compresslm.sweep.report import write_report
     from compresslm.sweep.runner import run_sweep
+    from compresslm.sweep.store import ResultStore
 
     grid = load_grid(args.grid)  # validated before any compute
     rows = run_sweep(args.model, grid, args.db, args.containers, data_dir=args.data_dir,
                      show_progress=not args.quiet, log=_print)  # fmt: skip
-    page = write_report(rows, args.out, title=f"compresslm sweep '{grid.name}' of {args.model}")
+    store = ResultStore(args.db)
+    labels = {p.label for p in grid.points}
+    failed = [f for f in store.failures(grid.name) if f["label"] in labels]
+    store.close()
+    page = write_report(rows, args.out, title=f"compresslm sweep '{grid.name}' of {args.model}", failed=failed)
     if args.json:
-        _emit_json({"grid": grid.name, "db": str(args.db), "report": str(page), "points": rows})
-        return 0
+        _emit_json({"grid": grid.name, "db": str(args.db), "report": str(page), "points": rows, "failed": failed})
+        return 1 if failed else 0
     _print_frontier(rows)
     _print(f"report: {page} (and {page.with_suffix('.md')})")
-    return 0
+    for f in failed:
+        _print(f"not measured: {f['label']}: {f['error']}")
+    return 1 if failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -493,10 +500,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CompressLMError(f"results database not found: {args.db}")
     store = ResultStore(args.db)
     rows = store.results(args.grid, latest=not args.all)
+    failed = store.failures(args.grid)
     store.close()
     if not rows:
         raise CompressLMError(f"no finished points in {args.db}" + (f" for grid '{args.grid}'" if args.grid else ""))
-    page = write_report(rows, args.out, title=f"compresslm results from {Path(args.db).name}")
+    page = write_report(rows, args.out, title=f"compresslm results from {Path(args.db).name}", failed=failed)
     _print_frontier(rows)
     superseded = sum(r.get("superseded", 0) for r in rows)
     if superseded:
@@ -569,8 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how the budget solver measures each option's error: the recipe's own method, as the "
                            "compression runs it (default), or plain RTN (faster, misleads the choice)")  # fmt: skip
     comp.add_argument("--budget-sparsity", default=None,
-                      help="sparsity patterns the budget solver may give a layer at 3 or 4 bits, comma-separated "
-                           "(default 50%%,2:4 where the recipe allows them; 'none' for none)")  # fmt: skip
+                      help="sparsity patterns the budget solver may give a layer at 3 or 4 bits (N:M also at 2), "
+                           "comma-separated (default 50%%,2:4 where the recipe allows; 'none' for none)")  # fmt: skip
     comp.add_argument("--calib", default=None, help="calibration source: c4 (default), wikitext2, or a text/JSONL path")
     comp.add_argument("--calib-samples", type=int, default=None, help="number of calibration windows (default 128)")
     comp.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window (default 512)")

@@ -75,7 +75,7 @@ def compress_weight(
     if quant is None:
         return _prune(weight, prune, pattern, hessian)
     if stages.index(prune) < stages.index(quant):
-        if prune.method == "sparsegpt" and quant.method == "gptq":
+        if prune.method == "sparsegpt" and quant.method == "gptq" and prune.grid_fit != "after":
             options = GPTQOptions(prune.block_size, prune.damp)
             return sparsegpt(weight, hessian, pattern, quant.grid, options, fit_on=prune.grid_fit)
         pruned = _prune(weight, prune, pattern, hessian)
@@ -99,8 +99,8 @@ def _dial(
     chain, the sparse plane and the sparsity order on `chain_hessian`, the stream propagated at
     the chain's narrowest width (the same Hessian when the engine keeps one stream); each separately
     pruned ratio on its own stream's Hessian (`sparse_hessians`, falling back to `chain_hessian`),
-    so that it is exactly the joint SparseGPT + GPTQ compression (`grid_fit: both`) a dedicated run
-    would make.
+    so that it is exactly the SparseGPT + GPTQ compression a dedicated run would make with the prune
+    stage's `grid_fit` equal to `separate_sparsity_fit` (default `after`: SparseGPT, then GPTQ on its mask).
     """
     priorities = tuple(quant.nested_priorities) or None
     record = nested_quantize(weight, tuple(quant.nested_widths), quant.grid.group_size_for(weight.shape[1]),
@@ -118,10 +118,14 @@ def _dial(
                                            quant.damp))  # fmt: skip
     options = GPTQOptions(quant.block_size, quant.damp)
     for ratio in quant.separate_sparsity:  # ratios the shared plane serves badly: pruned on their own
-        # grids fitted on both the current and the final range: at 8 bits this removes the clipping that
-        # costs up to 1.7 % layer error (`benchmarks/results/joint_grid_layer.md`)
-        plane = sparsegpt(weight, sparse_hessians.get(ratio, chain_hessian), SparsityPattern(ratio), quant.grid,
-                          options, fit_on="both")  # fmt: skip
+        # by default (`separate_sparsity_fit: after`) SparseGPT in float, then the kept weights quantized with
+        # the mask fixed: at 70 % a joint sweep moved perplexity by 3-12 % (`benchmarks/results/sparse_then_round.md`)
+        stream, fit = sparse_hessians.get(ratio, chain_hessian), quant.separate_sparsity_fit
+        if fit == "after":
+            pruned = sparsegpt(weight, stream, SparsityPattern(ratio), options=options)
+            plane = _quantize(pruned.dequantize(), dataclasses.replace(quant, **single), stream, pruned.mask)
+        else:
+            plane = sparsegpt(weight, stream, SparsityPattern(ratio), quant.grid, options, fit_on=fit)
         alternates.append(dataclasses.replace(plane, meta={**plane.meta, "dial": {"sparsity": ratio}}))
     if alternates:
         record = with_alternates(record, alternates)

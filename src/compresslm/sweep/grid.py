@@ -114,7 +114,7 @@ BUILTIN: dict[str, dict] = {
             "and AWQ at 8/4/3/2 bits, Wanda and SparseGPT at 50 % and 2:4 (SparseGPT also at 70 %), SparseGPT + W4 "
             "GPTQ at both, W3/W2 GPTQ with a 4-bit embedding, the budget solver at 3.5 and 2.5 bits/param and the "
             "dial's settings (8/4/3 bits, 50 %/70 % at 8 bits, planned widths at 6 bits per weight) with SparseGPT + "
-            "W8 GPTQ at 50 %/70 % (grids fitted as the dial fits them), its sparse settings compressed on their own"
+            "W8 GPTQ at 50 %/70 % (quantized after SparseGPT, as the dial's planes are): its sparse settings alone"
         ),
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
         "calibration": {"samples": 128, "length": 512},
@@ -126,9 +126,9 @@ BUILTIN: dict[str, dict] = {
             *({"label": f"dial-8-{r}%", "recipe": "dial", "dial": f"bits=8,sparsity=0.{r // 10}"} for r in (50, 70)),
             {"label": "dial-avg6", "recipe": "dial", "dial": "avg_bits=6"},  # widths planned per layer
             "w8-g64-gptq", "w4-g64-gptq", "w3-g64-gptq", "50%-sparsegpt", "70%-sparsegpt",
-            # the dial's sparse settings compressed on their own, with the same grid fitting as its pruned planes
-            *({"label": f"{r}%-sparsegpt+w8-g64-gptq (grid both)", "recipe": {"name": f"{r}%-sparsegpt+w8-g64-gptq",
-               "stages": [{"type": "prune", "method": "sparsegpt", "sparsity": f"{r}%", "grid_fit": "both"},
+            # the dial's sparse settings compressed on their own, quantized as its pruned planes are (after SparseGPT)
+            *({"label": f"{r}%-sparsegpt+w8-g64-gptq (after)", "recipe": {"name": f"{r}%-sparsegpt+w8-g64-gptq",
+               "stages": [{"type": "prune", "method": "sparsegpt", "sparsity": f"{r}%", "grid_fit": "after"},
                           {"method": "gptq", "bits": 8, "group_size": 64}]}} for r in (50, 70)),
             # the budget solver, then the uniform points of the sizes it reaches (3.5 and 2.5 bits/param)
             {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},

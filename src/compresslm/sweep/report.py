@@ -152,11 +152,12 @@ def _dedicated_for(dial_row: dict, rows: list[dict]) -> list[tuple[str, dict]]:
     same setting first.
 
     Dense settings: GPTQ at the dial's width and group ("same"). Sparse ones: SparseGPT at the ratio
-    with GPTQ at the dial's width and group ("same"), then SparseGPT alone at the ratio ("float16"),
-    whichever the sweep has.
+    with GPTQ at the dial's width and group, its grids fitted as the dial's pruned planes are ("same"),
+    then SparseGPT alone at the ratio ("float16"), whichever the sweep has.
     """
     setting = dial_row.get("dial") or {}
-    group = next((st.get("group_size") for st in dial_row["recipe"]["stages"] if st.get("nested_widths")), None)
+    nested = next((st for st in dial_row["recipe"]["stages"] if st.get("nested_widths")), {})
+    group, fit = nested.get("group_size"), nested.get("separate_sparsity_fit", "after")
     sparsity, bits = setting.get("sparsity", 0.0), setting.get("bits")
 
     def is_gptq(st: dict) -> bool:
@@ -176,7 +177,8 @@ def _dedicated_for(dial_row: dict, rows: list[dict]) -> list[tuple[str, dict]]:
             if len(stages) == 1 and is_gptq(stages[0]):
                 same.append(row)
         elif len(stages) == 2 and is_sparsegpt(stages[0]) and is_gptq(stages[1]):
-            same.append(row)
+            if stages[0].get("grid_fit", "current") == fit:
+                same.append(row)
         elif len(stages) == 1 and is_sparsegpt(stages[0]):
             fp16.append(row)
     return [("same", row) for row in same[:1]] + [("float16", row) for row in fp16[:1]]
@@ -249,8 +251,13 @@ def _dial_vs_dedicated(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "compresslm sweep") -> Path:
-    """Write report.md, report.html and the PNG plots into `out_dir`; return the HTML path."""
+def write_report(
+    rows: list[dict], out_dir: str | os.PathLike, title: str = "compresslm sweep", failed: list[dict] | None = None
+) -> Path:
+    """Write report.md, report.html and the PNG plots into `out_dir`; return the HTML path.
+
+    `failed`: points that could not be measured (`ResultStore.failures`), listed with their errors.
+    """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -311,6 +318,11 @@ def write_report(rows: list[dict], out_dir: str | os.PathLike, title: str = "com
                 continue
             md += [f"### {heading}", "", *table, ""]
             body += [f"<h3>{html.escape(heading)}</h3>", _html_table(table)]
+    if failed:  # said, not silently dropped
+        table = ["| point | why it was not measured |", "|---|---|"]
+        table += [f"| {f['label']} | {f['error'].replace('|', '/')} |" for f in failed]
+        md += ["## Points not measured", "", *table, ""]
+        body += ["<h2>Points not measured</h2>", _html_table(table)]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     page = out / "report.html"
     style = (

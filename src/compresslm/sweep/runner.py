@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from compresslm.engine.stats_cache import default_cache_dir
+from compresslm.errors import CompressLMError
 from compresslm.eval.stats import mean_stderr
 from compresslm.models.loading import LoadedModel, load_model
 from compresslm.progress import progress
@@ -144,7 +145,13 @@ def run_sweep(
                 bar.update(1)  # sweep sharing this database: two processes can split one grid
                 continue
             store.start(model_sha, machine, point.key, protocol_key, grid.name, point.label)
-            row = _measure(point, base, str(model), grid, reference, workdir, containers is not None, data_dir)
+            try:
+                row = _measure(point, base, str(model), grid, reference, workdir, containers is not None, data_dir)
+            except CompressLMError as exc:  # this point cannot be made (e.g. a budget below every option): go on
+                store.fail(model_sha, machine, point.key, protocol_key, str(exc))
+                log(f"  {point.label}: not measured: {exc}")
+                bar.update(1)
+                continue
             store.finish(model_sha, machine, point.key, protocol_key, row)
             kld = f", KL {row['kld_mean']:.4f}" if "kld_mean" in row else ""
             log(f"  {point.label}: ppl {row['ppl']:.3f}{kld}, {row['bits_per_param']:.3f} bits/param, "

@@ -78,6 +78,22 @@ class ResultStore:
                 (_now(), json.dumps(result), model_sha, machine, point_key, protocol_key),
             )
 
+    def fail(self, model_sha: str, machine: str, point_key: str, protocol_key: str, error: str) -> None:
+        """Record why a point could not be measured (an impossible budget, say); a rerun tries it again."""
+        with self.db:
+            self.db.execute(
+                "UPDATE points SET status='failed', finished_at=?, result=? "
+                "WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?",
+                (_now(), json.dumps({"error": error}), model_sha, machine, point_key, protocol_key),
+            )
+
+    def failures(self, grid: str | None = None) -> list[dict]:
+        """Points whose last attempt failed, each with its label, model, machine and error."""
+        query = "SELECT label, model_sha, machine, grid, result FROM points WHERE status='failed'"
+        rows = self.db.execute(query + (" AND grid=?" if grid else ""), (grid,) if grid else ())
+        return [{"label": label, "model_sha": sha, "machine": machine, "grid": g, **json.loads(result)}
+                for label, sha, machine, g, result in rows]  # fmt: skip
+
     def results(self, grid: str | None = None, latest: bool = False) -> list[dict]:
         """Finished points (optionally of one grid), each with its model, machine and grid.
 
