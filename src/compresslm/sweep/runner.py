@@ -185,10 +185,12 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
         if point.target_bits is not None:
             from compresslm.engine.budget import plan_budget
 
+            planning = time.perf_counter()
             plan = plan_budget(work, recipe, target_bits=point.target_bits, show_progress=False)
             recipe = plan.recipe
             row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
-                             "predicted_bytes": plan.predicted_bytes}  # fmt: skip
+                             "predicted_bytes": plan.predicted_bytes,
+                             "plan_seconds": time.perf_counter() - planning}  # fmt: skip
         _, result, summary = compress(work, recipe, path, show_progress=False, stats_cache=default_cache_dir())
         del work
         row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
