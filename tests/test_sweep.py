@@ -70,6 +70,17 @@ def test_budget_points(model_dir, tmp_path, monkeypatch):
         load_grid({"points": [{"label": "b", "recipe": "w4-rtn", "target_bits": -1}]})
 
 
+def test_budget_sparsity_of_a_point():
+    point = {"label": "b", "recipe": "w4-g64-gptq", "target_bits": 3.5}
+    default, dense = load_grid({"points": [point, {**point, "label": "d", "budget_sparsity": []}]}).points
+    assert default.budget_sparsity is None and dense.budget_sparsity == []
+    assert "budget_sparsity" not in default.key and default.key != dense.key  # earlier keys unchanged
+    with pytest.raises(GridError, match=r"budget_sparsity: .*60 percent"):
+        load_grid({"points": [{**point, "budget_sparsity": ["60 percent"]}]})
+    with pytest.raises(GridError, match="belongs to a budget point"):
+        load_grid({"points": [{"label": "w", "recipe": "w4-rtn", "budget_sparsity": []}]})
+
+
 def test_grid_file_and_product(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("points: [none]\nproduct:\n  recipe: 'w{bits}-g{group}-rtn'\n  bits: [4, 3]\n  group: [32, 64]\n")

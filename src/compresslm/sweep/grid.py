@@ -16,6 +16,7 @@ points:                         # preset names, or mappings with a label, recipe
   - w4-g64-rtn
   - {label: w4-gptq-32win, recipe: w4-g64-gptq, calibration: {samples: 32}}
   - {label: budget-3.5, recipe: w4-g64-gptq, target_bits: 3.5}   # the budget solver picks per-layer widths
+  - {label: budget-3.5-dense, recipe: w4-g64-gptq, target_bits: 3.5, budget_sparsity: []}   # ... and no pruning
   - {label: dial-3, recipe: dial, dial: "bits=3"}   # one setting of a dial artifact (built once per recipe)
 product:                        # optional: every combination of the axes, formatted into `recipe`
   recipe: "w{bits}-g{group}-{method}"
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from compresslm.errors import CompressLMError
 from compresslm.recipe import CalibrationSettings, Recipe, RecipeError, load_recipe
+from compresslm.sparse.masks import SparsityPattern
 
 BASELINE = "none"
 
@@ -66,13 +68,17 @@ class SweepPoint:
     recipe: Recipe | None  # None: the uncompressed model
     target_bits: float | None = None  # the budget solver chooses per-layer widths for this file size
     dial: dict | None = None  # a setting ({"bits": 3, "sparsity": 0.5}) of the dial artifact `recipe` makes
+    budget_sparsity: list[str] | None = None  # the patterns the budget solver may use; None: its default
 
     @property
     def key(self) -> str:
         """What makes two points the same measurement (label aside)."""
         recipe = self.recipe.to_dict() if self.recipe else None
         if self.target_bits:
-            return json.dumps({"recipe": recipe, "target_bits": self.target_bits}, sort_keys=True)
+            key: dict = {"recipe": recipe, "target_bits": self.target_bits}
+            if self.budget_sparsity is not None:
+                key["budget_sparsity"] = self.budget_sparsity
+            return json.dumps(key, sort_keys=True)
         if self.dial:
             return json.dumps({"recipe": recipe, "dial": self.dial}, sort_keys=True)
         return json.dumps(recipe, sort_keys=True)
@@ -112,7 +118,8 @@ BUILTIN: dict[str, dict] = {
         "description": (
             "the benchmark protocol of DESIGN.md (128 x 512 calibration windows; first 40 windows of 2048): RTN, GPTQ "
             "and AWQ at 8/4/3/2 bits, Wanda and SparseGPT at 50 % and 2:4 (SparseGPT also at 70 %), SparseGPT + W4 "
-            "GPTQ at both, W3/W2 GPTQ with a 4-bit embedding, the budget solver at 3.5 and 2.5 bits/param and the "
+            "GPTQ at both, W3/W2 GPTQ with a 4-bit embedding, the budget solver at 3.5 (also without pruning) and 2.5 "
+            "bits/param and the "
             "dial's settings (8/4/3 bits, 50 %/70 % at 8 bits, planned widths at 6 bits per weight) with SparseGPT + "
             "W8 GPTQ at 50 %/70 % (quantized after SparseGPT, as the dial's planes are): its sparse settings alone"
         ),
@@ -133,6 +140,7 @@ BUILTIN: dict[str, dict] = {
             # the budget solver, then the uniform points of the sizes it reaches (3.5 and 2.5 bits/param)
             {"label": "budget-3.5", "recipe": "w4-g64-gptq", "target_bits": 3.5},
             {"label": "budget-2.5", "recipe": "w4-g64-gptq", "target_bits": 2.5},
+            {"label": "budget-3.5-dense", "recipe": "w4-g64-gptq", "target_bits": 3.5, "budget_sparsity": []},
             "w3-g64-gptq+emb4", "w2-g64-gptq+emb4",
         ],
         "product": [
@@ -149,7 +157,7 @@ BUILTIN: dict[str, dict] = {
 _GRID_KEYS = ("name", "description", "protocol", "calibration", "points", "product")
 _PROTOCOL_KEYS = ("ppl", "kld", "tasks", "task_limit", "speed")
 _PPL_KEYS = ("corpus", "ctx", "limit")
-_POINT_KEYS = ("label", "recipe", "calibration", "target_bits", "dial")
+_POINT_KEYS = ("label", "recipe", "calibration", "target_bits", "budget_sparsity", "dial")
 
 
 def _check_keys(where: str, data: dict, allowed: tuple) -> None:
@@ -225,7 +233,19 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
     dial = _dial_setting(raw.get("dial"), recipe, where) if raw.get("dial") is not None else None
     if dial is not None and target is not None:
         raise GridError(f"{where}: give target_bits or dial, not both")
-    return SweepPoint(label, recipe, float(target) if target is not None else None, dial)
+    patterns = raw.get("budget_sparsity")
+    if patterns is not None:
+        if target is None:
+            raise GridError(f"{where}: budget_sparsity belongs to a budget point (target_bits)")
+        if not isinstance(patterns, list):
+            raise GridError(f"{where}: budget_sparsity must be a list of patterns such as ['50%', '2:4'], or []")
+        patterns = [str(p) for p in patterns]
+        for pattern in patterns:
+            try:
+                SparsityPattern.parse(pattern)
+            except CompressLMError as exc:
+                raise GridError(f"{where}: budget_sparsity: {exc}") from None
+    return SweepPoint(label, recipe, float(target) if target is not None else None, dial, patterns)
 
 
 def _dial_setting(text: object, recipe: Recipe, where: str) -> dict:

@@ -186,7 +186,9 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
             from compresslm.engine.budget import plan_budget
 
             planning = time.perf_counter()
-            plan = plan_budget(work, recipe, target_bits=point.target_bits, show_progress=False)
+            patterns = tuple(point.budget_sparsity) if point.budget_sparsity is not None else None
+            plan = plan_budget(work, recipe, target_bits=point.target_bits, sparsity_options=patterns,
+                               show_progress=False)  # fmt: skip
             recipe = plan.recipe
             row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
                              "predicted_bytes": plan.predicted_bytes,
