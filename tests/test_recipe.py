@@ -108,3 +108,12 @@ def test_grid_fit_belongs_to_sparsegpt():
         Recipe.from_dict({"stages": [{"type": "prune", "method": "wanda", "grid_fit": "final"}]})
     with pytest.raises(RecipeError, match="grid_fit"):
         Recipe.from_dict({"stages": [{"type": "prune", "method": "sparsegpt", "grid_fit": "later"}]})
+
+
+def test_separate_sparsity_fit_is_checked_and_shown_only_with_pruned_ratios():
+    dial = preset("dial").to_dict()
+    stage = next(st for st in dial["stages"] if st.get("separate_sparsity"))
+    assert stage["separate_sparsity_fit"] == "after"
+    with pytest.raises(RecipeError, match="separate_sparsity_fit"):
+        Recipe.from_dict({**dial, "stages": [{**stage, "separate_sparsity_fit": "later"}]})
+    assert "separate_sparsity_fit" not in preset("w4-g64-gptq").to_dict()["stages"][0]  # earlier keys hold
