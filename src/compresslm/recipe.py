@@ -246,7 +246,7 @@ class PruneStage:
     see `sparse.prune.sparsegpt`. `after` runs no joint sweep: SparseGPT in float first, then the
     quantize stage on the kept weights with the mask fixed (at 70 % the joint sweep moved 8-bit
     perplexity by 3-12 % where rounding SparseGPT's result moved it by 1.5 %,
-    `benchmarks/results/sparse_then_round.md`).
+    `benchmarks/results/sparse_then_round_70_w8.md`).
     """
 
     method: str = "wanda"

@@ -69,7 +69,7 @@ def compress_weight(
         if prune is not None:
             raise CompressLMError(f"{name}: the dial's nested widths do not combine with pruning yet")
         chain = chain_hessian if chain_hessian is not None else hessian
-        return _dial(weight, quant, hessian, chain, sparse_hessians or {})
+        return _dial(name, weight, quant, hessian, chain, sparse_hessians or {})
     if prune is None:
         return _quantize(weight, quant, hessian)
     if quant is None:
@@ -86,6 +86,7 @@ def compress_weight(
 
 
 def _dial(
+    name: str,
     weight: torch.Tensor,
     quant: QuantizeStage,
     hessian: torch.Tensor | None,
@@ -116,16 +117,14 @@ def _dial(
         priorities = tuple(quant.dial_sparsity_priorities) or (1.0,) * len(levels)
         alternates.append(nested_sparsegpt(weight, chain_hessian, levels, priorities, quant.grid, quant.block_size,
                                            quant.damp))  # fmt: skip
-    options = GPTQOptions(quant.block_size, quant.damp)
     for ratio in quant.separate_sparsity:  # ratios the shared plane serves badly: pruned on their own
-        # by default (`separate_sparsity_fit: after`) SparseGPT in float, then the kept weights quantized with
-        # the mask fixed: at 70 % a joint sweep moved perplexity by 3-12 % (`benchmarks/results/sparse_then_round.md`)
-        stream, fit = sparse_hessians.get(ratio, chain_hessian), quant.separate_sparsity_fit
-        if fit == "after":
-            pruned = sparsegpt(weight, stream, SparsityPattern(ratio), options=options)
-            plane = _quantize(pruned.dequantize(), dataclasses.replace(quant, **single), stream, pruned.mask)
-        else:
-            plane = sparsegpt(weight, stream, SparsityPattern(ratio), quant.grid, options, fit_on=fit)
+        # the dedicated two-stage compression itself; by default (`separate_sparsity_fit: after`) SparseGPT in
+        # float, then the kept weights quantized with the mask fixed: at 70 % a joint sweep moved perplexity
+        # by 3-12 % (`benchmarks/results/sparse_then_round_70_w8.md`)
+        prune = PruneStage(method="sparsegpt", sparsity=ratio, damp=quant.damp, block_size=quant.block_size,
+                           grid_fit=quant.separate_sparsity_fit)  # fmt: skip
+        plane = compress_weight(name, weight, [prune, dataclasses.replace(quant, **single)],
+                                sparse_hessians.get(ratio, chain_hessian))  # fmt: skip
         alternates.append(dataclasses.replace(plane, meta={**plane.meta, "dial": {"sparsity": ratio}}))
     if alternates:
         record = with_alternates(record, alternates)
