@@ -71,20 +71,18 @@ class ResultStore:
             )
 
     def finish(self, model_sha: str, machine: str, point_key: str, protocol_key: str, result: dict) -> None:
-        with self.db:
-            self.db.execute(
-                "UPDATE points SET status='done', finished_at=?, result=? "
-                "WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?",
-                (_now(), json.dumps(result), model_sha, machine, point_key, protocol_key),
-            )
+        self._end("done", result, model_sha, machine, point_key, protocol_key)
 
     def fail(self, model_sha: str, machine: str, point_key: str, protocol_key: str, error: str) -> None:
         """Record why a point could not be measured (an impossible budget, say); a rerun tries it again."""
+        self._end("failed", {"error": error}, model_sha, machine, point_key, protocol_key)
+
+    def _end(self, status: str, result: dict, *key: str) -> None:
         with self.db:
             self.db.execute(
-                "UPDATE points SET status='failed', finished_at=?, result=? "
+                "UPDATE points SET status=?, finished_at=?, result=? "
                 "WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?",
-                (_now(), json.dumps({"error": error}), model_sha, machine, point_key, protocol_key),
+                (status, _now(), json.dumps(result), *key),
             )
 
     def failures(self, grid: str | None = None) -> list[dict]:
