@@ -331,3 +331,24 @@ def test_a_remeasured_point_supersedes_its_earlier_row(tmp_path, capsys):
     assert main(["report", str(db), "--out", str(tmp_path / "rep")]) == 0
     assert "1 earlier measurement(s)" in capsys.readouterr().err
     assert "1 earlier measurement(s)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_rows_from_an_older_kernel_release_are_found_again(tmp_path):
+    """A kernel update must not make a finished sweep start over: the machine id has no release."""
+    import os
+    import platform
+
+    from compresslm.sweep.store import machine_id
+
+    path = tmp_path / "r.sqlite"
+    store = ResultStore(path)
+    here = f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} 6.1.0-old-build"
+    elsewhere = f"{platform.machine()} {os.cpu_count() + 1} cpus, {platform.system()} 6.1.0-old-build"
+    for machine in (here, elsewhere):
+        store.start("sha", machine, "point", "protocol", "g", "w4")
+        store.finish("sha", machine, "point", "protocol", {"label": "w4", "ppl": 25.0})
+    store.close()
+    store = ResultStore(path)
+    assert store.is_done("sha", machine_id(), "point", "protocol")
+    assert platform.release() not in machine_id()
+    assert {row["machine"] for row in store.results()} == {machine_id(), elsewhere}

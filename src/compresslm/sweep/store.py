@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,9 +34,29 @@ CREATE TABLE IF NOT EXISTS points (
 """
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
 def machine_id() -> str:
-    """A stable description of where the numbers were measured (not the host name)."""
-    return f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} {platform.release()}"
+    """Where the numbers were measured: architecture, cores, CPU model and OS (not the host name).
+
+    The kernel release is left out: it changes with every VM image or update, and a rerun on the same
+    hardware must find its finished points. Each result keeps the full platform string
+    (`eval_protocol.versions.platform`), so nothing is lost.
+    """
+    return f"{platform.machine()} {os.cpu_count()} cpus, {_cpu_model()}, {platform.system()}"
+
+
+# Before 2026-11-24 the id was "x86_64 2 cpus, Linux 6.18.44-fc-v595": architecture, cores, OS, release.
+_LEGACY_MACHINE = re.compile(r"^(\S+) (\d+) cpus, (\w+) \S+$")
 
 
 def _now() -> str:
@@ -49,6 +70,18 @@ class ResultStore:
         self.db = sqlite3.connect(self.path)
         with self.db:
             self.db.execute(SCHEMA)
+        self._adopt_legacy_rows()
+
+    def _adopt_legacy_rows(self) -> None:
+        """Give rows with an old-style machine id (kernel release included) this machine's id when
+        architecture, core count and OS agree: the id they would have had had the release never been
+        part of it (the old id never named the CPU model). A row that would collide is left as it is."""
+        here = (platform.machine(), str(os.cpu_count()), platform.system())
+        with self.db:
+            for (machine,) in self.db.execute("SELECT DISTINCT machine FROM points").fetchall():
+                legacy = _LEGACY_MACHINE.match(machine)
+                if legacy and legacy.groups() == here:
+                    self.db.execute("UPDATE OR IGNORE points SET machine=? WHERE machine=?", (machine_id(), machine))
 
     def close(self) -> None:
         self.db.close()
