@@ -8,7 +8,8 @@ resumes from its checkpoint):
 
 * `train <preset>`: `compresslm.train` with a preset (finetune = the control) into `--workdir`.
 * `fp <run>`: ppl of a run's float weights (`base` = the untrained model).
-* `qat <run>`: ppl of a single-width QAT run's own container (weights on their learned grid).
+* `qat <run>`: ppl of a QAT run's own container (weights on their learned grid; `learned-widths`:
+  each layer at the width the rate term chose).
 * `ptq <run> <recipe>`: post-training compression of a run's float weights, written, reloaded, evaluated.
 
     .venv/bin/python benchmarks/train_table.py [--steps 100] [--points ...] [--workdir DIR]
@@ -26,11 +27,11 @@ from results_store import atomic_write
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "train_table"
-RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "gmp-50%"]
+RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "gmp-50%", "learned-widths"]
 DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),
     "fp base", "fp finetune", "fp nm-2:4", "fp gmp-50%",
-    "qat qat-w4", "qat qat-w3", "qat qat-w2",
+    "qat qat-w4", "qat qat-w3", "qat qat-w2", "qat learned-widths",
     *(f"ptq {run} {recipe}" for run in ("base", "finetune")
       for recipe in ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")),
     *(f"ptq random-precision w{b}-g64-{m}" for b in (4, 3) for m in ("rtn", "gptq")),
@@ -66,7 +67,8 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
         summary = train(lm, rest, args.steps, _run_dir(workdir, rest), show_progress=False)
         return {"point": name, **summary, "train_seconds": time.perf_counter() - started, **where}
     if kind in ("fp", "qat"):
-        path = _run_dir(workdir, rest) / f"model-w{rest[-1]}.clm" if kind == "qat" else _source(workdir, rest)
+        own = "model-learned-widths.clm" if rest == "learned-widths" else f"model-w{rest[-1]}.clm"
+        path = _run_dir(workdir, rest) / own if kind == "qat" else _source(workdir, rest)
         lm = load_model(path, device=args.device)
         ppl = perplexity(lm, "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
         return {"point": name, "ppl": ppl.ppl, "eval_protocol": ppl.protocol, **where}
@@ -92,12 +94,19 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
     ]
     recipes = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
     for run in ["base", *RUNS]:
-        own = ppl(f"qat {run}") if run.startswith("qat") else ""
+        own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
         cells = " | ".join(ppl(f"ptq {run} {r}") for r in recipes)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
     rp = [f"{p.split(' ', 2)[2]} {ppl(p)}" for p in rows if p.startswith("ptq random-precision")]
     if rp:
         lines += ["", "Random-precision checkpoint compressed post hoc: " + ", ".join(rp) + "."]
+    learned = rows.get("train learned-widths")
+    if learned:
+        lines += [
+            "",
+            f"learned-widths: the rate term (λ = {learned['recipe']['rate_weight']:g}) chose "
+            f"{learned['linear_bits_per_weight']:.3f} bits per linear weight.",
+        ]
     trained = [r for r in rows.values() if r["point"].startswith("train")]
     if trained:
         times = ", ".join(f"{r['point'][6:]} {r['train_seconds'] / 60:.0f} min" for r in trained)

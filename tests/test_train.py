@@ -170,3 +170,61 @@ def test_learned_activation_clipping_trains_and_exports(tokenizer, tmp_path):
     assert configs and all(c and c["bits"] == 8 and c["granularity"] == "tensor" for c in configs)
     with pytest.raises(CompressLMError, match="act_bits=9"):
         train_recipe({"act_bits": 9})
+
+
+def test_learned_widths_mix_the_grids_and_count_container_bits():
+    from compresslm.engine.budget import record_bytes
+    from compresslm.quant.grid import Grid
+
+    linear = torch.nn.Linear(96, 8)
+    module = FakeQuantLinear(linear, widths=(2, 4, 8), group_size=32, learn_widths=True)
+    assert module.widths == (8, 4, 2) and module.mixing
+    probs = module.width_probs().detach()
+    expected = sum(p * module._quantized_at(module.weight, b) for p, b in zip(probs, (8, 4, 2), strict=True))
+    assert torch.allclose(module.quantized_weight(), expected)
+    bits = [8 * record_bytes((8, 96), Grid(b, "group", 32), aligned=False) for b in (8, 4, 2)]
+    assert float(module.expected_bits().detach()) == pytest.approx(sum(bits) / 3)
+    (module(torch.randn(3, 96)).pow(2).sum() + module.expected_bits()).backward()
+    assert module.width_logits.grad is not None and module.weight.grad is not None
+    with torch.no_grad():
+        module.width_logits.copy_(torch.tensor([0.0, 2.0, 1.0]))
+    module.fix_width()
+    assert not module.mixing and module.bits == 4 and float(module.expected_bits()) == bits[1]
+    with pytest.raises(ValueError, match="two or more"):
+        FakeQuantLinear(linear, widths=(4,), learn_widths=True)
+
+
+def test_a_heavy_rate_term_drives_every_layer_to_the_narrowest_width(tokenizer, tmp_path):
+    with pytest.raises(CompressLMError, match="two or more widths"):
+        train_recipe({"widths": [4], "rate_weight": 0.1})
+    assert train_recipe("learned-widths").rate_weight > 0
+    runs = {}
+    for weight in (1e-9, 100.0):
+        recipe = _recipe(name="rate", widths=[8, 4, 2], rate_weight=weight, width_lr=0.5, fix_widths_at=0.5)
+        runs[weight] = train(_tiny(tokenizer), recipe, 6, tmp_path / f"rate{weight}", show_progress=False)
+    heavy, light = runs[100.0], runs[1e-9]
+    assert set(heavy["widths"].values()) == {2}
+    assert heavy["linear_bits_per_weight"] < light["linear_bits_per_weight"]
+    container = load_model(heavy["container"])
+    assert {r.bits for r in container.compressed.values()} == {2}
+    rows = (tmp_path / "rate100.0" / "loss.csv").read_text().splitlines()
+    assert rows[0].split(",")[5] == "bits" and rows[1].split(",")[5] == "mixed" and rows[-1].split(",")[5] == "2"
+
+
+def test_learned_widths_resume_after_a_kill(tokenizer, tmp_path, monkeypatch):
+    recipe = _recipe(name="rate", widths=[8, 4, 2], rate_weight=0.5, width_lr=0.5, fix_widths_at=0.5)
+    straight = train(_tiny(tokenizer), recipe, 6, tmp_path / "straight", show_progress=False)
+    real = FakeQuantLinear.fix_width
+
+    def dying(self):  # the first fix happens in step 4, after the checkpoint of step 3
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FakeQuantLinear, "fix_width", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(tokenizer), recipe, 6, tmp_path / "resumed", show_progress=False)
+    monkeypatch.setattr(FakeQuantLinear, "fix_width", real)
+    resumed = train(_tiny(tokenizer), recipe, 6, tmp_path / "resumed", show_progress=False)
+    assert resumed["widths"] == straight["widths"]
+    a = load_model(straight["model"]).model.state_dict()
+    b = load_model(resumed["model"]).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

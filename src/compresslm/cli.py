@@ -532,8 +532,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     _print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; model: {summary['model']}"
            + (f"; QAT container: {summary['container']}" if "container" in summary else "")
+           + (f" ({summary['linear_bits_per_weight']:.3f} bits per linear weight, widths "
+              f"{_width_counts(summary['widths'])})" if "widths" in summary else "")
            + f"; log: {summary['log']}")  # fmt: skip
     return 0
+
+
+def _width_counts(widths: dict[str, int]) -> str:
+    """'W8 x3, W4 x20': how many layers a run left at each learned width."""
+    counts = {b: list(widths.values()).count(b) for b in sorted(set(widths.values()), reverse=True)}
+    return ", ".join(f"W{b} x{n}" for b, n in counts.items())
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,13 @@ weights can grow back; the trainer adds a decay pulling them to zero), a continu
 2:4; `lora_rank` freezes the weight and trains a low-rank update B·A through the grid (QLoRA-style
 cheap QAT: far fewer trained parameters), merged into the weight when training ends.
 
+`learn_widths` makes the width itself a trained choice (the rate term): each layer holds logits over
+its `widths`; while `mixing`, its weight is the softmax-weighted mixture of the weight quantized at
+every width (each through its own STE grid), and `expected_bits` is the same mixture of the bits
+each width's record takes in the container (codes, float16 scales, packed zero points), so a
+penalty on it is differentiable in the logits (in the spirit of DNAS mixed precision, Wu et al.
+2018). `fix_width` ends the mixing at the most probable width, which is then trained as plain QAT.
+
 `act_bits` also quantizes the layer's inputs, symmetric per tensor, with a learned clipping range
 α (initialised from the first batch's max |x|; its gradient flows through the step α/q_max, as
 LSQ learns steps, so clipped inputs pull α out and rounding error pulls it in).
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslm.compressed import expand_groups
+from compresslm.engine.budget import record_bytes
 from compresslm.quant.grid import Grid, fit_weight
 
 
@@ -60,8 +68,14 @@ class FakeQuantLinear(nn.Module):
         dynamic_nm: tuple[int, int] | None = None,
         lora_rank: int = 0,
         act_bits: int = 0,
+        learn_widths: bool = False,
     ):
         super().__init__()
+        self.widths = tuple(sorted(widths, reverse=True))
+        if learn_widths and (len(self.widths) < 2 or self.widths[0] >= 16):
+            raise ValueError(f"learned widths need two or more quantized widths, not {self.widths}")
+        self.width_logits = nn.Parameter(torch.zeros(len(self.widths))) if learn_widths else None
+        self.mixing = learn_widths
         self.act_bits = act_bits
         self.log_clip = nn.Parameter(torch.zeros(())) if act_bits else None
         self.register_buffer("clip_ready", torch.tensor(False))
@@ -94,8 +108,34 @@ class FakeQuantLinear(nn.Module):
             raise ValueError(f"width {bits} was not among this layer's widths {sorted(self.log_steps)}")
         self.bits = bits
 
-    def step_and_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.log_steps[str(self.bits)].exp(), getattr(self, f"zero_{self.bits}")
+    def step_and_zero(self, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        bits = self.bits if bits is None else bits
+        return self.log_steps[str(bits)].exp(), getattr(self, f"zero_{bits}")
+
+    def width_probs(self) -> torch.Tensor:
+        """The learned distribution over `widths` (learn_widths only)."""
+        return torch.softmax(self.width_logits, dim=0)
+
+    def fix_width(self) -> None:
+        """Stop mixing: from now on the layer trains (and exports) at its most probable width."""
+        self.mixing = False
+        self.set_bits(self.widths[int(torch.argmax(self.width_logits.detach()))])
+
+    def record_bits(self, bits: int) -> int:
+        """Bits this layer's weight takes at `bits` (the container's record: codes, scales, zero points;
+        16 = float16), as `linear_bits_per_param` counts them."""
+        shape = (self.out_features, self.in_features)
+        if bits >= 16:
+            return 16 * self.out_features * self.in_features
+        return 8 * record_bytes(shape, Grid(bits, "group", self.group_size), aligned=False)
+
+    def expected_bits(self) -> torch.Tensor:
+        """The record's bits at the active width, or their expectation under `width_probs` while mixing
+        (differentiable in the logits: the rate term)."""
+        if not self.mixing:
+            return torch.tensor(float(self.record_bits(self.bits)), device=self.weight.device)
+        costs = torch.tensor([float(self.record_bits(b)) for b in self.widths], device=self.weight.device)
+        return (self.width_probs() * costs).sum()
 
     def dense_weight(self) -> torch.Tensor:
         """The float weight the grid sees: the weight plus any low-rank update."""
@@ -122,10 +162,14 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         w = self._masked(self.dense_weight())
-        if self.bits >= 16:
-            return w
-        q_max = (1 << self.bits) - 1
-        step, zero = self.step_and_zero()
+        if self.mixing:
+            probs = self.width_probs().to(w.dtype)
+            return sum(p * self._quantized_at(w, b) for p, b in zip(probs, self.widths, strict=True))
+        return w if self.bits >= 16 else self._quantized_at(w, self.bits)
+
+    def _quantized_at(self, w: torch.Tensor, bits: int) -> torch.Tensor:
+        q_max = (1 << bits) - 1
+        step, zero = self.step_and_zero(bits)
         step = scale_grad(step, 1.0 / math.sqrt(self.group_size * q_max))
         s = expand_groups(step, self.in_features, self.group_size)
         z = expand_groups(zero, self.in_features, self.group_size)
@@ -155,6 +199,9 @@ class FakeQuantLinear(nn.Module):
         if self.dynamic_nm is not None:
             mask += f" (dynamic {self.dynamic_nm[0]}:{self.dynamic_nm[1]})"
         lora = f", LoRA rank {self.lora_a.shape[0]}" if self.lora_a is not None else ""
+        if self.mixing:
+            probs = ", ".join(f"W{b} {p:.2f}" for b, p in zip(self.widths, self.width_probs().tolist(), strict=True))
+            return f"in={self.in_features}, out={self.out_features}, mixing ({probs}) g{self.group_size}{mask}{lora}"
         act = f", A{self.act_bits} learned clip" if self.act_bits else ""
         return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}{mask}{lora}{act}"
 

@@ -8,6 +8,11 @@ fine-tune from drifting), plus `ce_weight` × the language-modelling loss on the
 * QAT: every step at the recipe's width, through the STE grid with learned steps.
 * Randomized precision: each step draws every layer's width from `widths`, so one checkpoint
   is trained for all of them.
+* Learned widths (the rate term): with `rate_weight` λ > 0 each layer learns a distribution over
+  `widths` (see `FakeQuantLinear`) and the loss adds λ × the expected bits per linear weight of
+  the container the run would write; at `fix_widths_at` of the run every layer is fixed at its
+  most probable width and trains on as QAT. λ is the one knob that traces a frontier: the run
+  exports a mixed-width container with its learned steps.
 * Gradual magnitude pruning: every `prune_every` steps the masks are recomputed at the sparsity
   of the schedule (cubic, linear or cosine) until `prune_end` of the run, then held.
 
@@ -54,6 +59,9 @@ class TrainRecipe:
     lora_rank: int = 0  # > 0: frozen weights, a trained low-rank update per linear (merged at the end)
     hidden_weight: float = 0.0  # > 0: also distil every block's hidden states (normalized MSE)
     act_bits: int = 0  # > 0: inputs quantized per tensor with a learned clipping range
+    rate_weight: float = 0.0  # > 0: learn each layer's width from `widths`, penalising expected bits/weight
+    width_lr: float = 1e-2  # learning rate of the width logits (rate_weight > 0)
+    fix_widths_at: float = 0.75  # fraction of the run after which each layer keeps its most probable width
     schedule: str = "cubic"
     prune_every: int = 10
     prune_end: float = 0.75
@@ -90,6 +98,15 @@ class TrainRecipe:
             raise CompressLMError("train recipe: hidden_weight distils hidden states: it needs distill on")
         if not self.distill and self.ce_weight <= 0:
             raise CompressLMError("train recipe: with distill off, ce_weight must be positive (nothing to learn from)")
+        if self.rate_weight < 0:
+            raise CompressLMError(f"train recipe: rate_weight={self.rate_weight} must be >= 0")
+        if self.rate_weight > 0 and (len(self.widths) < 2 or self.random_precision):
+            raise CompressLMError(
+                "train recipe: rate_weight learns each layer's width: it needs two or more widths "
+                "and random_precision off"
+            )
+        if not 0.0 < self.fix_widths_at <= 1.0 or self.width_lr <= 0:
+            raise CompressLMError("train recipe: fix_widths_at must be in (0, 1] and width_lr positive")
         if self.lr <= 0 or self.batch_size < 1 or self.seq_len < 2 or self.prune_every < 1:
             raise CompressLMError("train recipe: lr, batch_size, seq_len and prune_every must be positive")
         return self
@@ -109,6 +126,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     "gmp-70%": {"sparsity": 0.7},
     "nm-2:4": {"nm": [2, 4]},
     "cast-2:4": {"nm": [2, 4], "dynamic_nm": True},
+    "learned-widths": {"widths": [8, 6, 4, 3, 2], "rate_weight": 0.05},
     "qat-w4a8": {"widths": [4], "act_bits": 8},
     "lora-qat-w4": {"widths": [4], "lora_rank": 16, "lr": 1e-4},
     "lora-qat-w3": {"widths": [3], "lora_rank": 16, "lr": 1e-4},
@@ -145,7 +163,7 @@ def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
             raise CompressLMError(f"{info.name}: training supports nn.Linear layers (not {type(info.module).__name__})")
         dynamic = tuple(recipe.nm) if recipe.dynamic_nm else None
         module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step, dynamic, recipe.lora_rank,
-                                 recipe.act_bits)  # fmt: skip
+                                 recipe.act_bits, learn_widths=recipe.rate_weight > 0)  # fmt: skip
         replace_module(lm.model, info.name, module)
         wrapped.append(module)
     return wrapped
@@ -184,8 +202,12 @@ def train(
     names = [info.name for info in lm.layout.linears()]
     modules = dict(zip(names, _wrap(lm, recipe), strict=True)) if recipe.compresses else {}
     model = lm.model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    logits = [m.width_logits for m in modules.values() if m.width_logits is not None]
+    params = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in logits)]
+    groups = [{"params": params}] + ([{"params": logits, "lr": recipe.width_lr, "weight_decay": 0.0}] if logits else [])
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    weights = sum(m.in_features * m.out_features for m in modules.values())
+    fix_step = int(recipe.fix_widths_at * steps)
     rng = random.Random(seed)
     start, log_rows = 0, []
     checkpoint = out / "checkpoint.pt"
@@ -207,6 +229,10 @@ def train(
         if recipe.random_precision:
             for module in modules.values():
                 module.set_bits(rng.choice(recipe.widths))
+        if logits and step >= fix_step:
+            for module in modules.values():
+                if module.mixing:
+                    module.fix_width()
         sparsity = 0.0
         if recipe.dynamic_nm:
             for module in modules.values():
@@ -236,6 +262,9 @@ def train(
                 loss = loss + recipe.hidden_weight * _hidden_loss(student.hidden_states, reference.hidden_states)
         if recipe.dynamic_nm and recipe.nm_decay > 0:
             loss = loss + recipe.nm_decay * sum(m.pruned_decay() for m in modules.values())
+        rate = sum(m.expected_bits() for m in modules.values()) / weights if modules else torch.tensor(16.0)
+        if recipe.rate_weight > 0:
+            loss = loss + recipe.rate_weight * rate
         if recipe.ce_weight > 0 or teacher is None:
             ce_t = F.nll_loss(logprobs.flatten(0, 1), batch[:, 1:].flatten())
             loss = loss + recipe.ce_weight * ce_t
@@ -244,8 +273,10 @@ def train(
         loss.backward()
         optimizer.step()
         bits = sorted({m.bits for m in modules.values()}) if modules else [16]
+        mixing = any(m.mixing for m in modules.values())
         log_rows.append({"step": step + 1, "loss": float(loss.detach()), "kl": kl, "ce": ce, "sparsity": sparsity,
-                         "bits": "/".join(map(str, bits)), "seconds": time.perf_counter() - t0})  # fmt: skip
+                         "bits": "mixed" if mixing else "/".join(map(str, bits)),
+                         "bits_per_weight": float(rate.detach()), "seconds": time.perf_counter() - t0})  # fmt: skip
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
         if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
@@ -256,8 +287,14 @@ def train(
     bar.close()
     model.eval()
     exported = {}
-    if len(recipe.widths) == 1 and modules:
-        exported = {"container": str(_export_qat_container(lm, modules, recipe, out))}
+    if logits:
+        for module in modules.values():
+            if module.mixing:  # fix_widths_at = 1: fixed only now
+                module.fix_width()
+        exported["widths"] = {name: m.bits for name, m in modules.items()}
+        exported["linear_bits_per_weight"] = sum(m.record_bits(m.bits) for m in modules.values()) / weights
+    if (len(recipe.widths) == 1 or logits) and modules:
+        exported["container"] = str(_export_qat_container(lm, modules, recipe, out))
     _unwrap(lm, modules)
     lm.layout = discover_layout(lm.model)  # the module tree is back to nn.Linear
     lm.changed()
@@ -277,7 +314,8 @@ def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
 
 
 def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], recipe: TrainRecipe, out: Path) -> Path:
-    """The QAT model as a .clm with the learned steps: the weights exactly as trained through the grid."""
+    """The QAT model as a .clm with the learned steps (each layer at its own width when widths were
+    learned): the weights exactly as trained through the grid."""
     from compresslm.compressed import CompressedWeight
     from compresslm.formats.container import save_container
     from compresslm.runtime.linear import CompressedLinear
@@ -303,7 +341,7 @@ def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], 
         for tensor in snapshot.model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
-    path = out / f"model-w{recipe.widths[0]}.clm"
+    path = out / (f"model-w{recipe.widths[0]}.clm" if len(recipe.widths) == 1 else "model-learned-widths.clm")
     save_container(snapshot, records, path, {"recipe": None, "train_recipe": dataclasses.asdict(recipe)})
     return path
 
