@@ -43,12 +43,14 @@ def gpu_peak() -> dict:
     return {"peak_gpu_bytes": torch.cuda.max_memory_allocated()} if torch.cuda.is_available() else {}
 
 
-def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "cpu") -> dict:
+def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "cpu", plans: Path | None = None) -> dict:
     """Compress with preset `name`, save, reload from disk, evaluate. Runs inside the point's own process.
 
     `name` is a preset, `<preset>@4.6[:output]` (the budget solver at 4.6 bits per linear weight) or
     `<preset>[propagate=original]` (every block calibrates on the uncompressed model; the statistics
-    are cached and shared by every such point on the same model).
+    are cached and shared by every such point on the same model). With `plans` (a table's JSON), a
+    budget point takes the recipe its row there was compressed with instead of planning anew, so
+    the same model is measured under another protocol (the full test set, say).
     """
     from compresslm.api import compress
     from compresslm.engine.stats_cache import default_cache_dir
@@ -69,6 +71,11 @@ def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "c
     started = time.perf_counter()
     recipe, _, override = name.partition("[propagate=")
     recipe, _, budget = recipe.partition("@")
+    planned = json.loads(plans.read_text()).get(name) if budget and plans else None
+    if planned:
+        from compresslm.recipe import load_recipe
+
+        recipe, budget = load_recipe(planned["recipe"]), ""
     if budget:
         from compresslm.engine.budget import plan_budget
         from compresslm.recipe import preset
@@ -106,6 +113,7 @@ def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "c
         "compression_info": {k: v for k, v in result.info.items() if k != "model"},
         "eval_protocol": ppl.protocol,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        **({"plan_from": str(plans)} if planned else {}),
         **where,
         **gpu_peak(),
     }
@@ -152,15 +160,18 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--results", type=Path, default=results, help="the table's JSON/markdown path, no suffix")
+    parser.add_argument("--plans-from", type=Path, help="a table's JSON: budget points reuse its rows' recipes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
     args = parser.parse_args()
 
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(run_point(args.one, args.model, args.limit, Path(tmp), args.device)))
+            row = run_point(args.one, args.model, args.limit, Path(tmp), args.device, args.plans_from)
+            print(json.dumps(row))
         return
 
     child = ["--model", args.model, "--limit", str(args.limit), "--device", args.device]
+    child += ["--plans-from", str(args.plans_from)] if args.plans_from else []
     rows = run_queue(script, args.results.with_suffix(".json"), args.points, child)
     ordered = {name: rows[name] for name in [*default_points, *args.points, *rows] if name in rows}
     if ordered:

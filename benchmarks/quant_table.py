@@ -90,10 +90,11 @@ def _matrix(rows: dict, other: dict) -> list[str]:
 def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) -> None:
     any_row = next(iter(rows.values()))
     p = any_row["eval_protocol"]
+    full = p["windows"] == p.get("windows_available")
     lines = [
-        "# Weight quantization of `smollm2-135m` (benchmark protocol)",
+        f"# Weight quantization of `smollm2-135m` (benchmark protocol{', full test set' if full else ''})",
         "",
-        f"Eval: WikiText-2 raw test, GPTQ rows, ctx {p['ctx']}, first {p['windows']} windows "
+        f"Eval: WikiText-2 raw test, GPTQ rows, ctx {p['ctx']}, {'all' if full else 'first'} {p['windows']} windows "
         f"({p['tokens_scored']:,} tokens), float32 compute, measured on the model **reloaded from its .clm file**.",
         "Calibration (GPTQ, AWQ): 128 × 512-token windows from the shipped C4 train sample, seed 0. RTN uses none.",
         "GPTQ rows use act-order with static groups (the default) unless named `-noact`.",
@@ -113,8 +114,14 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
     for row in rows.values():
         delta = f"{100 * (row['ppl'] / baseline - 1):+.1f} %" if baseline else ""
         mark = ""
-        if row.get("note"):
-            notes.append(row["note"])
+        note = row.get("note") or (
+            f"compressed with the recipe of its row in `{Path(row['plan_from']).name}` (the same plan, not planned "
+            "anew)"
+            if row.get("plan_from")
+            else None
+        )
+        if note:
+            notes.append(note)
             mark = f" [{len(notes)}]"
         lines.append(
             f"| {row['point']}{mark} | {row['ppl']:.3f} | {delta} | {row['bits_per_param']:.3f} "
@@ -122,6 +129,11 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
             f"| {point_runner.rss_cell(row)} |"
         )
     lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, start=1)]
+    if full and RESULTS.with_suffix(".json").exists():
+        first = json.loads(RESULTS.with_suffix(".json").read_text())
+        same = [f"{name} {first[name]['ppl']:.3f} → {rows[name]['ppl']:.3f}" for name in rows if name in first]
+        if same:
+            lines += ["", "First 40 windows (`quant_table.md`) → the full set: " + "; ".join(same) + "."]
     h100 = HERE / "results" / "h100" / "quant_table.json"
     other = json.loads(h100.read_text()) if results == RESULTS and h100.exists() else {}
     lines += ["", "## RTN, GPTQ and AWQ at every width and group", "", *_matrix(rows, other)]
