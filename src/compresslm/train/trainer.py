@@ -262,9 +262,11 @@ def train(
                 loss = loss + recipe.hidden_weight * _hidden_loss(student.hidden_states, reference.hidden_states)
         if recipe.dynamic_nm and recipe.nm_decay > 0:
             loss = loss + recipe.nm_decay * sum(m.pruned_decay() for m in modules.values())
-        rate = sum(m.expected_bits() for m in modules.values()) / weights if modules else torch.tensor(16.0)
-        if recipe.rate_weight > 0:
-            loss = loss + recipe.rate_weight * rate
+        rate = float("nan")  # expected container bits per linear weight (learned widths only)
+        if logits:
+            rate_t = sum(m.expected_bits() for m in modules.values()) / weights
+            loss = loss + recipe.rate_weight * rate_t
+            rate = float(rate_t.detach())
         if recipe.ce_weight > 0 or teacher is None:
             ce_t = F.nll_loss(logprobs.flatten(0, 1), batch[:, 1:].flatten())
             loss = loss + recipe.ce_weight * ce_t
@@ -276,7 +278,7 @@ def train(
         mixing = any(m.mixing for m in modules.values())
         log_rows.append({"step": step + 1, "loss": float(loss.detach()), "kl": kl, "ce": ce, "sparsity": sparsity,
                          "bits": "mixed" if mixing else "/".join(map(str, bits)),
-                         "bits_per_weight": float(rate.detach()), "seconds": time.perf_counter() - t0})  # fmt: skip
+                         "bits_per_weight": rate, "seconds": time.perf_counter() - t0})  # fmt: skip
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
         if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
