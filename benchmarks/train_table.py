@@ -13,11 +13,16 @@ resumes from its checkpoint):
 * `ptq <run> <recipe>`: post-training compression of a run's float weights, written, reloaded, evaluated.
 
     .venv/bin/python benchmarks/train_table.py [--steps 100] [--points ...] [--workdir DIR]
+    .venv/bin/python benchmarks/train_table.py --runs qat-w3 base   # one run's points, in order
+
+A run's checkpoint lives in `--workdir`, outside the repository: measure every point of a run in
+the session that trained it (`--runs` lists them: its training, then what reads the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -116,7 +121,16 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+def points_of_runs(runs: list[str]) -> list[str]:
+    """The default points that train or read the named runs (`base`: the untrained model), in order."""
+    return [point for point in DEFAULT_POINTS if point.split(" ")[1] in runs]
+
+
 def main() -> None:
+    if "--runs" in sys.argv:  # shorthand for --points: every point of the named runs
+        start = sys.argv.index("--runs")
+        end = next((i for i in range(start + 1, len(sys.argv)) if sys.argv[i].startswith("--")), len(sys.argv))
+        sys.argv[start:end] = ["--points", *points_of_runs(sys.argv[start + 1 : end])]
     workdir = str(Path.home() / ".cache" / "compresslm" / "train-bench")
     options = [("--steps", int, 100), ("--limit", int, 40), ("--workdir", str, workdir), ("--device", str, "cpu"),
                ("--results", str, str(RESULTS))]  # fmt: skip
