@@ -136,7 +136,8 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
             lines += ["", "First 40 windows (`quant_table.md`) → the full set: " + "; ".join(same) + "."]
     h100 = HERE / "results" / "h100" / "quant_table.json"
     other = json.loads(h100.read_text()) if results == RESULTS and h100.exists() else {}
-    lines += ["", "## RTN, GPTQ and AWQ at every width and group", "", *_matrix(rows, other)]
+    if any(f"{s}-{m}" in rows or f"{s}-{m}" in other for s in SETTINGS for m in ("rtn", "gptq", "awq")):
+        lines += ["", "## RTN, GPTQ and AWQ at every width and group", "", *_matrix(rows, other)]
     if any(f"{s}-{m}" not in rows and f"{s}-{m}" in other for s in SETTINGS for m in ("rtn", "gptq", "awq")):
         lines += ["", "† measured on an H100 with the same code and protocol (`results/h100/quant_table.md`; its RTN "
                   "rows match this table's to the third decimal), not yet on this machine."]  # fmt: skip
