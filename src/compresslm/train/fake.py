@@ -199,11 +199,12 @@ class FakeQuantLinear(nn.Module):
         if self.dynamic_nm is not None:
             mask += f" (dynamic {self.dynamic_nm[0]}:{self.dynamic_nm[1]})"
         lora = f", LoRA rank {self.lora_a.shape[0]}" if self.lora_a is not None else ""
+        act = f", A{self.act_bits} learned clip" if self.act_bits else ""
+        width = f"W{self.bits}"
         if self.mixing:
             probs = ", ".join(f"W{b} {p:.2f}" for b, p in zip(self.widths, self.width_probs().tolist(), strict=True))
-            return f"in={self.in_features}, out={self.out_features}, mixing ({probs}) g{self.group_size}{mask}{lora}"
-        act = f", A{self.act_bits} learned clip" if self.act_bits else ""
-        return f"in={self.in_features}, out={self.out_features}, W{self.bits} g{self.group_size}{mask}{lora}{act}"
+            width = f"mixing ({probs})"
+        return f"in={self.in_features}, out={self.out_features}, {width} g{self.group_size}{mask}{lora}{act}"
 
 
 def prune_schedule(step: int, total: int, target: float, kind: str = "cubic", start: float = 0.0) -> float:
