@@ -3,7 +3,7 @@
 # bits, Wanda/SparseGPT at 50 %, 2:4 and 70 %, joint settings, the budget solver, the dial's settings).
 # Resumable: the committed database holds the finished points; rerunning measures only the rest and
 # rewrites the report. Containers (several GB) go to $CONTAINERS, outside the repository.
-#   bash benchmarks/sweep_full.sh            # on 2 CPU cores: about 4.5 hours for all 32 points
+#   bash benchmarks/sweep_full.sh            # on 2 CPU cores: about 5 hours for all 34 points
 # A second process can split the grid: run the same command with --grid FILE listing some of the
 # same points (same protocol and calibration); each process skips what the other has finished.
 set -euo pipefail

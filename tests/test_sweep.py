@@ -31,7 +31,7 @@ def test_builtin_grids_validate():
         assert grid.points and grid.points[0].recipe is None  # each starts with the uncompressed reference
     full = load_grid("full")
     labels = [p.label for p in full.points]
-    assert "w2-g64-awq" in labels and "2:4-sparsegpt+w4-g64-gptq" in labels
+    assert {"w8-awq", "w2-g64-awq", "2:4-sparsegpt+w4-g64-gptq"} <= set(labels)  # RTN/GPTQ/AWQ at 8/4/3/2 bits
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,7 @@ BUILTIN: dict[str, dict] = {
         "product": [
             {"recipe": "w{bits}-g64-{method}", "bits": [4, 3, 2], "method": ["rtn", "awq"]},
             {"recipe": "w2-g64-gptq"},
-            {"recipe": "w8-{method}", "method": ["rtn", "gptq"]},
+            {"recipe": "w8-{method}", "method": ["rtn", "gptq", "awq"]},
             {"recipe": "{pattern}-{method}", "pattern": ["50%", "2:4"], "method": ["wanda"]},
             {"recipe": "2:4-sparsegpt"},
             {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},
