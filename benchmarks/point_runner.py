@@ -72,6 +72,8 @@ def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "c
     recipe, _, override = name.partition("[propagate=")
     recipe, _, budget = recipe.partition("@")
     planned = json.loads(plans.read_text()).get(name) if budget and plans else None
+    if budget and plans and not planned:  # asked for the same plan: never plan anew in silence
+        raise SystemExit(f"{plans} has no row '{name}' to take its plan from")
     if planned:
         from compresslm.recipe import load_recipe
 
@@ -163,6 +165,8 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
     parser.add_argument("--plans-from", type=Path, help="a table's JSON: budget points reuse its rows' recipes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
     args = parser.parse_args()
+    if args.plans_from and not args.plans_from.is_file():
+        parser.error(f"--plans-from {args.plans_from}: no such file")
 
     if args.one:
         with tempfile.TemporaryDirectory() as tmp:

@@ -122,11 +122,9 @@ class FakeQuantLinear(nn.Module):
         self.set_bits(self.widths[int(torch.argmax(self.width_logits.detach()))])
 
     def record_bits(self, bits: int) -> int:
-        """Bits this layer's weight takes at `bits` (the container's record: codes, scales, zero points;
-        16 = float16), as `linear_bits_per_param` counts them."""
+        """Bits this layer's weight takes at `bits` in the container (codes, scales, zero points), as
+        `linear_bits_per_param` counts them."""
         shape = (self.out_features, self.in_features)
-        if bits >= 16:
-            return 16 * self.out_features * self.in_features
         return 8 * record_bytes(shape, Grid(bits, "group", self.group_size), aligned=False)
 
     def expected_bits(self) -> torch.Tensor:

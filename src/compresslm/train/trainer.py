@@ -203,7 +203,8 @@ def train(
     modules = dict(zip(names, _wrap(lm, recipe), strict=True)) if recipe.compresses else {}
     model = lm.model.train()
     logits = [m.width_logits for m in modules.values() if m.width_logits is not None]
-    params = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in logits)]
+    width_ids = {id(q) for q in logits}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in width_ids]
     groups = [{"params": params}] + ([{"params": logits, "lr": recipe.width_lr, "weight_decay": 0.0}] if logits else [])
     optimizer = torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
     weights = sum(m.in_features * m.out_features for m in modules.values())
