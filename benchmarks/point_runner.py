@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from results_store import load_rows, save_rows
+from results_store import add_row, load_rows
 
 CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -137,9 +137,9 @@ def run_queue(script: str, json_path: Path, names: list[str], child_args: list[s
                               text=True, check=False, env=env)  # fmt: skip
         if proc.returncode != 0:
             raise SystemExit(f"point {name} failed (its error is above)")
-        rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows[name].setdefault("omp_wait_policy", env.get("OMP_WAIT_POLICY", "default"))
-        save_rows(json_path, rows)
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.setdefault("omp_wait_policy", env.get("OMP_WAIT_POLICY", "default"))
+        rows = add_row(json_path, name, row)
         ppl = f" ppl {rows[name]['ppl']:.3f}" if "ppl" in rows[name] else ""
         print(f"[{name}] done{ppl}", file=sys.stderr, flush=True)
     return rows

@@ -2,11 +2,13 @@
 
 Shared by the benchmark scripts (run as `python benchmarks/<script>.py`, so this folder is on
 sys.path): a killed run leaves either the previous file or the new one, never half of one, and the
-next run skips every point already there.
+next run skips every point already there. Two queues may share one file: `add_row` merges under
+a lock, so neither overwrites the other's rows.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -28,3 +30,13 @@ def load_rows(path: Path) -> dict:
 
 def save_rows(path: Path, rows: dict) -> None:
     atomic_write(path, json.dumps(rows, indent=2) + "\n")
+
+
+def add_row(path: Path, name: str, row: dict) -> dict:
+    """Record one finished point, keeping rows another process wrote meanwhile; returns all rows."""
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = load_rows(path)
+        rows[name] = row
+        save_rows(path, rows)
+    return rows
