@@ -9,7 +9,8 @@ resumes from its checkpoint):
 * `train <preset>`: `compresslm.train` with a preset (finetune = the control) into `--workdir`.
 * `fp <run>`: ppl of a run's float weights (`base` = the untrained model).
 * `qat <run>`: ppl of a QAT run's own container (weights on their learned grid; `learned-widths`:
-  each layer at the width the rate term chose).
+  each layer at the width the rate term chose); `qat random-precision w4`: the randomized-precision
+  run's container at one width, on the steps it learned for that width.
 * `ptq <run> <recipe>`: post-training compression of a run's float weights, written, reloaded, evaluated.
 
     .venv/bin/python benchmarks/train_table.py [--steps 100] [--points ...] [--workdir DIR]
@@ -37,6 +38,7 @@ DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),
     "fp base", "fp finetune", "fp nm-2:4", "fp gmp-50%",
     "qat qat-w4", "qat qat-w3", "qat qat-w2", "qat learned-widths",
+    *(f"qat random-precision w{b}" for b in (4, 3, 8, 6)),
     *(f"ptq {run} {recipe}" for run in ("base", "finetune")
       for recipe in ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")),
     *(f"ptq random-precision w{b}-g64-{m}" for b in (4, 3) for m in ("rtn", "gptq")),
@@ -72,8 +74,9 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
         summary = train(lm, rest, args.steps, _run_dir(workdir, rest), show_progress=False)
         return {"point": name, **summary, "train_seconds": time.perf_counter() - started, **where}
     if kind in ("fp", "qat"):
-        own = "model-learned-widths.clm" if rest == "learned-widths" else f"model-w{rest[-1]}.clm"
-        path = _run_dir(workdir, rest) / own if kind == "qat" else _source(workdir, rest)
+        run, _, width = rest.partition(" ")  # `qat random-precision w4`: one width of a multi-width run
+        own = "model-learned-widths.clm" if run == "learned-widths" else f"model-{width or 'w' + run[-1]}.clm"
+        path = _run_dir(workdir, run) / own if kind == "qat" else _source(workdir, run)
         lm = load_model(path, device=args.device)
         ppl = perplexity(lm, "wikitext2", ctx=2048, limit=args.limit, show_progress=False)
         return {"point": name, "ppl": ppl.ppl, "eval_protocol": ppl.protocol, **where}
@@ -102,9 +105,13 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
         cells = " | ".join(ppl(f"ptq {run} {r}") for r in recipes)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
+    own = [f"w{p[-1]} {ppl(p)}" for p in DEFAULT_POINTS if p.startswith("qat random-precision") and p in rows]
+    if own:
+        lines += ["", "Random-precision checkpoint, its own container at each width: " + ", ".join(own) + "."]
     rp = [f"{p.split(' ', 2)[2]} {ppl(p)}" for p in rows if p.startswith("ptq random-precision")]
     if rp:
         lines += ["", "Random-precision checkpoint compressed post hoc: " + ", ".join(rp) + "."]
+    lines += answers(rows)
     learned = rows.get("train learned-widths")
     if learned:
         lines += [
@@ -119,6 +126,45 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         lines += ["", f"Training time: {times} ({'shared 2-core CPU' if device == 'cpu' else device})."]
     lines += ["", f"Command: `{point_runner.command_line('benchmarks/train_table.py')}`."]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def answers(rows: dict) -> list[str]:
+    """The issue's three questions, answered from whichever of their points are measured."""
+
+    def value(point: str) -> float | None:
+        return rows[point]["ppl"] if point in rows else None
+
+    def versus(ours: float, theirs: float) -> str:
+        return f"{ours:.3f} vs {theirs:.3f} ({(ours / theirs - 1) * 100:+.1f} %)"
+
+    lines = []
+    base, control = value("fp base"), value("fp finetune")
+    for bits in (3, 2):
+        qat, ptq = value(f"qat qat-w{bits}"), value(f"ptq base w{bits}-g64-gptq")
+        if qat is None or ptq is None:
+            continue
+        line = f"- W{bits} g64: QAT's own container vs post-hoc GPTQ of the original model {versus(qat, ptq)}"
+        if base is not None and ptq > base:
+            line += f"; QAT recovers {(ptq - qat) / (ptq - base) * 100:.0f} % of GPTQ's loss over float {base:.3f}"
+        ctrl = value(f"ptq finetune w{bits}-g64-gptq")
+        lines.append(line + (f"; GPTQ of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
+    for bits in (4, 3):
+        rp, qat = value(f"qat random-precision w{bits}"), value(f"qat qat-w{bits}")
+        if rp is not None and qat is not None:
+            close = "within" if rp <= qat * 1.05 else "not within"
+            lines.append(f"- W{bits}: one randomized-precision checkpoint vs a dedicated QAT run {versus(rp, qat)}: "
+                         f"{close} 5 %.")  # fmt: skip
+    sparse, sparsegpt = value("fp nm-2:4"), value("ptq base 2:4-sparsegpt")
+    if sparse is not None and sparsegpt is not None:
+        line = f"- 2:4: sparsity-aware training vs post-hoc SparseGPT of the original model {versus(sparse, sparsegpt)}"
+        ctrl = value("ptq finetune 2:4-sparsegpt")
+        lines.append(line + (f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
+    if not lines:
+        return []
+    head = ["", "## The questions", ""]
+    if base is not None and control is not None:
+        head += [f"Float weights: the original {base:.3f}, the fine-tuned control {control:.3f}.", ""]
+    return head + lines
 
 
 def points_of_runs(runs: list[str]) -> list[str]:

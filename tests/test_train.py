@@ -122,6 +122,22 @@ def test_random_precision_and_cli(tokenizer, tmp_path, capsys):
     assert main(["train", source, "--recipe", "qat-w9", "--steps", "1", "-o", str(tmp_path / "x")]) == 2
 
 
+def test_random_precision_exports_one_container_per_width_on_its_own_steps(tokenizer, tmp_path):
+    lm = _tiny(tokenizer)
+    summary = train(lm, _recipe(name="rp", widths=[4, 3], random_precision=True), 3, tmp_path / "o",
+                    show_progress=False)  # fmt: skip
+    assert sorted(summary["containers"]) == [3, 4] and "container" not in summary
+    float_weights = {i.name: i.module.weight.detach() for i in load_model(summary["model"]).layout.linears()}
+    for bits, path in summary["containers"].items():
+        records = load_model(path).compressed
+        assert {r.bits for r in records.values()} == {bits}
+        for name, record in records.items():  # the trained float weight rounded on that width's grid
+            step = record.scales.float().repeat_interleave(record.group_size, dim=1)[:, : record.shape[1]]
+            zero = record.zeros.float().repeat_interleave(record.group_size, dim=1)[:, : record.shape[1]]
+            codes = torch.clamp(torch.round(float_weights[name] / step) + zero, 0, (1 << bits) - 1)
+            assert torch.equal(record.codes.long(), codes.long())
+
+
 def test_dynamic_2_4_masks_move_during_training_and_end_valid(tokenizer, tmp_path):
     lm = _tiny(tokenizer)
     wrapped = trainer._wrap(lm, _recipe(nm=[2, 4], dynamic_nm=True))

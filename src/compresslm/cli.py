@@ -532,6 +532,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     _print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; model: {summary['model']}"
            + (f"; QAT container: {summary['container']}" if "container" in summary else "")
+           + (f"; QAT containers: {', '.join(summary['containers'].values())}" if "containers" in summary else "")
            + (f" ({summary['linear_bits_per_weight']:.3f} bits per linear weight, widths "
               f"{_width_counts(summary['widths'])})" if "widths" in summary else "")
            + f"; log: {summary['log']}")  # fmt: skip

@@ -7,7 +7,8 @@ fine-tune from drifting), plus `ce_weight` × the language-modelling loss on the
 
 * QAT: every step at the recipe's width, through the STE grid with learned steps.
 * Randomized precision: each step draws every layer's width from `widths`, so one checkpoint
-  is trained for all of them.
+  is trained for all of them; the run exports one container per width, each on the steps learned
+  for that width (`model-w4.clm`, `model-w3.clm`, ...), beside the float weights.
 * Learned widths (the rate term): with `rate_weight` λ > 0 each layer learns a distribution over
   `widths` (see `FakeQuantLinear`) and the loss adds λ × the expected bits per linear weight of
   the container the run would write; at `fix_widths_at` of the run every layer is fixed at its
@@ -297,7 +298,15 @@ def train(
         exported["widths"] = {name: m.bits for name, m in modules.items()}
         exported["linear_bits_per_weight"] = sum(m.record_bits(m.bits) for m in modules.values()) / weights
     if (len(recipe.widths) == 1 or logits) and modules:
-        exported["container"] = str(_export_qat_container(lm, modules, recipe, out))
+        name = f"model-w{recipe.widths[0]}.clm" if len(recipe.widths) == 1 else "model-learned-widths.clm"
+        exported["container"] = str(_export_qat_container(lm, modules, recipe, out / name))
+    elif recipe.random_precision and modules:  # one container per width, each on its own learned steps
+        containers = {}
+        for bits in recipe.widths:
+            for module in modules.values():
+                module.set_bits(bits)
+            containers[bits] = str(_export_qat_container(lm, modules, recipe, out / f"model-w{bits}.clm"))
+        exported["containers"] = containers
     _unwrap(lm, modules)
     lm.layout = discover_layout(lm.model)  # the module tree is back to nn.Linear
     lm.changed()
@@ -316,9 +325,11 @@ def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], recipe: TrainRecipe, out: Path) -> Path:
-    """The QAT model as a .clm with the learned steps (each layer at its own width when widths were
-    learned): the weights exactly as trained through the grid."""
+def _export_qat_container(
+    lm: LoadedModel, modules: dict[str, FakeQuantLinear], recipe: TrainRecipe, path: Path
+) -> Path:
+    """The QAT model as a .clm at `path` with the learned steps, every layer at its active width (its
+    own width when widths were learned): the weights exactly as trained through the grid."""
     from compresslm.compressed import CompressedWeight
     from compresslm.formats.container import save_container
     from compresslm.runtime.linear import CompressedLinear
@@ -344,7 +355,6 @@ def _export_qat_container(lm: LoadedModel, modules: dict[str, FakeQuantLinear], 
         for tensor in snapshot.model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
-    path = out / (f"model-w{recipe.widths[0]}.clm" if len(recipe.widths) == 1 else "model-learned-widths.clm")
     save_container(snapshot, records, path, {"recipe": None, "train_recipe": dataclasses.asdict(recipe)})
     return path
 
