@@ -139,6 +139,7 @@ def run_queue(script: str, json_path: Path, names: list[str], child_args: list[s
             raise SystemExit(f"point {name} failed (its error is above)")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row.setdefault("omp_wait_policy", env.get("OMP_WAIT_POLICY", "default"))
+        row.setdefault("command", command_line(f"benchmarks/{Path(script).name}"))
         rows = add_row(json_path, name, row)
         ppl = f" ppl {rows[name]['ppl']:.3f}" if "ppl" in rows[name] else ""
         print(f"[{name}] done{ppl}", file=sys.stderr, flush=True)
@@ -221,16 +222,29 @@ def command_line(script: str) -> str:
     return " ".join([".venv/bin/python", script, *sys.argv[1:]])
 
 
+def commands(rows: dict, command: str) -> str:
+    """The invocations that measured `rows`, in the order first used (`command`, this one, if no row
+    records its own: rows from before rows recorded it)."""
+    used = list(dict.fromkeys(row["command"] for row in rows.values() if "command" in row))
+    if not used:
+        return f"Command: `{command}`."
+    older = sum("command" not in row for row in rows.values())
+    text = "Commands, in the order first run: " + "; ".join(f"`{c}`" for c in used) + "."
+    return text + (f" {older} older rows did not record theirs." if older else "")
+
+
 def footer(rows: dict, command: str) -> list[str]:
-    """Command, machine, versions and how the OpenMP pool waited, for a table's markdown."""
+    """Commands, machine, versions and how the OpenMP pool waited, for a table's markdown."""
     import platform
+
+    command = commands(rows, command)
 
     first = next(iter(rows.values()))
     v = first["eval_protocol"]["versions"]
     if first.get("device", "cpu") != "cpu":
         return [
             "",
-            f"Command: `{command}`. Measured on one {first['device']} ({first.get('cpus')} CPU cores beside it), "
+            f"{command} Measured on one {first['device']} ({first.get('cpus')} CPU cores beside it), "
             f"float32 with TF32 off, one process per point; the 'peak RSS' column is host memory.",
             f"Versions: compresslm {v['compresslm']}, torch {v['torch']}, transformers {v['transformers']}, "
             f"python {v['python']}; {v['platform']}.",
@@ -238,7 +252,7 @@ def footer(rows: dict, command: str) -> list[str]:
     passive = [name for name, row in rows.items() if row.get("omp_wait_policy") == "PASSIVE"]
     lines = [
         "",
-        f"Command: `{command}`. Timings were taken on a shared 2-core machine and are indicative only; "
+        f"{command} Timings were taken on a shared 2-core machine and are indicative only; "
         "compare them within one run.",
     ]
     threads = sorted({row["eval_protocol"].get("torch_threads") for row in rows.values()} - {None})

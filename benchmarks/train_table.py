@@ -124,7 +124,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         times = ", ".join(f"{r['point'][6:]} {r['train_seconds'] / 60:.0f} min" for r in trained)
         device = trained[0].get("device", "cpu")
         lines += ["", f"Training time: {times} ({'shared 2-core CPU' if device == 'cpu' else device})."]
-    lines += ["", f"Command: `{point_runner.command_line('benchmarks/train_table.py')}`."]
+    lines += ["", point_runner.commands(rows, point_runner.command_line("benchmarks/train_table.py"))]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
