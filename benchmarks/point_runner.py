@@ -238,7 +238,6 @@ def footer(rows: dict, command: str) -> list[str]:
     import platform
 
     command = commands(rows, command)
-
     first = next(iter(rows.values()))
     v = first["eval_protocol"]["versions"]
     if first.get("device", "cpu") != "cpu":
