@@ -111,7 +111,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
     rp = [f"{p.split(' ', 2)[2]} {ppl(p)}" for p in rows if p.startswith("ptq random-precision")]
     if rp:
         lines += ["", "Random-precision checkpoint compressed post hoc: " + ", ".join(rp) + "."]
-    lines += answers(rows)
+    lines += answers(rows) + noise_floor(rows)
     learned = rows.get("train learned-widths")
     if learned:
         lines += [
@@ -165,6 +165,35 @@ def answers(rows: dict) -> list[str]:
     if base is not None and control is not None:
         head += [f"Float weights: the original {base:.3f}, the fine-tuned control {control:.3f}.", ""]
     return head + lines
+
+
+def noise_floor(rows: dict) -> list[str]:
+    """The post-hoc rows of the original model beside the same recipe in the quantization and pruning
+    tables: the same code path and protocol, so any difference is float rounding (thread count)."""
+    import json
+
+    earlier = {}
+    for table in ("quant_table", "prune_table"):
+        path = HERE / "results" / f"{table}.json"
+        if path.exists():
+            earlier.update({name: (table, row) for name, row in json.loads(path.read_text()).items()})
+    pairs = []
+    for point, row in rows.items():
+        recipe = point.removeprefix("ptq base ")
+        if point.startswith("ptq base ") and recipe in earlier:
+            table, other = earlier[recipe]
+            threads = (row["eval_protocol"].get("torch_threads"), other["eval_protocol"].get("torch_threads"))
+            pairs.append(f"{recipe} {row['ppl']:.3f} here ({threads[0]} thread) vs {other['ppl']:.3f} in "
+                         f"{table}.md ({threads[1]} threads)")  # fmt: skip
+    if not pairs:
+        return []
+    return [
+        "",
+        "Noise floor: the same recipe on the original model, measured by this table and by an earlier one: "
+        + "; ".join(pairs)
+        + ". GPTQ and SparseGPT accumulate and factor in float32; another thread count "
+        "rounds differently and the codes change, so differences of this size between rows are not results.",
+    ]
 
 
 def points_of_runs(runs: list[str]) -> list[str]:
