@@ -16,13 +16,15 @@ resumes from its checkpoint):
     .venv/bin/python benchmarks/train_table.py [--steps 100] [--points ...] [--workdir DIR]
     .venv/bin/python benchmarks/train_table.py --runs qat-w3 base   # one run's points, in order
 
-A run's checkpoint lives in `--workdir`, outside the repository: measure every point of a run in
-the session that trained it (`--runs` lists them: its training, then what reads the checkpoint).
+Each run's loss log (CSV, PNG) is copied to `results/train_table_logs/`. A run's checkpoint lives
+in `--workdir`, outside the repository: measure every point of a run in the session that trained
+it (`--runs` lists them: its training, then what reads the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -213,6 +215,20 @@ def main() -> None:
     done = point_runner.table_main(__file__, RESULTS, DEFAULT_POINTS, run_point, options)
     if done and done[0]:
         write_markdown(done[0], done[1].steps, Path(done[1].results))
+        keep_loss_logs(done[0], Path(done[1].results))
+
+
+def keep_loss_logs(rows: dict, results: Path) -> None:
+    """Copy each trained run's loss log (CSV and PNG) beside the table, while its work folder exists."""
+    logs = results.parent / f"{results.name}_logs"
+    for point, row in rows.items():
+        source = Path(row.get("log", ""))
+        if point.startswith("train ") and source.is_file():
+            logs.mkdir(exist_ok=True)
+            stem = _run_dir(Path(), point.removeprefix("train ")).name
+            for suffix in (".csv", ".png"):
+                if source.with_suffix(suffix).is_file():
+                    shutil.copyfile(source.with_suffix(suffix), logs / f"{stem}{suffix}")
 
 
 if __name__ == "__main__":
