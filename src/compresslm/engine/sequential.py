@@ -311,7 +311,9 @@ def compress(
     lm.layout = discover_layout(lm.model)
     lm.kv_cache = recipe.kv_cache
     lm.changed()
-    info = {"versions": versions(), "device": str(run_device), "model": lm.describe()}
+    # float sums round differently with another thread count, and some codes change with them
+    info = {"versions": versions(), "device": str(run_device), "torch_threads": torch.get_num_threads(),
+            "model": lm.describe()}  # fmt: skip
     if folds:
         info["scale_folds"] = [asdict(fold) for fold in folds]
     if cache is not None:

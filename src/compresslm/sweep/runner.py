@@ -197,7 +197,8 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
         del work
         row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
                                             "linear_sparsity")})  # fmt: skip
-        row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(), "calibration": result.calibration})
+        row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(), "calibration": result.calibration,
+                    "compress_threads": result.info["torch_threads"]})  # fmt: skip
         lm = load_model(path)
         if not keep:
             path.unlink(missing_ok=True)
