@@ -159,6 +159,8 @@ def answers(rows: dict) -> list[str]:
     sparse, sparsegpt = value("fp nm-2:4"), value("ptq base 2:4-sparsegpt")
     if sparse is not None and sparsegpt is not None:
         line = f"- 2:4: sparsity-aware training vs post-hoc SparseGPT of the original model {versus(sparse, sparsegpt)}"
+        if base is not None and sparsegpt > base:
+            line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
         ctrl = value("ptq finetune 2:4-sparsegpt")
         lines.append(line + (f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
     if not lines:
