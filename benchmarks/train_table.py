@@ -35,16 +35,17 @@ from results_store import atomic_write
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "train_table"
-RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "gmp-50%", "learned-widths"]
+RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "cast-2:4", "gmp-50%",
+        "learned-widths"]  # fmt: skip
 DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),
-    "fp base", "fp finetune", "fp nm-2:4", "fp gmp-50%",
+    "fp base", "fp finetune", "fp nm-2:4", "fp cast-2:4", "fp gmp-50%",
     "qat qat-w4", "qat qat-w3", "qat qat-w2", "qat learned-widths",
     *(f"qat random-precision w{b}" for b in (4, 3, 8, 6)),
     *(f"ptq {run} {recipe}" for run in ("base", "finetune")
       for recipe in ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")),
     *(f"ptq random-precision w{b}-g64-{m}" for b in (4, 3) for m in ("rtn", "gptq")),
-    "ptq gmp-50% 50%-sparsegpt", "ptq nm-2:4 2:4-sparsegpt",
+    "ptq gmp-50% 50%-sparsegpt", "ptq nm-2:4 2:4-sparsegpt", "ptq cast-2:4 2:4-sparsegpt",
 ]  # fmt: skip
 
 
@@ -156,12 +157,15 @@ def answers(rows: dict) -> list[str]:
             close = "within" if rp <= qat * 1.05 else "not within"
             lines.append(f"- W{bits}: one randomized-precision checkpoint vs a dedicated QAT run {versus(rp, qat)}: "
                          f"{close} 5 %.")  # fmt: skip
-    sparse, sparsegpt = value("fp nm-2:4"), value("ptq base 2:4-sparsegpt")
-    if sparse is not None and sparsegpt is not None:
-        line = f"- 2:4: sparsity-aware training vs post-hoc SparseGPT of the original model {versus(sparse, sparsegpt)}"
+    sparsegpt, ctrl = value("ptq base 2:4-sparsegpt"), value("ptq finetune 2:4-sparsegpt")
+    for run, how in (("nm-2:4", "fixed magnitude masks"), ("cast-2:4", "masks re-chosen every step")):
+        sparse = value(f"fp {run}")
+        if sparse is None or sparsegpt is None:
+            continue
+        line = f"- 2:4 ({run}, {how}): sparsity-aware training vs post-hoc SparseGPT of the original model "
+        line += versus(sparse, sparsegpt)
         if base is not None and sparsegpt > base:
             line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
-        ctrl = value("ptq finetune 2:4-sparsegpt")
         lines.append(line + (f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
     if not lines:
         return []
