@@ -6,7 +6,9 @@ benchmark protocol (WikiText-2 test, GPTQ rows, ctx 2048, first 40 windows). Poi
 own subprocess, saved before the next starts (rerunning skips finished ones; a killed training run
 resumes from its checkpoint):
 
-* `train <preset>`: `compresslm.train` with a preset (finetune = the control) into `--workdir`.
+* `train <preset>`: `compresslm.train` with a preset (finetune = the control) into `--workdir`;
+  `train sparsegpt-2:4-ft`: SparseGPT 2:4 first, then `nm-2:4` on its weights and masks, the
+  original model teaching.
 * `fp <run>`: ppl of a run's float weights (`base` = the untrained model).
 * `qat <run>`: ppl of a QAT run's own container (weights on their learned grid; `learned-widths`:
   each layer at the width the rate term chose); `qat random-precision w4`: the randomized-precision
@@ -35,11 +37,14 @@ from results_store import atomic_write
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "train_table"
-RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "cast-2:4", "gmp-50%",
-        "learned-widths"]  # fmt: skip
+RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "cast-2:4", "sparsegpt-2:4-ft",
+        "gmp-50%", "learned-widths"]  # fmt: skip
+# runs that start from a post-hoc compressed model (its container, dequantized) instead of the original,
+# with the original as the distillation teacher: run -> (training preset, recipe of the starting point)
+STARTS = {"sparsegpt-2:4-ft": ("nm-2:4", "2:4-sparsegpt")}
 DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),
-    "fp base", "fp finetune", "fp nm-2:4", "fp cast-2:4", "fp gmp-50%",
+    "fp base", "fp finetune", "fp nm-2:4", "fp cast-2:4", "fp sparsegpt-2:4-ft", "fp gmp-50%",
     "qat qat-w4", "qat qat-w3", "qat qat-w2", "qat learned-widths",
     *(f"qat random-precision w{b}" for b in (4, 3, 8, 6)),
     *(f"ptq {run} {recipe}" for run in ("base", "finetune")
@@ -74,8 +79,19 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
 
         started = time.perf_counter()
         lm = load_model("smollm2-135m", device=args.device)
-        summary = train(lm, rest, args.steps, _run_dir(workdir, rest), show_progress=False)
-        return {"point": name, **summary, "train_seconds": time.perf_counter() - started, **where}
+        preset, teacher, extra = rest, None, {}
+        if rest in STARTS:  # compress first; train the container's weights, the original teaching
+            from compresslm.api import compress
+
+            preset, recipe = STARTS[rest]
+            start = _run_dir(workdir, rest) / "start.clm"
+            if not start.exists():
+                compress(load_model("smollm2-135m"), recipe, start, device=args.device, show_progress=False)
+            teacher, lm = lm, load_model(start, device=args.device)
+            extra = {"start": recipe, "start_seconds": time.perf_counter() - started}
+        trained = time.perf_counter()
+        summary = train(lm, preset, args.steps, _run_dir(workdir, rest), show_progress=False, teacher=teacher)
+        return {"point": name, **summary, **extra, "train_seconds": time.perf_counter() - trained, **where}
     if kind in ("fp", "qat"):
         run, _, width = rest.partition(" ")  # `qat random-precision w4`: one width of a multi-width run
         own = "model-learned-widths.clm" if run == "learned-widths" else f"model-{width or 'w' + run[-1]}.clm"
@@ -158,7 +174,8 @@ def answers(rows: dict) -> list[str]:
             lines.append(f"- W{bits}: one randomized-precision checkpoint vs a dedicated QAT run {versus(rp, qat)}: "
                          f"{close} 5 %.")  # fmt: skip
     sparsegpt, ctrl = value("ptq base 2:4-sparsegpt"), value("ptq finetune 2:4-sparsegpt")
-    for run, how in (("nm-2:4", "fixed magnitude masks"), ("cast-2:4", "masks re-chosen every step")):
+    for run, how in (("nm-2:4", "fixed magnitude masks"), ("cast-2:4", "masks re-chosen every step"),
+                     ("sparsegpt-2:4-ft", "SparseGPT's 2:4 model fine-tuned on its masks")):  # fmt: skip
         sparse = value(f"fp {run}")
         if sparse is None or sparsegpt is None:
             continue

@@ -138,6 +138,25 @@ def test_random_precision_exports_one_container_per_width_on_its_own_steps(token
             assert torch.equal(record.codes.long(), codes.long())
 
 
+def test_a_pruned_container_fine_tunes_with_its_masks_and_the_original_as_teacher(tokenizer, tmp_path):
+    from compresslm.api import compress
+
+    original = _tiny(tokenizer)
+    compress(_tiny(tokenizer), "2:4-magnitude", tmp_path / "p.clm", show_progress=False)
+    pruned = load_model(tmp_path / "p.clm")
+    kept = {name: record.mask for name, record in pruned.compressed.items()}
+    summary = train(pruned, _recipe(name="ft", nm=[2, 4]), 3, tmp_path / "o", show_progress=False, teacher=original)
+    trained = {i.name: i.module.weight.detach() for i in load_model(summary["model"]).layout.linears()}
+    assert sorted(trained) == sorted(kept)
+    for name, mask in kept.items():
+        assert bool((trained[name][~mask.bool()] == 0).all())  # the container's pruned weights stay pruned
+    other = tiny_model("llama")
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    other = LoadedModel.from_module(other, tokenizer, name="other")
+    with pytest.raises(CompressLMError, match="vocabulary"):
+        train(load_model(tmp_path / "p.clm"), _recipe(name="x"), 1, tmp_path / "x", show_progress=False, teacher=other)
+
+
 def test_dynamic_2_4_masks_move_during_training_and_end_valid(tokenizer, tmp_path):
     lm = _tiny(tokenizer)
     wrapped = trainer._wrap(lm, _recipe(nm=[2, 4], dynamic_nm=True))

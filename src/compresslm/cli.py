@@ -524,9 +524,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             setattr(recipe, key, value)
     recipe.validate()
     lm = load_model(args.model, device=args.device)
+    teacher = load_model(args.teacher, device=args.device) if args.teacher else None
+    if lm.kind == "container" and teacher is None and recipe.distill:
+        _print("note: the distillation teacher is this compressed model itself; --teacher names the original")
     _print(f"training {args.model} with '{recipe.name}' for {args.steps} steps "
            f"({args.steps * recipe.batch_size} x {recipe.seq_len} tokens of {recipe.data})")  # fmt: skip
-    summary = train(lm, recipe, args.steps, args.output, seed=args.seed, show_progress=not args.quiet)
+    summary = train(lm, recipe, args.steps, args.output, seed=args.seed, show_progress=not args.quiet, teacher=teacher)
     if args.json:
         _emit_json(summary)
         return 0
@@ -669,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--seq-len", type=int, default=None)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--teacher", help="distillation teacher (default: the model as loaded); " + model_help)
     tr.add_argument("--device", default=None)
     _output_flags(tr)
     tr.set_defaults(func=cmd_train)

@@ -1,7 +1,8 @@
 """Fine-tuning for compressibility: QAT, randomized precision, gradual pruning, with distillation.
 
 The student is the model with its block linears replaced by `FakeQuantLinear` (when the recipe
-quantizes or prunes); the teacher is a frozen copy of the model as loaded. The loss is the KL
+quantizes or prunes); the teacher is a frozen copy of the model as loaded (or another model, such
+as the uncompressed original when a compressed container is fine-tuned). The loss is the KL
 divergence from the teacher's next-token distribution to the student's (distillation keeps the
 fine-tune from drifting), plus `ce_weight` × the language-modelling loss on the training text.
 
@@ -170,6 +171,29 @@ def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
     return wrapped
 
 
+def _densify(lm: LoadedModel) -> None:
+    """A loaded container trains from its dequantized weights: each CompressedLinear becomes an
+    nn.Linear holding exactly the weight it computes with (pruned weights stay zero until a mask
+    recipe keeps them there)."""
+    from compresslm.runtime.linear import CompressedLinear
+
+    replaced = 0
+    for name, module in list(lm.model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            if module.act_bits:
+                raise CompressLMError(f"{name}: training a container with activation quantization is not supported")
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.float())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias.float())
+            replace_module(lm.model, name, linear.to(module.weight.device))
+            replaced += 1
+    if replaced:
+        lm.layout = discover_layout(lm.model)
+        lm.changed()
+
+
 def _unwrap(lm: LoadedModel, modules: dict[str, FakeQuantLinear]) -> None:
     """Back to nn.Linear with the trained (masked, LoRA-merged) float weights, ready for save_model or compress."""
     for name, module in modules.items():
@@ -191,15 +215,30 @@ def train(
     *,
     seed: int = 0,
     show_progress: bool = True,
+    teacher: LoadedModel | None = None,
 ) -> dict:
-    """Train `lm` in place for `steps` steps; write the checkpoint directory `output`; return a summary."""
+    """Train `lm` in place for `steps` steps; write the checkpoint directory `output`; return a summary.
+
+    The distillation teacher is a frozen copy of `lm` as given unless `teacher` names another model
+    (the uncompressed one, when `lm` is a compressed container to be fine-tuned: it must share the
+    tokenizer's vocabulary). A container trains from its dequantized weights.
+    """
     recipe = train_recipe(recipe)
     if steps < 1:
         raise CompressLMError(f"steps must be at least 1, got {steps}")
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    _densify(lm)
     windows = calibration_windows(lm.tokenizer, recipe.data, steps * recipe.batch_size, recipe.seq_len, seed)
-    teacher = copy.deepcopy(lm.model).eval().requires_grad_(False) if recipe.distill else None
+    if teacher is not None and recipe.distill:
+        vocab = (lm.model.get_output_embeddings().out_features, teacher.model.get_output_embeddings().out_features)
+        if vocab[0] != vocab[1]:
+            raise CompressLMError(f"the teacher's vocabulary ({vocab[1]} tokens) differs from the model's ({vocab[0]})")
+        teacher_net = teacher.model.to(lm.device).eval().requires_grad_(False)
+    elif recipe.distill:
+        teacher_net = copy.deepcopy(lm.model).eval().requires_grad_(False)
+    else:
+        teacher_net = None
     names = [info.name for info in lm.layout.linears()]
     modules = dict(zip(names, _wrap(lm, recipe), strict=True)) if recipe.compresses else {}
     model = lm.model.train()
@@ -253,9 +292,9 @@ def train(
         logprobs = F.log_softmax(student.logits[:, :-1].float(), dim=-1)
         loss = torch.zeros((), device=device)
         kl = ce = float("nan")
-        if teacher is not None:
+        if teacher_net is not None:
             with torch.no_grad():
-                reference = teacher(input_ids=batch, use_cache=False, output_hidden_states=hidden)
+                reference = teacher_net(input_ids=batch, use_cache=False, output_hidden_states=hidden)
                 target = F.log_softmax(reference.logits[:, :-1].float(), dim=-1)
             kl_t = F.kl_div(logprobs.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
             loss = loss + kl_t
@@ -269,7 +308,7 @@ def train(
             rate_t = sum(m.expected_bits() for m in modules.values()) / weights
             loss = loss + recipe.rate_weight * rate_t
             rate = float(rate_t.detach())
-        if recipe.ce_weight > 0 or teacher is None:
+        if recipe.ce_weight > 0 or teacher_net is None:
             ce_t = F.nll_loss(logprobs.flatten(0, 1), batch[:, 1:].flatten())
             loss = loss + recipe.ce_weight * ce_t
             ce = float(ce_t.detach())
