@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -219,7 +220,7 @@ def rss_cell(row: dict) -> str:
 
 def command_line(script: str) -> str:
     """How this table was produced: the script and the arguments it was given."""
-    return " ".join([".venv/bin/python", script, *sys.argv[1:]])
+    return shlex.join([".venv/bin/python", script, *sys.argv[1:]])
 
 
 def commands(rows: dict, command: str) -> str:

@@ -124,7 +124,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
         cells = " | ".join(ppl(f"ptq {run} {r}") for r in recipes)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
-    own = [f"w{p[-1]} {ppl(p)}" for p in DEFAULT_POINTS if p.startswith("qat random-precision") and p in rows]
+    own = [f"w{b} {ppl(f'qat random-precision w{b}')}" for b in (8, 6, 4, 3) if f"qat random-precision w{b}" in rows]
     if own:
         lines += ["", "Random-precision checkpoint, its own container at each width: " + ", ".join(own) + "."]
     rp = [f"{p.split(' ', 2)[2]} {ppl(p)}" for p in rows if p.startswith("ptq random-precision")]
@@ -163,7 +163,7 @@ def answers(rows: dict) -> list[str]:
         if qat is None or ptq is None:
             continue
         line = f"- W{bits} g64: QAT's own container vs post-hoc GPTQ of the original model {versus(qat, ptq)}"
-        if base is not None and ptq > base:
+        if base is not None and base < qat < ptq:
             line += f"; QAT recovers {(ptq - qat) / (ptq - base) * 100:.0f} % of GPTQ's loss over float {base:.3f}"
         ctrl = value(f"ptq finetune w{bits}-g64-gptq")
         lines.append(line + (f"; GPTQ of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
@@ -181,7 +181,7 @@ def answers(rows: dict) -> list[str]:
             continue
         line = f"- 2:4 ({run}, {how}): sparsity-aware training vs post-hoc SparseGPT of the original model "
         line += versus(sparse, sparsegpt)
-        if base is not None and sparsegpt > base:
+        if base is not None and base < sparse < sparsegpt:
             line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
         lines.append(line + (f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
     if not lines:
@@ -208,8 +208,9 @@ def noise_floor(rows: dict) -> list[str]:
         if point.startswith("ptq base ") and recipe in earlier:
             table, other = earlier[recipe]
             threads = (row["eval_protocol"].get("torch_threads"), other["eval_protocol"].get("torch_threads"))
-            pairs.append(f"{recipe} {row['ppl']:.3f} here ({threads[0]} thread) vs {other['ppl']:.3f} in "
-                         f"{table}.md ({threads[1]} threads)")  # fmt: skip
+            counts = [f"{n} thread{'s' if n != 1 else ''}" for n in threads]
+            pairs.append(f"{recipe} {row['ppl']:.3f} here ({counts[0]}) vs {other['ppl']:.3f} in {table}.md "
+                         f"({counts[1]})")  # fmt: skip
     if not pairs:
         return []
     return [
