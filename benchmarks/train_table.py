@@ -158,7 +158,7 @@ def answers(rows: dict) -> list[str]:
 
     lines = []
     base, control = value("fp base"), value("fp finetune")
-    for bits in (3, 2):
+    for bits in (4, 3, 2):
         qat, ptq = value(f"qat qat-w{bits}"), value(f"ptq base w{bits}-g64-gptq")
         if qat is None or ptq is None:
             continue
