@@ -17,7 +17,7 @@ import os
 import platform
 from pathlib import Path
 
-from results_store import atomic_write, load_rows, save_rows
+from results_store import add_row, atomic_write, load_rows
 
 from compresslm.data.corpora import load_corpus
 from compresslm.eval.perplexity import perplexity
@@ -79,8 +79,8 @@ def main() -> None:
         if (args.only is not None and name not in args.only) or name in results:
             continue
         result = perplexity(lm, load_corpus("wikitext2", "test", join=join), ctx=ctx, limit=limit)
-        results[name] = {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "protocol": result.protocol}
-        save_rows(json_path, results)
+        row = {"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "protocol": result.protocol}
+        results = add_row(json_path, name, row)
         print(f"{name}: ppl {result.ppl:.4f}", flush=True)
     ordered = {k: results[k] for k in POINTS if k in results}
     atomic_write(args.out.with_suffix(".md"), _markdown(ordered, args.model))

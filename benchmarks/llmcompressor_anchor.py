@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results_store import atomic_write, load_rows, save_rows
+from results_store import add_row, atomic_write, load_rows
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -151,10 +151,10 @@ def main() -> None:
             continue
         tool, method, bits, group, sym = POINTS[name]
         print(f"[{name}] running", file=sys.stderr, flush=True)
-        rows[name] = run_ours(method, args.limit) if tool == "ours" else run_llmc(method, bits, group, sym, args.limit)
+        row = run_ours(method, args.limit) if tool == "ours" else run_llmc(method, bits, group, sym, args.limit)
         # the 1-minute load average as the point ends: about 1-2 when it ran alone on the 2 cores
-        rows[name]["load_avg_at_end"] = os.getloadavg()[0]
-        save_rows(json_path, rows)
+        row["load_avg_at_end"] = os.getloadavg()[0]
+        rows = add_row(json_path, name, row)
         print(f"[{name}] ppl {rows[name]['ppl']:.3f} in {rows[name]['compress_seconds']:.0f} s", file=sys.stderr)
     write_markdown({name: rows[name] for name in POINTS if name in rows})
 

@@ -213,13 +213,18 @@ def noise_floor(rows: dict) -> list[str]:
                          f"({counts[1]})")  # fmt: skip
     if not pairs:
         return []
+    layer = HERE / "results" / "thread_determinism.json"
+    measured = ""
+    if layer.exists():
+        codes = json.loads(layer.read_text())
+        measured = f" (`thread_determinism.md`: {codes['codes_differing']:,} of {codes['codes']:,} GPTQ codes on one "
+        measured += "synthetic layer)"
     return [
         "",
         "Noise floor: the same recipe on the original model, measured by this table and by an earlier one: "
         + "; ".join(pairs)
         + ". Same code path and protocol: with another thread count float sums round differently and some "
-        "codes change (`thread_determinism.md`: 17 of 884,736 GPTQ codes on one synthetic layer), and the "
-        "ppl moves with them; differences of this size between rows are not results.",
+        f"codes change{measured}, and the ppl moves with them; differences of this size between rows are not results.",
     ]
 
 

@@ -177,34 +177,35 @@ def _densify(lm: LoadedModel) -> None:
     recipe keeps them there)."""
     from compresslm.runtime.linear import CompressedLinear
 
-    replaced = 0
+    replaced = False
     for name, module in list(lm.model.named_modules()):
         if isinstance(module, CompressedLinear):
             if module.act_bits:
                 raise CompressLMError(f"{name}: training a container with activation quantization is not supported")
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(module.weight.float())
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias.float())
-            replace_module(lm.model, name, linear.to(module.weight.device))
-            replaced += 1
+            replace_module(lm.model, name, _plain_linear(module.weight, module.bias))
+            replaced = True
     if replaced:
         lm.layout = discover_layout(lm.model)
         lm.changed()
 
 
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """An nn.Linear holding copies of `weight` [out, in] and `bias`, on the weight's device."""
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.to(weight.device)
+
+
 def _unwrap(lm: LoadedModel, modules: dict[str, FakeQuantLinear]) -> None:
     """Back to nn.Linear with the trained (masked, LoRA-merged) float weights, ready for save_model or compress."""
     for name, module in modules.items():
-        linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
             module.refresh_dynamic_mask()  # a dynamic mask is fixed from the final weights
             weight = module.dense_weight() if module.mask is None else module.dense_weight() * module.mask
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-        replace_module(lm.model, name, linear.to(module.weight.device))
+        replace_module(lm.model, name, _plain_linear(weight, module.bias))
 
 
 def train(
