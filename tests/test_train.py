@@ -155,6 +155,7 @@ def test_a_pruned_container_fine_tunes_with_its_masks_and_the_original_as_teache
     other = LoadedModel.from_module(other, tokenizer, name="other")
     with pytest.raises(CompressLMError, match="vocabulary"):
         train(load_model(tmp_path / "p.clm"), _recipe(name="x"), 1, tmp_path / "x", show_progress=False, teacher=other)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_dynamic_2_4_masks_move_during_training_and_end_valid(tokenizer, tmp_path):

@@ -177,14 +177,13 @@ def _densify(lm: LoadedModel) -> None:
     recipe keeps them there)."""
     from compresslm.runtime.linear import CompressedLinear
 
-    replaced = False
-    for name, module in list(lm.model.named_modules()):
-        if isinstance(module, CompressedLinear):
-            if module.act_bits:
-                raise CompressLMError(f"{name}: training a container with activation quantization is not supported")
-            replace_module(lm.model, name, _plain_linear(module.weight, module.bias))
-            replaced = True
-    if replaced:
+    compressed = [(name, m) for name, m in lm.model.named_modules() if isinstance(m, CompressedLinear)]
+    for name, module in compressed:  # all checked before any layer is replaced
+        if module.act_bits:
+            raise CompressLMError(f"{name}: training a container with activation quantization is not supported")
+    for name, module in compressed:
+        replace_module(lm.model, name, _plain_linear(module.weight, module.bias))
+    if compressed:
         lm.layout = discover_layout(lm.model)
         lm.changed()
 
@@ -227,14 +226,15 @@ def train(
     recipe = train_recipe(recipe)
     if steps < 1:
         raise CompressLMError(f"steps must be at least 1, got {steps}")
-    out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    _densify(lm)
-    windows = calibration_windows(lm.tokenizer, recipe.data, steps * recipe.batch_size, recipe.seq_len, seed)
-    if teacher is not None and recipe.distill:
+    if teacher is not None and recipe.distill:  # checked before anything is written
         vocab = (lm.model.get_output_embeddings().out_features, teacher.model.get_output_embeddings().out_features)
         if vocab[0] != vocab[1]:
             raise CompressLMError(f"the teacher's vocabulary ({vocab[1]} tokens) differs from the model's ({vocab[0]})")
+    _densify(lm)
+    out = Path(output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    windows = calibration_windows(lm.tokenizer, recipe.data, steps * recipe.batch_size, recipe.seq_len, seed)
+    if teacher is not None and recipe.distill:
         teacher_net = teacher.model.to(lm.device).eval().requires_grad_(False)
     elif recipe.distill:
         teacher_net = copy.deepcopy(lm.model).eval().requires_grad_(False)
