@@ -156,6 +156,10 @@ def test_a_pruned_container_fine_tunes_with_its_masks_and_the_original_as_teache
     with pytest.raises(CompressLMError, match="vocabulary"):
         train(load_model(tmp_path / "p.clm"), _recipe(name="x"), 1, tmp_path / "x", show_progress=False, teacher=other)
     assert not (tmp_path / "x").exists()  # refused before anything is written
+    with pytest.raises(CompressLMError, match="distill off"):
+        no_teacher = _recipe(name="y", distill=False)
+        train(load_model(tmp_path / "p.clm"), no_teacher, 1, tmp_path / "y", show_progress=False, teacher=original)
+    assert not (tmp_path / "y").exists()
 
 
 def test_dynamic_2_4_masks_move_during_training_and_end_valid(tokenizer, tmp_path):

@@ -226,7 +226,10 @@ def train(
     recipe = train_recipe(recipe)
     if steps < 1:
         raise CompressLMError(f"steps must be at least 1, got {steps}")
-    if teacher is not None and recipe.distill:  # checked before anything is written
+    if teacher is not None and not recipe.distill:  # checked before anything is written
+        raise CompressLMError(f"train recipe {recipe.name!r} has distill off: a teacher would not be used; "
+                              "drop it or turn distill on")
+    if teacher is not None:
         vocab = (lm.model.get_output_embeddings().out_features, teacher.model.get_output_embeddings().out_features)
         if vocab[0] != vocab[1]:
             raise CompressLMError(f"the teacher's vocabulary ({vocab[1]} tokens) differs from the model's ({vocab[0]})")
