@@ -248,16 +248,22 @@ def main() -> None:
 
 
 def keep_loss_logs(rows: dict, results: Path) -> None:
-    """Copy each trained run's loss log (CSV and PNG) beside the table, while its work folder exists."""
+    """Copy each trained run's loss log (CSV) beside the table while its work folder exists, and draw
+    its PNG anew from the copy (so every kept plot has the trainer's current layout)."""
+    import csv
+
+    from compresslm.train.trainer import plot_loss_log
+
     logs = results.parent / f"{results.name}_logs"
     for point, row in rows.items():
         source = Path(row.get("log", ""))
+        stem = _run_dir(Path(), point.removeprefix("train ")).name
         if point.startswith("train ") and source.is_file():
             logs.mkdir(exist_ok=True)
-            stem = _run_dir(Path(), point.removeprefix("train ")).name
-            for suffix in (".csv", ".png"):
-                if source.with_suffix(suffix).is_file():
-                    shutil.copyfile(source.with_suffix(suffix), logs / f"{stem}{suffix}")
+            shutil.copyfile(source, logs / f"{stem}.csv")
+        if point.startswith("train ") and (logs / f"{stem}.csv").is_file():
+            with (logs / f"{stem}.csv").open(newline="") as handle:
+                plot_loss_log(list(csv.DictReader(handle)), logs / f"{stem}.png")
 
 
 if __name__ == "__main__":
