@@ -68,6 +68,8 @@ def _source(workdir: Path, run: str) -> str:
 
 
 def run_point(name: str, args: argparse.Namespace) -> dict:
+    import torch
+
     from compresslm.eval.perplexity import perplexity
     from compresslm.models.loading import load_model
 
@@ -91,7 +93,9 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
             extra = {"start": recipe, "start_seconds": time.perf_counter() - started}
         trained = time.perf_counter()
         summary = train(lm, preset, args.steps, _run_dir(workdir, rest), show_progress=False, teacher=teacher)
-        return {"point": name, **summary, **extra, "train_seconds": time.perf_counter() - trained, **where}
+        seconds = time.perf_counter() - trained
+        return {"point": name, **summary, **extra, "train_seconds": seconds, "torch_threads": torch.get_num_threads(),
+                **where}  # fmt: skip
     if kind in ("fp", "qat"):
         run, _, width = rest.partition(" ")  # `qat random-precision w4`: one width of a multi-width run
         own = "model-learned-widths.clm" if run == "learned-widths" else f"model-{width or 'w' + run[-1]}.clm"
@@ -115,6 +119,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         f"Each run: {steps} steps of the same C4 windows, KL distillation from the uncompressed model; then "
         "post-hoc compression where named. Eval: WikiText-2 test, GPTQ rows, ctx 2048, first 40 windows.",
         "",
+        *threads_line(rows),
         "| run | float weights | own container | w4 g64 GPTQ | w3 g64 GPTQ | w2 g64 GPTQ | 50 % SparseGPT "
         "| 2:4 SparseGPT |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -145,6 +150,29 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         lines += ["", f"Training time: {times} ({'shared 2-core CPU' if device == 'cpu' else device})."]
     lines += ["", point_runner.commands(rows, point_runner.command_line("benchmarks/train_table.py"))]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def threads_line(rows: dict) -> list[str]:
+    """How many torch threads each point ran with (the thread count moves GPTQ's codes). A training row
+    from before rows recorded it takes the count of the evaluations its own command (same queue, same
+    environment) measured, if they agree; rows from before commands were recorded count as one command."""
+    by_command: dict[str | None, set] = {}
+    for row in rows.values():
+        if "eval_protocol" in row:
+            by_command.setdefault(row.get("command"), set()).add(row["eval_protocol"].get("torch_threads"))
+    points: dict[int, list[str]] = {}
+    for name, row in rows.items():
+        threads = row.get("torch_threads", row.get("eval_protocol", {}).get("torch_threads"))
+        if threads is None and len(by_command.get(row.get("command"), ())) == 1:
+            threads = next(iter(by_command[row.get("command")]))
+        points.setdefault(threads, []).append(name)
+    if not points or set(points) == {None}:
+        return []
+    common = max((n for n in points if n is not None), key=lambda n: len(points[n]))
+    others = "; ".join(f"{n if n is not None else 'not recorded'}: {', '.join(points[n])}"
+                       for n in points if n != common)  # fmt: skip
+    return [f"Torch threads per point (compression, evaluation, training): {common}"
+            + (f", except {others}." if others else "."), ""]  # fmt: skip
 
 
 def answers(rows: dict) -> list[str]:

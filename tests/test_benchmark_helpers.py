@@ -25,3 +25,17 @@ def test_a_table_cites_every_command_that_measured_it():
     assert text == "Commands, in the order first run: `run --points x`; `run --points y`."
     assert point_runner.commands({"x": {}}, "run") == "Command: `run`."
     assert "1 older rows did not record theirs" in point_runner.commands({**rows, "old": {}}, "run")
+
+
+def test_train_table_names_points_that_ran_with_another_thread_count():
+    import train_table
+
+    rows = {
+        "fp base": {"eval_protocol": {"torch_threads": 1}, "command": "a"},
+        "train x": {"command": "a"},  # no count of its own: its queue's evaluations ran with one thread
+        "train y": {"command": "b"},
+        "fp y": {"eval_protocol": {"torch_threads": 2}, "command": "b"},
+        "train z": {"torch_threads": 1, "command": "c"},
+    }
+    assert train_table.threads_line(rows)[0].endswith(": 1, except 2: train y, fp y.")
+    assert train_table.threads_line({"train x": {}}) == []
