@@ -196,11 +196,14 @@ def answers(rows: dict) -> list[str]:
         ctrl = value(f"ptq finetune w{bits}-g64-gptq")
         lines.append(line + (f"; GPTQ of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
     for bits in (4, 3):
-        rp, qat = value(f"qat random-precision w{bits}"), value(f"qat qat-w{bits}")
-        if rp is not None and qat is not None:
-            close = "within" if rp <= qat * 1.05 else "not within"
-            lines.append(f"- W{bits}: one randomized-precision checkpoint vs a dedicated QAT run {versus(rp, qat)}: "
-                         f"{close} 5 %.")  # fmt: skip
+        qat = value(f"qat qat-w{bits}")
+        for point, how in ((f"qat random-precision w{bits}", "its own container (learned steps)"),
+                           (f"ptq random-precision w{bits}-g64-gptq", "its float weights, GPTQ post hoc")):  # fmt: skip
+            rp = value(point)
+            if rp is not None and qat is not None:
+                close = "within" if rp <= qat * 1.05 else "not within"
+                lines.append(f"- W{bits}: one randomized-precision checkpoint, {how}, vs a dedicated QAT run's own "
+                             f"container {versus(rp, qat)}: {close} 5 %.")  # fmt: skip
     sparsegpt, ctrl = value("ptq base 2:4-sparsegpt"), value("ptq finetune 2:4-sparsegpt")
     for run, how in (("nm-2:4", "fixed magnitude masks"), ("cast-2:4", "masks re-chosen every step"),
                      ("sparsegpt-2:4-ft", "SparseGPT's 2:4 model fine-tuned on its masks")):  # fmt: skip
