@@ -204,16 +204,18 @@ def answers(rows: dict) -> list[str]:
                 close = "within" if rp <= qat * 1.05 else "not within"
                 lines.append(f"- W{bits}: one randomized-precision checkpoint, {how}, vs a dedicated QAT run's own "
                              f"container {versus(rp, qat)}: {close} 5 %.")  # fmt: skip
-    sparsegpt, ctrl = value("ptq base 2:4-sparsegpt"), value("ptq finetune 2:4-sparsegpt")
-    for run, how in (("nm-2:4", "fixed magnitude masks"), ("cast-2:4", "masks re-chosen every step"),
-                     ("sparsegpt-2:4-ft", "SparseGPT's 2:4 model fine-tuned on its masks")):  # fmt: skip
-        sparse = value(f"fp {run}")
+    for run, how, pattern in (("nm-2:4", "fixed magnitude masks", "2:4"),
+                              ("cast-2:4", "masks re-chosen every step", "2:4"),
+                              ("sparsegpt-2:4-ft", "SparseGPT's 2:4 model fine-tuned on its masks", "2:4"),
+                              ("gmp-50%", "gradual magnitude pruning, cubic", "50%")):  # fmt: skip
+        sparse, sparsegpt = value(f"fp {run}"), value(f"ptq base {pattern}-sparsegpt")
         if sparse is None or sparsegpt is None:
             continue
-        line = f"- 2:4 ({run}, {how}): sparsity-aware training vs post-hoc SparseGPT of the original model "
-        line += versus(sparse, sparsegpt)
+        line = f"- {pattern.replace('%', ' %')} ({run}, {how}): sparsity-aware training vs post-hoc SparseGPT of the "
+        line += "original model " + versus(sparse, sparsegpt)
         if base is not None and base < sparse < sparsegpt:
             line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
+        ctrl = value(f"ptq finetune {pattern}-sparsegpt")
         lines.append(line + (f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
     if not lines:
         return []
