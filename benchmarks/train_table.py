@@ -160,7 +160,7 @@ def threads_line(rows: dict) -> list[str]:
     for row in rows.values():
         if "eval_protocol" in row:
             by_command.setdefault(row.get("command"), set()).add(row["eval_protocol"].get("torch_threads"))
-    points: dict[int, list[str]] = {}
+    points: dict[int | None, list[str]] = {}
     for name, row in rows.items():
         threads = row.get("torch_threads", row.get("eval_protocol", {}).get("torch_threads"))
         if threads is None and len(by_command.get(row.get("command"), ())) == 1:
