@@ -289,14 +289,15 @@ def keep_loss_logs(rows: dict, results: Path) -> None:
 
     logs = results.parent / f"{results.name}_logs"
     for point, row in rows.items():
-        source = Path(row.get("log", ""))
-        stem = _run_dir(Path(), point.removeprefix("train ")).name
-        if point.startswith("train ") and source.is_file():
+        if not point.startswith("train "):
+            continue
+        source, kept = Path(row.get("log", "")), logs / f"{_run_dir(Path(), point.removeprefix('train ')).name}.csv"
+        if source.is_file():
             logs.mkdir(exist_ok=True)
-            shutil.copyfile(source, logs / f"{stem}.csv")
-        if point.startswith("train ") and (logs / f"{stem}.csv").is_file():
-            with (logs / f"{stem}.csv").open(newline="") as handle:
-                plot_loss_log(list(csv.DictReader(handle)), logs / f"{stem}.png")
+            shutil.copyfile(source, kept)
+        if kept.is_file():
+            with kept.open(newline="") as handle:
+                plot_loss_log(list(csv.DictReader(handle)), kept.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def train(
     out = Path(output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     windows = calibration_windows(lm.tokenizer, recipe.data, steps * recipe.batch_size, recipe.seq_len, seed)
-    if teacher is not None and recipe.distill:
+    if teacher is not None:  # a teacher implies distillation (refused above otherwise)
         teacher_net = teacher.model.to(lm.device).eval().requires_grad_(False)
     elif recipe.distill:
         teacher_net = copy.deepcopy(lm.model).eval().requires_grad_(False)
