@@ -140,6 +140,8 @@ def run_queue(script: str, json_path: Path, names: list[str], child_args: list[s
             raise SystemExit(f"point {name} failed (its error is above)")
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         row.setdefault("omp_wait_policy", env.get("OMP_WAIT_POLICY", "default"))
+        if "MALLOC_MMAP_THRESHOLD_" in env:  # glibc: tensors above it are mmapped (less heap fragmentation)
+            row.setdefault("malloc_mmap_threshold", int(env["MALLOC_MMAP_THRESHOLD_"]))
         row.setdefault("command", command_line(f"benchmarks/{Path(script).name}"))
         rows = add_row(json_path, name, row)
         ppl = f" ppl {rows[name]['ppl']:.3f}" if "ppl" in rows[name] else ""

@@ -26,6 +26,7 @@ it (`--runs` lists them: its training, then what reads the checkpoint).
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
@@ -94,8 +95,9 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
         trained = time.perf_counter()
         summary = train(lm, preset, args.steps, _run_dir(workdir, rest), show_progress=False, teacher=teacher)
         seconds = time.perf_counter() - trained
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"point": name, **summary, **extra, "train_seconds": seconds, "torch_threads": torch.get_num_threads(),
-                **where}  # fmt: skip
+                "peak_rss_bytes": peak, **where}  # fmt: skip
     if kind in ("fp", "qat"):
         run, _, width = rest.partition(" ")  # `qat random-precision w4`: one width of a multi-width run
         own = "model-learned-widths.clm" if run == "learned-widths" else f"model-{width or 'w' + run[-1]}.clm"

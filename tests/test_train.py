@@ -224,8 +224,16 @@ def test_learned_widths_mix_the_grids_and_count_container_bits():
     assert torch.allclose(module.quantized_weight(), expected)
     bits = [8 * record_bytes((8, 96), Grid(b, "group", 32), aligned=False) for b in (8, 4, 2)]
     assert float(module.expected_bits().detach()) == pytest.approx(sum(bits) / 3)
-    (module(torch.randn(3, 96)).pow(2).sum() + module.expected_bits()).backward()
+    x = torch.randn(3, 96)
+    (module(x).pow(2).sum() + module.expected_bits()).backward()
     assert module.width_logits.grad is not None and module.weight.grad is not None
+    # the mixture is recomputed in the backward (memory): same gradients as keeping it
+    grads = [t.grad.clone() for t in (module.weight, module.width_logits, module.log_steps["2"])]
+    module.zero_grad()
+    (torch.nn.functional.linear(x, module._mixture(module.weight), module.bias).pow(2).sum()
+     + module.expected_bits()).backward()  # fmt: skip
+    for grad, t in zip(grads, (module.weight, module.width_logits, module.log_steps["2"]), strict=True):
+        assert torch.allclose(grad, t.grad)
     with torch.no_grad():
         module.width_logits.copy_(torch.tensor([0.0, 2.0, 1.0]))
     module.fix_width()

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from compresslm.compressed import expand_groups
 from compresslm.engine.budget import record_bytes
@@ -161,9 +162,17 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         w = self._masked(self.dense_weight())
         if self.mixing:
-            probs = self.width_probs().to(w.dtype)
-            return sum(p * self._quantized_at(w, b) for p, b in zip(probs, self.widths, strict=True))
+            if torch.is_grad_enabled():  # recompute in backward: keeping every width's grid costs memory
+                return checkpoint(self._mixture, w, use_reentrant=False)
+            return self._mixture(w)
         return w if self.bits >= 16 else self._quantized_at(w, self.bits)
+
+    def _mixture(self, w: torch.Tensor) -> torch.Tensor:
+        """The width_probs-weighted sum of w quantized at every width. Autograd would keep about six
+        weight-sized tensors per width for the backward (30 per layer at five widths: more than 20 GB
+        on the reference model), so while training it is recomputed in the backward instead."""
+        probs = self.width_probs().to(w.dtype)
+        return sum(p * self._quantized_at(w, b) for p, b in zip(probs, self.widths, strict=True))
 
     def _quantized_at(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         q_max = (1 << bits) - 1
