@@ -120,6 +120,14 @@ def test_random_precision_and_cli(tokenizer, tmp_path, capsys):
     rows = (tmp_path / "rp" / "loss.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("step,loss")
     assert main(["train", source, "--recipe", "qat-w9", "--steps", "1", "-o", str(tmp_path / "x")]) == 2
+    recipe = tmp_path / "plain.yaml"
+    recipe.write_text("name: plain\ndistill: false\n")
+    capsys.readouterr()
+    argv = ["train", source, "--recipe", str(recipe), "--teacher", str(tmp_path / "absent"), "--steps", "1",
+            "-o", str(tmp_path / "y")]  # fmt: skip
+    assert main(argv) == 2
+    assert "distill off" in capsys.readouterr().err  # refused before any model (or the absent teacher) loads
+    assert not (tmp_path / "y").exists()
 
 
 def test_random_precision_exports_one_container_per_width_on_its_own_steps(tokenizer, tmp_path):

@@ -515,7 +515,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from compresslm.models.loading import load_model
-    from compresslm.train.trainer import train, train_recipe
+    from compresslm.train.trainer import check_teacher_use, train, train_recipe
 
     recipe = train_recipe(args.recipe)  # validated before the model is loaded
     for key in ("data", "lr", "batch_size", "seq_len"):
@@ -523,6 +523,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(recipe, key, value)
     recipe.validate()
+    if args.teacher:
+        check_teacher_use(recipe)
     lm = load_model(args.model, device=args.device)
     teacher = load_model(args.teacher, device=args.device) if args.teacher else None
     if lm.kind == "container" and teacher is None and recipe.distill:

@@ -207,6 +207,15 @@ def _unwrap(lm: LoadedModel, modules: dict[str, FakeQuantLinear]) -> None:
         replace_module(lm.model, name, _plain_linear(weight, module.bias))
 
 
+def check_teacher_use(recipe: TrainRecipe) -> None:
+    """A teacher only serves distillation: refuse one for a recipe that has it off (callers check this
+    before loading anything)."""
+    if not recipe.distill:
+        raise CompressLMError(
+            f"train recipe {recipe.name!r} has distill off: a teacher would not be used; drop it or turn distill on"
+        )
+
+
 def train(
     lm: LoadedModel,
     recipe: str | dict | TrainRecipe,
@@ -226,10 +235,8 @@ def train(
     recipe = train_recipe(recipe)
     if steps < 1:
         raise CompressLMError(f"steps must be at least 1, got {steps}")
-    if teacher is not None and not recipe.distill:  # checked before anything is written
-        raise CompressLMError(
-            f"train recipe {recipe.name!r} has distill off: a teacher would not be used; drop it or turn distill on"
-        )
+    if teacher is not None:  # checked before anything is written
+        check_teacher_use(recipe)
     if teacher is not None:
         vocab = (lm.model.get_output_embeddings().out_features, teacher.model.get_output_embeddings().out_features)
         if vocab[0] != vocab[1]:
