@@ -196,7 +196,10 @@ def answers(rows: dict) -> list[str]:
         if base is not None and base < qat < ptq:
             line += f"; QAT recovers {(ptq - qat) / (ptq - base) * 100:.0f} % of GPTQ's loss over float {base:.3f}"
         ctrl = value(f"ptq finetune w{bits}-g64-gptq")
-        lines.append(line + (f"; GPTQ of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
+        line += f"; GPTQ of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else ""
+        own_ptq = value(f"ptq qat-w{bits} w{bits}-g64-gptq")  # QAT's float weights re-quantized by GPTQ
+        line += f"; GPTQ of the QAT checkpoint's float weights: {own_ptq:.3f}" if own_ptq is not None else ""
+        lines.append(line + ".")
     for bits in (4, 3):
         qat = value(f"qat qat-w{bits}")
         for point, how in ((f"qat random-precision w{bits}", "its own container (learned steps)"),

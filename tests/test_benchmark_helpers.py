@@ -39,3 +39,14 @@ def test_train_table_names_points_that_ran_with_another_thread_count():
     }
     assert train_table.threads_line(rows)[0].endswith(": 1, except 2: train y, fp y.")
     assert train_table.threads_line({"train x": {}}) == []
+
+
+def test_train_table_answers_the_qat_question_from_whatever_is_measured():
+    import train_table
+
+    ppl = {"fp base": 20.0, "qat qat-w3": 39.0, "ptq base w3-g64-gptq": 45.0, "ptq qat-w3 w3-g64-gptq": 43.0}
+    lines = train_table.answers({point: {"ppl": value} for point, value in ppl.items()})
+    w3 = [line for line in lines if line.startswith("- W3 g64")]
+    assert len(w3) == 1 and "39.000 vs 45.000 (-13.3 %)" in w3[0] and "recovers 24 %" in w3[0]
+    assert w3[0].endswith("GPTQ of the QAT checkpoint's float weights: 43.000.")
+    assert train_table.answers({"fp base": {"ppl": 20.0}}) == []
