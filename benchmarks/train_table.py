@@ -42,6 +42,7 @@ RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", 
         "gmp-50%", "learned-widths"]  # fmt: skip
 # runs that start from a post-hoc compressed model (its container, dequantized) instead of the original,
 # with the original as the distillation teacher: run -> (training preset, recipe of the starting point)
+PLANNED_AT_4_6 = "w4-g64-gptq-awq@4.6"  # the best W4 PTQ recipe, at learned-widths' size
 STARTS = {"sparsegpt-2:4-ft": ("nm-2:4", "2:4-sparsegpt")}
 DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),
@@ -138,13 +139,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
     if rp:
         lines += ["", "Random-precision checkpoint compressed post hoc: " + ", ".join(rp) + "."]
     lines += answers(rows) + noise_floor(rows)
-    learned = rows.get("train learned-widths")
-    if learned:
-        lines += [
-            "",
-            f"learned-widths: the rate term (λ = {learned['recipe']['rate_weight']:g}) chose "
-            f"{learned['linear_bits_per_weight']:.3f} bits per linear weight.",
-        ]
+    lines += learned_widths_lines(rows)
     trained = [r for r in rows.values() if r["point"].startswith("train")]
     if trained:
         times = ", ".join(f"{r['point'][6:]} {r['train_seconds'] / 60:.0f} min" for r in trained)
@@ -152,6 +147,30 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         lines += ["", f"Training time: {times} ({'shared 2-core CPU' if device == 'cpu' else device})."]
     lines += ["", point_runner.commands(rows, point_runner.command_line("benchmarks/train_table.py"))]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def learned_widths_lines(rows: dict) -> list[str]:
+    """What the rate term chose, its container's ppl, and the post-training mixed-precision plan at the
+    same size from the quantization table (the solver's widths, AWQ + GPTQ), which it has to beat."""
+    import json
+    from collections import Counter
+
+    learned = rows.get("train learned-widths")
+    if not learned:
+        return []
+    bits = learned["linear_bits_per_weight"]
+    counts = Counter(learned["widths"].values())
+    per_width = ", ".join(f"{b} bits {counts[b]}" for b in sorted(counts))
+    line = (f"learned-widths: the rate term (λ = {learned['recipe']['rate_weight']:g}) chose {bits:.3f} bits per "
+            f"linear weight (layers per width: {per_width})")  # fmt: skip
+    if "qat learned-widths" in rows:
+        line += f"; its container: ppl {rows['qat learned-widths']['ppl']:.3f}"
+    quant = HERE / "results" / "quant_table.json"
+    planned = json.loads(quant.read_text()).get(PLANNED_AT_4_6) if quant.exists() else None
+    if planned:
+        line += (f"; the post-training plan at {planned['linear_bits_per_param']:.3f} bits ({PLANNED_AT_4_6}, "
+                 f"quant_table.md): {planned['ppl']:.3f}")  # fmt: skip
+    return ["", line + "."]
 
 
 def threads_line(rows: dict) -> list[str]:
