@@ -40,9 +40,9 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "train_table"
 RUNS = ["finetune", "qat-w4", "qat-w3", "qat-w2", "random-precision", "nm-2:4", "cast-2:4", "sparsegpt-2:4-ft",
         "gmp-50%", "learned-widths"]  # fmt: skip
+PLANNED_AT_4_6 = "w4-g64-gptq-awq@4.6"  # the best W4 PTQ recipe, at learned-widths' size
 # runs that start from a post-hoc compressed model (its container, dequantized) instead of the original,
 # with the original as the distillation teacher: run -> (training preset, recipe of the starting point)
-PLANNED_AT_4_6 = "w4-g64-gptq-awq@4.6"  # the best W4 PTQ recipe, at learned-widths' size
 STARTS = {"sparsegpt-2:4-ft": ("nm-2:4", "2:4-sparsegpt")}
 DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),

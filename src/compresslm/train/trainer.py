@@ -237,7 +237,6 @@ def train(
         raise CompressLMError(f"steps must be at least 1, got {steps}")
     if teacher is not None:  # checked before anything is written
         check_teacher_use(recipe)
-    if teacher is not None:
         vocab = (lm.model.get_output_embeddings().out_features, teacher.model.get_output_embeddings().out_features)
         if vocab[0] != vocab[1]:
             raise CompressLMError(f"the teacher's vocabulary ({vocab[1]} tokens) differs from the model's ({vocab[0]})")
