@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import point_runner
-from results_store import atomic_write
+from results_store import atomic_write, load_rows
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "train_table"
@@ -152,7 +152,6 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
 def learned_widths_lines(rows: dict) -> list[str]:
     """What the rate term chose, its container's ppl, and the post-training mixed-precision plan at the
     same size from the quantization table (the solver's widths, AWQ + GPTQ), which it has to beat."""
-    import json
     from collections import Counter
 
     learned = rows.get("train learned-widths")
@@ -165,8 +164,7 @@ def learned_widths_lines(rows: dict) -> list[str]:
             f"linear weight (layers per width: {per_width})")  # fmt: skip
     if "qat learned-widths" in rows:
         line += f"; its container: ppl {rows['qat learned-widths']['ppl']:.3f}"
-    quant = HERE / "results" / "quant_table.json"
-    planned = json.loads(quant.read_text()).get(PLANNED_AT_4_6) if quant.exists() else None
+    planned = load_rows(HERE / "results" / "quant_table.json").get(PLANNED_AT_4_6)
     if planned:
         line += (f"; the post-training plan at {planned['linear_bits_per_param']:.3f} bits ({PLANNED_AT_4_6}, "
                  f"quant_table.md): {planned['ppl']:.3f}")  # fmt: skip
@@ -256,9 +254,7 @@ def noise_floor(rows: dict) -> list[str]:
 
     earlier = {}
     for table in ("quant_table", "prune_table"):
-        path = HERE / "results" / f"{table}.json"
-        if path.exists():
-            earlier.update({name: (table, row) for name, row in json.loads(path.read_text()).items()})
+        earlier.update({name: (table, row) for name, row in load_rows(HERE / "results" / f"{table}.json").items()})
     pairs = []
     for point, row in rows.items():
         recipe = point.removeprefix("ptq base ")
