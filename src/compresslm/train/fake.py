@@ -169,8 +169,8 @@ class FakeQuantLinear(nn.Module):
 
     def _mixture(self, w: torch.Tensor) -> torch.Tensor:
         """The width_probs-weighted sum of w quantized at every width. Autograd would keep about six
-        weight-sized tensors per width for the backward (30 per layer at five widths: more than 20 GB
-        on the reference model), so while training it is recomputed in the backward instead."""
+        weight-sized tensors per width for the backward (30 per layer at five widths: some 13 GB of
+        float32 for the reference model's linears), so while training it is recomputed in the backward."""
         probs = self.width_probs().to(w.dtype)
         return sum(p * self._quantized_at(w, b) for p, b in zip(probs, self.widths, strict=True))
 
