@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from compresslm.models.loading import LoadedModel, load_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.gptq import GPTQOptions, gptq, output_error
 from compresslm.quant.grid import Grid
-from compresslm.recipe import RecipeError, preset
+from compresslm.recipe import Recipe, RecipeError, preset
 from compresslm.sparse.masks import SparsityError, SparsityPattern, mask_overlap, select_mask
 from compresslm.sparse.prune import apply_mask, magnitude, sparsegpt, wanda
 
@@ -286,3 +287,52 @@ def test_grid_fit_after_quantizes_sparsegpts_result_on_its_mask(layer):
     assert torch.equal(record.mask, pruned.mask) and torch.equal(record.dequantize(), expected.dequantize())
     joint = compress_weight("layer", weight, [dataclasses.replace(stages[0], grid_fit="current"), stages[1]], hessian)
     assert not torch.equal(joint.dequantize(), record.dequantize())  # one sweep: quantization updates pruning
+
+
+def test_keep_zeros_holds_a_pruned_checkpoints_zeros(layer):
+    """A checkpoint pruned before compression (sparsity-aware training): plain GPTQ writes into its zeros
+    (and warns), `keep_zeros` holds them, as 2:4 metadata where they form 2:4 and as a bitmask otherwise."""
+    from compresslm.engine.linear_stages import compress_weight
+    from compresslm.recipe import QuantizeStage
+
+    weight, hessian = layer
+    stage = QuantizeStage(method="gptq", bits=4, group_size=32)
+    for pattern in (SparsityPattern(n=2, m=4), SparsityPattern(ratio=0.5)):
+        pruned = magnitude(weight, pattern).dequantize().float()
+        with pytest.warns(UserWarning, match="keepzeros"):
+            dense = compress_weight("layer", pruned, [stage], hessian)
+        assert dense.mask is None and (dense.dequantize()[pruned == 0] != 0).any()
+        held = compress_weight("layer", pruned, [dataclasses.replace(stage, keep_zeros=True)], hessian)
+        assert torch.equal(held.mask, pruned != 0) and (held.dequantize()[pruned == 0] == 0).all()
+        assert held.nm == pattern.nm
+    # a 2:4 row whose group has one non-zero still stores 2:4 (a zero counts as kept)
+    sparser = magnitude(weight, SparsityPattern(n=1, m=4)).dequantize().float()
+    held = compress_weight("layer", sparser, [dataclasses.replace(stage, keep_zeros=True)], hessian)
+    assert held.nm == (2, 4) and (held.dequantize()[sparser == 0] == 0).sum() >= (sparser == 0).sum() * 2 // 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compress_weight("layer", weight, [stage], hessian)  # a dense weight: no warning
+
+
+def test_keep_zeros_is_refused_beside_a_prune_stage_or_the_dial():
+    assert preset("w4-g64-gptq-keepzeros").stages[0].keep_zeros
+    assert "keep_zeros" not in preset("w4-g64-gptq").to_dict()["stages"][0]  # earlier recipes keep their text
+    with pytest.raises(RecipeError, match="keep_zeros holds"):
+        preset("2:4-sparsegpt+w4-g64-gptq-keepzeros")
+    with pytest.raises(RecipeError, match="nested widths"):
+        Recipe.from_dict({"stages": [{"method": "gptq", "bits": 4, "nested_widths": [2, 4], "keep_zeros": True}]})
+
+
+def test_keep_zeros_container_of_a_pruned_model_reloads_bit_exactly(tokenizer, tmp_path):
+    lm = _tiny(tokenizer)
+    with torch.no_grad():
+        for name, module in lm.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.copy_(magnitude(module.weight, SparsityPattern(n=2, m=4)).dequantize())
+    recipe = preset("w4-g16-gptq-keepzeros")
+    recipe.calibration.samples, recipe.calibration.length, recipe.calibration.batch_size = 8, 64, 4
+    lm, result, _ = compress(lm, recipe, tmp_path / "m.clm", show_progress=False)
+    reloaded = load_model(tmp_path / "m.clm")
+    ids = tokenizer("Trained zeros stay zeros.", return_tensors="pt").input_ids
+    assert torch.equal(_logits(lm, ids), _logits(reloaded, ids))
+    assert all(record.nm == (2, 4) and reloaded.compressed[key].nm == (2, 4) for key, record in result.weights.items())

@@ -12,7 +12,9 @@ Preset names are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act|-noact
 `w4-gptq` (group 128, asymmetric, act-order with static groups: GPTQ's default here, as in
 llm-compressor), `w3-g64-gptq-noact` (columns in their natural order, dynamic groups),
 `w4-g64-awq` (AWQ scaling and clip search, then
-rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel). W8A8 presets:
+rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel), `w4-g64-gptq-keepzeros`
+(an already pruned checkpoint: its exact zeros are held as a mask, 2:4 where they form one, instead of
+GPTQ's error feedback filling them). W8A8 presets:
 `w8a8-smoothquant` (per-token dynamic int8 activations), `w8a8-smoothquant-static` (per-tensor
 static), `w8a8-rtn` (no smoothing). Activation quantization is simulated in float (PyTorch has no
 int8 matmul kernel on this CPU path) and labelled so. `w8-rtn` and other names
@@ -74,6 +76,7 @@ class QuantizeStage:
     dial_sparsity_priorities: list[float] = field(default_factory=list)  # one weight per level
     separate_sparsity: list[float] = field(default_factory=list)  # dial ratios pruned on their own (SparseGPT)
     separate_sparsity_fit: str = "after"  # how those ratios are quantized: PruneStage.grid_fit's choices
+    keep_zeros: bool = False  # hold the weight's exact zeros (a pruned checkpoint) as its mask
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -102,6 +105,8 @@ class QuantizeStage:
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         if not self.targets:
             raise RecipeError(f"{where}: targets is empty; give roles (q, k, v, o, gate, up, down, ...) or 'all'")
+        if self.keep_zeros and self.nested_widths:
+            raise RecipeError(f"{where}: keep_zeros does not combine with the dial's nested widths")
         if self.nested_widths:
             self._validate_nested(where)
         elif self.separate_widths or self.dial_sparsity or self.separate_sparsity:
@@ -394,6 +399,12 @@ class Recipe:
             raise RecipeError("recipe has no stages")
         for index, stage in enumerate(self.stages, start=1):
             stage.validate(f"stage {index} ({stage.type})")
+        prunes = any(isinstance(stage, PruneStage) for stage in self.stages)
+        if prunes and any(getattr(stage, "keep_zeros", False) for stage in self.stages):
+            raise RecipeError(
+                "keep_zeros holds a checkpoint's own zeros; with a prune stage its mask is held "
+                "already: drop one of the two"
+            )
         self.calibration.validate()
         _choice("recipe", "dense_dtype", self.dense_dtype, DENSE_DTYPES)
         return self
@@ -479,7 +490,7 @@ def _build(kind: type, data: dict, where: str) -> Any:
 
 
 _PRESET = re.compile(
-    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq))*)$"
+    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros))*)$"
 )
 
 
@@ -517,12 +528,14 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
     if "act" in flags or "noact" in flags:
         stage["act_order"] = "act" in flags
     stage["awq_scale"] = "awq" in flags
+    if "keepzeros" in flags:
+        stage["keep_zeros"] = True
     return stage
 
 
 # stage fields added after sweeps had recorded points, with their defaults: left out of a stage's dict
 # while at the default, so recipes (and the sweep keys made from them) written before keep their exact text
-_LATER_FIELDS = {"separate_sparsity": [], "grid_fit": "current"}
+_LATER_FIELDS = {"separate_sparsity": [], "grid_fit": "current", "keep_zeros": False}
 
 
 def _stage_dict(stage) -> dict:

@@ -2,7 +2,8 @@
 
 This is the one place that knows how stages combine; each algorithm stays a pure function:
 
-* quantize only: RTN, GPTQ or AWQ's clip search on the (possibly AWQ-rescaled) weight;
+* quantize only: RTN, GPTQ or AWQ's clip search on the (possibly AWQ-rescaled) weight; with
+  `keep_zeros` the weight's exact zeros are held as a mask, as a prune stage's would be;
 * prune only: magnitude, Wanda or SparseGPT; kept weights stay float16;
 * prune, then quantize: the mask is chosen on float weights, then the kept weights are quantized
   with the mask held fixed (GPTQ compensates the rounding error of the kept weights). SparseGPT
@@ -14,6 +15,7 @@ This is the one place that knows how stages combine; each algorithm stays a pure
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -24,9 +26,17 @@ from compresslm.quant.gptq import GPTQOptions, gptq
 from compresslm.quant.nested import nested_quantize, with_alternates
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import PruneStage, QuantizeStage
-from compresslm.sparse.masks import SparsityPattern
+from compresslm.sparse.masks import SparsityPattern, held_zeros
 from compresslm.sparse.nested import nested_sparsegpt
 from compresslm.sparse.prune import apply_mask, magnitude, saliency_mask, sparsegpt, wanda
+
+# a weight with this fraction of exact zeros is a pruned checkpoint: GPTQ without a mask writes into them
+ZEROS_WARNING = 0.25
+ZEROS_MESSAGE = (
+    "a weight has at least a quarter of its entries exactly zero (a pruned checkpoint?): GPTQ's error "
+    "feedback writes into them, some become non-zero and the result is stored dense; use keep_zeros "
+    "(preset flag -keepzeros, e.g. w4-g64-gptq-keepzeros) to hold them as a mask"
+)
 
 
 def describe_stages(stages: list, pattern: SparsityPattern | None) -> tuple[str, str]:
@@ -71,6 +81,10 @@ def compress_weight(
         chain = chain_hessian if chain_hessian is not None else hessian
         return _dial(name, weight, quant, hessian, chain, sparse_hessians or {})
     if prune is None:
+        if quant.keep_zeros:
+            return _quantize(weight, quant, hessian, *held_zeros(weight))
+        if quant.method == "gptq" and float((weight == 0).float().mean()) >= ZEROS_WARNING:
+            warnings.warn(ZEROS_MESSAGE, stacklevel=2)
         return _quantize(weight, quant, hessian)
     if quant is None:
         return _prune(weight, prune, pattern, hessian)
