@@ -44,6 +44,11 @@ PLANNED_AT_4_6 = "w4-g64-gptq-awq@4.6"  # the best W4 PTQ recipe, at learned-wid
 # runs that start from a post-hoc compressed model (its container, dequantized) instead of the original,
 # with the original as the distillation teacher: run -> (training preset, recipe of the starting point)
 STARTS = {"sparsegpt-2:4-ft": ("nm-2:4", "2:4-sparsegpt")}
+# sparsity-aware runs: (run, the sparsity its checkpoint has), and how each chose its masks
+SPARSE_RUNS = (("nm-2:4", "2:4"), ("cast-2:4", "2:4"), ("sparsegpt-2:4-ft", "2:4"), ("gmp-50%", "50%"))
+SPARSE_HOW = {"nm-2:4": "fixed magnitude masks", "cast-2:4": "masks re-chosen every step",
+              "sparsegpt-2:4-ft": "SparseGPT's 2:4 model fine-tuned on its masks",
+              "gmp-50%": "gradual magnitude pruning, cubic"}  # fmt: skip
 DEFAULT_POINTS = [
     *(f"train {run}" for run in RUNS),
     "fp base", "fp finetune", "fp nm-2:4", "fp cast-2:4", "fp sparsegpt-2:4-ft", "fp gmp-50%",
@@ -132,6 +137,10 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
         cells = " | ".join(ppl(f"ptq {run} {r}") for r in recipes)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
+    if any(f"ptq {run} w4-g64-gptq" in rows for run, _ in SPARSE_RUNS):
+        lines += ["", "The sparse runs' GPTQ columns quantize their weights as they are: GPTQ's error feedback writes "
+                  "into their zeros and the result is stored dense. The next table holds the zeros."]  # fmt: skip
+    lines += sparse_quantized_table(rows)
     own = [f"w{b} {ppl(f'qat random-precision w{b}')}" for b in (8, 6, 4, 3) if f"qat random-precision w{b}" in rows]
     if own:
         lines += ["", "Random-precision checkpoint, its own container at each width: " + ", ".join(own) + "."]
@@ -147,6 +156,26 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         lines += ["", f"Training time: {times} ({'shared 2-core CPU' if device == 'cpu' else device})."]
     lines += ["", point_runner.commands(rows, point_runner.command_line("benchmarks/train_table.py"))]
     atomic_write(results.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def sparse_quantized_table(rows: dict) -> list[str]:
+    """Sparse and quantized: the original model pruned and quantized in one joint SparseGPT + GPTQ
+    sweep, beside each sparsity-aware run quantized by GPTQ with its own zeros held (`-keepzeros`)."""
+    lines = []
+    for run, pattern in (("base", "2:4"), ("base", "50%"), *SPARSE_RUNS):
+        if run == "base":
+            label, points = f"original, {pattern} SparseGPT + GPTQ (one sweep)", [f"ptq base {pattern}-sparsegpt"]
+            points += [f"ptq base {pattern}-sparsegpt+w{b}-g64-gptq" for b in (4, 3)]
+        else:
+            label, points = f"{run}, zeros held", [f"fp {run}"]
+            points += [f"ptq {run} w{b}-g64-gptq-keepzeros" for b in (4, 3)]
+        if any(point in rows for point in points[1:]):
+            cells = " | ".join(f"{rows[p]['ppl']:.3f}" if p in rows else "–" for p in points)
+            lines.append(f"| {label} | {cells} |")
+    if not lines:
+        return []
+    head = ["", "| sparse model | sparse, float | + W4 g64 GPTQ | + W3 g64 GPTQ |", "|---|---:|---:|---:|"]
+    return head + lines
 
 
 def learned_widths_lines(rows: dict) -> list[str]:
@@ -226,19 +255,22 @@ def answers(rows: dict) -> list[str]:
                 close = "within" if rp <= qat * 1.05 else "not within"
                 lines.append(f"- W{bits}: one randomized-precision checkpoint, {how}, vs a dedicated QAT run's own "
                              f"container {versus(rp, qat)}: {close} 5 %.")  # fmt: skip
-    for run, how, pattern in (("nm-2:4", "fixed magnitude masks", "2:4"),
-                              ("cast-2:4", "masks re-chosen every step", "2:4"),
-                              ("sparsegpt-2:4-ft", "SparseGPT's 2:4 model fine-tuned on its masks", "2:4"),
-                              ("gmp-50%", "gradual magnitude pruning, cubic", "50%")):  # fmt: skip
+    for run, pattern in SPARSE_RUNS:
         sparse, sparsegpt = value(f"fp {run}"), value(f"ptq base {pattern}-sparsegpt")
         if sparse is None or sparsegpt is None:
             continue
-        line = f"- {pattern.replace('%', ' %')} ({run}, {how}): sparsity-aware training vs post-hoc SparseGPT of the "
-        line += "original model " + versus(sparse, sparsegpt)
+        line = f"- {pattern.replace('%', ' %')} ({run}, {SPARSE_HOW[run]}): sparsity-aware training vs post-hoc "
+        line += "SparseGPT of the original model " + versus(sparse, sparsegpt)
         if base is not None and base < sparse < sparsegpt:
             line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
         ctrl = value(f"ptq finetune {pattern}-sparsegpt")
-        lines.append(line + (f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else "") + ".")
+        line += f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else ""
+        for bits in (4, 3):  # sparse and quantized: the run with its zeros held vs the original's joint sweep
+            held = value(f"ptq {run} w{bits}-g64-gptq-keepzeros")
+            joint = value(f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq")
+            if held is not None and joint is not None:
+                line += f"; + W{bits} g64 GPTQ, zeros held, vs SparseGPT + GPTQ of the original {versus(held, joint)}"
+        lines.append(line + ".")
     if not lines:
         return []
     head = ["", "## The questions", ""]

@@ -50,3 +50,17 @@ def test_train_table_answers_the_qat_question_from_whatever_is_measured():
     assert len(w3) == 1 and "39.000 vs 45.000 (-13.3 %)" in w3[0] and "recovers 24 %" in w3[0]
     assert w3[0].endswith("GPTQ of the QAT checkpoint's float weights: 43.000.")
     assert train_table.answers({"fp base": {"ppl": 20.0}}) == []
+
+
+def test_train_table_sets_sparse_runs_with_zeros_held_beside_the_originals_joint_sweep():
+    import train_table
+
+    ppl = {"fp base": 20.0, "fp gmp-50%": 80.0, "ptq base 50%-sparsegpt": 40.0,
+           "ptq base 50%-sparsegpt+w4-g64-gptq": 50.0, "ptq gmp-50% w4-g64-gptq-keepzeros": 90.0}  # fmt: skip
+    rows = {point: {"ppl": value} for point, value in ppl.items()}
+    table = train_table.sparse_quantized_table(rows)
+    assert table[-2:] == ["| original, 50% SparseGPT + GPTQ (one sweep) | 40.000 | 50.000 | – |",
+                          "| gmp-50%, zeros held | 80.000 | 90.000 | – |"]  # fmt: skip
+    gmp = [line for line in train_table.answers(rows) if "(gmp-50%" in line]
+    assert gmp[0].endswith("+ W4 g64 GPTQ, zeros held, vs SparseGPT + GPTQ of the original 90.000 vs 50.000 (+80.0 %).")
+    assert train_table.sparse_quantized_table({"fp gmp-50%": {"ppl": 80.0}}) == []
