@@ -2,13 +2,16 @@
 
 The reference model is written once as a float32 Hugging Face directory; the 128 × 512 C4
 calibration windows (seed 0) that our engine uses are saved as a tensor and handed to
-llm-compressor's `oneshot` as a pre-tokenized dataset. llm-compressor runs in its own virtual
+llm-compressor's `oneshot` as a pre-tokenized dataset, and the same windows to our `compress`.
+`--calib-samples N` runs both tools on the first N of those windows instead (the same seeded draws)
+and writes its own table, `llmcompressor_anchor_<N>x512`: a labelled reduced protocol for points
+too slow on this CPU at 128 windows. llm-compressor runs in its own virtual
 environment (`LLMC_PYTHON`, default /work/llmc-venv/bin/python, made with
 `pip install torch==2.13.0 llmcompressor`); both sides are evaluated by compresslm's perplexity
 function (WikiText-2 test, GPTQ rows, ctx 2048, first 40 windows) and timed in this one run,
 one point after the other, so their wall times are comparable. Resumable like the other scripts.
 
-    .venv/bin/python benchmarks/llmcompressor_anchor.py
+    .venv/bin/python benchmarks/llmcompressor_anchor.py [--calib-samples 128] [--points ...]
 """
 
 from __future__ import annotations
@@ -41,44 +44,46 @@ POINTS = {
 }
 
 
-def prepare() -> tuple[Path, Path]:
+def prepare(samples: int) -> tuple[Path, Path]:
     import torch
 
     from compresslm.data.calibration import calibration_windows
     from compresslm.models.loading import load_model, save_model
 
     WORK.mkdir(parents=True, exist_ok=True)
-    model_dir, calib = WORK / "smollm2-135m-fp32", WORK / "calib-c4-128x512-seed0.pt"
+    model_dir, calib = WORK / "smollm2-135m-fp32", WORK / f"calib-c4-{samples}x512-seed0.pt"
     if not (model_dir / "config.json").exists() or not calib.exists():
         lm = load_model("smollm2-135m")
         save_model(lm, None, model_dir)
-        torch.save(calibration_windows(lm.tokenizer, "c4", 128, 512, 0).windows, calib)
+        torch.save(calibration_windows(lm.tokenizer, "c4", samples, 512, 0).windows, calib)
     return model_dir, calib
 
 
-def run_ours(preset: str, limit: int) -> dict:
+def run_ours(preset: str, limit: int, samples: int) -> dict:
     code = (
         "import json,sys,resource,time\n"
         "from compresslm.api import compress\n"
+        "from compresslm.data.calibration import calibration_windows\n"
         "from compresslm.eval.perplexity import perplexity\n"
         "from compresslm.models.loading import load_model\n"
         "lm = load_model(sys.argv[1])\n"
-        "_, result, _ = compress(lm, sys.argv[2], show_progress=False)\n"
+        "calib = calibration_windows(lm.tokenizer, 'c4', int(sys.argv[4]), 512, 0)\n"
+        "_, result, _ = compress(lm, sys.argv[2], calibration=calib, show_progress=False)\n"
         "ppl = perplexity(lm, 'wikitext2', ctx=2048, limit=int(sys.argv[3]), show_progress=False)\n"
         "print(json.dumps({'tool': 'compresslm', 'ppl': ppl.ppl, 'compress_seconds': result.seconds,\n"
         "  'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,\n"
         "  'calibration': result.calibration, 'eval_protocol': ppl.protocol}))\n"
     )
-    model_dir, _ = prepare()
-    proc = subprocess.run([sys.executable, "-c", code, str(model_dir), preset, str(limit)],
+    model_dir, _ = prepare(samples)
+    proc = subprocess.run([sys.executable, "-c", code, str(model_dir), preset, str(limit), str(samples)],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_llmc(method: str, bits: int, group: int, symmetric: bool, limit: int) -> dict:
-    model_dir, calib = prepare()
+def run_llmc(method: str, bits: int, group: int, symmetric: bool, limit: int, samples: int) -> dict:
+    model_dir, calib = prepare(samples)
     cmd = [LLMC_PYTHON, str(HERE / "llmcompressor_run.py"), "--model-dir", str(model_dir), "--calib", str(calib),
            "--method", method, "--bits", str(bits), "--group", str(group), "--limit", str(limit)]  # fmt: skip
     if symmetric:
@@ -95,15 +100,27 @@ def _load(row: dict) -> str:
     return "–" if load is None else f"{load:.1f}"
 
 
-def write_markdown(rows: dict) -> None:
+def results_path(samples: int) -> Path:
+    return RESULTS if samples == 128 else RESULTS.with_name(f"{RESULTS.name}_{samples}x512")
+
+
+def write_markdown(rows: dict, samples: int) -> None:
     first = next(iter(rows.values()))
     p = first["eval_protocol"]
+    reduced = "" if samples == 128 else f", {samples} calibration windows"
+    option = "" if samples == 128 else f" --calib-samples {samples}"
     lines = [
-        "# compresslm vs llm-compressor on `smollm2-135m` (W4, group 64)",
+        f"# compresslm vs llm-compressor on `smollm2-135m` (W4, group 64{reduced})",
         "",
-        "Same float32 model, the same 128 × 512-token C4 calibration windows (seed 0) given to both tools,",
+        f"Same float32 model, the same {samples} × 512-token C4 calibration windows (seed 0) given to both tools,",
         f"evaluated by the same function: WikiText-2 raw test, ctx {p['ctx']}, first {p['windows']} "
         f"windows ({p['tokens_scored']:,} tokens). Points ran one after another in one run on this machine.",
+    ]
+    if samples != 128:
+        lines += ["", f"A reduced protocol: the benchmark's is 128 windows (`llmcompressor_anchor.md`); {samples} "
+                  "windows keep a point that takes hours on this CPU within one session. Compare rows of this "
+                  "table with each other, not with that one."]  # fmt: skip
+    lines += [
         "",
         "| tool | method | grid | ppl | compress s | peak RSS MiB | load avg at end |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -113,16 +130,20 @@ def write_markdown(rows: dict) -> None:
         grid = f"W{bits} g{group} {'sym' if sym else 'asym'}"
         lines.append(f"| {row['tool']} | {method} | {grid} | {row['ppl']:.3f} | {row['compress_seconds']:.0f} "
                      f"| {row['peak_rss_bytes'] / 2**20:.0f} | {_load(row)} |")  # fmt: skip
+    threads = sorted({row["eval_protocol"].get("torch_threads") for row in rows.values()} - {None})
+    ran_with = f", torch threads {', '.join(map(str, threads))}" if threads else ""
+    unrecorded = " The GPTQ rows ran with nothing else on the machine (their load was not yet recorded)."
+    unrecorded = unrecorded if samples == 128 else ""
     lines += [
         "",
-        "Command: `.venv/bin/python benchmarks/llmcompressor_anchor.py`. llm-compressor ran with its defaults for",
-        "each modifier apart from the quantization scheme: for GPTQ block size 128, dampening 0.01 and",
+        f"Command: `.venv/bin/python benchmarks/llmcompressor_anchor.py{option}`. llm-compressor ran with its defaults",
+        "for each modifier apart from the quantization scheme: for GPTQ block size 128, dampening 0.01 and",
         "**act-order static** (its default); sequential pipeline; lm_head ignored. compresslm's `-act` row is the",
         "same algorithm choice (now compresslm's default for GPTQ); `-noact` quantizes columns in natural order",
         "with dynamic groups. compresslm rows store embeddings and norms as float16. Wall times: both tools on",
-        "the same 2 CPU cores, one point after the other. The GPTQ rows ran with nothing else on the machine",
-        "(their load was not yet recorded); a load average well above 2 means another job shared the cores",
-        "and the row's time is inflated: compare times only between rows of similar load.",
+        f"the same 2 CPU cores, one point after the other{ran_with}.{unrecorded} A load average well above the",
+        "thread count means another job shared the cores and the row's time is inflated: compare times only",
+        "between rows of similar load.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; {p['versions']['platform']}.",
     ]
     for name, row in rows.items():
@@ -135,28 +156,32 @@ def write_markdown(rows: dict) -> None:
         if line not in seen:
             seen.add(line)
             lines.append(line)
-    atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write(results_path(samples).with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", nargs="*", default=list(POINTS))
     parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens, both tools")
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    json_path = RESULTS.with_suffix(".json")
+    json_path = results_path(args.calib_samples).with_suffix(".json")
     rows = load_rows(json_path)
     for name in args.points:
         if name in rows:
             continue
         tool, method, bits, group, sym = POINTS[name]
         print(f"[{name}] running", file=sys.stderr, flush=True)
-        row = run_ours(method, args.limit) if tool == "ours" else run_llmc(method, bits, group, sym, args.limit)
+        if tool == "ours":
+            row = run_ours(method, args.limit, args.calib_samples)
+        else:
+            row = run_llmc(method, bits, group, sym, args.limit, args.calib_samples)
         # the 1-minute load average as the point ends: about 1-2 when it ran alone on the 2 cores
         row["load_avg_at_end"] = os.getloadavg()[0]
         rows = add_row(json_path, name, row)
         print(f"[{name}] ppl {rows[name]['ppl']:.3f} in {rows[name]['compress_seconds']:.0f} s", file=sys.stderr)
-    write_markdown({name: rows[name] for name in POINTS if name in rows})
+    write_markdown({name: rows[name] for name in POINTS if name in rows}, args.calib_samples)
 
 
 if __name__ == "__main__":
