@@ -312,6 +312,8 @@ def test_keep_zeros_holds_a_pruned_checkpoints_zeros(layer):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compress_weight("layer", weight, [stage], hessian)  # a dense weight: no warning
+    few = magnitude(weight, SparsityPattern(ratio=0.2)).dequantize().float()  # 20 % < 1 in 4: a mask would cost
+    assert compress_weight("layer", few, [dataclasses.replace(stage, keep_zeros=True)], hessian).mask is None
 
 
 def test_keep_zeros_is_refused_beside_a_prune_stage_or_the_dial():

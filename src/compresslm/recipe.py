@@ -14,7 +14,7 @@ llm-compressor), `w3-g64-gptq-noact` (columns in their natural order, dynamic gr
 `w4-g64-awq` (AWQ scaling and clip search, then
 rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel), `w4-g64-gptq-keepzeros`
 (an already pruned checkpoint: its exact zeros are held as a mask, 2:4 where they form one, instead of
-GPTQ's error feedback filling them). W8A8 presets:
+GPTQ's error feedback writing into them). W8A8 presets:
 `w8a8-smoothquant` (per-token dynamic int8 activations), `w8a8-smoothquant-static` (per-tensor
 static), `w8a8-rtn` (no smoothing). Activation quantization is simulated in float (PyTorch has no
 int8 matmul kernel on this CPU path) and labelled so. `w8-rtn` and other names

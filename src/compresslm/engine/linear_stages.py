@@ -3,7 +3,8 @@
 This is the one place that knows how stages combine; each algorithm stays a pure function:
 
 * quantize only: RTN, GPTQ or AWQ's clip search on the (possibly AWQ-rescaled) weight; with
-  `keep_zeros` the weight's exact zeros are held as a mask, as a prune stage's would be;
+  `keep_zeros` the weight's exact zeros are held as a mask, as a prune stage's would be (2:4, or a
+  bitmask where at least 1 in `bits` entries is zero, so that the mask pays for itself);
 * prune only: magnitude, Wanda or SparseGPT; kept weights stay float16;
 * prune, then quantize: the mask is chosen on float weights, then the kept weights are quantized
   with the mask held fixed (GPTQ compensates the rounding error of the kept weights). SparseGPT
@@ -82,7 +83,11 @@ def compress_weight(
         return _dial(name, weight, quant, hessian, chain, sparse_hessians or {})
     if prune is None:
         if quant.keep_zeros:
-            return _quantize(weight, quant, hessian, *held_zeros(weight))
+            mask, nm = held_zeros(weight)
+            # a bitmask costs a bit per weight and saves `bits` per zero: below 1 in `bits` zeros it only costs
+            if mask is not None and nm is None and float((~mask).float().mean()) * quant.bits < 1:
+                mask = None
+            return _quantize(weight, quant, hessian, mask, nm)
         if quant.method == "gptq" and float((weight == 0).float().mean()) >= ZEROS_WARNING:
             warnings.warn(ZEROS_MESSAGE, stacklevel=2)
         return _quantize(weight, quant, hessian)
