@@ -49,16 +49,22 @@ SPARSE_RUNS = (("nm-2:4", "2:4"), ("cast-2:4", "2:4"), ("sparsegpt-2:4-ft", "2:4
 SPARSE_HOW = {"nm-2:4": "fixed magnitude masks", "cast-2:4": "masks re-chosen every step",
               "sparsegpt-2:4-ft": "SparseGPT's 2:4 model fine-tuned on its masks",
               "gmp-50%": "gradual magnitude pruning, cubic"}  # fmt: skip
-DEFAULT_POINTS = [
+PTQ_RECIPES = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
+DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(f"train {run}" for run in RUNS),
-    "fp base", "fp finetune", "fp nm-2:4", "fp cast-2:4", "fp sparsegpt-2:4-ft", "fp gmp-50%",
+    *(f"fp {run}" for run in ("base", *RUNS)),
     "qat qat-w4", "qat qat-w3", "qat qat-w2", "qat learned-widths",
     *(f"qat random-precision w{b}" for b in (4, 3, 8, 6)),
     *(f"ptq {run} {recipe}" for run in ("base", "finetune")
-      for recipe in ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")),
+      for recipe in PTQ_RECIPES),
     *(f"ptq random-precision w{b}-g64-{m}" for b in (4, 3) for m in ("rtn", "gptq")),
     "ptq gmp-50% 50%-sparsegpt", "ptq nm-2:4 2:4-sparsegpt", "ptq cast-2:4 2:4-sparsegpt",
-]  # fmt: skip
+    # sparse and quantized: the original's joint sweep, the sparse runs with their zeros held
+    *(f"ptq base {p}-sparsegpt+w{b}-g64-gptq" for b in (4, 3) for p in ("2:4", "50%")),
+    *(f"ptq {run} w{b}-g64-gptq-keepzeros" for b in (4, 3) for run, _ in SPARSE_RUNS),
+    # the rest of the matrix: every trained checkpoint at every post-hoc setting
+    *(f"ptq {run} {recipe}" for run in RUNS[1:] for recipe in PTQ_RECIPES),
+]))  # fmt: skip
 
 
 def _run_dir(workdir: Path, run: str) -> Path:
@@ -132,10 +138,9 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         "| 2:4 SparseGPT |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    recipes = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
     for run in ["base", *RUNS]:
         own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
-        cells = " | ".join(ppl(f"ptq {run} {r}") for r in recipes)
+        cells = " | ".join(ppl(f"ptq {run} {r}") for r in PTQ_RECIPES)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
     if any(f"ptq {run} w4-g64-gptq" in rows for run, _ in SPARSE_RUNS):
         lines += ["", "The sparse runs' GPTQ columns quantize their weights as they are: GPTQ's error feedback writes "
