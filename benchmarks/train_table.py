@@ -180,7 +180,18 @@ def sparse_quantized_table(rows: dict) -> list[str]:
     if not lines:
         return []
     head = ["", "| sparse model | sparse, float | + W4 g64 GPTQ | + W3 g64 GPTQ |", "|---|---:|---:|---:|"]
-    return head + lines
+    sizes = {}  # bits per linear weight as written, by pattern and width (the same for every row of a pattern)
+    for run, pattern in (("base", "2:4"), ("base", "50%"), *SPARSE_RUNS):
+        for bits in (4, 3):
+            point = f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq" if run == "base" else \
+                f"ptq {run} w{bits}-g64-gptq-keepzeros"  # fmt: skip
+            if point in rows and "linear_bits_per_param" in rows[point]:
+                sizes.setdefault(f"{pattern.replace('%', ' %')} + W{bits}", rows[point]["linear_bits_per_param"])
+    dense = [f"W{b} {rows[p]['linear_bits_per_param']:.2f}" for b in (4, 3)
+             if "linear_bits_per_param" in rows.get(p := f"ptq base w{b}-g64-gptq", {})]  # fmt: skip
+    note = ", ".join(f"{name} {value:.2f}" for name, value in sizes.items())
+    note += f" (dense {', '.join(dense)})" if dense else ""
+    return head + lines + ([] if not sizes else ["", f"Bits per linear weight as written: {note}."])
 
 
 def learned_widths_lines(rows: dict) -> list[str]:
