@@ -166,7 +166,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
 def sparse_quantized_table(rows: dict) -> list[str]:
     """Sparse and quantized: the original model pruned and quantized in one joint SparseGPT + GPTQ
     sweep, beside each sparsity-aware run quantized by GPTQ with its own zeros held (`-keepzeros`)."""
-    lines = []
+    lines, sizes = [], {}  # sizes: bits per linear weight as written, by pattern and width
     for run, pattern in (("base", "2:4"), ("base", "50%"), *SPARSE_RUNS):
         if run == "base":
             label, points = f"original, {pattern} SparseGPT + GPTQ (one sweep)", [f"ptq base {pattern}-sparsegpt"]
@@ -177,16 +177,12 @@ def sparse_quantized_table(rows: dict) -> list[str]:
         if any(point in rows for point in points[1:]):
             cells = " | ".join(f"{rows[p]['ppl']:.3f}" if p in rows else "–" for p in points)
             lines.append(f"| {label} | {cells} |")
+        for bits, point in zip((4, 3), points[1:], strict=True):
+            if "linear_bits_per_param" in rows.get(point, {}):
+                sizes.setdefault(f"{pattern.replace('%', ' %')} + W{bits}", rows[point]["linear_bits_per_param"])
     if not lines:
         return []
     head = ["", "| sparse model | sparse, float | + W4 g64 GPTQ | + W3 g64 GPTQ |", "|---|---:|---:|---:|"]
-    sizes = {}  # bits per linear weight as written, by pattern and width (the same for every row of a pattern)
-    for run, pattern in (("base", "2:4"), ("base", "50%"), *SPARSE_RUNS):
-        for bits in (4, 3):
-            point = f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq" if run == "base" else \
-                f"ptq {run} w{bits}-g64-gptq-keepzeros"  # fmt: skip
-            if point in rows and "linear_bits_per_param" in rows[point]:
-                sizes.setdefault(f"{pattern.replace('%', ' %')} + W{bits}", rows[point]["linear_bits_per_param"])
     dense = [f"W{b} {rows[p]['linear_bits_per_param']:.2f}" for b in (4, 3)
              if "linear_bits_per_param" in rows.get(p := f"ptq base w{b}-g64-gptq", {})]  # fmt: skip
     note = ", ".join(f"{name} {value:.2f}" for name, value in sizes.items())
