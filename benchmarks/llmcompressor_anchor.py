@@ -30,6 +30,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "llmcompressor_anchor"
 WORK = Path(os.environ.get("COMPRESSLM_BENCH_WORK", ROOT / ".bench-work"))
+PROTOCOL_SAMPLES = 128  # calibration windows of the benchmark protocol (DESIGN.md)
 LLMC_PYTHON = os.environ.get("LLMC_PYTHON", "/work/llmc-venv/bin/python")
 
 # name: (tool, method, bits, group, symmetric) ; our side names a compresslm preset
@@ -101,14 +102,14 @@ def _load(row: dict) -> str:
 
 
 def results_path(samples: int) -> Path:
-    return RESULTS if samples == 128 else RESULTS.with_name(f"{RESULTS.name}_{samples}x512")
+    return RESULTS if samples == PROTOCOL_SAMPLES else RESULTS.with_name(f"{RESULTS.name}_{samples}x512")
 
 
 def write_markdown(rows: dict, samples: int) -> None:
     first = next(iter(rows.values()))
     p = first["eval_protocol"]
-    reduced = "" if samples == 128 else f", {samples} calibration windows"
-    option = "" if samples == 128 else f" --calib-samples {samples}"
+    reduced = "" if samples == PROTOCOL_SAMPLES else f", {samples} calibration windows"
+    option = "" if samples == PROTOCOL_SAMPLES else f" --calib-samples {samples}"
     lines = [
         f"# compresslm vs llm-compressor on `smollm2-135m` (W4, group 64{reduced})",
         "",
@@ -116,7 +117,7 @@ def write_markdown(rows: dict, samples: int) -> None:
         f"evaluated by the same function: WikiText-2 raw test, ctx {p['ctx']}, first {p['windows']} "
         f"windows ({p['tokens_scored']:,} tokens). Points ran one after another in one run on this machine.",
     ]
-    if samples != 128:
+    if samples != PROTOCOL_SAMPLES:
         lines += ["", f"A reduced protocol: the benchmark's is 128 windows (`llmcompressor_anchor.md`); {samples} "
                   "windows keep a point that takes hours on this CPU within one session. Compare rows of this "
                   "table with each other, not with that one."]  # fmt: skip
@@ -133,7 +134,7 @@ def write_markdown(rows: dict, samples: int) -> None:
     threads = sorted({row["eval_protocol"].get("torch_threads") for row in rows.values()} - {None})
     ran_with = f", torch threads {', '.join(map(str, threads))}" if threads else ""
     unrecorded = " The GPTQ rows ran with nothing else on the machine (their load was not yet recorded)."
-    unrecorded = unrecorded if samples == 128 else ""
+    unrecorded = unrecorded if samples == PROTOCOL_SAMPLES else ""
     lines += [
         "",
         f"Command: `.venv/bin/python benchmarks/llmcompressor_anchor.py{option}`. llm-compressor ran with its defaults",
@@ -163,7 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", nargs="*", default=list(POINTS))
     parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens, both tools")
+    parser.add_argument(
+        "--calib-samples", type=int, default=PROTOCOL_SAMPLES, help="calibration windows of 512 tokens, both tools"
+    )
     args = parser.parse_args()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     json_path = results_path(args.calib_samples).with_suffix(".json")

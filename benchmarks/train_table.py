@@ -44,11 +44,20 @@ PLANNED_AT_4_6 = "w4-g64-gptq-awq@4.6"  # the best W4 PTQ recipe, at learned-wid
 # runs that start from a post-hoc compressed model (its container, dequantized) instead of the original,
 # with the original as the distillation teacher: run -> (training preset, recipe of the starting point)
 STARTS = {"sparsegpt-2:4-ft": ("nm-2:4", "2:4-sparsegpt")}
-# sparsity-aware runs: (run, the sparsity its checkpoint has), and how each chose its masks
-SPARSE_RUNS = (("nm-2:4", "2:4"), ("cast-2:4", "2:4"), ("sparsegpt-2:4-ft", "2:4"), ("gmp-50%", "50%"))
-SPARSE_HOW = {"nm-2:4": "fixed magnitude masks", "cast-2:4": "masks re-chosen every step",
-              "sparsegpt-2:4-ft": "SparseGPT's 2:4 model fine-tuned on its masks",
-              "gmp-50%": "gradual magnitude pruning, cubic"}  # fmt: skip
+# sparsity-aware runs: run -> (the sparsity its checkpoint has, how it chose its masks)
+SPARSE_RUNS = {"nm-2:4": ("2:4", "fixed magnitude masks"), "cast-2:4": ("2:4", "masks re-chosen every step"),
+               "sparsegpt-2:4-ft": ("2:4", "SparseGPT's 2:4 model fine-tuned on its masks"),
+               "gmp-50%": ("50%", "gradual magnitude pruning, cubic")}  # fmt: skip
+
+
+def sparse_quantized(run: str, pattern: str, bits: int) -> str:
+    """The point that makes `run` sparse and W`bits` g64: the original pruned to `pattern` and quantized
+    in one SparseGPT + GPTQ sweep, a sparse run quantized by GPTQ with its own zeros held."""
+    if run == "base":
+        return f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq"
+    return f"ptq {run} w{bits}-g64-gptq-keepzeros"
+
+
 PTQ_RECIPES = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
 DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(f"train {run}" for run in RUNS),
@@ -60,8 +69,8 @@ DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(f"ptq random-precision w{b}-g64-{m}" for b in (4, 3) for m in ("rtn", "gptq")),
     "ptq gmp-50% 50%-sparsegpt", "ptq nm-2:4 2:4-sparsegpt", "ptq cast-2:4 2:4-sparsegpt",
     # sparse and quantized: the original's joint sweep, the sparse runs with their zeros held
-    *(f"ptq base {p}-sparsegpt+w{b}-g64-gptq" for b in (4, 3) for p in ("2:4", "50%")),
-    *(f"ptq {run} w{b}-g64-gptq-keepzeros" for b in (4, 3) for run, _ in SPARSE_RUNS),
+    *(sparse_quantized("base", p, b) for b in (4, 3) for p in ("2:4", "50%")),
+    *(sparse_quantized(run, p, b) for b in (4, 3) for run, (p, _) in SPARSE_RUNS.items()),
     # the rest of the matrix: every trained checkpoint at every post-hoc setting
     *(f"ptq {run} {recipe}" for run in RUNS[1:] for recipe in PTQ_RECIPES),
 ]))  # fmt: skip
@@ -142,7 +151,7 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
         own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
         cells = " | ".join(ppl(f"ptq {run} {r}") for r in PTQ_RECIPES)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
-    if any(f"ptq {run} w4-g64-gptq" in rows for run, _ in SPARSE_RUNS):
+    if any(f"ptq {run} w4-g64-gptq" in rows for run in SPARSE_RUNS):
         lines += ["", "The sparse runs' GPTQ columns quantize their weights as they are: GPTQ's error feedback writes "
                   "into their zeros and the result is stored dense. The next table holds the zeros."]  # fmt: skip
     lines += sparse_quantized_table(rows)
@@ -167,13 +176,12 @@ def sparse_quantized_table(rows: dict) -> list[str]:
     """Sparse and quantized: the original model pruned and quantized in one joint SparseGPT + GPTQ
     sweep, beside each sparsity-aware run quantized by GPTQ with its own zeros held (`-keepzeros`)."""
     lines, sizes = [], {}  # sizes: bits per linear weight as written, by pattern and width
-    for run, pattern in (("base", "2:4"), ("base", "50%"), *SPARSE_RUNS):
+    for run, pattern in (("base", "2:4"), ("base", "50%"), *((run, p) for run, (p, _) in SPARSE_RUNS.items())):
         if run == "base":
             label, points = f"original, {pattern} SparseGPT + GPTQ (one sweep)", [f"ptq base {pattern}-sparsegpt"]
-            points += [f"ptq base {pattern}-sparsegpt+w{b}-g64-gptq" for b in (4, 3)]
         else:
             label, points = f"{run}, zeros held", [f"fp {run}"]
-            points += [f"ptq {run} w{b}-g64-gptq-keepzeros" for b in (4, 3)]
+        points += [sparse_quantized(run, pattern, b) for b in (4, 3)]
         if any(point in rows for point in points[1:]):
             cells = " | ".join(f"{rows[p]['ppl']:.3f}" if p in rows else "–" for p in points)
             lines.append(f"| {label} | {cells} |")
@@ -267,19 +275,18 @@ def answers(rows: dict) -> list[str]:
                 close = "within" if rp <= qat * 1.05 else "not within"
                 lines.append(f"- W{bits}: one randomized-precision checkpoint, {how}, vs a dedicated QAT run's own "
                              f"container {versus(rp, qat)}: {close} 5 %.")  # fmt: skip
-    for run, pattern in SPARSE_RUNS:
+    for run, (pattern, how) in SPARSE_RUNS.items():
         sparse, sparsegpt = value(f"fp {run}"), value(f"ptq base {pattern}-sparsegpt")
         if sparse is None or sparsegpt is None:
             continue
-        line = f"- {pattern.replace('%', ' %')} ({run}, {SPARSE_HOW[run]}): sparsity-aware training vs post-hoc "
+        line = f"- {pattern.replace('%', ' %')} ({run}, {how}): sparsity-aware training vs post-hoc "
         line += "SparseGPT of the original model " + versus(sparse, sparsegpt)
         if base is not None and base < sparse < sparsegpt:
             line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
         ctrl = value(f"ptq finetune {pattern}-sparsegpt")
         line += f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else ""
         for bits in (4, 3):  # sparse and quantized: the run with its zeros held vs the original's joint sweep
-            held = value(f"ptq {run} w{bits}-g64-gptq-keepzeros")
-            joint = value(f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq")
+            held, joint = value(sparse_quantized(run, pattern, bits)), value(sparse_quantized("base", pattern, bits))
             if held is not None and joint is not None:
                 line += f"; + W{bits} g64 GPTQ, zeros held, vs SparseGPT + GPTQ of the original {versus(held, joint)}"
         lines.append(line + ".")

@@ -83,11 +83,7 @@ def compress_weight(
         return _dial(name, weight, quant, hessian, chain, sparse_hessians or {})
     if prune is None:
         if quant.keep_zeros:
-            mask, nm = held_zeros(weight)
-            # a bitmask costs a bit per weight and saves `bits` per zero: below 1 in `bits` zeros it only costs
-            if mask is not None and nm is None and float((~mask).float().mean()) * quant.bits < 1:
-                mask = None
-            return _quantize(weight, quant, hessian, mask, nm)
+            return _quantize(weight, quant, hessian, *held_zeros(weight, quant.bits))
         if quant.method == "gptq" and float((weight == 0).float().mean()) >= ZEROS_WARNING:
             warnings.warn(ZEROS_MESSAGE, stacklevel=2)
         return _quantize(weight, quant, hessian)

@@ -131,15 +131,18 @@ def mask_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((pruned_a & pruned_b).sum()) / union if union else 1.0
 
 
-def held_zeros(weight: torch.Tensor) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+def held_zeros(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
     """The mask that holds a weight's exact zeros (an already pruned checkpoint), for quantizing it
-    without filling them: (None, None) for a weight with no zeros; a 2:4 mask, stored as N:M, when
-    every 4 consecutive inputs of a row hold at most 2 non-zeros (a group with fewer keeps some
-    zeros as kept weights, so the pattern stays 2:4); otherwise the unstructured mask of non-zeros."""
+    to `bits` without filling them: a 2:4 mask, stored as N:M, when every 4 consecutive inputs of a
+    row hold at most 2 non-zeros (a group with fewer keeps some zeros as kept weights, so the pattern
+    stays 2:4); otherwise the unstructured mask of non-zeros where at least 1 in `bits` entries is
+    zero (a bitmask costs a bit per weight and saves `bits` per zero); else (None, None): dense."""
     nonzero = weight != 0
+    out_f, in_f = weight.shape
     if bool(nonzero.all()):
         return None, None
-    out_f, in_f = weight.shape
     if in_f % 4 == 0 and bool((nonzero.reshape(out_f, -1, 4).sum(dim=-1) <= 2).all()):
         return select_mask(weight.abs(), SparsityPattern(n=2, m=4)), (2, 4)
+    if float((~nonzero).float().mean()) * bits < 1:
+        return None, None
     return nonzero, None
