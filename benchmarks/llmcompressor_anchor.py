@@ -116,7 +116,7 @@ def write_markdown(rows: dict, samples: int) -> None:
         "",
         f"Same float32 model, the same {samples} × 512-token C4 calibration windows (seed 0) given to both tools,",
         f"evaluated by the same function: WikiText-2 raw test, ctx {p['ctx']}, first {p['windows']} "
-        f"windows ({p['tokens_scored']:,} tokens). Points ran one after another in one run on this machine.",
+        f"windows ({p['tokens_scored']:,} tokens). The points of one method ran one after another on this machine.",
     ]
     if samples != PROTOCOL_SAMPLES:
         lines += ["", f"A reduced protocol: the benchmark's is 128 windows (`llmcompressor_anchor.md`); this "
