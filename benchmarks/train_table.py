@@ -58,6 +58,14 @@ def sparse_quantized(run: str, pattern: str, bits: int) -> str:
     return f"ptq {run} w{bits}-g64-gptq-keepzeros"
 
 
+def matrix_point(run: str, recipe: str) -> str:
+    """The matrix cell for `run` under `recipe`: a sparse run's GPTQ widths hold its zeros (plain GPTQ
+    would write into them by error feedback and store the layer dense), every other cell as named."""
+    if run in SPARSE_RUNS and recipe.endswith("-gptq"):
+        return f"ptq {run} {recipe}-keepzeros"
+    return f"ptq {run} {recipe}"
+
+
 PTQ_RECIPES = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
 DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(f"train {run}" for run in RUNS),
@@ -72,7 +80,7 @@ DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(sparse_quantized("base", p, b) for b in (4, 3) for p in ("2:4", "50%")),
     *(sparse_quantized(run, p, b) for b in (4, 3) for run, (p, _) in SPARSE_RUNS.items()),
     # the rest of the matrix: every trained checkpoint at every post-hoc setting
-    *(f"ptq {run} {recipe}" for run in RUNS[1:] for recipe in PTQ_RECIPES),
+    *(matrix_point(run, recipe) for run in RUNS[1:] for recipe in PTQ_RECIPES),
 ]))  # fmt: skip
 
 
@@ -149,11 +157,13 @@ def write_markdown(rows: dict, steps: int, results: Path = RESULTS) -> None:
     ]
     for run in ["base", *RUNS]:
         own = ppl(f"qat {run}") if f"qat {run}" in DEFAULT_POINTS else ""
-        cells = " | ".join(ppl(f"ptq {run} {r}") for r in PTQ_RECIPES)
+        cells = " | ".join(ppl(matrix_point(run, r)) for r in PTQ_RECIPES)
         lines.append(f"| {run} | {ppl(f'fp {run}')} | {own} | {cells} |")
-    if any(f"ptq {run} w4-g64-gptq" in rows for run in SPARSE_RUNS):
-        lines += ["", "The sparse runs' GPTQ columns quantize their weights as they are: GPTQ's error feedback writes "
-                  "into their zeros and the result is stored dense. The next table holds the zeros."]  # fmt: skip
+    dense = [f"{run} at {r[:2].upper()} {ppl(f'ptq {run} {r}')}" for run in SPARSE_RUNS for r in PTQ_RECIPES[:3]
+             if f"ptq {run} {r}" in rows]  # fmt: skip
+    lines += ["", "The sparse runs' GPTQ cells hold their zeros (`-keepzeros`, as in the next table). Without it "
+              "GPTQ's error feedback writes into the zeros and stores the layers dense"
+              + (f": {', '.join(dense)}." if dense else ".")]  # fmt: skip
     lines += sparse_quantized_table(rows)
     own = [f"w{b} {ppl(f'qat random-precision w{b}')}" for b in (8, 6, 4, 3) if f"qat random-precision w{b}" in rows]
     if own:

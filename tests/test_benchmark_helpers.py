@@ -64,3 +64,12 @@ def test_train_table_sets_sparse_runs_with_zeros_held_beside_the_originals_joint
     gmp = [line for line in train_table.answers(rows) if "(gmp-50%" in line]
     assert gmp[0].endswith("+ W4 g64 GPTQ, zeros held, vs SparseGPT + GPTQ of the original 90.000 vs 50.000 (+80.0 %).")
     assert train_table.sparse_quantized_table({"fp gmp-50%": {"ppl": 80.0}}) == []
+
+
+def test_train_table_matrix_quantizes_sparse_runs_with_their_zeros_held():
+    import train_table
+
+    assert train_table.matrix_point("gmp-50%", "w2-g64-gptq") == "ptq gmp-50% w2-g64-gptq-keepzeros"
+    assert train_table.matrix_point("gmp-50%", "50%-sparsegpt") == "ptq gmp-50% 50%-sparsegpt"
+    assert train_table.matrix_point("qat-w4", "w3-g64-gptq") == "ptq qat-w4 w3-g64-gptq"
+    assert "ptq nm-2:4 w3-g64-gptq" not in train_table.DEFAULT_POINTS
