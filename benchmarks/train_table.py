@@ -55,7 +55,7 @@ def sparse_quantized(run: str, pattern: str, bits: int) -> str:
     in one SparseGPT + GPTQ sweep, a sparse run quantized by GPTQ with its own zeros held."""
     if run == "base":
         return f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq"
-    return f"ptq {run} w{bits}-g64-gptq-keepzeros"
+    return matrix_point(run, f"w{bits}-g64-gptq")
 
 
 def matrix_point(run: str, recipe: str) -> str:
