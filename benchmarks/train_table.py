@@ -50,20 +50,20 @@ SPARSE_RUNS = {"nm-2:4": ("2:4", "fixed magnitude masks"), "cast-2:4": ("2:4", "
                "gmp-50%": ("50%", "gradual magnitude pruning, cubic")}  # fmt: skip
 
 
-def sparse_quantized(run: str, pattern: str, bits: int) -> str:
-    """The point that makes `run` sparse and W`bits` g64: the original pruned to `pattern` and quantized
-    in one SparseGPT + GPTQ sweep, a sparse run quantized by GPTQ with its own zeros held."""
-    if run == "base":
-        return f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq"
-    return matrix_point(run, f"w{bits}-g64-gptq")
-
-
 def matrix_point(run: str, recipe: str) -> str:
     """The matrix cell for `run` under `recipe`: a sparse run's GPTQ widths hold its zeros (plain GPTQ
     would write into them by error feedback and store the layer dense), every other cell as named."""
     if run in SPARSE_RUNS and recipe.endswith("-gptq"):
         return f"ptq {run} {recipe}-keepzeros"
     return f"ptq {run} {recipe}"
+
+
+def sparse_quantized(run: str, pattern: str, bits: int) -> str:
+    """The point that makes `run` sparse and W`bits` g64: the original pruned to `pattern` and quantized
+    in one SparseGPT + GPTQ sweep, a sparse run quantized by GPTQ with its own zeros held."""
+    if run == "base":
+        return f"ptq base {pattern}-sparsegpt+w{bits}-g64-gptq"
+    return matrix_point(run, f"w{bits}-g64-gptq")
 
 
 PTQ_RECIPES = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
