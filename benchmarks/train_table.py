@@ -66,6 +66,7 @@ def sparse_quantized(run: str, pattern: str, bits: int) -> str:
     return matrix_point(run, f"w{bits}-g64-gptq")
 
 
+SPARSE_QUANT_BITS = (4, 3, 2)  # the widths of the sparse-and-quantized table
 PTQ_RECIPES = ("w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq", "50%-sparsegpt", "2:4-sparsegpt")
 DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(f"train {run}" for run in RUNS),
@@ -81,6 +82,7 @@ DEFAULT_POINTS = list(dict.fromkeys([  # in order of priority, each once
     *(sparse_quantized(run, p, b) for b in (4, 3) for run, (p, _) in SPARSE_RUNS.items()),
     # the rest of the matrix: every trained checkpoint at every post-hoc setting
     *(matrix_point(run, recipe) for run in RUNS[1:] for recipe in PTQ_RECIPES),
+    *(sparse_quantized("base", p, 2) for p in ("2:4", "50%")),  # W2 beside the sparse runs' W2 cells
 ]))  # fmt: skip
 
 
@@ -191,17 +193,18 @@ def sparse_quantized_table(rows: dict) -> list[str]:
             label, points = f"original, {pattern} SparseGPT + GPTQ (one sweep)", [f"ptq base {pattern}-sparsegpt"]
         else:
             label, points = f"{run}, zeros held", [f"fp {run}"]
-        points += [sparse_quantized(run, pattern, b) for b in (4, 3)]
+        points += [sparse_quantized(run, pattern, b) for b in SPARSE_QUANT_BITS]
         if any(point in rows for point in points[1:]):
             cells = " | ".join(f"{rows[p]['ppl']:.3f}" if p in rows else "–" for p in points)
             lines.append(f"| {label} | {cells} |")
-        for bits, point in zip((4, 3), points[1:], strict=True):
+        for bits, point in zip(SPARSE_QUANT_BITS, points[1:], strict=True):
             if "linear_bits_per_param" in rows.get(point, {}):
                 sizes.setdefault(f"{pattern.replace('%', ' %')} + W{bits}", rows[point]["linear_bits_per_param"])
     if not lines:
         return []
-    head = ["", "| sparse model | sparse, float | + W4 g64 GPTQ | + W3 g64 GPTQ |", "|---|---:|---:|---:|"]
-    dense = [f"W{b} {rows[p]['linear_bits_per_param']:.2f}" for b in (4, 3)
+    widths = "".join(f" + W{b} g64 GPTQ |" for b in SPARSE_QUANT_BITS)
+    head = ["", f"| sparse model | sparse, float |{widths}", "|---|---:|" + "---:|" * len(SPARSE_QUANT_BITS)]
+    dense = [f"W{b} {rows[p]['linear_bits_per_param']:.2f}" for b in SPARSE_QUANT_BITS
              if "linear_bits_per_param" in rows.get(p := f"ptq base w{b}-g64-gptq", {})]  # fmt: skip
     note = ", ".join(f"{name} {value:.2f}" for name, value in sizes.items())
     note += f" (dense {', '.join(dense)})" if dense else ""
@@ -295,7 +298,7 @@ def answers(rows: dict) -> list[str]:
             line += f"; training recovers {(sparsegpt - sparse) / (sparsegpt - base) * 100:.0f} % of SparseGPT's loss"
         ctrl = value(f"ptq finetune {pattern}-sparsegpt")
         line += f"; SparseGPT of the fine-tuned control: {ctrl:.3f}" if ctrl is not None else ""
-        for bits in (4, 3):  # sparse and quantized: the run with its zeros held vs the original's joint sweep
+        for bits in SPARSE_QUANT_BITS:  # sparse and quantized: zeros held vs the joint sweep
             held, joint = value(sparse_quantized(run, pattern, bits)), value(sparse_quantized("base", pattern, bits))
             if held is not None and joint is not None:
                 line += f"; + W{bits} g64 GPTQ, zeros held, vs SparseGPT + GPTQ of the original {versus(held, joint)}"

@@ -59,8 +59,9 @@ def test_train_table_sets_sparse_runs_with_zeros_held_beside_the_originals_joint
            "ptq base 50%-sparsegpt+w4-g64-gptq": 50.0, "ptq gmp-50% w4-g64-gptq-keepzeros": 90.0}  # fmt: skip
     rows = {point: {"ppl": value} for point, value in ppl.items()}
     table = train_table.sparse_quantized_table(rows)
-    assert table[-2:] == ["| original, 50% SparseGPT + GPTQ (one sweep) | 40.000 | 50.000 | – |",
-                          "| gmp-50%, zeros held | 80.000 | 90.000 | – |"]  # fmt: skip
+    assert table[1] == "| sparse model | sparse, float | + W4 g64 GPTQ | + W3 g64 GPTQ | + W2 g64 GPTQ |"
+    assert table[-2:] == ["| original, 50% SparseGPT + GPTQ (one sweep) | 40.000 | 50.000 | – | – |",
+                          "| gmp-50%, zeros held | 80.000 | 90.000 | – | – |"]  # fmt: skip
     gmp = [line for line in train_table.answers(rows) if "(gmp-50%" in line]
     assert gmp[0].endswith("+ W4 g64 GPTQ, zeros held, vs SparseGPT + GPTQ of the original 90.000 vs 50.000 (+80.0 %).")
     assert train_table.sparse_quantized_table({"fp gmp-50%": {"ppl": 80.0}}) == []
