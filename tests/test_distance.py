@@ -59,7 +59,7 @@ def test_coarsened_kl_equals_full_kl_when_k_is_the_vocabulary():
 
 
 def test_reference_is_cached_and_a_damaged_cache_is_recomputed(tokenizer, tmp_path, reference):
-    files = list(tmp_path.glob("*.pt"))
+    files = list(tmp_path.glob("*.safetensors"))
     assert len(files) == 1
     again = reference_logits(_tiny(tokenizer), "wikitext2", k=16, cache_dir=tmp_path, show_progress=False, **WINDOWS)
     assert torch.equal(again.top_ids, reference.top_ids)

@@ -100,18 +100,18 @@ def test_a_changed_model_misses_the_cache(tokenizer, tmp_path):
 def test_a_damaged_cache_file_is_named(tokenizer, tmp_path):
     compress(_lm(tokenizer), _recipe("w4-g16-gptq"), show_progress=False, stats_cache=tmp_path)
     (entry,) = tmp_path.iterdir()
-    block = entry / "block_001.pt"
+    block = entry / "block_001.safetensors"
     block.write_bytes(b"x" * block.stat().st_size)  # same size, so the marker still vouches for it
-    with pytest.raises(CompressLMError, match=r"block_001\.pt is unreadable.*delete"):
+    with pytest.raises(CompressLMError, match=r"block_001\.safetensors is unreadable.*delete"):
         compress(_lm(tokenizer), _recipe("w4-g16-gptq"), show_progress=False, stats_cache=tmp_path)
 
 
 def test_an_incomplete_cache_is_recomputed(tokenizer, tmp_path):
     cold = compress(_lm(tokenizer), _recipe("w4-g16-gptq"), show_progress=False, stats_cache=tmp_path)[1]
     (entry,) = tmp_path.iterdir()
-    (entry / "block_002.pt").unlink()  # e.g. a run killed before the last block
+    (entry / "block_002.safetensors").unlink()  # e.g. a run killed before the last block
     again = compress(_lm(tokenizer), _recipe("w4-g16-gptq"), show_progress=False, stats_cache=tmp_path)[1]
-    assert again.calibration["statistics_reused"] is False and (entry / "block_002.pt").exists()
+    assert again.calibration["statistics_reused"] is False and (entry / "block_002.safetensors").exists()
     assert _same_records(cold.weights, again.weights)
 
 

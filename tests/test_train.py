@@ -82,7 +82,7 @@ def test_qat_run_lowers_the_loss_and_exports(tokenizer, tmp_path):
     assert load_model(summary["model"]).kind == "hf_dir"
     container = load_model(summary["container"])
     assert {r.bits for r in container.compressed.values()} == {3}
-    assert not (tmp_path / "out" / "checkpoint.pt").exists()  # removed once the run is complete
+    assert not (tmp_path / "out" / "checkpoint.safetensors").exists()  # removed once the run is complete
 
 
 def test_resume_after_a_kill_gives_the_same_model(tokenizer, tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_resume_after_a_kill_gives_the_same_model(tokenizer, tmp_path, monkeypat
     monkeypatch.setattr(trainer, "prune_schedule", dying)
     with pytest.raises(KeyboardInterrupt):
         train(_tiny(tokenizer), recipe, 8, tmp_path / "resumed", show_progress=False)
-    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert (tmp_path / "resumed" / "checkpoint.safetensors").exists()
     monkeypatch.setattr(trainer, "prune_schedule", real)
     train(_tiny(tokenizer), recipe, 8, tmp_path / "resumed", show_progress=False)
     a = load_model(tmp_path / "straight" / "model").model.state_dict()

@@ -25,11 +25,11 @@ import torch
 
 from compresslm.engine.statistics import BlockStatistics, InputStatistics
 from compresslm.errors import CompressLMError
-from compresslm.fileio import atomic_torch_save
+from compresslm.fileio import load_tensors, save_tensors
 from compresslm.models.loading import cache_root
 
-FORMAT = 1
-_COMPLETE = "complete.pt"
+FORMAT = 2  # 2: safetensors files (1 was torch pickles, never read again)
+_COMPLETE = "complete.safetensors"
 
 
 def default_cache_dir() -> Path:
@@ -43,7 +43,7 @@ def cache_key(model_sha256: str, windows_sha256: str, batch_size: int, device: s
 
 
 class StatisticsCache:
-    """The statistics of one (model, windows) pair: one `block_NNN.pt` file per block, then a marker.
+    """The statistics of one (model, windows) pair: one `block_NNN.safetensors` file per block, then a marker.
 
     Saving the last block writes the marker (the size of every block's file), so an entry whose
     writer was killed part-way is incomplete and is recomputed, never read.
@@ -54,13 +54,13 @@ class StatisticsCache:
         self.blocks = blocks
 
     def _path(self, index: int) -> Path:
-        return self.dir / f"block_{index:03d}.pt"
+        return self.dir / f"block_{index:03d}.safetensors"
 
     def complete(self) -> bool:
         """True when every block's file is there, as the marker recorded it."""
         try:
-            sizes = torch.load(self.dir / _COMPLETE, weights_only=True)["sizes"]
-        except Exception:  # no marker yet, or a damaged one: the entry is recomputed
+            sizes = load_tensors(self.dir / _COMPLETE)[1]["sizes"]
+        except (OSError, CompressLMError, KeyError, TypeError):  # no marker yet, or a damaged one: recomputed
             return False
         if len(sizes) != self.blocks:
             return False
@@ -68,28 +68,24 @@ class StatisticsCache:
         return all(p.exists() and p.stat().st_size == n for p, n in zip(paths, sizes, strict=True))
 
     def save(self, index: int, stats: BlockStatistics) -> None:
-        payload = {
-            "format": FORMAT,
-            "stats": {
-                name: {"xtx": s.xtx, "abs_sum": s.abs_sum, "abs_max": s.abs_max, "rows": s.rows}
-                for name, s in stats.stats.items()
-            },
-            "owner": stats.owner,
-            "producer": stats.producer,
-        }
-        atomic_torch_save(payload, self._path(index))
+        tensors, rows = {}, {}
+        for name, s in stats.stats.items():
+            tensors.update({f"{name}/xtx": s.xtx, f"{name}/abs_sum": s.abs_sum, f"{name}/abs_max": s.abs_max})
+            rows[name] = s.rows
+        fields = {"format": FORMAT, "rows": rows, "owner": stats.owner, "producer": stats.producer}
+        save_tensors(self._path(index), tensors, fields)
         if index == self.blocks - 1:
             sizes = [self._path(i).stat().st_size for i in range(self.blocks)]
-            atomic_torch_save({"format": FORMAT, "sizes": sizes}, self.dir / _COMPLETE)
+            save_tensors(self.dir / _COMPLETE, {}, {"format": FORMAT, "sizes": sizes})
 
     def load(self, index: int, device: torch.device) -> BlockStatistics:
         path = self._path(index)
         try:
-            payload = torch.load(path, map_location=device, weights_only=True)
-            result = BlockStatistics(owner=dict(payload["owner"]), producer=dict(payload["producer"]))
-            for name, raw in payload["stats"].items():
+            tensors, fields = load_tensors(path, device)
+            result = BlockStatistics(owner=dict(fields["owner"]), producer=dict(fields["producer"]))
+            for name, rows in fields["rows"].items():
                 result.stats[name] = InputStatistics.from_tensors(
-                    raw["xtx"], raw["abs_sum"], raw["abs_max"], int(raw["rows"])
+                    tensors[f"{name}/xtx"], tensors[f"{name}/abs_sum"], tensors[f"{name}/abs_max"], int(rows)
                 )
         except Exception as error:  # a damaged file: say which, and how to recover
             raise CompressLMError(

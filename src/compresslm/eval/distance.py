@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from compresslm.data.corpora import Corpus
-from compresslm.errors import CorruptFileError, ProtocolError
+from compresslm.errors import CompressLMError, CorruptFileError, ProtocolError
 from compresslm.eval.perplexity import eval_model, prepare_windows, scored_windows
 from compresslm.eval.stats import mean_stderr
-from compresslm.fileio import atomic_torch_save
+from compresslm.fileio import load_tensors, save_tensors
 from compresslm.models.loading import LoadedModel, cache_root
 from compresslm.progress import progress
 from compresslm.versions import versions
@@ -106,14 +106,14 @@ def reference_logits(
     corpus, ids, plan, available = prepare_windows(reference, corpus, split, ctx, stride, limit)
     key = _cache_key(reference, corpus, ctx, stride, limit, k)
     path = Path(cache_dir) if cache_dir else cache_root() / "reference-logits"
-    path = path / f"{key}.pt"
+    path = path / f"{key}.safetensors"
     if path.exists():
         try:
-            payload = torch.load(path, weights_only=True)
-            if payload.get("key") == key:
-                return ReferenceLogits(payload["top_logprobs"], payload["top_ids"], payload["target_logprob"],
-                                       payload["window_sizes"], json.loads(payload["protocol"]))  # fmt: skip
-        except Exception:  # a damaged cache entry is recomputed, never trusted
+            tensors, fields = load_tensors(path)
+            if fields.get("key") == key:
+                return ReferenceLogits(tensors["top_logprobs"], tensors["top_ids"], tensors["target_logprob"],
+                                       [int(n) for n in fields["window_sizes"]], dict(fields["protocol"]))  # fmt: skip
+        except (CompressLMError, KeyError, TypeError, ValueError):  # a damaged entry is recomputed, never trusted
             pass
     started = time.perf_counter()
     tops, top_ids, targets_lp, sizes = [], [], [], []
@@ -144,9 +144,8 @@ def reference_logits(
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     result = ReferenceLogits(torch.cat(tops), torch.cat(top_ids), torch.cat(targets_lp), sizes, protocol)
-    atomic_torch_save({"key": key, "top_logprobs": result.top_logprobs, "top_ids": result.top_ids,
-                        "target_logprob": result.target_logprob, "window_sizes": sizes,
-                        "protocol": json.dumps(protocol)}, path)  # fmt: skip
+    tensors = {"top_logprobs": result.top_logprobs, "top_ids": result.top_ids, "target_logprob": result.target_logprob}
+    save_tensors(path, tensors, {"key": key, "window_sizes": sizes, "protocol": protocol})
     return result
 
 

@@ -1,8 +1,9 @@
 """The `.clm` container: one file holding a compressed model, its tokenizer and its provenance.
 
-Layout::
+Layout (format 2)::
 
-    b"CLM1" | u64 little-endian header length | header (UTF-8 JSON) | zero padding to 64 | blobs
+    b"CLM2" | u64 little-endian header length | sha256 of the header | header (UTF-8 JSON)
+    | zero padding to 64 | blobs, each zero-padded to 64 | end of file
 
 The header holds the model config, the recipe, the calibration protocol, versions, the per-layer
 report, and for every blob its offset (from the start of the blob area, 64-byte aligned), size,
@@ -12,8 +13,13 @@ dense are stored in the recipe's `dense_dtype`; a tied lm_head is stored once. A
 only its kept codes (or float16 values, when not quantized) plus its mask: an N:M mask as the rank
 of each group's pattern (2:4: 3 bits per 4 weights), any other mask as a bitmask.
 
-Writes are atomic (temporary file + rename). Reads check the magic, the size and every checksum
-before a model is built, so a truncated or corrupt file is reported, never half-loaded.
+Writes are atomic (temporary file + rename). A container may come from someone else, so reading
+treats it as data: the header's checksum is checked before it is parsed, every field is checked
+(`header_check`: dtypes from an allow-list, sizes against shapes, no trailing bytes, tokenizer
+files by plain allow-listed names only), the tensors are matched against the model the config
+describes (built on the meta device first), and every blob's checksum is checked before the model
+is built. Any failure is one `FILE is corrupt: reason` error; nothing is half-loaded and nothing
+is written. Format 1 (no header checksum) is refused with a message to recompress.
 """
 
 from __future__ import annotations
@@ -30,21 +36,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compresslm.compressed import CompressedWeight, expand_groups
+from compresslm.compressed import CompressedWeight, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.fileio import atomic_path
+from compresslm.formats.header_check import MAX_CONFIG_INT, TOKENIZER_FILES, align, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
+from compresslm.models.layout import is_linear
 from compresslm.models.loading import LoadedModel
 from compresslm.runtime.linear import CompressedLinear, replace_module
 from compresslm.versions import versions
 
-MAGIC = b"CLM1"
-FORMAT_VERSION = 1
-ALIGN = 64
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8}
-
-
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+MAGIC = b"CLM2"
+OLD_MAGIC = b"CLM1"
+FORMAT_VERSION = 2
+_PREFIX = len(MAGIC) + 8 + 32  # magic, header length, header sha256
+_MAX_HEADER = 1 << 30
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8,
+           "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+           "bool": torch.bool}  # fmt: skip
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -66,7 +75,7 @@ class _BlobWriter:
             "shape": shape,
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        padding = _align(len(data)) - len(data)
+        padding = align(len(data)) - len(data)
         self.blobs.append(data + b"\0" * padding)
         self.offset += len(data) + padding
         return key
@@ -197,8 +206,14 @@ def save_container(
         with tempfile.TemporaryDirectory() as tmp:
             lm.tokenizer.save_pretrained(tmp)
             for file in sorted(Path(tmp).iterdir()):
-                if file.is_file():
-                    tokenizer_files[file.name] = writer.add(f"tokenizer/{file.name}", file.read_bytes(), "bytes", [])
+                if not file.is_file():
+                    continue
+                if file.name not in TOKENIZER_FILES:  # readers accept only these names: fail now, not at load
+                    raise CompressLMError(
+                        f"the tokenizer writes {file.name}, which containers do not store "
+                        f"(they hold {', '.join(sorted(TOKENIZER_FILES))})"
+                    )
+                tokenizer_files[file.name] = writer.add(f"tokenizer/{file.name}", file.read_bytes(), "bytes", [])
 
     config = lm.model.config.to_dict()
     config.pop("quantization_config", None)
@@ -221,23 +236,18 @@ def save_container(
         "versions": versions(),
         **(metadata or {}),
     }
-    header_bytes = json.dumps(header, default=_json_default).encode("utf-8")
-    start = _align(len(MAGIC) + 8 + len(header_bytes))
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    header_bytes = json.dumps(header, default=_json_default, allow_nan=False).encode("utf-8")
+    start = align(_PREFIX + len(header_bytes))
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
-            handle.write(b"\0" * (start - len(MAGIC) - 8 - len(header_bytes)))
+        with atomic_path(target) as tmp, tmp.open("wb") as handle:
+            handle.write(MAGIC + struct.pack("<Q", len(header_bytes)) + hashlib.sha256(header_bytes).digest())
+            handle.write(header_bytes + b"\0" * (start - _PREFIX - len(header_bytes)))
             for blob in writer.blobs:
                 handle.write(blob)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise CompressLMError(f"cannot write {target}: {exc.strerror or exc}") from None
     return container_summary(target)
 
 
@@ -256,36 +266,52 @@ def is_container(path: str | os.PathLike) -> bool:
     if not p.is_file():
         return False
     with p.open("rb") as handle:
-        return handle.read(4) == MAGIC
+        return handle.read(4) in (MAGIC, OLD_MAGIC)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """The header and the absolute offset of the blob area; raises CorruptFileError on damage."""
+    """The checked header and the absolute offset of the blob area; raises CorruptFileError on damage.
+
+    The header's sha256 is checked before it is parsed, then every field (`header_check`), and the
+    file must end exactly where its last blob does.
+    """
     p = Path(path)
     size = p.stat().st_size
     with p.open("rb") as handle:
-        head = handle.read(12)
+        head = handle.read(_PREFIX)
+        if head[:4] == OLD_MAGIC:
+            raise CorruptFileError(
+                f"{p} is a container of format 1 (compresslm 0.1, no header checksum), which this version no longer "
+                "reads; compress the model again"
+            )
         if len(head) < 12 or head[:4] != MAGIC:
             raise CorruptFileError(f"{p} is not a compresslm container (bad magic {head[:4]!r})")
-        (length,) = struct.unpack("<Q", head[4:])
-        if 12 + length > size:
-            raise CorruptFileError(f"{p} is truncated: the header needs {12 + length} bytes, the file has {size}")
+        if len(head) < _PREFIX:
+            raise CorruptFileError(f"{p} is corrupt: truncated inside its header")
+        (length,) = struct.unpack("<Q", head[4:12])
+        if length > min(size - _PREFIX, _MAX_HEADER):
+            raise CorruptFileError(f"{p} is corrupt: truncated, or a header length of {length} bytes")
         raw = handle.read(length)
+        start = align(_PREFIX + length)
+        padding = handle.read(start - _PREFIX - length)
+    if hashlib.sha256(raw).digest() != head[12:_PREFIX]:
+        raise CorruptFileError(f"{p} is corrupt: the header checksum does not match")
+    if padding.strip(b"\0") or start > size:
+        raise CorruptFileError(f"{p} is corrupt: the header padding is damaged or cut short")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{p} has a corrupt header: {exc}") from exc
-    if header.get("format") != "compresslm-container":
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptFileError(f"{p} is corrupt: the header is not JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != "compresslm-container":
         raise CorruptFileError(f"{p} header does not describe a compresslm container")
-    if header.get("format_version", 0) > FORMAT_VERSION:
+    if header.get("format_version") != FORMAT_VERSION:
         raise CorruptFileError(
-            f"{p} uses container format {header['format_version']}; this compresslm reads up to {FORMAT_VERSION}"
+            f"{p} uses container format {header.get('format_version')!r}; this compresslm reads format {FORMAT_VERSION}"
         )
-    start = _align(12 + length)
-    blobs = header.get("blobs", {})
-    end = start + max((b["offset"] + b["nbytes"] for b in blobs.values()), default=0)
-    if end > size:
-        raise CorruptFileError(f"{p} is truncated: expected at least {end} bytes, found {size}")
+    try:
+        check_header(header, size - start)
+    except ValueError as exc:
+        raise CorruptFileError(f"{p} is corrupt: {exc}") from None
     return header, start
 
 
@@ -309,10 +335,13 @@ class _BlobReader:
             return self._verified.pop(key)
         entry = self.header["blobs"][key]
         self.handle.seek(self.start + entry["offset"])
-        data = self.handle.read(entry["nbytes"])
+        padded = self.handle.read(align(entry["nbytes"]))
+        data = padded[: entry["nbytes"]]
         self.bytes_read += len(data)
         if len(data) != entry["nbytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CorruptFileError(f"{self.path}: checksum mismatch in tensor '{key}'; the file is corrupt")
+            raise CorruptFileError(f"{self.path} is corrupt: checksum mismatch in tensor '{key}'")
+        if padded[entry["nbytes"] :].strip(b"\0"):
+            raise CorruptFileError(f"{self.path} is corrupt: the padding after tensor '{key}' is damaged")
         return data
 
     def dtype(self, key: str) -> str:
@@ -320,7 +349,7 @@ class _BlobReader:
 
     def tensor(self, key: str) -> torch.Tensor:
         entry = self.header["blobs"][key]
-        dtype = _DTYPES[entry["dtype"]] if entry["dtype"] in _DTYPES else getattr(torch, entry["dtype"])
+        dtype = _DTYPES[entry["dtype"]]  # header_check allowed only these
         raw = bytearray(self.read(key))
         return (
             torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"]).clone()
@@ -473,13 +502,11 @@ def _unread_blobs(header: dict, dial_bits: int | None) -> set[str]:
 
 
 def load_container(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None) -> LoadedModel:
-    """Rebuild the compressed model from a `.clm` file, verifying every checksum first.
+    """Rebuild the compressed model from a `.clm` file, checking the header, the layout and every checksum first.
 
     `dial_bits` loads a dial artifact at that width, reading only the bit planes it needs (and
     verifying only what it reads); `lm.bytes_read` says how much of the file was read.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     p = Path(path).expanduser()
     header, start = read_header(p)
     if dial_bits is not None and not any(e.get("code_planes") for e in header["linears"].values()):
@@ -487,43 +514,11 @@ def load_container(path: str | os.PathLike, device: str | None = None, dial_bits
     reader = _BlobReader(p, header, start)
     try:
         reader.verify_all(_unread_blobs(header, dial_bits))  # nothing is built from a corrupt or truncated file
-        config_dict = dict(header["config"])
-        model_type = config_dict.pop("model_type")
-        config = AutoConfig.for_model(model_type, **config_dict)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        weights = {}
-        for name, entry in header["linears"].items():
-            record = _record(reader, entry, dial_bits)
-            old = model.get_submodule(name)
-            bias = getattr(old, "bias", None)
-            new = CompressedLinear(record, bias)
-            activation = entry.get("activation")
-            if activation:
-                scale = None if activation["scale"] is None else torch.tensor(activation["scale"])
-                new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
-            replace_module(model, name, new)
-            weights[name] = record
-        state = {}
-        for key, blob in header["dense"].items():
-            tensor = reader.tensor(blob)
-            state[key] = tensor.float() if tensor.is_floating_point() else tensor
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        embeddings = {name: _record(reader, entry) for name, entry in header.get("embeddings", {}).items()}
-        with torch.no_grad():
-            for name, record in embeddings.items():
-                model.get_submodule(name).weight.copy_(record.dequantize())
-        provided = set(header["aliases"]) | {f"{name}.weight" for name in embeddings}
-        missing = [k for k in missing if k not in provided]
-        if missing or unexpected:
-            raise CorruptFileError(
-                f"{p}: tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        tokenizer = None
-        if header["tokenizer_files"]:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, blob in header["tokenizer_files"].items():
-                    (Path(tmp) / name).write_bytes(reader.read(blob))
-                tokenizer = AutoTokenizer.from_pretrained(tmp)
+        model, weights, embeddings, tokenizer, kv_cache = _build(reader, header, dial_bits)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
+            InvalidCompressedWeight) as exc:  # fmt: skip
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"{p} is corrupt: {reason}") from None
     finally:
         reader.close()
     if device is not None:
@@ -533,11 +528,129 @@ def load_container(path: str | os.PathLike, device: str | None = None, dial_bits
     lm.container = header
     lm.bytes_read = reader.bytes_read
     lm.compressed = {**weights, **embeddings}
+    lm.kv_cache = kv_cache
+    return lm
+
+
+def _build(reader: _BlobReader, header: dict, dial_bits: int | None) -> tuple:
+    """The model, its records, tokenizer and KV-cache stage from a checked header and verified blobs."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(header)
+    with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
+        _check_against_model(header, AutoModelForCausalLM.from_config(config))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    weights = {}
+    for name, entry in header["linears"].items():
+        record = _record(reader, entry, dial_bits)
+        new = CompressedLinear(record, getattr(model.get_submodule(name), "bias", None))
+        activation = entry.get("activation")
+        if activation:
+            scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
+            new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
+        replace_module(model, name, new)
+        weights[name] = record
+    state = {}
+    for key, blob in header["dense"].items():
+        tensor = reader.tensor(blob)
+        state[key] = tensor.float() if tensor.is_floating_point() else tensor
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    embeddings = {name: _record(reader, entry) for name, entry in header.get("embeddings", {}).items()}
+    with torch.no_grad():
+        for name, record in embeddings.items():
+            model.get_submodule(name).weight.copy_(record.dequantize())
+    provided = set(header["aliases"]) | {f"{name}.weight" for name in embeddings}
+    missing = [k for k in missing if k not in provided]
+    if missing or unexpected:
+        raise ValueError(f"tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    kv_cache = None
     if header.get("recipe"):
         from compresslm.recipe import Recipe
 
-        lm.kv_cache = Recipe.from_dict(header["recipe"]).kv_cache
-    return lm
+        try:
+            kv_cache = Recipe.from_dict(header["recipe"]).kv_cache
+        except CompressLMError as exc:
+            raise ValueError(f"its recipe is invalid: {exc}") from None
+    return model, weights, embeddings, _tokenizer(reader, header), kv_cache
+
+
+def _config(header: dict) -> object:
+    """The model config of a checked header; a model_type transformers does not know is refused."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = dict(header["config"])
+    model_type = values.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"its config names model_type {model_type!r}, which this transformers does not know")
+    _check_config_numbers(values)
+    config = AutoConfig.for_model(model_type, **values)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(header["linears"]) + len(header["dense"]):
+        raise ValueError(f"its config asks for {layers} layers, more than the tensors it stores")
+    return config
+
+
+def _check_config_numbers(value: object, where: str = "config") -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_config_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_config_numbers(item, where)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+        raise ValueError(f"{where} is {value}, out of range")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}")
+
+
+def _check_against_model(header: dict, model: torch.nn.Module) -> None:
+    """Every stored tensor and record must be one the model (on the meta device) has, of its shape."""
+    state = model.state_dict()
+    expected = dict(state)
+    for name, entry in header["linears"].items():
+        module = model.get_submodule(name)
+        if not is_linear(module):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
+        weight = module.weight
+        out_in = [weight.shape[1], weight.shape[0]] if type(module).__name__ == "Conv1D" else list(weight.shape)
+        if entry["shape"] != out_in:
+            raise ValueError(f"the record of {name} is {entry['shape']}, the model's layer is {out_in}")
+        expected.pop(f"{name}.weight", None)
+    for name, entry in header.get("embeddings", {}).items():
+        module = model.get_submodule(name)
+        if not isinstance(module, torch.nn.Embedding) or entry["shape"] != list(module.weight.shape):
+            raise ValueError(f"the embedding record of {name} does not fit the model's {type(module).__name__}")
+    blobs = header["blobs"]
+    for key, blob in header["dense"].items():
+        if key not in expected:
+            raise ValueError(f"it stores a tensor {key!r} the model does not have")
+        tensor, stored = expected[key], blobs[blob]
+        floating = _DTYPES[stored["dtype"]].is_floating_point
+        if stored["shape"] != list(tensor.shape) or floating != tensor.is_floating_point():
+            model_has = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+            raise ValueError(f"tensor {key!r} is {stored['dtype']} {stored['shape']}, the model has {model_has}")
+    for key in header["aliases"]:
+        if key not in expected:
+            raise ValueError(f"it aliases a tensor {key!r} the model does not have")
+
+
+def _tokenizer(reader: _BlobReader, header: dict) -> object | None:
+    """The stored tokenizer, read from a private directory holding only allow-listed file names."""
+    from transformers import AutoTokenizer
+
+    if not header["tokenizer_files"]:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, blob in header["tokenizer_files"].items():
+            if name not in TOKENIZER_FILES:  # checked with the header; never a path
+                raise ValueError(f"tokenizer file name {name!r}")
+            (Path(tmp) / name).write_bytes(reader.read(blob))
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as exc:  # the tokenizer libraries raise anything on bad files (even Rust exceptions)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"its tokenizer files do not load ({reason})") from None
 
 
 def container_summary(path: str | os.PathLike) -> dict:

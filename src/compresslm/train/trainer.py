@@ -20,7 +20,9 @@ fine-tune from drifting), plus `ce_weight` × the language-modelling loss on the
 
 Training text: windows drawn like calibration windows (C4 sample, WikiText-2 validation or a
 file). A checkpoint (student, optimizer, step, random states) is written atomically every
-`checkpoint_every` steps and a rerun resumes from it; the loss log is a CSV and a PNG.
+`checkpoint_every` steps and a rerun resumes from it; the loss log is a CSV and a PNG. The
+checkpoint is safetensors with its other fields as JSON (no pickle: a checkpoint planted in the
+output directory is data, checked field by field before it is used).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from compresslm.data.calibration import calibration_windows
-from compresslm.errors import CompressLMError
-from compresslm.fileio import atomic_torch_save
+from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.fileio import check_writable_dir, load_tensors, save_tensors
 from compresslm.models.layout import discover_layout
 from compresslm.models.loading import LoadedModel, save_model
 from compresslm.progress import progress
@@ -242,7 +244,8 @@ def train(
             raise CompressLMError(f"the teacher's vocabulary ({vocab[1]} tokens) differs from the model's ({vocab[0]})")
     _densify(lm)
     out = Path(output).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out, "output directory")
+    _refuse_pickles(out)
     windows = calibration_windows(lm.tokenizer, recipe.data, steps * recipe.batch_size, recipe.seq_len, seed)
     if teacher is not None:  # a teacher implies distillation (refused above otherwise)
         teacher_net = teacher.model.to(lm.device).eval().requires_grad_(False)
@@ -262,17 +265,9 @@ def train(
     fix_step = int(recipe.fix_widths_at * steps)
     rng = random.Random(seed)
     start, log_rows = 0, []
-    checkpoint = out / "checkpoint.pt"
+    checkpoint = out / CHECKPOINT
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["recipe"] != dataclasses.asdict(recipe) or state["steps"] != steps:
-            raise CompressLMError(f"{checkpoint} belongs to another run (recipe or steps differ); use another output")
-        for name, mask in state["masks"].items():  # masks first: they are buffers of the saved state
-            modules[name].mask = mask
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.setstate(state["rng"])
-        start, log_rows = state["step"], state["log"]
+        start, log_rows = _load_checkpoint(checkpoint, model, optimizer, modules, rng, recipe, steps)
     bar = progress(steps, f"train {recipe.name}", unit="step", enabled=show_progress)
     bar.update(start)
     device = lm.device
@@ -334,10 +329,7 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}")
         if (step + 1) % recipe.checkpoint_every == 0 and step + 1 < steps:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                          "rng": rng.getstate(), "log": log_rows, "recipe": dataclasses.asdict(recipe),
-                          "steps": steps, "masks": {n: m.mask for n, m in modules.items() if m.mask is not None}},
-                         checkpoint)  # fmt: skip
+            _save_checkpoint(checkpoint, model, optimizer, modules, rng, log_rows, recipe, steps)
     bar.close()
     model.eval()
     exported = {}
@@ -366,6 +358,85 @@ def train(
     return {"recipe": dataclasses.asdict(recipe), "steps": steps, "model": str(out / "model"), **exported,
             "first_loss": log_rows[0]["loss"], "last_loss": log_rows[-1]["loss"],
             "log": str(out / "loss.csv")}  # fmt: skip
+
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = 1
+_PICKLES = ("checkpoint.pt", "checkpoint.pth", "checkpoint.bin")  # what older compresslm (or an attacker) left
+
+
+def _refuse_pickles(out: Path) -> None:
+    for name in _PICKLES:
+        if (out / name).exists():
+            raise CompressLMError(
+                f"{out / name} is a pickle checkpoint (written by compresslm before 0.2, or planted); "
+                "compresslm never reads pickles: delete it, or train into another output directory"
+            )
+
+
+def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     modules: dict[str, FakeQuantLinear], rng: random.Random, log_rows: list[dict],
+                     recipe: TrainRecipe, steps: int) -> None:  # fmt: skip
+    """The run's state as safetensors (model, optimizer moments, masks) plus JSON fields."""
+    tensors = {f"model/{key}": value for key, value in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optimizer/{index}/{slot}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    masks = {name: m.mask for name, m in modules.items() if m.mask is not None}
+    tensors.update({f"mask/{name}": mask for name, mask in masks.items()})
+    version, internal, gauss = rng.getstate()
+    fields = {
+        "format": CHECKPOINT_FORMAT, "recipe": dataclasses.asdict(recipe), "steps": steps, "step": log_rows[-1]["step"],
+        "log": log_rows, "rng": [version, list(internal), gauss], "param_groups": state["param_groups"],
+    }  # fmt: skip
+    save_tensors(path, tensors, fields)
+
+
+def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     modules: dict[str, FakeQuantLinear], rng: random.Random, recipe: TrainRecipe,
+                     steps: int) -> tuple[int, list[dict]]:  # fmt: skip
+    """Restore a run from `path` in place; returns the step to resume at and the loss log so far.
+
+    Every field is checked before it is used: a checkpoint of another run is refused, a damaged one
+    is reported as corrupt (one line), and nothing in it can run code.
+    """
+    tensors, fields = load_tensors(path)
+    if fields.get("format") != CHECKPOINT_FORMAT:
+        raise CorruptFileError(f"{path} is not a compresslm training checkpoint (format {fields.get('format')!r})")
+    if fields.get("recipe") != dataclasses.asdict(recipe) or fields.get("steps") != steps:
+        raise CompressLMError(f"{path} belongs to another run (recipe or steps differ); use another output")
+    try:
+        step, log_rows = fields["step"], fields["log"]
+        if not (isinstance(step, int) and 0 < step < steps and isinstance(log_rows, list) and len(log_rows) == step
+                and all(isinstance(row, dict) for row in log_rows)):  # fmt: skip
+            raise ValueError("step and loss log disagree")
+        version, internal, gauss = fields["rng"]
+        if not (isinstance(internal, list) and all(isinstance(v, int) for v in internal)):
+            raise ValueError("random state is not a list of integers")
+        rng.setstate((version, tuple(internal), gauss))
+        masks = {key.removeprefix("mask/"): t for key, t in tensors.items() if key.startswith("mask/")}
+        if not set(masks) <= set(modules):
+            raise ValueError(f"masks of unknown layers {sorted(set(masks) - set(modules))[:3]}")
+        for name, mask in masks.items():  # masks first: they are buffers of the saved state
+            if mask.dtype != torch.bool or mask.shape != modules[name].weight.shape:
+                raise ValueError(f"the mask of {name} has the wrong type or shape")
+            modules[name].mask = mask
+        model.load_state_dict({k.removeprefix("model/"): t for k, t in tensors.items() if k.startswith("model/")})
+        slots: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, slot = key.split("/", 2)
+                slots.setdefault(int(index), {})[slot] = value
+        groups = fields["param_groups"]
+        for group in groups:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        optimizer.load_state_dict({"state": slots, "param_groups": groups})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"{path} is a corrupt training checkpoint: {reason}") from None
+    return step, log_rows
 
 
 def _hidden_loss(student: tuple, teacher: tuple) -> torch.Tensor:
