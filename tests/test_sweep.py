@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
 from compresslm.cli import main
@@ -270,7 +276,7 @@ def test_two_sweeps_can_share_a_database(model_dir, tmp_path, monkeypatch):
             other = ResultStore(db)
             last = grid.points[-1]
             key = (base.fingerprint(), runner.machine_id(), last.key, runner._protocol_key(grid))
-            other.start(*key, grid.name, last.label)
+            assert other.claim(*key, grid.name, last.label, "") == "claimed"
             other.finish(*key, {**row, "label": last.label, "family": "rtn"})
             other.close()
         return row
@@ -318,10 +324,10 @@ def test_a_remeasured_point_supersedes_its_earlier_row(tmp_path, capsys):
     db = tmp_path / "r.sqlite"
     store = ResultStore(db)
     for key, ppl in (("old-recipe", 30.0), ("new-recipe", 20.0)):
-        store.start("sha", "machine", key, "protocol", "g", "dial-4")
+        store.claim("sha", "machine", key, "protocol", "g", "dial-4", "")
         store.finish("sha", "machine", key, "protocol", {"label": "dial-4", "family": "rtn", "ppl": ppl,
                                                          **SIZES})  # fmt: skip
-    store.start("sha", "machine", "other", "protocol", "g", "w4")
+    store.claim("sha", "machine", "other", "protocol", "g", "w4", "")
     store.finish("sha", "machine", "other", "protocol", {"label": "w4", "family": "gptq", "ppl": 25.0,
                                                          **SIZES})  # fmt: skip
     assert [r["ppl"] for r in store.results()] == [30.0, 20.0, 25.0]
@@ -345,10 +351,66 @@ def test_rows_from_an_older_kernel_release_are_found_again(tmp_path):
     here = f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} 6.1.0-old-build"
     elsewhere = f"{platform.machine()} {os.cpu_count() + 1} cpus, {platform.system()} 6.1.0-old-build"
     for machine in (here, elsewhere):
-        store.start("sha", machine, "point", "protocol", "g", "w4")
+        store.claim("sha", machine, "point", "protocol", "g", "w4", "")
         store.finish("sha", machine, "point", "protocol", {"label": "w4", "ppl": 25.0})
     store.close()
     store = ResultStore(path)
     assert store.is_done("sha", machine_id(), "point", "protocol")
     assert platform.release() not in machine_id()
     assert {row["machine"] for row in store.results()} == {machine_id(), elsewhere}
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_claim_is_held_by_a_live_owner_and_taken_over_from_a_dead_one(tmp_path, monkeypatch):
+    import compresslm.sweep.store as store_module
+
+    store = ResultStore(tmp_path / "r.sqlite")
+    key = ("sha", "machine", "point", "protocol")
+    assert store.claim(*key, "g", "p", "") == "claimed"
+    assert store.claim(*key, "g", "p", "") == "claimed"  # this process's own claim (a rerun after an interrupt)
+    host = socket.gethostname()
+    for owner, heartbeat, expected in (
+        (f"{host}:1", time.time() - 10_000, "busy"),  # a live process on this host, however old its heartbeat
+        (f"{host}:{_dead_pid()}", time.time(), "claimed"),  # its process is gone
+        ("elsewhere:123", time.time(), "busy"),  # another host, fresh heartbeat
+        ("elsewhere:123", time.time() - 2 * store_module.STALE_AFTER_S, "claimed"),  # another host, silent
+        (None, None, "claimed"),  # released by an interrupted sweep
+    ):
+        with store.db:
+            store.db.execute("UPDATE points SET owner=?, heartbeat=?", (owner, heartbeat))
+        assert store.claim(*key, "g", "p", "") == expected, owner
+    store.finish(*key, {"ppl": 1.0})
+    assert store.claim(*key, "g", "p", "") == "done"
+    store.fail(*key, "impossible")
+    assert store.claim(*key, "g", "p", "9999") == "claimed"  # failed before this sweep began: tried again
+    store.fail(*key, "impossible")
+    assert store.claim(*key, "g", "p", "2000-01-01") == "done"  # failed during this sweep: not again
+    store.close()
+
+
+def test_two_sweep_processes_split_a_grid(model_dir, tmp_path):
+    """Two real `compresslm sweep` processes on one database: every point measured exactly once."""
+    import yaml
+
+    points = ["none", "w8-rtn", "w4-g16-rtn", "w3-g16-rtn", "w4-g16-gptq", "w3-g16-gptq", "50%-wanda",
+              "50%-magnitude"]  # fmt: skip
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump({**TINY_GRID, "points": points}))
+    db = tmp_path / "r.sqlite"
+    env = {**os.environ, "COMPRESSLM_CACHE": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "compresslm.cli", "sweep", model_dir, "--grid", str(grid_file), "--db", str(db),
+            "--quiet"]  # fmt: skip
+    runs = [subprocess.Popen([*argv, "--out", str(tmp_path / f"report{i}")], env=env, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]  # fmt: skip
+    logs = [run.communicate(timeout=600)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], logs
+    measured = [line.split(":")[0].strip() for log in logs for line in log.splitlines() if ": ppl " in line]
+    assert sorted(measured) == sorted(points), logs  # each point once, by one of the two
+    store = ResultStore(db)
+    assert len(store.results()) == len(points) and store.unfinished() == []
+    store.close()

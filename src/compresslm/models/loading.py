@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from compresslm.errors import (
     ModelNotFoundError,
     UnsupportedArchitectureError,
 )
+from compresslm.fileio import atomic_path
 from compresslm.models import registry
 from compresslm.models.layout import ModelLayout, discover_layout
 
@@ -51,6 +51,7 @@ class LoadedModel:
     compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
     kv_cache: object | None = None  # a recipe.KVCacheStage: evaluation runs through that quantized cache
     _fingerprint: str | None = field(default=None, repr=False)
+    _weights_fingerprint: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_module(cls, model: nn.Module, tokenizer: object, name: str = "module") -> LoadedModel:
@@ -66,8 +67,8 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def changed(self) -> None:
-        """Forget the cached fingerprint: call after changing the weights in place."""
-        self._fingerprint = None
+        """Forget the cached fingerprints: call after changing the weights in place."""
+        self._fingerprint = self._weights_fingerprint = None
 
     def set_budget(self, bits: int | dict[str, int] | None = None, sparsity: float = 0.0):
         """Switch a dial artifact to another width and/or sparsity in place (see `compresslm.dial`)."""
@@ -76,10 +77,16 @@ class LoadedModel:
         return set_budget(self, bits, sparsity)
 
     def fingerprint(self) -> str:
-        """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once."""
+        """sha256 of the weights and the config (see `model_fingerprint`)."""
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
+            self._fingerprint = combined_fingerprint(self.weights_fingerprint(), config_identity(self.model))
         return self._fingerprint
+
+    def weights_fingerprint(self) -> str:
+        """sha256 of the weights alone: the model hash of compresslm before 0.2 (old results stores)."""
+        if self._weights_fingerprint is None:
+            self._weights_fingerprint = weights_fingerprint(self.model)
+        return self._weights_fingerprint
 
     def describe(self) -> dict:
         """The model's identity as recorded in every protocol."""
@@ -94,12 +101,38 @@ class LoadedModel:
         }
 
 
+# Config fields that say how or where a model was loaded, not what it computes.
+_VOLATILE_CONFIG = frozenset({"transformers_version", "dtype", "torch_dtype", "architectures"})
+
+
+def config_identity(model: nn.Module) -> dict:
+    """The model's config as hashed: every field except private ones (`_name_or_path`) and the volatile few."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of the model's weights, independent of where they were loaded from.
+    """A content hash of the model: its weights and its config, independent of where it was loaded from.
+
+    The config is part of it because it changes what the weights compute (`rope_theta`, `rms_norm_eps`,
+    the head count): two models that compute differently never share a fingerprint.
+    """
+    return combined_fingerprint(weights_fingerprint(model), config_identity(model))
+
+
+def combined_fingerprint(weights_sha256: str, config: dict) -> str:
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(f"weights {weights_sha256}\nconfig {text}".encode()).hexdigest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once.
 
     Compressed linears keep their weight outside the state dict (a non-persistent buffer rebuilt
     from the record), so their dequantized weights are hashed too: two models compressed
-    differently never share a fingerprint.
+    differently never share a fingerprint. Before compresslm 0.2 this alone was the model hash.
     """
     digest = hashlib.sha256()
     seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -359,28 +392,15 @@ def save_model(model: nn.Module | LoadedModel, tokenizer: object | None, path: s
 
     The write is atomic: files go to a temporary sibling directory that is renamed into place, so
     an interrupted save never leaves a half-written model under `path`. An existing directory at
-    `path` is replaced only after the new one is complete.
+    `path` is replaced only after the new one is complete. Files follow the umask.
     """
     if isinstance(model, LoadedModel):
         tokenizer = model.tokenizer if tokenizer is None else tokenizer
         model = model.model
     _strip_load_time_quantizer(model)
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a saved model should read like any directory
-    try:
+    with atomic_path(target, directory=True) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -4,10 +4,12 @@ Each point is measured on the model *reloaded from its written container* (the n
 the artifact, not the in-memory state), under the grid's protocol: perplexity (and, with `kld`,
 KL divergence and top-1 agreement against the uncompressed model on the same windows, in one
 pass), optional tasks and speed. Finished points are skipped on a rerun; a point that was
-interrupted is redone. The uncompressed model's reference logits are computed once per sweep
-(and cached on disk across sweeps), and so are the calibration statistics of points whose recipe
-calibrates on the original model (`calibration: {propagate: original}`): every such point after
-the first compresses without running the model.
+interrupted is redone. Sweeps started on one database split its grid: each claims a point before
+measuring it (`ResultStore.claim`) and at the end waits for the points others still hold. The
+uncompressed model's reference logits are computed once per sweep (and cached on disk across
+sweeps), and so are the calibration statistics of points whose recipe calibrates on the original
+model (`calibration: {propagate: original}`): every such point after the first compresses without
+running the model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from compresslm.eval.stats import mean_stderr
 from compresslm.models.loading import LoadedModel, load_model
 from compresslm.progress import progress
 from compresslm.sweep.grid import Grid, SweepPoint
-from compresslm.sweep.store import ResultStore, machine_id
+from compresslm.sweep.store import ResultStore, machine_id, utc_now
 
 
 def family(point: SweepPoint) -> str:
@@ -130,6 +132,8 @@ def run_sweep(
     store = ResultStore(db_path)
     base = load_model(model)
     model_sha, machine, protocol_key = base.fingerprint(), machine_id(), _protocol_key(grid)
+    store.adopt_model(base.weights_fingerprint(), model_sha)
+    since = utc_now()
     todo = [p for p in grid.points if not store.is_done(model_sha, machine, p.key, protocol_key)]
     log(f"sweep '{grid.name}' on {model}: {len(grid.points) - len(todo)} of {len(grid.points)} points already done")
     reference = None
@@ -140,23 +144,26 @@ def run_sweep(
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         bar = progress(len(todo), "sweep", unit="point", enabled=show_progress)
-        for point in todo:
-            if store.is_done(model_sha, machine, point.key, protocol_key):  # finished meanwhile by another
-                bar.update(1)  # sweep sharing this database: two processes can split one grid
-                continue
-            store.start(model_sha, machine, point.key, protocol_key, grid.name, point.label)
-            try:
-                row = _measure(point, base, str(model), grid, reference, workdir, containers is not None, data_dir)
-            except CompressLMError as exc:  # this point cannot be made (e.g. a budget below every option): go on
-                store.fail(model_sha, machine, point.key, protocol_key, str(exc))
-                log(f"  {point.label}: not measured: {exc}")
+        waiting = False
+        while todo:
+            busy = []
+            for point in todo:
+                key = (model_sha, machine, point.key, protocol_key)
+                state = store.claim(*key, grid.name, point.label, since)
+                if state == "busy":  # another sweep on this database is measuring it
+                    busy.append(point)
+                    continue
+                if state == "claimed":
+                    _run_point(store, key, point, base, str(model), grid, reference, workdir, containers is not None,
+                               data_dir, log)  # fmt: skip
                 bar.update(1)
-                continue
-            store.finish(model_sha, machine, point.key, protocol_key, row)
-            kld = f", KL {row['kld_mean']:.4f}" if "kld_mean" in row else ""
-            log(f"  {point.label}: ppl {row['ppl']:.3f}{kld}, {row['bits_per_param']:.3f} bits/param, "
-                f"{row['point_seconds']:.0f} s")  # fmt: skip
-            bar.update(1)
+            if busy and not waiting:
+                labels = ", ".join(p.label for p in busy)
+                log(f"  waiting for {len(busy)} point(s) other sweeps are measuring: {labels}")
+            waiting = bool(busy)
+            todo = busy
+            if todo:
+                time.sleep(POLL_S)
         bar.close()
         keys = {p.key for p in grid.points}
         return [r for r in store.results(grid.name) if (r["model_sha"], r["machine"], r["protocol_key"]) ==
@@ -165,6 +172,28 @@ def run_sweep(
         store.close()
         if containers is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+POLL_S = 2.0  # how often a sweep looks again at points other sweeps hold
+
+
+def _run_point(store: ResultStore, key: tuple, point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid,
+               reference, workdir: Path, keep: bool, data_dir: str | None, log) -> None:  # fmt: skip
+    """Measure one claimed point and record its row (or why it could not be made)."""
+    try:
+        with store.heartbeat(*key):
+            row = _measure(point, base, model_name, grid, reference, workdir, keep, data_dir)
+    except CompressLMError as exc:  # this point cannot be made (e.g. a budget below every option): go on
+        store.fail(*key, str(exc))
+        log(f"  {point.label}: not measured: {exc}")
+        return
+    except BaseException:
+        store.release(*key)  # interrupted: the next sweep takes it at once
+        raise
+    store.finish(*key, row)
+    kld = f", KL {row['kld_mean']:.4f}" if "kld_mean" in row else ""
+    log(f"  {point.label}: ppl {row['ppl']:.3f}{kld}, {row['bits_per_param']:.3f} bits/param, "
+        f"{row['point_seconds']:.0f} s")  # fmt: skip
 
 
 def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, reference, workdir: Path,

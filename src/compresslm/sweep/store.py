@@ -5,15 +5,26 @@ and the evaluation protocol, so results from several models or machines live sid
 rerun finds exactly the points it already has. A point is marked 'running' before its work starts
 and 'done' in the same transaction that stores its result: a point killed half way stays
 'running' and is redone; a finished one is never lost (SQLite commits are atomic).
+
+Several sweeps can share one database and split a grid: a point is *claimed* (owner = host and
+process id, plus a heartbeat refreshed while it is measured) in one immediate transaction before
+its work starts, so no two processes measure the same point. A claim is taken over when its owner
+is gone: on the same host when its process no longer exists, on another host when its heartbeat
+is older than `STALE_AFTER_S`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import socket
 import sqlite3
+import threading
+import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,9 +40,13 @@ CREATE TABLE IF NOT EXISTS points (
     started_at TEXT,
     finished_at TEXT,
     result TEXT,
+    owner TEXT,
+    heartbeat REAL,
     PRIMARY KEY (model_sha, machine, point_key, protocol_key)
 )
 """
+HEARTBEAT_S = 10.0  # how often a claimed point's owner says it is alive
+STALE_AFTER_S = 120.0  # a claim from another host without a heartbeat this long is taken over
 
 
 def _cpu_model() -> str:
@@ -59,18 +74,122 @@ def machine_id() -> str:
 _LEGACY_MACHINE = re.compile(r"^(\S+) (\d+) cpus, (\w+) \S+$")
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def owner_id() -> str:
+    """This process, as a claim names it: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str | None, heartbeat: float | None) -> bool:
+    """Whether the process that claimed a point may still be measuring it."""
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
 
 
 class ResultStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path)
+        self.db = sqlite3.connect(self.path, timeout=60)
         with self.db:
             self.db.execute(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(points)")}
+            for column, kind in (("owner", "TEXT"), ("heartbeat", "REAL")):  # databases of compresslm 0.1
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE points ADD COLUMN {column} {kind}")
         self._adopt_legacy_rows()
+
+    def adopt_model(self, old_sha: str, model_sha: str) -> None:
+        """Give rows keyed by a model's old hash (weights only, before compresslm 0.2) its current one."""
+        if old_sha != model_sha:
+            with self.db:
+                self.db.execute("UPDATE OR IGNORE points SET model_sha=? WHERE model_sha=?", (model_sha, old_sha))
+
+    def claim(self, model_sha: str, machine: str, point_key: str, protocol_key: str, grid: str, label: str,
+              since: str) -> str:  # fmt: skip
+        """Claim a point for this process: 'claimed', 'done' (finished, or failed since `since`) or 'busy'.
+
+        'busy' means another live process holds it. The check and the claim are one immediate
+        transaction, so two processes never both get 'claimed'.
+        """
+        key = (model_sha, machine, point_key, protocol_key)
+        me = owner_id()
+        self.db.isolation_level = None
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.db.execute(
+                "SELECT status, owner, heartbeat, finished_at FROM points "
+                "WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?", key
+            ).fetchone()  # fmt: skip
+            if row is not None:
+                status, owner, heartbeat, finished = row
+                if status == "done" or (status == "failed" and (finished or "") >= since):
+                    self.db.execute("COMMIT")
+                    return "done"
+                if status == "running" and owner != me and _owner_alive(owner, heartbeat):
+                    self.db.execute("COMMIT")
+                    return "busy"
+            self.db.execute(
+                "INSERT INTO points (model_sha, machine, point_key, protocol_key, grid, label, status, started_at, "
+                "owner, heartbeat) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?) "
+                "ON CONFLICT (model_sha, machine, point_key, protocol_key) DO UPDATE SET status='running', "
+                "started_at=excluded.started_at, label=excluded.label, grid=excluded.grid, result=NULL, "
+                "finished_at=NULL, owner=excluded.owner, heartbeat=excluded.heartbeat",
+                (*key, grid, label, utc_now(), me, time.time()),
+            )
+            self.db.execute("COMMIT")
+            return "claimed"
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        finally:
+            self.db.isolation_level = ""
+
+    def release(self, model_sha: str, machine: str, point_key: str, protocol_key: str) -> None:
+        """Give up a claim without a result (an interrupted point): anyone may take it now."""
+        with self.db:
+            self.db.execute(
+                "UPDATE points SET owner=NULL WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=? "
+                "AND owner=? AND status='running'", (model_sha, machine, point_key, protocol_key, owner_id())
+            )  # fmt: skip
+
+    @contextlib.contextmanager
+    def heartbeat(self, model_sha: str, machine: str, point_key: str, protocol_key: str) -> Iterator[None]:
+        """Refresh this process's claim every HEARTBEAT_S seconds while the block runs."""
+        stop = threading.Event()
+        key = (model_sha, machine, point_key, protocol_key, owner_id())
+
+        def beat() -> None:
+            db = sqlite3.connect(self.path, timeout=60)
+            try:
+                while not stop.wait(HEARTBEAT_S):
+                    with db:
+                        db.execute("UPDATE points SET heartbeat=? WHERE model_sha=? AND machine=? AND point_key=? "
+                                   "AND protocol_key=? AND owner=?", (time.time(), *key))  # fmt: skip
+            finally:
+                db.close()
+
+        thread = threading.Thread(target=beat, name="sweep-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _adopt_legacy_rows(self) -> None:
         """Give rows with an old-style machine id (kernel release included) this machine's id when
@@ -93,16 +212,6 @@ class ResultStore:
         ).fetchone()
         return row is not None and row[0] == "done"
 
-    def start(self, model_sha: str, machine: str, point_key: str, protocol_key: str, grid: str, label: str) -> None:
-        with self.db:
-            self.db.execute(
-                "INSERT INTO points (model_sha, machine, point_key, protocol_key, grid, label, status, started_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'running', ?) ON CONFLICT (model_sha, machine, point_key, protocol_key) "
-                "DO UPDATE SET status='running', started_at=excluded.started_at, label=excluded.label, "
-                "grid=excluded.grid, result=NULL, finished_at=NULL",
-                (model_sha, machine, point_key, protocol_key, grid, label, _now()),
-            )
-
     def finish(self, model_sha: str, machine: str, point_key: str, protocol_key: str, result: dict) -> None:
         self._end("done", result, model_sha, machine, point_key, protocol_key)
 
@@ -113,9 +222,9 @@ class ResultStore:
     def _end(self, status: str, result: dict, *key: str) -> None:
         with self.db:
             self.db.execute(
-                "UPDATE points SET status=?, finished_at=?, result=? "
+                "UPDATE points SET status=?, finished_at=?, result=?, owner=NULL "
                 "WHERE model_sha=? AND machine=? AND point_key=? AND protocol_key=?",
-                (status, _now(), json.dumps(result), *key),
+                (status, utc_now(), json.dumps(result), *key),
             )
 
     def failures(self, grid: str | None = None) -> list[dict]:
