@@ -8,7 +8,8 @@ from dataclasses import asdict
 from compresslm.data.calibration import CalibrationSet
 from compresslm.engine.sequential import CompressionResult
 from compresslm.engine.sequential import compress as _compress_in_place
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.fileio import check_writable_file
+from compresslm.models.loading import LoadedModel, check_finite, load_model
 from compresslm.recipe import Recipe
 
 
@@ -30,7 +31,10 @@ def compress(
     """
     from compresslm.formats.container import save_container
 
+    if output is not None:
+        check_writable_file(output)  # before any compute: a bad path fails now, not after calibration
     lm = model if isinstance(model, LoadedModel) else load_model(model)
+    check_finite(lm.model, lm.source)
     source = lm.describe()
     result = _compress_in_place(
         lm, recipe, calibration=calibration, device=device, show_progress=show_progress, stats_cache=stats_cache

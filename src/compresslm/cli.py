@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from compresslm import __version__
 from compresslm.errors import CompressLMError
+from compresslm.fileio import check_writable_dir, check_writable_file
 
 
 def _print(message: str = "") -> None:
@@ -23,8 +25,19 @@ def _print(message: str = "") -> None:
 
 
 def _emit_json(payload: dict) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    """One JSON object on stdout; a value that is not a finite number (an error bar of one window) is null."""
+    sys.stdout.write(json.dumps(_finite_json(payload), indent=2, sort_keys=False, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite_json(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _format_count(n: int) -> str:
@@ -139,6 +152,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if value is not None:
             setattr(recipe.calibration, key, value)
     recipe.validate()
+    check_writable_file(args.output)  # before any compute: a bad path fails now, not after calibration
     target_bytes = parse_size(args.target_size) if args.target_size else None
     targets = [t for t in (args.target_bits, target_bytes, args.target_linear_bits) if t is not None]
     if len(targets) > 1:
@@ -232,6 +246,7 @@ def cmd_dial(args: argparse.Namespace) -> int:
         if args.bits is not None or args.avg_bits is not None:
             raise CompressLMError("--bits-per-layer replaces --bits and --avg-bits; give one of them")
         bits = _read_layer_widths(args.bits_per_layer)
+    check_writable_file(args.output)
     report, summary = materialize(args.artifact, args.output, bits, args.sparsity, avg_bits=args.avg_bits)
     widths = ", ".join(f"{n} layers at {b} bits" for b, n in sorted(report.bits.items()))
     sizes = f"{summary['bits_per_param']:.3f} bits/param, {summary['linear_bits_per_param']:.3f} linear bits"
@@ -475,6 +490,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from compresslm.sweep.store import ResultStore
 
     grid = load_grid(args.grid)  # validated before any compute
+    check_writable_file(args.db, "results database")
+    check_writable_dir(args.out, "report folder")
+    if args.containers is not None:
+        check_writable_dir(args.containers, "containers folder")
     rows = run_sweep(args.model, grid, args.db, args.containers, data_dir=args.data_dir,
                      show_progress=not args.quiet, log=_print)  # fmt: skip
     store = ResultStore(args.db)
@@ -525,6 +544,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe.validate()
     if args.teacher:
         check_teacher_use(recipe)
+    check_writable_dir(args.output, "output directory")
     lm = load_model(args.model, device=args.device)
     teacher = load_model(args.teacher, device=args.device) if args.teacher else None
     if lm.kind == "container" and teacher is None and recipe.distill:

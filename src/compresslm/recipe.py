@@ -278,6 +278,11 @@ class PruneStage:
             pattern = self.pattern
         except SparsityError as exc:
             raise RecipeError(f"{where}: sparsity={self.sparsity!r} is not allowed: {exc}") from None
+        if not pattern.is_nm and pattern.ratio == 0.0:
+            raise RecipeError(
+                f"{where}: sparsity={self.sparsity!r} prunes nothing (it would only add a mask); "
+                "remove the prune stage or give a ratio above 0"
+            )
         if self.allocation == "owl":
             if pattern.is_nm:
                 raise RecipeError(f"{where}: allocation='owl' needs an unstructured ratio, not {pattern.describe()}")

@@ -32,7 +32,7 @@ import torch
 from compresslm.data.corpora import Corpus
 from compresslm.errors import CompressLMError, CorruptFileError, ProtocolError
 from compresslm.eval.perplexity import eval_model, prepare_windows, scored_windows
-from compresslm.eval.stats import mean_stderr
+from compresslm.eval.stats import check_metric, mean_stderr
 from compresslm.fileio import load_tensors, save_tensors
 from compresslm.models.loading import LoadedModel, cache_root
 from compresslm.progress import progress
@@ -233,6 +233,8 @@ def distance(
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     reference_nll = -reference.target_logprob.double().mean()
+    check_metric("perplexity", float(torch.cat(nll).mean()), window_nll)
+    check_metric("KL divergence", float(kl_all.double().mean()), window_kl)
     return DistanceResult(
         kld_mean=float(kl_all.double().mean()),
         kld_stderr=mean_stderr(window_kl),

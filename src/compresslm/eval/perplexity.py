@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from compresslm.data.corpora import Corpus, load_corpus
 from compresslm.errors import ProtocolError
+from compresslm.eval.stats import check_metric
 from compresslm.models.loading import DTYPES, LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
@@ -216,4 +217,6 @@ def perplexity(
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
+    check_metric("perplexity", nll, window_nll)
     return PerplexityResult(math.exp(nll), nll, total_tokens, len(plan), window_nll, protocol)
+

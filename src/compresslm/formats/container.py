@@ -236,12 +236,9 @@ def save_container(
         "versions": versions(),
         **(metadata or {}),
     }
-    header_bytes = json.dumps(header, default=_json_default, allow_nan=False).encode("utf-8")
-    start = align(_PREFIX + len(header_bytes))
     try:
         with atomic_path(target) as tmp, tmp.open("wb") as handle:
-            handle.write(MAGIC + struct.pack("<Q", len(header_bytes)) + hashlib.sha256(header_bytes).digest())
-            handle.write(header_bytes + b"\0" * (start - _PREFIX - len(header_bytes)))
+            handle.write(encode_header(header))
             for blob in writer.blobs:
                 handle.write(blob)
             handle.flush()
@@ -249,6 +246,13 @@ def save_container(
     except OSError as exc:
         raise CompressLMError(f"cannot write {target}: {exc.strerror or exc}") from None
     return container_summary(target)
+
+
+def encode_header(header: dict) -> bytes:
+    """Everything before the blob area: magic, header length, the header's sha256, the header, padding."""
+    raw = json.dumps(header, default=_json_default, allow_nan=False).encode("utf-8")
+    prefix = MAGIC + struct.pack("<Q", len(raw)) + hashlib.sha256(raw).digest() + raw
+    return prefix + b"\0" * (align(len(prefix)) - len(prefix))
 
 
 def _json_default(value: object) -> object:
@@ -536,9 +540,16 @@ def _build(reader: _BlobReader, header: dict, dial_bits: int | None) -> tuple:
     """The model, its records, tokenizer and KV-cache stage from a checked header and verified blobs."""
     from transformers import AutoModelForCausalLM
 
-    config = _config(header)
-    with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
-        _check_against_model(header, AutoModelForCausalLM.from_config(config))
+    try:
+        config = _config(header)
+        with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
+            meta_model = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        raise
+    except Exception as exc:  # transformers' config validators raise their own classes on a hostile config
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"its config does not describe a model ({reason.strip()})") from None
+    _check_against_model(header, meta_model)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     weights = {}
     for name, entry in header["linears"].items():

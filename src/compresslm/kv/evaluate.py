@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from compresslm.data.corpora import load_corpus
 from compresslm.eval.perplexity import eval_model, prepare_windows
+from compresslm.eval.stats import check_metric
 from compresslm.kv.cache import KVQuantConfig, fp16_kv_bytes, make_cache
 from compresslm.models.loading import LoadedModel
 from compresslm.progress import progress
@@ -81,6 +82,7 @@ def kv_perplexity(
             count += labels.numel()
             bar.update(1)
     bar.close()
+    check_metric("perplexity through the KV cache", nll / count)
     result = {
         "ppl": math.exp(nll / count),
         "tokens": count,

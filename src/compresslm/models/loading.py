@@ -152,6 +152,28 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model with NaN or infinite weights, naming the first such tensor and its count.
+
+    Such a model computes NaN everywhere: every later number (perplexity, errors, a quantization
+    grid) would be NaN or a misleading message far from the cause. Parameters are checked; tied
+    weights once.
+    """
+    bad: list[tuple[str, int]] = []
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            count = int((~torch.isfinite(param.detach())).sum())
+            if count:
+                bad.append((name, count))
+    if bad:
+        name, count = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CorruptFileError(
+            f"{source} has non-finite weights: {name} holds {count:,} NaN or infinite values{more}; "
+            "the file is damaged or the model diverged"
+        )
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("COMPRESSLM_CACHE", Path.home() / ".cache" / "compresslm"))
 
@@ -348,6 +370,7 @@ def load_model(
         if dtype is not None:
             lm.model = _finish(lm.model, dtype, None)
         lm.source = text
+        check_finite(lm.model, text)
         return lm
     if registry.is_registered(text) and not path.exists():
         entry = registry.lookup(text)
@@ -382,6 +405,7 @@ def load_model(
         raise AssertionError("unreachable")
 
     model = _finish(model, dtype, device)
+    check_finite(model, text)
     return LoadedModel(
         model=model, tokenizer=tokenizer, layout=discover_layout(model), source=text, kind=kind, path=resolved
     )

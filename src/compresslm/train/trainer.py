@@ -318,6 +318,11 @@ def train(
             ce_t = F.nll_loss(logprobs.flatten(0, 1), batch[:, 1:].flatten())
             loss = loss + recipe.ce_weight * ce_t
             ce = float(ce_t.detach())
+        if not torch.isfinite(loss):
+            raise CompressLMError(
+                f"the training loss became {float(loss)} at step {step + 1}; lower the learning rate "
+                f"(now {recipe.lr:g}) or check the data"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
