@@ -56,12 +56,13 @@ def check_blobs(blobs: object, blob_area: int) -> dict:
     `blob_area` is the file size minus the blob area's start; the last blob (padded) must end there.
     """
     blobs = _dict(blobs, "blobs")
-    end = 0
-    for key, entry in sorted(blobs.items(), key=lambda item: item[1].get("offset", -1) if isinstance(item[1], dict)
-                             else -1):  # fmt: skip
+    for key, entry in blobs.items():
         entry = _dict(entry, f"blob {key!r}")
-        offset = _int(entry.get("offset"), f"offset of blob {key!r}")
-        nbytes = _int(entry.get("nbytes"), f"size of blob {key!r}")
+        _int(entry.get("offset"), f"offset of blob {key!r}")
+        _int(entry.get("nbytes"), f"size of blob {key!r}")
+    end = 0
+    for key, entry in sorted(blobs.items(), key=lambda item: item[1]["offset"]):
+        offset, nbytes = entry["offset"], entry["nbytes"]
         if offset != end:
             raise ValueError(f"blob {key!r} starts at {offset}, expected {end} (blobs must follow each other)")
         end = align(offset + nbytes)

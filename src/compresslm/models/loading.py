@@ -12,6 +12,7 @@ the GGUF file's sha256 and the transformers version; later loads read that direc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -79,7 +80,10 @@ class LoadedModel:
     def fingerprint(self) -> str:
         """sha256 of the weights and the config (see `model_fingerprint`)."""
         if self._fingerprint is None:
-            self._fingerprint = combined_fingerprint(self.weights_fingerprint(), config_identity(self.model))
+            config = config_identity(self.model)
+            if self.kv_cache is not None:  # a quantized KV cache changes what evaluation computes
+                config = {**config, "compresslm_kv_cache": dataclasses.asdict(self.kv_cache)}
+            self._fingerprint = combined_fingerprint(self.weights_fingerprint(), config)
         return self._fingerprint
 
     def weights_fingerprint(self) -> str:
@@ -131,8 +135,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once.
 
     Compressed linears keep their weight outside the state dict (a non-persistent buffer rebuilt
-    from the record), so their dequantized weights are hashed too: two models compressed
-    differently never share a fingerprint. Before compresslm 0.2 this alone was the model hash.
+    from the record), so their dequantized weights are hashed too, and so is their simulated
+    activation grid: two models compressed differently never share a fingerprint. Before
+    compresslm 0.2 the weights alone were the model hash.
     """
     digest = hashlib.sha256()
     seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -140,6 +145,9 @@ def weights_fingerprint(model: nn.Module) -> str:
     for module_name, module in model.named_modules():
         if hasattr(module, "compressed") and isinstance(getattr(module, "weight", None), torch.Tensor):
             state[f"{module_name}.weight[dequantized]"] = module.weight
+            activation = module.activation_config()
+            if activation is not None:
+                digest.update(f"{module_name}|activation|{json.dumps(activation, sort_keys=True)}|".encode())
     for name in sorted(state):
         tensor = state[name].detach()
         key = (tensor.data_ptr(), tuple(tensor.shape))

@@ -424,8 +424,9 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
         if not set(masks) <= set(modules):
             raise ValueError(f"masks of unknown layers {sorted(set(masks) - set(modules))[:3]}")
         for name, mask in masks.items():  # masks first: they are buffers of the saved state
-            if mask.dtype != torch.bool or mask.shape != modules[name].weight.shape:
-                raise ValueError(f"the mask of {name} has the wrong type or shape")
+            weight = modules[name].weight
+            if mask.dtype != weight.dtype or mask.shape != weight.shape or not ((mask == 0) | (mask == 1)).all():
+                raise ValueError(f"the mask of {name} is not a 0/1 tensor of its weight's shape and dtype")
             modules[name].mask = mask
         model.load_state_dict({k.removeprefix("model/"): t for k, t in tensors.items() if k.startswith("model/")})
         slots: dict[int, dict] = {}
