@@ -412,7 +412,10 @@ def write_markdown(rows: dict, path: Path) -> None:
     problems = [p for row in rows.values() for p in row.get("problems", [])]
     problems += [p for row in rows.values() for d in row.get("containers", {}).values() for p in d.get("problems", [])]
     if problems:
-        lines += ["", "## Problems found", ""] + [f"- {json.dumps(p)[:400]}" for p in problems[:20]]
+        lines += ["", "## Problems found", ""]
+        for p in problems[:20]:
+            last = p["traceback"].strip().splitlines()[-1] if "traceback" in p else json.dumps(p)[:300]
+            lines.append(f"- {p['kind']}, {p['case']}: {last}")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -595,6 +595,7 @@ def _config(header: dict) -> object:
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"its config names model_type {model_type!r}, which this transformers does not know")
     _check_config_numbers(values)
+    _check_config_types(values, CONFIG_MAPPING[model_type]().to_dict())
     config = AutoConfig.for_model(model_type, **values)
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > len(header["linears"]) + len(header["dense"]):
@@ -613,6 +614,29 @@ def _check_config_numbers(value: object, where: str = "config") -> None:
         raise ValueError(f"{where} is {value}, out of range")
     elif isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} is {value}")
+
+
+def _check_config_types(values: dict, defaults: dict) -> None:
+    """Fields the family's config has must keep their kind: a flag stays a flag, a number a number.
+
+    A flag such as `return_dict` or `output_hidden_states` set to a list would build a model that
+    fails (or answers differently) later, far from the file that caused it.
+    """
+    for key, value in values.items():
+        default = defaults.get(key)
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):  # numbers, or None, or a list of them (several eos ids)
+            items = value if isinstance(value, list) else [value]
+            ok = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in items)
+        elif isinstance(default, str):
+            ok = value is None or isinstance(value, str)
+        else:
+            ok = value is None or isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"config.{key} is {value!r}, expected a value like {default!r}")
 
 
 def _check_against_model(header: dict, model: torch.nn.Module) -> None:

@@ -73,6 +73,8 @@ def check_blobs(blobs: object, blob_area: int) -> dict:
             _int(dim, f"a dimension of blob {key!r}", 0, MAX_CONFIG_INT)
         count = math.prod(shape)
         dtype = entry.get("dtype")
+        if not isinstance(dtype, str):
+            raise ValueError(f"blob {key!r} has dtype {dtype!r}, not one this format stores")
         if dtype in TENSOR_DTYPES:
             expected = count * TENSOR_DTYPES[dtype]
         elif dtype in PACKED_DTYPES:
