@@ -359,7 +359,10 @@ def _environment() -> dict:
 
     from compresslm import __version__
 
-    return {"compresslm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    commit = subprocess.run(["git", "-C", str(RESULTS.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()  # fmt: skip
+    return {"compresslm": __version__, "commit": commit, "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
             "torch_threads": torch.get_num_threads()}  # fmt: skip
 
@@ -408,7 +411,8 @@ def write_markdown(rows: dict, path: Path) -> None:
     first = next(iter(rows.values()))
     env = first["environment"]
     lines.append(f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}, "
-                 f"Python {env['python']}, compresslm {env['compresslm']}. Run {first['date']}.")  # fmt: skip
+                 f"Python {env['python']}, compresslm {env['compresslm']} ({env['commit']}). Run {first['date']}, "
+                 "one torch thread, nothing else running.")  # fmt: skip
     problems = [p for row in rows.values() for p in row.get("problems", [])]
     problems += [p for row in rows.values() for d in row.get("containers", {}).values() for p in d.get("problems", [])]
     if problems:
