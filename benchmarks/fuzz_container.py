@@ -47,6 +47,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+from results_store import add_row, load_rows
+
 RESULTS = Path(__file__).resolve().parent / "results" / "fuzz_container.json"
 PARTS = ("container", "forged", "safetensors", "gguf")
 CONTAINER_RECIPES = ("2:4-sparsegpt+w4-g16-gptq+emb8+kv4-g16", "w8a8-smoothquant-static", "dial-g16")
@@ -405,7 +407,7 @@ def write_markdown(rows: dict, path: Path) -> None:
               "- `other model, other hash` in the safetensors and GGUF parts: those formats carry no checksums, so a",
               "  changed weight loads as a different model; compresslm's model hash (weights, config, activation",
               "  grids) changes with it, so the difference is never silent. A container refuses the same damage.",
-              "- `same model` under GGUF: damage to metadata the loader does not read.",
+              "- `same model`: the damage hit bytes the loader does not use (metadata it does not read).",
               "- A forged container header (valid checksum) that loads is a different but well-formed model; its",
               "  hash differs whenever its logits do. The tokenizer is not part of the hash.", ""]  # fmt: skip
     first = next(iter(rows.values()))
@@ -432,13 +434,15 @@ def main() -> int:
     parser.add_argument("--safetensors", type=int, default=400, help="safetensors mutations (default 400)")
     parser.add_argument("--gguf", type=int, default=24, help="GGUF mutations (default 24)")
     parser.add_argument("--force", action="store_true", help="rerun parts already recorded")
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON results file (default: the published one)")
     args = parser.parse_args()
     results = args.results.resolve()
+    if args.report:
+        write_markdown(load_rows(results), results.with_suffix(".md"))
+        return 0
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from results_store import add_row, load_rows
 
     torch.set_num_threads(1)
     done = load_rows(results)

@@ -39,7 +39,7 @@ import torch
 from compresslm.compressed import CompressedWeight, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
 from compresslm.fileio import atomic_path
-from compresslm.formats.header_check import MAX_CONFIG_INT, TOKENIZER_FILES, align, check_header
+from compresslm.formats.header_check import TOKENIZER_FILES, align, check_config, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
 from compresslm.models.layout import is_linear
 from compresslm.models.loading import LoadedModel
@@ -594,49 +594,12 @@ def _config(header: dict) -> object:
     model_type = values.pop("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"its config names model_type {model_type!r}, which this transformers does not know")
-    _check_config_numbers(values)
-    _check_config_types(values, CONFIG_MAPPING[model_type]().to_dict())
+    check_config(values, CONFIG_MAPPING[model_type]().to_dict())
     config = AutoConfig.for_model(model_type, **values)
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > len(header["linears"]) + len(header["dense"]):
         raise ValueError(f"its config asks for {layers} layers, more than the tensors it stores")
     return config
-
-
-def _check_config_numbers(value: object, where: str = "config") -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_config_numbers(item, f"{where}.{key}")
-    elif isinstance(value, list):
-        for item in value:
-            _check_config_numbers(item, where)
-    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
-        raise ValueError(f"{where} is {value}, out of range")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where} is {value}")
-
-
-def _check_config_types(values: dict, defaults: dict) -> None:
-    """Fields the family's config has must keep their kind: a flag stays a flag, a number a number.
-
-    A flag such as `return_dict` or `output_hidden_states` set to a list would build a model that
-    fails (or answers differently) later, far from the file that caused it.
-    """
-    for key, value in values.items():
-        default = defaults.get(key)
-        if default is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):  # numbers, or None, or a list of them (several eos ids)
-            items = value if isinstance(value, list) else [value]
-            ok = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in items)
-        elif isinstance(default, str):
-            ok = value is None or isinstance(value, str)
-        else:
-            ok = value is None or isinstance(value, type(default))
-        if not ok:
-            raise ValueError(f"config.{key} is {value!r}, expected a value like {default!r}")
 
 
 def _check_against_model(header: dict, model: torch.nn.Module) -> None:

@@ -3,7 +3,8 @@
 A container may come from someone else, so its header is data: these functions check its layout
 (every byte of the file belongs to the header, a blob or zero padding; nothing trails), every
 blob's declared dtype against an allow-list and its byte count against its shape, and every
-field the reader will use (types, ranges, blob references, tokenizer file names). They raise
+field the reader will use (types, ranges, blob references, tokenizer file names), and the model
+config against its family's defaults (`check_config`). They raise
 `ValueError` with the reason; the container module turns it into one `... is corrupt: reason` line.
 Whether the tensors fit the model that the config describes is checked by the reader, on a model
 built on the meta device (no memory is allocated for a config that asks for a huge model).
@@ -209,3 +210,46 @@ def check_header(header: object, blob_area: int) -> dict:
         if source.get(name) is not None and not isinstance(source[name], str):
             raise ValueError(f"source_model.{name} is not a string")
     return header
+
+
+def check_config(values: dict, defaults: dict) -> None:
+    """A stored model config (less its model_type) against its family's defaults: numbers in range,
+    every field of the kind the family expects."""
+    _check_config_numbers(values)
+    _check_config_types(values, defaults)
+
+
+def _check_config_numbers(value: object, where: str = "config") -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_config_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_config_numbers(item, where)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+        raise ValueError(f"{where} is {value}, out of range")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}")
+
+
+def _check_config_types(values: dict, defaults: dict) -> None:
+    """Fields the family's config has must keep their kind: a flag stays a flag, a number a number.
+
+    A flag such as `return_dict` or `output_hidden_states` set to a list would build a model that
+    fails (or answers differently) later, far from the file that caused it.
+    """
+    for key, value in values.items():
+        default = defaults.get(key)
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):  # numbers, or None, or a list of them (several eos ids)
+            items = value if isinstance(value, list) else [value]
+            ok = all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in items)
+        elif isinstance(default, str):
+            ok = value is None or isinstance(value, str)
+        else:
+            ok = value is None or isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"config.{key} is {value!r}, expected a value like {default!r}")
