@@ -34,6 +34,7 @@ from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
 from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
+from compresslm.kv.cache import check_kv_support
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loading import DTYPES, LoadedModel, model_fingerprint
 from compresslm.progress import progress
@@ -154,15 +155,18 @@ def _prepare_block(
     block_targets: list[tuple[LinearInfo, list]],
     recipe: Recipe,
     folds: list[ScaleFold],
+    probe: list[_Batch],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fold AWQ/SmoothQuant input scales where asked; return each linear's Hessian and input scales."""
+    """Fold AWQ/SmoothQuant input scales where asked, each verified on the `probe` window; return each
+    linear's Hessian and input scales."""
     if stats is None:
         return {}, {}
     stages = {info.name: _quant_stage(s) for info, s in block_targets if _quant_stage(s) is not None}
     if not any(stage.rescales_inputs for stage in stages.values()):
         return {name: stats.hessian(name) for name in stats.owner}, {}
     hessians, input_scales, block_folds = fold_input_scales(
-        lm.model, block, stats, stages, lambda module: _round_dense(module, recipe.dense_dtype)
+        lm.model, block, stats, stages, lambda module: _round_dense(module, recipe.dense_dtype),
+        block_output=(lambda: _run_block(block.module, probe)[0].args[0]) if probe else None,
     )
     folds.extend(block_folds)
     return hessians, input_scales
@@ -217,6 +221,8 @@ def compress(
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
     if not targets and not embedding_stages and recipe.kv_cache is None:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
+    if recipe.kv_cache is not None:
+        check_kv_support(lm.model)
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
 
     weights: dict[str, CompressedWeight] = {}
@@ -229,6 +235,7 @@ def compress(
 
     n_blocks = len(lm.layout.blocks)
     batches: list[_Batch] = []
+    probe: list[_Batch] = []
     cache: StatisticsCache | None = None
     on_original = reused = False
     with torch.inference_mode(False), torch.no_grad():
@@ -248,6 +255,9 @@ def compress(
                 reused = calib_protocol["statistics_reused"] = cache.complete()
             if not reused:
                 batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
+            if any(isinstance(s, QuantizeStage) and s.rescales_inputs for s in recipe.stages):
+                # one window through the original blocks, on which every scale fold is verified
+                probe = _capture_first_block_inputs(lm, calibration.windows[:1], 1, run_device)
 
         # a dial with separate widths calibrates its shared chain on a second stream, propagated at the
         # chain's narrowest width, while the main stream follows the narrowest width overall; each
@@ -268,7 +278,9 @@ def compress(
         for index, block in enumerate(lm.layout.blocks):
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
             stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
-            hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds)
+            following_probe = _run_block(block.module, probe) if probe else []  # the original block's output
+            hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds, probe)
+            probe = following_probe
             stream_hessians: dict[str | float, dict[str, torch.Tensor]] = {}
             for key, stream in streams.items():
                 stream_stats, _ = _collect_statistics(block, stream, run_device)

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from compresslm.errors import CompressLMError
+from compresslm.errors import CompressLMError, UnsupportedArchitectureError
 from compresslm.formats.packing import pack_lastdim, unpack_lastdim
 from compresslm.quant.rotation import rotate_last
 
@@ -300,6 +300,17 @@ class QuantizedKVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
+def check_kv_support(model: torch.nn.Module) -> None:
+    """Refuse, before any compute, a model whose attention the quantized cache cannot hold."""
+    text_config = model.config.get_text_config(decoder=True)
+    layer_types = sorted(set(getattr(text_config, "layer_types", None) or ["full_attention"]))
+    if set(layer_types) - {"full_attention"}:
+        raise UnsupportedArchitectureError(
+            f"the quantized KV cache supports full-attention layers only; {type(model).__name__} has "
+            f"{', '.join(layer_types)} layers (sliding-window caches are not implemented)"
+        )
+
+
 def make_cache(model: torch.nn.Module, config: KVQuantConfig | None) -> Cache:
     """A quantized cache for `model` (or transformers' full-precision DynamicCache when config is None)."""
     from transformers import DynamicCache
@@ -307,9 +318,7 @@ def make_cache(model: torch.nn.Module, config: KVQuantConfig | None) -> Cache:
     text_config = model.config.get_text_config(decoder=True)
     if config is None:
         return DynamicCache(config=text_config)
-    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
-    if layer_types - {"full_attention"}:
-        raise CompressLMError(f"the quantized KV cache supports full-attention layers only, not {layer_types}")
+    check_kv_support(model)
     rotary = None
     if config.pre_rope:
         rotary = next((m for name, m in model.named_modules() if name.endswith("rotary_emb")), None)

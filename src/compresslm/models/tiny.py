@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt")
+# Every family the conformance matrix checks (tests/test_conformance.py); FAMILIES is the quick subset
+# that the rest of the suite runs each test on.
+CONFORMANCE_FAMILIES = (*FAMILIES, "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "falcon",
+                        "stablelm")  # fmt: skip
 _SPECIALS = ("<unk>", "<s>", "</s>")
 
 
@@ -56,6 +60,20 @@ def tiny_config(family: str, vocab_size: int = 259, layers: int = 2):
         return MistralConfig(**{**llama_like, "sliding_window": None})
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
+    if family in _LLAMA_LIKE:
+        import transformers
+
+        name, extra = _LLAMA_LIKE[family]
+        return getattr(transformers, name)(**{**llama_like, "head_dim": 16, **extra})
+    if family == "gpt_neox":
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                             max_position_embeddings=512, rotary_pct=0.5, **common)  # fmt: skip
+    if family == "falcon":
+        from transformers import FalconConfig
+
+        return FalconConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, **common)
     if family == "opt":
         return OPTConfig(
             hidden_size=64,
@@ -66,7 +84,19 @@ def tiny_config(family: str, vocab_size: int = 259, layers: int = 2):
             word_embed_proj_dim=64,
             **common,
         )
-    raise ValueError(f"unknown tiny family '{family}'; choose one of {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown tiny family '{family}'; choose one of {', '.join(CONFORMANCE_FAMILIES)}")
+
+
+# Families whose config takes the Llama-like fields: transformers config class, extra fields.
+_LLAMA_LIKE = {
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": False}),
+    "gemma": ("GemmaConfig", {}),
+    "gemma2": ("Gemma2Config", {"query_pre_attn_scalar": 16, "sliding_window": 64}),
+    "gemma3": ("Gemma3TextConfig", {"query_pre_attn_scalar": 16, "sliding_window": 64}),
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False}),
+    "olmo2": ("Olmo2Config", {}),
+    "stablelm": ("StableLmConfig", {}),
+}
 
 
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2):

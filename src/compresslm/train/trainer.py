@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from compresslm.data.calibration import calibration_windows
-from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.errors import CompressLMError, CorruptFileError, UnsupportedArchitectureError
 from compresslm.fileio import check_writable_dir, load_tensors, save_tensors
 from compresslm.models.layout import discover_layout
 from compresslm.models.loading import LoadedModel, save_model
@@ -164,7 +164,10 @@ def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
     widths = tuple(recipe.widths) or (16,)
     for info in lm.layout.linears():
         if info.transposed or not isinstance(info.module, torch.nn.Linear):
-            raise CompressLMError(f"{info.name}: training supports nn.Linear layers (not {type(info.module).__name__})")
+            raise UnsupportedArchitectureError(
+                f"{info.name}: training supports nn.Linear layers, not {type(info.module).__name__} "
+                "(GPT-2 style transposed layers)"
+            )
         dynamic = tuple(recipe.nm) if recipe.dynamic_nm else None
         module = FakeQuantLinear(info.module, widths, recipe.group_size, recipe.learn_step, dynamic, recipe.lora_rank,
                                  recipe.act_bits, learn_widths=recipe.rate_weight > 0)  # fmt: skip
