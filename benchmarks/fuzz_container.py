@@ -209,8 +209,35 @@ def part_container(root: Path, watched: list[Path], seed: int, mutations: int) -
     return {"outcomes": dict(totals), "containers": details, "recipes": list(CONTAINER_RECIPES)}
 
 
-_HOSTILE = [0, -1, 1, 3, 7, 17, 2**31, 2**63, -(2**40), 1e308, -0.5, 0.25, "", "x", "float17", "u9", "../../x",
-            "/tmp/abs-path", None, True, False, [], {}, [1, 2], [[]], {"a": 1}, "model.layers.0.mlp.up_proj.weight"]
+_HOSTILE = [
+    0,
+    -1,
+    1,
+    3,
+    7,
+    17,
+    2**31,
+    2**63,
+    -(2**40),
+    1e308,
+    -0.5,
+    0.25,
+    "",
+    "x",
+    "float17",
+    "u9",
+    "../../x",
+    "/tmp/abs-path",
+    None,
+    True,
+    False,
+    [],
+    {},
+    [1, 2],
+    [[]],
+    {"a": 1},
+    "model.layers.0.mlp.up_proj.weight",
+]
 
 
 def _paths(value, prefix=()):

@@ -286,3 +286,15 @@ def test_fingerprint_follows_compression(tokenizer):
     compress(a, _recipe("rtn", 4, 16), show_progress=False)
     compress(b, _recipe("rtn", 3, 16), show_progress=False)
     assert len({before, a.fingerprint(), b.fingerprint()}) == 3
+
+
+def test_a_containers_parameter_count_includes_its_compressed_linears(tokenizer, tmp_path):
+    from compresslm.models.layout import parameter_counts
+
+    model = tiny_model("llama")
+    total = sum(p.numel() for p in model.parameters())
+    lm = LoadedModel.from_module(model, tokenizer, name="tiny")
+    compress(lm, "w4-g16-rtn", tmp_path / "m.clm", show_progress=False)
+    loaded = load_model(tmp_path / "m.clm")
+    assert loaded.describe()["parameters"] == total
+    assert parameter_counts(loaded.model, loaded.layout)["total"] == total

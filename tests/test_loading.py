@@ -136,3 +136,36 @@ def test_hub_id_without_network_is_clear(monkeypatch):
 def test_from_module_wraps(tokenizer):
     lm = LoadedModel.from_module(tiny_model("opt"), tokenizer, name="tiny-opt")
     assert lm.kind == "module" and lm.layout.model_type == "opt"
+
+
+def test_a_chunked_model_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+
+    from compresslm.errors import CorruptFileError, MissingPackageError
+    from compresslm.models.registry import RegisteredModel
+
+    parts = [b"first half|", b"second half"]
+    for i, data in enumerate(parts):
+        package = tmp_path / "site" / f"fake_chunk_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise RuntimeError('a chunk package is never imported')\n")
+        (package / "data" / "piece.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    chunks = tuple((f"fake_chunk_part{i}", "data/piece.bin") for i in range(2))
+    good = hashlib.sha256(b"".join(parts)).hexdigest()
+    entry = RegisteredModel("fake", "fake-chunk-part0..1", "fake_chunk_part0", "fake.gguf", "test", "pip install x",
+                            chunks, good)  # fmt: skip
+    path = entry.path()
+    assert path.read_bytes() == b"".join(parts) and path.parent == tmp_path / "cache" / "models"
+    assert entry.path() == path and not any(m.startswith("fake_chunk") for m in sys.modules)
+    bad = RegisteredModel("bad", "p", "fake_chunk_part0", "bad.gguf", "test", "pip install x", chunks, "0" * 64)
+    with pytest.raises(CorruptFileError, match="assemble to sha256"):
+        bad.path()
+    assert not (tmp_path / "cache" / "models" / "bad.gguf").exists()
+    missing = RegisteredModel(
+        "m", "p", "absent_part0", "m.gguf", "t", "pip install absent", (("absent_part0", "x"),), good
+    )
+    with pytest.raises(MissingPackageError, match="pip install absent"):
+        missing.path()

@@ -165,3 +165,23 @@ def test_single_token_choices_share_one_pass(tokenizer):
     alone = [loglikelihoods(lm, [(context, x)])[0] for x in ("A", "B")]
     assert shared[0][2] == 1
     assert [r[0] for r in shared[:2]] == pytest.approx([r[0] for r in alone], abs=1e-5)
+
+
+def test_lm_eval_task_names_are_accepted_and_found_under_either_folder(tmp_path, capsys):
+    from compresslm.cli import main
+    from compresslm.models.loading import save_model
+    from compresslm.models.tiny import byte_tokenizer
+
+    assert load_task("lambada_openai", FIXTURES).name == "lambada"
+    (tmp_path / "lambada_openai").mkdir()  # a data folder laid out under lm-eval's name
+    shutil.copy(FIXTURES / "samples" / "lambada_openai.head5.jsonl", tmp_path / "lambada_openai" / "lambada_test.jsonl")
+    assert len(load_task("lambada", tmp_path).items) == len(load_task("lambada", FIXTURES).items)
+    source = str(save_model(tiny_model("llama"), byte_tokenizer(), tmp_path / "tiny"))
+    argv = ["eval", source, "--tasks", "lambada_openai,arc_easy", "--data-dir", str(FIXTURES), "--task-limit", "2",
+            "--json", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert set(json.loads(capsys.readouterr().out)["tasks"]) == {"lambada", "arc_easy"}
+    assert main(["eval", source, "--tasks", "arc_easy", "--limit", "5", "--data-dir", str(FIXTURES)]) == 2
+    assert "give --task-limit 5" in capsys.readouterr().err  # --limit counts windows: refused, not ignored
+    assert main(["eval", source, "--tasks", "lambada_standard", "--data-dir", str(FIXTURES)]) == 2
+    assert "lambada_openai (= lambada)" in capsys.readouterr().err

@@ -53,6 +53,7 @@ def test_tokenizer_names_from_a_file_never_become_paths(container, tmp_path, cap
     victim = tmp_path / "victim"
     victim.mkdir()
     for name in (str(victim / "planted"), "../../../../" + str(victim.relative_to("/")) + "/planted", "sub/x.json"):
+
         def rename(header, name=name):
             files = header["tokenizer_files"]
             files[name] = files.pop("tokenizer.json")

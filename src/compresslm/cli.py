@@ -343,12 +343,17 @@ def _eval_text(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
 
 def _eval_tasks(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
     from compresslm.eval.harness import evaluate_task
-    from compresslm.eval.tasks import ALL_TASKS, load_task
+    from compresslm.eval.tasks import ALIASES, ALL_TASKS, canonical_task, load_task
 
-    names = ALL_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [n for n in names if n not in ALL_TASKS]
+    given = ALL_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = [canonical_task(n) for n in given]
+    unknown = [g for g, n in zip(given, names, strict=True) if n not in ALL_TASKS]
     if unknown:
-        raise CompressLMError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)} or all")
+        aliases = ", ".join(f"{a} (= {n})" for a, n in ALIASES.items())
+        raise CompressLMError(
+            f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)} or all "
+            f"(lm-evaluation-harness names accepted: {aliases})"
+        )
     data = [load_task(name, args.data_dir, gsm8k_shots=args.gsm8k_shots) for name in names]  # all files first
     results, lines = {}, []
     for task in data:
@@ -424,6 +429,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CompressLMError("--passkey needs --kv-bits (16 for the full-precision cache)")
     if not (args.ppl or args.kld or args.tasks or args.speed or args.kv_bits is not None):
         raise CompressLMError("nothing to evaluate: give --ppl CORPUS, --kld, --tasks LIST, --speed and/or --kv-bits")
+    windows = args.ppl or args.kld or args.kv_bits is not None
+    if args.limit is not None and not windows:  # lm-eval users mean items per task; here it counts windows
+        raise CompressLMError(
+            f"--limit counts perplexity windows and limits nothing here; to score {args.limit} items per task "
+            f"give --task-limit {args.limit}"
+        )
     setting = None
     if args.dial:
         from compresslm.dial import parse_setting
@@ -705,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="corpus split (wikitext2: test or validation)")
     ev.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     ev.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")
-    ev.add_argument("--limit", type=int, default=None, help="score only the first N windows")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="score only the first N perplexity windows (for tasks: --task-limit)")  # fmt: skip
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -728,7 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kv-chunk", type=int, default=128, help="prefill chunk for KV perplexity (default 128)")
     ev.add_argument("--passkey", default=None, help="passkey retrieval at these lengths, e.g. 1024,4096,8192")
     ev.add_argument("--passkey-trials", type=int, default=5, help="trials per passkey length (default 5)")
-    ev.add_argument("--tasks", default=None, help="comma-separated tasks (arc_easy,piqa,...) or 'all'")
+    ev.add_argument("--tasks", default=None,
+                    help="comma-separated tasks (arc_easy,piqa,...; lm-eval's names such as lambada_openai too) "
+                         "or 'all'")  # fmt: skip
     ev.add_argument("--data-dir", default=None, help="task data directory (default: $COMPRESSLM_DATA)")
     ev.add_argument("--task-limit", type=int, default=None, help="score a seeded random subset of N items per task")
     ev.add_argument("--seed", type=int, default=0, help="seed of the task subset (default 0)")

@@ -34,6 +34,11 @@ _TMP_NAME = re.compile(r"^\..+\.compresslm-tmp\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[
 _META_KEY = "compresslm"
 
 
+def cache_root() -> Path:
+    """compresslm's own cache: `$COMPRESSLM_CACHE`, default ~/.cache/compresslm."""
+    return Path(os.environ.get("COMPRESSLM_CACHE", Path.home() / ".cache" / "compresslm"))
+
+
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 

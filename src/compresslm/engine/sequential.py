@@ -165,7 +165,11 @@ def _prepare_block(
     if not any(stage.rescales_inputs for stage in stages.values()):
         return {name: stats.hessian(name) for name in stats.owner}, {}
     hessians, input_scales, block_folds = fold_input_scales(
-        lm.model, block, stats, stages, lambda module: _round_dense(module, recipe.dense_dtype),
+        lm.model,
+        block,
+        stats,
+        stages,
+        lambda module: _round_dense(module, recipe.dense_dtype),
         block_output=(lambda: _run_block(block.module, probe)[0].args[0]) if probe else None,
     )
     folds.extend(block_folds)

@@ -219,4 +219,3 @@ def perplexity(
     }
     check_metric("perplexity", nll, window_nll)
     return PerplexityResult(math.exp(nll), nll, total_tokens, len(plan), window_nll, protocol)
-

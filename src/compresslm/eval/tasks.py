@@ -69,10 +69,13 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def _find(root: Path, task: str, candidates: list[str]) -> Path:
-    for relative in candidates:
+    """The first candidate file found, under our folder name or under lm-evaluation-harness's name for it."""
+    others = [alias for alias, name in ALIASES.items() if name == task]
+    tried = [*candidates, *(f"{alias}/{c.partition('/')[2]}" for alias in others for c in candidates if "/" in c)]
+    for relative in tried:
         if (root / relative).is_file():
             return root / relative
-    raise DataError(f"{task}: none of {', '.join(candidates)} found under {root}")
+    raise DataError(f"{task}: none of {', '.join(tried)} found under {root}")
 
 
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -288,6 +291,13 @@ TASKS: dict[str, TaskSpec] = {
 }
 SPECIAL = ("mmlu", "mmlu_5shot", "gsm8k")
 ALL_TASKS = (*TASKS, *SPECIAL)
+# lm-evaluation-harness's names for the same data, as its users type them (the others are the same names)
+ALIASES = {"lambada_openai": "lambada"}
+
+
+def canonical_task(name: str) -> str:
+    """Our name for a task given by our name or by lm-evaluation-harness's."""
+    return ALIASES.get(name, name)
 
 
 def _sha256(files: list[Path]) -> str:
@@ -298,7 +308,8 @@ def _sha256(files: list[Path]) -> str:
 
 
 def load_task(name: str, root: str | os.PathLike | None = None, gsm8k_shots: int = 8) -> TaskData:
-    """Load task `name` (see ALL_TASKS) from the data directory."""
+    """Load task `name` (see ALL_TASKS, or lm-evaluation-harness's name, see ALIASES) from the data directory."""
+    name = canonical_task(name)
     base = data_dir(root)
     if name in TASKS:
         spec = TASKS[name]

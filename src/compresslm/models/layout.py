@@ -299,6 +299,12 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr())
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter once, compressed linears included (their weight lives in a record, not a parameter)."""
+    compressed = sum(m.out_features * m.in_features for m in model.modules() if hasattr(m, "compressed"))
+    return sum(p.numel() for p in model.parameters()) + compressed
+
+
 def parameter_counts(model: nn.Module, layout: ModelLayout) -> dict[str, int]:
     """Count parameters by role, counting a tied lm_head once (under the embedding)."""
     counts: dict[str, int] = {}
@@ -308,6 +314,8 @@ def parameter_counts(model: nn.Module, layout: ModelLayout) -> dict[str, int]:
         for p in info.module.parameters(recurse=False):
             seen.add(id(p))
             counts[key] = counts.get(key, 0) + p.numel()
+        if hasattr(info.module, "compressed"):  # a compressed linear's weight is a record, not a parameter
+            counts[key] = counts.get(key, 0) + info.module.out_features * info.module.in_features
     modules = dict(model.named_modules())
     embed = modules[layout.token_embedding]
     head = modules[layout.lm_head]

@@ -29,9 +29,9 @@ from compresslm.errors import (
     ModelNotFoundError,
     UnsupportedArchitectureError,
 )
-from compresslm.fileio import atomic_path
+from compresslm.fileio import atomic_path, cache_root
 from compresslm.models import registry
-from compresslm.models.layout import ModelLayout, discover_layout
+from compresslm.models.layout import ModelLayout, count_parameters, discover_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_MAGIC = b"GGUF"
@@ -100,7 +100,7 @@ class LoadedModel:
             "path": self.path,
             "model_type": self.layout.model_type,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": count_parameters(self.model),
             "sha256": self.fingerprint(),
         }
 
@@ -180,10 +180,6 @@ def check_finite(model: nn.Module, source: str) -> None:
             f"{source} has non-finite weights: {name} holds {count:,} NaN or infinite values{more}; "
             "the file is damaged or the model diverged"
         )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COMPRESSLM_CACHE", Path.home() / ".cache" / "compresslm"))
 
 
 def _file_sha256(path: Path) -> str:

