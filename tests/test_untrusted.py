@@ -138,6 +138,14 @@ def test_a_forged_header_fails_cleanly(container, tmp_path, capsys, edit, messag
     assert len(err) == 1 and err[0].startswith("compresslm: error:") and message in err[0], err
 
 
+def test_info_shows_a_container_without_a_recipe(container, tmp_path, capsys):
+    """QAT containers record a training recipe instead; a header may also carry neither."""
+    for recipe, shown in ((None, "recipe not recorded"), ({"name": "qat-w4"}, "recipe qat-w4")):
+        crafted = _crafted(container, tmp_path, lambda h, r=recipe: h.update(recipe=None, train_recipe=r))
+        assert main(["info", str(crafted)]) == 0
+        assert shown in capsys.readouterr().err
+
+
 def test_a_forged_config_that_still_loads_changes_the_model_hash(container, tmp_path):
     original = load_container(container)
     slower_rope = _crafted(container, tmp_path, lambda h: h["config"]["rope_parameters"].update(rope_theta=1234.0))

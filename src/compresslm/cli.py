@@ -107,9 +107,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"container    {_format_bytes(c['bytes_on_disk'])} on disk, {c['bits_per_param']:.3f} bits/param, "
             f"{c['linear_bits_per_param']:.3f} bits/param in compressed linears, "
             + (f"{100 * c['linear_sparsity']:.1f} % pruned, " if c.get("linear_sparsity") else "")
-            + f"recipe {c['recipe']['name']}"
+            + f"recipe {_recipe_name(lm.container)}"
         )
     return 0
+
+
+def _recipe_name(header: dict) -> str:
+    """The recipe a container was made with: a compression recipe's name, or a training run's."""
+    recipe = header.get("recipe") or header.get("train_recipe") or {}
+    name = recipe.get("name") if isinstance(recipe, dict) else None
+    return str(name) if name else "not recorded"
 
 
 def parse_size(text: str) -> int:
