@@ -68,7 +68,8 @@ def test_describe_has_identity(tiny_lm):
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ModelNotFoundError, match="unknown model name 'nosuchmodel'; known names: smollm2-135m"):
+    known = r"known names: gemma3-270m, qwen2\.5-coder-0\.5b, smollm2-135m"
+    with pytest.raises(ModelNotFoundError, match=rf"unknown model name 'nosuchmodel'; {known}"):
         load_model("nosuchmodel")
 
 

@@ -33,13 +33,22 @@ def _same_records(a, b) -> bool:
 
 @pytest.fixture
 def no_forward(monkeypatch):
-    """Make any calibration forward pass fail: what runs under it used the cache alone."""
+    """Make any calibration forward pass fail: what runs under it used the cache alone.
+
+    One window may still run: the probe on which AWQ and SmoothQuant verify their scale folds.
+    """
+    capture = sequential._capture_first_block_inputs
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was run although the statistics were cached")
 
+    def probe_only(lm, windows, batch_size, device):
+        if windows.shape[0] > 1:
+            refuse()
+        return capture(lm, windows, batch_size, device)
+
     def arm():
-        monkeypatch.setattr(sequential, "_capture_first_block_inputs", refuse)
+        monkeypatch.setattr(sequential, "_capture_first_block_inputs", probe_only)
         monkeypatch.setattr(sequential, "_collect_statistics", refuse)
 
     return arm

@@ -6,7 +6,8 @@ an input and which norm produced it) depend on the model's weights and the calib
 alone, not on the recipe. They are computed in one pass and written here, one file per block, in a
 directory named by a hash of the model's content, the windows and the batch size; every later
 recipe on the same model and windows (GPTQ at any width, AWQ, SmoothQuant, Wanda, SparseGPT, the
-dial) reads them instead of running the model. A stale entry cannot be hit: changing any weight
+dial) reads them instead of running the model (AWQ and SmoothQuant still run one window, on which
+they verify their scale folds). A stale entry cannot be hit: changing any weight
 or window changes the key. The sequential mode (`propagate: compressed`, the default) never uses
 the cache, because there block i's inputs depend on how blocks before it were compressed.
 
