@@ -88,10 +88,13 @@ def write_markdown(rows: dict) -> None:
     lines += ["", "AWQ folds (input groups folded into a norm or a linear, and how):", ""]
     for row in rows.values():
         if row["point"] == "w4-g64-awq":
-            offsets = sum(f["norm_offset"] == 1.0 for f in row["folds"])
-            worst = max((f["verified"] for f in row["folds"]), default=0.0)
-            lines.append(f"- {row['model']}: {len(row['folds'])} folds, {offsets} into x̂·(1 + w) norms; largest "
-                         f"relative change of a block's float output {worst:.2g}")  # fmt: skip
+            applied = [f for f in row["folds"] if f["verified"] is not None]  # AWQ may choose α = 0: no scaling
+            offsets = sum(f["norm_offset"] == 1.0 for f in applied)
+            worst = max((f["verified"] for f in applied), default=0.0)
+            unscaled = len(row["folds"]) - len(applied)
+            lines.append(f"- {row['model']}: {len(applied)} folds applied, {offsets} into x̂·(1 + w) norms"
+                         + (f" ({unscaled} groups left unscaled: the search chose α = 0)" if unscaled else "")
+                         + f"; largest relative change of a block's float output {worst:.2g}")  # fmt: skip
     any_row = next(iter(rows.values()))
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} cpus; torch {torch.__version__}, "
               f"transformers {transformers.__version__}; run {any_row['date']}. This table is about quality: other "

@@ -123,7 +123,7 @@ def _check(family: str, method: str, tmp: Path) -> str:
         raise AssertionError("non-finite logits")
     folds = [f for f in result.info.get("scale_folds", []) if f["fold_into"]]
     if method in ("AWQ", "SmoothQuant"):
-        if any(f["verified"] is None for f in folds):
+        if any(f["verified"] is None and f["alpha"] != 0.0 for f in folds):  # α = 0: nothing was scaled
             raise AssertionError("a scale fold was not verified")
         offset = sum(f["norm_offset"] == 1.0 for f in folds)
         total = len(result.info.get("scale_folds", []))
