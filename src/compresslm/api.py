@@ -33,8 +33,11 @@ def compress(
 
     if output is not None:
         check_writable_file(output)  # before any compute: a bad path fails now, not after calibration
-    lm = model if isinstance(model, LoadedModel) else load_model(model)
-    check_finite(lm.model, lm.source)
+    if isinstance(model, LoadedModel):
+        lm = model
+        check_finite(lm.model, lm.source)  # load_model checks what it loads; an in-memory model is checked here
+    else:
+        lm = load_model(model)
     source = lm.describe()
     result = _compress_in_place(
         lm, recipe, calibration=calibration, device=device, show_progress=show_progress, stats_cache=stats_cache

@@ -64,7 +64,8 @@ def temp_sibling(target: Path) -> Path:
     return target.with_name(f".{target.name}{_TMP_MARK}{_host()}.{os.getpid()}.{secrets.token_hex(4)}")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with id `pid` exists (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +85,7 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     host = _host()
     for entry in entries:
         match = _TMP_NAME.match(entry.name)
-        if not match or match["host"] != host or _alive(int(match["pid"])):
+        if not match or match["host"] != host or process_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():

@@ -156,9 +156,10 @@ def _prepare_block(
     recipe: Recipe,
     folds: list[ScaleFold],
     probe: list[_Batch],
+    probe_output: list[_Batch],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fold AWQ/SmoothQuant input scales where asked, each verified on the `probe` window; return each
-    linear's Hessian and input scales."""
+    """Fold AWQ/SmoothQuant input scales where asked, each verified on the `probe` window (whose output
+    through the unfolded block is `probe_output`); return each linear's Hessian and input scales."""
     if stats is None:
         return {}, {}
     stages = {info.name: _quant_stage(s) for info, s in block_targets if _quant_stage(s) is not None}
@@ -171,6 +172,7 @@ def _prepare_block(
         stages,
         lambda module: _round_dense(module, recipe.dense_dtype),
         block_output=(lambda: _run_block(block.module, probe)[0].args[0]) if probe else None,
+        reference=probe_output[0].args[0] if probe_output else None,
     )
     folds.extend(block_folds)
     return hessians, input_scales
@@ -283,7 +285,8 @@ def compress(
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
             stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
             following_probe = _run_block(block.module, probe) if probe else []  # the original block's output
-            hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds, probe)
+            hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds, probe,
+                                                    following_probe)  # fmt: skip
             probe = following_probe
             stream_hessians: dict[str | float, dict[str, torch.Tensor]] = {}
             for key, stream in streams.items():

@@ -112,13 +112,15 @@ def fold_input_scales(
     stages: dict[str, QuantizeStage],
     round_dense: Callable[[nn.Module], None],
     block_output: Callable[[], torch.Tensor] | None = None,
+    reference: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[ScaleFold]]:
     """Compute, fold and verify scales for every input group with an AWQ- or SmoothQuant-enabled target.
 
     `stages` maps the block's target linears to their stage; `round_dense(module)` re-rounds a
     producer that stays dense to its storage dtype (after the check). `block_output()` runs the
     block on a calibration window: each fold must leave it unchanged (see the module docstring);
-    without it folds are not checked. Returns the (possibly scaled) Hessian of every linear with
+    without it folds are not checked. `reference` is that output before any fold, when the caller
+    already has it (else `block_output()` computes it). Returns the (possibly scaled) Hessian of every linear with
     statistics, the scales applied to each scaled linear's input, and one ScaleFold per group.
     """
     infos = {info.name: info for info in block.linears}
@@ -127,7 +129,8 @@ def fold_input_scales(
     input_scales: dict[str, torch.Tensor] = {}
     folds: list[ScaleFold] = []
     activation = _activation(model)
-    reference = block_output() if block_output is not None else None
+    if reference is None and block_output is not None:
+        reference = block_output()
     for owner, names in stats.groups().items():
         members = [n for n in names if n in stages and stages[n].rescales_inputs]
         if not members:

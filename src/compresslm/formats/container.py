@@ -39,7 +39,7 @@ import torch
 from compresslm.compressed import CompressedWeight, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
 from compresslm.fileio import atomic_path
-from compresslm.formats.header_check import TOKENIZER_FILES, align, check_config, check_header
+from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_config, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
 from compresslm.models.layout import is_linear
 from compresslm.models.loading import LoadedModel
@@ -51,9 +51,6 @@ OLD_MAGIC = b"CLM1"
 FORMAT_VERSION = 2
 _PREFIX = len(MAGIC) + 8 + 32  # magic, header length, header sha256
 _MAX_HEADER = 1 << 30
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8,
-           "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
-           "bool": torch.bool}  # fmt: skip
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -172,7 +169,7 @@ def save_container(
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = _BlobWriter()
-    storage = _DTYPES[dense_dtype]
+    storage = TENSOR_DTYPES[dense_dtype]
     embeddings = embeddings or {}
     linears = {name: _write_record(writer, name, record) for name, record in weights.items()}
     for name, entry in linears.items():
@@ -353,7 +350,7 @@ class _BlobReader:
 
     def tensor(self, key: str) -> torch.Tensor:
         entry = self.header["blobs"][key]
-        dtype = _DTYPES[entry["dtype"]]  # header_check allowed only these
+        dtype = TENSOR_DTYPES[entry["dtype"]]  # header_check allowed only these
         raw = bytearray(self.read(key))
         return (
             torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(entry["shape"]).clone()
@@ -624,7 +621,7 @@ def _check_against_model(header: dict, model: torch.nn.Module) -> None:
         if key not in expected:
             raise ValueError(f"it stores a tensor {key!r} the model does not have")
         tensor, stored = expected[key], blobs[blob]
-        floating = _DTYPES[stored["dtype"]].is_floating_point
+        floating = TENSOR_DTYPES[stored["dtype"]].is_floating_point
         if stored["shape"] != list(tensor.shape) or floating != tensor.is_floating_point():
             model_has = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
             raise ValueError(f"tensor {key!r} is {stored['dtype']} {stored['shape']}, the model has {model_has}")

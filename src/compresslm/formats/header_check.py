@@ -15,12 +15,15 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from compresslm.formats.packing import packed_nbytes
 
 ALIGN = 64
-# Tensor dtypes a blob may declare, with their item sizes; packed codes are "u1".."u8", raw files "bytes".
-TENSOR_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8": 1, "int16": 2, "int32": 4,
-                 "int64": 8, "bool": 1}  # fmt: skip
+# Tensor dtypes a blob may declare; packed codes are "u1".."u8", raw files "bytes".
+TENSOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "uint8": torch.uint8,
+                 "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
+                 "bool": torch.bool}  # fmt: skip
 PACKED_DTYPES = {f"u{bits}": bits for bits in range(1, 9)}
 # Files a tokenizer's save_pretrained writes; a container stores only these (plain names, no paths).
 TOKENIZER_FILES = frozenset({
@@ -77,7 +80,7 @@ def check_blobs(blobs: object, blob_area: int) -> dict:
         if not isinstance(dtype, str):
             raise ValueError(f"blob {key!r} has dtype {dtype!r}, not one this format stores")
         if dtype in TENSOR_DTYPES:
-            expected = count * TENSOR_DTYPES[dtype]
+            expected = count * TENSOR_DTYPES[dtype].itemsize
         elif dtype in PACKED_DTYPES:
             expected = packed_nbytes(count, PACKED_DTYPES[dtype])
         elif dtype == "bytes" and shape == []:

