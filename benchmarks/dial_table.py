@@ -49,7 +49,8 @@ def _artifact(workdir: Path, recipe: str) -> Path:
 def run_point(name: str, args: argparse.Namespace) -> dict:
     from compresslm.dial import parse_setting, set_budget
     from compresslm.eval.perplexity import perplexity
-    from compresslm.formats.container import container_summary, load_container
+    from compresslm.formats.container import container_summary
+    from compresslm.models.assemble import load_compressed
     from compresslm.models.loading import load_model
 
     path = Path(args.artifact) if args.artifact else _artifact(Path(args.workdir), args.recipe)
@@ -67,7 +68,7 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
     if not path.exists():
         raise SystemExit(f"{path} is missing: run the 'artifact' point first (same --workdir)")
     if name == "switch":
-        lm = load_container(path, device=args.device)
+        lm = load_compressed(path, device=args.device)
         times: dict[str, list[float]] = {s: [] for s in SETTINGS}
         for _ in range(5):
             for setting in SETTINGS:
@@ -81,7 +82,7 @@ def run_point(name: str, args: argparse.Namespace) -> dict:
                 "load_avg_at_end": os.getloadavg()[0], **where}  # fmt: skip
     if name.startswith("dial "):
         setting = parse_setting(name.split(" ", 1)[1])
-        lm = load_container(path, device=args.device)
+        lm = load_compressed(path, device=args.device)
         report = set_budget(lm, setting.get("bits"), setting.get("sparsity", 0.0))
         with tempfile.TemporaryDirectory() as tmp:  # the setting's own size, as a fixed container
             from compresslm.dial import materialize

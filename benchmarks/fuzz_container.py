@@ -161,8 +161,9 @@ def _make_containers(root: Path) -> list[Path]:
 
 
 def part_container(root: Path, watched: list[Path], seed: int, mutations: int) -> dict:
-    from compresslm.formats.container import load_container, read_header
+    from compresslm.formats.container import read_header
     from compresslm.formats.header_check import align
+    from compresslm.models.assemble import load_compressed
 
     rng = random.Random(seed)
     totals = Counter()
@@ -170,7 +171,7 @@ def part_container(root: Path, watched: list[Path], seed: int, mutations: int) -
     for path in _make_containers(root / "made"):
         original = path.read_bytes()
         header, start = read_header(path)
-        fuzzer = Fuzzer(load_container(path), [*watched, path.parent], _probe_ids())
+        fuzzer = Fuzzer(load_compressed(path), [*watched, path.parent], _probe_ids())
         work = path.parent / "case.clm"
 
         def run(kind: str, data: bytes, what: str, fuzzer=fuzzer, work=work) -> None:
@@ -281,7 +282,8 @@ def _forge(header: dict, rng: random.Random) -> tuple[dict, str]:
 
 
 def part_forged(root: Path, watched: list[Path], seed: int, cases: int, cli_cases: int) -> dict:
-    from compresslm.formats.container import encode_header, load_container, read_header
+    from compresslm.formats.container import encode_header, read_header
+    from compresslm.models.assemble import load_compressed
 
     rng = random.Random(seed)
     totals, details = Counter(), {}
@@ -290,7 +292,7 @@ def part_forged(root: Path, watched: list[Path], seed: int, cases: int, cli_case
     for path in _make_containers(root / "made"):
         header, start = read_header(path)
         blob_area = path.read_bytes()[start:]
-        fuzzer = Fuzzer(load_container(path), [*watched, path.parent], _probe_ids())
+        fuzzer = Fuzzer(load_compressed(path), [*watched, path.parent], _probe_ids())
         work = path.parent / "forged.clm"
         for _ in range(cases):
             forged, what = _forge(header, rng)

@@ -64,9 +64,9 @@ def kv_config(setting: str):
 
 
 def run_point(name: str, args: argparse.Namespace) -> dict:
+    from compresslm.eval.kv_quality import kv_perplexity, passkey_accuracy
     from compresslm.eval.speed import measure_speed
     from compresslm.kv.cache import fp16_kv_bytes
-    from compresslm.kv.evaluate import kv_perplexity, passkey_accuracy
     from compresslm.models.loading import load_model
 
     kind, setting = name.split(" ", 1)

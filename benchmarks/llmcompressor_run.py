@@ -62,7 +62,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compresslm.eval.perplexity import perplexity
-    from compresslm.models.loading import LoadedModel
+    from compresslm.models.loaded import LoadedModel
     from compresslm.versions import versions
 
     windows = torch.load(args.calib)

@@ -79,20 +79,21 @@ def run_point(name: str, model: str, limit: int, workdir: Path, device: str = "c
         from compresslm.recipe import load_recipe
 
         recipe, budget = load_recipe(planned["recipe"]), ""
+    target = None
     if budget:
-        from compresslm.engine.budget import plan_budget
-        from compresslm.recipe import preset
+        from compresslm.engine.budget import BudgetTarget
 
         linear_bits, _, sensitivity = budget.partition(":")
-        recipe = plan_budget(lm, preset(recipe), target_linear_bits=float(linear_bits),
-                             sensitivity=sensitivity or "fisher", show_progress=False).recipe  # fmt: skip
+        target = BudgetTarget(linear_bits=float(linear_bits), sensitivity=sensitivity or "fisher")
     if override:
         from compresslm.recipe import load_recipe
 
         recipe = load_recipe(recipe)
         recipe.calibration.propagate = override.removesuffix("]")
         recipe.validate()
-    _, result, summary = compress(lm, recipe, container, show_progress=False, stats_cache=default_cache_dir())
+    _, result, summary = compress(
+        lm, recipe, container, show_progress=False, stats_cache=default_cache_dir(), target=target
+    )
     seconds = time.perf_counter() - started
     compress_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del lm  # the evaluation runs on the reloaded container alone

@@ -22,7 +22,7 @@ import torch
 from results_store import atomic_write
 
 from compresslm.eval.distance import distance, reference_logits
-from compresslm.formats.container import load_container
+from compresslm.models.assemble import load_compressed
 from compresslm.models.loading import load_model
 from compresslm.quant.grid import Grid
 from compresslm.quant.rtn import rtn
@@ -104,7 +104,7 @@ def main() -> None:
         base = load_model("smollm2-135m")
         reference = reference_logits(base, "wikitext2", ctx=2048, limit=40, show_progress=False)
         del base
-        lm = load_container(Path(args.containers) / f"{args.ratio}_-sparsegpt.clm")
+        lm = load_compressed(Path(args.containers) / f"{args.ratio}_-sparsegpt.clm")
         layers = round_kept_weights(lm, args.bits)
         result = distance(lm, reference, "wikitext2", show_progress=False)
         measured = {"label": f"{args.ratio}%-sparsegpt (float16) then RTN W{args.bits} g64 on its mask",

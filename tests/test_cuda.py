@@ -12,7 +12,8 @@ import torch
 from compresslm.api import compress
 from compresslm.dial import set_budget
 from compresslm.eval.perplexity import perplexity
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model
 from compresslm.models.tiny import tiny_model
 from compresslm.recipe import preset
 
@@ -72,8 +73,8 @@ def test_training_steps_run_on_cuda(recipe, tokenizer, tmp_path):
 
 
 def test_quantized_kv_cache_on_cuda(tokenizer):
+    from compresslm.eval.kv_quality import kv_perplexity
     from compresslm.kv.cache import KVQuantConfig
-    from compresslm.kv.evaluate import kv_perplexity
 
     result = kv_perplexity(_lm(tokenizer), KVQuantConfig(bits=4, group_size=16), ctx=64, limit=2, chunk=16,
                            show_progress=False)  # fmt: skip

@@ -7,10 +7,12 @@ import torch
 
 from compresslm.api import compress
 from compresslm.cli import main
-from compresslm.dial import _stored_bits, materialize, parse_setting, plan_widths, set_budget
+from compresslm.dial import materialize, parse_setting, plan_widths, set_budget
 from compresslm.errors import CompressLMError
-from compresslm.formats.container import load_container
-from compresslm.models.loading import LoadedModel, save_model
+from compresslm.formats.sizes import record_nbytes
+from compresslm.models.assemble import load_compressed
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.gptq import GPTQOptions, gptq, hessian_from_inputs, output_error
 from compresslm.quant.grid import Grid
@@ -216,7 +218,7 @@ def artifact(tmp_path_factory):
 
 def test_artifact_reloads_at_its_widest_width_bit_exactly(artifact):
     path, compressed = artifact
-    reloaded = load_container(path)
+    reloaded = load_compressed(path)
     record = next(iter(reloaded.compressed.values()))
     assert record.bits == 8 and record.importance is not None
     ids = torch.arange(40)[None] % 200
@@ -234,13 +236,13 @@ def test_artifact_reloads_at_its_widest_width_bit_exactly(artifact):
 
 def test_switching_in_memory_equals_the_materialized_container(artifact, tmp_path):
     path, _ = artifact
-    lm = load_container(path)
+    lm = load_compressed(path)
     ids = torch.arange(48)[None] % 200
     for bits, sparsity in ((8, 0.0), (4, 0.0), (3, 0.0), (4, 0.5), (8, 0.5), (8, 0.75)):
         report = set_budget(lm, bits, sparsity)
         assert report.bits == {bits: report.layers} and report.seconds >= 0
         materialize(path, tmp_path / f"{bits}-{sparsity}.clm", bits, sparsity)
-        fixed = load_container(tmp_path / f"{bits}-{sparsity}.clm")
+        fixed = load_compressed(tmp_path / f"{bits}-{sparsity}.clm")
         with torch.no_grad():
             assert torch.equal(lm.model(ids).logits, fixed.model(ids).logits)
         assert not any(isinstance(m, CompressedLinear) and m.nested is not None for m in fixed.model.modules())
@@ -250,9 +252,9 @@ def test_switching_in_memory_equals_the_materialized_container(artifact, tmp_pat
 
 def test_per_layer_budgets_and_bad_settings(artifact):
     path, _ = artifact
-    lm = load_container(path)
+    lm = load_compressed(path)
     name = next(n for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear))
-    report = lm.set_budget({name: 3})
+    report = set_budget(lm, {name: 3})
     assert lm.model.get_submodule(name).compressed.bits == 3 and report.bits[3] == 1
     with pytest.raises(CompressLMError, match="9 bits is not a width"):
         set_budget(lm, 9)
@@ -270,12 +272,13 @@ def test_per_layer_budgets_and_bad_settings(artifact):
 
 def test_planned_widths_fit_the_average_and_trade_error_for_bits(artifact, tmp_path):
     path, _ = artifact
-    lm = load_container(path)
+    lm = load_compressed(path)
     layers = {n: m for n, m in lm.model.named_modules() if isinstance(m, CompressedLinear)}
     params = sum(m.nested.codes.numel() for m in layers.values())
 
     def bits_of(plan: dict[str, int]) -> float:
-        return sum(_stored_bits(slice_record(layers[n].nested, b)) for n, b in plan.items()) / params
+        stored = sum(record_nbytes(slice_record(layers[n].nested, b), aligned=False) for n, b in plan.items())
+        return 8 * stored / params
 
     plans = {}
     for avg in (4.5, 6.0, 8.5, 10.5):
@@ -297,12 +300,12 @@ def test_cli_dial_per_layer_widths(artifact, tmp_path, capsys):
     import json
 
     path, _ = artifact
-    name = next(n for n, m in load_container(path).model.named_modules() if isinstance(m, CompressedLinear))
+    name = next(n for n, m in load_compressed(path).model.named_modules() if isinstance(m, CompressedLinear))
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({name: 3}))
     assert main(["dial", str(path), "--bits-per-layer", str(plan), "-o", str(tmp_path / "one.clm")]) == 0
     assert "1 layers at 3 bits" in capsys.readouterr().err
-    assert load_container(tmp_path / "one.clm").model.get_submodule(name).compressed.bits == 3
+    assert load_compressed(tmp_path / "one.clm").model.get_submodule(name).compressed.bits == 3
     assert main(["dial", str(path), "--avg-bits", "6", "-o", str(tmp_path / "avg.clm")]) == 0
     assert main(["eval", str(path), "--dial", "avg_bits=6", "--ppl", "wikitext2", "--ctx", "64", "--limit", "1",
                  "--quiet"]) == 0  # fmt: skip
@@ -315,7 +318,7 @@ def test_cli_dial_per_layer_widths(artifact, tmp_path, capsys):
 def test_a_plain_container_has_no_dial(tiny_lm, tmp_path):
     compress(tiny_lm, "w4-g16-rtn", tmp_path / "plain.clm", show_progress=False)
     with pytest.raises(CompressLMError, match="no dial layers"):
-        set_budget(load_container(tmp_path / "plain.clm"), 4)
+        set_budget(load_compressed(tmp_path / "plain.clm"), 4)
 
 
 def test_cli_dial_and_eval(tokenizer, tmp_path, capsys):
@@ -339,12 +342,12 @@ def _nbytes(header: dict, entry: dict, skip: tuple[str, ...] = ()) -> int:
 
 def test_a_low_budget_reads_only_what_it_needs(artifact):
     path, _ = artifact
-    full = load_container(path)
+    full = load_compressed(path)
     header, linears = full.container, full.container["linears"].values()
     ids = torch.arange(40)[None] % 200
     # 4 bits: the first four bit planes of the shared chain, not its deeper planes, the 3-bit codes
     # or the nested-sparse plane
-    low = load_container(path, dial_bits=4)
+    low = load_compressed(path, dial_bits=4)
     deeper = sum(header["blobs"][key]["nbytes"] for e in linears for key in e["code_planes"][4:])
     separate = sum(_nbytes(header, alt) for e in linears for alt in e["alternates"])
     assert full.bytes_read - low.bytes_read == deeper + separate
@@ -354,7 +357,7 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
     with pytest.raises(CompressLMError, match="not a width"):
         set_budget(low, 8)  # wider than what was read
     # 3 bits: its own codes (and the calibration norms), nothing of the shared chain or the sparse plane
-    three = load_container(path, dial_bits=3)
+    three = load_compressed(path, dial_bits=3)
     chain = sum(_nbytes(header, e, skip=("importance",)) for e in linears)
     chain += sum(_nbytes(header, a) for e in linears for a in e["alternates"] if a.get("order") or a.get("mask"))
     assert full.bytes_read - three.bytes_read == chain
@@ -362,7 +365,7 @@ def test_a_low_budget_reads_only_what_it_needs(artifact):
     with torch.no_grad():
         assert torch.equal(three.model(ids).logits, full.model(ids).logits)
     with pytest.raises(CompressLMError, match="not a width of this artifact"):
-        load_container(path, dial_bits=5)
+        load_compressed(path, dial_bits=5)
 
 
 def test_the_chain_calibrates_on_its_own_stream(artifact, tmp_path):
@@ -376,7 +379,7 @@ def test_the_chain_calibrates_on_its_own_stream(artifact, tmp_path):
     recipe = Recipe.from_dict({"stages": [stage], "calibration": {"samples": 4, "length": 32}})
     chain, result, _ = compress(lm, recipe, tmp_path / "chain.clm", show_progress=False)
     assert "dial_streams" not in result.calibration
-    dial = load_container(path)
+    dial = load_compressed(path)
     assert dial.container["calibration"]["dial_streams"]["chain"] == [4]
     set_budget(dial, 4)
     set_budget(chain, 4)
@@ -393,7 +396,7 @@ def test_the_3_bit_setting_is_the_dedicated_gptq_model(artifact, tmp_path):
     recipe = preset("w3-g16-gptq")
     recipe.calibration.samples, recipe.calibration.length = 4, 32
     dedicated, _, _ = compress(lm, recipe, tmp_path / "w3.clm", show_progress=False)
-    dial = load_container(path)
+    dial = load_compressed(path)
     set_budget(dial, 3)
     ids = torch.arange(40)[None] % 200
     with torch.no_grad():
@@ -410,7 +413,7 @@ def test_a_pruned_ratio_is_the_dedicated_sparsegpt_model(artifact, tmp_path):
     recipe.stages[0].grid_fit = "after"  # as the dial quantizes its pruned planes
     recipe.calibration.samples, recipe.calibration.length = 4, 32
     dedicated, _, _ = compress(lm, recipe, tmp_path / "s50.clm", show_progress=False)
-    dial = load_container(path)
+    dial = load_compressed(path)
     assert dial.container["calibration"]["dial_streams"]["pruned ratios"] == [0.5, 0.7]
     set_budget(dial, 8, 0.5)
     ids = torch.arange(40)[None] % 200

@@ -12,7 +12,8 @@ from compresslm.cli import main
 from compresslm.errors import ProtocolError
 from compresslm.eval.distance import distance, reference_logits, token_kld
 from compresslm.eval.perplexity import perplexity
-from compresslm.models.loading import LoadedModel, save_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import save_model
 from compresslm.models.tiny import tiny_model
 
 WINDOWS = {"ctx": 96, "limit": 3}

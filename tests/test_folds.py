@@ -9,7 +9,7 @@ from torch import nn
 import compresslm.engine.smoothing as smoothing
 from compresslm.api import compress
 from compresslm.errors import UnsupportedArchitectureError
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
 from compresslm.recipe import load_recipe
 

@@ -9,10 +9,11 @@ import torch
 
 from compresslm.cli import main
 from compresslm.errors import CompressLMError
+from compresslm.eval.kv_quality import kv_perplexity, passkey_prompt
 from compresslm.formats.packing import pack_lastdim, unpack_lastdim
 from compresslm.kv.cache import KVQuantConfig, QuantizedKVCache, fp16_kv_bytes, make_cache
-from compresslm.kv.evaluate import kv_perplexity, passkey_prompt
-from compresslm.models.loading import LoadedModel, save_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.rotation import hadamard_matrix, rotate_last
 

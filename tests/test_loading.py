@@ -14,7 +14,8 @@ from compresslm.errors import (
     UnsupportedArchitectureError,
 )
 from compresslm.models import registry
-from compresslm.models.loading import LoadedModel, load_model, model_fingerprint, save_model
+from compresslm.models.loaded import LoadedModel, model_fingerprint
+from compresslm.models.loading import load_model, save_model
 from compresslm.models.tiny import tiny_model
 
 

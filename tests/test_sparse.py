@@ -15,7 +15,8 @@ from compresslm.compressed import CompressedWeight, InvalidCompressedWeight
 from compresslm.engine.allocation import owl_ratios
 from compresslm.errors import CompressLMError
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model
 from compresslm.models.tiny import tiny_model
 from compresslm.quant.gptq import GPTQOptions, gptq, output_error
 from compresslm.quant.grid import Grid

@@ -8,7 +8,7 @@ import torch
 from compresslm.api import compress
 from compresslm.engine import sequential
 from compresslm.errors import CompressLMError
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
 from compresslm.recipe import RecipeError, load_recipe, preset
 

@@ -12,7 +12,7 @@ from compresslm.errors import DataError
 from compresslm.eval.harness import evaluate_task, expected_calibration_error, loglikelihoods
 from compresslm.eval.stats import mean_stderr
 from compresslm.eval.tasks import ALL_TASKS, gsm8k_answer, load_task
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"

@@ -9,7 +9,8 @@ import torch
 
 from compresslm.cli import main
 from compresslm.errors import CompressLMError
-from compresslm.models.loading import LoadedModel, load_model, save_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model, save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.train import trainer
 from compresslm.train.fake import FakeQuantLinear, magnitude_mask, prune_schedule, round_ste
@@ -221,7 +222,7 @@ def test_learned_activation_clipping_trains_and_exports(tokenizer, tmp_path):
 
 
 def test_learned_widths_mix_the_grids_and_count_container_bits():
-    from compresslm.engine.budget import record_bytes
+    from compresslm.formats.sizes import planned_nbytes
     from compresslm.quant.grid import Grid
 
     linear = torch.nn.Linear(96, 8)
@@ -230,7 +231,7 @@ def test_learned_widths_mix_the_grids_and_count_container_bits():
     probs = module.width_probs().detach()
     expected = sum(p * module._quantized_at(module.weight, b) for p, b in zip(probs, (8, 4, 2), strict=True))
     assert torch.allclose(module.quantized_weight(), expected)
-    bits = [8 * record_bytes((8, 96), Grid(b, "group", 32), aligned=False) for b in (8, 4, 2)]
+    bits = [8 * planned_nbytes((8, 96), Grid(b, "group", 32), aligned=False) for b in (8, 4, 2)]
     assert float(module.expected_bits().detach()) == pytest.approx(sum(bits) / 3)
     x = torch.randn(3, 96)
     (module(x).pow(2).sum() + module.expected_bits()).backward()

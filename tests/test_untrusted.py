@@ -18,8 +18,10 @@ from compresslm.api import compress
 from compresslm.cli import main
 from compresslm.errors import CompressLMError, CorruptFileError
 from compresslm.fileio import atomic_path, temp_sibling
-from compresslm.formats.container import encode_header, load_container, read_header
-from compresslm.models.loading import LoadedModel, load_model, save_model
+from compresslm.formats.container import encode_header, read_header
+from compresslm.models.assemble import load_compressed
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model, save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.recipe import RecipeError, load_recipe
 
@@ -147,9 +149,9 @@ def test_info_shows_a_container_without_a_recipe(container, tmp_path, capsys):
 
 
 def test_a_forged_config_that_still_loads_changes_the_model_hash(container, tmp_path):
-    original = load_container(container)
+    original = load_compressed(container)
     slower_rope = _crafted(container, tmp_path, lambda h: h["config"]["rope_parameters"].update(rope_theta=1234.0))
-    crafted = load_container(slower_rope)
+    crafted = load_compressed(slower_rope)
     assert crafted.weights_fingerprint() == original.weights_fingerprint()
     assert crafted.fingerprint() != original.fingerprint()  # the hash covers the config
 

@@ -13,7 +13,8 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "CompressLMError": "compresslm.errors",
-    "LoadedModel": "compresslm.models.loading",
+    "LoadedModel": "compresslm.models.loaded",
+    "load_compressed": "compresslm.models.assemble",
     "load_model": "compresslm.models.loading",
     "save_model": "compresslm.models.loading",
     "ModelLayout": "compresslm.models.layout",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from compresslm.errors import UnsupportedArchitectureError
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import CONFORMANCE_FAMILIES, byte_tokenizer, tiny_model
 
 # method family -> the recipe its cell runs (8-bit where the sanity bound applies)
@@ -99,7 +99,7 @@ def run_cell(family: str, method: str, workdir: str | Path | None = None) -> Cel
 
 def _check(family: str, method: str, tmp: Path) -> str:
     from compresslm.api import compress
-    from compresslm.formats.container import load_container
+    from compresslm.models.assemble import load_compressed
 
     tokenizer = byte_tokenizer()
     model = tiny_model(family)
@@ -109,7 +109,7 @@ def _check(family: str, method: str, tmp: Path) -> str:
         return _check_training(lm, tmp)
     path = tmp / "model.clm"
     _, result, _ = compress(lm, _recipe(METHODS[method]), path, show_progress=False)
-    reloaded = load_container(path)
+    reloaded = load_compressed(path)
     compressed_logits = _logits(lm.model)
     if not torch.equal(_logits(reloaded.model), compressed_logits):
         raise AssertionError("the reloaded container computes other logits than the model compressed in memory")
@@ -130,7 +130,7 @@ def _check(family: str, method: str, tmp: Path) -> str:
         into = f", {offset} into x̂·(1 + w) norms" if offset else ""
         notes.append(f"{len(folds)}/{total} input groups folded{into}")
     if method == "KV cache":
-        from compresslm.kv.evaluate import kv_perplexity
+        from compresslm.eval.kv_quality import kv_perplexity
 
         kv = kv_perplexity(reloaded, reloaded.kv_cache.config, "wikitext2", ctx=64, limit=1, chunk=16,
                            show_progress=False)  # fmt: skip
@@ -148,13 +148,13 @@ def _check(family: str, method: str, tmp: Path) -> str:
 
 
 def _check_training(lm: LoadedModel, tmp: Path) -> str:
-    from compresslm.formats.container import load_container
+    from compresslm.models.assemble import load_compressed
     from compresslm.train.trainer import train, train_recipe
 
     recipe = train_recipe(METHODS["training"])
     recipe.batch_size, recipe.seq_len, recipe.data, recipe.lr = 1, 32, "wikitext2", 1e-4
     summary = train(lm, recipe, 1, tmp / "run", show_progress=False)
-    reloaded = load_container(summary["container"])
+    reloaded = load_compressed(summary["container"])
     if not torch.isfinite(_logits(reloaded.model)).all():
         raise AssertionError("the QAT container gives non-finite logits")
     return f"one QAT step, loss {summary['first_loss']:.2g}; its W4 container reloads"

@@ -30,12 +30,9 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-
-from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
-from compresslm.formats.packing import packed_nbytes
-from compresslm.models.loading import LoadedModel
+from compresslm.formats.sizes import record_nbytes
+from compresslm.models.loaded import LoadedModel
 from compresslm.quant.allocation import allocate
 from compresslm.quant.nested import kept_per_row, slice_record
 from compresslm.runtime.linear import CompressedLinear
@@ -113,15 +110,6 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
     return DialReport(len(layers), counts, sparsity, time.perf_counter() - started)
 
 
-def _stored_bits(record: CompressedWeight) -> int:
-    """Bits a fixed-width record keeps: packed codes, float16 scales, zero points (blob padding aside)."""
-    if record.zeros.dtype == torch.float16:  # float zero points (nested grids)
-        zeros = 16 * record.zeros.numel()
-    else:  # packed integer zero points; a symmetric grid stores none
-        zeros = 0 if record.symmetric else 8 * packed_nbytes(record.zeros.numel(), record.bits)
-    return 8 * packed_nbytes(record.codes.numel(), record.bits) + 16 * record.scales.numel() + zeros
-
-
 def plan_widths(lm: LoadedModel, avg_bits: float) -> dict[str, int]:
     """One width per dial layer so the layers average at most `avg_bits` bits per weight (codes,
     scales and zero points counted), with the least estimated output error.
@@ -148,7 +136,7 @@ def plan_widths(lm: LoadedModel, avg_bits: float) -> dict[str, int]:
         for bits in widths[name]:
             record = slice_record(nested, bits)
             error = float((((record.dequantize() - reference) * scale) ** 2).sum())
-            options[name].append((float(_stored_bits(record)), error))
+            options[name].append((float(8 * record_nbytes(record, aligned=False)), error))
         params += nested.codes.numel()
     low = sum(min(c for c, _ in opts) for opts in options.values()) / params
     high = sum(max(c for c, _ in opts) for opts in options.values()) / params
@@ -178,11 +166,11 @@ def materialize(
 
     `bits` is a width or module path -> width; `avg_bits` instead lets `plan_widths` choose them.
     """
-    from compresslm.formats.container import load_container, save_container
+    from compresslm.models.assemble import load_compressed, save_compressed
 
     if avg_bits is not None and bits is not None:
         raise CompressLMError("give either bits or avg_bits, not both")
-    lm = load_container(artifact)
+    lm = load_compressed(artifact)
     if avg_bits is not None:
         bits = plan_widths(lm, avg_bits)
     report = set_budget(lm, bits, sparsity)
@@ -196,6 +184,6 @@ def materialize(
     embeddings = {k: v for k, v in lm.compressed.items() if k not in linears}
     metadata = {k: header[k] for k in ("recipe", "calibration", "source_model", "layers") if k in header}
     metadata["dial_setting"] = {"artifact": str(artifact), "bits": bits, "sparsity": sparsity, "avg_bits": avg_bits}
-    summary = save_container(lm, linears, output, metadata, dense_dtype=header.get("dense_dtype", "float16"),
+    summary = save_compressed(lm, linears, output, metadata, dense_dtype=header.get("dense_dtype", "float16"),
                              embeddings=embeddings)  # fmt: skip
     return report, summary

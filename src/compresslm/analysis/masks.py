@@ -16,7 +16,8 @@ import torch
 
 from compresslm.data.calibration import CalibrationSet
 from compresslm.errors import CompressLMError
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model
 from compresslm.recipe import Recipe, load_recipe
 from compresslm.sparse.masks import mask_overlap
 

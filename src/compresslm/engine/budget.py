@@ -36,17 +36,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from compresslm.compressed import num_groups
 from compresslm.data.calibration import calibration_windows
 from compresslm.engine.linear_stages import compress_weight
 from compresslm.errors import CompressLMError
-from compresslm.formats.packing import nm_index_bits, packed_nbytes
-from compresslm.models.loading import LoadedModel
+from compresslm.formats.header_check import align
+from compresslm.formats.sizes import planned_nbytes
+from compresslm.models.loaded import LoadedModel
 from compresslm.progress import progress
 from compresslm.quant.allocation import allocate
 from compresslm.quant.gptq import hessian_from_inputs
@@ -57,7 +58,6 @@ from compresslm.runtime.linear import dense_weight
 from compresslm.sparse.masks import SparsityPattern, select_mask
 from compresslm.sparse.prune import scores
 
-ALIGN = 64
 BITS_OPTIONS = (2, 3, 4, 5, 6, 8)
 EMBEDDING_OPTIONS = (16, 8, 4, 3, 2)
 # The JSON header: ~1.7 KB per compressed linear was measured (blob index, per-layer report, GPTQ
@@ -66,45 +66,9 @@ HEADER_BYTES_PER_LINEAR = 2048
 HEADER_BYTES_FIXED = 16384
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def record_bytes(shape: tuple[int, int], grid: Grid, aligned: bool = True) -> int:
-    """Bytes a quantized weight takes in the container: packed codes, float16 scales, packed zeros.
-
-    `aligned` adds each blob's padding to 64 bytes (the file's size); without it, the count that
-    `linear_bits_per_param` makes.
-    """
-    out_f, in_f = shape
-    pad = _aligned if aligned else int
-    groups = 1 if grid.granularity == "tensor" else out_f * num_groups(in_f, grid.group_size_for(in_f))
-    total = pad((out_f * in_f * grid.bits + 7) // 8) + pad(2 * groups)
-    if not grid.symmetric:
-        total += pad((groups * grid.bits + 7) // 8)
-    return total
-
-
 SPARSE_BITS = (3, 4)
 NM_SPARSE_BITS = (2, 3, 4)  # an N:M index is cheaper than a bit mask: 2 bits at 2:4 is the smallest option
 SPARSITY_OPTIONS = ("50%", "2:4")
-
-
-def sparse_record_bytes(shape: tuple[int, int], grid: Grid, pattern: SparsityPattern, aligned: bool = True) -> int:
-    """Bytes of a pruned, quantized weight in the container: the kept codes, the mask, scales and zeros."""
-    out_f, in_f = shape
-    pad = _aligned if aligned else int
-    if pattern.is_nm:
-        kept = out_f * in_f * pattern.n // pattern.m
-        mask = pad(packed_nbytes(out_f * in_f // pattern.m, nm_index_bits(pattern.n, pattern.m)))
-    else:
-        kept = out_f * (in_f - round(pattern.ratio * in_f))
-        mask = pad(packed_nbytes(out_f * in_f, 1))
-    groups = out_f * num_groups(in_f, grid.group_size_for(in_f))
-    total = pad(packed_nbytes(kept, grid.bits)) + mask + pad(2 * groups)
-    if not grid.symmetric:
-        total += pad(packed_nbytes(groups, grid.bits))
-    return total
 
 
 def sparse_options_allowed(stage: QuantizeStage) -> bool:
@@ -124,6 +88,7 @@ class BudgetPlan:
     budget_bytes: int
     fixed_bytes: int
     total_error: float
+    seconds: float = 0.0  # planning time: statistics, sensitivity and the knapsack
 
 
 def _grid(stage: QuantizeStage, bits: int) -> Grid:
@@ -140,11 +105,11 @@ def _fixed_bytes(lm: LoadedModel, quantized: set[str], dense_bytes: int) -> int:
         seen.add(ptr)
         if key in quantized:
             continue
-        total += _aligned(tensor.numel() * (dense_bytes if tensor.is_floating_point() else tensor.element_size()))
+        total += align(tensor.numel() * (dense_bytes if tensor.is_floating_point() else tensor.element_size()))
     if lm.tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:
             lm.tokenizer.save_pretrained(tmp)
-            total += sum(_aligned(f.stat().st_size) for f in Path(tmp).iterdir() if f.is_file())
+            total += sum(align(f.stat().st_size) for f in Path(tmp).iterdir() if f.is_file())
     names = sum(len(key) + 4 for key in quantized)
     header = HEADER_BYTES_FIXED + len(json.dumps(lm.model.config.to_dict())) + HEADER_BYTES_PER_LINEAR * len(quantized)
     header += names
@@ -242,6 +207,45 @@ def _row_errors(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tenso
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class BudgetTarget:
+    """A size the compressed model must fit: exactly one of `bits` (per parameter of the whole file),
+    `bytes` (the whole file) or `linear_bits` (per weight of the compressed linears), and how the
+    solver measures sensitivity, which sparsity patterns it may use (None: its default) and how it
+    estimates each option's error (see `plan_budget`)."""
+
+    bits: float | None = None
+    bytes: int | None = None
+    linear_bits: float | None = None
+    sensitivity: str = "fisher"
+    sparsity: tuple[str, ...] | None = None
+    estimate: str = "method"
+
+    def describe(self) -> str:
+        if self.linear_bits is not None:
+            return f"{self.linear_bits:g} bits per linear weight"
+        return f"{self.bits:g} bits/param" if self.bits is not None else f"{self.bytes:,} bytes"
+
+    def plan(self, lm: LoadedModel, base: Recipe, show_progress: bool = True) -> BudgetPlan:
+        return plan_budget(
+            lm, base, target_bits=self.bits, target_bytes=self.bytes, target_linear_bits=self.linear_bits,
+            sensitivity=self.sensitivity, sparsity_options=self.sparsity, estimate=self.estimate,
+            show_progress=show_progress,
+        )  # fmt: skip
+
+    def check(self, plan: BudgetPlan, summary: dict) -> None:
+        """Raise unless the written container fits: the file for `bits`/`bytes`, the linears for `linear_bits`."""
+        if self.linear_bits is not None and summary["linear_bits_per_param"] > self.linear_bits + 1e-9:
+            raise CompressLMError(
+                f"the linears take {summary['linear_bits_per_param']:.4f} bits per weight, over {self.linear_bits}"
+            )
+        if self.linear_bits is None and summary["bytes_on_disk"] > plan.budget_bytes:
+            raise CompressLMError(
+                f"the written container is {summary['bytes_on_disk']:,} B, over the budget of {plan.budget_bytes:,} B "
+                "(the header estimate was too small); nothing else is wrong with the file"
+            )
+
+
 def plan_budget(
     lm: LoadedModel,
     base: Recipe,
@@ -268,6 +272,7 @@ def plan_budget(
     """
     from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
 
+    started = time.perf_counter()
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
         raise CompressLMError("give exactly one budget: bits per parameter, bytes, or bits per linear weight")
     stages = [s for s in base.stages if isinstance(s, QuantizeStage)]
@@ -314,7 +319,7 @@ def plan_budget(
                 approx = _approximation(info.name, weight, hessian, stage, bits, None, estimate)
                 grid = _grid(stage, bits)
                 error = _weighted_error(weight, approx, hessian, fisher)
-                rows.append((8.0 * record_bytes(tuple(weight.shape), grid, aligned=aligned), error))
+                rows.append((8.0 * planned_nbytes(tuple(weight.shape), grid, aligned=aligned), error))
             for text, pattern in zip(sparsity_options, patterns, strict=True):
                 if pattern.is_nm and weight.shape[1] % pattern.m:
                     continue
@@ -322,7 +327,7 @@ def plan_budget(
                     approx = _approximation(info.name, weight, hessian, stage, bits, text, estimate)
                     grid = _grid(stage, bits)
                     error = _weighted_error(weight, approx, hessian, fisher)
-                    rows.append((8.0 * sparse_record_bytes(tuple(weight.shape), grid, pattern, aligned), error))
+                    rows.append((8.0 * planned_nbytes(tuple(weight.shape), grid, pattern, aligned), error))
                     labels.append(f"{bits}+{text}")
             options[info.name], bits_of[info.name] = rows, labels
         batches = outputs
@@ -336,12 +341,12 @@ def plan_budget(
         hidden = [norm(b.args[0]) if norm is not None else b.args[0] for b in batches]
         head_hessian = hessian_from_inputs(torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden]))
         weight = lm.model.get_submodule(layout.token_embedding).weight.detach().float()
-        rows = [(8.0 * _aligned(weight.numel() * 2), 0.0)]  # float16, as stored when not quantized
+        rows = [(8.0 * align(weight.numel() * 2), 0.0)]  # float16, as stored when not quantized
         head_fisher = weights_of.get(layout.lm_head) if layout.lm_head else None
         for bits in EMBEDDING_OPTIONS[1:]:
             grid = Grid(bits, "group", 64)
             error = _weighted_error(weight, rtn(weight, grid).dequantize(), head_hessian, head_fisher)
-            rows.append((8.0 * record_bytes(tuple(weight.shape), grid), error))
+            rows.append((8.0 * planned_nbytes(tuple(weight.shape), grid), error))
         embedding = layout.token_embedding
         options[embedding], bits_of[embedding] = rows, list(EMBEDDING_OPTIONS)
 
@@ -376,4 +381,4 @@ def plan_budget(
     recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()}, {how})",
                     calibration=base.calibration, dense_dtype=base.dense_dtype).validate()  # fmt: skip
     total_error = sum(options[name][index][1] for name, index in choice.items())
-    return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error)
+    return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error, time.perf_counter() - started)

@@ -36,7 +36,7 @@ from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
 from compresslm.kv.cache import check_kv_support
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
-from compresslm.models.loading import DTYPES, LoadedModel, model_fingerprint
+from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
 from compresslm.progress import progress
 from compresslm.quant.gptq import output_error
 from compresslm.quant.rtn import rtn
@@ -72,6 +72,7 @@ class CompressionResult:
     seconds: float
     info: dict = field(default_factory=dict)
     embeddings: dict[str, CompressedWeight] = field(default_factory=dict)
+    plan: object | None = None  # the budget solver's BudgetPlan when a size target chose the widths
 
 
 @dataclass

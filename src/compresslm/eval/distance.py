@@ -34,7 +34,8 @@ from compresslm.errors import CompressLMError, CorruptFileError, ProtocolError
 from compresslm.eval.perplexity import eval_model, prepare_windows, scored_windows
 from compresslm.eval.stats import check_metric, mean_stderr
 from compresslm.fileio import load_tensors, save_tensors
-from compresslm.models.loading import LoadedModel, cache_root
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import cache_root
 from compresslm.progress import progress
 from compresslm.versions import versions
 

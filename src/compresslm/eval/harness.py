@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from compresslm.errors import ProtocolError
 from compresslm.eval.stats import mean_stderr
 from compresslm.eval.tasks import TaskData, gsm8k_answer
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from compresslm.errors import MissingPackageError
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model
 
 
 def lm_eval_model(model: str | os.PathLike | LoadedModel, batch_size: int = 8, device: str | None = None):

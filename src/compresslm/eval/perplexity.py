@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from compresslm.data.corpora import Corpus, load_corpus
 from compresslm.errors import ProtocolError
 from compresslm.eval.stats import check_metric
-from compresslm.models.loading import DTYPES, LoadedModel
+from compresslm.models.loaded import DTYPES, LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from compresslm.errors import ProtocolError
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.versions import versions
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")

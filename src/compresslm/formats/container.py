@@ -13,13 +13,15 @@ dense are stored in the recipe's `dense_dtype`; a tied lm_head is stored once. A
 only its kept codes (or float16 values, when not quantized) plus its mask: an N:M mask as the rank
 of each group's pattern (2:4: 3 bits per 4 weights), any other mask as a bitmask.
 
-Writes are atomic (temporary file + rename). A container may come from someone else, so reading
-treats it as data: the header's checksum is checked before it is parsed, every field is checked
-(`header_check`: dtypes from an allow-list, sizes against shapes, no trailing bytes, tokenizer
-files by plain allow-listed names only), the tensors are matched against the model the config
-describes (built on the meta device first), and every blob's checksum is checked before the model
-is built. Any failure is one `FILE is corrupt: reason` error; nothing is half-loaded and nothing
-is written. Format 1 (no header checksum) is refused with a message to recompress.
+This module only reads and writes records, tensors and bytes; `models.assemble` gathers them from a
+model and builds a model from them. Writes are atomic (temporary file + rename), and every record
+written is checked against `sizes.record_nbytes`, the count the planners use. A container may come
+from someone else, so reading treats it as data: the header's checksum is checked before it is
+parsed, every field is checked (`header_check`: dtypes from an allow-list, sizes against shapes, no
+trailing bytes, tokenizer files by plain allow-listed names only) and every blob's checksum is
+checked before any record is built. Any failure is one `FILE is corrupt: reason` error; nothing is
+half-loaded and nothing is written. Format 1 (no header checksum) is refused with a message to
+recompress.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ import json
 import math
 import os
 import struct
-import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,9 @@ import torch
 from compresslm.compressed import CompressedWeight, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
 from compresslm.fileio import atomic_path
-from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_config, check_header
+from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
-from compresslm.models.layout import is_linear
-from compresslm.models.loading import LoadedModel
-from compresslm.runtime.linear import CompressedLinear, replace_module
+from compresslm.formats.sizes import mask_encoding, record_nbytes
 from compresslm.versions import versions
 
 MAGIC = b"CLM2"
@@ -82,18 +81,27 @@ _RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "or
 
 
 def _write_mask(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
-    if record.nm is not None:
+    if mask_encoding(record.nm) == "nm-rank":
         n, m = record.nm
         bits = nm_index_bits(n, m)
-        if bits <= 8:
-            index = torch.from_numpy(encode_nm(record.mask, n, m).astype(np.uint8))
-            key = writer.add(f"{name}.mask", pack_bits(index, bits), f"u{bits}", [index.numel()])
-            return {"mask": key, "mask_encoding": "nm-rank", "nm": [n, m]}
+        index = torch.from_numpy(encode_nm(record.mask, n, m).astype(np.uint8))
+        key = writer.add(f"{name}.mask", pack_bits(index, bits), f"u{bits}", [index.numel()])
+        return {"mask": key, "mask_encoding": "nm-rank", "nm": [n, m]}
     key = writer.add(f"{name}.mask", pack_bits(record.mask.to(torch.uint8), 1), "u1", list(record.shape))
     return {"mask": key, "mask_encoding": "bitmask", "nm": list(record.nm) if record.nm else None}
 
 
 def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
+    """Store one CompressedWeight and check that its own blobs take what `sizes.record_nbytes` says."""
+    entry = _write_blobs(writer, name, record)
+    keys = [entry[key] for key in ("codes", "scales", "zeros", "mask", "values") if entry.get(key)]
+    written = sum(writer.index[key]["nbytes"] for key in keys + entry.get("code_planes", []))
+    if written != record_nbytes(record, aligned=False):
+        raise AssertionError(f"{name}: wrote {written} bytes where formats.sizes counts {record_nbytes(record, False)}")
+    return entry
+
+
+def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
     """Store one CompressedWeight: packed codes, float16 scales, packed zero points (asymmetric only).
 
     With a mask, only the kept codes (or values) are stored, followed by the mask itself.
@@ -153,82 +161,58 @@ def _alternate_name(name: str, alt: CompressedWeight) -> str:
     return f"{name}.w{alt.bits}" + (f".s{round(ratio * 1000)}" if ratio is not None else "")
 
 
-def save_container(
-    lm: LoadedModel,
-    weights: dict[str, CompressedWeight],
+def write_container(
     path: str | os.PathLike,
+    *,
+    config: dict,
+    linears: dict[str, CompressedWeight],
+    activations: dict[str, dict | None],
+    embeddings: dict[str, CompressedWeight],
+    dense: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    tokenizer_files: dict[str, bytes],
+    parameters: int,
+    dense_dtype: str,
     metadata: dict | None = None,
-    dense_dtype: str = "float16",
-    embeddings: dict[str, CompressedWeight] | None = None,
 ) -> dict:
-    """Write `lm` (already compressed in place) and its records to a `.clm` file; return its summary.
+    """Write records, dense tensors and tokenizer files to a `.clm` file atomically; return its summary.
 
-    `weights` are the compressed linears (replaced by CompressedLinear in the model); `embeddings`
-    are quantized embedding matrices (module path -> record), whose dense copies are not stored.
+    `dense` tensors are written as given (the caller stores them in `dense_dtype`), in their order;
+    `aliases` name tensors stored under another key (a tied lm_head); `activations` is each linear's
+    simulated activation grid (or None). Blobs are laid out in the order: linears, embeddings,
+    dense tensors, tokenizer files.
     """
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = _BlobWriter()
-    storage = TENSOR_DTYPES[dense_dtype]
-    embeddings = embeddings or {}
-    linears = {name: _write_record(writer, name, record) for name, record in weights.items()}
-    for name, entry in linears.items():
-        module = lm.model.get_submodule(name)
-        entry["activation"] = module.activation_config() if isinstance(module, CompressedLinear) else None
+    linear_entries = {name: _write_record(writer, name, record) for name, record in linears.items()}
+    for name, entry in linear_entries.items():
+        entry["activation"] = activations.get(name)
     embedding_entries = {name: _write_record(writer, name, record) for name, record in embeddings.items()}
-    skip = {f"{name}.weight" for name in embeddings}
-
-    dense, aliases, seen = {}, {}, {}
-    for key, tensor in lm.model.state_dict(keep_vars=True).items():
-        tensor = tensor.detach()
-        ptr = (tensor.data_ptr(), tuple(tensor.shape))
-        if ptr in seen:
-            aliases[key] = seen[ptr]
-            continue
-        seen[ptr] = key
-        if key in skip:
-            continue
-        dtype = storage if tensor.is_floating_point() else tensor.dtype
-        stored = tensor.to(dtype)
-        if tensor.is_floating_point() and not torch.equal(stored.to(tensor.dtype), tensor):
+    dense_entries = {}
+    for key, tensor in dense.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        dense_entries[key] = writer.add(f"dense/{key}", _tensor_bytes(tensor), dtype, list(tensor.shape))
+    tokenizer_entries = {}
+    for name, data in tokenizer_files.items():
+        if name not in TOKENIZER_FILES:  # readers accept only these names: fail now, not at load
             raise CompressLMError(
-                f"{key} is not exactly representable in {dense_dtype}, so the container could not reload it "
-                "bit-exactly; compress() rounds dense tensors first"
+                f"the tokenizer writes {name}, which containers do not store "
+                f"(they hold {', '.join(sorted(TOKENIZER_FILES))})"
             )
-        dtype_name = str(dtype).removeprefix("torch.")
-        dense[key] = writer.add(f"dense/{key}", _tensor_bytes(stored), dtype_name, list(tensor.shape))
-
-    tokenizer_files = {}
-    if lm.tokenizer is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            lm.tokenizer.save_pretrained(tmp)
-            for file in sorted(Path(tmp).iterdir()):
-                if not file.is_file():
-                    continue
-                if file.name not in TOKENIZER_FILES:  # readers accept only these names: fail now, not at load
-                    raise CompressLMError(
-                        f"the tokenizer writes {file.name}, which containers do not store "
-                        f"(they hold {', '.join(sorted(TOKENIZER_FILES))})"
-                    )
-                tokenizer_files[file.name] = writer.add(f"tokenizer/{file.name}", file.read_bytes(), "bytes", [])
-
-    config = lm.model.config.to_dict()
-    config.pop("quantization_config", None)
-    total_params = sum(p.numel() for p in lm.model.parameters()) + sum(
-        record.out_features * record.in_features for record in weights.values()
-    )
+        tokenizer_entries[name] = writer.add(f"tokenizer/{name}", data, "bytes", [])
     header = {
         "format": "compresslm-container",
         "format_version": FORMAT_VERSION,
         "config": config,
-        "linears": linears,
+        "linears": linear_entries,
         "embeddings": embedding_entries,
-        "dense": dense,
+        "dense": dense_entries,
         "aliases": aliases,
-        "tokenizer_files": tokenizer_files,
+        "tokenizer_files": tokenizer_entries,
         "blobs": writer.index,
-        "parameters": total_params,
-        "linear_parameters": sum(r.out_features * r.in_features for r in weights.values()),
+        "parameters": parameters,
+        "linear_parameters": sum(r.out_features * r.in_features for r in linears.values()),
         "dense_dtype": dense_dtype,
         "versions": versions(),
         **(metadata or {}),
@@ -502,11 +486,24 @@ def _unread_blobs(header: dict, dial_bits: int | None) -> set[str]:
     return unread
 
 
-def load_container(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None) -> LoadedModel:
-    """Rebuild the compressed model from a `.clm` file, checking the header, the layout and every checksum first.
+@dataclass
+class ContainerContents:
+    """What a container holds, checked: its header, records, dense tensors and tokenizer file bytes."""
 
-    `dial_bits` loads a dial artifact at that width, reading only the bit planes it needs (and
-    verifying only what it reads); `lm.bytes_read` says how much of the file was read.
+    header: dict
+    linears: dict[str, CompressedWeight]
+    activations: dict[str, dict | None]
+    embeddings: dict[str, CompressedWeight]
+    dense: dict[str, torch.Tensor]
+    tokenizer_files: dict[str, bytes]
+    bytes_read: int
+
+
+def read_container(path: str | os.PathLike, dial_bits: int | None = None) -> ContainerContents:
+    """Read a `.clm` file's records and tensors, checking the header and every checksum first.
+
+    `dial_bits` reads a dial artifact at that width, reading only the bit planes it needs (and
+    verifying only what it reads). Any damage raises one CorruptFileError; nothing is built here.
     """
     p = Path(path).expanduser()
     header, start = read_header(p)
@@ -514,138 +511,23 @@ def load_container(path: str | os.PathLike, device: str | None = None, dial_bits
         raise CompressLMError(f"{p} is not a dial artifact (no nested widths); load it without a dial width")
     reader = _BlobReader(p, header, start)
     try:
-        reader.verify_all(_unread_blobs(header, dial_bits))  # nothing is built from a corrupt or truncated file
-        model, weights, embeddings, tokenizer, kv_cache = _build(reader, header, dial_bits)
+        reader.verify_all(_unread_blobs(header, dial_bits))  # nothing is read from a corrupt or truncated file
+        linears = {name: _record(reader, entry, dial_bits) for name, entry in header["linears"].items()}
+        activations = {name: entry.get("activation") for name, entry in header["linears"].items()}
+        embeddings = {name: _record(reader, entry) for name, entry in header.get("embeddings", {}).items()}
+        dense = {key: reader.tensor(blob) for key, blob in header["dense"].items()}
+        tokenizer_files = {}
+        for name, blob in header["tokenizer_files"].items():
+            if name not in TOKENIZER_FILES:  # checked with the header; never a path
+                raise ValueError(f"tokenizer file name {name!r}")
+            tokenizer_files[name] = reader.read(blob)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
             InvalidCompressedWeight) as exc:  # fmt: skip
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CorruptFileError(f"{p} is corrupt: {reason}") from None
     finally:
         reader.close()
-    if device is not None:
-        model = model.to(device)
-    lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
-    lm.kind, lm.path = "container", str(p.resolve())
-    lm.container = header
-    lm.bytes_read = reader.bytes_read
-    lm.compressed = {**weights, **embeddings}
-    lm.kv_cache = kv_cache
-    return lm
-
-
-def _build(reader: _BlobReader, header: dict, dial_bits: int | None) -> tuple:
-    """The model, its records, tokenizer and KV-cache stage from a checked header and verified blobs."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        config = _config(header)
-        with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
-            meta_model = AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        raise
-    except Exception as exc:  # transformers' config validators raise their own classes on a hostile config
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"its config does not describe a model ({reason.strip()})") from None
-    _check_against_model(header, meta_model)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    weights = {}
-    for name, entry in header["linears"].items():
-        record = _record(reader, entry, dial_bits)
-        new = CompressedLinear(record, getattr(model.get_submodule(name), "bias", None))
-        activation = entry.get("activation")
-        if activation:
-            scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
-            new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
-        replace_module(model, name, new)
-        weights[name] = record
-    state = {}
-    for key, blob in header["dense"].items():
-        tensor = reader.tensor(blob)
-        state[key] = tensor.float() if tensor.is_floating_point() else tensor
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    embeddings = {name: _record(reader, entry) for name, entry in header.get("embeddings", {}).items()}
-    with torch.no_grad():
-        for name, record in embeddings.items():
-            model.get_submodule(name).weight.copy_(record.dequantize())
-    provided = set(header["aliases"]) | {f"{name}.weight" for name in embeddings}
-    missing = [k for k in missing if k not in provided]
-    if missing or unexpected:
-        raise ValueError(f"tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    kv_cache = None
-    if header.get("recipe"):
-        from compresslm.recipe import Recipe
-
-        try:
-            kv_cache = Recipe.from_dict(header["recipe"]).kv_cache
-        except CompressLMError as exc:
-            raise ValueError(f"its recipe is invalid: {exc}") from None
-    return model, weights, embeddings, _tokenizer(reader, header), kv_cache
-
-
-def _config(header: dict) -> object:
-    """The model config of a checked header; a model_type transformers does not know is refused."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    values = dict(header["config"])
-    model_type = values.pop("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"its config names model_type {model_type!r}, which this transformers does not know")
-    check_config(values, CONFIG_MAPPING[model_type]().to_dict())
-    config = AutoConfig.for_model(model_type, **values)
-    layers = getattr(config, "num_hidden_layers", None)
-    if isinstance(layers, int) and layers > len(header["linears"]) + len(header["dense"]):
-        raise ValueError(f"its config asks for {layers} layers, more than the tensors it stores")
-    return config
-
-
-def _check_against_model(header: dict, model: torch.nn.Module) -> None:
-    """Every stored tensor and record must be one the model (on the meta device) has, of its shape."""
-    state = model.state_dict()
-    expected = dict(state)
-    for name, entry in header["linears"].items():
-        module = model.get_submodule(name)
-        if not is_linear(module):
-            raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
-        weight = module.weight
-        out_in = [weight.shape[1], weight.shape[0]] if type(module).__name__ == "Conv1D" else list(weight.shape)
-        if entry["shape"] != out_in:
-            raise ValueError(f"the record of {name} is {entry['shape']}, the model's layer is {out_in}")
-        expected.pop(f"{name}.weight", None)
-    for name, entry in header.get("embeddings", {}).items():
-        module = model.get_submodule(name)
-        if not isinstance(module, torch.nn.Embedding) or entry["shape"] != list(module.weight.shape):
-            raise ValueError(f"the embedding record of {name} does not fit the model's {type(module).__name__}")
-    blobs = header["blobs"]
-    for key, blob in header["dense"].items():
-        if key not in expected:
-            raise ValueError(f"it stores a tensor {key!r} the model does not have")
-        tensor, stored = expected[key], blobs[blob]
-        floating = TENSOR_DTYPES[stored["dtype"]].is_floating_point
-        if stored["shape"] != list(tensor.shape) or floating != tensor.is_floating_point():
-            model_has = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
-            raise ValueError(f"tensor {key!r} is {stored['dtype']} {stored['shape']}, the model has {model_has}")
-    for key in header["aliases"]:
-        if key not in expected:
-            raise ValueError(f"it aliases a tensor {key!r} the model does not have")
-
-
-def _tokenizer(reader: _BlobReader, header: dict) -> object | None:
-    """The stored tokenizer, read from a private directory holding only allow-listed file names."""
-    from transformers import AutoTokenizer
-
-    if not header["tokenizer_files"]:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, blob in header["tokenizer_files"].items():
-            if name not in TOKENIZER_FILES:  # checked with the header; never a path
-                raise ValueError(f"tokenizer file name {name!r}")
-            (Path(tmp) / name).write_bytes(reader.read(blob))
-        try:
-            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        except Exception as exc:  # the tokenizer libraries raise anything on bad files (even Rust exceptions)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"its tokenizer files do not load ({reason})") from None
+    return ContainerContents(header, linears, activations, embeddings, dense, tokenizer_files, reader.bytes_read)
 
 
 def container_summary(path: str | os.PathLike) -> dict:

@@ -12,12 +12,10 @@ the GGUF file's sha256 and the transformers version; later loads read that direc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,156 +28,13 @@ from compresslm.errors import (
     UnsupportedArchitectureError,
 )
 from compresslm.fileio import atomic_path, cache_root
+from compresslm.formats.container import is_container
 from compresslm.models import registry
-from compresslm.models.layout import ModelLayout, count_parameters, discover_layout
+from compresslm.models.assemble import load_compressed
+from compresslm.models.layout import discover_layout
+from compresslm.models.loaded import DTYPES, LoadedModel, check_finite
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GGUF_MAGIC = b"GGUF"
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for compression or evaluation, with where it came from."""
-
-    model: nn.Module
-    tokenizer: object
-    layout: ModelLayout
-    source: str  # what the user gave
-    kind: str  # "registered", "gguf", "hf_dir", "hub", "container" or "module"
-    path: str | None = None  # the resolved file or directory, if any
-    container: dict | None = field(default=None, repr=False)  # the .clm header, for containers
-    bytes_read: int | None = field(default=None, repr=False)  # bytes of the file read to build it (containers)
-    compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
-    kv_cache: object | None = None  # a recipe.KVCacheStage: evaluation runs through that quantized cache
-    _fingerprint: str | None = field(default=None, repr=False)
-    _weights_fingerprint: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_module(cls, model: nn.Module, tokenizer: object, name: str = "module") -> LoadedModel:
-        """Wrap an in-memory model (e.g. a tiny test model) so every API accepts it."""
-        return cls(model=model.eval(), tokenizer=tokenizer, layout=discover_layout(model), source=name, kind="module")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def changed(self) -> None:
-        """Forget the cached fingerprints: call after changing the weights in place."""
-        self._fingerprint = self._weights_fingerprint = None
-
-    def set_budget(self, bits: int | dict[str, int] | None = None, sparsity: float = 0.0):
-        """Switch a dial artifact to another width and/or sparsity in place (see `compresslm.dial`)."""
-        from compresslm.dial import set_budget
-
-        return set_budget(self, bits, sparsity)
-
-    def fingerprint(self) -> str:
-        """sha256 of the weights and the config (see `model_fingerprint`)."""
-        if self._fingerprint is None:
-            config = config_identity(self.model)
-            if self.kv_cache is not None:  # a quantized KV cache changes what evaluation computes
-                config = {**config, "compresslm_kv_cache": dataclasses.asdict(self.kv_cache)}
-            self._fingerprint = combined_fingerprint(self.weights_fingerprint(), config)
-        return self._fingerprint
-
-    def weights_fingerprint(self) -> str:
-        """sha256 of the weights alone: the model hash of compresslm before 0.2 (old results stores)."""
-        if self._weights_fingerprint is None:
-            self._weights_fingerprint = weights_fingerprint(self.model)
-        return self._weights_fingerprint
-
-    def describe(self) -> dict:
-        """The model's identity as recorded in every protocol."""
-        return {
-            "source": self.source,
-            "kind": self.kind,
-            "path": self.path,
-            "model_type": self.layout.model_type,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "parameters": count_parameters(self.model),
-            "sha256": self.fingerprint(),
-        }
-
-
-# Config fields that say how or where a model was loaded, not what it computes.
-_VOLATILE_CONFIG = frozenset({"transformers_version", "dtype", "torch_dtype", "architectures"})
-
-
-def config_identity(model: nn.Module) -> dict:
-    """The model's config as hashed: every field except private ones (`_name_or_path`) and the volatile few."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return {}
-    return {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A content hash of the model: its weights and its config, independent of where it was loaded from.
-
-    The config is part of it because it changes what the weights compute (`rope_theta`, `rms_norm_eps`,
-    the head count): two models that compute differently never share a fingerprint.
-    """
-    return combined_fingerprint(weights_fingerprint(model), config_identity(model))
-
-
-def combined_fingerprint(weights_sha256: str, config: dict) -> str:
-    text = json.dumps(config, sort_keys=True, default=str)
-    return hashlib.sha256(f"weights {weights_sha256}\nconfig {text}".encode()).hexdigest()
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once.
-
-    Compressed linears keep their weight outside the state dict (a non-persistent buffer rebuilt
-    from the record), so their dequantized weights are hashed too, and so is their simulated
-    activation grid: two models compressed differently never share a fingerprint. Before
-    compresslm 0.2 the weights alone were the model hash.
-    """
-    digest = hashlib.sha256()
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    state = dict(model.state_dict(keep_vars=True))
-    for module_name, module in model.named_modules():
-        if hasattr(module, "compressed") and isinstance(getattr(module, "weight", None), torch.Tensor):
-            state[f"{module_name}.weight[dequantized]"] = module.weight
-            activation = module.activation_config()
-            if activation is not None:
-                digest.update(f"{module_name}|activation|{json.dumps(activation, sort_keys=True)}|".encode())
-    for name in sorted(state):
-        tensor = state[name].detach()
-        key = (tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:  # tied weights appear under two names
-            continue
-        seen.add(key)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
-
-
-def check_finite(model: nn.Module, source: str) -> None:
-    """Refuse a model with NaN or infinite weights, naming the first such tensor and its count.
-
-    Such a model computes NaN everywhere: every later number (perplexity, errors, a quantization
-    grid) would be NaN or a misleading message far from the cause. Parameters are checked; tied
-    weights once.
-    """
-    bad: list[tuple[str, int]] = []
-    for name, param in model.named_parameters():
-        if param.is_floating_point():
-            count = int((~torch.isfinite(param.detach())).sum())
-            if count:
-                bad.append((name, count))
-    if bad:
-        name, count = bad[0]
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise CorruptFileError(
-            f"{source} has non-finite weights: {name} holds {count:,} NaN or infinite values{more}; "
-            "the file is damaged or the model diverged"
-        )
 
 
 def _file_sha256(path: Path) -> str:
@@ -367,10 +222,8 @@ def load_model(
     """
     text = str(source)
     path = Path(text).expanduser()
-    from compresslm.formats.container import is_container, load_container  # imports this module: load lazily
-
     if (path.is_file() and path.suffix.lower() == ".clm") or is_container(path):
-        lm = load_container(path, device=device)
+        lm = load_compressed(path, device=device)
         if dtype is not None:
             lm.model = _finish(lm.model, dtype, None)
         lm.source = text

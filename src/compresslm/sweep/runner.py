@@ -27,7 +27,8 @@ from pathlib import Path
 from compresslm.engine.stats_cache import default_cache_dir
 from compresslm.errors import CompressLMError
 from compresslm.eval.stats import mean_stderr
-from compresslm.models.loading import LoadedModel, load_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import load_model
 from compresslm.progress import progress
 from compresslm.sweep.grid import Grid, SweepPoint
 from compresslm.sweep.store import ResultStore, machine_id, utc_now
@@ -200,6 +201,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
              keep: bool, data_dir: str | None) -> dict:  # fmt: skip
     """Compress one point (budget-planned if asked), write it, reload it from the file, evaluate it."""
     from compresslm.api import compress
+    from compresslm.engine.budget import BudgetTarget
 
     started = time.perf_counter()
     row: dict = {"label": point.label, "family": family(point), "model": model_name}
@@ -210,19 +212,18 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
         lm = _dial_point(point, base, row, workdir)
     else:
         path = workdir / f"{_safe(point.label)}.clm"
-        work, recipe = copy.deepcopy(base), point.recipe
+        work, recipe, target = copy.deepcopy(base), point.recipe, None
         if point.target_bits is not None:
-            from compresslm.engine.budget import plan_budget
-
-            planning = time.perf_counter()
             patterns = tuple(point.budget_sparsity) if point.budget_sparsity is not None else None
-            plan = plan_budget(work, recipe, target_bits=point.target_bits, sparsity_options=patterns,
-                               show_progress=False)  # fmt: skip
-            recipe = plan.recipe
-            row["budget"] = {"target_bits": point.target_bits, "choices": plan.choices,
-                             "predicted_bytes": plan.predicted_bytes,
-                             "plan_seconds": time.perf_counter() - planning}  # fmt: skip
-        _, result, summary = compress(work, recipe, path, show_progress=False, stats_cache=default_cache_dir())
+            target = BudgetTarget(bits=point.target_bits, sparsity=patterns)
+        _, result, summary = compress(
+            work, recipe, path, show_progress=False, stats_cache=default_cache_dir(), target=target
+        )
+        if result.plan is not None:
+            recipe = result.recipe
+            row["budget"] = {"target_bits": point.target_bits, "choices": result.plan.choices,
+                             "predicted_bytes": result.plan.predicted_bytes,
+                             "plan_seconds": result.plan.seconds}  # fmt: skip
         del work
         row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk",
                                             "linear_sparsity")})  # fmt: skip
@@ -240,7 +241,8 @@ def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) 
     """A dial setting: the artifact of the point's recipe (built by the first point that needs it), switched."""
     from compresslm.api import compress
     from compresslm.dial import apply_setting, materialize
-    from compresslm.formats.container import container_summary, load_container
+    from compresslm.formats.container import container_summary
+    from compresslm.models.assemble import load_compressed
 
     digest = hashlib.sha256(json.dumps(point.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     artifact = workdir / f"dial-{digest}.clm"
@@ -256,7 +258,7 @@ def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) 
     row.update({k: summary[k] for k in ("bits_per_param", "linear_bits_per_param", "bytes_on_disk", "linear_sparsity")})
     row.update({"recipe": point.recipe.to_dict(), "dial": point.dial,
                 "artifact_bytes": container_summary(artifact)["bytes_on_disk"]})  # fmt: skip
-    lm = load_container(artifact)
+    lm = load_compressed(artifact)
     row["switch_seconds"] = apply_setting(lm, point.dial).seconds
     return lm
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from compresslm.compressed import expand_groups
-from compresslm.engine.budget import record_bytes
+from compresslm.formats.sizes import planned_nbytes
 from compresslm.quant.grid import Grid, fit_weight
 
 
@@ -126,7 +126,7 @@ class FakeQuantLinear(nn.Module):
         """Bits this layer's weight takes at `bits` in the container (codes, scales, zero points), as
         `linear_bits_per_param` counts them."""
         shape = (self.out_features, self.in_features)
-        return 8 * record_bytes(shape, Grid(bits, "group", self.group_size), aligned=False)
+        return 8 * planned_nbytes(shape, Grid(bits, "group", self.group_size), aligned=False)
 
     def expected_bits(self) -> torch.Tensor:
         """The record's bits at the active width, or their expectation under `width_probs` while mixing

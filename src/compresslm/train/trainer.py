@@ -43,7 +43,8 @@ from compresslm.data.calibration import calibration_windows
 from compresslm.errors import CompressLMError, CorruptFileError, UnsupportedArchitectureError
 from compresslm.fileio import check_writable_dir, load_tensors, save_tensors
 from compresslm.models.layout import discover_layout
-from compresslm.models.loading import LoadedModel, save_model
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.loading import save_model
 from compresslm.progress import progress
 from compresslm.runtime.linear import replace_module
 from compresslm.train.fake import FakeQuantLinear, magnitude_mask, prune_schedule
@@ -461,7 +462,7 @@ def _export_qat_container(
     """The QAT model as a .clm at `path` with the learned steps, every layer at its active width (its
     own width when widths were learned): the weights exactly as trained through the grid."""
     from compresslm.compressed import CompressedWeight
-    from compresslm.formats.container import save_container
+    from compresslm.models.assemble import save_compressed
     from compresslm.runtime.linear import CompressedLinear
 
     snapshot = copy.deepcopy(lm)
@@ -485,7 +486,7 @@ def _export_qat_container(
         for tensor in snapshot.model.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.half().float())
-    save_container(snapshot, records, path, {"recipe": None, "train_recipe": dataclasses.asdict(recipe)})
+    save_compressed(snapshot, records, path, {"recipe": None, "train_recipe": dataclasses.asdict(recipe)})
     return path
 
 

@@ -27,7 +27,7 @@ from compresslm.data.corpora import load_corpus
 from compresslm.eval.perplexity import eval_model, prepare_windows
 from compresslm.eval.stats import check_metric
 from compresslm.kv.cache import KVQuantConfig, fp16_kv_bytes, make_cache
-from compresslm.models.loading import LoadedModel
+from compresslm.models.loaded import LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
 

@@ -1,0 +1,211 @@
+"""Between a compressed model in memory and its container: gather what to write, build what was read.
+
+`formats.container` only reads and writes records, tensors and bytes; this module knows models.
+Saving gathers the dense tensors (in the recipe's dense dtype, a tied lm_head once), the tokenizer's
+files and each linear's simulated activation grid. Loading builds the model its config describes on
+the meta device first and checks every stored tensor against it, then swaps in `CompressedLinear`
+modules over the records; any mismatch is reported as a corrupt file, nothing is half-built.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compresslm.compressed import CompressedWeight
+from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.formats.container import ContainerContents, read_container, write_container
+from compresslm.formats.header_check import TENSOR_DTYPES, check_config
+from compresslm.models.layout import is_linear
+from compresslm.models.loaded import LoadedModel
+from compresslm.recipe import Recipe
+from compresslm.runtime.linear import CompressedLinear, replace_module
+
+
+def save_compressed(
+    lm: LoadedModel,
+    weights: dict[str, CompressedWeight],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+    dense_dtype: str = "float16",
+    embeddings: dict[str, CompressedWeight] | None = None,
+) -> dict:
+    """Write `lm` (already compressed in place) and its records to a `.clm` file; return its summary.
+
+    `weights` are the compressed linears (replaced by CompressedLinear in the model); `embeddings`
+    are quantized embedding matrices (module path -> record), whose dense copies are not stored.
+    """
+    storage = TENSOR_DTYPES[dense_dtype]
+    embeddings = embeddings or {}
+    activations = {}
+    for name in weights:
+        module = lm.model.get_submodule(name)
+        activations[name] = module.activation_config() if isinstance(module, CompressedLinear) else None
+    skip = {f"{name}.weight" for name in embeddings}
+    dense, aliases, seen = {}, {}, {}
+    for key, tensor in lm.model.state_dict(keep_vars=True).items():
+        tensor = tensor.detach()
+        ptr = (tensor.data_ptr(), tuple(tensor.shape))
+        if ptr in seen:
+            aliases[key] = seen[ptr]
+            continue
+        seen[ptr] = key
+        if key in skip:
+            continue
+        stored = tensor.to(storage) if tensor.is_floating_point() else tensor
+        if tensor.is_floating_point() and not torch.equal(stored.to(tensor.dtype), tensor):
+            raise CompressLMError(
+                f"{key} is not exactly representable in {dense_dtype}, so the container could not reload it "
+                "bit-exactly; compress() rounds dense tensors first"
+            )
+        dense[key] = stored
+    config = lm.model.config.to_dict()
+    config.pop("quantization_config", None)
+    parameters = sum(p.numel() for p in lm.model.parameters()) + sum(
+        record.out_features * record.in_features for record in weights.values()
+    )
+    return write_container(
+        path, config=config, linears=weights, activations=activations, embeddings=embeddings, dense=dense,
+        aliases=aliases, tokenizer_files=_tokenizer_files(lm.tokenizer), parameters=parameters,
+        dense_dtype=dense_dtype, metadata=metadata,
+    )  # fmt: skip
+
+
+def _tokenizer_files(tokenizer: object | None) -> dict[str, bytes]:
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {file.name: file.read_bytes() for file in sorted(Path(tmp).iterdir()) if file.is_file()}
+
+
+def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None) -> LoadedModel:
+    """Rebuild the compressed model from a `.clm` file, checking the header, the layout and every checksum first.
+
+    `dial_bits` loads a dial artifact at that width, reading only the bit planes it needs (and
+    verifying only what it reads); `lm.bytes_read` says how much of the file was read.
+    """
+    p = Path(path).expanduser()
+    contents = read_container(p, dial_bits)
+    try:
+        model, tokenizer, kv_cache = _build(contents)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"{p} is corrupt: {reason}") from None
+    if device is not None:
+        model = model.to(device)
+    lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
+    lm.kind, lm.path = "container", str(p.resolve())
+    lm.container = contents.header
+    lm.bytes_read = contents.bytes_read
+    lm.compressed = {**contents.linears, **contents.embeddings}
+    lm.kv_cache = kv_cache
+    return lm
+
+
+def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, object | None]:
+    """The model, its tokenizer and KV-cache stage from a container's checked contents."""
+    from transformers import AutoModelForCausalLM
+
+    header = contents.header
+    try:
+        config = _config(header)
+        with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
+            meta_model = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        raise
+    except Exception as exc:  # transformers' config validators raise their own classes on a hostile config
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"its config does not describe a model ({reason.strip()})") from None
+    _check_against_model(header, meta_model)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, record in contents.linears.items():
+        new = CompressedLinear(record, getattr(model.get_submodule(name), "bias", None))
+        activation = contents.activations.get(name)
+        if activation:
+            scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
+            new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
+        replace_module(model, name, new)
+    state = {key: t.float() if t.is_floating_point() else t for key, t in contents.dense.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for name, record in contents.embeddings.items():
+            model.get_submodule(name).weight.copy_(record.dequantize())
+    provided = set(header["aliases"]) | {f"{name}.weight" for name in contents.embeddings}
+    missing = [k for k in missing if k not in provided]
+    if missing or unexpected:
+        raise ValueError(f"tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    kv_cache = None
+    if header.get("recipe"):
+        try:
+            kv_cache = Recipe.from_dict(header["recipe"]).kv_cache
+        except CompressLMError as exc:
+            raise ValueError(f"its recipe is invalid: {exc}") from None
+    return model, _tokenizer(contents.tokenizer_files), kv_cache
+
+
+def _config(header: dict) -> object:
+    """The model config of a checked header; a model_type transformers does not know is refused."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    values = dict(header["config"])
+    model_type = values.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"its config names model_type {model_type!r}, which this transformers does not know")
+    check_config(values, CONFIG_MAPPING[model_type]().to_dict())
+    config = AutoConfig.for_model(model_type, **values)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(header["linears"]) + len(header["dense"]):
+        raise ValueError(f"its config asks for {layers} layers, more than the tensors it stores")
+    return config
+
+
+def _check_against_model(header: dict, model: nn.Module) -> None:
+    """Every stored tensor and record must be one the model (on the meta device) has, of its shape."""
+    expected = dict(model.state_dict())
+    for name, entry in header["linears"].items():
+        module = model.get_submodule(name)
+        if not is_linear(module):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
+        weight = module.weight
+        out_in = [weight.shape[1], weight.shape[0]] if type(module).__name__ == "Conv1D" else list(weight.shape)
+        if entry["shape"] != out_in:
+            raise ValueError(f"the record of {name} is {entry['shape']}, the model's layer is {out_in}")
+        expected.pop(f"{name}.weight", None)
+    for name, entry in header.get("embeddings", {}).items():
+        module = model.get_submodule(name)
+        if not isinstance(module, torch.nn.Embedding) or entry["shape"] != list(module.weight.shape):
+            raise ValueError(f"the embedding record of {name} does not fit the model's {type(module).__name__}")
+    blobs = header["blobs"]
+    for key, blob in header["dense"].items():
+        if key not in expected:
+            raise ValueError(f"it stores a tensor {key!r} the model does not have")
+        tensor, stored = expected[key], blobs[blob]
+        floating = TENSOR_DTYPES[stored["dtype"]].is_floating_point
+        if stored["shape"] != list(tensor.shape) or floating != tensor.is_floating_point():
+            model_has = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"
+            raise ValueError(f"tensor {key!r} is {stored['dtype']} {stored['shape']}, the model has {model_has}")
+    for key in header["aliases"]:
+        if key not in expected:
+            raise ValueError(f"it aliases a tensor {key!r} the model does not have")
+
+
+def _tokenizer(files: dict[str, bytes]) -> object | None:
+    """The stored tokenizer, read from a private directory holding only the container's checked file names."""
+    from transformers import AutoTokenizer
+
+    if not files:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as exc:  # the tokenizer libraries raise anything on bad files (even Rust exceptions)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"its tokenizer files do not load ({reason})") from None
