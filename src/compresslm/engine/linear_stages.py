@@ -44,8 +44,15 @@ def describe_stages(stages: list, pattern: SparsityPattern | None) -> tuple[str,
     """(method, grid) labels for the per-layer report, e.g. ('wanda>gptq', '50% (row) + W4 g64 asym')."""
     methods, grids = [], []
     for stage in stages:
-        methods.append(stage.method)
-        grids.append(pattern.describe() if isinstance(stage, PruneStage) else stage.grid.describe())
+        if isinstance(stage, PruneStage):
+            methods.append(stage.method)
+            grids.append(pattern.describe())
+        elif isinstance(stage, QuantizeStage):
+            methods.append(stage.method)
+            grids.append(stage.grid.describe())
+        else:  # a registered stage: its type, and its own description where it has one
+            methods.append(getattr(stage, "method", stage.type))
+            grids.append(stage.describe() if callable(getattr(stage, "describe", None)) else stage.type)
     return ">".join(methods), " + ".join(grids)
 
 

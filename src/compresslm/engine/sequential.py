@@ -40,7 +40,7 @@ from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
 from compresslm.progress import progress
 from compresslm.quant.gptq import output_error
 from compresslm.quant.rtn import rtn
-from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe, load_recipe
+from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe, kind_of, load_recipe
 from compresslm.runtime.linear import CompressedLinear, dense_weight, replace_module
 from compresslm.sparse.masks import SparsityPattern
 from compresslm.versions import versions
@@ -113,12 +113,38 @@ def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
 
 
 def _stages_for(recipe: Recipe, info: LinearInfo) -> list:
-    """The linear's quantize and prune stages (the last matching one of each kind), in recipe order."""
-    chosen: dict[type, int] = {}
+    """The linear's stages in recipe order: the last matching quantize and prune stage (built in, combined
+    by `compress_weight`), then every other registered linear stage that targets it."""
+    chosen: dict[str, int] = {}
+    extra = []
     for index, stage in enumerate(recipe.stages):
-        if isinstance(stage, (QuantizeStage, PruneStage)) and stage.applies_to(info.role, info.name):
-            chosen[type(stage)] = index
-    return [recipe.stages[index] for index in sorted(chosen.values())]
+        kind = kind_of(stage)
+        if kind.role != "linear" or not stage.applies_to(info.role, info.name):
+            continue
+        if kind.apply is None:
+            chosen[kind.name] = index
+        else:
+            extra.append(index)
+    return [recipe.stages[index] for index in sorted(chosen.values())] + [recipe.stages[index] for index in extra]
+
+
+def _apply_stages(
+    name: str, weight: torch.Tensor, stages: list, hessian: torch.Tensor | None, built_in: CompressedWeight | None
+) -> CompressedWeight:
+    """Registered linear stages after the built-in ones, each on the record the stages before it made."""
+    record = built_in
+    for stage in stages:
+        kind = kind_of(stage)
+        if kind.apply is None:
+            continue
+        if getattr(stage, "needs_calibration", False) and hessian is None:
+            raise CompressLMError(f"{name}: {stage.type} needs calibration statistics")
+        record = kind.apply(stage, weight, record, hessian)
+        if not isinstance(record, CompressedWeight) or record.shape != tuple(weight.shape):
+            raise CompressLMError(
+                f"{name}: stage {stage.type} did not return a CompressedWeight of {tuple(weight.shape)}"
+            )
+    return record
 
 
 def _quant_stage(stages: list) -> QuantizeStage | None:
@@ -230,6 +256,14 @@ def compress(
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
     if recipe.kv_cache is not None:
         check_kv_support(lm.model)
+    transforms = {}
+    for stage in recipe.stages:  # whole-model transforms (registered role "model") before any calibration
+        kind = kind_of(stage)
+        if kind.role == "model":
+            transforms[stage.type] = kind.apply(stage, lm)
+    if transforms:
+        lm.layout = discover_layout(lm.model)
+        lm.changed()
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
 
     weights: dict[str, CompressedWeight] = {}
@@ -300,7 +334,11 @@ def compress(
                 pattern = _pattern_for(_prune_stage(stages), block.name, allocation)
                 chain = stream_hessians.get("chain", {}).get(info.name)
                 pruned = {r: stream_hessians[r][info.name] for r in ratios if r in stream_hessians}
-                record = compress_weight(info.name, original, stages, hessian, pattern, chain, pruned)
+                built_in = [s for s in stages if kind_of(s).apply is None]
+                record = None
+                if built_in:
+                    record = compress_weight(info.name, original, built_in, hessian, pattern, chain, pruned)
+                record = _apply_stages(info.name, original, stages, hessian, record)
                 weights[info.name] = record
                 new = _replace(lm, info, record)
                 if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
@@ -334,6 +372,8 @@ def compress(
     # float sums round differently with another thread count, and some codes change with them
     info = {"versions": versions(), "device": str(run_device), "torch_threads": torch.get_num_threads(),
             "model": lm.describe()}  # fmt: skip
+    if transforms:
+        info["model_transforms"] = transforms
     if folds:
         info["scale_folds"] = [asdict(fold) for fold in folds]
     if cache is not None:

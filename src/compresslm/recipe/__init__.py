@@ -1,0 +1,20 @@
+"""Recipes: stages as registered options dataclasses, calibration settings, presets and parsing.
+
+`core` holds the Recipe and its parsing, `registry` the stage kinds, one module per built-in stage
+(`quantize`, `prune`, `embedding`, `kv_cache`), `presets` the names. Importing this package
+registers the built-in stages.
+"""
+
+from compresslm.recipe.core import DENSE_DTYPES, PROPAGATE, CalibrationSettings, Recipe, load_recipe, preset
+from compresslm.recipe.embedding import QuantizeEmbeddingStage
+from compresslm.recipe.fields import RecipeError
+from compresslm.recipe.kv_cache import KVCacheStage
+from compresslm.recipe.prune import PruneStage
+from compresslm.recipe.quantize import QuantizeStage
+from compresslm.recipe.registry import STAGES, StageKind, kind_of, register_stage
+
+__all__ = [
+    "DENSE_DTYPES", "PROPAGATE", "STAGES", "CalibrationSettings", "KVCacheStage", "PruneStage",
+    "QuantizeEmbeddingStage", "QuantizeStage", "Recipe", "RecipeError", "StageKind", "kind_of", "load_recipe",
+    "preset", "register_stage",
+]  # fmt: skip

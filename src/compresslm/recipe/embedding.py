@@ -1,0 +1,44 @@
+"""The `quantize_embedding` stage: the token embedding (and a tied lm_head) or lm_head, by RTN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compresslm.quant.grid import Grid
+from compresslm.recipe.fields import RecipeError, check_bits, check_group, choice, stage_dict
+from compresslm.recipe.registry import register_stage
+
+
+@dataclass
+class QuantizeEmbeddingStage:
+    """Round-to-nearest quantization of the token embedding (a tied lm_head follows it) or lm_head.
+
+    In small models the embedding is a large share of the bytes (a fifth of SmolLM2-135M's
+    parameters), so it matters for bits per parameter. Rows are tokens; groups run along the hidden
+    dimension, exactly as for a linear layer's input dimension.
+    """
+
+    bits: int = 8
+    granularity: str = "group"
+    group_size: int = 64
+    symmetric: bool = False
+    targets: list[str] = field(default_factory=lambda: ["embedding"])
+    type: str = "quantize_embedding"
+
+    def validate(self, where: str) -> None:
+        check_bits(where, self.bits)
+        check_group(where, self.granularity, self.group_size)
+        for target in self.targets:
+            choice(where, "targets", target, ("embedding", "lm_head"))
+        if not self.targets:
+            raise RecipeError(f"{where}: targets is empty; choose embedding and/or lm_head")
+
+    def to_dict(self) -> dict:
+        return stage_dict(self)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.granularity, self.group_size, self.symmetric)
+
+
+register_stage("quantize_embedding", QuantizeEmbeddingStage, "embedding")

@@ -1,0 +1,146 @@
+"""Preset names: the common recipes by pattern (`w4-g64-gptq`, `2:4-sparsegpt+w4-gptq`, `dial`).
+
+A preset name may end in `+emb8` or `+emb4` to also quantize the token embedding (and a tied
+lm_head) group-wise with 8 or 4 bits, group 64: `w4-g64-gptq+emb8`.
+
+Quantization presets are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act|-noact][-awq]`, e.g.
+`w4-gptq` (group 128, asymmetric, act-order with static groups: GPTQ's default here, as in
+llm-compressor), `w3-g64-gptq-noact` (columns in their natural order, dynamic groups),
+`w4-g64-awq` (AWQ scaling and clip search, then
+rounding), `w4-g64-gptq-awq` (AWQ scaling, then GPTQ), `w8-rtn` (per-channel), `w4-g64-gptq-keepzeros`
+(an already pruned checkpoint: its exact zeros are held as a mask, 2:4 where they form one, instead of
+GPTQ's error feedback writing into them). W8A8 presets:
+`w8a8-smoothquant` (per-token dynamic int8 activations), `w8a8-smoothquant-static` (per-tensor
+static), `w8a8-rtn` (no smoothing). Activation quantization is simulated in float (PyTorch has no
+int8 matmul kernel on this CPU path) and labelled so. `w8-rtn` and other names
+without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
+"""
+
+from __future__ import annotations
+
+import re
+
+from compresslm.recipe.fields import RecipeError
+
+_PRESET = re.compile(
+    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros))*)$"
+)
+
+
+SMOOTHQUANT_PRESETS = {
+    # W8A8: SmoothQuant α = 0.5, per-channel symmetric int8 weights, per-token dynamic int8 activations.
+    "w8a8-smoothquant": {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True,
+                         "smoothquant": True, "smoothquant_alpha": 0.5, "act_bits": 8, "act_granularity": "token"},
+    "w8a8-smoothquant-static": {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True,
+                                "smoothquant": True, "smoothquant_alpha": 0.5, "act_bits": 8,
+                                "act_granularity": "tensor"},
+    "w8a8-rtn": {"method": "rtn", "bits": 8, "granularity": "channel", "symmetric": True, "act_bits": 8},
+}  # fmt: skip
+
+
+_KV_PRESET = re.compile(
+    r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
+    r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
+)
+_DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?(?P<shared>-shared)?$")
+_PRUNE_PRESET = re.compile(
+    r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
+)
+
+
+def _quantize_preset(part: str, match: re.Match) -> dict:
+    bits = int(match["bits"])
+    flags = set(filter(None, match["flags"].split("-")))
+    stage: dict = {"method": match["method"], "bits": bits}
+    if match["group"]:
+        stage["group_size"] = int(match["group"])
+    elif bits >= 5:
+        stage["granularity"] = "channel"
+    stage["symmetric"] = "sym" in flags
+    stage["clip_search"] = "clip" in flags
+    if "act" in flags or "noact" in flags:
+        stage["act_order"] = "act" in flags
+    stage["awq_scale"] = "awq" in flags
+    if "keepzeros" in flags:
+        stage["keep_zeros"] = True
+    return stage
+
+
+def _dial_preset(match: re.Match) -> dict:
+    """3, 4 and 8 bits in one artifact. With GPTQ, 3 bits get codes of their own unless `-shared`.
+
+    One code cannot serve GPTQ's 3 and 4 bits at once (`benchmarks/results/nested_layer.md`), so
+    the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (there: 4 bits at 1.06x a dedicated GPTQ's
+    layer error, 8 bits at 41x a dedicated 8-bit GPTQ's, whose steps are 16x finer). Rounding
+    (`-rtn`) nests all three for free: its 3-bit cells are exactly pairs of 4-bit cells.
+    With GPTQ, sparse settings at 8 bits come from a nested-sparse plane (`sparse.nested`) tuned
+    for 50/60/70/80 %, weighted 1/0.5/0.5/0.2 (`benchmarks/results/nested_sparse_layer.md`),
+    except 50 and 70 %, pruned on their own by SparseGPT: on the reference model the shared plane
+    reached 1.25x (50 %) and 1.9x (70 %) a dedicated SparseGPT's perplexity
+    (`benchmarks/results/sweep_full`), its per-layer excess compounding over the layers.
+    """
+    stage = {"method": "rtn" if match["rtn"] else "gptq", "bits": 8, "group_size": int(match["group"] or 64)}
+    if match["rtn"] or match["shared"]:
+        return {**stage, "nested_widths": [3, 4, 8]}
+    return {**stage, "nested_widths": [4, 8], "nested_priorities": [1.0, 0.002], "separate_widths": [3],
+            "dial_sparsity": [0.5, 0.6, 0.7, 0.8], "dial_sparsity_priorities": [1.0, 0.5, 0.5, 0.2],
+            "separate_sparsity": [0.5, 0.7]}  # fmt: skip
+
+
+def _prune_preset(match: re.Match) -> dict:
+    flags = set(filter(None, match["flags"].split("-")))
+    stage: dict = {"type": "prune", "method": match["method"], "sparsity": match["sparsity"]}
+    if "layer" in flags:
+        stage["scope"] = "layer"
+    if "owl" in flags:
+        stage["allocation"] = "owl"
+    return stage
+
+
+def preset_dict(name: str) -> dict:
+    """The recipe (as data) for a preset name: parts joined by '+', applied in the order written.
+
+    Parts: a quantization preset (`w4-g64-gptq`, see the module docstring), a pruning preset
+    `<ratio%|N:M>-<magnitude|wanda|sparsegpt>[-layer][-owl]` (`50%-wanda`, `2:4-sparsegpt`,
+    `70%-wanda-owl`), a W8A8 preset, `emb8`/`emb4`, or a KV-cache part
+    `kv<bits>[-g<tokens>][-w<window>][-s<sink tokens>][-pre][-rot][-kt]` (`w4-g64-gptq+kv4`,
+    `kv2-g64-w128`, `kv4-g128-s4-pre`; see KVCacheStage). `2:4-sparsegpt+w4-gptq` prunes, then
+    quantizes with the mask held; `w4-gptq+50%-wanda` quantizes, then prunes the quantized weights.
+    """
+    lowered = name.lower()
+    stages: list[dict] = []
+    embedding = None
+    for part in lowered.split("+"):
+        if part in ("emb8", "emb4"):
+            embedding = {"type": "quantize_embedding", "bits": int(part[3:]), "group_size": 64}
+        elif match := _KV_PRESET.match(part):
+            kv = {"type": "kv_cache", "bits": int(match["bits"])}
+            sizes = (("group_size", match["group"]), ("window", match["window"]), ("sink", match["sink"]))
+            kv.update({k: int(v) for k, v in sizes if v})
+            kv.update(pre_rope=bool(match["pre"]), rotate=bool(match["rot"]))
+            if match["kt"]:
+                kv["key_axis"] = "token"
+            stages.append(kv)
+        elif part in SMOOTHQUANT_PRESETS:
+            stages.append(dict(SMOOTHQUANT_PRESETS[part]))
+        elif match := _DIAL_PRESET.match(part):  # one artifact, 3/4/8 bits (see compresslm.dial)
+            stages.append(_dial_preset(match))
+        elif match := _PRUNE_PRESET.match(part):
+            stages.append(_prune_preset(match))
+        elif match := _PRESET.match(part):
+            stages.append(_quantize_preset(part, match))
+        else:
+            raise RecipeError(
+                f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
+                "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
+                "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-shared, dial-g32-rtn, "
+                "with +emb8/+emb4 for the embedding (or give a YAML/JSON recipe file)"
+            )
+    if not stages:
+        raise RecipeError(f"preset '{name}' names no quantization or pruning stage")
+    kinds = [stage.get("type", "quantize") for stage in stages]
+    if "prune" in kinds and any(stage.get("nested_widths") for stage in stages):
+        raise RecipeError(f"preset '{name}': the dial's nested widths do not combine with a pruning stage yet")
+    if kinds.count("prune") > 1 or kinds.count("quantize") > 1 or kinds.count("kv_cache") > 1:
+        raise RecipeError(f"preset '{name}' has more than one pruning, quantization or KV-cache part")
+    return {"name": lowered, "stages": ([embedding] if embedding else []) + stages}
