@@ -26,6 +26,7 @@ from compresslm.formats.container import read_header
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
 from compresslm.recipe import load_recipe
+from compresslm.train.trainer import TrainRecipe, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "container_hashes.json"
 RECORD = os.environ.get("COMPRESSLM_RECORD_HASHES") == "1"
@@ -102,8 +103,8 @@ def _recipe(case: str, lm: LoadedModel):
 
 @pytest.fixture(scope="module")
 def recorded():
-    if RECORD:
-        found: dict = {}
+    if RECORD:  # update the cases that run, keep the others
+        found: dict = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
         yield found
         FIXTURE.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
     else:
@@ -132,3 +133,28 @@ def test_container_bytes_are_unchanged(case, recorded, tokenizer, tmp_path, one_
     assert case in recorded, f"{case} has no recorded digests; record them (see the module docstring)"
     changed = [part for part in found if found[part] != recorded[case][part]]
     assert not changed, f"{case}: the container's {' and '.join(changed)} changed"
+
+
+# training exports: QAT at one width, random precision at two (one container each), learned widths
+TRAINING = {
+    "train:qat-w3": {"widths": [3]},
+    "train:random-precision-4,3": {"widths": [4, 3], "random_precision": True},
+    "train:gmp-50%-w4": {"widths": [4], "sparsity": 0.5, "prune_every": 2},
+}
+
+
+@pytest.mark.parametrize("case", TRAINING)
+def test_training_exports_are_unchanged(case, recorded, tokenizer, tmp_path, one_thread):
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny-llama")
+    recipe = TrainRecipe(name=case.removeprefix("train:"), batch_size=2, seq_len=48, lr=1e-3, data="wikitext2",
+                         checkpoint_every=100, **TRAINING[case])  # fmt: skip
+    summary = train(lm, recipe, 4, tmp_path / "out", show_progress=False)
+    containers = summary.get("containers") or {recipe.widths[0]: summary["container"]}
+    for bits, path in sorted(containers.items()):
+        found, key = _digests(Path(path)), f"{case}@{bits}"
+        if RECORD:
+            recorded[key] = found
+            continue
+        assert key in recorded, f"{key} has no recorded digests; record them (see the module docstring)"
+        changed = [part for part in found if found[part] != recorded[key][part]]
+        assert not changed, f"{key}: the container's {' and '.join(changed)} changed"

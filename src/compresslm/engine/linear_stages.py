@@ -141,8 +141,8 @@ def _dial(
                                            quant.damp))  # fmt: skip
     for ratio in quant.separate_sparsity:  # ratios the shared plane serves badly: pruned on their own
         # the dedicated two-stage compression itself; by default (`separate_sparsity_fit: after`) SparseGPT in
-        # float, then the kept weights quantized with the mask fixed: at 70 % a joint sweep moved perplexity
-        # by 3-12 % (`benchmarks/results/sparse_then_round_70_w8.md`)
+        # float, then the kept weights quantized with the mask fixed (the two orders measured side by side:
+        # `benchmarks/results/sparse_then_round_70_w8.md`)
         prune = PruneStage(method="sparsegpt", sparsity=ratio, damp=quant.damp, block_size=quant.block_size,
                            grid_fit=quant.separate_sparsity_fit)  # fmt: skip
         plane = compress_weight(name, weight, [prune, dataclasses.replace(quant, **single)],

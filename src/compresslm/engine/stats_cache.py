@@ -11,8 +11,7 @@ they verify their scale folds). A stale entry cannot be hit: changing any weight
 or window changes the key. The sequential mode (`propagate: compressed`, the default) never uses
 the cache, because there block i's inputs depend on how blocks before it were compressed.
 
-Size: one float32 d×d matrix per distinct linear input of each block (≈13 MB per block of
-SmolLM2-135M, 0.4 GB for the model).
+Size: one float32 d×d matrix per distinct linear input of each block.
 """
 
 from __future__ import annotations

@@ -71,10 +71,6 @@ class LinearInfo:
     has_bias: bool
     module: nn.Module = field(repr=False, compare=False)
 
-    @property
-    def num_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.has_bias else 0)
-
 
 @dataclass
 class BlockInfo:

@@ -4,9 +4,9 @@ Every source ends in the same :class:`LoadedModel`: a float torch module, its to
 discovered :class:`~compresslm.models.layout.ModelLayout`. Anything that goes wrong on the way is
 reported as one line naming the source and the reason (see :mod:`compresslm.errors`).
 
-GGUF files are dequantized by transformers, which takes seconds (14 s for the reference model on
-2 cores). The dequantized model is therefore cached once as a plain safetensors directory, keyed by
-the GGUF file's sha256 and the transformers version; later loads read that directory.
+GGUF files are dequantized by transformers, which takes seconds. The dequantized model is therefore
+cached once as a plain safetensors directory, keyed by the GGUF file's sha256 and the transformers
+version; later loads read that directory.
 """
 
 from __future__ import annotations

@@ -70,14 +70,13 @@ def _dial_preset(match: re.Match) -> dict:
     """3, 4 and 8 bits in one artifact. With GPTQ, 3 bits get codes of their own unless `-shared`.
 
     One code cannot serve GPTQ's 3 and 4 bits at once (`benchmarks/results/nested_layer.md`), so
-    the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (there: 4 bits at 1.06x a dedicated GPTQ's
-    layer error, 8 bits at 41x a dedicated 8-bit GPTQ's, whose steps are 16x finer). Rounding
+    the 8-bit codes nest 4 bits only, weighted 1 : 0.002 (the weights chosen there). Rounding
     (`-rtn`) nests all three for free: its 3-bit cells are exactly pairs of 4-bit cells.
     With GPTQ, sparse settings at 8 bits come from a nested-sparse plane (`sparse.nested`) tuned
     for 50/60/70/80 %, weighted 1/0.5/0.5/0.2 (`benchmarks/results/nested_sparse_layer.md`),
-    except 50 and 70 %, pruned on their own by SparseGPT: on the reference model the shared plane
-    reached 1.25x (50 %) and 1.9x (70 %) a dedicated SparseGPT's perplexity
-    (`benchmarks/results/sweep_full`), its per-layer excess compounding over the layers.
+    except 50 and 70 %, pruned on their own by SparseGPT, where the shared plane fell furthest
+    behind a dedicated SparseGPT (`benchmarks/results/sweep_full`), its per-layer excess
+    compounding over the layers.
     """
     stage = {"method": "rtn" if match["rtn"] else "gptq", "bits": 8, "group_size": int(match["group"] or 64)}
     if match["rtn"] or match["shared"]:

@@ -30,9 +30,8 @@ class PruneStage(Targeted):
     fits each group's grid: `current` (on the kept weights when the sweep reaches the group),
     `final` (where an unquantized SparseGPT pass leaves them) or `both` (the union of the ranges);
     see `sparse.prune.sparsegpt`. `after` runs no joint sweep: SparseGPT in float first, then the
-    quantize stage on the kept weights with the mask fixed (at 70 % the joint sweep moved 8-bit
-    perplexity by 3-12 % where rounding SparseGPT's result moved it by 1.5 %,
-    `benchmarks/results/sparse_then_round_70_w8.md`).
+    quantize stage on the kept weights with the mask fixed (the better of the two at high sparsity
+    and 8 bits: `benchmarks/results/sparse_then_round_70_w8.md`).
     """
 
     method: str = "wanda"

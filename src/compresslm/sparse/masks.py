@@ -74,11 +74,6 @@ class SparsityPattern:
     def nm(self) -> tuple[int, int] | None:
         return (self.n, self.m) if self.is_nm else None
 
-    @property
-    def target_ratio(self) -> float:
-        """The fraction of weights pruned."""
-        return 1.0 - self.n / self.m if self.is_nm else self.ratio
-
     def with_ratio(self, ratio: float) -> SparsityPattern:
         """The same unstructured pattern at another ratio (layer-wise allocation)."""
         if self.is_nm:

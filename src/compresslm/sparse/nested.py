@@ -2,16 +2,15 @@
 
 A keep order alone (Wanda's score, `quant.nested.nested_rank`) gives every ratio as a prefix but
 makes no weight updates, and pruning without updates is far from SparseGPT (Wanda-order masks
-have 1.2x to 1.8x SparseGPT's layer error on the reference model's layers at 50 to 80 %:
-`benchmarks/results/nested_sparse_layer.md`). `nested_sparsegpt` runs SparseGPT's column sweep
-once for several ratios at once: one error-feedback state per ratio, one order per row within
-each block of columns (chosen adaptively, as SparseGPT chooses its masks, from the saliency of all
-states weighted by `priorities`), and one stored value per weight: the priority-weighted mean of
-what each ratio that keeps the weight wants it to be, quantized on the given grid. Every ratio in
-[0, 1) is then a prefix of the order: each block row keeps its first round((1 - s) * columns)
-weights. The values are tuned for the listed ratios; ratios between them get values tuned for
-their neighbours, and the sparse values no longer serve the dense model (keep its own codes).
-"""
+against SparseGPT's layer error: `benchmarks/results/nested_sparse_layer.md`). `nested_sparsegpt`
+runs SparseGPT's column sweep once for several ratios at once: one error-feedback state per ratio,
+one order per row within each block of columns (chosen adaptively, as SparseGPT chooses its masks,
+from the saliency of all states weighted by `priorities`), and one stored value per weight: the
+priority-weighted mean of what each ratio that keeps the weight wants it to be, quantized on the
+given grid. Every ratio in [0, 1) is then a prefix of the order: each block row keeps its first
+round((1 - s) * columns) weights. The values are tuned for the listed ratios; ratios between them
+get values tuned for their neighbours, and the sparse values no longer serve the dense model (keep
+its own codes). """
 
 from __future__ import annotations
 

@@ -461,22 +461,18 @@ def _export_qat_container(
 ) -> Path:
     """The QAT model as a .clm at `path` with the learned steps, every layer at its active width (its
     own width when widths were learned): the weights exactly as trained through the grid."""
-    from compresslm.compressed import CompressedWeight
     from compresslm.models.assemble import save_compressed
+    from compresslm.quant.grid import Grid, quantize_weight, to_compressed
     from compresslm.runtime.linear import CompressedLinear
 
     snapshot = copy.deepcopy(lm)
     records = {}
     for name, module in modules.items():
         step, zero = module.step_and_zero()
-        scale = step.detach().half()
-        s = scale.float().repeat_interleave(module.group_size, dim=1)[:, : module.in_features]
-        z = zero.repeat_interleave(module.group_size, dim=1)[:, : module.in_features]
-        codes = torch.clamp(torch.round(module.dense_weight().detach() / s) + z, 0, (1 << module.bits) - 1)
-        record = CompressedWeight(shape=(module.out_features, module.in_features), bits=module.bits,
-                                  group_size=module.group_size, symmetric=False, codes=codes.to(torch.uint8).cpu(),
-                                  scales=scale.cpu(), zeros=zero.to(torch.uint8).cpu(),
-                                  meta={"algorithm": "qat", "train_recipe": recipe.name})  # fmt: skip
+        grid = Grid(module.bits, "group", module.group_size)
+        scales = step.detach().half().float()  # the steps as the container stores them
+        codes = quantize_weight(module.dense_weight().detach(), grid, scales, zero)
+        record = to_compressed(codes, scales, zero, grid, {"algorithm": "qat", "train_recipe": recipe.name})
         records[name] = record
         linear = CompressedLinear(record, module.bias)
         if module.act_bits:  # the learned clip becomes the static per-tensor activation step
