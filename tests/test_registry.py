@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from compresslm.api import compress
-from compresslm.compressed import CompressedWeight
+from compresslm.compressed import CompressedWeight, InvalidCompressedWeight
+from compresslm.data.calibration import calibration_windows
+from compresslm.formats.container import read_header
+from compresslm.formats.sizes import record_nbytes
 from compresslm.models.assemble import load_compressed
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
@@ -140,3 +143,69 @@ def test_registration_refuses_what_the_engine_could_not_run():
     with pytest.raises(ValueError, match="role"):
         register_stage("test_half", HalfPrecisionStage, "block", half_precision)
     assert STAGES["quantize"].apply is None and STAGES["test_half"].apply is half_precision
+
+
+@dataclass
+class ResidualFactorsStage(Targeted):
+    """A toy error-compensation stage: the rank-`rank` SVD of what the stages before left out."""
+
+    rank: int = 2
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    ignore: list[str] = field(default_factory=list)
+    type: str = "test_residual_factors"
+
+    needs_calibration = False
+
+    def validate(self, where: str) -> None:
+        if self.rank < 1:
+            raise RecipeError(f"{where}: rank={self.rank} is not allowed; use a positive rank")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def residual_factors(stage: ResidualFactorsStage, weight, record, hessian) -> CompressedWeight:
+    u, s, vh = torch.linalg.svd(weight - record.dequantize(), full_matrices=False)
+    a = (u[:, : stage.rank] * s[: stage.rank]).half()
+    return dataclasses.replace(record, lowrank=(a, vh[: stage.rank].half()))
+
+
+register_stage("test_residual_factors", ResidualFactorsStage, "linear", residual_factors)
+
+
+def test_low_rank_factors_are_stored_counted_and_reloaded(tokenizer, tmp_path):
+    rtn_only = {"stages": [{"method": "rtn", "bits": 3, "group_size": 16}], "calibration": {"samples": 4, "length": 32}}
+    with_factors = {**rtn_only, "stages": [*rtn_only["stages"], {"type": "test_residual_factors", "rank": 4}]}
+    results = {}
+    for label, recipe in (("rtn", rtn_only), ("factors", with_factors)):
+        lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
+        original = {i.name: i.module.weight.detach().clone() for i in lm.layout.linears()}
+        calibration = load_recipe(recipe).calibration
+        windows = calibration_windows(tokenizer, "wikitext2", calibration.samples, calibration.length, 0)
+        _, result, summary = compress(lm, recipe, tmp_path / f"{label}.clm", calibration=windows, show_progress=False)
+        error = sum(float((original[n] - r.dequantize()).pow(2).sum()) for n, r in result.weights.items())
+        results[label] = (result, summary, error)
+    result, summary, error = results["factors"]
+    assert error < results["rtn"][2]  # the factors take back part of the rounding error
+    reloaded = load_compressed(tmp_path / "factors.clm")
+    for name, record in result.weights.items():
+        a, b = reloaded.compressed[name].lowrank
+        assert torch.equal(a, record.lowrank[0]) and torch.equal(b, record.lowrank[1])
+        assert torch.equal(reloaded.compressed[name].dequantize(), record.dequantize())
+    header, _ = read_header(tmp_path / "factors.clm")
+    stored = sum(header["blobs"][k]["nbytes"] for e in header["linears"].values() for k in e["lowrank"])
+    assert stored == sum(2 * r.lowrank[0].numel() + 2 * r.lowrank[1].numel() for r in result.weights.values())
+    extra = sum(record_nbytes(r, aligned=False) for r in result.weights.values()) - sum(
+        record_nbytes(r, aligned=False) for r in results["rtn"][0].weights.values()
+    )
+    assert extra == stored
+    assert summary["linear_bits_per_param"] > results["rtn"][1]["linear_bits_per_param"]
+
+
+def test_low_rank_factors_of_the_wrong_shape_are_refused():
+    values = torch.zeros(8, 6, dtype=torch.float16)
+    with pytest.raises(InvalidCompressedWeight, match="low-rank factors must be"):
+        CompressedWeight(
+            shape=(8, 6), bits=16, group_size=6, symmetric=True, codes=None, scales=None, zeros=None,
+            values=values, lowrank=(torch.zeros(8, 2, dtype=torch.float16), torch.zeros(3, 6, dtype=torch.float16)),
+        )  # fmt: skip

@@ -49,7 +49,7 @@ class CompressedWeight:
       (pruned only); `bits` is then 16. Use `CompressedWeight.unquantized(...)`.
     * `mask`: optional bool [out, in], True where the weight is kept (sparsity).
     * `nm`: (N, M) when the mask keeps exactly N weights in every M consecutive inputs of a row.
-    * `lowrank`: optional (A [out, r], B [r, in]) factors added to the dequantized weight.
+    * `lowrank`: optional float16 (A [out, r], B [r, in]) factors added to the dequantized weight.
     * `importance`: optional float16 [in_features], each input channel's calibration norm ‖x_j‖:
       with the weights it orders them for the dial's nested sparsity (Wanda's score |W_ij|·‖x_j‖).
     * `order`: optional uint8 [out, in], each weight's position in its row's keep order within
@@ -107,6 +107,7 @@ class CompressedWeight:
                 raise InvalidCompressedWeight(
                     f"an alternate width must be a quantized {self.shape} record naming its dial widths"
                 )
+        self._check_lowrank()
         if self.importance is not None and (
             self.importance.dtype != torch.float16 or tuple(self.importance.shape) != (self.shape[1],)
         ):
@@ -151,6 +152,22 @@ class CompressedWeight:
             raise InvalidCompressedWeight(f"values must be float16 of shape {self.shape}")
         if not torch.isfinite(self.values).all():
             raise InvalidCompressedWeight("values contain NaN or infinity")
+
+    def _check_lowrank(self) -> None:
+        if self.lowrank is None:
+            return
+        a, b = self.lowrank = tuple(self.lowrank)
+        out_f, in_f = self.shape
+        rank = a.shape[1] if a.dim() == 2 else 0
+        if a.dtype != torch.float16 or b.dtype != torch.float16 or a.dim() != 2 or b.dim() != 2:
+            raise InvalidCompressedWeight("low-rank factors must be two float16 matrices")
+        if not 1 <= rank <= min(out_f, in_f) or tuple(a.shape) != (out_f, rank) or tuple(b.shape) != (rank, in_f):
+            raise InvalidCompressedWeight(
+                f"low-rank factors must be [{out_f}, r] and [r, {in_f}] with 1 <= r <= {min(out_f, in_f)}, "
+                f"got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise InvalidCompressedWeight("low-rank factors contain NaN or infinity")
 
     def _check_sparsity(self) -> None:
         if self.mask is None:

@@ -95,7 +95,8 @@ def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> d
     """Store one CompressedWeight and check that its own blobs take what `sizes.record_nbytes` says."""
     entry = _write_blobs(writer, name, record)
     keys = [entry[key] for key in ("codes", "scales", "zeros", "mask", "values") if entry.get(key)]
-    written = sum(writer.index[key]["nbytes"] for key in keys + entry.get("code_planes", []))
+    keys += entry.get("code_planes", []) + entry.get("lowrank", [])
+    written = sum(writer.index[key]["nbytes"] for key in keys)
     if written != record_nbytes(record, aligned=False):
         raise AssertionError(f"{name}: wrote {written} bytes where formats.sizes counts {record_nbytes(record, False)}")
     return entry
@@ -125,6 +126,11 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
     if record.order is not None:  # a nested-sparse keep order: positions within blocks of columns
         bits = max(1, (record.meta["dial"]["order_block"] - 1).bit_length())
         entry["order"] = writer.add(f"{name}.order", pack_bits(record.order, bits), f"u{bits}", list(record.shape))
+    if record.lowrank is not None:  # float16 factors A [out, r] and B [r, in]
+        entry["lowrank"] = [
+            writer.add(f"{name}.lowrank.{side}", _tensor_bytes(factor), "float16", list(factor.shape))
+            for side, factor in zip("ab", record.lowrank, strict=True)
+        ]
     kept = record.mask
     if kept is not None:
         entry.update(_write_mask(writer, name, record))
@@ -402,7 +408,8 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     if entry.get("values"):
         values = reader.tensor(entry["values"])
         full = _scatter_kept(values, mask, torch.zeros(out_f, in_f, dtype=torch.float16), str(reader.path))
-        return CompressedWeight.unquantized(full, mask, nm, entry.get("meta", {}))
+        record = CompressedWeight.unquantized(full, mask, nm, entry.get("meta", {}))
+        return replace(record, lowrank=_read_lowrank(reader, entry))
     if entry.get("code_planes"):
         codes = _read_planes(reader, entry["code_planes"], stored)
     else:
@@ -429,8 +436,15 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     return CompressedWeight(
         shape=(out_f, in_f), bits=entry["bits"], group_size=entry["group_size"], symmetric=entry["symmetric"],
         codes=codes, scales=scales, zeros=zeros, mask=mask, nm=nm, meta=entry.get("meta", {}), importance=importance,
-        order=order,
+        order=order, lowrank=_read_lowrank(reader, entry),
     )  # fmt: skip
+
+
+def _read_lowrank(reader: _BlobReader, entry: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not entry.get("lowrank"):
+        return None
+    a, b = (reader.tensor(key) for key in entry["lowrank"])
+    return a, b
 
 
 def _read_planes(reader: _BlobReader, keys: list[str], count: int) -> torch.Tensor:
@@ -463,7 +477,11 @@ def _nested_record(reader: _BlobReader, entry: dict, bits: int) -> CompressedWei
 
 def _entry_keys(entry: dict) -> list[str]:
     """Every blob of one stored record (its alternates apart)."""
-    return [entry[key] for key in _RECORD_BLOBS if entry.get(key)] + entry.get("code_planes", [])
+    return (
+        [entry[key] for key in _RECORD_BLOBS if entry.get(key)]
+        + entry.get("code_planes", [])
+        + entry.get("lowrank", [])
+    )
 
 
 def _unread_blobs(header: dict, dial_bits: int | None) -> set[str]:

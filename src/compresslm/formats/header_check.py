@@ -152,6 +152,16 @@ def check_record(entry: object, blobs: dict, what: str, alternate: bool = False)
             n, m = (_int(v, f"{what}: N:M", 1, 64) for v in nm)
             if n >= m or in_f % m:
                 raise ValueError(f"{what}: N:M pattern {n}:{m} does not fit {in_f} columns")
+    lowrank = entry.get("lowrank")
+    if lowrank is not None:
+        if not (isinstance(lowrank, list) and len(lowrank) == 2):
+            raise ValueError(f"{what}: low-rank factors {lowrank!r}, expected two blob keys")
+        for key in lowrank:
+            _blob(blobs, key, f"{what}: a low-rank factor", ("float16",))
+        a, b = (blobs[key]["shape"] for key in lowrank)
+        rank = a[1] if len(a) == 2 else 0
+        if not 1 <= rank <= min(out_f, in_f) or a != [out_f, rank] or b != [rank, in_f]:
+            raise ValueError(f"{what}: low-rank factors of shapes {a} and {b} do not fit [{out_f}, {in_f}]")
     if entry.get("importance"):
         _blob(blobs, entry["importance"], f"{what}: importance", ("float16",))
     if entry.get("order"):

@@ -3,7 +3,8 @@
 The container writer checks each record it writes against `record_nbytes`, so a planner that asks
 `planned_nbytes` before compressing (the budget solver, training's bit penalty) or `record_nbytes`
 of a record in memory (the dial's width planner) gets the number the file will hold. A record's
-own blobs are its packed codes (or float16 values when unquantized), float16 scales, zero points
+own blobs are its float16 low-rank factors (if any), its packed codes (or float16 values when
+unquantized), float16 scales, zero points
 (packed integers; float16 on nested grids; none on symmetric grids) and its mask (an N:M mask as
 each group's pattern rank, any other as a bitmask). A dial's importance, keep order and alternates
 are blobs of their own, counted apart. `aligned` adds each blob's padding (the file's size);
@@ -34,11 +35,12 @@ def _blob_sizes(
     nm: tuple[int, int] | None = None,
     float_zeros: bool = False,
     planes: bool = False,
+    rank: int = 0,
 ) -> list[int]:
-    """Sizes of a record's own blobs; `bits` None: float16 values; `kept` None: no mask."""
+    """Sizes of a record's own blobs; `bits` None: float16 values; `kept` None: no mask; `rank`: low-rank factors."""
     out_f, in_f = shape
     stored = out_f * in_f if kept is None else kept
-    sizes = []
+    sizes = [2 * out_f * rank, 2 * rank * in_f] if rank else []
     if kept is not None:
         if mask_encoding(nm) == "nm-rank":
             sizes.append(packed_nbytes(out_f * in_f // nm[1], nm_index_bits(*nm)))
@@ -63,9 +65,10 @@ def _total(sizes: list[int], aligned: bool) -> int:
 
 
 def planned_nbytes(
-    shape: tuple[int, int], grid: Grid, pattern: SparsityPattern | None = None, aligned: bool = True
+    shape: tuple[int, int], grid: Grid, pattern: SparsityPattern | None = None, aligned: bool = True, rank: int = 0
 ) -> int:
-    """Bytes a weight of `shape` will take quantized on `grid` (and pruned to `pattern`, row scope)."""
+    """Bytes a weight of `shape` will take quantized on `grid` (pruned to `pattern`, row scope; with
+    float16 low-rank factors of `rank`)."""
     out_f, in_f = shape
     scales = 1 if grid.granularity == "tensor" else out_f * num_groups(in_f, grid.group_size_for(in_f))
     kept, nm = None, None
@@ -73,17 +76,18 @@ def planned_nbytes(
         kept, nm = out_f * in_f * pattern.n // pattern.m, (pattern.n, pattern.m)
     elif pattern is not None:
         kept = out_f * (in_f - round(pattern.ratio * in_f))
-    sizes = _blob_sizes(shape, grid.bits, scales, symmetric=grid.symmetric, kept=kept, nm=nm)
+    sizes = _blob_sizes(shape, grid.bits, scales, symmetric=grid.symmetric, kept=kept, nm=nm, rank=rank)
     return _total(sizes, aligned)
 
 
 def record_nbytes(record: CompressedWeight, aligned: bool = True) -> int:
     """Bytes of `record`'s own blobs as the container stores them (importance, order, alternates apart)."""
     kept = int(record.mask.sum()) if record.mask is not None else None
+    rank = record.lowrank[0].shape[1] if record.lowrank is not None else 0
     if not record.quantized:
-        return _total(_blob_sizes(record.shape, None, 0, symmetric=True, kept=kept, nm=record.nm), aligned)
+        return _total(_blob_sizes(record.shape, None, 0, symmetric=True, kept=kept, nm=record.nm, rank=rank), aligned)
     sizes = _blob_sizes(
         record.shape, record.bits, record.scales.numel(), symmetric=record.symmetric, kept=kept, nm=record.nm,
-        float_zeros=record.zeros.is_floating_point(), planes=bool(record.meta.get("dial")) and kept is None,
+        float_zeros=record.zeros.is_floating_point(), planes=bool(record.meta.get("dial")) and kept is None, rank=rank,
     )  # fmt: skip
     return _total(sizes, aligned)

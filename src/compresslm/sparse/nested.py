@@ -10,7 +10,7 @@ priority-weighted mean of what each ratio that keeps the weight wants it to be, 
 given grid. Every ratio in [0, 1) is then a prefix of the order: each block row keeps its first
 round((1 - s) * columns) weights. The values are tuned for the listed ratios; ratios between them
 get values tuned for their neighbours, and the sparse values no longer serve the dense model (keep
-its own codes). """
+its own codes)."""
 
 from __future__ import annotations
 
