@@ -166,8 +166,8 @@ def test_fisher_weights_every_linear_and_changes_the_plan(tokenizer):
 def test_method_estimate_is_the_compression_the_plan_runs(tokenizer, sparsity):
     """The solver's "method" estimate of a first-block layer is exactly what the engine writes for it."""
     from compresslm.data.calibration import calibration_windows
+    from compresslm.engine.blocks import capture_first_block_inputs, collect_statistics
     from compresslm.engine.budget import _approximation
-    from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
     from compresslm.recipe import PruneStage, Recipe
 
     base = preset("w3-g16-gptq")
@@ -176,8 +176,8 @@ def test_method_estimate_is_the_compression_the_plan_runs(tokenizer, sparsity):
     lm = LoadedModel.from_module(tiny_model("llama", layers=1), tokenizer, name="tiny")
     settings = base.calibration
     calib = calibration_windows(lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed)
-    batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
-    stats, _ = _collect_statistics(lm.layout.blocks[0], batches, lm.device)
+    batches = capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
+    stats, _ = collect_statistics(lm.layout.blocks[0], batches, lm.device)
     name = "model.layers.0.self_attn.q_proj"
     weight = lm.model.get_submodule(name).weight.detach().float().clone()
     stage = base.stages[0]

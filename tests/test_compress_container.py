@@ -167,14 +167,14 @@ def test_cli_compress_rejects_bad_recipe_before_loading(capsys):
 
 
 def test_hessians_are_shared_between_linears_reading_the_same_input(tokenizer):
-    from compresslm.engine.sequential import _Batch, _capture_first_block_inputs, _collect_statistics
+    from compresslm.engine.blocks import Batch, capture_first_block_inputs, collect_statistics
 
     lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
     windows = calibration_windows(tokenizer, "wikitext2", n=2, length=32).windows
-    batches = _capture_first_block_inputs(lm, windows, 2, torch.device("cpu"))
-    assert isinstance(batches[0], _Batch)
+    batches = capture_first_block_inputs(lm, windows, 2, torch.device("cpu"))
+    assert isinstance(batches[0], Batch)
     block = lm.layout.blocks[0]
-    stats, outputs = _collect_statistics(block, batches, torch.device("cpu"))
+    stats, outputs = collect_statistics(block, batches, torch.device("cpu"))
     assert len(outputs) == len(batches) and outputs[0].args[0].shape == batches[0].args[0].shape
     h = {name: stats.hessian(name) for name in stats.owner}
     names = {info.role: info.name for info in block.linears}

@@ -37,7 +37,7 @@ def no_forward(monkeypatch):
 
     One window may still run: the probe on which AWQ and SmoothQuant verify their scale folds.
     """
-    capture = sequential._capture_first_block_inputs
+    capture = sequential.capture_first_block_inputs
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was run although the statistics were cached")
@@ -48,8 +48,8 @@ def no_forward(monkeypatch):
         return capture(lm, windows, batch_size, device)
 
     def arm():
-        monkeypatch.setattr(sequential, "_capture_first_block_inputs", probe_only)
-        monkeypatch.setattr(sequential, "_collect_statistics", refuse)
+        monkeypatch.setattr(sequential, "capture_first_block_inputs", probe_only)
+        monkeypatch.setattr(sequential, "collect_statistics", refuse)
 
     return arm
 

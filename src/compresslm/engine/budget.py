@@ -270,7 +270,7 @@ def plan_budget(
     "method" (each option's error from the recipe's own method, as the compression will run it) or
     "rtn" (see the module docstring).
     """
-    from compresslm.engine.sequential import _capture_first_block_inputs, _collect_statistics
+    from compresslm.engine.blocks import capture_first_block_inputs, collect_statistics
 
     started = time.perf_counter()
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
@@ -302,12 +302,12 @@ def plan_budget(
         if lm.layout.tied_lm_head and target_linear_bits is None and lm.layout.lm_head:
             names.append(lm.layout.lm_head)
         weights_of = output_fisher(lm, calib.windows[:fisher_windows], names)
-    batches = _capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
+    batches = capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
     options: dict[str, list[tuple[float, float]]] = {}
     bits_of: dict[str, list[int | str]] = {}
     bar = progress(len(lm.layout.blocks), "sensitivity", unit="block", enabled=show_progress)
     for block in lm.layout.blocks:
-        stats, outputs = _collect_statistics(block, batches, lm.device)  # the block stays uncompressed
+        stats, outputs = collect_statistics(block, batches, lm.device)  # the block stays uncompressed
         for info in block.linears:
             if not stage.applies_to(info.role, info.name):
                 continue

@@ -18,7 +18,6 @@ it calls the pure algorithm functions in `compresslm.quant`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,9 +28,10 @@ from torch import nn
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
 from compresslm.engine.allocation import outlier_share, owl_ratios
+from compresslm.engine.blocks import Batch, capture_first_block_inputs, collect_statistics, run_block
 from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
-from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
+from compresslm.engine.statistics import BlockStatistics
 from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
 from compresslm.kv.cache import check_kv_support
@@ -44,10 +44,6 @@ from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage,
 from compresslm.runtime.linear import CompressedLinear, dense_weight, replace_module
 from compresslm.sparse.masks import SparsityPattern
 from compresslm.versions import versions
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
 
 
 @dataclass
@@ -73,43 +69,6 @@ class CompressionResult:
     info: dict = field(default_factory=dict)
     embeddings: dict[str, CompressedWeight] = field(default_factory=dict)
     plan: object | None = None  # the budget solver's BudgetPlan when a size target chose the widths
-
-
-@dataclass
-class _Batch:
-    args: tuple
-    kwargs: dict
-
-
-def _capture_first_block_inputs(lm: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device):
-    first = lm.layout.blocks[0].module
-    batches: list[_Batch] = []
-
-    def hook(module, args, kwargs):
-        batches.append(_Batch(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            with contextlib.suppress(_StopForward):
-                lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    for batch in batches:
-        batch.kwargs.pop("past_key_value", None)
-        batch.kwargs.pop("past_key_values", None)
-        batch.kwargs["use_cache"] = False
-    return batches
-
-
-def _run_block(block: nn.Module, batches: list[_Batch]) -> list[_Batch]:
-    outputs = []
-    for batch in batches:
-        out = block(*batch.args, **batch.kwargs)
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(_Batch((hidden, *batch.args[1:]), batch.kwargs))
-    return outputs
 
 
 def _stages_for(recipe: Recipe, info: LinearInfo) -> list:
@@ -182,8 +141,8 @@ def _prepare_block(
     block_targets: list[tuple[LinearInfo, list]],
     recipe: Recipe,
     folds: list[ScaleFold],
-    probe: list[_Batch],
-    probe_output: list[_Batch],
+    probe: list[Batch],
+    probe_output: list[Batch],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Fold AWQ/SmoothQuant input scales where asked, each verified on the `probe` window (whose output
     through the unfolded block is `probe_output`); return each linear's Hessian and input scales."""
@@ -198,7 +157,7 @@ def _prepare_block(
         stats,
         stages,
         lambda module: _round_dense(module, recipe.dense_dtype),
-        block_output=(lambda: _run_block(block.module, probe)[0].args[0]) if probe else None,
+        block_output=(lambda: run_block(block.module, probe)[0].args[0]) if probe else None,
         reference=probe_output[0].args[0] if probe_output else None,
     )
     folds.extend(block_folds)
@@ -275,8 +234,8 @@ def compress(
     run_device = torch.device(device) if device else lm.device
 
     n_blocks = len(lm.layout.blocks)
-    batches: list[_Batch] = []
-    probe: list[_Batch] = []
+    batches: list[Batch] = []
+    probe: list[Batch] = []
     cache: StatisticsCache | None = None
     on_original = reused = False
     with torch.inference_mode(False), torch.no_grad():
@@ -295,10 +254,10 @@ def compress(
                 cache = StatisticsCache(stats_cache, key, n_blocks)
                 reused = calib_protocol["statistics_reused"] = cache.complete()
             if not reused:
-                batches = _capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
+                batches = capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
             if any(isinstance(s, QuantizeStage) and s.rescales_inputs for s in recipe.stages):
                 # one window through the original blocks, on which every scale fold is verified
-                probe = _capture_first_block_inputs(lm, calibration.windows[:1], 1, run_device)
+                probe = capture_first_block_inputs(lm, calibration.windows[:1], 1, run_device)
 
         # a dial with separate widths calibrates its shared chain on a second stream, propagated at the
         # chain's narrowest width, while the main stream follows the narrowest width overall; each
@@ -306,7 +265,7 @@ def compress(
         dial_stages = [s for _, ss in targets.values() for s in ss if isinstance(s, QuantizeStage) and s.nested_widths]
         chains = {min(s.nested_widths) for s in dial_stages if s.separate_widths}
         ratios = sorted({r for s in dial_stages for r in s.separate_sparsity})
-        streams: dict[str | float, list[_Batch]] = {}
+        streams: dict[str | float, list[Batch]] = {}
         if batches and not on_original:
             streams = {key: list(batches) for key in (["chain"] if chains else []) + ratios}
         if streams:
@@ -319,13 +278,13 @@ def compress(
         for index, block in enumerate(lm.layout.blocks):
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
             stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
-            following_probe = _run_block(block.module, probe) if probe else []  # the original block's output
+            following_probe = run_block(block.module, probe) if probe else []  # the original block's output
             hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds, probe,
                                                     following_probe)  # fmt: skip
             probe = following_probe
             stream_hessians: dict[str | float, dict[str, torch.Tensor]] = {}
             for key, stream in streams.items():
-                stream_stats, _ = _collect_statistics(block, stream, run_device)
+                stream_stats, _ = collect_statistics(block, stream, run_device)
                 stream_hessians[key] = {info.name: stream_stats.hessian(info.name) for info, _ in block_targets}
             for info, stages in block_targets:
                 t0 = time.perf_counter()
@@ -354,12 +313,12 @@ def compress(
             if following is not None:
                 batches = following
             elif batches:
-                batches = _run_block(block.module, batches)
+                batches = run_block(block.module, batches)
                 for key in streams:  # the same block with its dial layers at the stream's setting
                     for module in block.module.modules():
                         if isinstance(module, CompressedLinear) and module.nested is not None:
                             _dial_to_stream(module, key)
-                    streams[key] = _run_block(block.module, streams[key])
+                    streams[key] = run_block(block.module, streams[key])
             bar.update(1)
         bar.close()
 
@@ -440,7 +399,7 @@ def _pattern_for(stage: PruneStage | None, block: str, allocation: dict[str, Spa
 def _allocate_sparsity(
     lm: LoadedModel,
     targets: dict[str, tuple[LinearInfo, list]],
-    batches: list[_Batch],
+    batches: list[Batch],
     device: torch.device,
     show_progress: bool,
     on_original: bool,
@@ -483,11 +442,11 @@ def _allocate_sparsity(
 def _block_statistics(
     index: int,
     block: BlockInfo,
-    batches: list[_Batch],
+    batches: list[Batch],
     device: torch.device,
     on_original: bool,
     cache: StatisticsCache | None,
-) -> tuple[BlockStatistics | None, list[_Batch] | None]:
+) -> tuple[BlockStatistics | None, list[Batch] | None]:
     """This block's statistics and, when it calibrates on the original model, its uncompressed outputs.
 
     Without batches the statistics come from a complete cache (or there are none: no calibration).
@@ -495,29 +454,9 @@ def _block_statistics(
     """
     if not batches:
         return (cache.load(index, device) if cache is not None else None), []
-    stats, outputs = _collect_statistics(block, batches, device)
+    stats, outputs = collect_statistics(block, batches, device)
     if not on_original:
         return stats, None
     if cache is not None:
         cache.save(index, stats)
     return stats, outputs
-
-
-def _collect_statistics(
-    block: BlockInfo, batches: list[_Batch], device: torch.device
-) -> tuple[BlockStatistics, list[_Batch]]:
-    """Hessians and activation means for every linear of the block (see engine.statistics), and its outputs."""
-    collector = StatisticsCollector(device)
-    handles = [info.module.register_forward_pre_hook(collector.linear_hook(info.name)) for info in block.linears]
-    for name in block.norms:
-        handles.append(block.module.get_submodule(name.removeprefix(block.name + ".")).register_forward_hook(
-            collector.norm_hook(name)))  # fmt: skip
-    outputs = []
-    try:
-        for batch in batches:
-            collector.new_pass()
-            outputs.extend(_run_block(block.module, [batch]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return collector.result, outputs

@@ -1,0 +1,83 @@
+"""Running a model block by block: capture the first block's inputs, run a block, collect its statistics.
+
+The public pieces every calibration pass is made of: the sequential engine, the budget solver and
+the OWL allocation call them in their own order. A batch is one block input as the model passed it:
+positional arguments (the hidden states first) and keyword arguments (rotary embeddings, masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
+from compresslm.models.layout import BlockInfo
+from compresslm.models.loaded import LoadedModel
+
+
+class StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+@dataclass
+class Batch:
+    args: tuple
+    kwargs: dict
+
+
+def capture_first_block_inputs(
+    lm: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device
+) -> list[Batch]:
+    """The first block's inputs for `windows`, `batch_size` windows per batch (the model stops there)."""
+    first = lm.layout.blocks[0].module
+    batches: list[Batch] = []
+
+    def hook(module, args, kwargs):
+        batches.append(Batch(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
+        raise StopForward
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            with contextlib.suppress(StopForward):
+                lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    for batch in batches:
+        batch.kwargs.pop("past_key_value", None)
+        batch.kwargs.pop("past_key_values", None)
+        batch.kwargs["use_cache"] = False
+    return batches
+
+
+def run_block(block: nn.Module, batches: list[Batch]) -> list[Batch]:
+    """The block's outputs, as the next block's inputs (its keyword arguments carried over)."""
+    outputs = []
+    for batch in batches:
+        out = block(*batch.args, **batch.kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(Batch((hidden, *batch.args[1:]), batch.kwargs))
+    return outputs
+
+
+def collect_statistics(
+    block: BlockInfo, batches: list[Batch], device: torch.device
+) -> tuple[BlockStatistics, list[Batch]]:
+    """Hessians and activation means for every linear of the block (see engine.statistics), and its outputs."""
+    collector = StatisticsCollector(device)
+    handles = [info.module.register_forward_pre_hook(collector.linear_hook(info.name)) for info in block.linears]
+    for name in block.norms:
+        handles.append(block.module.get_submodule(name.removeprefix(block.name + ".")).register_forward_hook(
+            collector.norm_hook(name)))  # fmt: skip
+    outputs = []
+    try:
+        for batch in batches:
+            collector.new_pass()
+            outputs.extend(run_block(block.module, [batch]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collector.result, outputs
