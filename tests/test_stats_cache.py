@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compresslm.api import compress
-from compresslm.engine import sequential
+from compresslm.engine import blocks, sequential
 from compresslm.errors import CompressLMError
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
@@ -49,7 +49,8 @@ def no_forward(monkeypatch):
 
     def arm():
         monkeypatch.setattr(sequential, "capture_first_block_inputs", probe_only)
-        monkeypatch.setattr(sequential, "collect_statistics", refuse)
+        monkeypatch.setattr(sequential, "collect_statistics", refuse)  # the dial streams'
+        monkeypatch.setattr(blocks, "collect_statistics", refuse)  # every walk's
 
     return arm
 

@@ -8,14 +8,17 @@ positional arguments (the hidden states first) and keyword arguments (rotary emb
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
+from compresslm.engine.stats_cache import StatisticsCache
 from compresslm.models.layout import BlockInfo
 from compresslm.models.loaded import LoadedModel
+from compresslm.progress import progress
 
 
 class StopForward(Exception):
@@ -81,3 +84,63 @@ def collect_statistics(
         for handle in handles:
             handle.remove()
     return collector.result, outputs
+
+
+PROPAGATIONS = ("compressed", "original")
+
+
+@dataclass
+class BlockStep:
+    """One block as a walk hands it to its caller: its statistics on its calibration inputs."""
+
+    index: int
+    block: BlockInfo
+    stats: BlockStatistics | None  # None without calibration (no inputs and no cache)
+    inputs: list[Batch]  # empty when the statistics came from a cache
+
+
+class BlockWalk:
+    """Walk a model block by block: each block's statistics on its inputs, handed to the caller (who may
+    compress the block), then the next block's inputs.
+
+    `propagate="compressed"`: the next inputs are the outputs of the block as the caller left it, so
+    later blocks calibrate against the errors of earlier ones. `"original"`: the statistics pass's
+    own outputs (the block before the caller changed it), so the statistics depend on the model and
+    the windows alone; with a `cache` they are saved, and a walk without inputs loads them instead of
+    running anything. After the walk, `inputs` holds the last block's outputs (the final hidden states).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        inputs: list[Batch],
+        device: torch.device,
+        *,
+        propagate: str = "compressed",
+        cache: StatisticsCache | None = None,
+        label: str = "calibrate",
+        show_progress: bool = True,
+    ) -> None:
+        if propagate not in PROPAGATIONS:
+            raise ValueError(f"propagate={propagate!r}; choose one of {', '.join(PROPAGATIONS)}")
+        self.lm, self.inputs, self.device = lm, inputs, device
+        self.propagate, self.cache, self.label, self.show_progress = propagate, cache, label, show_progress
+
+    def __iter__(self) -> Iterator[BlockStep]:
+        blocks = self.lm.layout.blocks
+        bar = progress(len(blocks), self.label, unit="block", enabled=self.show_progress)
+        for index, block in enumerate(blocks):
+            if self.inputs:
+                stats, outputs = collect_statistics(block, self.inputs, self.device)
+                if self.propagate == "original" and self.cache is not None:
+                    self.cache.save(index, stats)
+            else:
+                stats = self.cache.load(index, self.device) if self.cache is not None else None
+                outputs = []
+            yield BlockStep(index, block, stats, self.inputs)
+            if self.propagate == "original":
+                self.inputs = outputs
+            elif self.inputs:
+                self.inputs = run_block(block.module, self.inputs)
+            bar.update(1)
+        bar.close()

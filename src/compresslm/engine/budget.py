@@ -48,7 +48,6 @@ from compresslm.errors import CompressLMError
 from compresslm.formats.header_check import align
 from compresslm.formats.sizes import planned_nbytes
 from compresslm.models.loaded import LoadedModel
-from compresslm.progress import progress
 from compresslm.quant.allocation import allocate
 from compresslm.quant.gptq import hessian_from_inputs
 from compresslm.quant.grid import Grid
@@ -270,7 +269,7 @@ def plan_budget(
     "method" (each option's error from the recipe's own method, as the compression will run it) or
     "rtn" (see the module docstring).
     """
-    from compresslm.engine.blocks import capture_first_block_inputs, collect_statistics
+    from compresslm.engine.blocks import BlockWalk, capture_first_block_inputs
 
     started = time.perf_counter()
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
@@ -305,9 +304,9 @@ def plan_budget(
     batches = capture_first_block_inputs(lm, calib.windows, settings.batch_size, lm.device)
     options: dict[str, list[tuple[float, float]]] = {}
     bits_of: dict[str, list[int | str]] = {}
-    bar = progress(len(lm.layout.blocks), "sensitivity", unit="block", enabled=show_progress)
-    for block in lm.layout.blocks:
-        stats, outputs = collect_statistics(block, batches, lm.device)  # the block stays uncompressed
+    walk = BlockWalk(lm, batches, lm.device, propagate="original", label="sensitivity", show_progress=show_progress)
+    for step in walk:  # the blocks stay uncompressed
+        block, stats = step.block, step.stats
         for info in block.linears:
             if not stage.applies_to(info.role, info.name):
                 continue
@@ -330,9 +329,7 @@ def plan_budget(
                     rows.append((8.0 * planned_nbytes(tuple(weight.shape), grid, pattern, aligned), error))
                     labels.append(f"{bits}+{text}")
             options[info.name], bits_of[info.name] = rows, labels
-        batches = outputs
-        bar.update(1)
-    bar.close()
+    batches = walk.inputs  # the last block's outputs
 
     layout = lm.layout
     embedding = None

@@ -28,7 +28,7 @@ from torch import nn
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
 from compresslm.engine.allocation import outlier_share, owl_ratios
-from compresslm.engine.blocks import Batch, capture_first_block_inputs, collect_statistics, run_block
+from compresslm.engine.blocks import Batch, BlockWalk, capture_first_block_inputs, collect_statistics, run_block
 from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics
@@ -37,7 +37,6 @@ from compresslm.errors import CompressLMError
 from compresslm.kv.cache import check_kv_support
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
-from compresslm.progress import progress
 from compresslm.quant.gptq import output_error
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe, kind_of, load_recipe
@@ -274,10 +273,11 @@ def compress(
         allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
         if cache is not None and cache.complete():
             batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
-        bar = progress(n_blocks, "compress", unit="block", enabled=show_progress)
-        for index, block in enumerate(lm.layout.blocks):
+        walk = BlockWalk(lm, batches, run_device, propagate=recipe.calibration.propagate, cache=cache,
+                         label="compress", show_progress=show_progress)  # fmt: skip
+        for step in walk:
+            block, stats = step.block, step.stats
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
-            stats, following = _block_statistics(index, block, batches, run_device, on_original, cache)
             following_probe = run_block(block.module, probe) if probe else []  # the original block's output
             hessians, input_scales = _prepare_block(lm, block, stats, block_targets, recipe, folds, probe,
                                                     following_probe)  # fmt: skip
@@ -310,17 +310,13 @@ def compress(
                 seconds = time.perf_counter() - t0
                 method, grid = describe_stages(stages, pattern)
                 layers.append(LayerReport(info.name, info.role, method, grid, rel, seconds, record.meta))
-            if following is not None:
-                batches = following
-            elif batches:
-                batches = run_block(block.module, batches)
-                for key in streams:  # the same block with its dial layers at the stream's setting
-                    for module in block.module.modules():
-                        if isinstance(module, CompressedLinear) and module.nested is not None:
-                            _dial_to_stream(module, key)
-                    streams[key] = run_block(block.module, streams[key])
-            bar.update(1)
-        bar.close()
+            for key in streams:  # the same block with its dial layers at the stream's setting
+                dial_layers = [m for m in block.module.modules() if isinstance(m, CompressedLinear) and m.nested]
+                for module in dial_layers:
+                    _dial_to_stream(module, key)
+                streams[key] = run_block(block.module, streams[key])
+                for module in dial_layers:  # back at the narrowest width, for the main stream
+                    module.dial(min(module.nested.meta["dial"]["widths"]))
 
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
@@ -420,43 +416,16 @@ def _allocate_sparsity(
         raise CompressLMError("only one prune stage with allocation 'owl' is supported per recipe")
     (stage,) = stages.values()
     shares, params, names = [], [], []
-    current = batches
-    bar = progress(len(lm.layout.blocks), "owl statistics", unit="block", enabled=show_progress)
-    for index, block in enumerate(lm.layout.blocks):
-        owl_targets = [(info, ss) for info, ss in (targets[i.name] for i in block.linears if i.name in targets)
+    walk = BlockWalk(lm, batches, device, propagate="original", cache=cache if on_original else None,
+                     label="owl statistics", show_progress=show_progress)  # fmt: skip
+    for step in walk:
+        owl_targets = [(info, ss) for info, ss in (targets[i.name] for i in step.block.linears if i.name in targets)
                        if stage in ss]  # fmt: skip
-        stats, following = _block_statistics(index, block, current, device, True, cache if on_original else None)
         if owl_targets:
-            pairs = [(dense_weight(info.module, info.transposed).float(), stats.hessian(info.name))
+            pairs = [(dense_weight(info.module, info.transposed).float(), step.stats.hessian(info.name))
                      for info, _ in owl_targets]  # fmt: skip
             shares.append(outlier_share(pairs, stage.owl_threshold))
             params.append(sum(w.numel() for w, _ in pairs))
-            names.append(block.name)
-        current = following
-        bar.update(1)
-    bar.close()
+            names.append(step.block.name)
     ratios = owl_ratios(shares, params, stage.pattern.ratio, stage.owl_lambda)
     return {name: stage.pattern.with_ratio(ratio) for name, ratio in zip(names, ratios, strict=True)}
-
-
-def _block_statistics(
-    index: int,
-    block: BlockInfo,
-    batches: list[Batch],
-    device: torch.device,
-    on_original: bool,
-    cache: StatisticsCache | None,
-) -> tuple[BlockStatistics | None, list[Batch] | None]:
-    """This block's statistics and, when it calibrates on the original model, its uncompressed outputs.
-
-    Without batches the statistics come from a complete cache (or there are none: no calibration).
-    The outputs are None in sequential mode, where the next inputs come from the compressed block.
-    """
-    if not batches:
-        return (cache.load(index, device) if cache is not None else None), []
-    stats, outputs = collect_statistics(block, batches, device)
-    if not on_original:
-        return stats, None
-    if cache is not None:
-        cache.save(index, stats)
-    return stats, outputs
