@@ -423,3 +423,17 @@ def test_a_pruned_ratio_is_the_dedicated_sparsegpt_model(artifact, tmp_path):
     assert layer.compressed.meta["algorithm"] != "nested-sparsegpt"
     set_budget(dial, 8, 0.6)  # between the pruned ratios: the nested-sparse plane
     assert layer.compressed.meta["algorithm"] == "nested-sparsegpt"
+
+
+def test_dial_metadata_is_a_typed_record_with_the_stored_form():
+    from compresslm.compressed import DialMeta, InvalidCompressedWeight
+
+    plane = DialMeta(widths=(8,), active=8, sparse=True, levels=(0.5, 0.7), priorities=(1.0, 0.5), order_block=64)
+    stored = plane.to_dict()
+    assert stored == {"widths": [8], "priorities": [1.0, 0.5], "active": 8, "sparse": True, "levels": [0.5, 0.7],
+                      "order_block": 64}  # fmt: skip
+    assert DialMeta.of({"dial": stored}) == plane and DialMeta.of({}) is None
+    assert DialMeta(widths=(3, 4, 8)).chain_widths == (3, 4, 8)
+    assert DialMeta(widths=(3, 4, 8), chain=(4, 8)).chain_widths == (4, 8)
+    with pytest.raises(InvalidCompressedWeight, match="unknown fields"):
+        DialMeta.of({"dial": {"widths": [4], "path": "/etc/passwd"}})

@@ -34,6 +34,60 @@ def expand_groups(values: torch.Tensor, in_features: int, group_size: int) -> to
     return values.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
+@dataclass(frozen=True)
+class DialMeta:
+    """What a dial record says about its widths and sparsity (`meta["dial"]`), typed.
+
+    * `widths`: every dense width the record serves (its chain and its separately stored widths);
+    * `chain`: the widths that are prefixes of this record's own codes (None: all of `widths`);
+    * `active`: the width this record is set to;
+    * `priorities`: per chain width, the weights its joint rounding gave them;
+    * `sparse`, `levels`, `order_block`: a nested-sparse plane, tuned for `levels`, whose keep order
+      runs within blocks of `order_block` columns;
+    * `sparsity`: the ratio a separately pruned alternate serves.
+    """
+
+    widths: tuple[int, ...] = ()
+    active: int | None = None
+    chain: tuple[int, ...] | None = None
+    priorities: tuple[float, ...] | None = None
+    sparse: bool = False
+    levels: tuple[float, ...] | None = None
+    order_block: int | None = None
+    sparsity: float | None = None
+
+    @classmethod
+    def of(cls, meta: dict) -> DialMeta | None:
+        """The typed view of `meta["dial"]` (None for a record made without a dial)."""
+        raw = meta.get("dial")
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or set(raw) - _DIAL_KEYS:
+            raise InvalidCompressedWeight(f"dial metadata {raw!r} names unknown fields")
+        tuples = {k: tuple(v) for k, v in raw.items() if k in ("widths", "chain", "priorities", "levels")}
+        return cls(**{**raw, **tuples})
+
+    @property
+    def chain_widths(self) -> tuple[int, ...]:
+        return self.widths if self.chain is None else self.chain
+
+    def to_dict(self) -> dict:
+        """The JSON form stored in a record's meta: the fields that are set."""
+        data: dict = {"widths": list(self.widths)}
+        for name in ("priorities", "active", "chain", "sparse", "levels", "order_block", "sparsity"):
+            value = getattr(self, name)
+            if value is not None and value is not False:
+                data[name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    def with_meta(self, meta: dict) -> dict:
+        """`meta` with this record as its `dial` entry."""
+        return {**meta, "dial": self.to_dict()}
+
+
+_DIAL_KEYS = {f for f in DialMeta.__dataclass_fields__}
+
+
 @dataclass(eq=False)
 class CompressedWeight:
     """A linear layer's weight [out_features, in_features] in compressed form.
@@ -53,13 +107,14 @@ class CompressedWeight:
     * `importance`: optional float16 [in_features], each input channel's calibration norm ‖x_j‖:
       with the weights it orders them for the dial's nested sparsity (Wanda's score |W_ij|·‖x_j‖).
     * `order`: optional uint8 [out, in], each weight's position in its row's keep order within
-      blocks of `meta["dial"]["order_block"]` columns (0 = kept longest): a nested-sparse dial
+      blocks of `dial.order_block` columns (0 = kept longest): a nested-sparse dial
       record (`sparse.nested`), from which every sparsity ratio is a prefix.
     * `alternates`: a dial weight's further planes, each a quantized record of the same shape:
-      widths stored as their own codes rather than as prefixes of `codes` (`meta["dial"]["widths"]`
+      widths stored as their own codes rather than as prefixes of `codes` (`dial.widths`
       names them; see `quant.nested.slice_record`), a nested-sparse plane (with `order`) and
-      ratios pruned on their own (with `mask`; `meta["dial"]["sparsity"]` names the ratio).
-    * `meta`: free-form JSON-able facts about how it was made (algorithm, error, damping).
+      ratios pruned on their own (with `mask`; `dial.sparsity` names the ratio).
+    * `meta`: free-form JSON-able facts about how it was made (algorithm, error, damping); its
+      `dial` entry is read through the typed `dial` property (`DialMeta`).
     """
 
     shape: tuple[int, int]
@@ -96,6 +151,11 @@ class CompressedWeight:
     def quantized(self) -> bool:
         return self.values is None
 
+    @property
+    def dial(self) -> DialMeta | None:
+        """The record's dial metadata, typed (None for a record made without a dial)."""
+        return DialMeta.of(self.meta)
+
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
         self._check_sparsity()
@@ -103,7 +163,7 @@ class CompressedWeight:
             raise InvalidCompressedWeight(f"order must be uint8 of shape {self.shape}")
         self.alternates = tuple(self.alternates)
         for alt in self.alternates:
-            if alt.shape != self.shape or not alt.quantized or alt.alternates or "dial" not in alt.meta:
+            if alt.shape != self.shape or not alt.quantized or alt.alternates or alt.dial is None:
                 raise InvalidCompressedWeight(
                     f"an alternate width must be a quantized {self.shape} record naming its dial widths"
                 )

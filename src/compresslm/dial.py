@@ -90,8 +90,8 @@ def set_budget(lm: LoadedModel, bits: int | dict[str, int] | None = None, sparsi
         kept_per_row(module.in_features, sparsity)
         for plane in module.nested.alternates:
             if plane.order is not None:
-                kept_per_column(module.in_features, plane.meta["dial"]["order_block"], sparsity)
-    widths = next(iter(layers.values())).nested.meta["dial"]["widths"]
+                kept_per_column(module.in_features, plane.dial.order_block, sparsity)
+    widths = list(next(iter(layers.values())).nested.dial.widths)
     per_layer = bits if isinstance(bits, dict) else {}
     unknown = sorted(set(per_layer) - set(layers))
     if unknown:
@@ -131,7 +131,7 @@ def plan_widths(lm: LoadedModel, avg_bits: float) -> dict[str, int]:
         nested = module.nested
         reference = nested.dequantize()
         scale = nested.importance.float()[None, :] if nested.importance is not None else 1.0
-        widths[name] = sorted(nested.meta["dial"]["widths"])
+        widths[name] = sorted(nested.dial.widths)
         options[name] = []
         for bits in widths[name]:
             record = slice_record(nested, bits)
@@ -151,7 +151,7 @@ def plan_widths(lm: LoadedModel, avg_bits: float) -> dict[str, int]:
 
 def _fixed(record, sparsity: float):
     meta = {k: v for k, v in record.meta.items() if k != "dial"}
-    meta["dialed"] = {"widths": record.meta["dial"]["widths"], "bits": record.bits, "sparsity": sparsity}
+    meta["dialed"] = {"widths": list(record.dial.widths), "bits": record.bits, "sparsity": sparsity}
     return dataclasses.replace(record, importance=None, order=None, alternates=(), meta=meta)
 
 

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from compresslm.compressed import CompressedWeight
+from compresslm.compressed import CompressedWeight, DialMeta
 from compresslm.errors import CompressLMError
 from compresslm.quant.awq import awq_clip
 from compresslm.quant.gptq import GPTQOptions, gptq
@@ -147,7 +147,7 @@ def _dial(
                            grid_fit=quant.separate_sparsity_fit)  # fmt: skip
         plane = compress_weight(name, weight, [prune, dataclasses.replace(quant, **single)],
                                 sparse_hessians.get(ratio, chain_hessian))  # fmt: skip
-        alternates.append(dataclasses.replace(plane, meta={**plane.meta, "dial": {"sparsity": ratio}}))
+        alternates.append(dataclasses.replace(plane, meta=DialMeta(sparsity=ratio).with_meta(plane.meta)))
     if alternates:
         record = with_alternates(record, alternates)
     if chain_hessian is not None:  # the input norms order the dial's nested sparsity (Wanda's score)

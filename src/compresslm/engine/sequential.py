@@ -301,7 +301,7 @@ def compress(
                 weights[info.name] = record
                 new = _replace(lm, info, record)
                 if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
-                    new.dial(min(record.meta["dial"]["widths"]))
+                    new.dial(min(record.dial.widths))
                 rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
                 quant = _quant_stage(stages)
                 if quant is not None and quant.act_bits:
@@ -316,7 +316,7 @@ def compress(
                     _dial_to_stream(module, key)
                 streams[key] = run_block(block.module, streams[key])
                 for module in dial_layers:  # back at the narrowest width, for the main stream
-                    module.dial(min(module.nested.meta["dial"]["widths"]))
+                    module.dial(min(module.nested.dial.widths))
 
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
@@ -343,9 +343,8 @@ def compress(
 
 def _dial_to_stream(module: CompressedLinear, key: str | float) -> None:
     """Set a dial layer to a calibration stream's setting: the chain's narrowest width, or a pruned ratio."""
-    dial = module.nested.meta["dial"]
     if key == "chain":
-        module.dial(min(dial.get("chain", dial["widths"])))
+        module.dial(min(module.nested.dial.chain_widths))
     else:
         module.dial(module.nested.bits, key)
 

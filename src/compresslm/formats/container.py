@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compresslm.compressed import CompressedWeight, InvalidCompressedWeight, expand_groups
+from compresslm.compressed import CompressedWeight, DialMeta, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
 from compresslm.fileio import atomic_path
 from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
 from compresslm.formats.sizes import mask_encoding, record_nbytes
+from compresslm.quant.nested import width_grid
 from compresslm.versions import versions
 
 MAGIC = b"CLM2"
@@ -124,7 +125,7 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
         imp = record.importance
         entry["importance"] = writer.add(f"{name}.importance", _tensor_bytes(imp), "float16", list(imp.shape))
     if record.order is not None:  # a nested-sparse keep order: positions within blocks of columns
-        bits = max(1, (record.meta["dial"]["order_block"] - 1).bit_length())
+        bits = max(1, (record.dial.order_block - 1).bit_length())
         entry["order"] = writer.add(f"{name}.order", pack_bits(record.order, bits), f"u{bits}", list(record.shape))
     if record.lowrank is not None:  # float16 factors A [out, r] and B [r, in]
         entry["lowrank"] = [
@@ -140,7 +141,7 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
         entry["values"] = writer.add(f"{name}.values", _tensor_bytes(values), "float16", [values.numel()])
         return entry
     codes = record.codes if kept is None else record.codes[kept]
-    if record.meta.get("dial") and kept is None:  # nested widths: bit planes, most significant first
+    if record.dial is not None and kept is None:  # nested widths: bit planes, most significant first
         planes = [(codes >> (record.bits - 1 - p)) & 1 for p in range(record.bits)]
         entry["code_planes"] = [
             writer.add(f"{name}.codes.plane{p}", pack_bits(plane, 1), "u1", [codes.numel()])
@@ -163,7 +164,7 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
 
 def _alternate_name(name: str, alt: CompressedWeight) -> str:
     """A dial alternate's blob prefix: its width, and a pruned ratio's per mille (`.w8.s500`)."""
-    ratio = alt.meta["dial"].get("sparsity") if alt.mask is not None else None
+    ratio = alt.dial.sparsity if alt.mask is not None else None
     return f"{name}.w{alt.bits}" + (f".s{round(ratio * 1000)}" if ratio is not None else "")
 
 
@@ -395,10 +396,8 @@ def _record(reader: _BlobReader, entry: dict, dial_bits: int | None = None) -> C
 
 def _alternate_for(entry: dict, bits: int) -> dict | None:
     """The stored alternate of a dial entry that holds width `bits` (None: the shared chain holds it)."""
-    return next(
-        (alt for alt in entry.get("alternates", []) if not alt.get("order") and bits in alt["meta"]["dial"]["widths"]),
-        None,
-    )
+    alternates = entry.get("alternates", [])
+    return next((alt for alt in alternates if not alt.get("order") and bits in DialMeta.of(alt["meta"]).widths), None)
 
 
 def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
@@ -457,18 +456,16 @@ def _read_planes(reader: _BlobReader, keys: list[str], count: int) -> torch.Tens
 
 def _nested_record(reader: _BlobReader, entry: dict, bits: int) -> CompressedWeight:
     """A dial artifact's weight at width `bits`, built from its first `bits` bit planes only."""
-    from compresslm.quant.nested import width_grid
-
-    dial = entry["meta"]["dial"]
-    chain = dial.get("chain", dial["widths"])
+    dial = DialMeta.of(entry["meta"])
+    chain = dial.chain_widths
     if bits not in chain:
-        raise CompressLMError(f"{bits} bits is not a width of this artifact; it has {dial['widths']}")
+        raise CompressLMError(f"{bits} bits is not a width of this artifact; it has {list(dial.widths)}")
     out_f, in_f = entry["shape"]
     codes = _read_planes(reader, entry["code_planes"][:bits], out_f * in_f)
     scales, zeros = width_grid(reader.tensor(entry["scales"]), reader.tensor(entry["zeros"]), entry["bits"], bits)
     importance = reader.tensor(entry["importance"]) if entry.get("importance") else None
-    narrower = [w for w in chain if w <= bits]
-    meta = {**entry["meta"], "dial": {**dial, "widths": narrower, "chain": narrower}}
+    narrower = tuple(w for w in chain if w <= bits)
+    meta = replace(dial, widths=narrower, chain=narrower).with_meta(entry["meta"])
     return CompressedWeight(
         shape=(out_f, in_f), bits=bits, group_size=entry["group_size"], symmetric=False,
         codes=codes.reshape(out_f, in_f), scales=scales, zeros=zeros, meta=meta, importance=importance,

@@ -88,6 +88,6 @@ def record_nbytes(record: CompressedWeight, aligned: bool = True) -> int:
         return _total(_blob_sizes(record.shape, None, 0, symmetric=True, kept=kept, nm=record.nm, rank=rank), aligned)
     sizes = _blob_sizes(
         record.shape, record.bits, record.scales.numel(), symmetric=record.symmetric, kept=kept, nm=record.nm,
-        float_zeros=record.zeros.is_floating_point(), planes=bool(record.meta.get("dial")) and kept is None, rank=rank,
+        float_zeros=record.zeros.is_floating_point(), planes=record.dial is not None and kept is None, rank=rank,
     )  # fmt: skip
     return _total(sizes, aligned)

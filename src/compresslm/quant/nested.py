@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from compresslm.compressed import CompressedWeight, expand_groups, num_groups
+from compresslm.compressed import CompressedWeight, DialMeta, expand_groups, num_groups
 from compresslm.errors import CompressLMError
 from compresslm.quant.gptq import GPTQOptions, inverse_cholesky
 from compresslm.quant.grid import check_weight
@@ -64,15 +64,15 @@ def width_grid(scales: torch.Tensor, zeros: torch.Tensor, top: int, bits: int) -
 
 def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
     """The width-`bits` weight of a nested record: codes shifted right, its grid derived (exact)."""
-    dial = record.meta.get("dial")
+    dial = record.dial
     if dial is None:
         raise CompressLMError("this weight was not quantized nested (no dial widths); it has one width only")
-    if bits not in dial["widths"]:
-        raise CompressLMError(f"{bits} bits is not one of this weight's nested widths {dial['widths']}")
+    if bits not in dial.widths:
+        raise CompressLMError(f"{bits} bits is not one of this weight's nested widths {list(dial.widths)}")
     for alt in record.alternates:  # a width stored as its own codes
-        if alt.order is None and bits in alt.meta["dial"]["widths"]:
+        if alt.order is None and bits in alt.dial.widths:
             return slice_record(alt, bits)
-    if bits not in dial.get("chain", dial["widths"]):
+    if bits not in dial.chain_widths:
         raise CompressLMError(f"{bits} bits is listed as a dial width but neither the chain nor an alternate holds it")
     if bits == record.bits:
         return record
@@ -80,7 +80,7 @@ def slice_record(record: CompressedWeight, bits: int) -> CompressedWeight:
     return CompressedWeight(
         shape=record.shape, bits=bits, group_size=record.group_size, symmetric=False,
         codes=record.codes >> (record.bits - bits), scales=scales, zeros=zeros, mask=record.mask, nm=record.nm,
-        meta={**record.meta, "dial": {**dial, "active": bits}},
+        meta=dataclasses.replace(dial, active=bits).with_meta(record.meta),
     )  # fmt: skip
 
 
@@ -89,28 +89,27 @@ def with_alternates(record: CompressedWeight, alternates: list[CompressedWeight]
 
     A single-width record adds a width outside the chain; a nested-sparse record
     (`sparse.nested.nested_sparsegpt`) serves sparse settings at its width; a pruned record whose
-    `meta["dial"]["sparsity"]` names its ratio serves exactly that ratio at its width. The chain's
-    own widths stay in `meta["dial"]["chain"]`; `meta["dial"]["widths"]` lists every dense width.
+    `dial.sparsity` names its ratio serves exactly that ratio at its width. The chain's own widths
+    stay in `dial.chain`; `dial.widths` lists every dense width (see `compressed.DialMeta`).
     """
-    dial = record.meta["dial"]
-    chain = dial.get("chain", dial["widths"])
+    dial = record.dial
+    chain = list(dial.chain_widths)
     marked, ratios = [], []
     for alt in alternates:
         if alt.shape != record.shape:
             raise CompressLMError(f"an alternate of a {record.shape} dial weight has shape {alt.shape}")
         if alt.mask is not None:  # one ratio, pruned on its own
-            ratio = alt.meta.get("dial", {}).get("sparsity")
+            ratio = alt.dial.sparsity if alt.dial is not None else None
             if alt.order is not None or alt.nm is not None or not isinstance(ratio, float) or not 0 < ratio < 1:
                 raise CompressLMError("a pruned alternate must be unstructured and name its ratio in meta['dial']")
             ratios.append(ratio)
-            alt = dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [], "active": alt.bits,
-                                                                      "sparsity": ratio}})  # fmt: skip
+            alt = dataclasses.replace(alt, meta=DialMeta(active=alt.bits, sparsity=ratio).with_meta(alt.meta))
         elif (alt.bits in chain) != (alt.order is not None):
             raise CompressLMError(
                 f"an alternate {alt.bits}-bit weight must be outside {chain} unless it holds a nested sparsity order"
             )
         elif alt.order is None:
-            alt = dataclasses.replace(alt, meta={**alt.meta, "dial": {"widths": [alt.bits], "active": alt.bits}})
+            alt = dataclasses.replace(alt, meta=DialMeta(widths=(alt.bits,), active=alt.bits).with_meta(alt.meta))
         marked.append(alt)
     dense = [alt.bits for alt in marked if alt.order is None and alt.mask is None]
     widths = sorted({*chain, *dense})
@@ -119,7 +118,7 @@ def with_alternates(record: CompressedWeight, alternates: list[CompressedWeight]
         raise CompressLMError(
             f"alternate widths {[a.bits for a in alternates]} repeat a width, a sparse plane or a pruned ratio"
         )
-    meta = {**record.meta, "dial": {**dial, "widths": widths, "chain": list(chain)}}
+    meta = dataclasses.replace(dial, widths=tuple(widths), chain=tuple(chain)).with_meta(record.meta)
     return dataclasses.replace(record, alternates=tuple(marked), meta=meta)
 
 
@@ -133,8 +132,8 @@ def sparse_plane(record: CompressedWeight, bits: int, sparsity: float) -> Compre
     settings keep the fixed order.
     """
     at_width = [alt for alt in record.alternates if alt.bits == bits]
-    exact = [alt for alt in at_width if alt.mask is not None and abs(alt.meta["dial"]["sparsity"] - sparsity) < 1e-9]
-    nested = [alt for alt in at_width if alt.order is not None and sparsity >= min(alt.meta["dial"]["levels"])]
+    exact = [alt for alt in at_width if alt.mask is not None and abs(alt.dial.sparsity - sparsity) < 1e-9]
+    nested = [alt for alt in at_width if alt.order is not None and sparsity >= min(alt.dial.levels)]
     return next(iter(exact + nested), None)
 
 
@@ -187,7 +186,7 @@ def nested_quantize(
         codes = _joint_sweep(w, scales, zeros, widths, priorities, group_size, factor, options.block_size)
     else:
         codes = _joint_round(w, scales, zeros, widths, priorities, group_size)
-    meta["dial"] = {"widths": list(widths), "priorities": list(priorities), "active": top}
+    meta = DialMeta(widths=tuple(widths), priorities=tuple(priorities), active=top).with_meta(meta)
     return CompressedWeight(
         shape=(out_f, in_f), bits=top, group_size=group_size, symmetric=False,
         codes=codes.to(torch.uint8), scales=scales, zeros=zeros, meta=meta,

@@ -40,9 +40,9 @@ class CompressedLinear(nn.Module):
         self.register_buffer("act_scale", None, persistent=False)
         self.sparse_weight: torch.Tensor | None = None
         self.kernel = "dense matmul of the dequantized weight"
-        dial = weight.meta.get("dial")
+        dial = weight.dial
         # a nested (dial) record at its widest width, unpruned: every narrower width and sparsity can be taken
-        self.nested = weight if dial and weight.bits == max(dial["widths"]) and weight.mask is None else None
+        self.nested = weight if dial and weight.bits == max(dial.widths) and weight.mask is None else None
         self.rank: torch.Tensor | None = None  # a dial layer's keep order (see quant.nested.nested_rank)
 
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:

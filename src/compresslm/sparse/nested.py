@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from compresslm.compressed import CompressedWeight
+from compresslm.compressed import CompressedWeight, DialMeta
 from compresslm.errors import CompressLMError
 from compresslm.quant.gptq import inverse_cholesky
 from compresslm.quant.grid import Grid, check_weight, fit_rows, quantize_codes, to_compressed
@@ -110,8 +110,8 @@ def nested_sparsegpt(
     meta = {
         "algorithm": "nested-sparsegpt", "grid": grid.describe(), "damp": damp, "damp_used": lam,
         "damp_retries": retries,
-        "dial": {"widths": [grid.bits], "active": grid.bits, "sparse": True, "levels": list(levels),
-                 "priorities": list(priorities), "order_block": block},
+        "dial": DialMeta(widths=(grid.bits,), active=grid.bits, sparse=True, levels=tuple(levels),
+                         priorities=tuple(priorities), order_block=block).to_dict(),
     }  # fmt: skip
     return dataclasses.replace(to_compressed(codes, scales, zeros, grid, meta), order=order.cpu())
 
@@ -133,7 +133,7 @@ def order_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None
     """Keep-mask for `sparsity` from a nested-sparse record's order (None at sparsity 0)."""
     if record.order is None:
         raise CompressLMError("this weight holds no nested sparsity order")
-    keep = kept_per_column(record.shape[1], record.meta["dial"]["order_block"], sparsity)
+    keep = kept_per_column(record.shape[1], record.dial.order_block, sparsity)
     if sparsity == 0.0:
         return None
     # the order is uint8 (ranks < 128 within a block) and so is every count kept: compare without widening
