@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from compresslm.cli import main
 from compresslm.models.loading import save_model
 from compresslm.models.tiny import tiny_model
 from compresslm.sweep.frontier import elasticity_table, pareto
-from compresslm.sweep.grid import BUILTIN, GridError, load_grid
+from compresslm.sweep.grid import BUILTIN, GridError, load_grid, upgrade_point_key
 from compresslm.sweep.runner import run_sweep
 from compresslm.sweep.store import ResultStore
 
@@ -413,4 +414,29 @@ def test_two_sweep_processes_split_a_grid(model_dir, tmp_path):
     assert sorted(measured) == sorted(points), logs  # each point once, by one of the two
     store = ResultStore(db)
     assert len(store.results()) == len(points) and store.unfinished() == []
+    store.close()
+
+
+def test_point_keys_are_versioned_and_keep_only_what_differs_from_defaults():
+    plain, budget = load_grid(
+        {"points": ["w4-g64-gptq", {"label": "b", "recipe": "w4-g64-gptq", "target_bits": 3.5}]}
+    ).points
+    key = json.loads(plain.key)
+    assert key == {"key_version": 2, "recipe": {"name": "w4-g64-gptq", "stages": [{"type": "quantize", "method": "gptq",
+                                                                                    "group_size": 64}]}}  # fmt: skip
+    assert json.loads(budget.key)["target_bits"] == 3.5
+    # a field added later with its default does not change a key: the keys list only what differs
+    assert "keep_zeros" not in plain.key and "separate_sparsity" not in plain.key
+
+
+def test_rows_stored_under_old_keys_are_upgraded(tmp_path):
+    point = load_grid({"points": ["w4-g64-rtn"]}).points[0]
+    old_key = json.dumps(point.recipe.to_dict(), sort_keys=True)  # how compresslm 0.2 keyed it
+    store = ResultStore(tmp_path / "r.sqlite")
+    assert store.claim("sha", "machine", old_key, "protocol", "grid", "w4", "2000-01-01") == "claimed"
+    store.finish("sha", "machine", old_key, "protocol", {"ppl": 1.0})
+    assert store.upgrade_keys(upgrade_point_key) == 1
+    assert store.is_done("sha", "machine", point.key, "protocol")
+    assert store.upgrade_keys(upgrade_point_key) == 0  # current keys stay
+    assert upgrade_point_key("not json") is None and upgrade_point_key(json.dumps({"stages": "x"})) is None
     store.close()

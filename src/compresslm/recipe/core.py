@@ -79,6 +79,18 @@ class Recipe:
     def kv_cache(self) -> KVCacheStage | None:
         return next((s for s in self.stages if s.type == "kv_cache"), None)
 
+    def key(self) -> dict:
+        """The recipe's identity as sweeps key it: every field that differs from its default (the stage
+        type and the name always). Adding a field with a default never changes an existing key."""
+        calibration = {k: v for k, v in dataclasses.asdict(self.calibration).items()
+                       if v != getattr(_DEFAULT_CALIBRATION, k)}  # fmt: skip
+        key: dict = {"name": self.name, "stages": [stage_key(stage) for stage in self.stages]}
+        if calibration:
+            key["calibration"] = calibration
+        if self.dense_dtype != "float16":
+            key["dense_dtype"] = self.dense_dtype
+        return key
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -111,6 +123,26 @@ class Recipe:
             dense_dtype=data.get("dense_dtype", "float16"),
         )
         return recipe.validate()
+
+
+_DEFAULT_CALIBRATION = CalibrationSettings()
+
+
+def stage_key(stage: Any) -> dict:
+    """A stage's fields that differ from their defaults (a field without a default always), and its type."""
+    data = {}
+    for f in dataclasses.fields(stage):
+        value = getattr(stage, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            data[f.name] = value
+            continue
+        if value != default:
+            data[f.name] = value
+    return {"type": stage.type, **data}
 
 
 def load_recipe(spec: str | dict | Recipe) -> Recipe:

@@ -94,8 +94,8 @@ class Targeted:
 
 
 def stage_dict(stage: Any) -> dict:
-    """A stage's fields as recorded in containers and sweep keys; fields listed in the class's
-    LATER_FIELDS are left out while at their default, so older records keep their exact text."""
+    """A stage's fields as recorded in containers; fields listed in the class's LATER_FIELDS are left
+    out while at their default, so older records keep their exact text."""
     data = dataclasses.asdict(stage)
     for name, default in getattr(stage, "LATER_FIELDS", {}).items():
         if name in data and data[name] == default:

@@ -120,8 +120,9 @@ class QuantizeStage(Targeted):
             except CompressLMError as exc:
                 raise RecipeError(f"{where}: separate_sparsity: {exc}") from None
 
-    # fields added after sweeps had recorded points, with their defaults: left out of the stage's dict
-    # while at the default, so recipes (and the sweep keys made from them) written before keep their text
+    # fields added after containers had been written, with their defaults: left out of the stored recipe
+    # while at the default, so the recipe text of older containers stays as it was (sweep keys do not need
+    # this: `Recipe.key` lists only fields that differ from their defaults)
     LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False}
 
     def to_dict(self) -> dict:

@@ -72,16 +72,41 @@ class SweepPoint:
 
     @property
     def key(self) -> str:
-        """What makes two points the same measurement (label aside)."""
-        recipe = self.recipe.to_dict() if self.recipe else None
+        """What makes two points the same measurement (label aside), versioned: `Recipe.key` (the fields
+        that differ from their defaults), the budget target or the dial setting."""
+        key: dict = {"key_version": KEY_VERSION, "recipe": self.recipe.key() if self.recipe else None}
         if self.target_bits:
-            key: dict = {"recipe": recipe, "target_bits": self.target_bits}
+            key["target_bits"] = self.target_bits
             if self.budget_sparsity is not None:
                 key["budget_sparsity"] = self.budget_sparsity
-            return json.dumps(key, sort_keys=True)
-        if self.dial:
-            return json.dumps({"recipe": recipe, "dial": self.dial}, sort_keys=True)
-        return json.dumps(recipe, sort_keys=True)
+        elif self.dial:
+            key["dial"] = self.dial
+        return json.dumps(key, sort_keys=True)
+
+
+KEY_VERSION = 2
+
+
+def upgrade_point_key(old: str) -> str | None:
+    """The current key of a point stored under a key of compresslm 0.2 or earlier (the full JSON of its
+    recipe: `null`, a recipe, or a recipe with `target_bits` or `dial`); None if it is current or unreadable."""
+    try:
+        data = json.loads(old)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(data, dict) and "key_version" in data:
+        return None
+    try:
+        if data is None:
+            return SweepPoint("", None).key
+        if isinstance(data, dict) and "stages" in data:
+            return SweepPoint("", Recipe.from_dict(data)).key
+        if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
+            recipe = Recipe.from_dict(data["recipe"])
+            return SweepPoint("", recipe, data.get("target_bits"), data.get("dial"), data.get("budget_sparsity")).key
+    except CompressLMError:
+        return None
+    return None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from compresslm.eval.stats import mean_stderr
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.loading import load_model
 from compresslm.progress import progress
-from compresslm.sweep.grid import Grid, SweepPoint
+from compresslm.sweep.grid import Grid, SweepPoint, upgrade_point_key
 from compresslm.sweep.store import ResultStore, machine_id, utc_now
 
 
@@ -134,6 +134,7 @@ def run_sweep(
     base = load_model(model)
     model_sha, machine, protocol_key = base.fingerprint(), machine_id(), _protocol_key(grid)
     store.adopt_model(base.weights_fingerprint(), model_sha)
+    store.upgrade_keys(upgrade_point_key)
     since = utc_now()
     todo = [p for p in grid.points if not store.is_done(model_sha, machine, p.key, protocol_key)]
     log(f"sweep '{grid.name}' on {model}: {len(grid.points) - len(todo)} of {len(grid.points)} points already done")

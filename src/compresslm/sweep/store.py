@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -107,6 +107,18 @@ class ResultStore:
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE points ADD COLUMN {column} {kind}")
         self._adopt_legacy_rows()
+
+    def upgrade_keys(self, upgrade: Callable[[str], str | None]) -> int:
+        """Re-key rows whose point key `upgrade` maps to a new one (keys of an older compresslm); returns
+        how many. A row whose new key is taken already stays as it was."""
+        changed = 0
+        with self.db:
+            for (old,) in self.db.execute("SELECT DISTINCT point_key FROM points").fetchall():
+                new = upgrade(old)
+                if new is not None and new != old:
+                    changed += self.db.execute("UPDATE OR IGNORE points SET point_key=? WHERE point_key=?",
+                                               (new, old)).rowcount  # fmt: skip
+        return changed
 
     def adopt_model(self, old_sha: str, model_sha: str) -> None:
         """Give rows keyed by a model's old hash (weights only, before compresslm 0.2) its current one."""
