@@ -58,8 +58,12 @@ def test_bad_train_recipes():
         train_recipe("qat-w9")
     with pytest.raises(CompressLMError, match="unknown field 'widht'"):
         train_recipe({"widht": [4]})
-    with pytest.raises(CompressLMError, match="width 7"):
+    with pytest.raises(CompressLMError, match="width=7 is not allowed; choose one of 2, 3, 4, 5, 6, 8"):
         train_recipe({"widths": [7]})
+    with pytest.raises(CompressLMError, match="widths='4' is not allowed; expected list"):
+        train_recipe({"widths": "4"})  # typed like every other recipe's fields
+    with pytest.raises(CompressLMError, match="group_size=0 is not allowed"):
+        train_recipe({"widths": [4], "group_size": 0})
     with pytest.raises(CompressLMError, match="random_precision needs"):
         train_recipe({"widths": [4], "random_precision": True})
     with pytest.raises(CompressLMError, match="dynamic_nm needs an nm pattern"):

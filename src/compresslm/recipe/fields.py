@@ -68,6 +68,9 @@ def build_options(kind: type, data: dict, where: str) -> Any:
             "bool": isinstance(value, bool),
             "str": isinstance(value, str),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "list[int]": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "list[float]": isinstance(value, list)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
         }.get(expected, True)
         if not ok:
             raise RecipeError(f"{where}: {key}={value!r} is not allowed; expected {expected}")

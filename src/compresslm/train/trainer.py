@@ -46,6 +46,7 @@ from compresslm.models.layout import discover_layout
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.loading import save_model
 from compresslm.progress import progress
+from compresslm.recipe.fields import build_options, check_bits, check_group, choice
 from compresslm.runtime.linear import replace_module
 from compresslm.train.fake import FakeQuantLinear, magnitude_mask, prune_schedule
 
@@ -81,20 +82,16 @@ class TrainRecipe:
 
     def validate(self) -> TrainRecipe:
         for bits in self.widths:
-            if bits not in (2, 3, 4, 5, 6, 8):
-                raise CompressLMError(f"train recipe: width {bits} is not allowed; choose 2, 3, 4, 5, 6 or 8")
+            choice("train recipe", "width", bits, (2, 3, 4, 5, 6, 8))
+        check_group("train recipe", "group", self.group_size)
         if self.random_precision and len(self.widths) < 2:
             raise CompressLMError("train recipe: random_precision needs at least two widths")
         if not 0.0 <= self.sparsity < 1.0:
             raise CompressLMError(f"train recipe: sparsity={self.sparsity} is not allowed; choose 0 to <1")
         if self.nm is not None and not (len(self.nm) == 2 and 0 < self.nm[0] < self.nm[1]):
             raise CompressLMError(f"train recipe: nm={self.nm} is not allowed; use [N, M] with 0 < N < M")
-        if self.schedule not in ("cubic", "linear", "cosine"):
-            raise CompressLMError(
-                f"train recipe: schedule='{self.schedule}' is not allowed; choose cubic, linear, cosine"
-            )
-        if self.act_bits and not 2 <= self.act_bits <= 8:
-            raise CompressLMError(f"train recipe: act_bits={self.act_bits} is not allowed; choose 0 (off) or 2 to 8")
+        choice("train recipe", "schedule", self.schedule, ("cubic", "linear", "cosine"))
+        check_bits("train recipe", self.act_bits, "act_bits", off=True)
         if self.dynamic_nm and self.nm is None:
             raise CompressLMError("train recipe: dynamic_nm needs an nm pattern such as [2, 4]")
         if self.lora_rank < 0 or self.nm_decay < 0 or self.hidden_weight < 0:
@@ -151,13 +148,7 @@ def train_recipe(spec: str | dict | TrainRecipe) -> TrainRecipe:
         import yaml
 
         spec = {"name": path.stem, **(yaml.safe_load(path.read_text(encoding="utf-8")) or {})}
-    fields = {f.name for f in dataclasses.fields(TrainRecipe)}
-    unknown = sorted(set(spec) - fields)
-    if unknown:
-        raise CompressLMError(
-            f"train recipe: unknown field '{unknown[0]}'; allowed fields: {', '.join(sorted(fields))}"
-        )
-    return TrainRecipe(**spec).validate()
+    return build_options(TrainRecipe, spec, "train recipe").validate()  # field names and types checked
 
 
 def _wrap(lm: LoadedModel, recipe: TrainRecipe) -> list[FakeQuantLinear]:
