@@ -204,6 +204,14 @@ def compress(
     """
     recipe = load_recipe(recipe)
     started = time.perf_counter()
+    transforms = {}
+    for stage in recipe.stages:  # whole-model transforms (registered role "model") before anything else
+        kind = kind_of(stage)
+        if kind.role == "model":
+            transforms[stage.type] = kind.apply(stage, lm)
+    if transforms:
+        lm.layout = discover_layout(lm.model)
+        lm.changed()
     targets: dict[str, tuple[LinearInfo, list]] = {}
     for info in lm.layout.linears():
         stages = _stages_for(recipe, info)
@@ -214,14 +222,6 @@ def compress(
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
     if recipe.kv_cache is not None:
         check_kv_support(lm.model)
-    transforms = {}
-    for stage in recipe.stages:  # whole-model transforms (registered role "model") before any calibration
-        kind = kind_of(stage)
-        if kind.role == "model":
-            transforms[stage.type] = kind.apply(stage, lm)
-    if transforms:
-        lm.layout = discover_layout(lm.model)
-        lm.changed()
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
 
     weights: dict[str, CompressedWeight] = {}
