@@ -441,8 +441,12 @@ def write_markdown(rows: dict, path: Path) -> None:
               "  hash differs whenever its logits do. The tokenizer is not part of the hash.", ""]  # fmt: skip
     first = next(iter(rows.values()))
     env = first["environment"]
+    runs: dict[tuple, list[str]] = {}  # parts may be rerun on their own: name each part's commit and date
+    for part, row in rows.items():
+        runs.setdefault((row["environment"]["commit"], row["date"]), []).append(part)
+    when = "; ".join(f"{', '.join(parts)} at {commit} on {date}" for (commit, date), parts in runs.items())
     lines.append(f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}, "
-                 f"Python {env['python']}, compresslm {env['compresslm']} ({env['commit']}). Run {first['date']}, "
+                 f"Python {env['python']}, compresslm {env['compresslm']}. Runs: {when}; "
                  "one torch thread, nothing else running.")  # fmt: skip
     problems = [p for row in rows.values() for p in row.get("problems", [])]
     problems += [p for row in rows.values() for d in row.get("containers", {}).values() for p in d.get("problems", [])]
