@@ -9,14 +9,13 @@ container computes bit for bit what the model computed right after compression.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
+from compresslm.quant.nested import dial_setting
 from compresslm.quant.smoothquant import fake_quantize_activations
 
 
@@ -46,24 +45,11 @@ class CompressedLinear(nn.Module):
         self.rank: torch.Tensor | None = None  # a dial layer's keep order (see quant.nested.nested_rank)
 
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
-        """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial)."""
-        from compresslm.quant.nested import nested_mask, nested_rank, slice_record, sparse_plane
-        from compresslm.sparse.nested import order_mask
-
+        """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial);
+        which record serves a setting is `quant.nested.dial_setting`'s to say."""
         if self.nested is None:
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
-        record = slice_record(self.nested, bits or self.nested.bits)
-        plane = sparse_plane(self.nested, record.bits, sparsity) if sparsity > 0 else None
-        if plane is not None and plane.mask is not None:  # this ratio, pruned on its own
-            record, mask = plane, plane.mask
-        elif plane is not None:  # values updated for nested sparsity, with their own order
-            record, mask = plane, order_mask(plane, sparsity)
-        else:
-            if sparsity > 0 and self.rank is None:  # the keep order, computed on the first sparse setting only
-                self.rank = nested_rank(self.nested)
-            mask = nested_mask(self.nested, sparsity, self.rank)
-        if mask is not None:
-            record = dataclasses.replace(record, mask=mask, nm=None)
+        record, self.rank = dial_setting(self.nested, bits or self.nested.bits, sparsity, self.rank)
         self.compressed = record
         self.weight = record.dequantize(self.weight.dtype).to(self.weight.device)
 
