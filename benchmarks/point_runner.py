@@ -169,6 +169,7 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
     parser.add_argument("--results", type=Path, default=results, help="the table's JSON/markdown path, no suffix")
     parser.add_argument("--plans-from", type=Path, help="a table's JSON: budget points reuse its rows' recipes")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON (run nothing)")
     args = parser.parse_args()
     if args.plans_from and not args.plans_from.is_file():
         parser.error(f"--plans-from {args.plans_from}: no such file")
@@ -181,7 +182,8 @@ def main(script: str, results: Path, default_points: list[str], write_markdown: 
 
     child = ["--model", args.model, "--limit", str(args.limit), "--device", args.device]
     child += ["--plans-from", str(args.plans_from)] if args.plans_from else []
-    rows = run_queue(script, args.results.with_suffix(".json"), args.points, child)
+    json_path = args.results.with_suffix(".json")
+    rows = load_rows(json_path) if args.report else run_queue(script, json_path, args.points, child)
     ordered = {name: rows[name] for name in [*default_points, *args.points, *rows] if name in rows}
     if ordered:
         # the float32 reference of another machine is not this table's: without a 'none' row, no Δ column
@@ -204,12 +206,14 @@ def table_main(
     for flag, kind, default in options:
         parser.add_argument(flag, type=kind, default=default)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one point, print its JSON row
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON (run nothing)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_point(args.one, args)))
         return None
     child = [part for flag, _, _ in options for part in (flag, str(getattr(args, flag[2:].replace("-", "_"))))]
-    rows = run_queue(script, Path(getattr(args, "results", None) or results).with_suffix(".json"), args.points, child)
+    json_path = Path(getattr(args, "results", None) or results).with_suffix(".json")
+    rows = load_rows(json_path) if args.report else run_queue(script, json_path, args.points, child)
     return {name: rows[name] for name in [*default_points, *rows] if name in rows}, args
 
 
@@ -222,8 +226,9 @@ def rss_cell(row: dict) -> str:
 
 
 def command_line(script: str) -> str:
-    """How this table was produced: the script and the arguments it was given."""
-    return shlex.join([".venv/bin/python", script, *sys.argv[1:]])
+    """How this table was produced: the script and the arguments it was given (`--report`, which only
+    rewrites the table, aside)."""
+    return shlex.join([".venv/bin/python", script, *(arg for arg in sys.argv[1:] if arg != "--report")])
 
 
 def commands(rows: dict, command: str) -> str:
