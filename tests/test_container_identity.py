@@ -41,7 +41,7 @@ PRESETS = [
     "50%-sparsegpt", "2:4-sparsegpt", "70%-sparsegpt-owl",
     "2:4-sparsegpt+w4-g16-gptq", "50%-sparsegpt+w4-g16-gptq", "w4-g16-gptq+50%-sparsegpt", "w4-g16-gptq+2:4-wanda",
     "w4-g16-gptq+emb8", "w3-g16-gptq+emb4", "w4-g16-rtn+kv4-g16", "w4-g16-gptq+kv2-g32-w32-s8-pre-rot",
-    "dial-g16", "dial-g16-shared", "dial-g16-rtn",
+    "dial-g16", "dial-g16-shared", "dial-g16-rtn", "w3-g16-gptq+lqer4", "w4-g16-rtn+lqer4-plain",
 ]  # fmt: skip
 
 # recipes written as data: SparseGPT then W8 quantized after it (a sweep grid's point), and a file-like dict

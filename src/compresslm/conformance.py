@@ -41,6 +41,7 @@ METHODS = {
     "SparseGPT": "50%-sparsegpt",
     "KV cache": "w8-g16-rtn+kv4-g16",
     "dial": "dial-g16",
+    "low-rank": "w4-g16-gptq+lqer4",
     "training": "qat-w4",
 }
 W8_BOUND = 0.1  # relative logits error of a W8 model against the float model

@@ -217,6 +217,9 @@ def compress(
         stages = _stages_for(recipe, info)
         if stages:
             targets[info.name] = (info, stages)
+        for stage in stages:  # a stage that can refuse a layer (a rank it cannot hold) does so before any compute
+            if callable(getattr(stage, "check_layer", None)):
+                stage.check_layer(info.name, (info.out_features, info.in_features))
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
     if not targets and not embedding_stages and recipe.kv_cache is None:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")

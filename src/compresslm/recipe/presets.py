@@ -42,6 +42,7 @@ _KV_PRESET = re.compile(
     r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
 )
+_LOWRANK_PRESET = re.compile(r"^lqer(?P<rank>\d+)(?P<plain>-plain)?$")
 _DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?(?P<shared>-shared)?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
@@ -103,8 +104,10 @@ def preset_dict(name: str) -> dict:
     `<ratio%|N:M>-<magnitude|wanda|sparsegpt>[-layer][-owl]` (`50%-wanda`, `2:4-sparsegpt`,
     `70%-wanda-owl`), a W8A8 preset, `emb8`/`emb4`, or a KV-cache part
     `kv<bits>[-g<tokens>][-w<window>][-s<sink tokens>][-pre][-rot][-kt]` (`w4-g64-gptq+kv4`,
-    `kv2-g64-w128`, `kv4-g128-s4-pre`; see KVCacheStage). `2:4-sparsegpt+w4-gptq` prunes, then
-    quantizes with the mask held; `w4-gptq+50%-wanda` quantizes, then prunes the quantized weights.
+    `kv2-g64-w128`, `kv4-g128-s4-pre`; see KVCacheStage), or a low-rank correction
+    `lqer<rank>[-plain]` after the others (`w4-g64-gptq+lqer16`: W ≈ Q + L·R fitted to the layer's
+    output; `-plain` fits the weights). `2:4-sparsegpt+w4-gptq` prunes, then quantizes with the
+    mask held; `w4-gptq+50%-wanda` quantizes, then prunes the quantized weights.
     """
     lowered = name.lower()
     stages: list[dict] = []
@@ -120,6 +123,9 @@ def preset_dict(name: str) -> dict:
             if match["kt"]:
                 kv["key_axis"] = "token"
             stages.append(kv)
+        elif match := _LOWRANK_PRESET.match(part):  # a rank-r correction of the error the stages before left
+            stage = {"type": "lowrank_compensation", "rank": int(match["rank"])}
+            stages.append({**stage, "whiten": False} if match["plain"] else stage)
         elif part in SMOOTHQUANT_PRESETS:
             stages.append(dict(SMOOTHQUANT_PRESETS[part]))
         elif match := _DIAL_PRESET.match(part):  # one artifact, 3/4/8 bits (see compresslm.dial)
@@ -133,11 +139,17 @@ def preset_dict(name: str) -> dict:
                 f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
                 "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
                 "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-shared, dial-g32-rtn, "
-                "with +emb8/+emb4 for the embedding (or give a YAML/JSON recipe file)"
+                "w4-g64-gptq+lqer16, with +emb8/+emb4 for the embedding (or give a YAML/JSON recipe file)"
             )
     if not stages:
         raise RecipeError(f"preset '{name}' names no quantization or pruning stage")
     kinds = [stage.get("type", "quantize") for stage in stages]
+    if "lowrank_compensation" in kinds and not {"quantize", "prune"} & set(kinds):
+        raise RecipeError(f"preset '{name}': a low-rank correction (lqer) needs a quantization or pruning part")
+    if "lowrank_compensation" in kinds and any(stage.get("nested_widths") for stage in stages):
+        raise RecipeError(f"preset '{name}': the dial's nested widths do not combine with a low-rank correction")
+    if kinds.count("lowrank_compensation") > 1:
+        raise RecipeError(f"preset '{name}' has more than one low-rank part")
     if "prune" in kinds and any(stage.get("nested_widths") for stage in stages):
         raise RecipeError(f"preset '{name}': the dial's nested widths do not combine with a pruning stage yet")
     if kinds.count("prune") > 1 or kinds.count("quantize") > 1 or kinds.count("kv_cache") > 1:

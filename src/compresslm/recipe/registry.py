@@ -16,7 +16,8 @@ using `recipe.fields`); the engine reaches a method only through its registratio
 
 An options class is a dataclass with a `type` field whose default is its registered name, a
 `validate(where)` method and, for linear stages, `targets`/`ignore` fields with `applies_to(role,
-name)` (mix in `recipe.fields.Targeted`) and a `needs_calibration` attribute. How to add a method,
+name)` (mix in `recipe.fields.Targeted`) and a `needs_calibration` attribute; optionally
+`check_layer(name, (out, in))`, which the engine calls for every targeted layer before any compute. How to add a method,
 step by step: docs/architecture.md.
 """
 
