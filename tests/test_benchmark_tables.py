@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIAL_ARTIFACT = "/work/sweep-full/containers/dial-ef33fe8ca178.clm"  # named in the table's command; not read
 
 TABLES = {
-    "quant_table": ["quant_table.py", "--points", "w8-rtn"],
+    "quant_table": ["quant_table.py", "--points", "w3-g64-gptq+lqer8", "w4-g64-gptq+lqer8", "w2-g64-gptq+lqer8"],
     "quant_table_full": ["quant_table.py", "--limit", "148", "--results", "benchmarks/results/quant_table_full",
                          "--plans-from", "benchmarks/results/quant_table.json", "--points", "none",
                          "w4-g64-gptq-awq@4.6"],
