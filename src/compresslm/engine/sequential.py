@@ -290,29 +290,12 @@ def compress(
                 stream_stats, _ = collect_statistics(block, stream, run_device)
                 stream_hessians[key] = {info.name: stream_stats.hessian(info.name) for info, _ in block_targets}
             for info, stages in block_targets:
-                t0 = time.perf_counter()
-                hessian = hessians.get(info.name)
-                original = dense_weight(info.module, info.transposed).float()
                 pattern = _pattern_for(_prune_stage(stages), block.name, allocation)
-                chain = stream_hessians.get("chain", {}).get(info.name)
-                pruned = {r: stream_hessians[r][info.name] for r in ratios if r in stream_hessians}
-                built_in = [s for s in stages if kind_of(s).apply is None]
-                record = None
-                if built_in:
-                    record = compress_weight(info.name, original, built_in, hessian, pattern, chain, pruned)
-                record = _apply_stages(info.name, original, stages, hessian, record)
+                streams_of = {key: hessians_of[info.name] for key, hessians_of in stream_hessians.items()}
+                record, layer = _compress_linear(lm, info, stages, hessians.get(info.name), pattern, streams_of,
+                                                 stats, input_scales)  # fmt: skip
                 weights[info.name] = record
-                new = _replace(lm, info, record)
-                if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
-                    new.dial(min(record.dial.widths))
-                rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
-                quant = _quant_stage(stages)
-                if quant is not None and quant.act_bits:
-                    static = _static_activation_scale(info, quant, stats, input_scales)
-                    new.set_activation_quantization(quant.act_bits, quant.act_granularity, static)
-                seconds = time.perf_counter() - t0
-                method, grid = describe_stages(stages, pattern)
-                layers.append(LayerReport(info.name, info.role, method, grid, rel, seconds, record.meta))
+                layers.append(layer)
             for key in streams:  # the same block with its dial layers at the stream's setting
                 dial_layers = [m for m in block.module.modules() if isinstance(m, CompressedLinear) and m.nested]
                 for module in dial_layers:
@@ -342,6 +325,42 @@ def compress(
         info["activation_quantization"] = "simulated (quantize-dequantize in float; no int8 kernel used)"
     seconds = time.perf_counter() - started
     return CompressionResult(weights, layers, recipe, calib_protocol, seconds, info, embeddings)
+
+
+def _compress_linear(
+    lm: LoadedModel,
+    info: LinearInfo,
+    stages: list,
+    hessian: torch.Tensor | None,
+    pattern: SparsityPattern | None,
+    stream_hessians: dict[str | float, torch.Tensor],
+    stats: BlockStatistics | None,
+    input_scales: dict[str, torch.Tensor],
+) -> tuple[CompressedWeight, LayerReport]:
+    """One linear: its record from the built-in and the registered stages, swapped into the model as a
+    CompressedLinear (at the dial's narrowest width, with its activation grid), and its report line.
+
+    `stream_hessians` are the dial's other calibration streams: the chain's ("chain") and each
+    separately pruned ratio's.
+    """
+    started = time.perf_counter()
+    original = dense_weight(info.module, info.transposed).float()
+    chain = stream_hessians.get("chain")
+    pruned = {key: h for key, h in stream_hessians.items() if key != "chain"}
+    built_in = [stage for stage in stages if kind_of(stage).apply is None]
+    record = compress_weight(info.name, original, built_in, hessian, pattern, chain, pruned) if built_in else None
+    record = _apply_stages(info.name, original, stages, hessian, record)
+    new = _replace(lm, info, record)
+    if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
+        new.dial(min(record.dial.widths))
+    rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
+    quant = _quant_stage(stages)
+    if quant is not None and quant.act_bits:
+        static = _static_activation_scale(info, quant, stats, input_scales)
+        new.set_activation_quantization(quant.act_bits, quant.act_granularity, static)
+    method, grid = describe_stages(stages, pattern)
+    seconds = time.perf_counter() - started
+    return record, LayerReport(info.name, info.role, method, grid, rel, seconds, record.meta)
 
 
 def _dial_to_stream(module: CompressedLinear, key: str | float) -> None:
