@@ -89,6 +89,17 @@ def _digests(path: Path) -> dict:
     return {"header": hashlib.sha256(text.encode()).hexdigest(), "blobs": hashlib.sha256(blobs).hexdigest()}
 
 
+def _check(key: str, path: Path, recorded: dict) -> None:
+    """Record the container's digests under `key`, or require the recorded ones."""
+    found = _digests(path)
+    if RECORD:
+        recorded[key] = found
+        return
+    assert key in recorded, f"{key} has no recorded digests; record them (see the module docstring)"
+    changed = [part for part in found if found[part] != recorded[key][part]]
+    assert not changed, f"{key}: the container's {' and '.join(changed)} changed"
+
+
 def _recipe(case: str, lm: LoadedModel):
     if case.startswith("budget:"):
         name, bits = case.removeprefix("budget:").split("@")
@@ -126,13 +137,7 @@ def test_container_bytes_are_unchanged(case, recorded, tokenizer, tmp_path, one_
     settings = recipe.calibration
     calib = calibration_windows(tokenizer, settings.source, settings.samples, settings.length, settings.seed)
     compress(lm, recipe, tmp_path / "m.clm", calibration=calib, show_progress=False)
-    found = _digests(tmp_path / "m.clm")
-    if RECORD:
-        recorded[case] = found
-        return
-    assert case in recorded, f"{case} has no recorded digests; record them (see the module docstring)"
-    changed = [part for part in found if found[part] != recorded[case][part]]
-    assert not changed, f"{case}: the container's {' and '.join(changed)} changed"
+    _check(case, tmp_path / "m.clm", recorded)
 
 
 # training exports: QAT at one width, random precision at two (one container each), learned widths
@@ -151,10 +156,4 @@ def test_training_exports_are_unchanged(case, recorded, tokenizer, tmp_path, one
     summary = train(lm, recipe, 4, tmp_path / "out", show_progress=False)
     containers = summary.get("containers") or {recipe.widths[0]: summary["container"]}
     for bits, path in sorted(containers.items()):
-        found, key = _digests(Path(path)), f"{case}@{bits}"
-        if RECORD:
-            recorded[key] = found
-            continue
-        assert key in recorded, f"{key} has no recorded digests; record them (see the module docstring)"
-        changed = [part for part in found if found[part] != recorded[key][part]]
-        assert not changed, f"{key}: the container's {' and '.join(changed)} changed"
+        _check(f"{case}@{bits}", Path(path), recorded)

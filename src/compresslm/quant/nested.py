@@ -29,7 +29,6 @@ from compresslm.compressed import CompressedWeight, DialMeta, expand_groups, num
 from compresslm.errors import CompressLMError
 from compresslm.quant.gptq import GPTQOptions, inverse_cholesky
 from compresslm.quant.grid import check_weight
-from compresslm.sparse.nested import order_mask
 
 _MIN_SCALE = 2.0**-18  # float16 keeps a few bits of it, and 2^6 times it stays finite
 
@@ -334,30 +333,6 @@ def nested_rank(record: CompressedWeight) -> torch.Tensor:
     rank = torch.empty(out_f, in_f, dtype=dtype, device=order.device)
     rank.scatter_(1, order, torch.arange(in_f, dtype=dtype, device=order.device).expand(out_f, in_f))
     return rank
-
-
-def dial_setting(
-    nested: CompressedWeight, bits: int, sparsity: float = 0.0, rank: torch.Tensor | None = None
-) -> tuple[CompressedWeight, torch.Tensor | None]:
-    """The record a dial weight serves at `bits` and `sparsity`, and the keep order used (for reuse).
-
-    Sparsity comes from a ratio pruned on its own where the record holds one, else from the
-    nested-sparse plane at or above its lowest level, else from one fixed order of the widest
-    width's weights (`nested_rank`, computed on the first sparse setting and returned for reuse).
-    """
-    record = slice_record(nested, bits)
-    plane = sparse_plane(nested, record.bits, sparsity) if sparsity > 0 else None
-    if plane is not None and plane.mask is not None:  # this ratio, pruned on its own
-        record, mask = plane, plane.mask
-    elif plane is not None:  # values updated for nested sparsity, with their own order
-        record, mask = plane, order_mask(plane, sparsity)
-    else:
-        if sparsity > 0 and rank is None:
-            rank = nested_rank(nested)
-        mask = nested_mask(nested, sparsity, rank)
-    if mask is not None:
-        record = dataclasses.replace(record, mask=mask, nm=None)
-    return record, rank
 
 
 def nested_mask(record: CompressedWeight, sparsity: float, rank: torch.Tensor | None = None) -> torch.Tensor | None:

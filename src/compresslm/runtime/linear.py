@@ -15,8 +15,8 @@ from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
-from compresslm.quant.nested import dial_setting
 from compresslm.quant.smoothquant import fake_quantize_activations
+from compresslm.sparse.nested import dial_setting
 
 
 class CompressedLinear(nn.Module):
@@ -46,7 +46,7 @@ class CompressedLinear(nn.Module):
 
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
         """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial);
-        which record serves a setting is `quant.nested.dial_setting`'s to say."""
+        which record serves a setting is `sparse.nested.dial_setting`'s to say."""
         if self.nested is None:
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
         record, self.rank = dial_setting(self.nested, bits or self.nested.bits, sparsity, self.rank)

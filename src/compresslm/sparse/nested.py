@@ -22,6 +22,7 @@ from compresslm.compressed import CompressedWeight, DialMeta
 from compresslm.errors import CompressLMError
 from compresslm.quant.gptq import inverse_cholesky
 from compresslm.quant.grid import Grid, check_weight, fit_rows, quantize_codes, to_compressed
+from compresslm.quant.nested import nested_mask, nested_rank, slice_record, sparse_plane
 
 
 def check_levels(levels: list[float] | tuple[float, ...], priorities: list[float] | tuple[float, ...]) -> None:
@@ -138,3 +139,27 @@ def order_mask(record: CompressedWeight, sparsity: float) -> torch.Tensor | None
         return None
     # the order is uint8 (ranks < 128 within a block) and so is every count kept: compare without widening
     return record.order < keep.to(device=record.order.device, dtype=torch.uint8)[None, :]
+
+
+def dial_setting(
+    nested: CompressedWeight, bits: int, sparsity: float = 0.0, rank: torch.Tensor | None = None
+) -> tuple[CompressedWeight, torch.Tensor | None]:
+    """The record a dial weight serves at `bits` and `sparsity`, and the keep order used (for reuse).
+
+    Sparsity comes from a ratio pruned on its own where the record holds one, else from the
+    nested-sparse plane at or above its lowest level, else from one fixed order of the widest
+    width's weights (`nested_rank`, computed on the first sparse setting and returned for reuse).
+    """
+    record = slice_record(nested, bits)
+    plane = sparse_plane(nested, record.bits, sparsity) if sparsity > 0 else None
+    if plane is not None and plane.mask is not None:  # this ratio, pruned on its own
+        record, mask = plane, plane.mask
+    elif plane is not None:  # values updated for nested sparsity, with their own order
+        record, mask = plane, order_mask(plane, sparsity)
+    else:
+        if sparsity > 0 and rank is None:
+            rank = nested_rank(nested)
+        mask = nested_mask(nested, sparsity, rank)
+    if mask is not None:
+        record = dataclasses.replace(record, mask=mask, nm=None)
+    return record, rank
