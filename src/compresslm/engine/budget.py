@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -47,6 +45,7 @@ from compresslm.engine.linear_stages import compress_weight
 from compresslm.errors import CompressLMError
 from compresslm.formats.header_check import align
 from compresslm.formats.sizes import planned_nbytes
+from compresslm.models.assemble import tokenizer_files
 from compresslm.models.loaded import LoadedModel
 from compresslm.quant.allocation import allocate
 from compresslm.quant.gptq import hessian_from_inputs
@@ -105,10 +104,7 @@ def _fixed_bytes(lm: LoadedModel, quantized: set[str], dense_bytes: int) -> int:
         if key in quantized:
             continue
         total += align(tensor.numel() * (dense_bytes if tensor.is_floating_point() else tensor.element_size()))
-    if lm.tokenizer is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            lm.tokenizer.save_pretrained(tmp)
-            total += sum(align(f.stat().st_size) for f in Path(tmp).iterdir() if f.is_file())
+    total += sum(align(len(data)) for data in tokenizer_files(lm.tokenizer).values())  # what the container stores
     names = sum(len(key) + 4 for key in quantized)
     header = HEADER_BYTES_FIXED + len(json.dumps(lm.model.config.to_dict())) + HEADER_BYTES_PER_LINEAR * len(quantized)
     header += names

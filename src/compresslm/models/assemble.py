@@ -70,12 +70,13 @@ def save_compressed(
     )
     return write_container(
         path, config=config, linears=weights, activations=activations, embeddings=embeddings, dense=dense,
-        aliases=aliases, tokenizer_files=_tokenizer_files(lm.tokenizer), parameters=parameters,
+        aliases=aliases, tokenizer_files=tokenizer_files(lm.tokenizer), parameters=parameters,
         dense_dtype=dense_dtype, metadata=metadata,
     )  # fmt: skip
 
 
-def _tokenizer_files(tokenizer: object | None) -> dict[str, bytes]:
+def tokenizer_files(tokenizer: object | None) -> dict[str, bytes]:
+    """The files a container stores for `tokenizer` (name -> bytes), as its `save_pretrained` writes them."""
     if tokenizer is None:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
