@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ import torch
 
 from compresslm.compressed import CompressedWeight, DialMeta, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError
-from compresslm.fileio import atomic_path
+from compresslm.fileio import atomic_path, temp_sibling
 from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
 from compresslm.formats.sizes import mask_encoding, record_nbytes
@@ -59,8 +60,10 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 class _BlobWriter:
-    def __init__(self) -> None:
-        self.blobs: list[bytes] = []
+    """Appends blobs to an open file as they come, each zero-padded to 64, and indexes them."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
         self.index: dict[str, dict] = {}
         self.offset = 0
 
@@ -73,7 +76,7 @@ class _BlobWriter:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         padding = align(len(data)) - len(data)
-        self.blobs.append(data + b"\0" * padding)
+        self.handle.write(data + b"\0" * padding)
         self.offset += len(data) + padding
         return key
 
@@ -168,6 +171,110 @@ def _alternate_name(name: str, alt: CompressedWeight) -> str:
     return f"{name}.w{alt.bits}" + (f".s{round(ratio * 1000)}" if ratio is not None else "")
 
 
+class ContainerWriter:
+    """A container written in one pass: compressed linears as they come, everything else at the end.
+
+    A model streamed block by block hands each block's records over and forgets them, so no more
+    than one block's records are ever held. Blobs go to a temporary spill file beside the target
+    as they arrive; `finish` writes the header, then the spill's bytes, to the target atomically,
+    so a failure at any point (a full disk included) leaves any existing file at the target as it
+    was. Blobs are laid out in the order: linears, embeddings, dense tensors, tokenizer files.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.target = Path(path).expanduser()
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._spill_path = temp_sibling(self.target)
+        try:
+            self._spill = self._spill_path.open("w+b")
+        except OSError as exc:
+            raise CompressLMError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+        self._blobs = _BlobWriter(self._spill)
+        self.linears: dict[str, dict] = {}
+        self.linear_parameters = 0
+
+    def add_linear(self, name: str, record: CompressedWeight, activation: dict | None = None) -> None:
+        """Store one compressed linear (and its simulated activation grid, or None)."""
+        entry = self._guarded(_write_record, self._blobs, name, record)
+        entry["activation"] = activation
+        self.linears[name] = entry
+        self.linear_parameters += record.out_features * record.in_features
+
+    def finish(
+        self,
+        *,
+        config: dict,
+        embeddings: dict[str, CompressedWeight],
+        dense: dict[str, torch.Tensor],
+        aliases: dict[str, str],
+        tokenizer_files: dict[str, bytes],
+        parameters: int,
+        dense_dtype: str,
+        metadata: dict | None = None,
+    ) -> dict:
+        """Write the rest and the header, move the file into place and return its summary.
+
+        `dense` tensors are written as given (the caller stores them in `dense_dtype`), in their order;
+        `aliases` name tensors stored under another key (a tied lm_head).
+        """
+        try:
+            embedding_entries = {name: self._guarded(_write_record, self._blobs, name, record)
+                                 for name, record in embeddings.items()}  # fmt: skip
+            dense_entries = {}
+            for key, tensor in dense.items():
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                dense_entries[key] = self._guarded(self._blobs.add, f"dense/{key}", _tensor_bytes(tensor), dtype,
+                                                   list(tensor.shape))  # fmt: skip
+            tokenizer_entries = {}
+            for name, data in tokenizer_files.items():
+                if name not in TOKENIZER_FILES:  # readers accept only these names: fail now, not at load
+                    raise CompressLMError(
+                        f"the tokenizer writes {name}, which containers do not store "
+                        f"(they hold {', '.join(sorted(TOKENIZER_FILES))})"
+                    )
+                tokenizer_entries[name] = self._guarded(self._blobs.add, f"tokenizer/{name}", data, "bytes", [])
+            header = {
+                "format": "compresslm-container",
+                "format_version": FORMAT_VERSION,
+                "config": config,
+                "linears": self.linears,
+                "embeddings": embedding_entries,
+                "dense": dense_entries,
+                "aliases": aliases,
+                "tokenizer_files": tokenizer_entries,
+                "blobs": self._blobs.index,
+                "parameters": parameters,
+                "linear_parameters": self.linear_parameters,
+                "dense_dtype": dense_dtype,
+                "versions": versions(),
+                **(metadata or {}),
+            }
+            with atomic_path(self.target) as tmp, tmp.open("wb") as handle:
+                handle.write(encode_header(header))
+                self._spill.flush()
+                self._spill.seek(0)
+                shutil.copyfileobj(self._spill, handle, 1 << 24)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise CompressLMError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+        finally:
+            self.abort()
+        return container_summary(self.target)
+
+    def abort(self) -> None:
+        """Drop what was spilled; the target is left as it was."""
+        self._spill.close()
+        self._spill_path.unlink(missing_ok=True)
+
+    def _guarded(self, write, *args):
+        try:
+            return write(*args)
+        except OSError as exc:
+            self.abort()
+            raise CompressLMError(f"cannot write {self.target}: {exc.strerror or exc}") from None
+
+
 def write_container(
     path: str | os.PathLike,
     *,
@@ -184,56 +291,19 @@ def write_container(
 ) -> dict:
     """Write records, dense tensors and tokenizer files to a `.clm` file atomically; return its summary.
 
-    `dense` tensors are written as given (the caller stores them in `dense_dtype`), in their order;
-    `aliases` name tensors stored under another key (a tied lm_head); `activations` is each linear's
-    simulated activation grid (or None). Blobs are laid out in the order: linears, embeddings,
-    dense tensors, tokenizer files.
+    `activations` is each linear's simulated activation grid (or None); see `ContainerWriter` for the rest.
     """
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    writer = _BlobWriter()
-    linear_entries = {name: _write_record(writer, name, record) for name, record in linears.items()}
-    for name, entry in linear_entries.items():
-        entry["activation"] = activations.get(name)
-    embedding_entries = {name: _write_record(writer, name, record) for name, record in embeddings.items()}
-    dense_entries = {}
-    for key, tensor in dense.items():
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        dense_entries[key] = writer.add(f"dense/{key}", _tensor_bytes(tensor), dtype, list(tensor.shape))
-    tokenizer_entries = {}
-    for name, data in tokenizer_files.items():
-        if name not in TOKENIZER_FILES:  # readers accept only these names: fail now, not at load
-            raise CompressLMError(
-                f"the tokenizer writes {name}, which containers do not store "
-                f"(they hold {', '.join(sorted(TOKENIZER_FILES))})"
-            )
-        tokenizer_entries[name] = writer.add(f"tokenizer/{name}", data, "bytes", [])
-    header = {
-        "format": "compresslm-container",
-        "format_version": FORMAT_VERSION,
-        "config": config,
-        "linears": linear_entries,
-        "embeddings": embedding_entries,
-        "dense": dense_entries,
-        "aliases": aliases,
-        "tokenizer_files": tokenizer_entries,
-        "blobs": writer.index,
-        "parameters": parameters,
-        "linear_parameters": sum(r.out_features * r.in_features for r in linears.values()),
-        "dense_dtype": dense_dtype,
-        "versions": versions(),
-        **(metadata or {}),
-    }
+    writer = ContainerWriter(path)
     try:
-        with atomic_path(target) as tmp, tmp.open("wb") as handle:
-            handle.write(encode_header(header))
-            for blob in writer.blobs:
-                handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as exc:
-        raise CompressLMError(f"cannot write {target}: {exc.strerror or exc}") from None
-    return container_summary(target)
+        for name, record in linears.items():
+            writer.add_linear(name, record, activations.get(name))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish(
+        config=config, embeddings=embeddings, dense=dense, aliases=aliases, tokenizer_files=tokenizer_files,
+        parameters=parameters, dense_dtype=dense_dtype, metadata=metadata,
+    )  # fmt: skip
 
 
 def encode_header(header: dict) -> bytes:

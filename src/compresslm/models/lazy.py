@@ -1,0 +1,207 @@
+"""Models whose weights stay on disk until a block needs them.
+
+A model larger than memory cannot be loaded and then walked: its skeleton is built on the meta
+device (no memory), the parts outside the decoder blocks (embeddings, final norm, head) are read at
+once, and each block's tensors are read from the memory-mapped safetensors shards when a walk
+reaches the block and dropped back to the meta device when it is done. Only one block's weights
+are then resident at a time; `LazyWeights.resident` says which, so tests count instead of timing.
+
+The shard index is a file from someone else: shard names must be plain file names inside the model
+directory, every shard must open, and every tensor the model needs must be present with the
+shape the config implies, all checked before the first block is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compresslm.errors import CompressLMError, CorruptFileError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def is_safetensors_dir(path: Path) -> bool:
+    """True for a model directory whose weights are safetensors (one file or an indexed set of shards)."""
+    return (path / "config.json").is_file() and ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file())
+
+
+class ShardedTensors:
+    """The tensors of a safetensors model directory by name, each read on its own from its shard."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self.directory = directory
+        indexed = self._index(directory)
+        self._handles = {}
+        for shard in sorted(set(indexed.values())) if indexed else [SINGLE_FILE]:
+            file = directory / shard
+            if not file.is_file():
+                raise CorruptFileError(f"{directory}: shard {shard} is missing")
+            try:
+                self._handles[shard] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors raises its own error class on a damaged header
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CorruptFileError(f"{file} is a corrupt or truncated safetensors file: {reason}") from None
+        self.shard_of = {name: shard for shard, handle in self._handles.items() for name in handle.keys()}
+        misplaced = sorted(name for name, shard in indexed.items() if self.shard_of.get(name) != shard)
+        if misplaced:
+            raise CorruptFileError(f"{directory}: {INDEX_FILE} places {misplaced[0]} in a shard that does not hold it")
+
+    @staticmethod
+    def _index(directory: Path) -> dict[str, str]:
+        """The index's tensor -> shard map ({} for a single-file model); shard names must be plain file names."""
+        index = directory / INDEX_FILE
+        if not index.is_file():
+            if not (directory / SINGLE_FILE).is_file():
+                raise CorruptFileError(f"{directory} holds no {SINGLE_FILE} or {INDEX_FILE}")
+            return {}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CorruptFileError(f"{index} is not a safetensors index ({exc})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptFileError(f"{index}: weight_map is not a non-empty mapping")
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise CorruptFileError(f"{index}: the shard of {name!r} is not a plain file name ({shard!r})")
+        return weight_map
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handles[self.shard_of[name]].get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self.shard_of[name]].get_tensor(name)
+        except Exception as exc:  # a shard truncated after it was opened
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(f"{self.directory}: cannot read {name} from {self.shard_of[name]}: {reason}") from None
+
+
+def _stored_tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, nn.Module, str, bool]]:
+    """(name under `module`, owning module, attribute, is parameter) of every tensor a checkpoint stores for it."""
+    found = []
+    for module_name, sub in module.named_modules() if recurse else [("", module)]:
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in sub._parameters.items():
+            if param is not None:
+                found.append((prefix + attr, sub, attr, True))
+        for attr, buffer in sub._buffers.items():
+            if buffer is not None and attr not in sub._non_persistent_buffers_set:
+                found.append((prefix + attr, sub, attr, False))
+    return found
+
+
+class LazyWeights:
+    """Reads a lazily built model's tensors into it, one module at a time, and drops them again.
+
+    `prepare` runs on each module right after its tensors are read (the engine rounds dense tensors
+    there, as it does for a resident model before compressing).
+    """
+
+    def __init__(self, tensors: ShardedTensors, dtype: torch.dtype, device: torch.device, tied: set[str]) -> None:
+        self.tensors, self.dtype, self.device, self.tied = tensors, dtype, device, tied
+        self.resident: set[str] = set()  # names of the blocks whose weights are in memory now
+        self.most_resident = 0  # the most blocks resident at once so far
+        self.prepare: Callable[[nn.Module], None] | None = None
+
+    def check(self, model: nn.Module) -> None:
+        """Every tensor the model stores must be in the checkpoint with its shape: said before any is read."""
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in self.tied:
+                continue
+            if name not in self.tensors.shard_of:
+                raise CorruptFileError(f"{self.tensors.directory}: the checkpoint has no tensor {name}")
+            stored = self.tensors.shape(name)
+            if stored != list(tensor.shape):
+                raise CorruptFileError(
+                    f"{self.tensors.directory}: {name} is {stored} in the checkpoint, the config asks for {list(tensor.shape)}"
+                )
+
+    def materialize(self, module: nn.Module, prefix: str, block: bool = True) -> None:
+        """Read every stored tensor of `module` (named `prefix` in the model) that is still on the meta device.
+
+        A `block` is counted resident until `release`; other modules (outside the blocks) get only their
+        own tensors, not their children's.
+        """
+        for name, owner, attr, is_param in _stored_tensors(module, recurse=block):
+            current = (owner._parameters if is_param else owner._buffers)[attr]
+            full = f"{prefix}.{name}" if prefix else name
+            if current.device.type != "meta" or full in self.tied:
+                continue
+            tensor = self.tensors.read(full)
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise CorruptFileError(
+                        f"{self.tensors.directory} has non-finite weights: {full} holds {bad:,} NaN or infinite values"
+                    )
+            tensor = tensor.to(self.device)
+            if is_param:
+                owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                owner._buffers[attr] = tensor
+        if self.prepare is not None:
+            self.prepare(module)
+        if block:
+            self.resident.add(prefix)
+            self.most_resident = max(self.most_resident, len(self.resident))
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        """Put the block's tensors back on the meta device (compressed linears' dequantized weights too)."""
+        for _, sub in module.named_modules():
+            for attr, param in sub._parameters.items():
+                if param is not None:
+                    sub._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
+            for attr, buffer in sub._buffers.items():
+                if buffer is not None and (attr not in sub._non_persistent_buffers_set or hasattr(sub, "compressed")):
+                    sub._buffers[attr] = buffer.to("meta")
+            if hasattr(sub, "compressed"):  # a CompressedLinear: its record has gone to the container
+                sub.compressed = sub.nested = None
+        self.resident.discard(prefix)
+
+
+def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, LazyWeights]:
+    """The model of a safetensors directory on the meta device, with everything outside its blocks read.
+
+    Returns the model and its `LazyWeights`; the caller discovers the layout and reads blocks as it
+    walks them.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tensors = ShardedTensors(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except CompressLMError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressLMError(f"cannot build {directory} for streaming: {reason}") from None
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    lazy = LazyWeights(tensors, dtype, device, tied)
+    lazy.check(model)
+    return model.eval(), lazy
+
+
+def materialize_outside_blocks(model: nn.Module, lazy: LazyWeights, blocks: list[str]) -> None:
+    """Read every tensor that is not inside a decoder block, then tie the head to the embedding again."""
+    inside = tuple(f"{name}." for name in blocks)
+    for name, sub in model.named_modules():
+        if name in blocks or name.startswith(inside):
+            continue
+        lazy.materialize(sub, name, block=False)
+    model.tie_weights()
+
+
+def resident_blocks(lazy: LazyWeights | None) -> int:
+    return 0 if lazy is None else len(lazy.resident)
