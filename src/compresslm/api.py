@@ -9,8 +9,9 @@ from compresslm.data.calibration import CalibrationSet
 from compresslm.engine.budget import BudgetTarget
 from compresslm.engine.sequential import CompressionResult
 from compresslm.engine.sequential import compress as _compress_in_place
+from compresslm.errors import CompressLMError
 from compresslm.fileio import check_writable_file
-from compresslm.models.assemble import save_compressed
+from compresslm.models.assemble import StreamingSave, save_compressed
 from compresslm.models.loaded import LoadedModel, check_finite
 from compresslm.models.loading import load_model
 from compresslm.recipe import Recipe, load_recipe
@@ -26,6 +27,7 @@ def compress(
     show_progress: bool = True,
     stats_cache: str | os.PathLike | None = None,
     target: BudgetTarget | None = None,
+    stream: bool = False,
 ) -> tuple[LoadedModel, CompressionResult, dict | None]:
     """Compress a model (a source or a LoadedModel, changed in place) and optionally write a `.clm`.
 
@@ -34,9 +36,15 @@ def compress(
     with `calibration.propagate: original` keep and reuse their calibration statistics.
     `target`: a size to fit; the budget solver turns `recipe` (one quantize stage) into per-layer
     widths first (`result.plan`), and the written file is checked against the target.
+    `stream`: read the model block by block from disk (`load_model(..., lazy=True)`) and write each
+    block's records as they are made, so a model larger than memory compresses with one block
+    resident; the container is byte for byte the one the resident path writes. The returned model
+    is then spent (its blocks are not in memory): load the container to use it.
     """
     if output is not None:
         check_writable_file(output)  # before any compute: a bad path fails now, not after calibration
+    if stream:
+        return _compress_streaming(model, recipe, output, calibration, device, show_progress, stats_cache, target)
     if isinstance(model, LoadedModel):
         lm = model
         check_finite(lm.model, lm.source)  # load_model checks what it loads; an in-memory model is checked here
@@ -54,16 +62,49 @@ def compress(
     lm.compressed = {**result.weights, **result.embeddings}
     summary = None
     if output is not None:
-        metadata = {
-            "recipe": result.recipe.to_dict(),
-            "calibration": result.calibration,
-            "source_model": source,
-            "layers": [asdict(layer) for layer in result.layers],
-            "compression_seconds": result.seconds,
-        }
-        summary = save_compressed(
-            lm, result.weights, output, metadata, dense_dtype=result.recipe.dense_dtype, embeddings=result.embeddings
-        )
+        summary = save_compressed(lm, result.weights, output, _metadata(result, source),
+                                  dense_dtype=result.recipe.dense_dtype, embeddings=result.embeddings)  # fmt: skip
         if plan is not None:
             target.check(plan, summary)
     return lm, result, summary
+
+
+def _compress_streaming(
+    model: str | os.PathLike | LoadedModel,
+    recipe: str | dict | Recipe,
+    output: str | os.PathLike | None,
+    calibration: CalibrationSet | None,
+    device: str | None,
+    show_progress: bool,
+    stats_cache: str | os.PathLike | None,
+    target: BudgetTarget | None,
+) -> tuple[LoadedModel, CompressionResult, dict]:
+    if output is None:
+        raise CompressLMError("streaming compression writes a container as it goes: give an output path")
+    if target is not None:
+        raise CompressLMError("a size target plans on the whole model in memory; it does not stream yet")
+    recipe = load_recipe(recipe)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, lazy=True)
+    if lm.lazy is None:
+        raise CompressLMError(f"{lm.source} does not stream: only safetensors directories and GGUF files do")
+    source = lm.describe()
+    sink = StreamingSave(output, recipe.dense_dtype)
+    try:
+        result = _compress_in_place(lm, recipe, calibration=calibration, device=device, show_progress=show_progress,
+                                    stats_cache=stats_cache, sink=sink)  # fmt: skip
+    except BaseException:
+        sink.abort()
+        raise
+    summary = sink.finish(lm, result.embeddings, _metadata(result, source))
+    return lm, result, summary
+
+
+def _metadata(result: CompressionResult, source: dict) -> dict:
+    """What a container records of how it was made."""
+    return {
+        "recipe": result.recipe.to_dict(),
+        "calibration": result.calibration,
+        "source_model": source,
+        "layers": [asdict(layer) for layer in result.layers],
+        "compression_seconds": result.seconds,
+    }

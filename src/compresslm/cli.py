@@ -171,7 +171,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                               _budget_sparsity(args.budget_sparsity), args.budget_estimate)  # fmt: skip
     _print(f"compressing {args.model} with recipe '{recipe.name}'" + (f" to {target.describe()}" if target else ""))
     _lm, result, summary = compress(args.model, recipe, args.output, device=args.device, show_progress=not args.quiet,
-                                    stats_cache=args.stats_cache or default_cache_dir(), target=target)  # fmt: skip
+                                    stats_cache=args.stats_cache or default_cache_dir(), target=target,
+                                    stream=args.stream)  # fmt: skip
     if result.plan is not None:
         plan, counts = result.plan, {}
         for choice in plan.choices.values():  # 4, or 4+50% (4 bits, 50 % sparse)
@@ -627,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where --propagate original keeps calibration statistics for reuse "
                            "(default $COMPRESSLM_CACHE/calibration-stats)")  # fmt: skip
     comp.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
+    comp.add_argument("--stream", action="store_true",
+                      help="read the model block by block from disk and write the container as it goes, so a model "
+                           "larger than memory compresses (safetensors directories and GGUF files)")  # fmt: skip
     _output_flags(comp)
     comp.set_defaults(func=cmd_compress)
 

@@ -103,6 +103,9 @@ class BlockWalk:
     """Walk a model block by block: each block's statistics on its inputs, handed to the caller (who may
     compress the block), then the next block's inputs.
 
+    A lazily loaded model's block is read from disk before its step and dropped after it, so one
+    block's weights are resident at a time.
+
     `propagate="compressed"`: the next inputs are the outputs of the block as the caller left it, so
     later blocks calibrate against the errors of earlier ones. `"original"`: the statistics pass's
     own outputs (the block before the caller changed it), so the statistics depend on the model and
@@ -129,7 +132,10 @@ class BlockWalk:
     def __iter__(self) -> Iterator[BlockStep]:
         blocks = self.lm.layout.blocks
         bar = progress(len(blocks), self.label, unit="block", enabled=self.show_progress)
+        lazy = self.lm.lazy
         for index, block in enumerate(blocks):
+            if lazy is not None:
+                lazy.materialize(block.module, block.name)
             if self.inputs:
                 stats, outputs = collect_statistics(block, self.inputs, self.device)
                 if self.propagate == "original" and self.cache is not None:
@@ -142,5 +148,7 @@ class BlockWalk:
                 self.inputs = outputs
             elif self.inputs:
                 self.inputs = run_block(block.module, self.inputs)
+            if lazy is not None:
+                lazy.release(block.module, block.name)
             bar.update(1)
         bar.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -119,16 +120,19 @@ def _relative_error(original: torch.Tensor, compressed: torch.Tensor, hessian: t
     return output_error(original, compressed, hessian) / total if total > 0 else 0.0
 
 
-def _round_dense(module: nn.Module, dtype_name: str, skip: set[str] = frozenset()) -> None:
+def _round_dense(module: nn.Module, dtype_name: str, skip: set[str] = frozenset(), prefix: str = "") -> None:
     """Round a module's tensors that stay dense to their storage dtype, so containers reload bit-exactly.
 
-    `skip` names submodules whose weights will be compressed (their biases are still rounded).
+    `skip` names submodules (by their path in the model; `module` is at `prefix`) whose weights will
+    be compressed (their biases are still rounded). Tensors still on the meta device are left alone.
     """
     dtype = DTYPES[dtype_name]
     with torch.no_grad():
         for name, param in module.named_parameters():
             module_name = name.rpartition(".")[0]
-            if module_name in skip and name.endswith(".weight"):
+            if prefix:
+                module_name = f"{prefix}.{module_name}" if module_name else prefix
+            if (module_name in skip and name.endswith(".weight")) or param.is_meta:
                 continue
             param.copy_(param.to(dtype).to(param.dtype))
 
@@ -185,6 +189,15 @@ def _replace(lm: LoadedModel, info: LinearInfo, record: CompressedWeight) -> Com
     return new
 
 
+class RecordSink(Protocol):
+    """Where a streamed compression hands each record as it is made, instead of keeping it
+    (`models.assemble.StreamingSave` writes them to a container)."""
+
+    def linear(self, name: str, record: CompressedWeight, module: nn.Module) -> None: ...
+
+    def block(self, block: BlockInfo) -> None: ...
+
+
 def compress(
     lm: LoadedModel,
     recipe: str | dict | Recipe,
@@ -193,6 +206,7 @@ def compress(
     device: str | None = None,
     show_progress: bool = True,
     stats_cache: str | os.PathLike | None = None,
+    sink: RecordSink | None = None,
 ) -> CompressionResult:
     """Compress `lm` in place according to `recipe` and return the records and a per-layer report.
 
@@ -201,9 +215,15 @@ def compress(
     settings unless `calibration` is given; given windows are also used by recipes that need none
     (RTN), to report each layer's reconstruction error. `stats_cache` (a directory) keeps the
     per-block statistics of recipes with `calibration.propagate: original` for reuse by later ones.
+
+    With a `sink`, each linear's record goes to it as soon as it is made and each finished block is
+    handed to it, and the result keeps no record: with a lazily loaded model (`load_model(...,
+    lazy=True)`) one block's weights and records are resident at a time. The model is then spent:
+    its blocks are left on the meta device.
     """
     recipe = load_recipe(recipe)
     started = time.perf_counter()
+    source = lm.describe() if sink is not None else None  # a spent model has no identity of its own afterwards
     transforms = {}
     for stage in recipe.stages:  # whole-model transforms (registered role "model") before anything else
         kind = kind_of(stage)
@@ -226,11 +246,16 @@ def compress(
     if recipe.kv_cache is not None:
         check_kv_support(lm.model)
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
+    if lm.lazy is not None:  # blocks still on disk are rounded as they are read
+        lm.lazy.prepare = lambda module: _round_dense(module, recipe.dense_dtype, set(targets), _path_of(lm, module))
 
     weights: dict[str, CompressedWeight] = {}
     layers: list[LayerReport] = []
     folds: list[ScaleFold] = []
     embeddings = _quantize_embeddings(lm, embedding_stages, weights, layers)
+    if sink is not None:
+        for name in list(weights):  # an untied lm_head's record
+            sink.linear(name, weights.pop(name), lm.model.get_submodule(name))
     calib_protocol = None
     lm.model.eval()
     run_device = torch.device(device) if device else lm.device
@@ -249,9 +274,11 @@ def compress(
                     lm.tokenizer, settings.source, settings.samples, settings.length, settings.seed
                 )
             calib_protocol = {**calibration.protocol, "propagate": settings.propagate}
-            lm.model.to(run_device)
+            if lm.lazy is None:
+                lm.model.to(run_device)
             if on_original and stats_cache is not None:
-                key = cache_key(model_fingerprint(lm.model), calibration.protocol["windows_sha256"],
+                fingerprint = lm.fingerprint() if lm.lazy is not None else model_fingerprint(lm.model)
+                key = cache_key(fingerprint, calibration.protocol["windows_sha256"],
                                 settings.batch_size, str(run_device))  # fmt: skip
                 cache = StatisticsCache(stats_cache, key, n_blocks)
                 reused = calib_protocol["statistics_reused"] = cache.complete()
@@ -294,7 +321,10 @@ def compress(
                 streams_of = {key: hessians_of[info.name] for key, hessians_of in stream_hessians.items()}
                 record, layer = _compress_linear(lm, info, stages, hessians.get(info.name), pattern, streams_of,
                                                  stats, input_scales)  # fmt: skip
-                weights[info.name] = record
+                if sink is None:
+                    weights[info.name] = record
+                else:
+                    sink.linear(info.name, record, lm.model.get_submodule(info.name))
                 layers.append(layer)
             for key in streams:  # the same block with its dial layers at the stream's setting
                 dial_layers = [m for m in block.module.modules() if isinstance(m, CompressedLinear) and m.nested]
@@ -303,6 +333,8 @@ def compress(
                 streams[key] = run_block(block.module, streams[key])
                 for module in dial_layers:  # back at the narrowest width, for the main stream
                     module.dial(min(module.nested.dial.widths))
+            if sink is not None:
+                sink.block(block)
 
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
@@ -312,7 +344,7 @@ def compress(
     lm.changed()
     # float sums round differently with another thread count, and some codes change with them
     info = {"versions": versions(), "device": str(run_device), "torch_threads": torch.get_num_threads(),
-            "model": lm.describe()}  # fmt: skip
+            "model": source or lm.describe()}  # fmt: skip
     if transforms:
         info["model_transforms"] = transforms
     if folds:
@@ -325,6 +357,11 @@ def compress(
         info["activation_quantization"] = "simulated (quantize-dequantize in float; no int8 kernel used)"
     seconds = time.perf_counter() - started
     return CompressionResult(weights, layers, recipe, calib_protocol, seconds, info, embeddings)
+
+
+def _path_of(lm: LoadedModel, module: nn.Module) -> str:
+    """The path of a block module in the model."""
+    return next(block.name for block in lm.layout.blocks if block.module is module)
 
 
 def _compress_linear(

@@ -275,37 +275,6 @@ class ContainerWriter:
             raise CompressLMError(f"cannot write {self.target}: {exc.strerror or exc}") from None
 
 
-def write_container(
-    path: str | os.PathLike,
-    *,
-    config: dict,
-    linears: dict[str, CompressedWeight],
-    activations: dict[str, dict | None],
-    embeddings: dict[str, CompressedWeight],
-    dense: dict[str, torch.Tensor],
-    aliases: dict[str, str],
-    tokenizer_files: dict[str, bytes],
-    parameters: int,
-    dense_dtype: str,
-    metadata: dict | None = None,
-) -> dict:
-    """Write records, dense tensors and tokenizer files to a `.clm` file atomically; return its summary.
-
-    `activations` is each linear's simulated activation grid (or None); see `ContainerWriter` for the rest.
-    """
-    writer = ContainerWriter(path)
-    try:
-        for name, record in linears.items():
-            writer.add_linear(name, record, activations.get(name))
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish(
-        config=config, embeddings=embeddings, dense=dense, aliases=aliases, tokenizer_files=tokenizer_files,
-        parameters=parameters, dense_dtype=dense_dtype, metadata=metadata,
-    )  # fmt: skip
-
-
 def encode_header(header: dict) -> bytes:
     """Everything before the blob area: magic, header length, the header's sha256, the header, padding."""
     raw = json.dumps(header, default=_json_default, allow_nan=False).encode("utf-8")

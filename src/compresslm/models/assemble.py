@@ -18,7 +18,7 @@ from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError, CorruptFileError
-from compresslm.formats.container import ContainerContents, read_container, write_container
+from compresslm.formats.container import ContainerContents, ContainerWriter, read_container
 from compresslm.formats.header_check import TENSOR_DTYPES, check_config
 from compresslm.models.layout import is_linear
 from compresslm.models.loaded import LoadedModel
@@ -39,39 +39,107 @@ def save_compressed(
     `weights` are the compressed linears (replaced by CompressedLinear in the model); `embeddings`
     are quantized embedding matrices (module path -> record), whose dense copies are not stored.
     """
-    storage = TENSOR_DTYPES[dense_dtype]
     embeddings = embeddings or {}
-    activations = {}
-    for name in weights:
-        module = lm.model.get_submodule(name)
-        activations[name] = module.activation_config() if isinstance(module, CompressedLinear) else None
-    skip = {f"{name}.weight" for name in embeddings}
+    writer = ContainerWriter(path)
+    try:
+        for name, record in weights.items():
+            writer.add_linear(name, record, _activation(lm.model.get_submodule(name)))
+        state = lm.model.state_dict(keep_vars=True)
+        items = [(key, (t.data_ptr(), tuple(t.shape)), t.detach()) for key, t in state.items()]
+        dense, aliases = _gather_dense(items, dense_dtype, {f"{name}.weight" for name in embeddings})
+    except BaseException:
+        writer.abort()
+        raise
+    return _finish(writer, lm, dense, aliases, embeddings, dense_dtype, metadata)
+
+
+class StreamingSave:
+    """Writes a model to a container while the engine compresses it block by block (its `RecordSink`).
+
+    Each record goes to the container's spill file as it is made, and each finished block's dense
+    tensors (norms, biases) are kept in their storage dtype, so the records and weights of only one
+    block are held at a time. `finish` writes what lies outside the blocks; the container is
+    byte for byte the one `save_compressed` writes for the same model compressed whole.
+    """
+
+    def __init__(self, path: str | os.PathLike, dense_dtype: str) -> None:
+        self.writer = ContainerWriter(path)
+        self.dense_dtype = dense_dtype
+        self.blocks: dict[str, torch.Tensor] = {}  # dense tensors of finished blocks, in storage dtype
+
+    def linear(self, name: str, record: CompressedWeight, module: nn.Module) -> None:
+        self.writer.add_linear(name, record, _activation(module))
+
+    def block(self, block: object) -> None:
+        state = block.module.state_dict(prefix=f"{block.name}.", keep_vars=True)
+        for key, tensor in state.items():
+            self.blocks[key] = _stored(key, tensor.detach(), self.dense_dtype)
+
+    def finish(self, lm: LoadedModel, embeddings: dict[str, CompressedWeight], metadata: dict | None = None) -> dict:
+        """Write the tensors outside the blocks, the tokenizer and the header; return the container's summary."""
+        try:
+            items = []
+            for key, tensor in lm.model.state_dict(keep_vars=True).items():
+                identity = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tuple(tensor.shape))
+                items.append((key, identity, self.blocks.get(key, tensor.detach())))
+            dense, aliases = _gather_dense(items, self.dense_dtype, {f"{name}.weight" for name in embeddings})
+        except BaseException:
+            self.writer.abort()
+            raise
+        return _finish(self.writer, lm, dense, aliases, embeddings, self.dense_dtype, metadata)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _activation(module: nn.Module) -> dict | None:
+    return module.activation_config() if isinstance(module, CompressedLinear) else None
+
+
+def _stored(key: str, tensor: torch.Tensor, dense_dtype: str) -> torch.Tensor:
+    """A dense tensor in its storage dtype, which must hold it exactly."""
+    if not tensor.is_floating_point():
+        return tensor
+    stored = tensor.to(TENSOR_DTYPES[dense_dtype])
+    if not torch.equal(stored.to(tensor.dtype), tensor):
+        raise CompressLMError(
+            f"{key} is not exactly representable in {dense_dtype}, so the container could not reload it "
+            "bit-exactly; compress() rounds dense tensors first"
+        )
+    return stored
+
+
+def _gather_dense(
+    items: list[tuple[str, object, torch.Tensor]], dense_dtype: str, skip: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The dense tensors to store (key, identity, tensor) in order, and the keys that alias an earlier one."""
     dense, aliases, seen = {}, {}, {}
-    for key, tensor in lm.model.state_dict(keep_vars=True).items():
-        tensor = tensor.detach()
-        ptr = (tensor.data_ptr(), tuple(tensor.shape))
-        if ptr in seen:
-            aliases[key] = seen[ptr]
+    for key, identity, tensor in items:
+        if identity in seen:
+            aliases[key] = seen[identity]
             continue
-        seen[ptr] = key
-        if key in skip:
-            continue
-        stored = tensor.to(storage) if tensor.is_floating_point() else tensor
-        if tensor.is_floating_point() and not torch.equal(stored.to(tensor.dtype), tensor):
-            raise CompressLMError(
-                f"{key} is not exactly representable in {dense_dtype}, so the container could not reload it "
-                "bit-exactly; compress() rounds dense tensors first"
-            )
-        dense[key] = stored
+        seen[identity] = key
+        if key not in skip:
+            dense[key] = _stored(key, tensor, dense_dtype)
+    return dense, aliases
+
+
+def _finish(
+    writer: ContainerWriter,
+    lm: LoadedModel,
+    dense: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    embeddings: dict[str, CompressedWeight],
+    dense_dtype: str,
+    metadata: dict | None,
+) -> dict:
     config = lm.model.config.to_dict()
     config.pop("quantization_config", None)
-    parameters = sum(p.numel() for p in lm.model.parameters()) + sum(
-        record.out_features * record.in_features for record in weights.values()
-    )
-    return write_container(
-        path, config=config, linears=weights, activations=activations, embeddings=embeddings, dense=dense,
-        aliases=aliases, tokenizer_files=tokenizer_files(lm.tokenizer), parameters=parameters,
-        dense_dtype=dense_dtype, metadata=metadata,
+    parameters = sum(p.numel() for p in lm.model.parameters()) + writer.linear_parameters
+    files = tokenizer_files(lm.tokenizer)
+    return writer.finish(
+        config=config, embeddings=embeddings, dense=dense, aliases=aliases, tokenizer_files=files,
+        parameters=parameters, dense_dtype=dense_dtype, metadata=metadata,
     )  # fmt: skip
 
 

@@ -292,7 +292,10 @@ def discover_layout(model: nn.Module) -> ModelLayout:
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr())
+    """One tensor under two names (meta tensors, which have no storage, only by identity)."""
+    if a is b:
+        return True
+    return not (a.is_meta or b.is_meta) and a.shape == b.shape and a.data_ptr() == b.data_ptr()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -49,7 +49,7 @@ class ShardedTensors:
             except Exception as exc:  # safetensors raises its own error class on a damaged header
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CorruptFileError(f"{file} is a corrupt or truncated safetensors file: {reason}") from None
-        self.shard_of = {name: shard for shard, handle in self._handles.items() for name in handle.keys()}
+        self.shard_of = {name: shard for shard, handle in self._handles.items() for name in handle.keys()}  # noqa: SIM118
         misplaced = sorted(name for name, shard in indexed.items() if self.shard_of.get(name) != shard)
         if misplaced:
             raise CorruptFileError(f"{directory}: {INDEX_FILE} places {misplaced[0]} in a shard that does not hold it")
@@ -81,7 +81,8 @@ class ShardedTensors:
             return self._handles[self.shard_of[name]].get_tensor(name)
         except Exception as exc:  # a shard truncated after it was opened
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CorruptFileError(f"{self.directory}: cannot read {name} from {self.shard_of[name]}: {reason}") from None
+            shard = self.shard_of[name]
+            raise CorruptFileError(f"{self.directory}: cannot read {name} from {shard}: {reason}") from None
 
 
 def _stored_tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, nn.Module, str, bool]]:
@@ -121,8 +122,14 @@ class LazyWeights:
             stored = self.tensors.shape(name)
             if stored != list(tensor.shape):
                 raise CorruptFileError(
-                    f"{self.tensors.directory}: {name} is {stored} in the checkpoint, the config asks for {list(tensor.shape)}"
+                    f"{self.tensors.directory}: {name} is {stored} in the checkpoint, "
+                    f"the config asks for {list(tensor.shape)}"
                 )
+
+    def read(self, name: str) -> torch.Tensor:
+        """One stored tensor as the model holds it (its dtype), read on its own."""
+        tensor = self.tensors.read(name)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def materialize(self, module: nn.Module, prefix: str, block: bool = True) -> None:
         """Read every stored tensor of `module` (named `prefix` in the model) that is still on the meta device.
@@ -135,9 +142,8 @@ class LazyWeights:
             full = f"{prefix}.{name}" if prefix else name
             if current.device.type != "meta" or full in self.tied:
                 continue
-            tensor = self.tensors.read(full)
+            tensor = self.read(full)
             if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
                 bad = int((~torch.isfinite(tensor)).sum())
                 if bad:
                     raise CorruptFileError(
@@ -187,7 +193,9 @@ def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tup
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressLMError(f"cannot build {directory} for streaming: {reason}") from None
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if not getattr(config, "tie_word_embeddings", False):
+        tied = set()
     lazy = LazyWeights(tensors, dtype, device, tied)
     lazy.check(model)
     return model.eval(), lazy

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from compresslm.errors import CorruptFileError
 from compresslm.models.layout import ModelLayout, count_parameters, discover_layout
+from compresslm.models.lazy import LazyWeights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +36,7 @@ class LoadedModel:
     bytes_read: int | None = field(default=None, repr=False)  # bytes of the file read to build it (containers)
     compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
     kv_cache: object | None = None  # a recipe.KVCacheStage: evaluation runs through that quantized cache
+    lazy: LazyWeights | None = field(default=None, repr=False)  # blocks read from disk when walked (streaming)
     _fingerprint: str | None = field(default=None, repr=False)
     _weights_fingerprint: str | None = field(default=None, repr=False)
 
@@ -44,11 +47,11 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.lazy.dtype if self.lazy is not None else next(self.model.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.lazy.device if self.lazy is not None else next(self.model.parameters()).device
 
     def changed(self) -> None:
         """Forget the cached fingerprints: call after changing the weights in place."""
@@ -66,7 +69,8 @@ class LoadedModel:
     def weights_fingerprint(self) -> str:
         """sha256 of the weights alone: the model hash of compresslm before 0.2 (old results stores)."""
         if self._weights_fingerprint is None:
-            self._weights_fingerprint = weights_fingerprint(self.model)
+            read = self.lazy.read if self.lazy is not None else None
+            self._weights_fingerprint = weights_fingerprint(self.model, read)
         return self._weights_fingerprint
 
     def describe(self) -> dict:
@@ -108,13 +112,14 @@ def combined_fingerprint(weights_sha256: str, config: dict) -> str:
     return hashlib.sha256(f"weights {weights_sha256}\nconfig {text}".encode()).hexdigest()
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, read: Callable[[str], torch.Tensor] | None = None) -> str:
     """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once.
 
     Compressed linears keep their weight outside the state dict (a non-persistent buffer rebuilt
     from the record), so their dequantized weights are hashed too, and so is their simulated
     activation grid: two models compressed differently never share a fingerprint. Before
-    compresslm 0.2 the weights alone were the model hash.
+    compresslm 0.2 the weights alone were the model hash. A lazily loaded model's tensors still on
+    the meta device are read one at a time with `read(name)`, so it hashes as it would loaded whole.
     """
     digest = hashlib.sha256()
     seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -127,10 +132,14 @@ def weights_fingerprint(model: nn.Module) -> str:
                 digest.update(f"{module_name}|activation|{json.dumps(activation, sort_keys=True)}|".encode())
     for name in sorted(state):
         tensor = state[name].detach()
-        key = (tensor.data_ptr(), tuple(tensor.shape))
+        key = (id(state[name]) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
         if key in seen:  # tied weights appear under two names
             continue
         seen.add(key)
+        if tensor.is_meta:
+            if read is None:
+                raise ValueError(f"{name} is on the meta device and no reader was given")
+            tensor = read(name)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         flat = tensor.cpu().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")

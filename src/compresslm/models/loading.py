@@ -32,6 +32,7 @@ from compresslm.formats.container import is_container
 from compresslm.models import registry
 from compresslm.models.assemble import load_compressed
 from compresslm.models.layout import discover_layout
+from compresslm.models.lazy import is_safetensors_dir, lazy_model, materialize_outside_blocks
 from compresslm.models.loaded import DTYPES, LoadedModel, check_finite
 
 GGUF_MAGIC = b"GGUF"
@@ -141,14 +142,18 @@ def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def _gguf_cache_dir(path: Path) -> Path:
+    """Where the dequantized copy of a GGUF file is cached: keyed by its sha256 and the transformers version."""
+    from transformers import __version__ as tf_version
+
+    return cache_root() / "gguf" / f"{_file_sha256(path)[:32]}-tf{tf_version}"
+
+
 def _load_gguf(path: Path, source: str, cache: bool) -> tuple[nn.Module, object]:
     check_gguf(path)
     cache_dir = None
     if cache:
-        from transformers import __version__ as tf_version
-
-        key = f"{_file_sha256(path)[:32]}-tf{tf_version}"
-        cache_dir = cache_root() / "gguf" / key
+        cache_dir = _gguf_cache_dir(path)
         if (cache_dir / "config.json").is_file():
             try:
                 return _load_hf_dir(cache_dir, source)
@@ -207,21 +212,50 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def _load_lazy(directory: Path, source: str, dtype: str | None, device: str | None) -> LoadedModel:
+    """A safetensors model with only what lies outside its blocks in memory (see `models.lazy`)."""
+    from transformers import AutoTokenizer
+
+    if dtype is not None and dtype not in DTYPES:
+        raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    config_file = directory / "config.json"
+    try:
+        _check_model_type(json.loads(config_file.read_text()), config_file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{config_file} is not valid JSON: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise _wrap_transformers_error(exc, source) from exc
+    model, lazy = lazy_model(directory, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
+    materialize_outside_blocks(model, lazy, [block.name for block in discover_layout(model).blocks])
+    layout = discover_layout(model)  # again, now that a tied head is one tensor with the embedding
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, kind="hf_dir",
+                       path=str(directory.resolve()), lazy=lazy)  # fmt: skip
+
+
 def load_model(
     source: str | os.PathLike,
     *,
     dtype: str | None = None,
     device: str | None = None,
     cache: bool = True,
+    lazy: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and discover its layout.
 
     `source` is a registered name (`smollm2-135m`), a Hugging Face model directory, a `.gguf` file
     or a hub id (`org/name`, only where a network or a local hub cache exists). `dtype` casts the
-    weights (float32, bfloat16, float16); `cache` keeps a dequantized copy of GGUF files.
+    weights (float32, bfloat16, float16); `cache` keeps a dequantized copy of GGUF files. `lazy`
+    leaves each decoder block's weights on disk until a walk over the blocks reads it (a safetensors
+    directory, or a GGUF file through its dequantized cache), so models larger than memory stream.
     """
     text = str(source)
     path = Path(text).expanduser()
+    if lazy:
+        directory = _lazy_source(text, path, cache)
+        if directory is not None:
+            return _load_lazy(directory, text, dtype, device)
     if (path.is_file() and path.suffix.lower() == ".clm") or is_container(path):
         lm = load_compressed(path, device=device)
         if dtype is not None:
@@ -266,6 +300,24 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tokenizer, layout=discover_layout(model), source=text, kind=kind, path=resolved
     )
+
+
+def _lazy_source(text: str, path: Path, cache: bool) -> Path | None:
+    """The safetensors directory a lazy load reads for `text` (a GGUF's dequantized cache, built once);
+    None for sources that only load whole (containers, hub ids)."""
+    if path.is_dir() and is_safetensors_dir(path):
+        return path
+    gguf = None
+    if registry.is_registered(text) and not path.exists():
+        gguf = registry.lookup(text).path()
+    elif path.is_file() and not is_container(path):
+        gguf = path
+    if gguf is None or not cache:
+        return None
+    cache_dir = _gguf_cache_dir(gguf)
+    if not is_safetensors_dir(cache_dir):
+        _load_gguf(gguf, text, cache=True)  # dequantizes once, whole, and fills the cache
+    return cache_dir if is_safetensors_dir(cache_dir) else None
 
 
 def save_model(model: nn.Module | LoadedModel, tokenizer: object | None, path: str | os.PathLike) -> Path:

@@ -1,0 +1,159 @@
+"""Models read block by block from sharded safetensors: same containers as the resident path, one block resident."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compresslm.api import compress
+from compresslm.data.calibration import CalibrationSet
+from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.formats.container import read_header
+from compresslm.models.loading import load_model
+from compresslm.models.tiny import tiny_model
+
+
+def _sharded(family: str, tokenizer, directory: Path, layers: int = 3) -> Path:
+    """A tiny model saved as many small safetensors shards, as big checkpoints are."""
+    tiny_model(family, layers=layers).save_pretrained(directory, max_shard_size="20KB")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _calibration() -> CalibrationSet:
+    windows = torch.randint(3, 259, (4, 64), generator=torch.Generator().manual_seed(0))
+    return CalibrationSet(windows, {"windows_sha256": "test-windows"})
+
+
+def _comparable(path: Path) -> tuple[dict, bytes]:
+    """The header without timings, and the blob area."""
+    header, start = read_header(path)
+    header = json.loads(json.dumps(header))
+    header.pop("compression_seconds")
+    for layer in header["layers"]:
+        layer.pop("seconds")
+    return header, path.read_bytes()[start:]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the two paths then reduce in the same order
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "preset", ["w4-g32-gptq", "w4-g32-awq", "w3-g32-rtn+emb8", "50%-sparsegpt-owl", "2:4-wanda+w4-g32-gptq"]
+)
+def test_streamed_container_equals_resident(family, preset, tokenizer, tmp_path, one_thread):
+    source = _sharded(family, tokenizer, tmp_path / "model")
+    _, _, resident = compress(str(source), preset, tmp_path / "resident.clm", calibration=_calibration(),
+                              show_progress=False)  # fmt: skip
+    lm, result, streamed = compress(str(source), preset, tmp_path / "streamed.clm", calibration=_calibration(),
+                                    show_progress=False, stream=True)  # fmt: skip
+    assert _comparable(tmp_path / "streamed.clm") == _comparable(tmp_path / "resident.clm")
+    assert abs(streamed["bytes_on_disk"] - resident["bytes_on_disk"]) <= 64  # the timings' digits pad differently
+    assert lm.lazy.most_resident == 1 and not lm.lazy.resident  # one block in memory at a time, none after
+    assert result.weights == {}  # the records went to the file, not into memory
+    assert not list(tmp_path.glob(".*compresslm-tmp*"))  # the spill file is gone
+
+
+def test_lazy_load_reads_only_outside_blocks(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    lm = load_model(source, lazy=True)
+    assert lm.model.model.embed_tokens.weight.device.type == "cpu"
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight  # tied again after reading
+    assert all(p.is_meta for p in lm.model.model.layers.parameters())
+    assert lm.fingerprint() == load_model(source).fingerprint()  # hashed tensor by tensor, same identity
+
+
+def test_stats_cache_reused_when_streaming(tokenizer, tmp_path, one_thread):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    recipe = {"stages": [{"method": "gptq", "bits": 4, "group_size": 32}], "calibration": {"propagate": "original"}}
+    cache = tmp_path / "stats"
+    compress(str(source), recipe, tmp_path / "a.clm", calibration=_calibration(), show_progress=False,
+             stats_cache=cache, stream=True)  # fmt: skip
+    _, result, _ = compress(str(source), recipe, tmp_path / "b.clm", calibration=_calibration(), show_progress=False,
+                            stats_cache=cache, stream=True)  # fmt: skip
+    assert result.calibration["statistics_reused"]
+    assert _comparable(tmp_path / "a.clm")[1] == _comparable(tmp_path / "b.clm")[1]
+
+
+def test_missing_shard_is_named(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    shard = sorted(source.glob("model-*.safetensors"))[3]
+    shard.unlink()
+    with pytest.raises(CorruptFileError, match=f"shard {shard.name} is missing"):
+        load_model(source, lazy=True)
+
+
+def test_truncated_shard_is_named(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    shard = sorted(source.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CorruptFileError, match=f"{shard.name} is a corrupt or truncated safetensors file"):
+        load_model(source, lazy=True)
+
+
+def test_index_path_outside_the_directory_is_refused(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    index_file = source / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CorruptFileError, match="not a plain file name"):
+        load_model(source, lazy=True)
+
+
+def test_checkpoint_missing_a_tensor_is_said_before_reading(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    index_file = source / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = index["weight_map"].pop("model.layers.2.mlp.down_proj.weight")
+    index_file.write_text(json.dumps(index))
+    others = [name for name, s in index["weight_map"].items() if s == shard]
+    assert not others  # the shard holds this tensor alone, so it is gone from the checkpoint
+    (source / shard).unlink()
+    with pytest.raises(CorruptFileError, match=re.escape("no tensor model.layers.2.mlp.down_proj.weight")):
+        load_model(source, lazy=True)
+
+
+def test_non_finite_block_weight_stops_the_walk(tokenizer, tmp_path):
+    model = tiny_model("llama", layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    source = tmp_path / "model"
+    model.save_pretrained(source, max_shard_size="20KB")
+    tokenizer.save_pretrained(source)
+    target = tmp_path / "out.clm"
+    target.write_bytes(b"previous")
+    with pytest.raises(CorruptFileError, match=re.escape("model.layers.1.mlp.up_proj.weight holds 1 NaN")):
+        compress(str(source), "w4-g32-rtn", target, show_progress=False, stream=True)
+    assert target.read_bytes() == b"previous"  # an existing file at the target is left as it was
+    assert not list(tmp_path.glob(".*compresslm-tmp*"))
+
+
+def test_streaming_refuses_what_it_cannot_do(tiny_lm, tokenizer, tmp_path):
+    with pytest.raises(CompressLMError, match="give an output path"):
+        compress(tiny_lm, "w4-g32-rtn", stream=True)
+    with pytest.raises(CompressLMError, match="does not stream"):
+        compress(tiny_lm, "w4-g32-rtn", tmp_path / "x.clm", stream=True)
+
+
+def test_cli_compress_stream(tokenizer, tmp_path):
+    source = _sharded("qwen2", tokenizer, tmp_path / "model")
+    out = tmp_path / "cli.clm"
+    run = subprocess.run([sys.executable, "-m", "compresslm.cli", "compress", str(source), "--recipe", "w4-g32-rtn",
+                          "-o", str(out), "--stream", "--quiet", "--json"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["bytes_on_disk"] == out.stat().st_size
+    assert load_model(out).container["linear_parameters"] > 0
