@@ -166,8 +166,9 @@ def test_fisher_weights_every_linear_and_changes_the_plan(tokenizer):
 def test_method_estimate_is_the_compression_the_plan_runs(tokenizer, sparsity):
     """The solver's "method" estimate of a first-block layer is exactly what the engine writes for it."""
     from compresslm.data.calibration import calibration_windows
-    from compresslm.engine.blocks import capture_first_block_inputs, collect_statistics
+    from compresslm.engine.blocks import collect_statistics
     from compresslm.engine.budget import _approximation
+    from compresslm.models.forward import capture_first_block_inputs
     from compresslm.recipe import PruneStage, Recipe
 
     base = preset("w3-g16-gptq")

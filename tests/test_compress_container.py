@@ -167,7 +167,8 @@ def test_cli_compress_rejects_bad_recipe_before_loading(capsys):
 
 
 def test_hessians_are_shared_between_linears_reading_the_same_input(tokenizer):
-    from compresslm.engine.blocks import Batch, capture_first_block_inputs, collect_statistics
+    from compresslm.engine.blocks import collect_statistics
+    from compresslm.models.forward import Batch, capture_first_block_inputs
 
     lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
     windows = calibration_windows(tokenizer, "wikitext2", n=2, length=32).windows

@@ -157,3 +157,31 @@ def test_cli_compress_stream(tokenizer, tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["bytes_on_disk"] == out.stat().st_size
     assert load_model(out).container["linear_parameters"] > 0
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen2", "gpt2", "opt", "falcon", "gemma2"])
+def test_streamed_perplexity_equals_resident(family_name, tokenizer, tmp_path, sample_text):
+    from compresslm.data.corpora import Corpus
+    from compresslm.eval.perplexity import perplexity
+
+    source = _sharded(family_name, tokenizer, tmp_path / "model")
+    corpus = Corpus("sample", None, sample_text, "test", "raw")
+    resident = perplexity(load_model(source), corpus, ctx=64, limit=5, batch_size=2, show_progress=False)
+    lazy = load_model(source, lazy=True)
+    streamed = perplexity(lazy, corpus, ctx=64, limit=5, batch_size=2, show_progress=False)
+    assert streamed.window_nll == resident.window_nll  # the same operations on the same batches
+    assert lazy.lazy.most_resident == 1 and not lazy.lazy.resident
+    assert streamed.protocol["streamed"]
+
+
+def test_cli_eval_stream(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    runs = [subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(source), "--ppl", "wikitext2",
+                            "--ctx", "64", "--limit", "3", "--json", "--quiet", *extra],
+                           capture_output=True, text=True) for extra in ([], ["--stream"])]  # fmt: skip
+    assert all(run.returncode == 0 for run in runs), runs[1].stderr
+    whole, streamed = (json.loads(run.stdout) for run in runs)
+    assert streamed["ppl"] == whole["ppl"]
+    refused = subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(source), "--speed", "--stream"],
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "--ppl only" in refused.stderr

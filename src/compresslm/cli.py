@@ -433,7 +433,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from compresslm.dial import parse_setting
 
         setting = parse_setting(args.dial)  # a bad setting fails before the model loads
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.stream and (args.kld or args.tasks or args.speed or args.kv_bits is not None or setting is not None):
+        raise CompressLMError("a streamed evaluation measures --ppl only so far; drop --stream for the others")
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, lazy=args.stream)
+    if args.stream and lm.lazy is None:
+        raise CompressLMError(f"{args.model} does not stream: only safetensors directories and GGUF files do")
     payload: dict = {"model": args.model}
     lines: list[str] = []
     if setting is not None:
@@ -717,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ev.add_argument("--stream", action="store_true",
+                    help="read the model block by block from disk (every window through one block at a time), "
+                         "for models larger than memory; --ppl only")  # fmt: skip
     ev.add_argument("--kld", action="store_true", help="KL divergence and top-1 agreement against the reference")
     ev.add_argument(
         "--reference", default=None, help="the uncompressed model for --kld (default: a container's source)"

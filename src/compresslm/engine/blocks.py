@@ -1,69 +1,23 @@
-"""Running a model block by block: capture the first block's inputs, run a block, collect its statistics.
+"""Calibration block by block: collect a block's statistics, and walk the blocks in order.
 
 The public pieces every calibration pass is made of: the sequential engine, the budget solver and
-the OWL allocation call them in their own order. A batch is one block input as the model passed it:
-positional arguments (the hidden states first) and keyword arguments (rotary embeddings, masks).
+the OWL allocation call them in their own order. Capturing the first block's inputs and running a
+block are `models.forward`'s (evaluation streams blocks with them too).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
 from compresslm.engine.stats_cache import StatisticsCache
+from compresslm.models.forward import Batch, run_block
 from compresslm.models.layout import BlockInfo
 from compresslm.models.loaded import LoadedModel
 from compresslm.progress import progress
-
-
-class StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
-
-
-@dataclass
-class Batch:
-    args: tuple
-    kwargs: dict
-
-
-def capture_first_block_inputs(
-    lm: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device
-) -> list[Batch]:
-    """The first block's inputs for `windows`, `batch_size` windows per batch (the model stops there)."""
-    first = lm.layout.blocks[0].module
-    batches: list[Batch] = []
-
-    def hook(module, args, kwargs):
-        batches.append(Batch(tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
-        raise StopForward
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            with contextlib.suppress(StopForward):
-                lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
-    for batch in batches:
-        batch.kwargs.pop("past_key_value", None)
-        batch.kwargs.pop("past_key_values", None)
-        batch.kwargs["use_cache"] = False
-    return batches
-
-
-def run_block(block: nn.Module, batches: list[Batch]) -> list[Batch]:
-    """The block's outputs, as the next block's inputs (its keyword arguments carried over)."""
-    outputs = []
-    for batch in batches:
-        out = block(*batch.args, **batch.kwargs)
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(Batch((hidden, *batch.args[1:]), batch.kwargs))
-    return outputs
 
 
 def collect_statistics(

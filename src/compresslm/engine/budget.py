@@ -265,7 +265,8 @@ def plan_budget(
     "method" (each option's error from the recipe's own method, as the compression will run it) or
     "rtn" (see the module docstring).
     """
-    from compresslm.engine.blocks import BlockWalk, capture_first_block_inputs
+    from compresslm.engine.blocks import BlockWalk
+    from compresslm.models.forward import capture_first_block_inputs
 
     started = time.perf_counter()
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:

@@ -29,13 +29,14 @@ from torch import nn
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
 from compresslm.engine.allocation import outlier_share, owl_ratios
-from compresslm.engine.blocks import Batch, BlockWalk, capture_first_block_inputs, collect_statistics, run_block
+from compresslm.engine.blocks import BlockWalk, collect_statistics
 from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics
 from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
 from compresslm.kv.cache import check_kv_support
+from compresslm.models.forward import Batch, capture_first_block_inputs, run_block
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
 from compresslm.quant.gptq import output_error

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from compresslm.data.corpora import Corpus, load_corpus
 from compresslm.errors import ProtocolError
 from compresslm.eval.stats import check_metric
+from compresslm.models.forward import capture_first_block_inputs, logits_from_hidden, run_block
 from compresslm.models.loaded import DTYPES, LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
@@ -78,6 +79,13 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 @contextlib.contextmanager
 def eval_model(lm: LoadedModel, dtype: str | None, device: str | None):
     """The model to evaluate (a cast copy when `dtype` differs) on `device`; moved back afterwards."""
+    if lm.lazy is not None:  # read block by block: its dtype and device were chosen when it was loaded
+        if dtype is not None and DTYPES.get(dtype) != lm.dtype:
+            raise ProtocolError(
+                f"a streamed model evaluates in the dtype it was loaded in ({lm.dtype}); load it as {dtype}"
+            )
+        yield lm.model, lm.device
+        return
     model = lm.model
     if dtype is not None and DTYPES.get(dtype, None) != lm.dtype:
         if dtype not in DTYPES:
@@ -134,6 +142,29 @@ def scored_windows(
             yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
 
 
+def streamed_windows(
+    lm: LoadedModel, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int, batch_size: int, show_progress: bool
+):
+    """`scored_windows` for a model read block by block (`load_model(..., lazy=True)`): every window goes
+    through block i before block i+1 is read, so one block's weights and every window's hidden states
+    are resident; the logits are the same as the whole model's on the same batches."""
+    windows = torch.stack([ids[s : s + ctx] for s, _ in plan])
+    batches = capture_first_block_inputs(lm, windows, batch_size, lm.device)
+    bar = progress(len(lm.layout.blocks), "streaming blocks", unit="block", enabled=show_progress)
+    for block in lm.layout.blocks:
+        lm.lazy.materialize(block.module, block.name)
+        batches = run_block(block.module, batches)
+        lm.lazy.release(block.module, block.name)
+        bar.update(1)
+    bar.close()
+    for number, batch in enumerate(batches):
+        first = number * batch_size
+        inputs = windows[first : first + batch_size].to(lm.device)
+        logits = logits_from_hidden(lm, inputs, batch)
+        for row, (_, first_scored) in enumerate(plan[first : first + batch_size]):
+            yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
+
+
 def prepare_windows(lm: LoadedModel, corpus: str | Corpus, split: str, ctx: int, stride: int, limit: int | None):
     """(corpus, token ids, window plan, windows available) with the protocol's checks."""
     if limit is not None and limit < 1:
@@ -179,8 +210,12 @@ def perplexity(
     total_tokens = 0
     bar = progress(len(plan), "perplexity", unit="win", enabled=show_progress)
     kv_cache = getattr(lm, "kv_cache", None)
+    if lm.lazy is not None and kv_cache is not None:
+        raise ProtocolError("a quantized KV cache is not evaluated block by block yet; load the model whole")
     with eval_model(lm, dtype, device) as (model, target):
-        for _, logits, targets in scored_windows(model, ids, plan, ctx, batch_size, target, kv_cache):
+        scored = (streamed_windows(lm, ids, plan, ctx, batch_size, show_progress) if lm.lazy is not None
+                  else scored_windows(model, ids, plan, ctx, batch_size, target, kv_cache))  # fmt: skip
+        for _, logits, targets in scored:
             # Flattened (tokens, vocab) layout: far faster on CPU than (batch, vocab, tokens), ~10x in a one-off timing.
             losses = F.cross_entropy(logits.float(), targets, reduction="none")
             row_sum = losses.double().sum().item()
@@ -189,7 +224,7 @@ def perplexity(
             total_tokens += targets.numel()
             bar.update(1)
             bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
-        eval_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        eval_dtype = str(lm.dtype if lm.lazy is not None else next(model.parameters()).dtype).removeprefix("torch.")
     bar.close()
 
     nll = total_nll / total_tokens
@@ -210,6 +245,7 @@ def perplexity(
         "eval_dtype": eval_dtype,
         **_kv_protocol(kv_cache),
         "device": str(target),
+        **({"streamed": "block by block from disk"} if lm.lazy is not None else {}),
         "model": lm.describe(),
         "tokenizer": getattr(lm.tokenizer, "name_or_path", None) or type(lm.tokenizer).__name__,
         "versions": versions(),
