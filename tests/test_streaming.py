@@ -185,3 +185,39 @@ def test_cli_eval_stream(tokenizer, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(source), "--speed", "--stream"],
                              capture_output=True, text=True)  # fmt: skip
     assert refused.returncode == 2 and "--ppl only" in refused.stderr
+
+
+@pytest.mark.parametrize("preset", ["w4-g32-gptq", "w3-g32-rtn+emb8", "w8a8-smoothquant-static", "2:4-wanda"])
+def test_streamed_container_evaluates_like_the_resident_one(family, preset, tokenizer, tmp_path, sample_text):
+    from compresslm.data.corpora import Corpus
+    from compresslm.eval.perplexity import perplexity
+
+    source = _sharded(family, tokenizer, tmp_path / "model")
+    out = tmp_path / "model.clm"
+    compress(str(source), preset, out, calibration=_calibration(), show_progress=False)
+    corpus = Corpus("sample", None, sample_text, "test", "raw")
+    whole = load_model(out)
+    lazy = load_model(out, lazy=True)
+    assert lazy.fingerprint() == whole.fingerprint()
+    resident = perplexity(whole, corpus, ctx=64, limit=4, batch_size=2, show_progress=False)
+    streamed = perplexity(lazy, corpus, ctx=64, limit=4, batch_size=2, show_progress=False)
+    assert streamed.window_nll == resident.window_nll
+    assert lazy.lazy.most_resident == 1 and not lazy.lazy.resident
+
+
+def test_damage_in_a_later_block_is_reported_when_reached(tokenizer, tmp_path, sample_text):
+    from compresslm.data.corpora import Corpus
+    from compresslm.eval.perplexity import perplexity
+
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    out = tmp_path / "model.clm"
+    compress(str(source), "w4-g32-rtn", out, show_progress=False)
+    header, start = read_header(out)
+    blob = header["blobs"]["model.layers.2.mlp.up_proj.codes"]
+    data = bytearray(out.read_bytes())
+    data[start + blob["offset"]] ^= 0xFF
+    out.write_bytes(bytes(data))
+    lazy = load_model(out, lazy=True)  # the header and the first blocks are sound
+    damaged = re.escape("checksum mismatch in tensor 'model.layers.2.mlp.up_proj.codes'")
+    with pytest.raises(CorruptFileError, match=damaged):
+        perplexity(lazy, Corpus("sample", None, sample_text, "test", "raw"), ctx=64, limit=2, show_progress=False)

@@ -437,7 +437,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CompressLMError("a streamed evaluation measures --ppl only so far; drop --stream for the others")
     lm = load_model(args.model, dtype=args.dtype, device=args.device, lazy=args.stream)
     if args.stream and lm.lazy is None:
-        raise CompressLMError(f"{args.model} does not stream: only safetensors directories and GGUF files do")
+        raise CompressLMError(f"{args.model} does not stream: safetensors directories, GGUF files and containers do")
     payload: dict = {"model": args.model}
     lines: list[str] = []
     if setting is not None:

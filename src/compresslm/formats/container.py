@@ -584,6 +584,52 @@ def read_container(path: str | os.PathLike, dial_bits: int | None = None) -> Con
     return ContainerContents(header, linears, activations, embeddings, dense, tokenizer_files, reader.bytes_read)
 
 
+class ContainerReader:
+    """A container read piece by piece (a model streamed block by block): one record or tensor at a time.
+
+    The header is checked whole when the reader opens; each blob is checked against its checksum
+    when it is read, so damage in a later block is reported when that block is reached (as one
+    CorruptFileError naming the tensor), and nothing built from it is used.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        self.header, start = read_header(self.path)
+        self._reader = _BlobReader(self.path, self.header, start)
+
+    def linear(self, name: str) -> CompressedWeight:
+        return self._guarded(_record, self._reader, self.header["linears"][name])
+
+    def embedding(self, name: str) -> CompressedWeight:
+        return self._guarded(_record, self._reader, self.header["embeddings"][name])
+
+    def dense(self, key: str) -> torch.Tensor:
+        return self._guarded(self._reader.tensor, self.header["dense"][key])
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        files = {}
+        for name, blob in self.header["tokenizer_files"].items():
+            if name not in TOKENIZER_FILES:  # checked with the header; never a path
+                raise CorruptFileError(f"{self.path} is corrupt: tokenizer file name {name!r}")
+            files[name] = self._guarded(self._reader.read, blob)
+        return files
+
+    @property
+    def bytes_read(self) -> int:
+        return self._reader.bytes_read
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def _guarded(self, read, *args):
+        try:
+            return read(*args)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
+                InvalidCompressedWeight) as exc:  # fmt: skip
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(f"{self.path} is corrupt: {reason}") from None
+
+
 def container_summary(path: str | os.PathLike) -> dict:
     """Sizes measured from the file: bytes on disk, bits per parameter overall and for the linears."""
     p = Path(path)

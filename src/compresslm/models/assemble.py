@@ -14,13 +14,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError, CorruptFileError
-from compresslm.formats.container import ContainerContents, ContainerWriter, read_container
+from compresslm.formats.container import ContainerContents, ContainerReader, ContainerWriter, read_container
 from compresslm.formats.header_check import TENSOR_DTYPES, check_config
-from compresslm.models.layout import is_linear
+from compresslm.models.layout import discover_layout, is_linear
+from compresslm.models.lazy import LazySource, set_tensor
 from compresslm.models.loaded import LoadedModel
 from compresslm.recipe import Recipe
 from compresslm.runtime.linear import CompressedLinear, replace_module
@@ -176,22 +178,112 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bit
     return lm
 
 
-def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, object | None]:
-    """The model, its tokenizer and KV-cache stage from a container's checked contents."""
-    from transformers import AutoModelForCausalLM
-
-    header = contents.header
+def load_compressed_lazily(path: str | os.PathLike, device: str | None = None) -> LoadedModel:
+    """A container's model with only what lies outside its blocks in memory; each block is built from its
+    records when a walk reaches it (`LazyContainer`), so a compressed model larger than memory evaluates."""
+    p = Path(path).expanduser()
+    reader = ContainerReader(p)
+    header = reader.header
     try:
         config = _config(header)
-        with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
-            meta_model = AutoModelForCausalLM.from_config(config)
+        with init_empty_weights(include_buffers=False):
+            model = _model_from_config(config)
+        _check_against_model(header, model)
+        _check_complete(header, model)
+        kv_cache = _kv_stage(header)
+    except ValueError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"{p} is corrupt: {reason}") from None
+    try:
+        tokenizer = _tokenizer(reader.tokenizer_files())
+    except ValueError as exc:
+        raise CorruptFileError(f"{p} is corrupt: {exc}") from None
+    lazy = LazyContainer(reader, model, torch.device(device or "cpu"))
+    lazy.load_outside(model, [block.name for block in discover_layout(model).blocks])
+    lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
+    lm.kind, lm.path, lm.container, lm.kv_cache, lm.lazy = "container", str(p.resolve()), header, kv_cache, lazy
+    return lm
+
+
+class LazyContainer(LazySource):
+    """A container's tensors and records, read block by block into a model built on the meta device.
+
+    A block's compressed linears become `CompressedLinear` modules over their records; dense tensors
+    are read in float32, as `load_compressed` reads them.
+    """
+
+    def __init__(self, reader: ContainerReader, model: nn.Module, device: torch.device) -> None:
+        super().__init__(torch.float32, device)
+        self.reader, self.model = reader, model
+
+    def activations(self) -> dict[str, dict]:
+        return {name: entry["activation"] for name, entry in self.reader.header["linears"].items()
+                if entry.get("activation")}  # fmt: skip
+
+    def _read_into(self, module: nn.Module, prefix: str, block: bool) -> None:
+        header = self.reader.header
+        linears = [n for n in header["linears"] if (n.startswith(f"{prefix}.") if block else n == prefix)]
+        for name in linears:
+            bias_key = f"{name}.bias"
+            bias = self.reader.dense(bias_key).float() if bias_key in header["dense"] else None
+            new = CompressedLinear(self.reader.linear(name), bias)
+            activation = header["linears"][name].get("activation")
+            if activation:
+                scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
+                new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
+            replace_module(self.model, name, new.to(self.device))
+        owned = {f"{name}.bias" for name in linears}
+        for key in header["dense"]:
+            owner_path, _, attr = key.rpartition(".")
+            inside = owner_path.startswith(f"{prefix}.") or owner_path == prefix if block else owner_path == prefix
+            if not inside or key in owned:
+                continue
+            tensor = self.reader.dense(key)
+            owner = self.model.get_submodule(owner_path)
+            tensor = tensor.float() if tensor.is_floating_point() else tensor
+            set_tensor(owner, attr, tensor.to(self.device), attr in owner._parameters)
+        if not block and prefix in header.get("embeddings", {}):
+            weight = self.reader.embedding(prefix).dequantize().to(self.device)
+            set_tensor(module, "weight", weight, True)
+
+
+def _check_complete(header: dict, model: nn.Module) -> None:
+    """Every tensor of the model must be stored: as a dense tensor, an alias, a record or an embedding."""
+    provided = set(header["dense"]) | set(header["aliases"])
+    provided |= {f"{name}.weight" for name in (*header["linears"], *header.get("embeddings", {}))}
+    missing = [key for key in model.state_dict() if key not in provided]
+    if missing:
+        raise ValueError(f"tensors do not match the model (missing {missing[:3]})")
+
+
+def _kv_stage(header: dict) -> object | None:
+    if not header.get("recipe"):
+        return None
+    try:
+        return Recipe.from_dict(header["recipe"]).kv_cache
+    except CompressLMError as exc:
+        raise ValueError(f"its recipe is invalid: {exc}") from None
+
+
+def _model_from_config(config: object) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError:
         raise
     except Exception as exc:  # transformers' config validators raise their own classes on a hostile config
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"its config does not describe a model ({reason.strip()})") from None
-    _check_against_model(header, meta_model)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, object | None]:
+    """The model, its tokenizer and KV-cache stage from a container's checked contents."""
+    header = contents.header
+    config = _config(header)
+    with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
+        _check_against_model(header, _model_from_config(config))
+    model = _model_from_config(config)
     for name, record in contents.linears.items():
         new = CompressedLinear(record, getattr(model.get_submodule(name), "bias", None))
         activation = contents.activations.get(name)
@@ -208,13 +300,7 @@ def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, objec
     missing = [k for k in missing if k not in provided]
     if missing or unexpected:
         raise ValueError(f"tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    kv_cache = None
-    if header.get("recipe"):
-        try:
-            kv_cache = Recipe.from_dict(header["recipe"]).kv_cache
-        except CompressLMError as exc:
-            raise ValueError(f"its recipe is invalid: {exc}") from None
-    return model, _tokenizer(contents.tokenizer_files), kv_cache
+    return model, _tokenizer(contents.tokenizer_files), _kv_stage(header)
 
 
 def _config(header: dict) -> object:
@@ -227,7 +313,13 @@ def _config(header: dict) -> object:
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"its config names model_type {model_type!r}, which this transformers does not know")
     check_config(values, CONFIG_MAPPING[model_type]().to_dict())
-    config = AutoConfig.for_model(model_type, **values)
+    try:
+        config = AutoConfig.for_model(model_type, **values)
+    except ValueError:
+        raise
+    except Exception as exc:  # transformers' config validators raise their own classes on a hostile config
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"its config does not describe a model ({reason.strip()})") from None
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > len(header["linears"]) + len(header["dense"]):
         raise ValueError(f"its config asks for {layers} layers, more than the tensors it stores")

@@ -99,18 +99,69 @@ def _stored_tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, 
     return found
 
 
-class LazyWeights:
+class LazySource:
     """Reads a lazily built model's tensors into it, one module at a time, and drops them again.
 
-    `prepare` runs on each module right after its tensors are read (the engine rounds dense tensors
-    there, as it does for a resident model before compressing).
+    Subclasses say where tensors come from (`_read_into`). `prepare` runs on each module right after
+    its tensors are read (the engine rounds dense tensors there, as it does for a resident model
+    before compressing). `resident` names the blocks in memory now; `most_resident` is the most at once.
     """
 
-    def __init__(self, tensors: ShardedTensors, dtype: torch.dtype, device: torch.device, tied: set[str]) -> None:
-        self.tensors, self.dtype, self.device, self.tied = tensors, dtype, device, tied
-        self.resident: set[str] = set()  # names of the blocks whose weights are in memory now
-        self.most_resident = 0  # the most blocks resident at once so far
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.resident: set[str] = set()
+        self.most_resident = 0
         self.prepare: Callable[[nn.Module], None] | None = None
+
+    def materialize(self, module: nn.Module, prefix: str, block: bool = True) -> None:
+        """Read the tensors of `module` (named `prefix` in the model) that are still on the meta device.
+
+        A `block` is counted resident until `release`; other modules (outside the blocks) get only their
+        own tensors, not their children's.
+        """
+        self._read_into(module, prefix, block)
+        if self.prepare is not None:
+            self.prepare(module)
+        if block:
+            self.resident.add(prefix)
+            self.most_resident = max(self.most_resident, len(self.resident))
+
+    def _read_into(self, module: nn.Module, prefix: str, block: bool) -> None:
+        raise NotImplementedError
+
+    def load_outside(self, model: nn.Module, blocks: list[str]) -> None:
+        """Read every tensor that is not inside a decoder block, then tie the head to the embedding again."""
+        inside = tuple(f"{name}." for name in blocks)
+        for name, sub in list(model.named_modules()):
+            if name in blocks or name.startswith(inside):
+                continue
+            self.materialize(sub, name, block=False)
+        model.tie_weights()
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        """Put the block's tensors back on the meta device (compressed linears' dequantized weights too)."""
+        for _, sub in module.named_modules():
+            for attr, param in sub._parameters.items():
+                if param is not None:
+                    sub._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
+            for attr, buffer in sub._buffers.items():
+                if buffer is not None and (attr not in sub._non_persistent_buffers_set or hasattr(sub, "compressed")):
+                    sub._buffers[attr] = buffer.to("meta")
+            if hasattr(sub, "compressed"):  # a CompressedLinear: its record is on disk
+                sub.compressed = sub.nested = None
+        self.resident.discard(prefix)
+
+    def activations(self) -> dict[str, dict]:
+        """The simulated activation grid of each compressed linear not in memory (a fingerprint hashes them)."""
+        return {}
+
+
+class LazyWeights(LazySource):
+    """A model's tensors from its safetensors shards, each cast to the model's dtype as it is read."""
+
+    def __init__(self, tensors: ShardedTensors, dtype: torch.dtype, device: torch.device, tied: set[str]) -> None:
+        super().__init__(dtype, device)
+        self.tensors, self.tied = tensors, tied
 
     def check(self, model: nn.Module) -> None:
         """Every tensor the model stores must be in the checkpoint with its shape: said before any is read."""
@@ -126,52 +177,28 @@ class LazyWeights:
                     f"the config asks for {list(tensor.shape)}"
                 )
 
-    def read(self, name: str) -> torch.Tensor:
-        """One stored tensor as the model holds it (its dtype), read on its own."""
-        tensor = self.tensors.read(name)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-
-    def materialize(self, module: nn.Module, prefix: str, block: bool = True) -> None:
-        """Read every stored tensor of `module` (named `prefix` in the model) that is still on the meta device.
-
-        A `block` is counted resident until `release`; other modules (outside the blocks) get only their
-        own tensors, not their children's.
-        """
+    def _read_into(self, module: nn.Module, prefix: str, block: bool) -> None:
         for name, owner, attr, is_param in _stored_tensors(module, recurse=block):
             current = (owner._parameters if is_param else owner._buffers)[attr]
             full = f"{prefix}.{name}" if prefix else name
             if current.device.type != "meta" or full in self.tied:
                 continue
-            tensor = self.read(full)
+            tensor = self.tensors.read(full)
             if tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
                 bad = int((~torch.isfinite(tensor)).sum())
                 if bad:
                     raise CorruptFileError(
                         f"{self.tensors.directory} has non-finite weights: {full} holds {bad:,} NaN or infinite values"
                     )
-            tensor = tensor.to(self.device)
-            if is_param:
-                owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-            else:
-                owner._buffers[attr] = tensor
-        if self.prepare is not None:
-            self.prepare(module)
-        if block:
-            self.resident.add(prefix)
-            self.most_resident = max(self.most_resident, len(self.resident))
+            set_tensor(owner, attr, tensor.to(self.device), is_param)
 
-    def release(self, module: nn.Module, prefix: str) -> None:
-        """Put the block's tensors back on the meta device (compressed linears' dequantized weights too)."""
-        for _, sub in module.named_modules():
-            for attr, param in sub._parameters.items():
-                if param is not None:
-                    sub._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
-            for attr, buffer in sub._buffers.items():
-                if buffer is not None and (attr not in sub._non_persistent_buffers_set or hasattr(sub, "compressed")):
-                    sub._buffers[attr] = buffer.to("meta")
-            if hasattr(sub, "compressed"):  # a CompressedLinear: its record has gone to the container
-                sub.compressed = sub.nested = None
-        self.resident.discard(prefix)
+
+def set_tensor(owner: nn.Module, attr: str, tensor: torch.Tensor, is_param: bool) -> None:
+    if is_param:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
 
 
 def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, LazyWeights]:
@@ -199,17 +226,3 @@ def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tup
     lazy = LazyWeights(tensors, dtype, device, tied)
     lazy.check(model)
     return model.eval(), lazy
-
-
-def materialize_outside_blocks(model: nn.Module, lazy: LazyWeights, blocks: list[str]) -> None:
-    """Read every tensor that is not inside a decoder block, then tie the head to the embedding again."""
-    inside = tuple(f"{name}." for name in blocks)
-    for name, sub in model.named_modules():
-        if name in blocks or name.startswith(inside):
-            continue
-        lazy.materialize(sub, name, block=False)
-    model.tie_weights()
-
-
-def resident_blocks(lazy: LazyWeights | None) -> int:
-    return 0 if lazy is None else len(lazy.resident)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from compresslm.errors import CorruptFileError
 from compresslm.models.layout import ModelLayout, count_parameters, discover_layout
-from compresslm.models.lazy import LazyWeights
+from compresslm.models.lazy import LazySource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,7 +35,7 @@ class LoadedModel:
     bytes_read: int | None = field(default=None, repr=False)  # bytes of the file read to build it (containers)
     compressed: dict | None = field(default=None, repr=False)  # CompressedWeight records by module path
     kv_cache: object | None = None  # a recipe.KVCacheStage: evaluation runs through that quantized cache
-    lazy: LazyWeights | None = field(default=None, repr=False)  # blocks read from disk when walked (streaming)
+    lazy: LazySource | None = field(default=None, repr=False)  # blocks read from disk when walked (streaming)
     _fingerprint: str | None = field(default=None, repr=False)
     _weights_fingerprint: str | None = field(default=None, repr=False)
 
@@ -69,8 +68,8 @@ class LoadedModel:
     def weights_fingerprint(self) -> str:
         """sha256 of the weights alone: the model hash of compresslm before 0.2 (old results stores)."""
         if self._weights_fingerprint is None:
-            read = self.lazy.read if self.lazy is not None else None
-            self._weights_fingerprint = weights_fingerprint(self.model, read)
+            blocks = [(block.name, block.module) for block in self.layout.blocks]
+            self._weights_fingerprint = weights_fingerprint(self.model, self.lazy, blocks)
         return self._weights_fingerprint
 
     def describe(self) -> dict:
@@ -112,38 +111,69 @@ def combined_fingerprint(weights_sha256: str, config: dict) -> str:
     return hashlib.sha256(f"weights {weights_sha256}\nconfig {text}".encode()).hexdigest()
 
 
-def weights_fingerprint(model: nn.Module, read: Callable[[str], torch.Tensor] | None = None) -> str:
+def weights_fingerprint(
+    model: nn.Module, lazy: LazySource | None = None, blocks: list[tuple[str, nn.Module]] = ()
+) -> str:
     """sha256 of every parameter and buffer (names, dtypes, shapes, bytes); tied weights once.
 
     Compressed linears keep their weight outside the state dict (a non-persistent buffer rebuilt
     from the record), so their dequantized weights are hashed too, and so is their simulated
     activation grid: two models compressed differently never share a fingerprint. Before
-    compresslm 0.2 the weights alone were the model hash. A lazily loaded model's tensors still on
-    the meta device are read one at a time with `read(name)`, so it hashes as it would loaded whole.
+    compresslm 0.2 the weights alone were the model hash.
+
+    A lazily loaded model (`lazy`, with its `blocks` as (path, module)) hashes exactly as it would
+    loaded whole: names are hashed in sorted order, and since a block's names are one contiguous
+    run of that order, each block is read, hashed and dropped in turn.
     """
     digest = hashlib.sha256()
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    state = dict(model.state_dict(keep_vars=True))
+    pending = lazy.activations() if lazy is not None else {}
     for module_name, module in model.named_modules():
-        if hasattr(module, "compressed") and isinstance(getattr(module, "weight", None), torch.Tensor):
-            state[f"{module_name}.weight[dequantized]"] = module.weight
-            activation = module.activation_config()
-            if activation is not None:
-                digest.update(f"{module_name}|activation|{json.dumps(activation, sort_keys=True)}|".encode())
-    for name in sorted(state):
-        tensor = state[name].detach()
-        key = (id(state[name]) if tensor.is_meta else tensor.data_ptr(), tuple(tensor.shape))
-        if key in seen:  # tied weights appear under two names
+        activation = module.activation_config() if hasattr(module, "compressed") else pending.get(module_name)
+        if activation is not None:
+            digest.update(f"{module_name}|activation|{json.dumps(activation, sort_keys=True)}|".encode())
+    state = _hashed_state(model)
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    if lazy is None:
+        for name in sorted(state):
+            _hash_tensor(digest, seen, name, state[name])
+        return digest.hexdigest()
+    prefixes = {f"{path}.": module for path, module in blocks}
+    units = [(name, None) for name in state if not name.startswith(tuple(prefixes))] + list(prefixes.items())
+    for key, module in sorted(units, key=lambda unit: unit[0]):
+        if module is None:
+            _hash_tensor(digest, seen, key, state[key])
             continue
-        seen.add(key)
-        if tensor.is_meta:
-            if read is None:
-                raise ValueError(f"{name} is on the meta device and no reader was given")
-            tensor = read(name)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        flat = tensor.cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        path = key[:-1]
+        was_resident = path in lazy.resident
+        if not was_resident:
+            lazy.materialize(module, path)
+        block_state = _hashed_state(module, key)
+        block_seen = set(seen)  # a dropped block's addresses are reused by the next: they must not count as seen
+        for name in sorted(block_state):
+            _hash_tensor(digest, block_seen, name, block_state[name])
+        if not was_resident:
+            lazy.release(module, path)
     return digest.hexdigest()
+
+
+def _hashed_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict plus each compressed linear's dequantized weight."""
+    state = dict(module.state_dict(prefix=prefix, keep_vars=True))
+    for name, sub in module.named_modules():
+        if name and hasattr(sub, "compressed") and isinstance(getattr(sub, "weight", None), torch.Tensor):
+            state[f"{prefix}{name}.weight[dequantized]"] = sub.weight
+    return state
+
+
+def _hash_tensor(digest, seen: set, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach()
+    key = (tensor.data_ptr(), tuple(tensor.shape))
+    if key in seen:  # tied weights appear under two names
+        return
+    seen.add(key)
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    flat = tensor.cpu().contiguous().reshape(-1)
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
 
 
 def check_finite(model: nn.Module, source: str) -> None:

@@ -30,9 +30,9 @@ from compresslm.errors import (
 from compresslm.fileio import atomic_path, cache_root
 from compresslm.formats.container import is_container
 from compresslm.models import registry
-from compresslm.models.assemble import load_compressed
+from compresslm.models.assemble import load_compressed, load_compressed_lazily
 from compresslm.models.layout import discover_layout
-from compresslm.models.lazy import is_safetensors_dir, lazy_model, materialize_outside_blocks
+from compresslm.models.lazy import is_safetensors_dir, lazy_model
 from compresslm.models.loaded import DTYPES, LoadedModel, check_finite
 
 GGUF_MAGIC = b"GGUF"
@@ -228,7 +228,7 @@ def _load_lazy(directory: Path, source: str, dtype: str | None, device: str | No
     except Exception as exc:
         raise _wrap_transformers_error(exc, source) from exc
     model, lazy = lazy_model(directory, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
-    materialize_outside_blocks(model, lazy, [block.name for block in discover_layout(model).blocks])
+    lazy.load_outside(model, [block.name for block in discover_layout(model).blocks])
     layout = discover_layout(model)  # again, now that a tied head is one tensor with the embedding
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, kind="hf_dir",
                        path=str(directory.resolve()), lazy=lazy)  # fmt: skip
@@ -248,10 +248,15 @@ def load_model(
     or a hub id (`org/name`, only where a network or a local hub cache exists). `dtype` casts the
     weights (float32, bfloat16, float16); `cache` keeps a dequantized copy of GGUF files. `lazy`
     leaves each decoder block's weights on disk until a walk over the blocks reads it (a safetensors
-    directory, or a GGUF file through its dequantized cache), so models larger than memory stream.
+    directory, a container, or a GGUF file through its dequantized cache), so models larger than
+    memory stream.
     """
     text = str(source)
     path = Path(text).expanduser()
+    if lazy and is_container(path):
+        lm = load_compressed_lazily(path, device=device)
+        lm.source = text
+        return lm
     if lazy:
         directory = _lazy_source(text, path, cache)
         if directory is not None:
