@@ -65,6 +65,29 @@ def test_streamed_container_equals_resident(family, preset, tokenizer, tmp_path,
     assert not list(tmp_path.glob(".*compresslm-tmp*"))  # the spill file is gone
 
 
+def test_only_one_block_of_weights_is_ever_in_memory(tokenizer, tmp_path):
+    """Counted on the tensors themselves: original layers a block swapped out must be dropped too."""
+    source = _sharded("llama", tokenizer, tmp_path / "model", layers=4)
+    lm = load_model(source, lazy=True)
+    original = [info.module for info in lm.layout.linears()]
+    counts = []
+
+    def count(module, *args):  # the engine rounds each block as it is read: count the layers in memory then
+        rounding(module, *args)
+        counts.append(sum(not m.weight.is_meta for m in original))
+
+    from compresslm.engine import sequential
+
+    rounding = sequential._round_dense
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sequential, "_round_dense", count)
+        compress(lm, "w4-g32-gptq", tmp_path / "out.clm", calibration=_calibration(), show_progress=False,
+                 stream=True)  # fmt: skip
+    per_block = len(lm.layout.blocks[0].linears)
+    assert counts == [0] + [per_block] * 4  # the whole model's rounding first, then one block's layers each time
+    assert all(m.weight.is_meta for m in original)
+
+
 def test_lazy_load_reads_only_outside_blocks(tokenizer, tmp_path):
     source = _sharded("llama", tokenizer, tmp_path / "model")
     lm = load_model(source, lazy=True)

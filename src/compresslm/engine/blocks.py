@@ -104,5 +104,7 @@ class BlockWalk:
                 self.inputs = run_block(block.module, self.inputs)
             if lazy is not None:
                 lazy.release(block.module, block.name)
+                for info in block.linears:  # the layers a caller swapped out are still referenced here
+                    lazy.release(info.module, block.name)
             bar.update(1)
         bar.close()
