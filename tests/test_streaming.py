@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -244,3 +245,63 @@ def test_damage_in_a_later_block_is_reported_when_reached(tokenizer, tmp_path, s
     damaged = re.escape("checksum mismatch in tensor 'model.layers.2.mlp.up_proj.codes'")
     with pytest.raises(CorruptFileError, match=damaged):
         perplexity(lazy, Corpus("sample", None, sample_text, "test", "raw"), ctx=64, limit=2, show_progress=False)
+
+
+_KILL_AFTER_BLOCK = """
+import os, signal, sys
+from compresslm.models import assemble
+journalled = assemble.StreamingSave.block
+def block(self, block, carried, run):
+    journalled(self, block, carried, run)
+    if carried.next_block == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed between two blocks, as a user's kill -9 would
+assemble.StreamingSave.block = block
+from compresslm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("preset", ["w4-g32-gptq", "w4-g32-awq", "dial"])
+def test_a_killed_streaming_compression_resumes(preset, tokenizer, tmp_path, one_thread):
+    source = _sharded("llama", tokenizer, tmp_path / "model", layers=4)
+    out = tmp_path / "out.clm"
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_AFTER_BLOCK)
+    args = ["compress", str(source), "--recipe", preset, "--calib-samples", "4", "--calib-len", "64", "--stream",
+            "--quiet"]  # fmt: skip
+    killed = subprocess.run([sys.executable, str(script), *args, "-o", str(out)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert killed.returncode == -9 and not out.exists()
+    assert (tmp_path / ".out.clm.partial" / "state.safetensors").is_file()
+    resumed = subprocess.run([sys.executable, "-m", "compresslm.cli", *args, "-o", str(out)], capture_output=True,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed a killed run of the same compression at block 2" in resumed.stdout + resumed.stderr
+    assert not (tmp_path / ".out.clm.partial").exists()
+    whole = subprocess.run([sys.executable, "-m", "compresslm.cli", *args, "-o", str(tmp_path / "whole.clm")],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    assert _comparable(out) == _comparable(tmp_path / "whole.clm")
+
+
+def test_a_journal_of_another_compression_is_started_afresh(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    out = tmp_path / "out.clm"
+    from compresslm.models.assemble import StreamingSave
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(self, block, carried, run):
+        journalled(self, block, carried, run)
+        raise Interrupted
+
+    journalled = StreamingSave.block
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StreamingSave, "block", stop)
+        with pytest.raises(Interrupted):
+            compress(str(source), "w4-g32-rtn", out, show_progress=False, stream=True)
+    _, result, _ = compress(str(source), "w3-g32-rtn", out, show_progress=False, stream=True)
+    assert "resumed_at_block" not in result.info
+    _, _, _ = compress(str(source), "w3-g32-rtn", tmp_path / "fresh.clm", show_progress=False, stream=True)
+    assert _comparable(out)[1] == _comparable(tmp_path / "fresh.clm")[1]

@@ -173,6 +173,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _lm, result, summary = compress(args.model, recipe, args.output, device=args.device, show_progress=not args.quiet,
                                     stats_cache=args.stats_cache or default_cache_dir(), target=target,
                                     stream=args.stream)  # fmt: skip
+    if result.info.get("resumed_at_block"):
+        _print(f"resumed a killed run of the same compression at block {result.info['resumed_at_block']}")
     if result.plan is not None:
         plan, counts = result.plan, {}
         for choice in plan.choices.values():  # 4, or 4+50% (4 bits, 50 % sparse)

@@ -7,7 +7,7 @@ block are `models.forward`'s (evaluation streams blocks with them too).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,17 +77,24 @@ class BlockWalk:
         cache: StatisticsCache | None = None,
         label: str = "calibrate",
         show_progress: bool = True,
+        start: int = 0,
+        after_block: Callable[[BlockStep], None] | None = None,
     ) -> None:
         if propagate not in PROPAGATIONS:
             raise ValueError(f"propagate={propagate!r}; choose one of {', '.join(PROPAGATIONS)}")
         self.lm, self.inputs, self.device = lm, inputs, device
         self.propagate, self.cache, self.label, self.show_progress = propagate, cache, label, show_progress
+        self.start, self.after_block = start, after_block
 
     def __iter__(self) -> Iterator[BlockStep]:
+        """Blocks from `start` on (`inputs` are then that block's); `after_block` sees each step once the
+        next block's inputs are in `self.inputs` and before a lazily loaded block is dropped."""
         blocks = self.lm.layout.blocks
-        bar = progress(len(blocks), self.label, unit="block", enabled=self.show_progress)
+        bar = progress(len(blocks), self.label, unit="block", enabled=self.show_progress, initial=self.start)
         lazy = self.lm.lazy
         for index, block in enumerate(blocks):
+            if index < self.start:
+                continue
             if lazy is not None:
                 lazy.materialize(block.module, block.name)
             if self.inputs:
@@ -97,11 +104,14 @@ class BlockWalk:
             else:
                 stats = self.cache.load(index, self.device) if self.cache is not None else None
                 outputs = []
-            yield BlockStep(index, block, stats, self.inputs)
+            step = BlockStep(index, block, stats, self.inputs)
+            yield step
             if self.propagate == "original":
                 self.inputs = outputs
             elif self.inputs:
                 self.inputs = run_block(block.module, self.inputs)
+            if self.after_block is not None:
+                self.after_block(step)
             if lazy is not None:
                 lazy.release(block.module, block.name)
                 for info in block.linears:  # the layers a caller swapped out are still referenced here

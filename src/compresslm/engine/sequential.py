@@ -18,6 +18,8 @@ it calls the pure algorithm functions in `compresslm.quant`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,7 @@ from compresslm.engine.statistics import BlockStatistics
 from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
 from compresslm.kv.cache import check_kv_support
-from compresslm.models.forward import Batch, capture_first_block_inputs, run_block
+from compresslm.models.forward import Batch, Carried, capture_first_block_inputs, run_block
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
 from compresslm.quant.gptq import output_error
@@ -192,11 +194,17 @@ def _replace(lm: LoadedModel, info: LinearInfo, record: CompressedWeight) -> Com
 
 class RecordSink(Protocol):
     """Where a streamed compression hands each record as it is made, instead of keeping it
-    (`models.assemble.StreamingSave` writes them to a container)."""
+    (`models.assemble.StreamingSave` writes them to a container and journals each finished block).
+
+    `run` identifies the compression (source, recipe, windows, versions): `resume(run)` returns what
+    a killed run with the same identity had carried past its last finished block, or None.
+    """
 
     def linear(self, name: str, record: CompressedWeight, module: nn.Module) -> None: ...
 
-    def block(self, block: BlockInfo) -> None: ...
+    def block(self, block: BlockInfo, carried: Carried, run: str) -> None: ...
+
+    def resume(self, run: str) -> Carried | None: ...
 
 
 def compress(
@@ -254,9 +262,6 @@ def compress(
     layers: list[LayerReport] = []
     folds: list[ScaleFold] = []
     embeddings = _quantize_embeddings(lm, embedding_stages, weights, layers)
-    if sink is not None:
-        for name in list(weights):  # an untied lm_head's record
-            sink.linear(name, weights.pop(name), lm.model.get_submodule(name))
     calib_protocol = None
     lm.model.eval()
     run_device = torch.device(device) if device else lm.device
@@ -288,6 +293,15 @@ def compress(
             if any(isinstance(s, QuantizeStage) and s.rescales_inputs for s in recipe.stages):
                 # one window through the original blocks, on which every scale fold is verified
                 probe = capture_first_block_inputs(lm, calibration.windows[:1], 1, run_device)
+        run = _run_identity(source, recipe, calib_protocol, run_device) if sink is not None else ""
+        carried = sink.resume(run) if sink is not None else None
+        if sink is not None:
+            for name in list(weights):  # an untied lm_head's record
+                sink.linear(name, weights.pop(name), lm.model.get_submodule(name))
+        if carried is not None:  # a killed run's blocks are in the file already: go on from the next one
+            batches, probe = _with_hidden(batches, carried.inputs), _with_hidden(probe, carried.probe)
+            layers[:] = [LayerReport(**layer) for layer in carried.layers]
+            folds[:] = [ScaleFold(**fold) for fold in carried.folds]
 
         # a dial with separate widths calibrates its shared chain on a second stream, propagated at the
         # chain's narrowest width, while the main stream follows the narrowest width overall; each
@@ -298,14 +312,24 @@ def compress(
         streams: dict[str | float, list[Batch]] = {}
         if batches and not on_original:
             streams = {key: list(batches) for key in (["chain"] if chains else []) + ratios}
+        if carried is not None:
+            streams = {key: _with_hidden(stream, carried.streams[str(key)]) for key, stream in streams.items()}
         if streams:
             calib_protocol["dial_streams"] = {"separate widths": "narrowest width", "chain": sorted(chains),
                                               "pruned ratios": ratios}  # fmt: skip
         allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
         if cache is not None and cache.complete():
             batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
+
+        def checkpoint(step) -> None:  # after a block's records and its outputs: journal what the next one needs
+            hidden = {str(key): [b.args[0] for b in stream] for key, stream in streams.items()}
+            sink.block(step.block, Carried(step.index + 1, [b.args[0] for b in walk.inputs],
+                                           [b.args[0] for b in probe], hidden, [asdict(x) for x in layers],
+                                           [asdict(f) for f in folds]), run)  # fmt: skip
+
         walk = BlockWalk(lm, batches, run_device, propagate=recipe.calibration.propagate, cache=cache,
-                         label="compress", show_progress=show_progress)  # fmt: skip
+                         label="compress", show_progress=show_progress, start=carried.next_block if carried else 0,
+                         after_block=checkpoint if sink is not None else None)  # fmt: skip
         for step in walk:
             block, stats = step.block, step.stats
             block_targets = [targets[i.name] for i in block.linears if i.name in targets]
@@ -334,8 +358,6 @@ def compress(
                 streams[key] = run_block(block.module, streams[key])
                 for module in dial_layers:  # back at the narrowest width, for the main stream
                     module.dial(min(module.nested.dial.widths))
-            if sink is not None:
-                sink.block(block)
 
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
@@ -346,6 +368,8 @@ def compress(
     # float sums round differently with another thread count, and some codes change with them
     info = {"versions": versions(), "device": str(run_device), "torch_threads": torch.get_num_threads(),
             "model": source or lm.describe()}  # fmt: skip
+    if carried is not None:
+        info["resumed_at_block"] = carried.next_block
     if transforms:
         info["model_transforms"] = transforms
     if folds:
@@ -358,6 +382,21 @@ def compress(
         info["activation_quantization"] = "simulated (quantize-dequantize in float; no int8 kernel used)"
     seconds = time.perf_counter() - started
     return CompressionResult(weights, layers, recipe, calib_protocol, seconds, info, embeddings)
+
+
+def _run_identity(source: dict, recipe: Recipe, calibration: dict | None, device: torch.device) -> str:
+    """What a resumed compression must share with the one it continues to write the same file."""
+    identity = {"model": source["sha256"], "recipe": recipe.to_dict(), "calibration": calibration,
+                "versions": {k: v for k, v in versions().items() if k in ("compresslm", "torch", "transformers")},
+                "device": str(device), "torch_threads": torch.get_num_threads()}  # fmt: skip
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _with_hidden(batches: list[Batch], hidden: list[torch.Tensor]) -> list[Batch]:
+    """`batches` with the carried hidden states in place of their first argument."""
+    if len(hidden) != len(batches):
+        raise CompressLMError(f"the journal carries {len(hidden)} batches where this run has {len(batches)}")
+    return [Batch((h, *b.args[1:]), b.kwargs, b.as_tuple) for h, b in zip(hidden, batches, strict=True)]
 
 
 def _path_of(lm: LoadedModel, module: nn.Module) -> str:

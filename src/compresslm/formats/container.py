@@ -181,17 +181,37 @@ class ContainerWriter:
     was. Blobs are laid out in the order: linears, embeddings, dense tensors, tokenizer files.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, spill: Path | None = None) -> None:
+        """`spill`: where to keep the blobs written so far (a journal's, kept by `abort` so a run can resume);
+        by default a temporary file beside the target."""
         self.target = Path(path).expanduser()
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._spill_path = temp_sibling(self.target)
+        self._keep_spill = spill is not None
+        self._spill_path = spill or temp_sibling(self.target)
         try:
-            self._spill = self._spill_path.open("w+b")
+            self._spill = self._spill_path.open("r+b" if self._spill_path.exists() else "w+b")
         except OSError as exc:
             raise CompressLMError(f"cannot write {self.target}: {exc.strerror or exc}") from None
         self._blobs = _BlobWriter(self._spill)
         self.linears: dict[str, dict] = {}
         self.linear_parameters = 0
+
+    def state(self) -> dict:
+        """What was written so far, after making it durable: `restore` continues from here."""
+        self._guarded(self._flush)
+        return {"offset": self._blobs.offset, "blobs": self._blobs.index, "linears": self.linears,
+                "linear_parameters": self.linear_parameters}  # fmt: skip
+
+    def restore(self, state: dict) -> None:
+        """Continue after `state` (a killed run's last durable point): later bytes of the spill are dropped."""
+        self._spill.truncate(state["offset"])
+        self._spill.seek(state["offset"])
+        self._blobs.offset, self._blobs.index = state["offset"], dict(state["blobs"])
+        self.linears, self.linear_parameters = dict(state["linears"]), state["linear_parameters"]
+
+    def _flush(self) -> None:
+        self._spill.flush()
+        os.fsync(self._spill.fileno())
 
     def add_linear(self, name: str, record: CompressedWeight, activation: dict | None = None) -> None:
         """Store one compressed linear (and its simulated activation grid, or None)."""
@@ -263,9 +283,10 @@ class ContainerWriter:
         return container_summary(self.target)
 
     def abort(self) -> None:
-        """Drop what was spilled; the target is left as it was."""
+        """Close the spill and drop it (unless a journal keeps it); the target is left as it was."""
         self._spill.close()
-        self._spill_path.unlink(missing_ok=True)
+        if not self._keep_spill:
+            self._spill_path.unlink(missing_ok=True)
 
     def _guarded(self, write, *args):
         try:

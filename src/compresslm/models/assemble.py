@@ -10,6 +10,7 @@ modules over the records; any mismatch is reported as a corrupt file, nothing is
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.fileio import load_tensors, save_tensors
 from compresslm.formats.container import ContainerContents, ContainerReader, ContainerWriter, read_container
 from compresslm.formats.header_check import TENSOR_DTYPES, check_config
+from compresslm.models.forward import Carried
 from compresslm.models.layout import discover_layout, is_linear
 from compresslm.models.lazy import LazySource, set_tensor
 from compresslm.models.loaded import LoadedModel
@@ -62,35 +65,88 @@ class StreamingSave:
     tensors (norms, biases) are kept in their storage dtype, so the records and weights of only one
     block are held at a time. `finish` writes what lies outside the blocks; the container is
     byte for byte the one `save_compressed` writes for the same model compressed whole.
+
+    Every finished block is journalled beside the target (`.NAME.partial/`: the spill, each block's
+    dense tensors, and what the next block needs), so a killed compression resumes at the block after
+    the last finished one and writes the same file; the journal is removed once the file is in place.
     """
 
     def __init__(self, path: str | os.PathLike, dense_dtype: str) -> None:
-        self.writer = ContainerWriter(path)
+        target = Path(path).expanduser()
+        self.journal = target.with_name(f".{target.name}.partial")
+        self.journal.mkdir(parents=True, exist_ok=True)
+        self.writer = ContainerWriter(target, spill=self.journal / "blobs")
         self.dense_dtype = dense_dtype
         self.blocks: dict[str, torch.Tensor] = {}  # dense tensors of finished blocks, in storage dtype
+        self.dense_files: list[str] = []
+
+    def resume(self, run: str) -> Carried | None:
+        """What a killed run of the same compression (`run`) carried past its last finished block, or None
+        (a journal of another run, or none, is started afresh)."""
+        state_file = self.journal / "state.safetensors"
+        fields = None
+        if state_file.is_file():
+            try:
+                tensors, fields = load_tensors(state_file)
+            except CorruptFileError:
+                fields = None
+        if fields is None or fields.get("run") != run:
+            self.writer.restore({"offset": 0, "blobs": {}, "linears": {}, "linear_parameters": 0})
+            return None
+        self.writer.restore(fields["writer"])
+        self.dense_files = list(fields["dense_files"])
+        for name in self.dense_files:
+            dense, _ = load_tensors(self.journal / Path(name).name)
+            self.blocks.update(dense)
+        carried = fields["carried"]
+        streams = {key: [tensors[f"streams.{key}.{i}"] for i in range(count)]
+                   for key, count in carried["streams"].items()}  # fmt: skip
+        return Carried(carried["next_block"], [tensors[f"inputs.{i}"] for i in range(carried["inputs"])],
+                       [tensors[f"probe.{i}"] for i in range(carried["probe"])], streams, carried["layers"],
+                       carried["folds"])  # fmt: skip
 
     def linear(self, name: str, record: CompressedWeight, module: nn.Module) -> None:
-        self.writer.add_linear(name, record, _activation(module))
+        if name not in self.writer.linears:  # a resumed run makes the head's record again: it is stored already
+            self.writer.add_linear(name, record, _activation(module))
 
-    def block(self, block: object) -> None:
+    def block(self, block: object, carried: Carried, run: str) -> None:
+        """Keep the finished block's dense tensors, then journal it: the file's state and what comes next."""
         state = block.module.state_dict(prefix=f"{block.name}.", keep_vars=True)
-        for key, tensor in state.items():
-            self.blocks[key] = _stored(key, tensor.detach(), self.dense_dtype)
+        dense = {key: _stored(key, tensor.detach(), self.dense_dtype) for key, tensor in state.items()}
+        self.blocks.update(dense)
+        name = f"dense-{carried.next_block - 1:05d}.safetensors"
+        save_tensors(self.journal / name, dense, {})
+        self.dense_files.append(name)
+        tensors = {f"inputs.{i}": t for i, t in enumerate(carried.inputs)}
+        tensors.update({f"probe.{i}": t for i, t in enumerate(carried.probe)})
+        for key, stream in carried.streams.items():
+            tensors.update({f"streams.{key}.{i}": t for i, t in enumerate(stream)})
+        fields = {"run": run, "writer": self.writer.state(), "dense_files": self.dense_files,
+                  "carried": {"next_block": carried.next_block, "inputs": len(carried.inputs),
+                              "probe": len(carried.probe), "streams": {k: len(v) for k, v in carried.streams.items()},
+                              "layers": carried.layers, "folds": carried.folds}}  # fmt: skip
+        save_tensors(self.journal / "state.safetensors", tensors, fields)
 
     def finish(self, lm: LoadedModel, embeddings: dict[str, CompressedWeight], metadata: dict | None = None) -> dict:
         """Write the tensors outside the blocks, the tokenizer and the header; return the container's summary."""
         try:
             items = []
+            compressed = {f"{name}.weight" for name in self.writer.linears}  # blocks a resumed run never read
             for key, tensor in lm.model.state_dict(keep_vars=True).items():
+                if key in compressed:
+                    continue
                 identity = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tuple(tensor.shape))
                 items.append((key, identity, self.blocks.get(key, tensor.detach())))
             dense, aliases = _gather_dense(items, self.dense_dtype, {f"{name}.weight" for name in embeddings})
         except BaseException:
             self.writer.abort()
             raise
-        return _finish(self.writer, lm, dense, aliases, embeddings, self.dense_dtype, metadata)
+        summary = _finish(self.writer, lm, dense, aliases, embeddings, self.dense_dtype, metadata)
+        shutil.rmtree(self.journal, ignore_errors=True)
+        return summary
 
     def abort(self) -> None:
+        """Stop writing; the journal stays, so the same compression run again resumes from it."""
         self.writer.abort()
 
 
@@ -137,7 +193,9 @@ def _finish(
 ) -> dict:
     config = lm.model.config.to_dict()
     config.pop("quantization_config", None)
-    parameters = sum(p.numel() for p in lm.model.parameters()) + writer.linear_parameters
+    compressed = {f"{name}.weight" for name in writer.linears}
+    uncompressed = sum(p.numel() for name, p in lm.model.named_parameters() if name not in compressed)
+    parameters = uncompressed + writer.linear_parameters
     files = tokenizer_files(lm.tokenizer)
     return writer.finish(
         config=config, embeddings=embeddings, dense=dense, aliases=aliases, tokenizer_files=files,

@@ -29,6 +29,22 @@ class Batch:
     as_tuple: bool = False  # the block that produced it returned a tuple (some families' blocks do)
 
 
+@dataclass
+class Carried:
+    """What a compression carries from one block to the next: enough to resume at `next_block`.
+
+    The hidden states of each calibration batch (the main stream, the fold-verification probe and
+    the dial's streams; their other arguments are recomputed), and the reports made so far.
+    """
+
+    next_block: int
+    inputs: list[torch.Tensor]
+    probe: list[torch.Tensor]
+    streams: dict[str, list[torch.Tensor]]
+    layers: list[dict]
+    folds: list[dict]
+
+
 def capture_first_block_inputs(
     lm: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[Batch]:
