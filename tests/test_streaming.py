@@ -305,3 +305,28 @@ def test_a_journal_of_another_compression_is_started_afresh(tokenizer, tmp_path)
     assert "resumed_at_block" not in result.info
     _, _, _ = compress(str(source), "w3-g32-rtn", tmp_path / "fresh.clm", show_progress=False, stream=True)
     assert _comparable(out)[1] == _comparable(tmp_path / "fresh.clm")[1]
+
+
+_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from compresslm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_during_the_streaming_write_leaves_the_old_file(tokenizer, tmp_path):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    out = tmp_path / "out.clm"
+    out.write_bytes(b"an earlier container")
+    script = tmp_path / "limited.py"
+    script.write_text(_FILE_SIZE_LIMIT)
+    run = subprocess.run([sys.executable, str(script), "20000", "compress", str(source), "--recipe", "w8-g32-rtn",
+                          "--stream", "--quiet", "-o", str(out)], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("compresslm: error: cannot write") and "File too large" in last
+    assert out.read_bytes() == b"an earlier container"
+    assert not list(tmp_path.glob(".out.clm.compresslm-tmp*"))

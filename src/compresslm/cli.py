@@ -25,9 +25,22 @@ def _print(message: str = "") -> None:
 
 
 def _emit_json(payload: dict) -> None:
-    """One JSON object on stdout; a value that is not a finite number (an error bar of one window) is null."""
+    """One JSON object on stdout; a value that is not a finite number (an error bar of one window) is null.
+
+    Every object says how much memory the command took at its peak (`peak_rss_bytes`, this process's
+    maximum resident set size so far).
+    """
+    payload = {**payload, "peak_rss_bytes": peak_rss_bytes()}
     sys.stdout.write(json.dumps(_finite_json(payload), indent=2, sort_keys=False, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def peak_rss_bytes() -> int:
+    """The most memory this process has held resident so far (Linux reports kibibytes, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _finite_json(value: object) -> object:

@@ -26,6 +26,7 @@ recompress.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -284,7 +285,8 @@ class ContainerWriter:
 
     def abort(self) -> None:
         """Close the spill and drop it (unless a journal keeps it); the target is left as it was."""
-        self._spill.close()
+        with contextlib.suppress(OSError):  # closing flushes, and the write that failed fails again
+            self._spill.close()
         if not self._keep_spill:
             self._spill_path.unlink(missing_ok=True)
 

@@ -115,7 +115,7 @@ class StreamingSave:
         dense = {key: _stored(key, tensor.detach(), self.dense_dtype) for key, tensor in state.items()}
         self.blocks.update(dense)
         name = f"dense-{carried.next_block - 1:05d}.safetensors"
-        save_tensors(self.journal / name, dense, {})
+        self._journal(name, dense, {})
         self.dense_files.append(name)
         tensors = {f"inputs.{i}": t for i, t in enumerate(carried.inputs)}
         tensors.update({f"probe.{i}": t for i, t in enumerate(carried.probe)})
@@ -125,7 +125,13 @@ class StreamingSave:
                   "carried": {"next_block": carried.next_block, "inputs": len(carried.inputs),
                               "probe": len(carried.probe), "streams": {k: len(v) for k, v in carried.streams.items()},
                               "layers": carried.layers, "folds": carried.folds}}  # fmt: skip
-        save_tensors(self.journal / "state.safetensors", tensors, fields)
+        self._journal("state.safetensors", tensors, fields)
+
+    def _journal(self, name: str, tensors: dict[str, torch.Tensor], fields: dict) -> None:
+        try:
+            save_tensors(self.journal / name, tensors, fields)
+        except OSError as exc:
+            raise CompressLMError(f"cannot write the journal {self.journal / name}: {exc.strerror or exc}") from None
 
     def finish(self, lm: LoadedModel, embeddings: dict[str, CompressedWeight], metadata: dict | None = None) -> dict:
         """Write the tensors outside the blocks, the tokenizer and the header; return the container's summary."""
