@@ -115,6 +115,6 @@ class BlockWalk:
             if lazy is not None:
                 lazy.release(block.module, block.name)
                 for info in block.linears:  # the layers a caller swapped out are still referenced here
-                    lazy.release(info.module, block.name)
+                    lazy.drop(info.module)
             bar.update(1)
         bar.close()

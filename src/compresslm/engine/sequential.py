@@ -428,6 +428,8 @@ def _compress_linear(
     record = compress_weight(info.name, original, built_in, hessian, pattern, chain, pruned) if built_in else None
     record = _apply_stages(info.name, original, stages, hessian, record)
     new = _replace(lm, info, record)
+    if lm.lazy is not None:  # the original layer is out of the model: its weight need not wait for the block's end
+        lm.lazy.drop(info.module)
     if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
         new.dial(min(record.dial.widths))
     rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None

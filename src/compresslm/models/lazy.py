@@ -32,27 +32,38 @@ def is_safetensors_dir(path: Path) -> bool:
 
 
 class ShardedTensors:
-    """The tensors of a safetensors model directory by name, each read on its own from its shard."""
+    """The tensors of a safetensors model directory by name, each read on its own from its shard.
+
+    A shard is opened (memory-mapped) only while a tensor is copied out of it: pages of a mapping
+    that stays open count as the process's resident memory, and over a whole model they would add up
+    to the checkpoint's size.
+    """
 
     def __init__(self, directory: Path) -> None:
-        from safetensors import safe_open
-
         self.directory = directory
         indexed = self._index(directory)
-        self._handles = {}
+        self.shard_of: dict[str, str] = {}
+        self._shapes: dict[str, list[int]] = {}
         for shard in sorted(set(indexed.values())) if indexed else [SINGLE_FILE]:
-            file = directory / shard
-            if not file.is_file():
+            if not (directory / shard).is_file():
                 raise CorruptFileError(f"{directory}: shard {shard} is missing")
-            try:
-                self._handles[shard] = safe_open(str(file), framework="pt")
-            except Exception as exc:  # safetensors raises its own error class on a damaged header
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CorruptFileError(f"{file} is a corrupt or truncated safetensors file: {reason}") from None
-        self.shard_of = {name: shard for shard, handle in self._handles.items() for name in handle.keys()}  # noqa: SIM118
+            with self._open(shard) as handle:
+                for name in handle.keys():  # noqa: SIM118 (not a dict)
+                    self.shard_of[name] = shard
+                    self._shapes[name] = list(handle.get_slice(name).get_shape())
         misplaced = sorted(name for name, shard in indexed.items() if self.shard_of.get(name) != shard)
         if misplaced:
             raise CorruptFileError(f"{directory}: {INDEX_FILE} places {misplaced[0]} in a shard that does not hold it")
+
+    def _open(self, shard: str):
+        from safetensors import safe_open
+
+        file = self.directory / shard
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as exc:  # safetensors raises its own error class on a damaged header
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptFileError(f"{file} is a corrupt or truncated safetensors file: {reason}") from None
 
     @staticmethod
     def _index(directory: Path) -> dict[str, str]:
@@ -74,11 +85,14 @@ class ShardedTensors:
         return weight_map
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handles[self.shard_of[name]].get_slice(name).get_shape())
+        return self._shapes[name]
 
     def read(self, name: str) -> torch.Tensor:
         try:
-            return self._handles[self.shard_of[name]].get_tensor(name)
+            with self._open(self.shard_of[name]) as handle:
+                return handle.get_tensor(name).clone()  # a copy of its own before the mapping goes
+        except CorruptFileError:
+            raise
         except Exception as exc:  # a shard truncated after it was opened
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             shard = self.shard_of[name]
@@ -140,6 +154,11 @@ class LazySource:
 
     def release(self, module: nn.Module, prefix: str) -> None:
         """Put the block's tensors back on the meta device (compressed linears' dequantized weights too)."""
+        self.drop(module)
+        self.resident.discard(prefix)
+
+    def drop(self, module: nn.Module) -> None:
+        """Put a module's tensors back on the meta device (a layer swapped out of its block, say)."""
         for _, sub in module.named_modules():
             for attr, param in sub._parameters.items():
                 if param is not None:
@@ -149,7 +168,6 @@ class LazySource:
                     sub._buffers[attr] = buffer.to("meta")
             if hasattr(sub, "compressed"):  # a CompressedLinear: its record is on disk
                 sub.compressed = sub.nested = None
-        self.resident.discard(prefix)
 
     def activations(self) -> dict[str, dict]:
         """The simulated activation grid of each compressed linear not in memory (a fingerprint hashes them)."""

@@ -173,7 +173,8 @@ def _hash_tensor(digest, seen: set, name: str, tensor: torch.Tensor) -> None:
     seen.add(key)
     digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     flat = tensor.cpu().contiguous().reshape(-1)
-    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    if flat.numel():
+        digest.update(flat.view(torch.uint8).numpy())  # the tensor's own bytes, not a copy of them
 
 
 def check_finite(model: nn.Module, source: str) -> None:

@@ -17,6 +17,8 @@ lazily in blocks. Options:
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,9 @@ import torch
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.quant.grid import Grid, check_weight, fit_rows, fit_weight, quantize_codes, to_compressed
+
+# Columns whose updates are applied one by one before the rest of their block gets them in one product.
+_RUN = 32
 
 
 @dataclass(frozen=True)
@@ -48,22 +53,84 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure. Returns (factor, λ, retries)."""
+    """Upper Cholesky factor of (H + λI)⁻¹, raising λ tenfold on failure. Returns (factor, λ, retries).
+
+    With P the order reversal, P(H + λI)P = L Lᵀ gives (H + λI)⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P), and P L⁻¹ P is
+    upper triangular: one Cholesky and one triangular inverse, where inverting H and factoring the
+    inverse take two Cholesky factorizations and an inverse. `h` is damped in place (it is the
+    caller's scratch copy): a layer's Hessian can be a large share of memory.
+    """
     mean_diag = torch.mean(torch.diag(h)).item()
     lam = damp * mean_diag if mean_diag > 0 else damp
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    added = 0.0
     for attempt in range(retries + 1):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        h.diagonal().add_(lam - added)
+        added = lam
+        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper, lam, attempt
+            return _lower_inverse(lower).flip(0, 1), lam, attempt
         lam *= 10.0
     raise CompressLMError(
         f"GPTQ: the Hessian is not positive definite even with damping {lam / 10:.3g} "
         f"after {retries} retries; check the calibration inputs for NaN or constant features"
     )
+
+
+def _lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """The inverse of a lower triangular matrix, by halves: [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹CA⁻¹, D⁻¹]],
+    so most of the work is matrix products."""
+    n = lower.shape[0]
+    if n <= 1024:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
+    k = n // 2
+    out = torch.zeros_like(lower)
+    out[:k, :k] = _lower_inverse(lower[:k, :k])
+    out[k:, k:] = _lower_inverse(lower[k:, k:])
+    out[k:, :k] = -(out[k:, k:] @ (lower[k:, :k] @ out[:k, :k]))
+    return out
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What a GPTQ-style sweep needs from a layer's input Hessian: computed once per Hessian.
+
+    Layers that read the same input (q, k and v; gate and up) share one Hessian, so the most
+    recent factor is kept and handed to the next layer that asks for it with the same Hessian
+    object, unchanged since, and the same options: the result is what a fresh factorization gives.
+    """
+
+    hinv: torch.Tensor  # upper Cholesky factor of (H + λI)⁻¹, rows and columns in sweep order
+    perm: torch.Tensor | None  # the sweep order (act-order: decreasing Hessian diagonal); None: as stored
+    dead: torch.Tensor  # input columns whose inputs were always zero (their weights are zeroed)
+    damp_used: float
+    retries: int
+
+
+_last_factor: tuple[weakref.ref, int, tuple, HessianFactor] | None = None
+
+
+def factor_hessian(hessian: torch.Tensor, damp: float, retries: int, act_order: bool = False) -> HessianFactor:
+    """The `HessianFactor` of `hessian` (checked finite), reusing the last one when it is for the same Hessian."""
+    global _last_factor
+    key = (damp, retries, act_order)
+    if _last_factor is not None:
+        ref, version, last_key, factor = _last_factor
+        if ref() is hessian and version == hessian._version and last_key == key:
+            return factor
+    _last_factor = None  # its memory is free before the next factorization takes more
+    if not torch.isfinite(hessian).all():
+        raise CompressLMError("GPTQ: the Hessian contains NaN or infinite values")
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    hinv, lam, used = inverse_cholesky(h, damp, retries)
+    del h
+    factor = HessianFactor(hinv, perm, dead, lam, used)
+    _last_factor = (weakref.ref(hessian), hessian._version, key, factor)
+    return factor
 
 
 def gptq(
@@ -78,24 +145,24 @@ def gptq(
 
     With a sparsity `mask` (True = kept, e.g. from an earlier pruning stage) pruned weights are
     held at exactly zero and their error is compensated like any rounding error.
+
+    Within each block of columns the error of a column is first spread over a short run of the
+    columns after it (`_RUN`), and each finished run over the rest of the block by one matrix
+    product, so the per-column updates touch a few columns instead of the whole block.
     """
     options = options or GPTQOptions()
     check_weight(weight)
     out_f, in_f = weight.shape
     if hessian.shape != (in_f, in_f):
         raise CompressLMError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match {in_f} input columns")
-    if not torch.isfinite(hessian).all():
-        raise CompressLMError("GPTQ: the Hessian contains NaN or infinite values")
+    factor = factor_hessian(hessian, options.damp, options.max_damp_retries, options.act_order)
 
     w = weight.detach().float().clone()
     if mask is not None:
         if mask.shape != w.shape or mask.dtype != torch.bool:
             raise CompressLMError(f"GPTQ: mask must be bool of shape {tuple(w.shape)}")
         w = w.masked_fill(~mask, 0.0)
-    h = hessian.detach().float().clone().to(w.device)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w[:, factor.dead] = 0.0
 
     g = grid.group_size_for(in_f)
     dynamic = grid.granularity == "group" and not (options.act_order or options.static_groups)
@@ -105,20 +172,20 @@ def gptq(
         scales = torch.zeros(out_f, n_groups, device=w.device)
         zeros = torch.zeros(out_f, n_groups, device=w.device)
         block_size = g * max(1, options.block_size // g)  # groups never straddle a block
+        run = math.gcd(g, _RUN)  # nor a run, so that a group's scale sees every update before it
     else:
         scales, zeros = fit_weight(w, grid)
-        block_size = options.block_size
+        block_size, run = options.block_size, _RUN
 
     keep = mask
-    perm = None
-    if options.act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+    perm = factor.perm
+    if perm is not None:
+        w = w[:, perm]
         keep = None if mask is None else mask[:, perm]
         if group_of_column is not None:
             group_of_column = group_of_column[perm]
 
-    hinv, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
+    hinv = factor.hinv
     codes = torch.zeros_like(w)
     proxy_loss = 0.0
     for i1 in range(0, in_f, block_size):
@@ -126,28 +193,32 @@ def gptq(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if dynamic and col % g == 0:
-                chunk = w1[:, i : i + g] if keep is None else w1[:, i : i + g] * keep[:, col : col + g]
-                s, z = fit_rows(chunk, grid)
-                scales[:, col // g], zeros[:, col // g] = s, z
-            if grid.granularity == "tensor":
-                s, z = scales.view(1).expand(out_f), zeros.view(1).expand(out_f)
-            else:
-                s, z = scales[:, group_of_column[col]], zeros[:, group_of_column[col]]
-            column = w1[:, i]
-            code = quantize_codes(column, s, z, grid.maxq)
-            if keep is not None:
-                code = torch.where(keep[:, col], code, z)
-            q = (code - z) * s
-            codes[:, col] = code
-            d = hinv1[i, i]
-            err = (column - q) / d
-            proxy_loss += float(((column - q) ** 2).sum() / d**2) / 2
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        for j1 in range(0, i2 - i1, run):
+            j2 = min(j1 + run, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if dynamic and col % g == 0:
+                    chunk = w1[:, i : i + g] if keep is None else w1[:, i : i + g] * keep[:, col : col + g]
+                    s, z = fit_rows(chunk, grid)
+                    scales[:, col // g], zeros[:, col // g] = s, z
+                if grid.granularity == "tensor":
+                    s, z = scales.view(1).expand(out_f), zeros.view(1).expand(out_f)
+                else:
+                    s, z = scales[:, group_of_column[col]], zeros[:, group_of_column[col]]
+                column = w1[:, i]
+                code = quantize_codes(column, s, z, grid.maxq)
+                if keep is not None:
+                    code = torch.where(keep[:, col], code, z)
+                codes[:, col] = code
+                d = hinv1[i, i]
+                err = (column - (code - z) * s) / d
+                proxy_loss += float(err.square().sum()) / 2
+                w1[:, i:j2] -= err[:, None] * hinv1[i, i:j2][None, :]
+                err1[:, i] = err
+            if j2 < i2 - i1:
+                w1[:, j2:].addmm_(err1[:, j1:j2], hinv1[j1:j2, j2:], alpha=-1)
+        if i2 < in_f:
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
@@ -155,8 +226,8 @@ def gptq(
         "algorithm": "gptq",
         "grid": grid.describe(),
         "damp": options.damp,
-        "damp_used": lam,
-        "damp_retries": retries,
+        "damp_used": factor.damp_used,
+        "damp_retries": factor.retries,
         "act_order": options.act_order,
         "static_groups": not dynamic and grid.granularity == "group",
         "proxy_loss": proxy_loss,

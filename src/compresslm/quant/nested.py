@@ -27,7 +27,7 @@ import torch
 
 from compresslm.compressed import CompressedWeight, DialMeta, expand_groups, num_groups
 from compresslm.errors import CompressLMError
-from compresslm.quant.gptq import GPTQOptions, inverse_cholesky
+from compresslm.quant.gptq import GPTQOptions, factor_hessian
 from compresslm.quant.grid import check_weight
 
 _MIN_SCALE = 2.0**-18  # float16 keeps a few bits of it, and 2^6 times it stays finite
@@ -198,13 +198,9 @@ def _prepare(hessian: torch.Tensor, in_f: int, options: GPTQOptions) -> tuple[di
         raise CompressLMError(f"nested GPTQ: Hessian shape {tuple(hessian.shape)} does not match {in_f} columns")
     if not torch.isfinite(hessian).all():
         raise CompressLMError("nested GPTQ: the Hessian contains NaN or infinite values")
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else torch.arange(in_f, device=h.device)
-    h = h[perm][:, perm]
-    upper, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
-    return {"perm": perm, "hinv": upper, "dead": dead}, lam, retries
+    factor = factor_hessian(hessian, options.damp, options.max_damp_retries, options.act_order)
+    perm = factor.perm if factor.perm is not None else torch.arange(in_f, device=hessian.device)
+    return {"perm": perm, "hinv": factor.hinv, "dead": factor.dead}, factor.damp_used, factor.retries
 
 
 def _width_grids(

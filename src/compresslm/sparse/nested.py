@@ -20,7 +20,7 @@ import torch
 
 from compresslm.compressed import CompressedWeight, DialMeta
 from compresslm.errors import CompressLMError
-from compresslm.quant.gptq import inverse_cholesky
+from compresslm.quant.gptq import factor_hessian
 from compresslm.quant.grid import Grid, check_weight, fit_rows, quantize_codes, to_compressed
 from compresslm.quant.nested import nested_mask, nested_rank, slice_record, sparse_plane
 
@@ -65,11 +65,9 @@ def nested_sparsegpt(
         raise CompressLMError(
             f"nested sparsegpt needs a group-wise grid whose groups fit blocks of at most 256 columns (got {grid})"
         )
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    hinv, lam, retries = inverse_cholesky(h, damp, 5)
-    start = weight.detach().float().masked_fill(dead[None, :], 0.0)
+    factor = factor_hessian(hessian, damp, 5)
+    hinv, lam, retries = factor.hinv, factor.damp_used, factor.retries
+    start = weight.detach().float().masked_fill(factor.dead[None, :], 0.0)
     states = [start.clone() for _ in levels]
     n_groups = -(-in_f // g)
     scales = torch.zeros(out_f, n_groups, device=start.device)

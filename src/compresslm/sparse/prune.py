@@ -22,7 +22,7 @@ import torch
 
 from compresslm.compressed import CompressedWeight, expand_groups
 from compresslm.errors import CompressLMError
-from compresslm.quant.gptq import GPTQOptions, inverse_cholesky
+from compresslm.quant.gptq import GPTQOptions, factor_hessian
 from compresslm.quant.grid import Grid, check_weight, fit_rows, quantize_codes, to_compressed
 from compresslm.sparse.masks import SparsityPattern, select_mask
 
@@ -115,13 +115,12 @@ def sparsegpt(
     options = options or GPTQOptions()
     check_weight(weight)
     pattern.check(tuple(weight.shape))
-    h = _check_hessian(hessian, weight.shape[1], "sparsegpt").clone()
+    _check_hessian(hessian, weight.shape[1], "sparsegpt")
+    factor = factor_hessian(hessian, options.damp, options.max_damp_retries)
+    hinv, lam, retries = factor.hinv, factor.damp_used, factor.retries
     w = weight.detach().float().clone()
     out_f, in_f = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hinv, lam, retries = inverse_cholesky(h, options.damp, options.max_damp_retries)
+    w[:, factor.dead] = 0.0
 
     g = grid.group_size_for(in_f) if grid is not None else in_f
     quantize = grid is not None
