@@ -26,6 +26,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def make(out: Path, config_name: str, layers: int | None, seed: int) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}, indent=1))
     (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}, indent=1))
     byte_tokenizer().save_pretrained(out)
-    (out / "RANDOM_WEIGHTS.txt").write_text(f"{config_name} configuration, random weights (seed {seed}); see {__file__}\n")
+    label = f"{config_name} configuration, random weights (seed {seed}); see benchmarks/scale.py\n"
+    (out / "RANDOM_WEIGHTS.txt").write_text(label)
 
 
 def steps(model: Path, work: Path) -> dict[str, list[str]]:
@@ -110,24 +112,38 @@ def steps(model: Path, work: Path) -> dict[str, list[str]]:
 
 
 def run_piece(command: list[str], budget: float) -> dict:
-    """Run one piece of a step; kill it at `budget` seconds. Returns its wall time, peak RSS and outcome."""
+    """Run one piece of a step; kill it at `budget` seconds. Returns its wall time, peak RSS and outcome.
+
+    The peak is the kernel's account of the child (`wait4`), so a killed piece has one too.
+    """
     started = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "compresslm.cli", *command, "--json", "--quiet"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    killed = False
-    try:
-        stdout, stderr = child.communicate(timeout=budget)
-    except subprocess.TimeoutExpired:
-        os.kill(child.pid, signal.SIGKILL)  # as a user's kill -9 would: the next piece resumes from the journal
-        killed = True
-        stdout, stderr = child.communicate()
-    _, status, usage = os.wait4(child.pid, 0) if child.returncode is None else (0, 0, None)
-    wall = time.perf_counter() - started
-    peak = usage.ru_maxrss * 1024 if usage is not None else None
-    payload = json.loads(stdout) if stdout.strip() and not killed and child.returncode == 0 else None
-    return {"wall_s": round(wall, 1), "peak_rss_bytes": peak if peak is not None else (payload or {}).get(
-        "peak_rss_bytes"), "killed": killed, "exit": child.returncode, "stderr_tail": stderr.strip()[-300:],
-        "json": payload}  # fmt: skip
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen([sys.executable, "-m", "compresslm.cli", *command, "--json", "--quiet"],
+                                 stdout=out, stderr=err, text=True)  # fmt: skip
+        killed = False
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - started > budget:
+                os.kill(child.pid, signal.SIGKILL)  # as a user's kill -9 would: the next piece resumes
+                killed = True
+                pid, status, usage = os.wait4(child.pid, 0)
+                break
+            time.sleep(0.5)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    payload = json.loads(stdout) if stdout.strip() and child.returncode == 0 else None
+    return {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "killed": killed,
+        "exit": child.returncode,
+        "stderr_tail": stderr.strip()[-300:],
+        "json": payload,
+    }
 
 
 def main() -> None:
@@ -228,7 +244,8 @@ def write_report(path: Path) -> None:
         lines += ["", f"GPTQ: {per_block:.0f} s per block here (wall time of all pieces over the blocks).", "",
                   "Projection (an assumption, not a measurement): time per block scales with the block's parameter "
                   "count, as the calibration passes and the Hessians that dominate it do.", "",
-                  "| model | blocks | parameters per block | projected GPTQ time |", "|---|---:|---:|---:|"]  # fmt: skip
+                  "| model | blocks | parameters per block | projected GPTQ time |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
         base = _block_params(config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"],
                              config["num_attention_heads"])  # fmt: skip
         for label, (hidden, inter, layers, kv, heads) in PROJECTED.items():

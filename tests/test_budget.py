@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from compresslm.api import compress
-from compresslm.cli import main, parse_size
+from compresslm.api import compress, parse_size
+from compresslm.cli import main
 from compresslm.engine.budget import BudgetTarget, output_fisher, plan_budget
 from compresslm.errors import CompressLMError
 from compresslm.formats.sizes import planned_nbytes
@@ -103,7 +103,7 @@ def test_the_plan_can_choose_sparsity_and_still_fits(tokenizer, tmp_path):
 
 def test_parse_size():
     assert parse_size("60MB") == 60_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size("123") == 123
-    with pytest.raises(CompressLMError, match="cannot read size"):
+    with pytest.raises(CompressLMError, match="cannot read size 'sixty'"):
         parse_size("sixty")
 
 

@@ -7,7 +7,7 @@ import torch
 
 from compresslm.compressed import CompressedWeight, InvalidCompressedWeight
 from compresslm.errors import CompressLMError
-from compresslm.quant.gptq import GPTQOptions, gptq, hessian_from_inputs
+from compresslm.quant.gptq import GPTQOptions, factor_hessian, gptq, hessian_from_inputs, inverse_cholesky
 from compresslm.quant.grid import Grid, GridError, fit_weight
 from compresslm.quant.rtn import rtn
 
@@ -140,6 +140,32 @@ def test_gptq_retries_damping_and_reports_it():
     assert g.meta["damp_used"] == pytest.approx(0.1 * torch.diag(h).mean().item())
     with pytest.raises(CompressLMError, match="not positive definite"):
         gptq(w, -torch.eye(16), Grid(4, "group", 8), GPTQOptions(max_damp_retries=2))
+
+
+@pytest.mark.parametrize("n", [40, 1500])  # below and above the size where the triangular inverse splits in halves
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(n):
+    x = _correlated_inputs(n=4 * n, in_f=n).double()
+    h = hessian_from_inputs(x).double()
+    upper, lam, retries = inverse_cholesky(h.clone(), 0.01, 0)
+    assert retries == 0 and torch.equal(upper, torch.triu(upper)) and bool((torch.diag(upper) > 0).all())
+    expected = torch.linalg.inv(h + lam * torch.eye(n, dtype=h.dtype))
+    assert torch.allclose(upper.T @ upper, expected, rtol=1e-8, atol=1e-10 * expected.abs().max().item())
+
+
+def test_a_shared_hessian_is_factored_once_and_gives_the_same_codes():
+    w1, w2 = _weight(), _weight(24, 80) * 3
+    h = hessian_from_inputs(_correlated_inputs())
+    first = factor_hessian(h, 0.01, 6)
+    assert factor_hessian(h, 0.01, 6) is first  # the same Hessian, unchanged: reused
+    assert factor_hessian(h, 0.01, 6, act_order=True) is not first
+    reused = gptq(w2, h, Grid(4, "group", 16))
+    fresh = gptq(w2, h.clone(), Grid(4, "group", 16))  # another tensor: factored anew
+    assert torch.equal(reused.codes, fresh.codes) and reused.meta == fresh.meta
+    before = factor_hessian(h, 0.01, 6)
+    h.mul_(2)  # changed in place: the old factor must not be used
+    after = factor_hessian(h, 0.01, 6)
+    assert after is not before and torch.allclose(after.hinv, before.hinv / 2**0.5, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gptq(w1, h, Grid(4, "group", 16)).codes, gptq(w1, h.clone(), Grid(4, "group", 16)).codes)
 
 
 def test_gptq_shape_check():

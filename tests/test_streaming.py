@@ -330,3 +330,28 @@ def test_a_full_disk_during_the_streaming_write_leaves_the_old_file(tokenizer, t
     assert last.startswith("compresslm: error: cannot write") and "File too large" in last
     assert out.read_bytes() == b"an earlier container"
     assert not list(tmp_path.glob(".out.clm.compresslm-tmp*"))
+
+
+def test_a_block_that_cannot_fit_is_said_before_starting(tokenizer, tmp_path, monkeypatch):
+    source = _sharded("llama", tokenizer, tmp_path / "model")
+    monkeypatch.setenv("COMPRESSLM_MAX_MEMORY", "100KiB")  # a cap below one tiny block's needs
+    out = tmp_path / "out.clm"
+    with pytest.raises(CompressLMError, match=r"the largest block of .* needs about 0\.0 GiB .* 0\.0 GiB is available"):
+        compress(str(source), "w4-g32-gptq", out, show_progress=False, stream=True)
+    assert not out.exists() and not (tmp_path / ".out.clm.partial").exists()
+    monkeypatch.setenv("COMPRESSLM_MAX_MEMORY", "lots")
+    with pytest.raises(CompressLMError, match="cannot read COMPRESSLM_MAX_MEMORY 'lots'"):
+        compress(str(source), "w4-g32-gptq", out, show_progress=False, stream=True)
+
+
+def test_info_counts_every_parameter_of_a_container_and_reads_blocks_one_at_a_time(tokenizer, tmp_path):
+    source = _sharded("qwen2", tokenizer, tmp_path / "model")  # an untied head, quantized by +emb8
+    out = tmp_path / "model.clm"
+    compress(str(source), "w4-g32-rtn+emb8", out, show_progress=False)
+    infos = [subprocess.run([sys.executable, "-m", "compresslm.cli", "info", str(path), "--json"],
+                            capture_output=True, text=True) for path in (source, out)]  # fmt: skip
+    assert all(info.returncode == 0 for info in infos), infos[1].stderr
+    float_info, container_info = (json.loads(info.stdout) for info in infos)
+    assert container_info["parameters"]["total"] == float_info["parameters"]["total"]
+    assert container_info["parameters"]["lm_head"] == float_info["parameters"]["lm_head"]
+    assert container_info["model"]["sha256"] == load_model(out).fingerprint()

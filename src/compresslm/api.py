@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from pathlib import Path
+
+import torch
 
 from compresslm.data.calibration import CalibrationSet
 from compresslm.engine.budget import BudgetTarget
@@ -87,6 +90,7 @@ def _compress_streaming(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, lazy=True)
     if lm.lazy is None:
         raise CompressLMError(f"{lm.source} does not stream: only safetensors directories and GGUF files do")
+    check_block_fits(lm, load_recipe(recipe))
     source = lm.describe()
     sink = StreamingSave(output, recipe.dense_dtype)
     try:
@@ -108,3 +112,63 @@ def _metadata(result: CompressionResult, source: dict) -> dict:
         "layers": [asdict(layer) for layer in result.layers],
         "compression_seconds": result.seconds,
     }
+
+
+def check_block_fits(lm: LoadedModel, recipe: Recipe) -> None:
+    """Refuse, before any work, a streamed compression whose largest block cannot fit in memory.
+
+    A block needs its weights twice (the original layer and its compressed replacement, in the
+    compute dtype), and a calibrated recipe the Hessians of its inputs plus the factorization of the
+    widest one (about three more copies). What lies outside the blocks is in memory already. The
+    memory available is the system's (`MemAvailable`), or `COMPRESSLM_MAX_MEMORY` where that is set
+    lower (e.g. `12GiB`).
+    """
+    available = memory_available()
+    if available is None:
+        return
+    element = torch.finfo(lm.dtype).bits // 8
+    need = 0
+    for block in lm.layout.blocks:
+        weights = sum(p.numel() for p in block.module.parameters()) * element
+        widest = max((info.in_features for info in block.linears), default=0)
+        inputs = {info.in_features for info in block.linears}
+        hessians = (sum(n * n for n in inputs) + 3 * widest * widest) * 4 if recipe.needs_calibration else 0
+        need = max(need, 2 * weights + hessians)
+    if need > available:
+        gib = 1024**3
+        raise CompressLMError(
+            f"the largest block of {lm.source} needs about {need / gib:.1f} GiB to compress (its weights twice"
+            + (", its inputs' Hessians and one factorization" if recipe.needs_calibration else "")
+            + f"), and {available / gib:.1f} GiB is available; free memory, or set COMPRESSLM_MAX_MEMORY higher "
+            "if it is set"
+        )
+
+
+def memory_available() -> int | None:
+    """Bytes of memory this process may still use: MemAvailable, capped by COMPRESSLM_MAX_MEMORY (None: unknown)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cap = os.environ.get("COMPRESSLM_MAX_MEMORY")
+    if cap:
+        limit = parse_size(cap, "COMPRESSLM_MAX_MEMORY")
+        available = limit if available is None else min(available, limit)
+    return available
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'60MB', '57.2MiB', '1.5GB', '60000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGIB")
+    unit = value[len(number) :]
+    try:
+        if unit not in units:
+            raise ValueError
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise CompressLMError(f"cannot read {what} {text!r}; use e.g. 60MB, 57.5MiB or 60000000") from None

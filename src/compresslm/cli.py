@@ -71,9 +71,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     from compresslm.models.layout import parameter_counts
     from compresslm.models.loading import load_model
 
-    lm = load_model(args.model, dtype=args.dtype)
+    # streamed where the source allows: blocks are read one at a time (to hash them), never all at once
+    lm = load_model(args.model, dtype=args.dtype, lazy=True)
     counts = parameter_counts(lm.model, lm.layout)
-    tensor_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    tensor_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())  # as loaded whole
     file_bytes = None
     if lm.path and os.path.isfile(lm.path):
         file_bytes = os.path.getsize(lm.path)
@@ -132,20 +133,6 @@ def _recipe_name(header: dict) -> str:
     return str(name) if name else "not recorded"
 
 
-def parse_size(text: str) -> int:
-    """'60MB', '57.2MiB', '1.5GB', '60000000' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    value = text.strip().upper()
-    number = value.rstrip("KMGIB")
-    unit = value[len(number) :]
-    try:
-        if unit not in units:
-            raise ValueError
-        return int(float(number) * units[unit])
-    except ValueError:
-        raise CompressLMError(f"cannot read size {text!r}; use e.g. 60MB, 57.5MiB or 60000000") from None
-
-
 def _budget_sparsity(text: str | None) -> tuple[str, ...] | None:
     """--budget-sparsity: None (the solver's default), () for 'none', else the listed patterns, checked."""
     if text is None:
@@ -161,7 +148,7 @@ def _budget_sparsity(text: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from compresslm.api import compress
+    from compresslm.api import compress, parse_size
     from compresslm.engine.stats_cache import default_cache_dir
     from compresslm.recipe import load_recipe
 
@@ -173,7 +160,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             setattr(recipe.calibration, key, value)
     recipe.validate()
     check_writable_file(args.output)  # before any compute: a bad path fails now, not after calibration
-    target_bytes = parse_size(args.target_size) if args.target_size else None
+    target_bytes = parse_size(args.target_size, "--target-size") if args.target_size else None
     if sum(t is not None for t in (args.target_bits, target_bytes, args.target_linear_bits)) > 1:
         raise CompressLMError("give one of --target-bits, --target-size and --target-linear-bits")
     target = None

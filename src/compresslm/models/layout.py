@@ -323,6 +323,9 @@ def parameter_counts(model: nn.Module, layout: ModelLayout) -> dict[str, int]:
             if id(p) not in seen:
                 seen.add(id(p))
                 counts[key] = counts.get(key, 0) + p.numel()
+        if hasattr(module, "compressed") and id(module) not in seen:  # a compressed head: its weight is a record
+            seen.add(id(module))
+            counts[key] = counts.get(key, 0) + module.out_features * module.in_features
     for name in layout.position_embeddings:
         for p in modules[name].parameters(recurse=False):
             if id(p) not in seen:
