@@ -124,7 +124,8 @@ def write_table(results: dict) -> str:
         b, a = ref["before"], ref["after"]
         lines += ["", "## SmolLM2-135M, W4 g128 GPTQ, benchmark protocol (calibration 128 x 512 C4; WikiText-2 "
                   "test, ctx 2048, first 40 windows)", "",
-                  "| | compression (whole run) | per-layer work, summed (GPTQ and the error report) | container ppl |", "|---|---:|---:|---:|",
+                  "| | compression (whole run) | per-layer work, summed (GPTQ and the error report) | container ppl |",
+                  "|---|---:|---:|---:|",
                   f"| before | {b['compress_seconds']:.0f} s | {b['gptq_seconds']:.0f} s | {b['ppl']:.4f} |",
                   f"| after | {a['compress_seconds']:.0f} s | {a['gptq_seconds']:.0f} s | {a['ppl']:.4f} |",
                   "", f"Perplexity change: {100 * (a['ppl'] / b['ppl'] - 1):+.3f} %; per-layer work "
