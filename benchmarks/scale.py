@@ -42,7 +42,7 @@ CONFIGS = {
 }  # fmt: skip
 # Llama-2 13B/34B(code)/70B shapes for the projection: (hidden, intermediate, layers, kv heads, heads)
 PROJECTED = {"13B": (5120, 13824, 40, 40, 40), "34B": (8192, 22016, 48, 8, 64), "70B": (8192, 28672, 80, 8, 64)}
-CALIBRATION = {"samples": 16, "length": 512}
+CALIBRATION = {"samples": 8, "length": 512}
 EVAL = {"ctx": 512, "limit": 4}
 
 
@@ -104,9 +104,9 @@ def steps(model: Path, work: Path) -> dict[str, list[str]]:
     return {
         "compress w4-g128-rtn": ["compress", str(model), "--recipe", "w4-g128-rtn", "--stream", "-o",
                                  str(work / "rtn.clm")],
+        "eval float": ["eval", str(model), *evaluate],
         "compress w4-g128-gptq": ["compress", str(model), "--recipe", "w4-g128-gptq", "--stream", *calib, "-o",
                                   str(work / "gptq.clm")],
-        "eval float": ["eval", str(model), *evaluate],
         "eval w4-g128-gptq": ["eval", str(work / "gptq.clm"), *evaluate],
     }  # fmt: skip
 
@@ -195,12 +195,26 @@ def run(args: argparse.Namespace) -> None:
                 return
             print(f"{name}: a piece of up to {left:.0f} s", file=sys.stderr)
             piece = run_piece(command, left)
+            piece["next_block"] = _journalled_blocks(command)
             step["pieces"].append(piece)
             if piece["exit"] not in (0, -signal.SIGKILL):
                 raise SystemExit(f"{name} failed: {piece['stderr_tail']}")
             step["done"] = piece["exit"] == 0
             atomic_write(args.results, json.dumps(results, indent=1))
     write_report(args.results)
+
+
+def _journalled_blocks(command: list[str]) -> int | None:
+    """How many blocks a streamed compression's journal holds (None: no journal, e.g. finished)."""
+    if command[0] != "compress":
+        return None
+    out = Path(command[command.index("-o") + 1])
+    state = out.with_name(f".{out.name}.partial") / "state.safetensors"
+    if not state.is_file():
+        return None
+    from compresslm.fileio import load_tensors
+
+    return load_tensors(state)[1]["carried"]["next_block"]
 
 
 def write_report(path: Path) -> None:
@@ -232,7 +246,11 @@ def write_report(path: Path) -> None:
         wall = sum(p["wall_s"] for p in pieces)
         peak = max((p["peak_rss_bytes"] or 0) for p in pieces) if pieces else 0
         final = pieces[-1]["json"] if pieces and step["done"] else None
-        outcome = "not finished"
+        done = pieces[-1].get("next_block") if pieces else None
+        outcome = f"not finished: {done} of {config['num_hidden_layers']} blocks journalled" if done else "not finished"
+        if done and not step["done"]:
+            lines_note = f"{wall / done:.0f} s per block so far"
+            outcome += f" ({lines_note})"
         if final and "ppl" in final:
             outcome = f"ppl {final['ppl']:.4g} (random weights)"
         elif final and "bytes_on_disk" in final:
