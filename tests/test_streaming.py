@@ -344,7 +344,7 @@ def test_a_block_that_cannot_fit_is_said_before_starting(tokenizer, tmp_path, mo
         compress(str(source), "w4-g32-gptq", out, show_progress=False, stream=True)
 
 
-def test_info_counts_every_parameter_of_a_container_and_reads_blocks_one_at_a_time(tokenizer, tmp_path):
+def test_info_counts_every_parameter_of_a_container(tokenizer, tmp_path):
     source = _sharded("qwen2", tokenizer, tmp_path / "model")  # an untied head, quantized by +emb8
     out = tmp_path / "model.clm"
     compress(str(source), "w4-g32-rtn+emb8", out, show_progress=False)

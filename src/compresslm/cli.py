@@ -71,10 +71,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from compresslm.models.layout import parameter_counts
     from compresslm.models.loading import load_model
 
-    # streamed where the source allows: blocks are read one at a time (to hash them), never all at once
-    lm = load_model(args.model, dtype=args.dtype, lazy=True)
+    lm = load_model(args.model, dtype=args.dtype)
     counts = parameter_counts(lm.model, lm.layout)
-    tensor_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())  # as loaded whole
+    tensor_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     file_bytes = None
     if lm.path and os.path.isfile(lm.path):
         file_bytes = os.path.getsize(lm.path)
