@@ -236,6 +236,7 @@ def write_report(path: Path) -> None:
         "Peak RSS is the kernel's maximum resident set size of the `compresslm` process (wait4). A step run in "
         "pieces was killed (SIGKILL) at the end of each piece and resumed from its journal; its time is the sum "
         "of its pieces (each pays the start-up again), its peak the largest piece's.",
+        *([f"Conditions: {results['note']}"] if results.get("note") else []),
         "",
         "| step | pieces | wall time | peak RSS | result |",
         "|---|---:|---:|---:|---|",
