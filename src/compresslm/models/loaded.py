@@ -151,6 +151,7 @@ def weights_fingerprint(
         block_seen = set(seen)  # a dropped block's addresses are reused by the next: they must not count as seen
         for name in sorted(block_state):
             _hash_tensor(digest, block_seen, name, block_state[name])
+        del block_state  # held past the release, it would keep this block in memory while the next is read
         if not was_resident:
             lazy.release(module, path)
     return digest.hexdigest()
