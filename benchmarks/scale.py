@@ -131,16 +131,16 @@ def run_piece(command: list[str], budget: float) -> dict:
                 pid, status, usage = os.wait4(child.pid, 0)
                 break
             time.sleep(0.5)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        code = child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    payload = json.loads(stdout) if stdout.strip() and child.returncode == 0 else None
+    payload = json.loads(stdout) if stdout.strip() and code == 0 else None
     return {
         "wall_s": round(time.perf_counter() - started, 1),
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "killed": killed,
-        "exit": child.returncode,
+        "exit": code,
         "stderr_tail": stderr.strip()[-300:],
         "json": payload,
     }

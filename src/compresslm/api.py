@@ -90,7 +90,7 @@ def _compress_streaming(
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, lazy=True)
     if lm.lazy is None:
         raise CompressLMError(f"{lm.source} does not stream: only safetensors directories and GGUF files do")
-    check_block_fits(lm, load_recipe(recipe))
+    check_block_fits(lm, recipe)
     source = lm.describe()
     sink = StreamingSave(output, recipe.dense_dtype)
     try:

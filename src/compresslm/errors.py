@@ -34,3 +34,10 @@ class DataError(CompressLMError):
 
 class ProtocolError(CompressLMError):
     """Evaluation options that cannot produce a measurement (e.g. text shorter than one window)."""
+
+
+def reason_of(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty): how the
+    libraries' own errors are quoted inside a one-line compresslm error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

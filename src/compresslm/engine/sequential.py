@@ -256,7 +256,7 @@ def compress(
         check_kv_support(lm.model)
     _round_dense(lm.model, recipe.dense_dtype, set(targets))
     if lm.lazy is not None:  # blocks still on disk are rounded as they are read
-        lm.lazy.prepare = lambda module: _round_dense(module, recipe.dense_dtype, set(targets), _path_of(lm, module))
+        lm.lazy.prepare = lambda module, path: _round_dense(module, recipe.dense_dtype, set(targets), path)
 
     weights: dict[str, CompressedWeight] = {}
     layers: list[LayerReport] = []
@@ -397,11 +397,6 @@ def _with_hidden(batches: list[Batch], hidden: list[torch.Tensor]) -> list[Batch
     if len(hidden) != len(batches):
         raise CompressLMError(f"the journal carries {len(hidden)} batches where this run has {len(batches)}")
     return [Batch((h, *b.args[1:]), b.kwargs, b.as_tuple) for h, b in zip(hidden, batches, strict=True)]
-
-
-def _path_of(lm: LoadedModel, module: nn.Module) -> str:
-    """The path of a block module in the model."""
-    return next(block.name for block in lm.layout.blocks if block.module is module)
 
 
 def _compress_linear(

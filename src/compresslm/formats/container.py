@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from compresslm.compressed import CompressedWeight, DialMeta, InvalidCompressedWeight, expand_groups
-from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.errors import CompressLMError, CorruptFileError, reason_of
 from compresslm.fileio import atomic_path, temp_sibling
 from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_header
 from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
@@ -81,6 +81,10 @@ class _BlobWriter:
         self.offset += len(data) + padding
         return key
 
+
+# What building records and tensors from a damaged file raises (each is reported as the file being corrupt).
+_DAMAGE = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
+           InvalidCompressedWeight)  # fmt: skip
 
 _RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "order")
 
@@ -598,9 +602,8 @@ def read_container(path: str | os.PathLike, dial_bits: int | None = None) -> Con
             if name not in TOKENIZER_FILES:  # checked with the header; never a path
                 raise ValueError(f"tokenizer file name {name!r}")
             tokenizer_files[name] = reader.read(blob)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
-            InvalidCompressedWeight) as exc:  # fmt: skip
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except _DAMAGE as exc:
+        reason = reason_of(exc)
         raise CorruptFileError(f"{p} is corrupt: {reason}") from None
     finally:
         reader.close()
@@ -647,9 +650,8 @@ class ContainerReader:
     def _guarded(self, read, *args):
         try:
             return read(*args)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
-                InvalidCompressedWeight) as exc:  # fmt: skip
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        except _DAMAGE as exc:
+            reason = reason_of(exc)
             raise CorruptFileError(f"{self.path} is corrupt: {reason}") from None
 
 

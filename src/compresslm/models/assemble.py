@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from compresslm.compressed import CompressedWeight
-from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.errors import CompressLMError, CorruptFileError, reason_of
 from compresslm.fileio import load_tensors, save_tensors
 from compresslm.formats.container import ContainerContents, ContainerReader, ContainerWriter, read_container
 from compresslm.formats.header_check import TENSOR_DTYPES, check_config
@@ -229,7 +229,7 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bit
     try:
         model, tokenizer, kv_cache = _build(contents)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason_of(exc)
         raise CorruptFileError(f"{p} is corrupt: {reason}") from None
     if device is not None:
         model = model.to(device)
@@ -256,7 +256,7 @@ def load_compressed_lazily(path: str | os.PathLike, device: str | None = None) -
         _check_complete(header, model)
         kv_cache = _kv_stage(header)
     except ValueError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason_of(exc)
         raise CorruptFileError(f"{p} is corrupt: {reason}") from None
     try:
         tokenizer = _tokenizer(reader.tokenizer_files())
@@ -290,11 +290,7 @@ class LazyContainer(LazySource):
         for name in linears:
             bias_key = f"{name}.bias"
             bias = self.reader.dense(bias_key).float() if bias_key in header["dense"] else None
-            new = CompressedLinear(self.reader.linear(name), bias)
-            activation = header["linears"][name].get("activation")
-            if activation:
-                scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
-                new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
+            new = _compressed_linear(self.reader.linear(name), bias, header["linears"][name].get("activation"))
             replace_module(self.model, name, new.to(self.device))
         owned = {f"{name}.bias" for name in linears}
         for key in header["dense"]:
@@ -309,6 +305,17 @@ class LazyContainer(LazySource):
         if not block and prefix in header.get("embeddings", {}):
             weight = self.reader.embedding(prefix).dequantize().to(self.device)
             set_tensor(module, "weight", weight, True)
+
+
+def _compressed_linear(
+    record: CompressedWeight, bias: torch.Tensor | None, activation: dict | None
+) -> CompressedLinear:
+    """A stored linear as a module: its record, its bias and its simulated activation grid (or None)."""
+    module = CompressedLinear(record, bias)
+    if activation:
+        scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
+        module.set_activation_quantization(activation["bits"], activation["granularity"], scale)
+    return module
 
 
 def _check_complete(header: dict, model: nn.Module) -> None:
@@ -349,12 +356,8 @@ def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, objec
         _check_against_model(header, _model_from_config(config))
     model = _model_from_config(config)
     for name, record in contents.linears.items():
-        new = CompressedLinear(record, getattr(model.get_submodule(name), "bias", None))
-        activation = contents.activations.get(name)
-        if activation:
-            scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
-            new.set_activation_quantization(activation["bits"], activation["granularity"], scale)
-        replace_module(model, name, new)
+        bias = getattr(model.get_submodule(name), "bias", None)
+        replace_module(model, name, _compressed_linear(record, bias, contents.activations.get(name)))
     state = {key: t.float() if t.is_floating_point() else t for key, t in contents.dense.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     with torch.no_grad():
@@ -432,5 +435,5 @@ def _tokenizer(files: dict[str, bytes]) -> object | None:
         try:
             return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         except Exception as exc:  # the tokenizer libraries raise anything on bad files (even Rust exceptions)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = reason_of(exc)
             raise ValueError(f"its tokenizer files do not load ({reason})") from None

@@ -2,9 +2,9 @@
 
 A model larger than memory cannot be loaded and then walked: its skeleton is built on the meta
 device (no memory), the parts outside the decoder blocks (embeddings, final norm, head) are read at
-once, and each block's tensors are read from the memory-mapped safetensors shards when a walk
-reaches the block and dropped back to the meta device when it is done. Only one block's weights
-are then resident at a time; `LazyWeights.resident` says which, so tests count instead of timing.
+once, and each block's tensors are read from its safetensors shards when a walk reaches the block
+and dropped back to the meta device when it is done. Only one block's weights are then resident
+at a time; `LazySource.resident` says which, so tests count instead of timing.
 
 The shard index is a file from someone else: shard names must be plain file names inside the model
 directory, every shard must open, and every tensor the model needs must be present with the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compresslm.errors import CompressLMError, CorruptFileError
+from compresslm.errors import CompressLMError, CorruptFileError, reason_of
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -62,7 +62,7 @@ class ShardedTensors:
         try:
             return safe_open(str(file), framework="pt")
         except Exception as exc:  # safetensors raises its own error class on a damaged header
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = reason_of(exc)
             raise CorruptFileError(f"{file} is a corrupt or truncated safetensors file: {reason}") from None
 
     @staticmethod
@@ -94,7 +94,7 @@ class ShardedTensors:
         except CorruptFileError:
             raise
         except Exception as exc:  # a shard truncated after it was opened
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = reason_of(exc)
             shard = self.shard_of[name]
             raise CorruptFileError(f"{self.directory}: cannot read {name} from {shard}: {reason}") from None
 
@@ -116,8 +116,8 @@ def _stored_tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, 
 class LazySource:
     """Reads a lazily built model's tensors into it, one module at a time, and drops them again.
 
-    Subclasses say where tensors come from (`_read_into`). `prepare` runs on each module right after
-    its tensors are read (the engine rounds dense tensors there, as it does for a resident model
+    Subclasses say where tensors come from (`_read_into`). `prepare(module, path)` runs on each module
+    right after its tensors are read (the engine rounds dense tensors there, as it does for a resident model
     before compressing). `resident` names the blocks in memory now; `most_resident` is the most at once.
     """
 
@@ -125,7 +125,7 @@ class LazySource:
         self.dtype, self.device = dtype, device
         self.resident: set[str] = set()
         self.most_resident = 0
-        self.prepare: Callable[[nn.Module], None] | None = None
+        self.prepare: Callable[[nn.Module, str], None] | None = None
 
     def materialize(self, module: nn.Module, prefix: str, block: bool = True) -> None:
         """Read the tensors of `module` (named `prefix` in the model) that are still on the meta device.
@@ -135,7 +135,7 @@ class LazySource:
         """
         self._read_into(module, prefix, block)
         if self.prepare is not None:
-            self.prepare(module)
+            self.prepare(module, prefix)
         if block:
             self.resident.add(prefix)
             self.most_resident = max(self.most_resident, len(self.resident))
@@ -220,10 +220,9 @@ def set_tensor(owner: nn.Module, attr: str, tensor: torch.Tensor, is_param: bool
 
 
 def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, LazyWeights]:
-    """The model of a safetensors directory on the meta device, with everything outside its blocks read.
-
-    Returns the model and its `LazyWeights`; the caller discovers the layout and reads blocks as it
-    walks them.
+    """The model of a safetensors directory on the meta device, every tensor it needs checked against the
+    checkpoint, and its `LazyWeights`; nothing is read yet (the caller discovers the layout, reads what
+    lies outside the blocks with `load_outside` and the blocks as it walks them).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -236,7 +235,7 @@ def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tup
     except CompressLMError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason_of(exc)
         raise CompressLMError(f"cannot build {directory} for streaming: {reason}") from None
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     if not getattr(config, "tie_word_embeddings", False):

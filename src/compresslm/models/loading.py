@@ -26,6 +26,7 @@ from compresslm.errors import (
     CorruptFileError,
     ModelNotFoundError,
     UnsupportedArchitectureError,
+    reason_of,
 )
 from compresslm.fileio import atomic_path, cache_root
 from compresslm.formats.container import is_container
@@ -100,7 +101,7 @@ def _strip_load_time_quantizer(model: nn.Module) -> None:
 
 
 def _wrap_transformers_error(exc: Exception, source: str) -> CompressLMError:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = reason_of(exc)
     lowered = text.lower()
     if any(word in lowered for word in ("not supported", "unrecognized", "recognize", "model_type")):
         return UnsupportedArchitectureError(f"cannot load {source}: unsupported architecture ({text})")
@@ -121,8 +122,9 @@ def _check_model_type(config: object, config_file: Path) -> None:
         )
 
 
-def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _hf_dir_tokenizer(path: Path, source: str) -> object:
+    """The tokenizer of a Hugging Face model directory, once its config is checked (readable, a known model_type)."""
+    from transformers import AutoTokenizer
 
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -133,7 +135,16 @@ def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
         raise CorruptFileError(f"{config_file} is not valid JSON: {exc}") from exc
     _check_model_type(config, config_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise _wrap_transformers_error(exc, source) from exc
+
+
+def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _hf_dir_tokenizer(path, source)
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except CompressLMError:
         raise
@@ -196,7 +207,7 @@ def _load_hub(repo_id: str) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32, local_files_only=offline)
     except Exception as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = reason_of(exc)
         raise ModelNotFoundError(
             f"'{repo_id}' is not a registered name, a local path, or a reachable Hugging Face hub id ({text})"
         ) from exc
@@ -214,19 +225,9 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_lazy(directory: Path, source: str, dtype: str | None, device: str | None) -> LoadedModel:
     """A safetensors model with only what lies outside its blocks in memory (see `models.lazy`)."""
-    from transformers import AutoTokenizer
-
     if dtype is not None and dtype not in DTYPES:
         raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    config_file = directory / "config.json"
-    try:
-        _check_model_type(json.loads(config_file.read_text()), config_file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{config_file} is not valid JSON: {exc}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception as exc:
-        raise _wrap_transformers_error(exc, source) from exc
+    tokenizer = _hf_dir_tokenizer(directory, source)
     model, lazy = lazy_model(directory, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
     lazy.load_outside(model, [block.name for block in discover_layout(model).blocks])
     layout = discover_layout(model)  # again, now that a tied head is one tensor with the embedding

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from compresslm.data.calibration import calibration_windows
-from compresslm.errors import CompressLMError, CorruptFileError, UnsupportedArchitectureError
+from compresslm.errors import CompressLMError, CorruptFileError, UnsupportedArchitectureError, reason_of
 from compresslm.fileio import check_writable_dir, load_tensors, save_tensors
 from compresslm.models.layout import discover_layout
 from compresslm.models.loaded import LoadedModel
@@ -435,7 +435,7 @@ def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
                 group["betas"] = tuple(group["betas"])
         optimizer.load_state_dict({"state": slots, "param_groups": groups})
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason_of(exc)
         raise CorruptFileError(f"{path} is a corrupt training checkpoint: {reason}") from None
     return step, log_rows
 
