@@ -160,6 +160,56 @@ def memory_available() -> int | None:
     return available
 
 
+EXPORT_FORMATS = ("gguf", "compressed-tensors", "hf")
+
+
+def export(
+    container: str | os.PathLike,
+    fmt: str,
+    output: str | os.PathLike,
+    *,
+    requantize: bool = False,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Write a `.clm` container in another runtime's format and return what was written.
+
+    `gguf`: one file for llama.cpp, lossless where a GGUF type holds the grid (otherwise refused, or
+    re-rounded with `requantize`, the added error measured; `formats.gguf_export`). `hf`: a
+    transformers directory of dequantized weights in `dtype`. `compressed-tensors`: the packed format
+    llm-compressor writes and vLLM and transformers load. An existing target is refused unless
+    `overwrite`; the target appears complete or not at all.
+    """
+    from compresslm.formats.container import is_container, read_header
+
+    if fmt not in EXPORT_FORMATS:
+        raise CompressLMError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if not Path(container).expanduser().is_file() or not is_container(container):
+        raise CompressLMError(f"{container} is not a compresslm container (.clm); compress a model first")
+    target = Path(output).expanduser()
+    if target.exists() and not overwrite:
+        raise CompressLMError(f"{output} exists; remove it or pass --force to replace it")
+    if fmt == "gguf":
+        from compresslm.formats.gguf_export import export_gguf
+
+        check_writable_file(target)
+        return export_gguf(container, target, requantize=requantize, show_progress=show_progress).to_dict()
+    from compresslm.fileio import check_writable_dir
+    from compresslm.formats.hf_export import DTYPES, export_hf
+    from compresslm.models.assemble import transposed_linears
+
+    if dtype not in DTYPES:
+        raise CompressLMError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_writable_dir(target.parent)
+    header, _ = read_header(container)
+    if fmt == "hf":
+        return export_hf(container, target, dtype, transposed_linears(header), show_progress=show_progress)
+    from compresslm.formats.ct_export import export_compressed_tensors
+
+    return export_compressed_tensors(container, target, dtype, transposed_linears(header), show_progress=show_progress)
+
+
 def parse_size(text: str, what: str = "size") -> int:
     """'60MB', '57.2MiB', '1.5GB', '60000000' -> bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -248,6 +248,27 @@ def cmd_dial(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from compresslm.api import export
+
+    result = export(args.container, args.format, args.output, requantize=args.requantize, dtype=args.dtype,
+                    overwrite=args.force, show_progress=not args.quiet)  # fmt: skip
+    if args.json:
+        _emit_json(result)
+        return 0
+    line = f"{result['path']}: {args.format}, {result['bytes_on_disk']:,} bytes"
+    if args.format == "gguf":
+        types = ", ".join(f"{n} {t}" for t, n in result["tensor_types"].items())
+        line += f"; tensors {types}"
+        if result["requantized_tensors"]:
+            worst = result["requantize_max_relative_error"]
+            line += f"; {result['requantized_tensors']} re-rounded (worst relative error {worst:.2e})"
+        else:
+            line += "; lossless"
+    _print(line)
+    return 0
+
+
 def cmd_masks(args: argparse.Namespace) -> int:
     from compresslm.analysis.masks import mask_stability
     from compresslm.data.calibration import calibration_windows
@@ -650,6 +671,26 @@ def build_parser() -> argparse.ArgumentParser:
     dial.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0 to <1")
     dial.add_argument("-o", "--output", required=True, help="the container to write")
     dial.set_defaults(func=cmd_dial)
+
+    exp = sub.add_parser("export", help="write a container as GGUF (llama.cpp), compressed-tensors or plain HF")
+    exp.add_argument("container", help="a .clm container")
+    exp.add_argument("--format", required=True, choices=("gguf", "compressed-tensors", "hf"))
+    exp.add_argument("-o", "--output", required=True, help="the file (gguf) or directory to write")
+    exp.add_argument(
+        "--requantize",
+        action="store_true",
+        help="gguf: re-round tensors whose grid no GGUF type holds (the added error is printed)",
+    )
+    exp.add_argument(
+        "--dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "float32"),
+        help="hf and compressed-tensors: dtype of dequantized and dense tensors",
+    )
+    exp.add_argument("--force", action="store_true", help="replace an existing output")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    exp.add_argument("--json", action="store_true", help="print what was written as one JSON object")
+    exp.set_defaults(func=cmd_export)
 
     masks = sub.add_parser("masks", help="prune with two calibration sets and report how far the masks agree")
     masks.add_argument("model", help=model_help)

@@ -201,7 +201,6 @@ def _row_errors(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tenso
     return ((delta @ hessian) * delta).sum(1)
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class BudgetTarget:
     """A size the compressed model must fit: exactly one of `bits` (per parameter of the whole file),

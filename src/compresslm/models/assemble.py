@@ -423,6 +423,17 @@ def _check_against_model(header: dict, model: nn.Module) -> None:
             raise ValueError(f"it aliases a tensor {key!r} the model does not have")
 
 
+def transposed_linears(header: dict) -> frozenset[str]:
+    """The records of a checked container header whose layers hold their weight as [in, out] (GPT-2's Conv1D)."""
+    try:
+        config = _config(header)
+    except ValueError as exc:
+        raise CorruptFileError(f"the container is corrupt: {reason_of(exc)}") from None
+    with torch.device("meta"):
+        model = _model_from_config(config)
+    return frozenset(n for n in header["linears"] if type(model.get_submodule(n)).__name__ == "Conv1D")
+
+
 def _tokenizer(files: dict[str, bytes]) -> object | None:
     """The stored tokenizer, read from a private directory holding only the container's checked file names."""
     from transformers import AutoTokenizer

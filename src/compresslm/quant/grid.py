@@ -7,7 +7,10 @@ codes; symmetric grids use scale = 2·max|w| / (2**bits - 1) with the fixed zero
 *before* codes are chosen, so the codes are optimal for the scale that is stored.
 
 A group size that does not divide the row is honoured with a shorter last group; nothing falls
-back silently. `clip_search` shrinks each group's range to minimise the Lp error of its
+back silently. `offset_exact` keeps only as many significant bits in an asymmetric grid's scales as
+make every `zero · scale` a float16 too: GGUF's Q4_1 and Q5_1 store that product (their offset m)
+as a float16, so such a grid is written to them without loss (`formats.gguf_export`).
+`clip_search` shrinks each group's range to minimise the Lp error of its
 reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default).
 """
 
@@ -39,6 +42,7 @@ class Grid:
     clip_grid: int = 100
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.4
+    offset_exact: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -67,7 +71,8 @@ class Grid:
 
     def describe(self) -> str:
         kind = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
-        return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}" + (" clip" if self.clip_search else "")
+        flags = (" clip" if self.clip_search else "") + (" offset-exact" if self.offset_exact else "")
+        return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}{flags}"
 
 
 def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +83,19 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[
         scale = (2 * amax / maxq).clamp_min(_MIN_SCALE).half().float()
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
-        scale = ((hi - lo) / maxq).clamp_min(_MIN_SCALE).half().float()
+        scale = ((hi - lo) / maxq).clamp_min(_MIN_SCALE)
+        if grid.offset_exact:
+            scale = _round_up_significand(scale, 11 - grid.bits)
+        scale = scale.half().float()
         zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _round_up_significand(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`x` (positive) rounded up to `bits` significant bits: times any integer below 2**(11 - bits) it
+    stays within float16's 11 (subnormal products are multiples of float16's step, also exact)."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.ceil(mantissa * (1 << bits)) / (1 << bits), exponent)
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -14,6 +14,11 @@ GPTQ's error feedback writing into them). W8A8 presets:
 static), `w8a8-rtn` (no smoothing). Activation quantization is simulated in float (PyTorch has no
 int8 matmul kernel on this CPU path) and labelled so. `w8-rtn` and other names
 without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
+
+GGUF presets put the weights on exactly the grid of a llama.cpp type, so the GGUF export is lossless:
+`gguf-<type>-<method>[flags]` with type q4_0, q5_0, q8_0 (symmetric, group 32) or q4_1, q5_1
+(asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`. The
+embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ SMOOTHQUANT_PRESETS = {
 }  # fmt: skip
 
 
+_GGUF_PRESET = re.compile(
+    r"^gguf-q(?P<bits>[458])_(?P<kind>[01])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|act|noact|awq|keepzeros))*)$"
+)
+_EMBEDDING_PRESET = re.compile(r"^emb(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?$")
 _KV_PRESET = re.compile(
     r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
@@ -65,6 +74,16 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
     if "keepzeros" in flags:
         stage["keep_zeros"] = True
     return stage
+
+
+def _gguf_preset(match: re.Match) -> dict:
+    """A llama.cpp legacy type's grid: group 32; `_0` symmetric, `_1` asymmetric with float16 offsets."""
+    bits, symmetric = int(match["bits"]), match["kind"] == "0"
+    if bits == 8 and not symmetric:
+        raise RecipeError("GGUF has no q8_1 weight type; use gguf-q8_0-<method>")
+    name = f"w{bits}-g32-{match['method']}{match['flags']}{'-sym' if symmetric else ''}"
+    stage = _quantize_preset(name, _PRESET.match(name))
+    return stage if symmetric else {**stage, "offset_exact": True}
 
 
 def _dial_preset(match: re.Match) -> dict:
@@ -113,8 +132,11 @@ def preset_dict(name: str) -> dict:
     stages: list[dict] = []
     embedding = None
     for part in lowered.split("+"):
-        if part in ("emb8", "emb4"):
-            embedding = {"type": "quantize_embedding", "bits": int(part[3:]), "group_size": 64}
+        if match := _EMBEDDING_PRESET.match(part):
+            embedding = {"type": "quantize_embedding", "bits": int(match["bits"]),
+                         "group_size": int(match["group"] or 64), "symmetric": bool(match["sym"])}  # fmt: skip
+        elif match := _GGUF_PRESET.match(part):
+            stages.append(_gguf_preset(match))
         elif match := _KV_PRESET.match(part):
             kv = {"type": "kv_cache", "bits": int(match["bits"])}
             sizes = (("group_size", match["group"]), ("window", match["window"]), ("sink", match["sink"]))
@@ -139,7 +161,8 @@ def preset_dict(name: str) -> dict:
                 f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
                 "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
                 "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-shared, dial-g32-rtn, "
-                "w4-g64-gptq+lqer16, with +emb8/+emb4 for the embedding (or give a YAML/JSON recipe file)"
+                "w4-g64-gptq+lqer16, gguf-q4_1-gptq, with +emb8/+emb4/+emb8-g32-sym for the embedding "
+                "(or give a YAML/JSON recipe file)"
             )
     if not stages:
         raise RecipeError(f"preset '{name}' names no quantization or pruning stage")

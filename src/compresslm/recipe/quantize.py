@@ -48,6 +48,7 @@ class QuantizeStage(Targeted):
     separate_sparsity: list[float] = field(default_factory=list)  # dial ratios pruned on their own (SparseGPT)
     separate_sparsity_fit: str = "after"  # how those ratios are quantized: PruneStage.grid_fit's choices
     keep_zeros: bool = False  # hold the weight's exact zeros (a pruned checkpoint) as its mask
+    offset_exact: bool = False  # asymmetric scales such that zero x scale is a float16 (GGUF Q4_1/Q5_1)
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -68,6 +69,8 @@ class QuantizeStage(Targeted):
         if self.act_order is True and self.method != "gptq":
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         self.check_targets(where)
+        if self.offset_exact and (self.symmetric or self.nested_widths):
+            raise RecipeError(f"{where}: offset_exact shapes asymmetric grids' scales; this one is symmetric or nested")
         if self.keep_zeros and self.nested_widths:
             raise RecipeError(f"{where}: keep_zeros does not combine with the dial's nested widths")
         if self.nested_widths:
@@ -123,7 +126,7 @@ class QuantizeStage(Targeted):
     # fields added after containers had been written, with their defaults: left out of the stored recipe
     # while at the default, so the recipe text of older containers stays as it was (sweep keys do not need
     # this: `Recipe.key` lists only fields that differ from their defaults)
-    LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False}
+    LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False, "offset_exact": False}
 
     def to_dict(self) -> dict:
         data = stage_dict(self)
@@ -133,7 +136,8 @@ class QuantizeStage(Targeted):
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search)
+        return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search,
+                    offset_exact=self.offset_exact)  # fmt: skip
 
     @property
     def dial_widths(self) -> list[int]:
