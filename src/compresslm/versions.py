@@ -25,6 +25,7 @@ def versions() -> dict[str, str | None]:
         "transformers": _version("transformers"),
         "gguf": _version("gguf"),
         "numpy": _version("numpy"),
+        **({"llama_cpp_python": v} if (v := _version("llama_cpp_python")) else {}),
         "platform": platform.platform(),
         "machine": platform.machine(),
     }

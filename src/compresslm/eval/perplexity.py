@@ -167,14 +167,19 @@ def streamed_windows(
 
 def prepare_windows(lm: LoadedModel, corpus: str | Corpus, split: str, ctx: int, stride: int, limit: int | None):
     """(corpus, token ids, window plan, windows available) with the protocol's checks."""
+    return token_windows(lm.tokenizer, _max_positions(lm.model), corpus, split, ctx, stride, limit)
+
+
+def token_windows(tokenizer: object, max_positions: int | None, corpus: str | Corpus, split: str, ctx: int,
+                  stride: int, limit: int | None):  # fmt: skip
+    """`prepare_windows` for any runtime: the tokenizer and the model's positions are all it needs."""
     if limit is not None and limit < 1:
         raise ProtocolError(f"limit must be at least 1 window, got {limit}")
-    max_pos = _max_positions(lm.model)
-    if max_pos is not None and ctx > max_pos:
-        raise ProtocolError(f"ctx={ctx} exceeds the model's {max_pos} positions")
+    if max_positions is not None and ctx > max_positions:
+        raise ProtocolError(f"ctx={ctx} exceeds the model's {max_positions} positions")
     if isinstance(corpus, str):
         corpus = load_corpus(corpus, split)
-    ids = tokenize_corpus(lm.tokenizer, corpus)
+    ids = tokenize_corpus(tokenizer, corpus)
     plan = window_plan(ids.numel(), ctx, stride)
     available = len(plan)
     return corpus, ids, plan[:limit] if limit is not None else plan, available
@@ -205,28 +210,50 @@ def perplexity(
         raise ProtocolError(f"batch_size must be at least 1, got {batch_size}")
     corpus, ids, plan, available = prepare_windows(lm, corpus, split, ctx, stride, limit)
 
-    window_nll: list[float] = []
-    total_nll = 0.0
-    total_tokens = 0
-    bar = progress(len(plan), "perplexity", unit="win", enabled=show_progress)
     kv_cache = getattr(lm, "kv_cache", None)
     if lm.lazy is not None and kv_cache is not None:
         raise ProtocolError("a quantized KV cache is not evaluated block by block yet; load the model whole")
     with eval_model(lm, dtype, device) as (model, target):
         scored = (streamed_windows(lm, ids, plan, ctx, batch_size, show_progress) if lm.lazy is not None
                   else scored_windows(model, ids, plan, ctx, batch_size, target, kv_cache))  # fmt: skip
-        for _, logits, targets in scored:
-            # Flattened (tokens, vocab) layout: far faster on CPU than (batch, vocab, tokens), ~10x in a one-off timing.
-            losses = F.cross_entropy(logits.float(), targets, reduction="none")
-            row_sum = losses.double().sum().item()
-            window_nll.append(row_sum / targets.numel())
-            total_nll += row_sum
-            total_tokens += targets.numel()
-            bar.update(1)
-            bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+        window_nll, total_nll, total_tokens = accumulate_nll(scored, len(plan), show_progress)
         eval_dtype = str(lm.dtype if lm.lazy is not None else next(model.parameters()).dtype).removeprefix("torch.")
-    bar.close()
+    runtime = {
+        "batch_size": batch_size,
+        "eval_dtype": eval_dtype,
+        **_kv_protocol(kv_cache),
+        "device": str(target),
+        **({"streamed": "block by block from disk"} if lm.lazy is not None else {}),
+        "model": lm.describe(),
+        "tokenizer": getattr(lm.tokenizer, "name_or_path", None) or type(lm.tokenizer).__name__,
+    }
+    return perplexity_result(window_nll, total_nll, total_tokens, corpus, ids, plan, available,
+                             ctx, stride, limit, runtime, started)  # fmt: skip
 
+
+def accumulate_nll(scored, windows: int, show_progress: bool) -> tuple[list[float], float, int]:
+    """Per-window mean NLL, total NLL and tokens scored, from (index, logits, targets) of each window."""
+    window_nll: list[float] = []
+    total_nll = 0.0
+    total_tokens = 0
+    bar = progress(windows, "perplexity", unit="win", enabled=show_progress)
+    for _, logits, targets in scored:
+        # Flattened (tokens, vocab) layout: far faster on CPU than (batch, vocab, tokens), ~10x in a one-off timing.
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        row_sum = losses.double().sum().item()
+        window_nll.append(row_sum / targets.numel())
+        total_nll += row_sum
+        total_tokens += targets.numel()
+        bar.update(1)
+        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+    bar.close()
+    return window_nll, total_nll, total_tokens
+
+
+def perplexity_result(window_nll: list[float], total_nll: float, total_tokens: int, corpus: Corpus,
+                      ids: torch.Tensor, plan: list, available: int, ctx: int, stride: int, limit: int | None,
+                      runtime: dict, started: float) -> PerplexityResult:  # fmt: skip
+    """The result with its protocol: the windows' definition, then how and where they were run (`runtime`)."""
     nll = total_nll / total_tokens
     protocol = {
         "metric": "token_perplexity",
@@ -241,13 +268,7 @@ def perplexity(
         "tokens_in_text": ids.numel(),
         "tokens_scored": total_tokens,
         "bos": "none",
-        "batch_size": batch_size,
-        "eval_dtype": eval_dtype,
-        **_kv_protocol(kv_cache),
-        "device": str(target),
-        **({"streamed": "block by block from disk"} if lm.lazy is not None else {}),
-        "model": lm.describe(),
-        "tokenizer": getattr(lm.tokenizer, "name_or_path", None) or type(lm.tokenizer).__name__,
+        **runtime,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,152 @@
+"""llama.cpp as an evaluation runtime: any GGUF file scored on the PyTorch path's windows and protocol.
+
+The text is tokenized by the Hugging Face tokenizer of the GGUF (transformers reads it from the
+file), or by a tokenizer given explicitly (`tokenizer_from`, e.g. the container it was exported
+from), so the token ids, windows and scored positions are exactly those of `eval.perplexity`; only
+the forward pass is llama.cpp's (llama-cpp-python). Its logits come back in float32 and go through
+the same NLL code. llama.cpp's own messages are captured, so a file it refuses ends in one line
+with its reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compresslm.errors import CompressLMError
+from compresslm.eval.perplexity import PerplexityResult, accumulate_nll, perplexity_result, token_windows
+
+INSTALL = (
+    "the llama.cpp backend needs llama-cpp-python: pip install 'compresslm[llama-cpp]' "
+    "(it compiles llama.cpp, about 6-7 minutes on two cores)"
+)
+
+
+def require_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CompressLMError(INSTALL) from None
+    return llama_cpp
+
+
+class _CapturedLog:
+    """llama.cpp's log lines while loading (kept for the error message), instead of its stderr."""
+
+    def __init__(self, llama_cpp) -> None:
+        self.lines: list[str] = []
+        self._lib = llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
+                self.lines.append(text.decode("utf-8", "replace").strip())
+
+        self._callback = callback  # held: ctypes calls it for as long as llama.cpp may log
+
+    def __enter__(self) -> _CapturedLog:
+        self._lib.llama_log_set(self._callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # left installed: llama.cpp logs later too, and the callback stays referenced by the model
+
+    def reason(self) -> str:
+        """The first error llama.cpp logged (the most specific; later ones say that loading failed)."""
+        errors = [line for line in self.lines if line]
+        return errors[0] if errors else "no reason given"
+
+
+class LlamaCppModel:
+    """A GGUF file loaded by llama.cpp for scoring: every position's logits of a window of `ctx` tokens."""
+
+    def __init__(self, path: str | Path, ctx: int, threads: int | None = None) -> None:
+        llama_cpp = require_llama_cpp()
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise CompressLMError(f"{path}: no such GGUF file")
+        self.threads = threads or torch.get_num_threads()
+        self.log = _CapturedLog(llama_cpp)
+        with self.log:
+            try:
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path), n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
+                    n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
+                )  # fmt: skip
+            except (ValueError, RuntimeError):
+                raise CompressLMError(f"llama.cpp refused {path}: {self.log.reason()}") from None
+        self.vocab = self.llm.n_vocab()
+        arch = self.llm.metadata.get("general.architecture")
+        self.max_positions = int(self.llm.metadata.get(f"{arch}.context_length", 0)) or None
+
+    def logits(self, tokens: list[int]) -> torch.Tensor:
+        """[len(tokens), vocab] float32 logits of one sequence, from a fresh context."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32))
+
+    def scored_windows(self, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int):
+        """`eval.perplexity.scored_windows` through llama.cpp: (index, logits [scored, vocab], targets)."""
+        for index, (start, first_scored) in enumerate(plan):
+            window = ids[start : start + ctx]
+            logits = self.logits(window.tolist())
+            yield index, logits[first_scored - 1 : ctx - 1], window[first_scored:ctx]
+
+    def describe(self) -> dict:
+        import llama_cpp
+
+        return {
+            "source": str(self.path),
+            "kind": "gguf",
+            "bytes_on_disk": self.path.stat().st_size,
+            "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+            "threads": self.threads,
+        }
+
+
+def gguf_tokenizer(path: Path) -> object:
+    """The Hugging Face tokenizer transformers builds from a GGUF file's tokenizer metadata."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception as exc:  # transformers' GGUF reader raises anything on a file it cannot read
+        raise CompressLMError(f"cannot read a tokenizer from {path}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def llamacpp_perplexity(
+    path: str | Path,
+    corpus: str = "wikitext2",
+    *,
+    split: str = "test",
+    ctx: int = 2048,
+    stride: int | None = None,
+    limit: int | None = None,
+    threads: int | None = None,
+    tokenizer: object | None = None,
+    show_progress: bool = True,
+) -> PerplexityResult:
+    """Token perplexity of a GGUF file run by llama.cpp, on the windows `eval.perplexity` would score."""
+    started = time.perf_counter()
+    stride = ctx if stride is None else stride
+    model = LlamaCppModel(path, ctx, threads)
+    if tokenizer is None:
+        tokenizer = gguf_tokenizer(model.path)
+    corpus, ids, plan, available = token_windows(tokenizer, model.max_positions, corpus, split, ctx, stride, limit)
+    if int(ids.max()) >= model.vocab:
+        raise CompressLMError(f"the tokenizer makes ids up to {int(ids.max())}; {path} has {model.vocab} tokens")
+    window_nll, total_nll, total_tokens = accumulate_nll(model.scored_windows(ids, plan, ctx), len(plan), show_progress)
+    runtime = {
+        "batch_size": 1,
+        "eval_dtype": "llama.cpp (weights as stored in the GGUF)",
+        "device": "cpu",
+        "backend": "llama.cpp",
+        "model": model.describe(),
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+    }
+    return perplexity_result(window_nll, total_nll, total_tokens, corpus, ids, plan, available,
+                             ctx, stride, limit, runtime, started)  # fmt: skip

@@ -1,0 +1,225 @@
+"""Exports: GGUF read back with the `gguf` package equals the container bit for bit; HF directories load in
+transformers; llama.cpp runs the GGUF (when llama-cpp-python is installed); bad inputs end in one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from compresslm.api import compress, export
+from compresslm.cli import main
+from compresslm.data.calibration import calibration_windows
+from compresslm.errors import CompressLMError
+from compresslm.formats.container import read_container
+from compresslm.formats.gguf_export import EXACT_TYPES, _permute_rows, dequantize_gguf
+from compresslm.models.assemble import load_compressed
+from compresslm.models.loaded import LoadedModel
+from compresslm.models.tiny import tiny_model
+from compresslm.quant.grid import Grid, fit_weight
+from compresslm.recipe import load_recipe
+
+HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.fixture(scope="module")
+def calib(tokenizer):
+    return calibration_windows(tokenizer, "wikitext2", n=4, length=64, seed=0)
+
+
+def _container(tmp_path, tokenizer, calib, family: str, recipe: str):
+    lm = LoadedModel.from_module(tiny_model(family), tokenizer, name=f"tiny-{family}")
+    path = tmp_path / f"{family}.clm"
+    compress(lm, recipe, path, calibration=calib, show_progress=False)
+    return path
+
+
+def _read_gguf(path):
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return reader, {t.name: t for t in reader.tensors}
+
+
+def _gguf_weight(tensor, name: str, heads: dict) -> torch.Tensor:
+    """A GGUF tensor decoded by the gguf package, its q/k rows put back in Hugging Face's order."""
+    weight = dequantize_gguf(tensor.data, tensor.tensor_type.name)
+    if name in heads:  # undo the export's permutation: applying it twice is not the inverse, so invert
+        rows = weight.shape[0]
+        order = torch.from_numpy(_permute_rows(np.arange(rows), heads[name]))
+        restored = torch.empty_like(weight)
+        restored[order] = weight
+        return restored
+    return weight
+
+
+GGUF_PRESETS = {"Q8_0": "gguf-q8_0-rtn", "Q5_0": "gguf-q5_0-gptq", "Q4_0": "gguf-q4_0-awq",
+                "Q5_1": "gguf-q5_1-rtn", "Q4_1": "gguf-q4_1-gptq"}  # fmt: skip
+
+
+@pytest.mark.parametrize("gguf_type", sorted(GGUF_PRESETS))
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gguf_export_is_bit_exact(tmp_path, tokenizer, calib, family, gguf_type):
+    path = _container(tmp_path, tokenizer, calib, family, GGUF_PRESETS[gguf_type] + "+emb8-g32-sym")
+    out = tmp_path / "m.gguf"
+    result = export(path, "gguf", out, show_progress=False)
+    assert result["exact"] and result["requantized_tensors"] == 0
+    embedding = 1 if gguf_type == "Q8_0" else 0  # the embedding is Q8_0 too
+    assert result["tensor_types"][gguf_type] == 14 + embedding and result["tensor_types"]["Q8_0"] >= 1
+    contents = read_container(path)
+    reader, tensors = _read_gguf(out)
+    assert reader.fields["general.architecture"].contents() == family
+    config = contents.header["config"]
+    heads = {}
+    if family == "llama":
+        heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for i in range(config["num_hidden_layers"]):
+        for hf, gg in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.down_proj", "ffn_down")):
+            tensor = tensors[f"blk.{i}.{gg}.weight"]
+            assert tensor.tensor_type.name == gguf_type
+            got = _gguf_weight(tensor, gg, heads)
+            assert torch.equal(got, contents.linears[f"model.layers.{i}.{hf}"].dequantize())
+    embedding = dequantize_gguf(tensors["token_embd.weight"].data, "Q8_0")
+    assert torch.equal(embedding, contents.embeddings["model.embed_tokens"].dequantize())
+    norm = torch.from_numpy(np.array(tensors["output_norm.weight"].data))
+    assert torch.equal(norm, contents.dense["model.norm.weight"].float())
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == config["vocab_size"]
+
+
+def test_pruned_weights_export_as_exact_zeros(tmp_path, tokenizer, calib):
+    path = _container(tmp_path, tokenizer, calib, "qwen2", "50%-wanda+gguf-q4_0-rtn")
+    out = tmp_path / "m.gguf"
+    export(path, "gguf", out, show_progress=False)
+    record = read_container(path).linears["model.layers.0.mlp.up_proj"]
+    assert record.mask is not None
+    _, tensors = _read_gguf(out)
+    got = dequantize_gguf(tensors["blk.0.ffn_up.weight"].data, "Q4_0")
+    assert torch.equal(got, record.dequantize())
+    assert bool((got[~record.mask] == 0).all())
+
+
+def test_offset_exact_grid_makes_every_offset_a_float16():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * torch.logspace(-3, 0, 64)[:, None]
+    for bits in (4, 5):
+        scales, zeros = fit_weight(weight, Grid(bits, "group", 32, offset_exact=True))
+        offsets = zeros * scales
+        assert torch.equal(offsets.half().float(), offsets)
+        plain, _ = fit_weight(weight, Grid(bits, "group", 32))
+        assert bool((scales >= plain).all()) and float((scales / plain).max()) <= 1 + 2.0 ** (bits - 10)
+
+
+def test_gguf_presets():
+    stage = load_recipe("gguf-q4_1-gptq").stages[0]
+    assert (stage.bits, stage.group_size, stage.symmetric, stage.offset_exact) == (4, 32, False, True)
+    stage = load_recipe("gguf-q8_0-awq").stages[0]
+    assert (stage.bits, stage.group_size, stage.symmetric, stage.offset_exact) == (8, 32, True, False)
+    assert set(EXACT_TYPES.values()) == set(GGUF_PRESETS)
+    with pytest.raises(CompressLMError, match="q8_0"):
+        load_recipe("gguf-q8_1-rtn")
+
+
+def test_unexportable_grid_is_refused_with_the_recipe_that_fits(tmp_path, tokenizer, calib):
+    path = _container(tmp_path, tokenizer, calib, "llama", "w4-g32-gptq")
+    out = tmp_path / "m.gguf"
+    with pytest.raises(CompressLMError, match="gguf-q4_1"):
+        export(path, "gguf", out, show_progress=False)
+    assert not out.exists()
+    result = export(path, "gguf", out, requantize=True, show_progress=False)
+    assert result["requantized_tensors"] == 14 and not result["exact"]
+    assert 0 < result["requantize_max_relative_error"] < 1e-3  # only the offsets were rounded to float16
+
+    path = _container(tmp_path, tokenizer, calib, "llama", "w3-g16-gptq")
+    with pytest.raises(CompressLMError, match="no GGUF type holds"):
+        export(path, "gguf", tmp_path / "w3.gguf", show_progress=False)
+    result = export(path, "gguf", tmp_path / "w3.gguf", requantize=True, show_progress=False)
+    assert result["tensor_types"]["Q4_1"] == 14 and 0 < result["requantize_max_relative_error"] < 0.2
+
+
+def test_export_bad_inputs_are_one_line(tmp_path, tokenizer, calib, capsys):
+    path = _container(tmp_path, tokenizer, calib, "gpt2", "gguf-q4_0-rtn")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(path), "--format", "gguf", "-o", str(out)]) == 2
+    assert "knows the families llama, mistral, qwen2; this model is 'gpt2'" in capsys.readouterr().err
+    assert not out.exists()
+    not_container = tmp_path / "x.clm"
+    not_container.write_bytes(b"nope")
+    assert main(["export", str(not_container), "--format", "hf", "-o", str(tmp_path / "hf")]) == 2
+    assert "is not a compresslm container" in capsys.readouterr().err
+    path = _container(tmp_path, tokenizer, calib, "llama", "gguf-q4_0-rtn")
+    out.write_bytes(b"keep")
+    assert main(["export", str(path), "--format", "gguf", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; remove it or pass --force" in err
+    assert out.read_bytes() == b"keep"
+    assert main(["export", str(path), "--format", "gguf", "-o", str(out), "--force", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exact"] is True
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_hf_export_loads_in_transformers(tmp_path, tokenizer, calib, family):
+    from transformers import AutoModelForCausalLM
+
+    path = _container(tmp_path, tokenizer, calib, family, "w4-g16-gptq")
+    result = export(path, "hf", tmp_path / "hf", dtype="float32", show_progress=False)
+    assert result["shards"] == 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    lm = load_compressed(path)
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, lm.model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_hf_export_shards(tmp_path, tokenizer, calib):
+    from transformers import AutoModelForCausalLM
+
+    from compresslm.formats.hf_export import export_hf
+
+    path = _container(tmp_path, tokenizer, calib, "qwen2", "w4-g16-rtn")
+    result = export_hf(path, tmp_path / "hf", "bfloat16", shard_bytes=40_000, show_progress=False)
+    assert result["shards"] > 2
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f"model-{i:05d}-of-{result['shards']:05d}.safetensors"
+                                                 for i in range(1, result["shards"] + 1)}  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.dtype == torch.bfloat16
+
+
+def test_missing_llama_cpp_names_the_pip_command(monkeypatch):
+    from compresslm.eval.llamacpp import require_llama_cpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(CompressLMError, match=r"pip install 'compresslm\[llama-cpp\]'"):
+        require_llama_cpp()
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed: pip install 'compresslm[llama-cpp]'")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_scores_the_export_like_the_container(tmp_path, tokenizer, calib, family):
+    from compresslm.eval.llamacpp import llamacpp_perplexity
+    from compresslm.eval.perplexity import perplexity
+
+    path = _container(tmp_path, tokenizer, calib, family, "gguf-q4_1-gptq+emb8-g32-sym")
+    export(path, "gguf", tmp_path / "m.gguf", show_progress=False)
+    lm = load_compressed(path)
+    window = {"ctx": 128, "limit": 3, "show_progress": False}
+    ours = perplexity(lm, "wikitext2", **window)
+    theirs = llamacpp_perplexity(tmp_path / "m.gguf", "wikitext2", tokenizer=lm.tokenizer, **window)
+    assert theirs.tokens == ours.tokens and theirs.protocol["backend"] == "llama.cpp"
+    assert abs(theirs.ppl / ours.ppl - 1) < 0.005
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
+def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
+    assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kld"]) == 2
+    assert "measures --ppl so far; drop --kld" in capsys.readouterr().err
