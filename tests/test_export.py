@@ -223,3 +223,57 @@ def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
     assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kld"]) == 2
     assert "measures --ppl so far; drop --kld" in capsys.readouterr().err
+
+
+def _ct_read_back(directory, name: str) -> torch.Tensor:
+    """A packed layer decoded by the compressed-tensors library (scales in float32, as a float32 load has them)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    tensors = load_file(directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    config = QuantizationConfig.model_validate(config)
+    scheme = next(s for s in config.config_groups.values() if name in s.targets)
+    state = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+    state["weight_scale"] = state["weight_scale"].float()
+    return PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+
+
+@pytest.mark.parametrize("recipe", ["gguf-q4_1-gptq", "w8-rtn", "50%-wanda+w4-g16-gptq", "w3-g32-rtn-sym"])
+def test_compressed_tensors_export_reads_back_as_the_container(tmp_path, tokenizer, calib, recipe):
+    path = _container(tmp_path, tokenizer, calib, "qwen2", recipe)
+    result = export(path, "compressed-tensors", tmp_path / "ct", show_progress=False)
+    assert result["packed_linears"] == 14 and result["dense_linears"] == 0
+    contents = read_container(path)
+    for name, record in contents.linears.items():
+        assert torch.equal(_ct_read_back(tmp_path / "ct", name), record.dequantize())
+
+
+def test_compressed_tensors_export_loads_in_transformers(tmp_path, tokenizer, calib):
+    from transformers import AutoModelForCausalLM
+
+    path = _container(tmp_path, tokenizer, calib, "llama", "w4-g32-gptq-sym")
+    export(path, "compressed-tensors", tmp_path / "ct", dtype="float32", show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    lm = load_compressed(path)
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, lm.model(ids).logits)
+
+
+def test_compressed_tensors_writes_what_it_cannot_pack_dense(tmp_path, tokenizer, calib):
+    path = _container(tmp_path, tokenizer, calib, "qwen2", "w4-g24-rtn")  # a shorter last group
+    result = export(path, "compressed-tensors", tmp_path / "ct", show_progress=False)
+    assert result["packed_linears"] == 0 and result["dense_linears"] == 14  # 64 and 128 columns: neither divides
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.self_attn.q_proj" in config["ignore"]
+
+
+def test_missing_compressed_tensors_names_the_pip_command(tmp_path, tokenizer, calib, monkeypatch):
+    path = _container(tmp_path, tokenizer, calib, "llama", "w4-g16-rtn")
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    monkeypatch.setitem(sys.modules, "compressed_tensors.compressors", None)
+    with pytest.raises(CompressLMError, match=r"pip install 'compresslm\[compressed-tensors\]'"):
+        export(path, "compressed-tensors", tmp_path / "ct", show_progress=False)
+    assert not (tmp_path / "ct").exists()

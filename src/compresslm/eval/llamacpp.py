@@ -105,6 +105,8 @@ class LlamaCppModel:
             "bytes_on_disk": self.path.stat().st_size,
             "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
             "threads": self.threads,
+            "kv_cache": "f16 (llama.cpp's default)",
+            "activations": "rounded to 8 bits for quantized matrix products (llama.cpp's CPU kernels)",
         }
 
 
