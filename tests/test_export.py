@@ -277,3 +277,48 @@ def test_missing_compressed_tensors_names_the_pip_command(tmp_path, tokenizer, c
     with pytest.raises(CompressLMError, match=r"pip install 'compresslm\[compressed-tensors\]'"):
         export(path, "compressed-tensors", tmp_path / "ct", show_progress=False)
     assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("recipe", ["w4-g16-gptq", "w3-g16-rtn", "50%-wanda+w4-g16-rtn", "w8-rtn", "2:4-sparsegpt"])
+def test_packed_weights_compute_what_float_weights_compute(tmp_path, tokenizer, calib, recipe):
+    from compresslm.runtime.linear import CompressedLinear
+
+    path = _container(tmp_path, tokenizer, calib, "llama", recipe)
+    packed, dense = load_compressed(path), load_compressed(path, float_weights=True)
+    layers = [m for m in packed.model.modules() if isinstance(m, CompressedLinear)]
+    assert layers and all(m.packed for m in layers)
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed.model(ids).logits, dense.model(ids).logits)
+    assert packed.fingerprint() == dense.fingerprint()
+    for name, record in read_container(path).linears.items():
+        again = packed.compressed[name]
+        assert torch.equal(again.dequantize(), record.dequantize())
+        assert (again.mask is None) == (record.mask is None) and again.nm == record.nm
+
+
+def test_packed_weights_are_small_in_memory(tmp_path, tokenizer, calib):
+    from compresslm.runtime.linear import CompressedLinear
+
+    path = _container(tmp_path, tokenizer, calib, "llama", "w4-g32-rtn")
+    packed, dense = load_compressed(path), load_compressed(path, float_weights=True)
+
+    def weight_bytes(lm):
+        return sum(m.weight_nbytes() for m in lm.model.modules() if isinstance(m, CompressedLinear))
+
+    # 4-bit codes two to a byte, float16 scales and uint8 zeros per group of 32: 0.5 + 3/32 bytes per weight
+    params = sum(m.in_features * m.out_features for m in packed.model.modules() if isinstance(m, CompressedLinear))
+    assert weight_bytes(packed) == params * (0.5 + 3 / 32)
+    assert weight_bytes(dense) == params * 4
+
+
+def test_packed_weights_follow_a_dtype_cast(tmp_path, tokenizer, calib):
+    path = _container(tmp_path, tokenizer, calib, "qwen2", "w4-g16-rtn")
+    packed, dense = load_compressed(path), load_compressed(path, float_weights=True)
+    packed.model.to(torch.bfloat16)
+    dense.model.to(torch.bfloat16)
+    ids = torch.randint(3, 259, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(packed.model(ids).logits, dense.model(ids).logits)
+    layer = packed.model.model.layers[0].mlp.up_proj
+    assert layer.compressed.scales.dtype == torch.float16 and layer.dequantized().dtype == torch.bfloat16

@@ -23,3 +23,14 @@ def test_errors():
         pack_bits(torch.tensor([8], dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match="expected 2 bytes"):
         unpack_bits(b"\x00", 4, 4)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_lanes_round_trip(bits):
+    from compresslm.runtime.packed import lane_bits, pack_lanes, unpack_lanes
+
+    codes = torch.randint(0, 1 << bits, (7, 13), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    lane = lane_bits(bits)
+    packed = pack_lanes(codes, lane)
+    assert packed.numel() == -(-codes.numel() * lane // 8)
+    assert torch.equal(unpack_lanes(packed, lane, codes.numel()).view(7, 13), codes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -218,16 +219,19 @@ def tokenizer_files(tokenizer: object | None) -> dict[str, bytes]:
         return {file.name: file.read_bytes() for file in sorted(Path(tmp).iterdir()) if file.is_file()}
 
 
-def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None) -> LoadedModel:
+def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bits: int | None = None,
+                    float_weights: bool = False) -> LoadedModel:  # fmt: skip
     """Rebuild the compressed model from a `.clm` file, checking the header, the layout and every checksum first.
 
     `dial_bits` loads a dial artifact at that width, reading only the bit planes it needs (and
-    verifying only what it reads); `lm.bytes_read` says how much of the file was read.
+    verifying only what it reads); `lm.bytes_read` says how much of the file was read. The
+    compressed linears hold their records packed and dequantize at each forward, unless
+    `float_weights` caches a float copy of each (faster, as large as the float model).
     """
     p = Path(path).expanduser()
     contents = read_container(p, dial_bits)
     try:
-        model, tokenizer, kv_cache = _build(contents)
+        model, tokenizer, kv_cache = _build(contents, float_weights)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
         reason = reason_of(exc)
         raise CorruptFileError(f"{p} is corrupt: {reason}") from None
@@ -237,7 +241,7 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bit
     lm.kind, lm.path = "container", str(p.resolve())
     lm.container = contents.header
     lm.bytes_read = contents.bytes_read
-    lm.compressed = {**contents.linears, **contents.embeddings}
+    lm.compressed = Records(model, list(contents.linears), contents.embeddings)
     lm.kv_cache = kv_cache
     return lm
 
@@ -307,11 +311,32 @@ class LazyContainer(LazySource):
             set_tensor(module, "weight", weight, True)
 
 
+class Records(Mapping):
+    """A loaded container's records by module path, read from its modules when asked (a packed layer
+    rebuilds its record then), so that the model does not hold a second, unpacked copy of each."""
+
+    def __init__(self, model: nn.Module, linears: list[str], embeddings: dict[str, CompressedWeight]) -> None:
+        self._model, self._linears, self._embeddings = model, linears, embeddings
+
+    def __getitem__(self, name: str) -> CompressedWeight:
+        if name in self._embeddings:
+            return self._embeddings[name]
+        if name not in self._linears:
+            raise KeyError(name)
+        return self._model.get_submodule(name).compressed
+
+    def __iter__(self):
+        return iter([*self._linears, *self._embeddings])
+
+    def __len__(self) -> int:
+        return len(self._linears) + len(self._embeddings)
+
+
 def _compressed_linear(
-    record: CompressedWeight, bias: torch.Tensor | None, activation: dict | None
+    record: CompressedWeight, bias: torch.Tensor | None, activation: dict | None, float_weight: bool = True
 ) -> CompressedLinear:
     """A stored linear as a module: its record, its bias and its simulated activation grid (or None)."""
-    module = CompressedLinear(record, bias)
+    module = CompressedLinear(record, bias, float_weight=float_weight)
     if activation:
         scale = None if activation["scale"] is None else torch.tensor(float(activation["scale"]))
         module.set_activation_quantization(activation["bits"], activation["granularity"], scale)
@@ -348,7 +373,7 @@ def _model_from_config(config: object) -> nn.Module:
         raise ValueError(f"its config does not describe a model ({reason.strip()})") from None
 
 
-def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, object | None]:
+def _build(contents: ContainerContents, float_weights: bool) -> tuple[nn.Module, object | None, object | None]:
     """The model, its tokenizer and KV-cache stage from a container's checked contents."""
     header = contents.header
     config = _config(header)
@@ -357,7 +382,7 @@ def _build(contents: ContainerContents) -> tuple[nn.Module, object | None, objec
     model = _model_from_config(config)
     for name, record in contents.linears.items():
         bias = getattr(model.get_submodule(name), "bias", None)
-        replace_module(model, name, _compressed_linear(record, bias, contents.activations.get(name)))
+        replace_module(model, name, _compressed_linear(record, bias, contents.activations.get(name), float_weights))
     state = {key: t.float() if t.is_floating_point() else t for key, t in contents.dense.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     with torch.no_grad():

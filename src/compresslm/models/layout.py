@@ -177,10 +177,9 @@ def _attention_child(block: nn.Module, block_name: str) -> str:
 
 def _weight_shape(module: nn.Module) -> tuple[int, int, bool]:
     """Return (in_features, out_features, transposed) for a linear-like module."""
-    weight = module.weight
     if type(module).__name__ == "Conv1D":
-        return weight.shape[0], weight.shape[1], True  # Conv1D stores [in, out]
-    return weight.shape[1], weight.shape[0], False
+        return module.weight.shape[0], module.weight.shape[1], True  # Conv1D stores [in, out]
+    return module.in_features, module.out_features, False  # a packed CompressedLinear has no weight tensor
 
 
 def _assign_roles(infos: list[LinearInfo], hidden: int) -> None:
@@ -291,10 +290,12 @@ def discover_layout(model: nn.Module) -> ModelLayout:
     )
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_storage(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """One tensor under two names (meta tensors, which have no storage, only by identity)."""
     if a is b:
         return True
+    if a is None or b is None:  # a packed compressed head holds no weight tensor
+        return False
     return not (a.is_meta or b.is_meta) and a.shape == b.shape and a.data_ptr() == b.data_ptr()
 
 

@@ -158,11 +158,11 @@ def weights_fingerprint(
 
 
 def _hashed_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The state dict plus each compressed linear's dequantized weight."""
+    """The state dict plus each compressed linear's dequantized weight (held as float or packed alike)."""
     state = dict(module.state_dict(prefix=prefix, keep_vars=True))
     for name, sub in module.named_modules():
-        if name and hasattr(sub, "compressed") and isinstance(getattr(sub, "weight", None), torch.Tensor):
-            state[f"{prefix}{name}.weight[dequantized]"] = sub.weight
+        if name and hasattr(sub, "dequantized") and (sub.weight is not None or sub.compressed is not None):
+            state[f"{prefix}{name}.weight[dequantized]"] = sub.dequantized()
     return state
 
 

@@ -242,6 +242,7 @@ def load_model(
     device: str | None = None,
     cache: bool = True,
     lazy: bool = False,
+    float_weights: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and discover its layout.
 
@@ -250,7 +251,8 @@ def load_model(
     weights (float32, bfloat16, float16); `cache` keeps a dequantized copy of GGUF files. `lazy`
     leaves each decoder block's weights on disk until a walk over the blocks reads it (a safetensors
     directory, a container, or a GGUF file through its dequantized cache), so models larger than
-    memory stream.
+    memory stream. A container's compressed layers are held packed and dequantized at each forward;
+    `float_weights` caches a float copy of each instead (faster, as large as the float model).
     """
     text = str(source)
     path = Path(text).expanduser()
@@ -263,7 +265,7 @@ def load_model(
         if directory is not None:
             return _load_lazy(directory, text, dtype, device)
     if (path.is_file() and path.suffix.lower() == ".clm") or is_container(path):
-        lm = load_compressed(path, device=device)
+        lm = load_compressed(path, device=device, float_weights=float_weights)
         if dtype is not None:
             lm.model = _finish(lm.model, dtype, None)
         lm.source = text

@@ -1,10 +1,18 @@
 """`CompressedLinear`: a linear layer whose weight is a CompressedWeight.
 
-On CPU there is no low-bit matmul kernel in PyTorch, so the weight is dequantized once (exactly,
-see `CompressedWeight.dequantize`) and cached in the compute dtype; a sparse weight is cached as
-the masked dense weight, so sparsity saves bytes on disk but no time on CPU; the packed record stays the
-source of truth for saving. Because dequantization is deterministic, a model rebuilt from a
-container computes bit for bit what the model computed right after compression.
+On CPU there is no low-bit matmul kernel in PyTorch, so the weight is dequantized (exactly, see
+`CompressedWeight.dequantize`) before the matmul. Two ways to hold it:
+
+* packed (`float_weight=False`, what a loaded container gets by default): the record stays in memory
+  with its codes packed several to a byte (`runtime.packed`), and each forward dequantizes it, so a
+  W4 layer's resident weight is close to its size on disk and a model too large for memory as float
+  can still be evaluated; each forward pays the dequantization;
+* float (`float_weight=True`, the speed option, and what the calibration pass uses): the dequantized
+  weight is cached in the compute dtype, as large as the float layer.
+
+A sparse weight is dequantized as the masked dense weight either way, so sparsity saves bytes on
+disk but no time on CPU. Because dequantization is deterministic, both ways compute the same bits,
+and a model rebuilt from a container computes bit for bit what it computed right after compression.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from torch import nn
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.quant.smoothquant import fake_quantize_activations
+from compresslm.runtime.packed import PackedRecord
 from compresslm.sparse.nested import dial_setting
 
 
@@ -27,13 +36,21 @@ class CompressedLinear(nn.Module):
     kernels, labelled as such wherever it is reported.
     """
 
-    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, weight: CompressedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 float_weight: bool = True):  # fmt: skip
         super().__init__()
-        self.compressed = weight
+        self._record: CompressedWeight | None = weight
+        self._packed: PackedRecord | None = None
+        self.compute_dtype = dtype
         self.in_features = weight.in_features
         self.out_features = weight.out_features
         self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False) if bias is not None else None
-        self.register_buffer("weight", weight.dequantize(dtype), persistent=False)
+        self.register_buffer("weight", weight.dequantize(dtype) if float_weight else None, persistent=False)
+        if not float_weight and PackedRecord.holds(weight):
+            self._packed = PackedRecord(weight)
+            for name, tensor in self._packed.tensors().items():
+                self.register_buffer(name, tensor, persistent=False)
+            self._record = None
         self.act_bits = 0
         self.act_granularity = "token"
         self.register_buffer("act_scale", None, persistent=False)
@@ -44,6 +61,48 @@ class CompressedLinear(nn.Module):
         self.nested = weight if dial and weight.bits == max(dial.widths) and weight.mask is None else None
         self.rank: torch.Tensor | None = None  # a dial layer's keep order (see quant.nested.nested_rank)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Move or cast like any module; the dtype a packed weight is dequantized to follows the cast."""
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    @property
+    def compressed(self) -> CompressedWeight | None:
+        """The layer's record (rebuilt exactly from its packed form when it is held packed)."""
+        if self._packed is None:
+            return self._record
+        return self._packed.record({name: getattr(self, name) for name in self._packed.tensors()})
+
+    @compressed.setter
+    def compressed(self, record: CompressedWeight | None) -> None:
+        if self._packed is not None:
+            for name in self._packed.tensors():
+                setattr(self, name, None)
+            self._packed = None
+        self._record = record
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is held packed and dequantized at each forward (no float copy)."""
+        return self.weight is None
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense [out, in] weight: the cached float copy, or the record dequantized now."""
+        if self.weight is not None:
+            return self.weight if dtype is None else self.weight.to(dtype)
+        return self.compressed.dequantize(dtype or self.compute_dtype)
+
+    def weight_nbytes(self) -> int:
+        """Bytes this layer's weight takes in memory: the float copy, or the packed record's tensors."""
+        if self.weight is not None:
+            return self.weight.numel() * self.weight.element_size()
+        if self._packed is not None:
+            return PackedRecord.nbytes({name: getattr(self, name) for name in self._packed.tensors()})
+        record = self._record
+        tensors = [record.codes, record.scales, record.zeros, record.mask, record.values, record.order]
+        tensors += [*(record.lowrank or ()), *(t for alt in record.alternates for t in (alt.codes, alt.scales))]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
         """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial);
         which record serves a setting is `sparse.nested.dial_setting`'s to say."""
@@ -51,7 +110,8 @@ class CompressedLinear(nn.Module):
             raise CompressLMError(f"{self.extra_repr()}: not a dial layer (it was not quantized with nested widths)")
         record, self.rank = dial_setting(self.nested, bits or self.nested.bits, sparsity, self.rank)
         self.compressed = record
-        self.weight = record.dequantize(self.weight.dtype).to(self.weight.device)
+        if self.weight is not None:
+            self.weight = record.dequantize(self.weight.dtype).to(self.weight.device)
 
     def use_sparse_kernel(self) -> str:
         """Run a 2:4 weight through PyTorch's semi-structured sparse kernel where one exists.
@@ -63,6 +123,8 @@ class CompressedLinear(nn.Module):
         record = self.compressed
         if record.nm != (2, 4):
             reason = "the weight is not 2:4 sparse"
+        elif self.weight is None:
+            reason = "the weight is held packed (load it with float weights for this kernel)"
         elif self.weight.device.type != "cuda":
             reason = f"no semi-structured sparse kernel on {self.weight.device.type}"
         elif self.weight.dtype not in (torch.float16, torch.bfloat16):
@@ -100,6 +162,8 @@ class CompressedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.sparse_weight is not None and x.dtype == self.sparse_weight.dtype:
             return F.linear(x, self.sparse_weight, bias)
+        if self.weight is None:  # packed: dequantized for this forward only
+            return F.linear(x, self.compressed.dequantize(x.dtype), bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
@@ -112,7 +176,8 @@ class CompressedLinear(nn.Module):
         if w.mask is not None:
             weight += f", {w.nm[0]}:{w.nm[1]} sparse" if w.nm else f", {100 * w.sparsity:.1f}% sparse"
         act = f", A{self.act_bits} per-{self.act_granularity} (simulated)" if self.act_bits else ""
-        return f"in={self.in_features}, out={self.out_features}, {weight}{act}, bias={self.bias is not None}"
+        held = ", packed" if self.weight is None else ""
+        return f"in={self.in_features}, out={self.out_features}, {weight}{act}{held}, bias={self.bias is not None}"
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -179,7 +179,7 @@ def _densify(lm: LoadedModel) -> None:
         if module.act_bits:
             raise CompressLMError(f"{name}: training a container with activation quantization is not supported")
     for name, module in compressed:
-        replace_module(lm.model, name, _plain_linear(module.weight, module.bias))
+        replace_module(lm.model, name, _plain_linear(module.dequantized(), module.bias))
     if compressed:
         lm.layout = discover_layout(lm.model)
         lm.changed()
