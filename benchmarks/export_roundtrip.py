@@ -94,8 +94,9 @@ def write_markdown(rows: dict) -> None:
             "The reference model's weights sit on a 4-bit group-32 grid (its source is Q4_1), so Q4_1 and the "
             "wider types are close to lossless on it for every method; the gap column is what this table is for.",
             "",
-            f"Command: `{first['command']}`, in pieces of under 10 minutes (resumable), alone on a 2-core "
-            f"machine ({platform.machine()}). Versions: compresslm {v['compresslm']}, torch {v['torch']}, "
+            f"Command: `{first['command']}`, one point per piece (resumable), on a 2-core machine "
+            f"({platform.machine()}); the first four points ran beside test runs (their gaps do not depend on "
+            f"timing; no timing is reported). Versions: compresslm {v['compresslm']}, torch {v['torch']}, "
             f"transformers {v['transformers']}, llama-cpp-python {v.get('llama_cpp_python')}; {v['platform']}.",
         ]
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")

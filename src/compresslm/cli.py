@@ -248,6 +248,45 @@ def cmd_dial(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    """The reply on stdout as it is decoded; speed and memory on stderr (or all of it as --json)."""
+    from compresslm.eval.generate import generate_llamacpp, generate_torch
+
+    def show(piece: str) -> None:
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    if args.backend == "llama.cpp":
+        if args.dial or args.float_weights or args.device:
+            raise CompressLMError("--dial, --float-weights and --device belong to the torch backend")
+        result = generate_llamacpp(args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                                   threads=args.threads, on_text=show)  # fmt: skip
+    else:
+        from compresslm.models.loading import load_model
+
+        setting = None
+        if args.dial:
+            from compresslm.dial import parse_setting
+
+            setting = parse_setting(args.dial)
+        lm = load_model(args.model, device=args.device, float_weights=args.float_weights)
+        if setting is not None:
+            from compresslm.dial import apply_setting
+
+            apply_setting(lm, setting)
+        result = generate_torch(lm, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, on_text=show)
+    if args.json:
+        _emit_json({"model": args.model, **result.to_dict()})
+        return 0
+    sys.stdout.write("\n")
+    speed = f"{result.decode_tokens_per_second:.1f} tokens/s" if result.decode_tokens_per_second else "one token"
+    _print(f"[{result.backend}: {result.prompt_tokens} prompt tokens, {result.new_tokens} new ({result.stopped}); "
+           f"first token {result.first_token_seconds:.2f} s, decode {speed}; "
+           f"peak memory {_format_bytes(result.peak_rss_bytes)}]")  # fmt: skip
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from compresslm.api import export
 
@@ -708,6 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
     dial.add_argument("--sparsity", type=float, default=0.0, help="fraction of weights removed, 0 to <1")
     dial.add_argument("-o", "--output", required=True, help="the container to write")
     dial.set_defaults(func=cmd_dial)
+
+    gen = sub.add_parser("generate", help="stream a greedy reply to a prompt (torch or llama.cpp)")
+    gen.add_argument("model", help=model_help + ", a .clm container or an export")
+    gen.add_argument("--prompt", required=True, help="the text to continue (or, with --chat, the user's message)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    gen.add_argument("--backend", choices=("torch", "llama.cpp"), default="torch",
+                     help="PyTorch (default) or llama.cpp for a .gguf file (extra compresslm[llama-cpp])")  # fmt: skip
+    gen.add_argument("--dial", default=None, help="a dial artifact's setting, e.g. bits=3,sparsity=0.5")
+    gen.add_argument("--float-weights", action="store_true",
+                     help="keep a float copy of each compressed layer (faster, float-sized memory)")  # fmt: skip
+    gen.add_argument("--device", default=None, help="torch backend: cpu, cuda, ... (default: cpu)")
+    gen.add_argument("--threads", type=int, default=None, help="llama.cpp backend: CPU threads")
+    gen.add_argument("--json", action="store_true", help="print the reply and its numbers as one JSON object")
+    gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", help="write a container as GGUF (llama.cpp), compressed-tensors or plain HF")
     exp.add_argument("container", help="a .clm container")

@@ -62,9 +62,10 @@ class _CapturedLog:
 
 
 class LlamaCppModel:
-    """A GGUF file loaded by llama.cpp for scoring: every position's logits of a window of `ctx` tokens."""
+    """A GGUF file loaded by llama.cpp with a context of `ctx` tokens; for scoring (`all_logits`), every
+    position's logits are kept."""
 
-    def __init__(self, path: str | Path, ctx: int, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, ctx: int, threads: int | None = None, all_logits: bool = True) -> None:
         llama_cpp = require_llama_cpp()
         self.path = Path(path).expanduser()
         if not self.path.is_file():
@@ -74,7 +75,7 @@ class LlamaCppModel:
         with self.log:
             try:
                 self.llm = llama_cpp.Llama(
-                    model_path=str(self.path), n_ctx=ctx, n_batch=min(ctx, 512), logits_all=True,
+                    model_path=str(self.path), n_ctx=ctx, n_batch=min(ctx, 512), logits_all=all_logits,
                     n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
                 )  # fmt: skip
             except (ValueError, RuntimeError):
@@ -152,3 +153,40 @@ def llamacpp_perplexity(
     }
     return perplexity_result(window_nll, total_nll, total_tokens, corpus, ids, plan, available,
                              ctx, stride, limit, runtime, started)  # fmt: skip
+
+
+def llamacpp_speed(path: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 5,
+                   warmup: int = 1, seed: int = 0, threads: int | None = None) -> dict:  # fmt: skip
+    """`eval.speed.measure_speed`'s workload in llama.cpp, batch 1: random prompt ids, one prefill, then
+    `new_tokens` greedy steps, each reading only the last position's logits; medians over `repeats`."""
+    import statistics
+
+    llama_cpp = require_llama_cpp()
+    model = LlamaCppModel(path, prompt_tokens + new_tokens + 8, threads, all_logits=False)
+    llm, vocab = model.llm, model.vocab
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def last_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        return int(np.argmax(logits))
+
+    prefill, decode = [], []
+    for run in range(warmup + repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        token = last_token()
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = last_token()
+        t2 = time.perf_counter()
+        if run >= warmup:
+            prefill.append(prompt_tokens / (t1 - t0))
+            decode.append(new_tokens / (t2 - t1))
+
+    def summary(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+    return {"prefill_tokens_per_s": summary(prefill), "decode_tokens_per_s": summary(decode),
+            "model": model.describe(), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens}  # fmt: skip

@@ -24,6 +24,7 @@ from compresslm.errors import CompressLMError, CorruptFileError, reason_of
 from compresslm.fileio import load_tensors, save_tensors
 from compresslm.formats.container import ContainerContents, ContainerReader, ContainerWriter, read_container
 from compresslm.formats.header_check import TENSOR_DTYPES, check_config
+from compresslm.memory import release_freed_memory
 from compresslm.models.forward import Carried
 from compresslm.models.layout import discover_layout, is_linear
 from compresslm.models.lazy import LazySource, set_tensor
@@ -243,6 +244,8 @@ def load_compressed(path: str | os.PathLike, device: str | None = None, dial_bit
     lm.bytes_read = contents.bytes_read
     lm.compressed = Records(model, list(contents.linears), contents.embeddings)
     lm.kv_cache = kv_cache
+    del contents
+    release_freed_memory()
     return lm
 
 
@@ -374,22 +377,30 @@ def _model_from_config(config: object) -> nn.Module:
 
 
 def _build(contents: ContainerContents, float_weights: bool) -> tuple[nn.Module, object | None, object | None]:
-    """The model, its tokenizer and KV-cache stage from a container's checked contents."""
+    """The model, its tokenizer and KV-cache stage from a container's checked contents.
+
+    The model is built on the meta device and each tensor is put in as it is made, so loading never
+    holds the float model's weights beside the records (a packed model's peak stays near its size).
+    """
     header = contents.header
     config = _config(header)
-    with torch.device("meta"):  # the tensors must fit the config before any memory is spent on it
-        _check_against_model(header, _model_from_config(config))
-    model = _model_from_config(config)
+    with init_empty_weights(include_buffers=False):  # the tensors must fit the config before memory is spent
+        model = _model_from_config(config)
+    _check_against_model(header, model)
     for name, record in contents.linears.items():
-        bias = getattr(model.get_submodule(name), "bias", None)
+        bias = getattr(model.get_submodule(name), "bias", None)  # on meta: its values are a dense tensor
         replace_module(model, name, _compressed_linear(record, bias, contents.activations.get(name), float_weights))
     state = {key: t.float() if t.is_floating_point() else t for key, t in contents.dense.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        for name, record in contents.embeddings.items():
-            model.get_submodule(name).weight.copy_(record.dequantize())
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    for name, record in contents.embeddings.items():
+        set_tensor(model.get_submodule(name), "weight", record.dequantize(), True)
+    for alias, target in header["aliases"].items():  # tied tensors: one tensor under both names
+        owner, _, attr = alias.rpartition(".")
+        source, _, source_attr = target.rpartition(".")
+        setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(source), source_attr))
     provided = set(header["aliases"]) | {f"{name}.weight" for name in contents.embeddings}
     missing = [k for k in missing if k not in provided]
+    missing += [k for k, t in model.state_dict().items() if t.is_meta and k not in missing]
     if missing or unexpected:
         raise ValueError(f"tensors do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model, _tokenizer(contents.tokenizer_files), _kv_stage(header)
