@@ -322,3 +322,18 @@ def test_packed_weights_follow_a_dtype_cast(tmp_path, tokenizer, calib):
         assert torch.equal(packed.model(ids).logits, dense.model(ids).logits)
     layer = packed.model.model.layers[0].mlp.up_proj
     assert layer.compressed.scales.dtype == torch.float16 and layer.dequantized().dtype == torch.bfloat16
+
+
+def test_generate_streams_the_same_reply_packed_and_float(tmp_path, tokenizer, calib, capsys):
+    from compresslm.eval.generate import generate_torch
+
+    path = _container(tmp_path, tokenizer, calib, "llama", "w4-g16-rtn")
+    pieces: list[str] = []
+    packed = generate_torch(load_compressed(path), "Hello", max_new_tokens=6, on_text=pieces.append)
+    dense = generate_torch(load_compressed(path, float_weights=True), "Hello", max_new_tokens=6)
+    assert packed.text == dense.text == "".join(pieces) and 1 <= packed.new_tokens <= 6
+    assert main(["generate", str(path), "--prompt", "Hello", "--max-new-tokens", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == generate_torch(load_compressed(path), "Hello",
+                                                                          max_new_tokens=3).text  # fmt: skip
+    assert main(["generate", str(path), "--prompt", "Hello", "--chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err
