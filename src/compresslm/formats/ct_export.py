@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 
-from compresslm.compressed import CompressedWeight, expand_groups
+from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.formats.container import ContainerReader
 from compresslm.formats.hf_export import DTYPES, SHARD_BYTES, record_names, write_directory
@@ -114,14 +113,7 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _module_state(record: CompressedWeight) -> dict[str, torch.Tensor]:
     """What the library's compressor takes: the weight our codes decode to, float16 scales and signed zero points."""
     offset = 1 << (record.bits - 1)
-    zeros = record.zeros.to(torch.int16)
-    if record.mask is not None:  # pruned weights at the zero point: they decode to exact zeros
-        record = replace(record, mask=None, nm=None, codes=_masked_codes(record))
+    # a pruned weight dequantizes to 0, which the library rounds to the zero point: it decodes to exact 0
     state = {"weight": record.dequantize(), "weight_scale": record.scales.clone()}
-    state["weight_zero_point"] = (zeros - offset).to(torch.int8)
+    state["weight_zero_point"] = (record.zeros.to(torch.int16) - offset).to(torch.int8)
     return state
-
-
-def _masked_codes(record: CompressedWeight) -> torch.Tensor:
-    zeros = record.zeros if record.per_tensor else expand_groups(record.zeros, record.in_features, record.group_size)
-    return torch.where(record.mask, record.codes, zeros.expand_as(record.codes))

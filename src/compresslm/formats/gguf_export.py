@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compresslm.compressed import CompressedWeight
+from compresslm.compressed import CompressedWeight, expand_groups
 from compresslm.errors import CompressLMError
 from compresslm.fileio import atomic_path
 from compresslm.formats.container import ContainerReader
@@ -124,8 +124,7 @@ def _blocks(record: CompressedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarra
     codes = record.codes
     zeros = record.zeros
     if record.mask is not None:
-        per_column = zeros.repeat_interleave(GROUP, dim=1)[:, :in_f]
-        codes = torch.where(record.mask, codes, per_column)
+        codes = torch.where(record.mask, codes, expand_groups(zeros, in_f, GROUP))
     return (
         codes.numpy().reshape(out_f, in_f // GROUP, GROUP),
         record.scales.numpy(),
@@ -187,7 +186,7 @@ def dequantize_gguf(data: np.ndarray, gguf_type: str) -> torch.Tensor:
     """Decode GGUF blocks with the `gguf` package's own decoder (an implementation independent of ours)."""
     from gguf.quants import dequantize
 
-    if gguf_type in ("F16", "F32", "BF16"):
+    if gguf_type in ("F16", "F32"):  # stored as numbers; BF16 arrives as bytes and is decoded below
         return torch.from_numpy(np.asarray(data, dtype=np.float32).copy())
     return torch.from_numpy(dequantize(data, _ggml(gguf_type)).astype(np.float32))
 

@@ -161,7 +161,7 @@ def _hashed_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor
     """The state dict plus each compressed linear's dequantized weight (held as float or packed alike)."""
     state = dict(module.state_dict(prefix=prefix, keep_vars=True))
     for name, sub in module.named_modules():
-        if name and hasattr(sub, "dequantized") and (sub.weight is not None or sub.compressed is not None):
+        if name and hasattr(sub, "dequantized") and sub.holds_weight:
             state[f"{prefix}{name}.weight[dequantized]"] = sub.dequantized()
     return state
 

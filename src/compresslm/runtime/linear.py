@@ -24,7 +24,7 @@ from torch import nn
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.quant.smoothquant import fake_quantize_activations
-from compresslm.runtime.packed import PackedRecord
+from compresslm.runtime.packed import PackedRecord, record_memory
 from compresslm.sparse.nested import dial_setting
 
 
@@ -82,6 +82,11 @@ class CompressedLinear(nn.Module):
         self._record = record
 
     @property
+    def holds_weight(self) -> bool:
+        """Whether the layer holds its weight in any form (a lazily read layer that was released does not)."""
+        return self.weight is not None or self._packed is not None or self._record is not None
+
+    @property
     def packed(self) -> bool:
         """Whether the weight is held packed and dequantized at each forward (no float copy)."""
         return self.weight is None
@@ -98,10 +103,7 @@ class CompressedLinear(nn.Module):
             return self.weight.numel() * self.weight.element_size()
         if self._packed is not None:
             return PackedRecord.nbytes({name: getattr(self, name) for name in self._packed.tensors()})
-        record = self._record
-        tensors = [record.codes, record.scales, record.zeros, record.mask, record.values, record.order]
-        tensors += [*(record.lowrank or ()), *(t for alt in record.alternates for t in (alt.codes, alt.scales))]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return record_memory(self._record)
 
     def dial(self, bits: int | None = None, sparsity: float = 0.0) -> None:
         """Switch a nested weight, in place, to one of its widths and a nested sparsity (see compresslm.dial);

@@ -77,6 +77,19 @@ class PackedRecord:
         return sum(t.numel() * t.element_size() for t in buffers.values() if t is not None)
 
 
+def record_memory(record: CompressedWeight) -> int:
+    """Bytes a record's tensors take in memory (codes and masks a byte each), its alternates included."""
+    total = 0
+    for name in record.__dataclass_fields__:
+        value = getattr(record, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, torch.Tensor):
+                total += item.numel() * item.element_size()
+            elif isinstance(item, CompressedWeight):
+                total += record_memory(item)
+    return total
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int16) if tensor.dtype == torch.float16 else tensor
 
