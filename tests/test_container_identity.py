@@ -7,6 +7,14 @@ by machine or run removed (versions, timings, the calibration file's absolute pa
 format change bumps the container version and re-records the fixture:
 
     COMPRESSLM_RECORD_HASHES=1 .venv/bin/python -m pytest tests/test_container_identity.py
+
+The digests are kept per kind of CPU (`machine_key`: the vector width PyTorch's kernels use and the
+vendor, whose MKL kernels differ): float sums in GPTQ, SparseGPT and training end in other last bits
+on an AVX2 AMD machine than on an AVX-512 Intel one, and a few codes round the other way, so bytes
+are comparable only between runs on the same kind of CPU. The first set (Intel, AVX-512) was
+recorded before the architecture step; the AMD AVX2 set was recorded on the code of 8d01205, which
+passed the Intel set. On a kind of CPU with no digests the tests are skipped, saying so; record them
+on the code before a refactor, then refactor.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -112,14 +121,28 @@ def _recipe(case: str, lm: LoadedModel):
     return recipe.validate()
 
 
+def machine_key() -> str:
+    """The kind of CPU whose float sums the digests hold: PyTorch's kernel width and the CPU's vendor."""
+    vendor = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                       if line.startswith("vendor_id")), vendor)  # fmt: skip
+    return f"{torch.backends.cpu.get_cpu_capability()} {vendor}"
+
+
 @pytest.fixture(scope="module")
 def recorded():
-    if RECORD:  # update the cases that run, keep the others
-        found: dict = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
+    machines: dict = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
+    key = machine_key()
+    if RECORD:  # update the cases that run on this kind of CPU, keep the others
+        found = machines.setdefault(key, {})
         yield found
-        FIXTURE.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+        FIXTURE.write_text(json.dumps(machines, indent=1, sort_keys=True) + "\n")
+    elif key not in machines:
+        pytest.skip(f"no container digests recorded for this kind of CPU ({key}); see the module docstring")
     else:
-        yield json.loads(FIXTURE.read_text())
+        yield machines[key]
 
 
 @pytest.fixture
