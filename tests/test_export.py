@@ -337,3 +337,23 @@ def test_generate_streams_the_same_reply_packed_and_float(tmp_path, tokenizer, c
                                                                           max_new_tokens=3).text  # fmt: skip
     assert main(["generate", str(path), "--prompt", "Hello", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_a_factorized_model_exports_as_its_product(tmp_path, tokenizer, calib, capsys):
+    from transformers import AutoModelForCausalLM
+
+    path = _container(tmp_path, tokenizer, calib, "llama", "20%-whitened")
+    assert main(["export", str(path), "--format", "gguf", "-o", str(tmp_path / "m.gguf"), "--quiet"]) == 2
+    assert "no low-rank factors" in capsys.readouterr().err
+    result = export(path, "gguf", tmp_path / "m.gguf", requantize=True, show_progress=False)
+    assert not result["exact"] and result["requantized_tensors"] > 0 and result["requantize_max_relative_error"] < 1e-3
+    _, tensors = _read_gguf(tmp_path / "m.gguf")
+    assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "F16"
+    export(path, "compressed-tensors", tmp_path / "ct", dtype="float32", show_progress=False)  # dense products
+    export(path, "hf", tmp_path / "hf", dtype="float32", show_progress=False)
+    lm = load_compressed(path)
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    for directory in ("ct", "hf"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, lm.model(ids).logits, atol=1e-4, rtol=0)

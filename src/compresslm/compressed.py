@@ -103,7 +103,9 @@ class CompressedWeight:
       (pruned only); `bits` is then 16. Use `CompressedWeight.unquantized(...)`.
     * `mask`: optional bool [out, in], True where the weight is kept (sparsity).
     * `nm`: (N, M) when the mask keeps exactly N weights in every M consecutive inputs of a row.
-    * `lowrank`: optional float16 (A [out, r], B [r, in]) factors added to the dequantized weight.
+    * `lowrank`: optional float16 (A [out, r], B [r, in]) factors added to the dequantized weight;
+      or, for a weight factorized outright (`CompressedWeight.factored`), the whole weight A·B, with
+      no codes and no values (`bits` 16, no mask).
     * `importance`: optional float16 [in_features], each input channel's calibration norm ‖x_j‖:
       with the weights it orders them for the dial's nested sparsity (Wanda's score |W_ij|·‖x_j‖).
     * `order`: optional uint8 [out, in], each weight's position in its row's keep order within
@@ -147,9 +149,23 @@ class CompressedWeight:
             codes=None, scales=None, zeros=None, mask=mask, nm=nm, values=values, meta=meta or {},
         )  # fmt: skip
 
+    @classmethod
+    def factored(cls, left: torch.Tensor, right: torch.Tensor, meta: dict | None = None) -> CompressedWeight:
+        """A weight replaced by float16 factors: W = A·B, with A [out, r] and B [r, in]."""
+        left, right = left.detach().to(torch.float16), right.detach().to(torch.float16)
+        return cls(
+            shape=(left.shape[0], right.shape[1]), bits=16, group_size=right.shape[1], symmetric=True,
+            codes=None, scales=None, zeros=None, lowrank=(left, right), meta=meta or {},
+        )  # fmt: skip
+
     @property
     def quantized(self) -> bool:
-        return self.values is None
+        return self.codes is not None
+
+    @property
+    def is_factored(self) -> bool:
+        """Whether the weight is its low-rank factors alone (no codes, no values)."""
+        return self.codes is None and self.values is None
 
     @property
     def dial(self) -> DialMeta | None:
@@ -174,6 +190,9 @@ class CompressedWeight:
             raise InvalidCompressedWeight(f"importance must be float16 of shape ({self.shape[1]},)")
         if self.values is not None:
             self._check_unquantized()
+            return
+        if self.codes is None and self.scales is None and self.zeros is None and self.lowrank is not None:
+            self._check_factored()
             return
         out_f, in_f = self.shape
         if not 1 <= self.bits <= 8:
@@ -212,6 +231,10 @@ class CompressedWeight:
             raise InvalidCompressedWeight(f"values must be float16 of shape {self.shape}")
         if not torch.isfinite(self.values).all():
             raise InvalidCompressedWeight("values contain NaN or infinity")
+
+    def _check_factored(self) -> None:
+        if self.bits != 16 or self.mask is not None or self.alternates or self.order is not None:
+            raise InvalidCompressedWeight("a factored weight has bits 16 and no mask, order or alternates")
 
     def _check_lowrank(self) -> None:
         if self.lowrank is None:
@@ -265,6 +288,9 @@ class CompressedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as a dense [out, in] tensor: (codes - zero) * scale (or the values), then mask and low-rank."""
+        if self.is_factored:
+            a, b = self.lowrank
+            return (a.float() @ b.float()).to(dtype)
         if self.values is not None:
             weight = self.values.float()
             if self.lowrank is not None:

@@ -42,6 +42,7 @@ METHODS = {
     "KV cache": "w8-g16-rtn+kv4-g16",
     "dial": "dial-g16",
     "low-rank": "w4-g16-gptq+lqer4",
+    "factorization": "20%-whitened",
     "training": "qat-w4",
 }
 W8_BOUND = 0.1  # relative logits error of a W8 model against the float model

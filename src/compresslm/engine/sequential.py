@@ -427,7 +427,7 @@ def _compress_linear(
         lm.lazy.drop(info.module)
     if new.nested is not None:  # a dial layer: later blocks calibrate on its narrowest width
         new.dial(min(record.dial.widths))
-    rel = _relative_error(original, new.weight.float(), hessian) if hessian is not None else None
+    rel = _relative_error(original, new.dequantized(torch.float32), hessian) if hessian is not None else None
     quant = _quant_stage(stages)
     if quant is not None and quant.act_bits:
         static = _static_activation_scale(info, quant, stats, input_scales)

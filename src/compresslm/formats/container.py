@@ -140,6 +140,8 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
             writer.add(f"{name}.lowrank.{side}", _tensor_bytes(factor), "float16", list(factor.shape))
             for side, factor in zip("ab", record.lowrank, strict=True)
         ]
+    if record.is_factored:  # the factors are the whole weight
+        return entry
     kept = record.mask
     if kept is not None:
         entry.update(_write_mask(writer, name, record))
@@ -475,6 +477,8 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
         full = _scatter_kept(values, mask, torch.zeros(out_f, in_f, dtype=torch.float16), str(reader.path))
         record = CompressedWeight.unquantized(full, mask, nm, entry.get("meta", {}))
         return replace(record, lowrank=_read_lowrank(reader, entry))
+    if not entry.get("codes") and not entry.get("code_planes"):  # factors alone (the header check saw them)
+        return CompressedWeight.factored(*_read_lowrank(reader, entry), entry.get("meta", {}))
     if entry.get("code_planes"):
         codes = _read_planes(reader, entry["code_planes"], stored)
     else:

@@ -9,7 +9,8 @@ A group-32 record is written without loss when a GGUF type decodes its grid to t
 
 Anything else (another group size, 2 or 3 bits, float zero points, low-rank terms) is refused with the
 recipe that would fit, unless `requantize` is set: then the tensor is re-rounded onto the nearest
-legacy type (or only its offsets are rounded to float16) and the added error is measured and
+legacy type (or only its offsets are rounded to float16; a float weight with low-rank factors, or a
+weight factorized outright, is written as its product in F16) and the added error is measured and
 returned. K-quants are not written yet (their two-level scales are not a grid the records hold).
 Tensors that stay dense keep their stored dtype (float32 for 1-D tensors, as llama.cpp expects);
 a pruned weight's masked codes are its zero point, which decodes to exactly 0.
@@ -96,8 +97,11 @@ def exact_type(entry: dict, blobs: dict) -> str | None:
 
 
 def _fallback_type(entry: dict) -> str:
-    """The legacy type a record is re-rounded onto when no type holds its grid."""
+    """The legacy type a record is re-rounded onto when no type holds its grid (F16 for float weights with
+    low-rank factors: their product)."""
     bits = entry.get("bits", 16)
+    if bits == 16:
+        return "F16"
     if bits >= 6:
         return "Q8_0"
     width = 5 if bits == 5 else 4
@@ -106,6 +110,8 @@ def _fallback_type(entry: dict) -> str:
 
 def _suggestion(entry: dict, kind: str) -> str:
     bits = entry.get("bits", 4)
+    if bits == 16:
+        return "GGUF holds no low-rank factors; their product can be written as F16"
     if kind == "embedding":
         return "recompress with +emb8-g32-sym for the embedding (Q8_0's grid)"
     if bits in (4, 5):
@@ -372,8 +378,12 @@ def _tensor_data(reader: ContainerReader, item: _Planned, requantize: bool, erro
     if item.kind == "dense":
         return _numpy_dense(reader.dense(item.source), item.gguf_type)
     record = reader.linear(item.source) if item.kind == "linear" else reader.embedding(item.source)
-    if not record.quantized:
-        return record.dequantize(torch.float16).numpy()
+    if not record.quantized:  # float16 values (exact), or a product with low-rank factors rounded to float16
+        data = record.dequantize(torch.float16)
+        if record.lowrank is not None:
+            weight = record.dequantize()
+            errors[item.source] = float((data.float() - weight).norm() / weight.norm().clamp_min(1e-30))
+        return data.numpy()
     data = pack(record, item.gguf_type) if item.exact else None
     if data is not None:
         return data

@@ -119,6 +119,10 @@ def check_record(entry: object, blobs: dict, what: str, alternate: bool = False)
     if entry.get("values"):
         _int(entry.get("bits"), f"{what}: bits", 16, 16)
         _blob(blobs, entry["values"], f"{what}: values", ("float16",))
+    elif not entry.get("codes") and not entry.get("code_planes"):  # a weight stored as its factors alone
+        _int(entry.get("bits"), f"{what}: bits", 16, 16)
+        if not entry.get("lowrank") or entry.get("mask") or entry.get("alternates") or entry.get("order"):
+            raise ValueError(f"{what}: no codes or values, and not low-rank factors alone")
     else:
         bits = _int(entry.get("bits"), f"{what}: bits", 1, 8)
         _int(entry.get("group_size"), f"{what}: group_size", 1, in_f)

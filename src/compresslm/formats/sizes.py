@@ -3,8 +3,8 @@
 The container writer checks each record it writes against `record_nbytes`, so a planner that asks
 `planned_nbytes` before compressing (the budget solver, training's bit penalty) or `record_nbytes`
 of a record in memory (the dial's width planner) gets the number the file will hold. A record's
-own blobs are its float16 low-rank factors (if any), its packed codes (or float16 values when
-unquantized), float16 scales, zero points
+own blobs are its float16 low-rank factors (if any; a factored weight has nothing else), its packed
+codes (or float16 values when unquantized), float16 scales, zero points
 (packed integers; float16 on nested grids; none on symmetric grids) and its mask (an N:M mask as
 each group's pattern rank, any other as a bitmask). A dial's importance, keep order and alternates
 are blobs of their own, counted apart. `aligned` adds each blob's padding (the file's size);
@@ -84,6 +84,8 @@ def record_nbytes(record: CompressedWeight, aligned: bool = True) -> int:
     """Bytes of `record`'s own blobs as the container stores them (importance, order, alternates apart)."""
     kept = int(record.mask.sum()) if record.mask is not None else None
     rank = record.lowrank[0].shape[1] if record.lowrank is not None else 0
+    if record.is_factored:
+        return _total([2 * record.out_features * rank, 2 * rank * record.in_features], aligned)
     if not record.quantized:
         return _total(_blob_sizes(record.shape, None, 0, symmetric=True, kept=kept, nm=record.nm, rank=rank), aligned)
     sizes = _blob_sizes(

@@ -9,13 +9,13 @@ from compresslm.recipe.core import DENSE_DTYPES, PROPAGATE, CalibrationSettings,
 from compresslm.recipe.embedding import QuantizeEmbeddingStage
 from compresslm.recipe.fields import RecipeError
 from compresslm.recipe.kv_cache import KVCacheStage
-from compresslm.recipe.lowrank import LowRankCompensationStage
+from compresslm.recipe.lowrank import LowRankCompensationStage, LowRankStage
 from compresslm.recipe.prune import PruneStage
 from compresslm.recipe.quantize import QuantizeStage
 from compresslm.recipe.registry import STAGES, StageKind, kind_of, register_stage
 
 __all__ = [
     "DENSE_DTYPES", "PROPAGATE", "STAGES", "CalibrationSettings", "KVCacheStage", "LowRankCompensationStage",
-    "PruneStage", "QuantizeEmbeddingStage", "QuantizeStage", "Recipe", "RecipeError", "StageKind", "kind_of",
-    "load_recipe", "preset", "register_stage",
+    "LowRankStage", "PruneStage", "QuantizeEmbeddingStage", "QuantizeStage", "Recipe", "RecipeError", "StageKind",
+    "kind_of", "load_recipe", "preset", "register_stage",
 ]  # fmt: skip

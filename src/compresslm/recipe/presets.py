@@ -19,6 +19,10 @@ GGUF presets put the weights on exactly the grid of a llama.cpp type, so the GGU
 `gguf-<type>-<method>[flags]` with type q4_0, q5_0, q8_0 (symmetric, group 32) or q4_1, q5_1
 (asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`. The
 embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
+
+Low-rank factorization presets remove a share of every linear layer's parameters by replacing it
+with float16 factors: `<ratio%>-<svd|asvd|whitened>`, e.g. `20%-whitened` (SVD-LLM's truncation-aware
+whitening), `30%-asvd`, `40%-svd`. They stand alone (the factors are not quantized).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ _KV_PRESET = re.compile(
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
 )
 _LOWRANK_PRESET = re.compile(r"^lqer(?P<rank>\d+)(?P<plain>-plain)?$")
+_FACTORIZE_PRESET = re.compile(r"^(?P<ratio>\d+(?:\.\d+)?)%-(?P<method>svd|asvd|whitened)$")
 _DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?(?P<shared>-shared)?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
@@ -145,6 +150,8 @@ def preset_dict(name: str) -> dict:
             if match["kt"]:
                 kv["key_axis"] = "token"
             stages.append(kv)
+        elif match := _FACTORIZE_PRESET.match(part):  # the layers replaced by their factors
+            stages.append({"type": "lowrank", "method": match["method"], "ratio": float(match["ratio"]) / 100})
         elif match := _LOWRANK_PRESET.match(part):  # a rank-r correction of the error the stages before left
             stage = {"type": "lowrank_compensation", "rank": int(match["rank"])}
             stages.append({**stage, "whiten": False} if match["plain"] else stage)
@@ -161,7 +168,7 @@ def preset_dict(name: str) -> dict:
                 f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
                 "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
                 "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-shared, dial-g32-rtn, "
-                "w4-g64-gptq+lqer16, gguf-q4_1-gptq, with +emb8/+emb4/+emb8-g32-sym for the embedding "
+                "w4-g64-gptq+lqer16, gguf-q4_1-gptq, 20%-whitened, with +emb8/+emb4/+emb8-g32-sym for the embedding "
                 "(or give a YAML/JSON recipe file)"
             )
     if not stages:
@@ -171,6 +178,11 @@ def preset_dict(name: str) -> dict:
         raise RecipeError(f"preset '{name}': a low-rank correction (lqer) needs a quantization or pruning part")
     if "lowrank_compensation" in kinds and any(stage.get("nested_widths") for stage in stages):
         raise RecipeError(f"preset '{name}': the dial's nested widths do not combine with a low-rank correction")
+    if "lowrank" in kinds and len(stages) > 1 + kinds.count("kv_cache"):
+        raise RecipeError(
+            f"preset '{name}': a low-rank factorization stands alone (its factors are not quantized "
+            "or pruned); give a recipe file with targets to mix it with other stages on other layers"
+        )
     if kinds.count("lowrank_compensation") > 1:
         raise RecipeError(f"preset '{name}' has more than one low-rank part")
     if "prune" in kinds and any(stage.get("nested_widths") for stage in stages):

@@ -10,6 +10,9 @@ On CPU there is no low-bit matmul kernel in PyTorch, so the weight is dequantize
 * float (`float_weight=True`, the speed option, and what the calibration pass uses): the dequantized
   weight is cached in the compute dtype, as large as the float layer.
 
+A factored weight (`CompressedWeight.factored`, W = A·B) is never multiplied out: each forward runs
+x·Bᵀ then ·Aᵀ, so removing parameters by factorization saves time as well as bytes.
+
 A sparse weight is dequantized as the masked dense weight either way, so sparsity saves bytes on
 disk but no time on CPU. Because dequantization is deterministic, both ways compute the same bits,
 and a model rebuilt from a container computes bit for bit what it computed right after compression.
@@ -45,7 +48,8 @@ class CompressedLinear(nn.Module):
         self.in_features = weight.in_features
         self.out_features = weight.out_features
         self.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False) if bias is not None else None
-        self.register_buffer("weight", weight.dequantize(dtype) if float_weight else None, persistent=False)
+        cache = float_weight and not weight.is_factored
+        self.register_buffer("weight", weight.dequantize(dtype) if cache else None, persistent=False)
         if not float_weight and PackedRecord.holds(weight):
             self._packed = PackedRecord(weight)
             for name, tensor in self._packed.tensors().items():
@@ -164,8 +168,12 @@ class CompressedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.sparse_weight is not None and x.dtype == self.sparse_weight.dtype:
             return F.linear(x, self.sparse_weight, bias)
-        if self.weight is None:  # packed: dequantized for this forward only
-            return F.linear(x, self.compressed.dequantize(x.dtype), bias)
+        if self.weight is None:  # packed: dequantized for this forward only; factors: two thin matmuls
+            record = self.compressed
+            if record.is_factored:
+                left, right = record.lowrank
+                return F.linear(F.linear(x, right.to(x.device, x.dtype)), left.to(x.device, x.dtype), bias)
+            return F.linear(x, record.dequantize(x.dtype), bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
@@ -173,6 +181,8 @@ class CompressedLinear(nn.Module):
         if w.quantized:
             kind = "per-tensor" if w.per_tensor else f"g{w.group_size}"
             weight = f"W{w.bits} {kind} {'sym' if w.symmetric else 'asym'}"
+        elif w.is_factored:
+            weight = f"rank {w.lowrank[0].shape[1]} float16 factors"
         else:
             weight = "float16"
         if w.mask is not None:
