@@ -43,6 +43,7 @@ METHODS = {
     "dial": "dial-g16",
     "low-rank": "w4-g16-gptq+lqer4",
     "factorization": "20%-whitened",
+    "rotation": "rot+w8-g16-gptq",
     "training": "qat-w4",
 }
 W8_BOUND = 0.1  # relative logits error of a W8 model against the float model
@@ -51,8 +52,17 @@ KNOWN_UNSUPPORTED = {
     ("gpt2", "training"): "training supports nn.Linear layers",
     ("gemma2", "KV cache"): "sliding-window caches are not implemented",
     ("gemma3", "KV cache"): "sliding-window caches are not implemented",
+    ("gpt2", "rotation"): "nn.Linear layers and rotary positions only",
+    ("opt", "rotation"): "nn.Linear layers and rotary positions only",
+    ("gemma2", "rotation"): "does not commute with the rotation",
+    ("gemma3", "rotation"): "does not commute with the rotation",
+    ("phi3", "rotation"): "separate q, k, v, o",
+    ("olmo2", "rotation"): "does not commute with the rotation",
+    ("gpt_neox", "rotation"): "separate q, k, v, o",
+    ("falcon", "rotation"): "separate q, k, v, o",
+    ("stablelm", "rotation"): "not an RMS norm",
 }
-_BOUNDED = ("RTN", "GPTQ", "AWQ", "SmoothQuant")
+_BOUNDED = ("RTN", "GPTQ", "AWQ", "SmoothQuant", "rotation")
 
 
 @dataclass

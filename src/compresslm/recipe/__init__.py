@@ -13,9 +13,10 @@ from compresslm.recipe.lowrank import LowRankCompensationStage, LowRankStage
 from compresslm.recipe.prune import PruneStage
 from compresslm.recipe.quantize import QuantizeStage
 from compresslm.recipe.registry import STAGES, StageKind, kind_of, register_stage
+from compresslm.recipe.rotation import RotateStage
 
 __all__ = [
     "DENSE_DTYPES", "PROPAGATE", "STAGES", "CalibrationSettings", "KVCacheStage", "LowRankCompensationStage",
-    "LowRankStage", "PruneStage", "QuantizeEmbeddingStage", "QuantizeStage", "Recipe", "RecipeError", "StageKind",
-    "kind_of", "load_recipe", "preset", "register_stage",
+    "LowRankStage", "PruneStage", "QuantizeEmbeddingStage", "QuantizeStage", "Recipe", "RecipeError", "RotateStage",
+    "StageKind", "kind_of", "load_recipe", "preset", "register_stage",
 ]  # fmt: skip

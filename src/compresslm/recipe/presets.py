@@ -20,6 +20,11 @@ GGUF presets put the weights on exactly the grid of a llama.cpp type, so the GGU
 (asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`. The
 embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
 
+`rot+<preset>` rotates the residual stream (and each head's values) by a seeded random orthogonal
+matrix folded into the weights before calibration (QuaRot; `rot-s<seed>` picks the draw), e.g.
+`rot+w3-g64-gptq`; `w<bits>a<bits>` also quantizes each linear's input per token (simulated), e.g.
+`rot+w4a8-g64-gptq`, `rot+w4a4-g64-gptq`.
+
 Low-rank factorization presets remove a share of every linear layer's parameters by replacing it
 with float16 factors: `<ratio%>-<svd|asvd|whitened>`, e.g. `20%-whitened` (SVD-LLM's truncation-aware
 whitening), `30%-asvd`, `40%-svd`. They stand alone (the factors are not quantized).
@@ -32,7 +37,7 @@ import re
 from compresslm.recipe.fields import RecipeError
 
 _PRESET = re.compile(
-    r"^w(?P<bits>[2-8])(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros))*)$"
+    r"^w(?P<bits>[2-8])(?:a(?P<act>[4-8]))?(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros))*)$"
 )
 
 
@@ -56,6 +61,7 @@ _KV_PRESET = re.compile(
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
 )
 _LOWRANK_PRESET = re.compile(r"^lqer(?P<rank>\d+)(?P<plain>-plain)?$")
+_ROTATE_PRESET = re.compile(r"^rot(?:-s(?P<seed>\d+))?$")
 _FACTORIZE_PRESET = re.compile(r"^(?P<ratio>\d+(?:\.\d+)?)%-(?P<method>svd|asvd|whitened)$")
 _DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?(?P<shared>-shared)?$")
 _PRUNE_PRESET = re.compile(
@@ -78,6 +84,8 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
     stage["awq_scale"] = "awq" in flags
     if "keepzeros" in flags:
         stage["keep_zeros"] = True
+    if match["act"]:  # simulated per-token activations (w4a8-g64-gptq)
+        stage["act_bits"] = int(match["act"])
     return stage
 
 
@@ -150,6 +158,8 @@ def preset_dict(name: str) -> dict:
             if match["kt"]:
                 kv["key_axis"] = "token"
             stages.append(kv)
+        elif match := _ROTATE_PRESET.match(part):  # the residual stream rotated first (QuaRot)
+            stages.append({"type": "rotate", **({"seed": int(match["seed"])} if match["seed"] else {})})
         elif match := _FACTORIZE_PRESET.match(part):  # the layers replaced by their factors
             stages.append({"type": "lowrank", "method": match["method"], "ratio": float(match["ratio"]) / 100})
         elif match := _LOWRANK_PRESET.match(part):  # a rank-r correction of the error the stages before left
