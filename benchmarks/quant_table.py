@@ -63,6 +63,16 @@ DEFAULT_POINTS = [
     "w4-g64-gptq[propagate=original]",
     "w3-g64-gptq[propagate=original]",
     "w4-g64-gptq-awq[propagate=original]",
+    # rotations (QuaRot-style, folded into the weights) against the same recipes without, and SmoothQuant
+    "rot+w4-g64-gptq",
+    "rot+w3-g64-gptq",
+    "rot+w2-g64-gptq",
+    "w4a8-g64-gptq",
+    "w4a8-g64-gptq-sq",
+    "rot+w4a8-g64-gptq",
+    "w4a4-g64-gptq",
+    "w4a4-g64-gptq-sq",
+    "rot+w4a4-g64-gptq",
 ]
 
 
@@ -150,6 +160,17 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
             "pass per block instead of two) and the statistics are cached on disk; rows that found them cached "
             f"ran no forward pass at all: {', '.join(reused) or 'none'}. All other rows are sequential (each block "
             "calibrates on the outputs of the blocks already compressed).",
+        ]
+    if any(name.startswith(("rot+", "w4a")) for name in rows):
+        lines += [
+            "",
+            "`rot+`: the residual stream rotated by a seeded random orthogonal matrix (64-point Hadamard ⊗ random 9×9, "
+            "random signs) and each head's values by a 64-point Hadamard matrix, folded into the weights before "
+            "calibration (QuaRot's fused rotations, without its online Hadamard rotations of the down projection's "
+            "inputs and of the keys); the float model computes the same logits. The rotation unties the lm_head from "
+            "the embedding, so those files hold a second float16 embedding-sized matrix. `w4a8`/`w4a4`: every "
+            "quantized linear's input rounded per token to 8/4 bits (symmetric, dynamic), simulated in float32. "
+            "`-sq`: SmoothQuant's scales (α = 0.5) folded first.",
         ]
     lines += [
         "",

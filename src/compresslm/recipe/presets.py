@@ -23,7 +23,8 @@ embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetr
 `rot+<preset>` rotates the residual stream (and each head's values) by a seeded random orthogonal
 matrix folded into the weights before calibration (QuaRot; `rot-s<seed>` picks the draw), e.g.
 `rot+w3-g64-gptq`; `w<bits>a<bits>` also quantizes each linear's input per token (simulated), e.g.
-`rot+w4a8-g64-gptq`, `rot+w4a4-g64-gptq`.
+`rot+w4a8-g64-gptq`, `rot+w4a4-g64-gptq`; the flag `-sq` folds SmoothQuant's scales (α = 0.5) first,
+e.g. `w4a8-g64-gptq-sq`.
 
 Low-rank factorization presets remove a share of every linear layer's parameters by replacing it
 with float16 factors: `<ratio%>-<svd|asvd|whitened>`, e.g. `20%-whitened` (SVD-LLM's truncation-aware
@@ -37,7 +38,7 @@ import re
 from compresslm.recipe.fields import RecipeError
 
 _PRESET = re.compile(
-    r"^w(?P<bits>[2-8])(?:a(?P<act>[4-8]))?(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros))*)$"
+    r"^w(?P<bits>[2-8])(?:a(?P<act>[4-8]))?(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros|sq))*)$"
 )
 
 
@@ -86,6 +87,8 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
         stage["keep_zeros"] = True
     if match["act"]:  # simulated per-token activations (w4a8-g64-gptq)
         stage["act_bits"] = int(match["act"])
+    if "sq" in flags:  # SmoothQuant's scales (α = 0.5) folded before quantizing
+        stage.update(smoothquant=True, smoothquant_alpha=0.5)
     return stage
 
 
