@@ -21,7 +21,14 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "lowrank_table"
 RATIOS = (10, 20, 30, 40)
 METHODS = ("svd", "asvd", "whitened")
-DEFAULT_POINTS = [f"{ratio}%-{method}" for ratio in RATIOS for method in METHODS]
+ORIGINAL = "[propagate=original]"  # every block whitened on the uncompressed model's inputs, as SVD-LLM and ASVD do
+
+
+def point_name(ratio: int, method: str) -> str:
+    return f"{ratio}%-{method}" + ("" if method == "svd" else ORIGINAL)
+
+
+DEFAULT_POINTS = [point_name(ratio, method) for ratio in RATIOS for method in METHODS]
 
 
 def _matrix(rows: dict, baseline: float | None) -> list[str]:
@@ -30,7 +37,7 @@ def _matrix(rows: dict, baseline: float | None) -> list[str]:
         "|---|---:|---:|---:|---|",
     ]
     for ratio in RATIOS:
-        ppl = {m: rows[f"{ratio}%-{m}"]["ppl"] for m in METHODS if f"{ratio}%-{m}" in rows}
+        ppl = {m: rows[point_name(ratio, m)]["ppl"] for m in METHODS if point_name(ratio, m) in rows}
         cells = [f"{ppl[m]:,.2f}" if m in ppl else "" for m in METHODS]
         verdict = ("yes" if ppl["whitened"] < ppl["asvd"] else "no") if {"whitened", "asvd"} <= set(ppl) else ""
         lines.append(f"| {ratio} % | {' | '.join(cells)} | {verdict} |")
@@ -49,7 +56,9 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
         "Every linear layer of the 30 blocks (q, k, v, o, gate, up, down) is replaced by float16 factors A·B whose",
         "rank removes the row's share of that layer's parameters; the embedding (tied with the head) and the norms",
         "stay as they were. Calibration (ASVD, whitened): 128 × 512-token windows from the shipped C4 train sample,",
-        "seed 0, each block calibrated on the outputs of the blocks already factorized. ASVD scales input channels",
+        "seed 0; `[propagate=original]`: every block's statistics come from the uncompressed model (as SVD-LLM and",
+        "ASVD compute them; one pass, cached and shared by those points), otherwise each block is calibrated on the",
+        "outputs of the blocks already factorized. ASVD scales input channels",
         "by their calibration RMS to the power 0.5 (from XᵀX's diagonal); the whitened method is SVD-LLM's",
         "truncation-aware whitening (Cholesky factor of XᵀX, damping 0.01 of its mean diagonal), without its",
         "parameter update by fine-tuning.",

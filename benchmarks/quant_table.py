@@ -63,16 +63,17 @@ DEFAULT_POINTS = [
     "w4-g64-gptq[propagate=original]",
     "w3-g64-gptq[propagate=original]",
     "w4-g64-gptq-awq[propagate=original]",
-    # rotations (QuaRot-style, folded into the weights) against the same recipes without, and SmoothQuant
-    "rot+w4-g64-gptq",
-    "rot+w3-g64-gptq",
-    "rot+w2-g64-gptq",
-    "w4a8-g64-gptq",
-    "w4a8-g64-gptq-sq",
-    "rot+w4a8-g64-gptq",
-    "w4a4-g64-gptq",
-    "w4a4-g64-gptq-sq",
-    "rot+w4a4-g64-gptq",
+    # rotations (QuaRot-style, folded into the weights) against the same recipes without, and SmoothQuant;
+    # statistics from the uncompressed (rotated or not) model, computed once per model and shared
+    "rot+w3-g64-gptq[propagate=original]",
+    "w2-g64-gptq[propagate=original]",
+    "rot+w2-g64-gptq[propagate=original]",
+    "w4a8-g64-gptq[propagate=original]",
+    "w4a8-g64-gptq-sq[propagate=original]",
+    "rot+w4a8-g64-gptq[propagate=original]",
+    "w4a4-g64-gptq[propagate=original]",
+    "w4a4-g64-gptq-sq[propagate=original]",
+    "rot+w4a4-g64-gptq[propagate=original]",
 ]
 
 
@@ -161,7 +162,7 @@ def write_markdown(rows: dict, baseline: float | None, results: Path = RESULTS) 
             f"ran no forward pass at all: {', '.join(reused) or 'none'}. All other rows are sequential (each block "
             "calibrates on the outputs of the blocks already compressed).",
         ]
-    if any(name.startswith(("rot+", "w4a")) for name in rows):
+    if any(name.startswith(("rot+", "w4a")) for name in rows):  # compare with w3-g64-gptq[propagate=original]
         lines += [
             "",
             "`rot+`: the residual stream rotated by a seeded random orthogonal matrix (64-point Hadamard ⊗ random 9×9, "

@@ -15,7 +15,7 @@ from compresslm.lowrank.factorize import factorize, output_error_share, rank_for
 from compresslm.models.assemble import load_compressed
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_model
-from compresslm.recipe import RecipeError, load_recipe, preset
+from compresslm.recipe import LowRankStage, RecipeError, load_recipe, preset
 
 
 def _problem(seed: int = 0):
@@ -210,3 +210,25 @@ def test_a_factorized_model_round_trips_and_runs_on_its_factors(tokenizer, tmp_p
     ids = torch.arange(3, 40)[None, :]
     with torch.no_grad():
         assert torch.equal(reloaded.model(input_ids=ids).logits, lm.model(input_ids=ids).logits)
+
+
+def test_the_budget_solver_chooses_each_layers_rank(tokenizer, tmp_path):
+    from compresslm.engine.budget import BudgetTarget
+
+    recipe = load_recipe("30%-whitened")
+    recipe.calibration.source, recipe.calibration.samples, recipe.calibration.length = "wikitext2", 8, 64
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny")
+    target = BudgetTarget(linear_bits=16 * 0.7, sensitivity="output")  # 30 % of the linears' parameters removed
+    _, result, summary = compress(lm, recipe, tmp_path / "m.clm", target=target, show_progress=False)
+    plan = result.plan
+    assert len({ratio for ratio in plan.choices.values()}) >= 3  # ranks differ between layers
+    kept = summary["linear_bits_per_param"] * summary["linear_parameters"] + 16 * plan.dense_linear_params
+    assert 16 * 0.69 < kept / (summary["linear_parameters"] + plan.dense_linear_params) <= 16 * 0.7
+    assert all(isinstance(stage, LowRankStage) and stage.method == "whitened" for stage in plan.recipe.stages)
+    reloaded = load_compressed(tmp_path / "m.clm")
+    ids = torch.arange(3, 40)[None, :]
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(input_ids=ids).logits, lm.model(input_ids=ids).logits)
+    with pytest.raises(CompressLMError, match="takes no sparsity options"):
+        compress(LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny"), recipe,
+                 target=BudgetTarget(linear_bits=8, sparsity=("50%",)), show_progress=False)  # fmt: skip

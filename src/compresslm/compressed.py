@@ -151,8 +151,12 @@ class CompressedWeight:
 
     @classmethod
     def factored(cls, left: torch.Tensor, right: torch.Tensor, meta: dict | None = None) -> CompressedWeight:
-        """A weight replaced by float16 factors: W = A·B, with A [out, r] and B [r, in]."""
-        left, right = left.detach().to(torch.float16), right.detach().to(torch.float16)
+        """A weight replaced by float16 factors: W = A·B, with A [out, r] and B [r, in].
+
+        The factors are made contiguous, as they are when read back from a container: a matmul's last bits
+        depend on its operands' memory layout, and the model must compute the same before and after saving.
+        """
+        left, right = left.detach().to(torch.float16).contiguous(), right.detach().to(torch.float16).contiguous()
         return cls(
             shape=(left.shape[0], right.shape[1]), bits=16, group_size=right.shape[1], symmetric=True,
             codes=None, scales=None, zeros=None, lowrank=(left, right), meta=meta or {},

@@ -29,6 +29,11 @@
 The plan becomes an ordinary recipe (one quantize stage per bit width and one SparseGPT stage per
 sparsity pattern, targeting module paths),
 so the compression itself is the usual sequential pass with the recipe's method (e.g. GPTQ).
+
+A recipe of one `lowrank` stage is planned the same way, with ranks instead of widths: each linear
+may stay dense (float16) or lose 10 % to 80 % of its parameters to factors of the stage's method,
+each option's error measured on the truncation that method makes (one decomposition per layer),
+so the ranks differ between layers where their spectra differ.
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ from compresslm.engine.linear_stages import compress_weight
 from compresslm.errors import CompressLMError
 from compresslm.formats.header_check import align
 from compresslm.formats.sizes import planned_nbytes
+from compresslm.lowrank.factorize import rank_for_ratio, truncations
 from compresslm.models.assemble import tokenizer_files
 from compresslm.models.loaded import LoadedModel
 from compresslm.quant.allocation import allocate
 from compresslm.quant.gptq import hessian_from_inputs
 from compresslm.quant.grid import Grid
 from compresslm.quant.rtn import rtn
-from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe
+from compresslm.recipe import LowRankStage, PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe
 from compresslm.runtime.linear import dense_weight
 from compresslm.sparse.masks import SparsityPattern, select_mask
 from compresslm.sparse.prune import scores
@@ -64,6 +70,7 @@ HEADER_BYTES_PER_LINEAR = 2048
 HEADER_BYTES_FIXED = 16384
 
 
+RATIO_OPTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # shares of a layer's parameters a lowrank plan may remove
 SPARSE_BITS = (3, 4)
 NM_SPARSE_BITS = (2, 3, 4)  # an N:M index is cheaper than a bit mask: 2 bits at 2:4 is the smallest option
 SPARSITY_OPTIONS = ("50%", "2:4")
@@ -87,6 +94,7 @@ class BudgetPlan:
     fixed_bytes: int
     total_error: float
     seconds: float = 0.0  # planning time: statistics, sensitivity and the knapsack
+    dense_linear_params: int = 0  # weights of linears a lowrank plan keeps dense (float16, outside the records)
 
 
 def _grid(stage: QuantizeStage, bits: int) -> Grid:
@@ -195,6 +203,23 @@ def _approximation(
     return compress_weight(name, weight, stages, hessian).dequantize().float()
 
 
+def _lowrank_options(
+    weight: torch.Tensor, hessian: torch.Tensor, stage: LowRankStage, fisher: torch.Tensor | None, aligned: bool
+) -> tuple[list[tuple[float, float]], list[float]]:
+    """(bits, error) of the layer kept dense in float16 and of each share of its parameters removed."""
+    shape = tuple(weight.shape)
+    pad = align if aligned else (lambda size: size)
+    rows, labels = [(8.0 * pad(2 * shape[0] * shape[1]), 0.0)], [0.0]
+    ranks = {ratio: rank_for_ratio(shape, ratio) for ratio in RATIO_OPTIONS}
+    ranks = {ratio: rank for ratio, rank in ranks.items() if rank >= 1}
+    approximations = truncations(weight, sorted(set(ranks.values())), stage.method, hessian, stage.alpha, stage.damp)
+    for ratio, rank in ranks.items():
+        nbytes = pad(2 * shape[0] * rank) + pad(2 * rank * shape[1])
+        rows.append((8.0 * nbytes, _weighted_error(weight, approximations[rank], hessian, fisher)))
+        labels.append(ratio)
+    return rows, labels
+
+
 def _row_errors(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """diag(ΔW H ΔWᵀ): each output channel's squared error summed over the calibration inputs."""
     delta = weight - approx
@@ -229,10 +254,10 @@ class BudgetTarget:
 
     def check(self, plan: BudgetPlan, summary: dict) -> None:
         """Raise unless the written container fits: the file for `bits`/`bytes`, the linears for `linear_bits`."""
-        if self.linear_bits is not None and summary["linear_bits_per_param"] > self.linear_bits + 1e-9:
-            raise CompressLMError(
-                f"the linears take {summary['linear_bits_per_param']:.4f} bits per weight, over {self.linear_bits}"
-            )
+        dense, params = plan.dense_linear_params, summary["linear_parameters"]
+        bits = (summary["linear_bits_per_param"] * params + 16 * dense) / max(params + dense, 1)
+        if self.linear_bits is not None and bits > self.linear_bits + 1e-9:
+            raise CompressLMError(f"the linears take {bits:.4f} bits per weight, over {self.linear_bits}")
         if self.linear_bits is None and summary["bytes_on_disk"] > plan.budget_bytes:
             raise CompressLMError(
                 f"the written container is {summary['bytes_on_disk']:,} B, over the budget of {plan.budget_bytes:,} B "
@@ -270,11 +295,18 @@ def plan_budget(
     started = time.perf_counter()
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
         raise CompressLMError("give exactly one budget: bits per parameter, bytes, or bits per linear weight")
-    stages = [s for s in base.stages if isinstance(s, QuantizeStage)]
+    stages = [s for s in base.stages if isinstance(s, (QuantizeStage, LowRankStage))]
     if len(stages) != 1 or len(base.stages) != 1:
-        raise CompressLMError("the budget solver takes a recipe with one quantize stage (its method and grid)")
+        raise CompressLMError(
+            "the budget solver takes a recipe with one quantize stage (its method and grid) or one lowrank stage"
+        )
     stage = stages[0]
-    if sparsity_options is None:
+    lowrank = isinstance(stage, LowRankStage)
+    if lowrank and sparsity_options:
+        raise CompressLMError("a lowrank plan chooses ranks only; it takes no sparsity options")
+    if lowrank:
+        sparsity_options = ()
+    elif sparsity_options is None:
         sparsity_options = SPARSITY_OPTIONS if sparse_options_allowed(stage) else ()
     elif sparsity_options and not sparse_options_allowed(stage):
         raise CompressLMError(
@@ -310,6 +342,9 @@ def plan_budget(
             hessian = stats.hessian(info.name)
             rows, labels = [], list(bits_options)
             fisher, aligned = weights_of.get(info.name), target_linear_bits is None
+            if lowrank:
+                options[info.name], bits_of[info.name] = _lowrank_options(weight, hessian, stage, fisher, aligned)
+                continue
             for bits in bits_options:
                 approx = _approximation(info.name, weight, hessian, stage, bits, None, estimate)
                 grid = _grid(stage, bits)
@@ -358,6 +393,11 @@ def plan_budget(
     if embedding is not None and chosen[embedding] != 16:
         new_stages.append(QuantizeEmbeddingStage(bits=chosen[embedding], group_size=64))
     linears = {name: choice for name, choice in chosen.items() if name != embedding}
+    if lowrank:
+        for ratio in sorted({r for r in linears.values() if r}):
+            targets = [name for name, r in linears.items() if r == ratio]
+            new_stages.append(dataclasses.replace(stage, ratio=ratio, rank=None, targets=targets, ignore=[]))
+        linears = {}
     widths = {name: int(str(choice).split("+")[0]) for name, choice in linears.items()}
     for pattern in sorted({str(c).split("+", 1)[1] for c in linears.values() if "+" in str(c)}):
         targets = [name for name, c in linears.items() if str(c).endswith(f"+{pattern}")]
@@ -371,7 +411,11 @@ def plan_budget(
     else:
         label = f"{target_bits:g} bits/param" if target_bits is not None else f"{target_bytes:,} bytes"
     how = sensitivity if estimate == "method" else f"{sensitivity}, rtn estimate"
-    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {stage.grid.describe()}, {how})",
+    grid = "low-rank factors" if lowrank else stage.grid.describe()
+    recipe = Recipe(new_stages, name=f"budget {label} ({stage.method}, {grid}, {how})",
                     calibration=base.calibration, dense_dtype=base.dense_dtype).validate()  # fmt: skip
     total_error = sum(options[name][index][1] for name, index in choice.items())
-    return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error, time.perf_counter() - started)
+    dense = 0
+    if lowrank:
+        dense = sum(lm.model.get_submodule(n).weight.numel() for n, r in chosen.items() if n != embedding and not r)
+    return BudgetPlan(recipe, chosen, predicted, budget, fixed, total_error, time.perf_counter() - started, dense)

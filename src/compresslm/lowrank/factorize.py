@@ -23,7 +23,7 @@ import torch
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
-from compresslm.lowrank.compensation import fit_lowrank
+from compresslm.lowrank.compensation import fit_lowrank, whitening
 
 METHODS = ("svd", "asvd", "whitened")
 
@@ -75,3 +75,38 @@ def factorize(
         facts["output_error_left"] = output_error_share(weight, record.dequantize(), hessian)
     record.meta = {"lowrank": facts}
     return record
+
+
+def truncations(
+    weight: torch.Tensor,
+    ranks: list[int],
+    method: str = "whitened",
+    hessian: torch.Tensor | None = None,
+    alpha: float = 0.5,
+    damp: float = 0.01,
+) -> dict[int, torch.Tensor]:
+    """The weight `factorize` would leave at each of `ranks` (float32, the product of float16 factors), from
+    one decomposition: what the budget solver compares when it chooses each layer's rank."""
+    if method not in METHODS or (method != "svd" and hessian is None):
+        raise CompressLMError(f"the {method} factorization needs the layer's calibration statistics (XᵀX)")
+    weight = weight.detach().float()
+    factor, scale = None, None
+    target = weight.double()
+    if method == "whitened":
+        factor, _ = whitening(hessian.double(), damp)
+        target = target @ factor
+    elif method == "asvd":
+        diag = torch.diagonal(hessian).double().clamp_min(0)
+        scale = diag.pow(alpha / 2).clamp_min(float(diag.max()) ** (alpha / 2) * 1e-6 + 1e-30)
+        target = target * scale
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    approximations = {}
+    for rank in ranks:
+        root = s[:rank].sqrt()
+        left, right = u[:, :rank] * root, root[:, None] * vh[:rank]
+        if factor is not None:
+            right = torch.linalg.solve_triangular(factor, right, upper=False, left=False)
+        elif scale is not None:  # rounded as `factorize` rounds it: to float32 before the scale is undone
+            right = right.float().double() / scale
+        approximations[rank] = left.float().half().float() @ right.float().half().float()
+    return approximations
