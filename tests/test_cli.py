@@ -141,3 +141,22 @@ def test_lm_eval_without_the_extra_says_how_to_install(model_dir, capsys, monkey
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     assert main(["lm-eval", model_dir, "--tasks", "arc_easy"]) == 2
     assert "pip install 'compresslm[lm-eval]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ppl", "nosuchcorpus"], "no corpus named 'nosuchcorpus'"),
+        (["--tasks", "nosuchtask"], "unknown task(s) nosuchtask"),
+        (["--ppl", "wikitext2", "--dial", "bits=99"], "bits"),
+    ],
+)
+def test_eval_arguments_are_checked_before_the_model_loads(argv, message, capsys, monkeypatch):
+    import compresslm.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    assert main(["eval", "smollm2-135m", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -236,6 +236,12 @@ def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "frontier" in err and "report.html" in err
     assert (out / "report.html").exists() and (out / "report.md").exists() and list(out.glob("*.png"))
+    # the terminal and report.md list the same frontier, the uncompressed point first
+    printed = err.split("frontier (bytes on disk vs ppl", 1)[1].splitlines()[2:]
+    printed = [line.split()[0] for line in printed if line.startswith("  ") and line.split()]
+    table = (out / "report.md").read_text().split("### Pareto frontier: bytes on disk vs ppl", 1)[1].split("###")[0]
+    listed = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert printed == listed[1:] and printed[0] == "none"
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "Pareto frontier" in page
     assert main(["report", str(db), "--out", str(tmp_path / "again")]) == 0

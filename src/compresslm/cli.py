@@ -395,8 +395,8 @@ def _eval_text(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
     return payload, lines
 
 
-def _eval_tasks(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
-    from compresslm.eval.harness import evaluate_task
+def _load_tasks(args: argparse.Namespace) -> list:
+    """The named tasks' data, read (and their names checked) before the model loads."""
     from compresslm.eval.tasks import ALIASES, ALL_TASKS, canonical_task, load_task
 
     given = ALL_TASKS if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -408,9 +408,14 @@ def _eval_tasks(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
             f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)} or all "
             f"(lm-evaluation-harness names accepted: {aliases})"
         )
-    data = [load_task(name, args.data_dir, gsm8k_shots=args.gsm8k_shots) for name in names]  # all files first
+    return [load_task(name, args.data_dir, gsm8k_shots=args.gsm8k_shots) for name in names]
+
+
+def _eval_tasks(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
+    from compresslm.eval.harness import evaluate_task
+
     results, lines = {}, []
-    for task in data:
+    for task in args.task_data:
         result = evaluate_task(lm, task, limit=args.task_limit, seed=args.seed, batch_size=args.batch_size,
                                show_progress=not args.quiet)  # fmt: skip
         results[task.name] = {**result.metrics, "n": result.n, "protocol": result.protocol}
@@ -533,6 +538,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         setting = parse_setting(args.dial)  # a bad setting fails before the model loads
     if args.stream and (args.kld or args.tasks or args.speed or args.kv_bits is not None or setting is not None):
         raise CompressLMError("a streamed evaluation measures --ppl only so far; drop --stream for the others")
+    if args.ppl:  # what can be checked without the model is checked before it loads
+        from compresslm.data.corpora import check_corpus
+
+        check_corpus(args.ppl)
+    args.task_data = _load_tasks(args) if args.tasks else []
     lm = load_model(args.model, dtype=args.dtype, device=args.device, lazy=args.stream)
     if args.stream and lm.lazy is None:
         raise CompressLMError(f"{args.model} does not stream: safetensors directories, GGUF files and containers do")
@@ -578,13 +588,11 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def _print_frontier(rows: list[dict]) -> None:
-    from compresslm.sweep.frontier import pareto
+    from compresslm.sweep.frontier import size_frontier
 
-    base = next((r for r in rows if r["family"] == "uncompressed"), None)
-    front = pareto([r for r in rows if r["family"] != "uncompressed"], "bytes_on_disk", "ppl")
-    _print("frontier (bytes on disk vs ppl):")
+    _print("frontier (bytes on disk vs ppl; the uncompressed model first, for reference):")
     _print(f"  {'point':<30} {'ppl':>9} {'KL':>8} {'bits/param':>10} {'MB on disk':>10}")
-    for r in ([base] if base else []) + front:
+    for r in size_frontier(rows):
         kld = f"{r['kld_mean']:8.4f}" if "kld_mean" in r else " " * 8
         _print(f"  {r['label']:<30} {r['ppl']:9.3f} {kld} {r['bits_per_param']:10.3f} {r['bytes_on_disk'] / 1e6:10.1f}")
 

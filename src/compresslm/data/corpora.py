@@ -83,6 +83,15 @@ def _shipped_wikitext(split: str) -> tuple[str, str]:
     return resource.read_text(encoding="utf-8"), f"shipped:wikitext-2-raw/{filename}"
 
 
+def check_corpus(name_or_path: str) -> None:
+    """Fail now, before a model loads, on a corpus that is neither a known name nor an existing file."""
+    if (
+        name_or_path.lower() not in ("wikitext2", "wikitext-2", "wikitext2-raw")
+        and not Path(name_or_path).expanduser().is_file()
+    ):
+        raise DataError(f"no corpus named '{name_or_path}' and no such file; known corpora: {', '.join(CORPORA)}")
+
+
 def load_corpus(name_or_path: str, split: str = "test", *, join: str | None = None) -> Corpus:
     """Load `wikitext2` (shipped) or any UTF-8 text file / JSONL file by path.
 
@@ -100,10 +109,8 @@ def load_corpus(name_or_path: str, split: str = "test", *, join: str | None = No
             raise DataError(f"unknown join rule '{join}'; choose gptq-rows or raw")
         return Corpus("wikitext2", split, text, source, join)
 
+    check_corpus(name_or_path)
     path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        known = ", ".join(CORPORA)
-        raise DataError(f"no corpus named '{name_or_path}' and no such file; known corpora: {known}")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

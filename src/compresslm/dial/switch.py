@@ -45,6 +45,10 @@ def parse_setting(text: str) -> dict:
         raise CompressLMError("a dial setting takes bits or avg_bits, not both")
     if setting.get("avg_bits", 1.0) <= 0:
         raise CompressLMError(f"dial avg_bits must be positive, got {setting['avg_bits']:g}")
+    if not 1 <= setting.get("bits", 1) <= 8:
+        raise CompressLMError(f"dial bits must be a width from 1 to 8, got {setting['bits']}")
+    if not 0 <= setting.get("sparsity", 0.0) < 1:
+        raise CompressLMError(f"dial sparsity must be a share in [0, 1), got {setting['sparsity']:g}")
     return setting
 
 

@@ -26,6 +26,13 @@ def pareto(rows: list[dict], cost: str, loss: str) -> list[dict]:
     return sorted(front, key=lambda r: (r[cost], r[loss]))
 
 
+def size_frontier(rows: list[dict]) -> list[dict]:
+    """What the terminal and the report list as the frontier: the uncompressed model first (the reference,
+    when measured), then the compressed points on the bytes-on-disk vs ppl frontier, largest first."""
+    base = [r for r in rows if r.get("family") == "uncompressed"][:1]
+    return base + pareto([r for r in rows if r.get("family") != "uncompressed"], "bytes_on_disk", "ppl")[::-1]
+
+
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 

@@ -15,7 +15,7 @@ import os
 import textwrap
 from pathlib import Path
 
-from compresslm.sweep.frontier import elasticity_table, pareto
+from compresslm.sweep.frontier import elasticity_table, pareto, size_frontier
 
 BUDGETS = [2.5, 3.5, 4.5, 5.5, 9.0]  # linear bits/param
 
@@ -84,14 +84,15 @@ def _fmt(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else ""
 
 
-def _points_table(rows: list[dict], speed: bool = False) -> list[str]:
+def _points_table(rows: list[dict], speed: bool = False, ordered: bool = False) -> list[str]:
+    """Rows as a markdown table, largest bits/param first (or in the given order when `ordered`)."""
     extra = " decode tok/s | peak RSS MiB |" if speed else ""
     lines = [
         "| point | family | ppl | KL mean | top-1 | bits/param | linear bits/param | pruned | bytes on disk "
         "| compress s |" + extra,
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if speed else ""),
     ]
-    for r in sorted(rows, key=lambda r: -r["bits_per_param"]):
+    for r in rows if ordered else sorted(rows, key=lambda r: -r["bits_per_param"]):
         top1 = f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else ""
         cells = ""
         if speed:
@@ -293,10 +294,11 @@ def write_report(
             (out / file).write_bytes(png)
             md += [f"![dial vs dedicated]({file})", ""]
             body.append(f'<img alt="dial vs dedicated" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
-        front = pareto([r for r in members if r["family"] != "uncompressed"], "bytes_on_disk", "ppl")
+        front = size_frontier(members)  # the same list the terminal prints
         timed_any = any("decode_tokens_per_s" in r for r in members)
         tables = [("All points", _points_table(members, speed=timed_any)),
-                  ("Pareto frontier: bytes on disk vs ppl", _points_table(front)),
+                  ("Pareto frontier: bytes on disk vs ppl (the uncompressed model first, for reference)",
+                   _points_table(front, ordered=True)),
                   ("Precision elasticity: best ppl within each linear-bits budget (best per column in bold)",
                    _elasticity(members)),
                   ("Budget solver against every uniform setting of equal or larger size (ppl)",
