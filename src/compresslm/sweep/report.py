@@ -42,17 +42,42 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _plot(rows: list[dict], cost: str, loss: str, title: str, protocol: str) -> bytes | None:
+# what a plot's axes and titles call each measure
+AXIS_NAMES = {
+    "ppl": "perplexity",
+    "kld_mean": "KL divergence to the uncompressed model (mean, nats)",
+    "bits_per_param": "bits per parameter (whole file)",
+    "linear_bits_per_param": "bits per weight of the linear layers",
+}
+SHORT_NAMES = {"ppl": "perplexity", "kld_mean": "KL divergence", "bits_per_param": "size",
+               "linear_bits_per_param": "linear layers' bits"}  # fmt: skip
+
+
+def _plain_ticks(axis) -> None:
+    """Tick labels as plain numbers (20, 50, 1,000, 0.005), not 2×10¹, on a log axis too."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value >= 1 else f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
+
+
+def _plot(rows: list[dict], cost: str, loss: str, model: str, protocol: str) -> bytes | None:
+    """One cost-vs-loss scatter: every family as a line, the frontier, the uncompressed model for reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     usable = [r for r in rows if r.get(cost) is not None and r.get(loss) is not None and r["family"] != "uncompressed"]
+    if loss == "kld_mean":  # a log axis: the uncompressed model's 0 is the bottom of the scale, not a point
+        usable = [r for r in usable if r[loss] > 0]
     if not usable:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for fam in sorted({r["family"] for r in usable}):
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    families = sorted({r["family"] for r in usable})
+    colors, markers = plt.get_cmap("tab10"), "osD^v"  # ten colors, then the same colors with other markers
+    for i, fam in enumerate(families):
         members = sorted((r for r in usable if r["family"] == fam), key=lambda r: r[cost])
         xs, ys = [r[cost] for r in members], [r[loss] for r in members]
         if loss == "ppl" and all("ppl_low" in r for r in members):
@@ -62,21 +87,31 @@ def _plot(rows: list[dict], cost: str, loss: str, title: str, protocol: str) -> 
             err = [r["kld_stderr"] for r in members]
         else:
             err = None
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=fam, alpha=0.85)
+        ax.errorbar(xs, ys, yerr=err, marker=markers[i // 10 % len(markers)], capsize=3, label=fam, alpha=0.85,
+                    color=colors(i % 10))  # fmt: skip
     front = pareto(usable, cost, loss)
     ax.plot([r[cost] for r in front], [r[loss] for r in front], color="black", linewidth=2.5, alpha=0.35,
             label="Pareto frontier", zorder=0)  # fmt: skip
-    base = next((r for r in rows if r["family"] == "uncompressed" and r.get(loss) is not None), None)
+    base = next((r for r in rows if r["family"] == "uncompressed" and r.get(loss)), None)
     if base is not None:
         ax.axhline(base[loss], color="gray", linestyle="--", label=f"uncompressed ({base[loss]:.4g})")
-    ax.set_yscale("log" if loss == "ppl" else "symlog" if loss == "kld_mean" else "linear")
-    ax.set_xlabel(cost.replace("_", " "))
-    ax.set_ylabel(loss.replace("_", " "))
-    ax.set_title(" ".join(title.split()), fontsize=11)
-    fig.text(0.01, 0.01, textwrap.fill(" ".join(protocol.split()), 140), fontsize=7, color="dimgray")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.subplots_adjust(left=0.09, right=0.98, top=0.92, bottom=0.16)
+    if loss in ("ppl", "kld_mean"):
+        ax.set_yscale("log")
+        _plain_ticks(ax.yaxis)
+    ax.set_xlabel(AXIS_NAMES.get(cost, cost.replace("_", " ")))
+    ax.set_ylabel(AXIS_NAMES.get(loss, loss.replace("_", " ")))
+    if cost == "bits_per_param":  # the same axis in megabytes, from each point's own file size
+        per_bit = [r["bytes_on_disk"] / r[cost] / 1e6 for r in usable if r.get("bytes_on_disk") and r[cost]]
+        if per_bit:
+            scale = sum(per_bit) / len(per_bit)
+            top = ax.secondary_xaxis("top", functions=(lambda b: b * scale, lambda mb: mb / scale))
+            top.set_xlabel("size on disk (MB)")
+    title = f"{model}: {SHORT_NAMES.get(loss, loss)} against {SHORT_NAMES.get(cost, cost)}"
+    ax.set_title(title, fontsize=11)
+    fig.text(0.01, 0.01, textwrap.fill(" ".join(protocol.split()), 150), fontsize=7, color="dimgray")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.subplots_adjust(left=0.12, right=0.78, top=0.86, bottom=0.16)
     return _png(fig)
 
 
@@ -281,13 +316,14 @@ def write_report(
             body.append(f"<p>{html.escape(note)}</p>")
         for cost, loss, name in (("bits_per_param", "ppl", "ppl_vs_bits"), ("linear_bits_per_param", "ppl",
                                   "ppl_vs_linear_bits"), ("bits_per_param", "kld_mean", "kld_vs_bits")):  # fmt: skip
-            png = _plot(members, cost, loss, f"{model}: {loss} vs {cost.replace('_', ' ')}", protocol)
+            png = _plot(members, cost, loss, model, protocol)
             if png is None:
                 continue
             file = f"{index}_{name}.png"
             (out / file).write_bytes(png)
-            md += [f"![{loss} vs {cost}]({file})", ""]
-            body.append(f'<img alt="{loss} vs {cost}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+            alt = f"{SHORT_NAMES[loss]} against {SHORT_NAMES[cost]}"
+            md += [f"![{alt}]({file})", ""]
+            body.append(f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         png = _dial_plot(members, f"{model}: the dial against dedicated compressions", protocol)
         if png is not None:
             file = f"{index}_dial_vs_dedicated.png"
