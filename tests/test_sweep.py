@@ -232,12 +232,14 @@ def test_cli_sweep_and_report(model_dir, tmp_path, capsys, monkeypatch):
 
     grid_file.write_text(yaml.safe_dump({**TINY_GRID, "points": ["none", "w8-rtn", "w4-g16-rtn"]}))
     db, out = tmp_path / "r.sqlite", tmp_path / "report"
-    assert main(["sweep", model_dir, "--grid", str(grid_file), "--db", str(db), "--out", str(out), "--quiet"]) == 0
+    argv = ["sweep", model_dir, "--grid", str(grid_file), "--db", str(db), "--out", str(out), "--quiet"]
+    assert main([*argv, "--containers", str(tmp_path / "clm")]) == 0
     err = capsys.readouterr().err
     assert "frontier" in err and "report.html" in err
+    assert f"generate {tmp_path / 'clm'}" in err and "open it with" in err  # the best kept container
     assert (out / "report.html").exists() and (out / "report.md").exists() and list(out.glob("*.png"))
     # the terminal and report.md list the same frontier, the uncompressed point first
-    printed = err.split("frontier (bytes on disk vs ppl", 1)[1].splitlines()[2:]
+    printed = err.split("frontier (bytes on disk vs ppl", 1)[1].split("\nreport:", 1)[0].splitlines()[2:]
     printed = [line.split()[0] for line in printed if line.startswith("  ") and line.split()]
     table = (out / "report.md").read_text().split("### Pareto frontier: bytes on disk vs ppl", 1)[1].split("###")[0]
     listed = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]

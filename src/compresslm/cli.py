@@ -620,9 +620,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     _print_frontier(rows)
     _print(f"report: {page} (and {page.with_suffix('.md')})")
+    _print_best(rows)
     for f in failed:
         _print(f"not measured: {f['label']}: {f['error']}")
     return 1 if failed else 0
+
+
+BEST_WITHIN = 1.10  # the smallest kept container whose perplexity is within 10 % of the uncompressed model's
+
+
+def _print_best(rows: list[dict]) -> None:
+    """The smallest kept container within BEST_WITHIN of the uncompressed perplexity, and how to open it."""
+    base = next((r for r in rows if r["family"] == "uncompressed"), None)
+    kept = [r for r in rows if r.get("container") and Path(r["container"]).exists() and r.get("ppl") is not None]
+    if base is None or not kept:
+        return
+    close = [r for r in kept if r["ppl"] <= BEST_WITHIN * base["ppl"]]
+    best = min(close, key=lambda r: r["bytes_on_disk"]) if close else min(kept, key=lambda r: r["ppl"])
+    what = "the smallest within 10 % of the uncompressed perplexity" if close else "the best perplexity"
+    program = sys.argv[0] if Path(sys.argv[0]).name == "compresslm" else "compresslm"
+    _print(f"{what}: {best['label']} (ppl {best['ppl']:.3f}, {best['bytes_on_disk'] / 1e6:.1f} MB); open it with:")
+    _print(f'  {program} generate {best["container"]} --chat --prompt "Hello! What can you do?"')
 
 
 def cmd_report(args: argparse.Namespace) -> int:

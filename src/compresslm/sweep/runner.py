@@ -57,20 +57,20 @@ def _protocol_key(grid: Grid) -> str:
     return hashlib.sha256(json.dumps(grid.protocol.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None) -> dict:
+def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None, show_progress: bool = False) -> dict:
     from compresslm.eval.distance import distance
     from compresslm.eval.perplexity import perplexity
 
     protocol = grid.protocol
     out: dict = {}
     if reference is not None:
-        result = distance(lm, reference, protocol.corpus, show_progress=False)
+        result = distance(lm, reference, protocol.corpus, show_progress=show_progress)
         window_nll = result.window_nll
         out.update({"ppl": result.ppl, "kld_mean": result.kld_mean, "kld_stderr": result.kld_stderr,
                     "kld_p99": result.kld_percentiles["p99"], "top1_agreement": result.top1_agreement,
                     "top1_stderr": result.top1_stderr, "eval_protocol": result.protocol})  # fmt: skip
     else:
-        result = perplexity(lm, protocol.corpus, ctx=protocol.ctx, limit=protocol.limit, show_progress=False)
+        result = perplexity(lm, protocol.corpus, ctx=protocol.ctx, limit=protocol.limit, show_progress=show_progress)
         window_nll = result.window_nll
         out.update({"ppl": result.ppl, "eval_protocol": result.protocol})
     if len(window_nll) > 1:  # an error bar for ppl: the standard error of the mean window NLL, mapped through exp
@@ -84,7 +84,8 @@ def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None) -> d
 
         out["tasks"] = {}
         for name in protocol.tasks:
-            task = evaluate_task(lm, load_task(name, data_dir), limit=protocol.task_limit, show_progress=False)
+            task = evaluate_task(lm, load_task(name, data_dir), limit=protocol.task_limit,
+                                 show_progress=show_progress)  # fmt: skip
             out["tasks"][name] = {**task.metrics, "n": task.n}
     if protocol.speed:
         from compresslm.eval.speed import measure_speed
@@ -157,7 +158,7 @@ def run_sweep(
                     continue
                 if state == "claimed":
                     _run_point(store, key, point, base, str(model), grid, reference, workdir, containers is not None,
-                               data_dir, log)  # fmt: skip
+                               data_dir, log, show_progress)  # fmt: skip
                 bar.update(1)
             if busy and not waiting:
                 labels = ", ".join(p.label for p in busy)
@@ -180,11 +181,12 @@ POLL_S = 2.0  # how often a sweep looks again at points other sweeps hold
 
 
 def _run_point(store: ResultStore, key: tuple, point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid,
-               reference, workdir: Path, keep: bool, data_dir: str | None, log) -> None:  # fmt: skip
+               reference, workdir: Path, keep: bool, data_dir: str | None, log,
+               show_progress: bool = False) -> None:  # fmt: skip
     """Measure one claimed point and record its row (or why it could not be made)."""
     try:
         with store.heartbeat(*key):
-            row = _measure(point, base, model_name, grid, reference, workdir, keep, data_dir)
+            row = _measure(point, base, model_name, grid, reference, workdir, keep, data_dir, show_progress)
     except CompressLMError as exc:  # this point cannot be made (e.g. a budget below every option): go on
         store.fail(*key, str(exc))
         log(f"  {point.label}: not measured: {exc}")
@@ -199,8 +201,9 @@ def _run_point(store: ResultStore, key: tuple, point: SweepPoint, base: LoadedMo
 
 
 def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, reference, workdir: Path,
-             keep: bool, data_dir: str | None) -> dict:  # fmt: skip
-    """Compress one point (budget-planned if asked), write it, reload it from the file, evaluate it."""
+             keep: bool, data_dir: str | None, show_progress: bool = False) -> dict:  # fmt: skip
+    """Compress one point (budget-planned if asked), write it, reload it from the file, evaluate it; with
+    `show_progress`, bars for the blocks compressed and the windows evaluated inside the point."""
     from compresslm.api import compress
     from compresslm.engine.budget import BudgetTarget
 
@@ -210,7 +213,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
         lm = base
         row.update(uncompressed_size(base))
     elif point.dial is not None:
-        lm = _dial_point(point, base, row, workdir)
+        lm = _dial_point(point, base, row, workdir, show_progress)
     else:
         path = workdir / f"{_safe(point.label)}.clm"
         work, recipe, target = copy.deepcopy(base), point.recipe, None
@@ -218,7 +221,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
             patterns = tuple(point.budget_sparsity) if point.budget_sparsity is not None else None
             target = BudgetTarget(bits=point.target_bits, sparsity=patterns)
         _, result, summary = compress(
-            work, recipe, path, show_progress=False, stats_cache=default_cache_dir(), target=target
+            work, recipe, path, show_progress=show_progress, stats_cache=default_cache_dir(), target=target
         )
         if result.plan is not None:
             recipe = result.recipe
@@ -231,14 +234,18 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
         row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(), "calibration": result.calibration,
                     "compress_threads": result.info["torch_threads"]})  # fmt: skip
         lm = load_model(path)
-        if not keep:
+        if keep:
+            row["container"] = str(path)
+        else:
             path.unlink(missing_ok=True)
-    row.update(_evaluate(lm, grid, reference, data_dir))
+    row.update(_evaluate(lm, grid, reference, data_dir, show_progress))
     row["point_seconds"] = time.perf_counter() - started
     return row
 
 
-def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) -> LoadedModel:
+def _dial_point(
+    point: SweepPoint, base: LoadedModel, row: dict, workdir: Path, show_progress: bool = False
+) -> LoadedModel:
     """A dial setting: the artifact of the point's recipe (built by the first point that needs it), switched."""
     from compresslm.api import compress
     from compresslm.dial import apply_setting, materialize
@@ -248,7 +255,7 @@ def _dial_point(point: SweepPoint, base: LoadedModel, row: dict, workdir: Path) 
     digest = hashlib.sha256(json.dumps(point.recipe.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     artifact = workdir / f"dial-{digest}.clm"
     if not artifact.exists():
-        _, result, _ = compress(copy.deepcopy(base), point.recipe, artifact, show_progress=False,
+        _, result, _ = compress(copy.deepcopy(base), point.recipe, artifact, show_progress=show_progress,
                                 stats_cache=default_cache_dir())  # fmt: skip
         row["compress_seconds"] = result.seconds  # the whole artifact's, paid once for all its settings
         row["calibration"] = result.calibration
