@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,docs]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,docs,entropy]'
 	# The export extras: llama.cpp for the GGUF backend and its tests, compiled from source (a few minutes
 	# on two cores; only the library, not llama.cpp's tools, examples or tests), and compressed-tensors.
 	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \

@@ -71,6 +71,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from compresslm.models.layout import parameter_counts
     from compresslm.models.loading import load_model
 
+    if args.entropy:  # what --entropy needs is checked before the model loads
+        from compresslm.formats.container import is_container
+        from compresslm.formats.entropy import require_libraries
+
+        if not is_container(args.model):
+            raise CompressLMError(f"--entropy measures a container's codes; {args.model} is not a container")
+        require_libraries()
     lm = load_model(args.model, dtype=args.dtype)
     counts = parameter_counts(lm.model, lm.layout)
     tensor_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
@@ -88,6 +95,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         from compresslm.formats.container import container_summary
 
         info["container"] = container_summary(lm.path)
+        if args.entropy:
+            from compresslm.formats.entropy import entropy_summary
+
+            info["entropy"] = entropy_summary(lm.path)
     if args.json:
         _emit_json(info)
         return 0
@@ -121,6 +132,18 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"{c['linear_bits_per_param']:.3f} bits/param in compressed linears, "
             + (f"{100 * c['linear_sparsity']:.1f} % pruned, " if c.get("linear_sparsity") else "")
             + f"recipe {_recipe_name(lm.container)}"
+        )
+    if "entropy" in info:
+        e = info["entropy"]
+        per = e["codes_bits_per_code"]
+        _print(
+            f"codes        {_format_bytes(e['codes_stored_bytes'])} packed ({per['stored']:.3f} bits/code); "
+            f"Shannon bound {_format_bytes(e['codes_shannon_bytes'])} ({per['shannon']:.3f}), "
+            f"ANS {_format_bytes(e['codes_ans_bytes'])} ({per['ans']:.3f}), zstd {_format_bytes(e['codes_zstd_bytes'])}"
+        )
+        _print(
+            f"entropy-coded file {_format_bytes(e['file_ans_bytes'])}, {e['bits_per_param_ans']:.3f} bits/param "
+            "(codes ANS-coded, everything else as stored)"
         )
     return 0
 
@@ -719,6 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help=model_help)
     info.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    info.add_argument(
+        "--entropy",
+        action="store_true",
+        help="a container's codes entropy-coded: Shannon bound, ANS and zstd sizes (extra: entropy)",
+    )
     info.set_defaults(func=cmd_info)
 
     comp = sub.add_parser("compress", help="compress a model with a recipe and write a .clm container")

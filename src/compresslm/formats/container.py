@@ -636,6 +636,10 @@ class ContainerReader:
     def dense(self, key: str) -> torch.Tensor:
         return self._guarded(self._reader.tensor, self.header["dense"][key])
 
+    def blob(self, key: str) -> bytes:
+        """One blob's bytes as stored (checked against its checksum)."""
+        return self._guarded(self._reader.read, key)
+
     def tokenizer_files(self) -> dict[str, bytes]:
         files = {}
         for name, blob in self.header["tokenizer_files"].items():

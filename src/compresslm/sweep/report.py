@@ -119,13 +119,17 @@ def _fmt(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else ""
 
 
-def _points_table(rows: list[dict], speed: bool = False, ordered: bool = False) -> list[str]:
-    """Rows as a markdown table, largest bits/param first (or in the given order when `ordered`)."""
+def _points_table(rows: list[dict], speed: bool = False, ordered: bool = False, entropy: bool = False) -> list[str]:
+    """Rows as a markdown table, largest bits/param first (or in the given order when `ordered`); `entropy` adds
+    the entropy-coded file's bytes and bits/param."""
     extra = " decode tok/s | peak RSS MiB |" if speed else ""
+    extra += " entropy-coded bytes | bits/param entropy-coded |" if entropy else ""
     lines = [
         "| point | family | ppl | KL mean | top-1 | bits/param | linear bits/param | pruned | bytes on disk "
         "| compress s |" + extra,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if speed else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if speed else "")
+        + ("---:|---:|" if entropy else ""),
     ]
     for r in rows if ordered else sorted(rows, key=lambda r: -r["bits_per_param"]):
         top1 = f"{100 * r['top1_agreement']:.1f} %" if "top1_agreement" in r else ""
@@ -133,6 +137,8 @@ def _points_table(rows: list[dict], speed: bool = False, ordered: bool = False) 
         if speed:
             rss = r.get("peak_rss_bytes")
             cells = f" {_fmt(r.get('decode_tokens_per_s'), 1)} | {_fmt(rss / 2**20 if rss else None, 0)} |"
+        if entropy:
+            cells += f" {r['ans_bytes']:,} | {_fmt(r.get('bits_per_param_ans'))} |"
         lines.append(
             f"| {r['label']} | {r['family']} | {_fmt(r.get('ppl'))} | {_fmt(r.get('kld_mean'), 4)} | {top1} "
             f"| {_fmt(r['bits_per_param'])} | {_fmt(r['linear_bits_per_param'])} "
@@ -332,6 +338,7 @@ def write_report(
             body.append(f'<img alt="dial vs dedicated" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
         front = size_frontier(members)  # the same list the terminal prints
         timed_any = any("decode_tokens_per_s" in r for r in members)
+        coded = [r for r in members if "ans_bytes" in r]
         tables = [("All points", _points_table(members, speed=timed_any)),
                   ("Pareto frontier: bytes on disk vs ppl (the uncompressed model first, for reference)",
                    _points_table(front, ordered=True)),
@@ -344,6 +351,9 @@ def write_report(
         if any("kld_mean" in r for r in members):
             tables.insert(2, ("Pareto frontier: bits/param vs KL", _points_table(pareto(
                 [r for r in members if r["family"] != "uncompressed"], "bits_per_param", "kld_mean"))))  # fmt: skip
+        if coded:  # the same frontier with every container's codes entropy-coded (formats.entropy)
+            tables.insert(2, ("Pareto frontier: entropy-coded bytes (codes ANS-coded) vs ppl",
+                              _points_table(pareto(coded, "ans_bytes", "ppl"), entropy=True)))  # fmt: skip
         if timed_any:  # speed and memory frontiers, where measured
             timed = [{**r, "decode_ms_per_token": 1000.0 / r["decode_tokens_per_s"]} for r in members
                      if r.get("decode_tokens_per_s")]  # fmt: skip

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from compresslm.engine.stats_cache import default_cache_dir
-from compresslm.errors import CompressLMError
+from compresslm.errors import CompressLMError, MissingPackageError
 from compresslm.eval.stats import mean_stderr
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.loading import load_model
@@ -233,6 +233,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
                                             "linear_sparsity")})  # fmt: skip
         row.update({"compress_seconds": result.seconds, "recipe": recipe.to_dict(), "calibration": result.calibration,
                     "compress_threads": result.info["torch_threads"]})  # fmt: skip
+        row.update(_entropy_sizes(path))
         lm = load_model(path)
         if keep:
             row["container"] = str(path)
@@ -241,6 +242,18 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
     row.update(_evaluate(lm, grid, reference, data_dir, show_progress))
     row["point_seconds"] = time.perf_counter() - started
     return row
+
+
+def _entropy_sizes(path: Path) -> dict:
+    """The file's size with its codes ANS-coded (`formats.entropy`), where the entropy extra is installed."""
+    from compresslm.formats.entropy import entropy_summary
+
+    try:
+        summary = entropy_summary(path)
+    except MissingPackageError:
+        return {}
+    return {"ans_bytes": summary["file_ans_bytes"], "bits_per_param_ans": summary["bits_per_param_ans"],
+            "codes_bits_per_code_ans": summary["codes_bits_per_code"]["ans"]}  # fmt: skip
 
 
 def _dial_point(
