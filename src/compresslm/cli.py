@@ -666,6 +666,42 @@ def _print_best(rows: list[dict]) -> None:
     _print(f'  {program} generate {best["container"]} --chat --prompt "Hello! What can you do?"')
 
 
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from compresslm.analysis.robustness import robustness_rows
+    from compresslm.data.corpora import check_corpus
+    from compresslm.formats.container import is_container
+
+    if not is_container(args.container):
+        raise CompressLMError(f"{args.container} is not a .clm container")
+    check_corpus(args.ppl)
+    try:
+        rates = tuple(float(r) for r in args.rates.split(","))
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise CompressLMError(f"cannot read --rates {args.rates!r} or --seeds {args.seeds!r}") from None
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    rows = robustness_rows(args.container, parts, rates, seeds, args.ppl, args.ctx, args.limit, args.protect,
+                           show_progress=not args.quiet)  # fmt: skip
+    if args.json:
+        _emit_json({"container": args.container, "protect": args.protect, "runs": rows})
+        return 0
+    _print(f"{args.container}: bit flips ({'with' if args.protect else 'without'} range checks), "
+           f"reference ppl {rows[0]['reference_ppl']:.3f}")  # fmt: skip
+    _print(f"  {'part':<8} {'rate':>8} {'flips (mean)':>12} {'ppl (mean over seeds)':>22} {'KL (mean)':>10}")
+    for part in parts:
+        for rate in rates:
+            runs = [r for r in rows if r["part"] == part and r["rate"] == rate]
+            broken = sum(r["ppl"] is None for r in runs)
+            ppl = [r["ppl"] for r in runs if r["ppl"] is not None]
+            kld = [r["kld_mean"] for r in runs if r["kld_mean"] is not None]
+            shown = f"{sum(ppl) / len(ppl):.3f}" if ppl else "not finite"
+            shown += f" ({broken} of {len(runs)} not finite)" if broken and ppl else ""
+            kl = f"{sum(kld) / len(kld):.4f}" if kld else "-"
+            flips = sum(r["flips"] for r in runs) / len(runs)
+            _print(f"  {part:<8} {rate:>8.0e} {flips:>12.1f} {shown:>22} {kl:>10}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from compresslm.sweep.report import write_report
     from compresslm.sweep.store import ResultStore
@@ -870,6 +906,18 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--data-dir", default=None, help="task data directory for grids with tasks")
     _output_flags(sw)
     sw.set_defaults(func=cmd_sweep)
+
+    rob = sub.add_parser("robustness", help="seeded bit flips in a container's codes, scales, zeros, masks, dense")
+    rob.add_argument("container", help="a .clm container")
+    rob.add_argument("--parts", default="codes,scales,zeros,masks,dense", help="comma-separated stored parts")
+    rob.add_argument("--rates", default="1e-7,1e-6,1e-5,1e-4", help="comma-separated flip probabilities per bit")
+    rob.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (one run each)")
+    rob.add_argument("--ppl", default="wikitext2", help="corpus name or file")
+    rob.add_argument("--ctx", type=int, default=512)
+    rob.add_argument("--limit", type=int, default=8, help="windows")
+    rob.add_argument("--protect", action="store_true", help="range checks on scales and dense values at load")
+    _output_flags(rob)
+    rob.set_defaults(func=cmd_robustness)
 
     rep = sub.add_parser("report", help="write the frontier report of a results DB")
     rep.add_argument("db", help="SQLite results database")
