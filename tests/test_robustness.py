@@ -84,3 +84,24 @@ def test_robustness_command(container, capsys):
     assert all(r["flips"] == 0 and r["kld_mean"] == pytest.approx(0.0, abs=1e-6) for r in clean)
     assert main(argv) == 0
     assert "bit flips" in capsys.readouterr().err
+
+
+def test_recompression_cycles(tmp_path, tokenizer, capsys):
+    from compresslm.analysis.recompression import recompression_drift
+    from compresslm.models.loading import save_model
+
+    source = tmp_path / "hf"
+    save_model(LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny"), None, source)
+    rows = recompression_drift(str(source), ["w4-g16-rtn"], 3, tmp_path / "same", ctx=64, limit=2,
+                               show_progress=False)  # fmt: skip
+    assert [r["cycle"] for r in rows] == [1, 2, 3]
+    assert rows[0]["drift_from_source"] > 0 and rows[0]["drift_from_first"] == 0.0
+    # RTN on its own grid is nearly a fixed point: a second cycle moves far less than the first
+    assert rows[1]["drift_from_previous"] < 0.1 * rows[0]["drift_from_source"]
+    rows = recompression_drift(str(source), ["w4-g16-rtn", "w3-g32-rtn"], 2, tmp_path / "other", ctx=64, limit=2,
+                               show_progress=False)  # fmt: skip
+    assert rows[1]["recipe"] == "w3-g32-rtn" and rows[1]["drift_from_previous"] > 0
+    argv = ["recompress", str(source), "--recipe", "w4-g16-rtn", "--cycles", "1", "-o", str(tmp_path / "cli"),
+            "--ctx", "64", "--limit", "2", "--quiet"]  # fmt: skip
+    assert main(argv) == 0 and "compression cycles" in capsys.readouterr().err
+    assert main([*argv[:3], "nosuchpreset", *argv[4:]]) == 2

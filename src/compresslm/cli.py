@@ -702,6 +702,28 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recompress(args: argparse.Namespace) -> int:
+    from compresslm.analysis.recompression import recompression_drift
+    from compresslm.data.corpora import check_corpus
+    from compresslm.recipe import load_recipe
+
+    check_corpus(args.ppl)
+    recipes = [load_recipe(r) for r in args.recipe]  # every recipe checked before any compute
+    check_writable_dir(args.output, "cycles folder")
+    rows = recompression_drift(args.model, recipes, args.cycles, args.output, args.ppl, args.ctx, args.limit,
+                               args.calib_samples, show_progress=not args.quiet)  # fmt: skip
+    if args.json:
+        _emit_json({"model": args.model, "cycles": rows})
+        return 0
+    _print(f"{args.model}: {args.cycles} compression cycles, each from the previous one's dequantized weights")
+    _print(f"  {'cycle':>5} {'recipe':<24} {'ppl':>10} {'bits/param':>10} {'drift prev':>10} {'from 1st':>9} "
+           f"{'from source':>11}")  # fmt: skip
+    for r in rows:
+        drift = f"{r['drift_from_previous']:>10.5f} {r['drift_from_first']:>9.5f} {r['drift_from_source']:>11.5f}"
+        _print(f"  {r['cycle']:>5} {str(r['recipe'])[:24]:<24} {r['ppl']:>10.3f} {r['bits_per_param']:>10.3f} {drift}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from compresslm.sweep.report import write_report
     from compresslm.sweep.store import ResultStore
@@ -918,6 +940,23 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--protect", action="store_true", help="range checks on scales and dense values at load")
     _output_flags(rob)
     rob.set_defaults(func=cmd_robustness)
+
+    rec = sub.add_parser("recompress", help="compress, dequantize and compress again: quality and weight drift")
+    rec.add_argument("model", help=model_help)
+    rec.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help="a recipe per cycle, taken in turn (repeat the flag for several)",
+    )
+    rec.add_argument("--cycles", type=int, default=5)
+    rec.add_argument("-o", "--output", required=True, help="folder for each cycle's container")
+    rec.add_argument("--ppl", default="wikitext2", help="corpus name or file")
+    rec.add_argument("--ctx", type=int, default=2048)
+    rec.add_argument("--limit", type=int, default=8, help="windows")
+    rec.add_argument("--calib-samples", type=int, default=None, help="calibration windows per cycle")
+    _output_flags(rec)
+    rec.set_defaults(func=cmd_recompress)
 
     rep = sub.add_parser("report", help="write the frontier report of a results DB")
     rep.add_argument("db", help="SQLite results database")
