@@ -724,6 +724,40 @@ def cmd_recompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from compresslm.analysis.diagnose import diagnose, write_diagnosis
+    from compresslm.data.calibration import calibration_windows
+    from compresslm.models.loading import load_model
+
+    try:
+        widths = tuple(int(b) for b in args.bits.split(","))
+    except ValueError:
+        raise CompressLMError(f"cannot read --bits {args.bits!r}; give widths such as 2,3,4,8") from None
+    if any(not 1 <= b <= 8 for b in widths) or args.group_size < 1:
+        raise CompressLMError(f"--bits {args.bits} and --group-size {args.group_size}: widths 1-8, a positive group")
+    if args.out is not None:
+        check_writable_dir(args.out, "diagnosis folder")
+    lm = load_model(args.model, dtype="float32")
+    calib = calibration_windows(lm.tokenizer, args.calib, args.calib_samples, args.calib_length, args.seed)
+    result = diagnose(lm, calib, widths, args.group_size, args.fisher_windows, show_progress=not args.quiet)
+    if args.out is not None:
+        write_diagnosis(result, args.out, args.model)
+    if args.json:
+        _emit_json({"model": args.model, **result})
+        return 0
+    head = " ".join(f"{'W' + str(b) + ' err':>9}" for b in widths)
+    _print(f"{args.model}: per-layer indicators and the predicted relative output error of RTN g{args.group_size}")
+    _print(f"  {'layer':<36} {'kurt':>7} {'outl %':>6} {'eff.rank':>8} {'act max/med':>11} {head}")
+    for layer in result["layers"]:
+        errors = " ".join(f"{layer['predicted_error'][str(b)]:>9.2e}" for b in widths)
+        _print(f"  {layer['name'][-36:]:<36} {layer['kurtosis']:>7.2f} {100 * layer['outlier_share']:>6.3f} "
+               f"{layer['effective_rank']:>8.1f} {layer['activation_max_over_median']:>11.1f} {errors}")  # fmt: skip
+    if "predicted_loss_score" in result:
+        shown = ", ".join(f"W{b}: {v:.4g}" for b, v in result["predicted_loss_score"].items())
+        _print(f"predicted loss score (Fisher-weighted, {args.fisher_windows} windows): {shown}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from compresslm.sweep.report import write_report
     from compresslm.sweep.store import ResultStore
@@ -957,6 +991,21 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--calib-samples", type=int, default=None, help="calibration windows per cycle")
     _output_flags(rec)
     rec.set_defaults(func=cmd_recompress)
+
+    dia = sub.add_parser(
+        "diagnose", help="per-layer compressibility indicators and predicted errors, before compressing"
+    )
+    dia.add_argument("model", help=model_help)
+    dia.add_argument("--bits", default="2,3,4,8", help="widths whose RTN error is predicted")
+    dia.add_argument("--group-size", type=int, default=64)
+    dia.add_argument("--calib", default="c4", help="calibration source (c4, wikitext2 or a file)")
+    dia.add_argument("--calib-samples", type=int, default=32)
+    dia.add_argument("--calib-length", type=int, default=512)
+    dia.add_argument("--seed", type=int, default=0)
+    dia.add_argument("--fisher-windows", type=int, default=4, help="windows of the backward pass (0: none)")
+    dia.add_argument("--out", default=None, help="folder for diagnosis.json and one plot per indicator")
+    _output_flags(dia)
+    dia.set_defaults(func=cmd_diagnose)
 
     rep = sub.add_parser("report", help="write the frontier report of a results DB")
     rep.add_argument("db", help="SQLite results database")
