@@ -87,8 +87,8 @@ def test_robustness_command(container, capsys):
 
 
 def test_recompression_cycles(tmp_path, tokenizer, capsys):
-    from compresslm.analysis.recompression import recompression_drift
     from compresslm.models.loading import save_model
+    from compresslm.sweep.recompression import recompression_drift
 
     source = tmp_path / "hf"
     save_model(LoadedModel.from_module(tiny_model("llama"), tokenizer, name="tiny"), None, source)

@@ -703,9 +703,9 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_recompress(args: argparse.Namespace) -> int:
-    from compresslm.analysis.recompression import recompression_drift
     from compresslm.data.corpora import check_corpus
     from compresslm.recipe import load_recipe
+    from compresslm.sweep.recompression import recompression_drift
 
     check_corpus(args.ppl)
     recipes = [load_recipe(r) for r in args.recipe]  # every recipe checked before any compute
