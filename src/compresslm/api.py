@@ -160,7 +160,7 @@ def memory_available() -> int | None:
     return available
 
 
-EXPORT_FORMATS = ("gguf", "compressed-tensors", "hf")
+EXPORT_FORMATS = ("gguf", "compressed-tensors", "hf", "clm-ans")
 
 
 def export(
@@ -178,7 +178,8 @@ def export(
     `gguf`: one file for llama.cpp, lossless where a GGUF type holds the grid (otherwise refused, or
     re-rounded with `requantize`, the added error measured; `formats.gguf_export`). `hf`: a
     transformers directory of dequantized weights in `dtype`. `compressed-tensors`: the packed format
-    llm-compressor writes and vLLM and transformers load. An existing target is refused unless
+    llm-compressor writes and vLLM and transformers load. `clm-ans`: the container again, its codes
+    ANS-coded (smaller; it loads to the same records bit for bit). An existing target is refused unless
     `overwrite`; the target appears complete or not at all.
     """
     from compresslm.formats.container import is_container, read_header
@@ -190,6 +191,13 @@ def export(
     target = Path(output).expanduser()
     if target.exists() and not overwrite:
         raise CompressLMError(f"{output} exists; remove it or pass --force to replace it")
+    if fmt == "clm-ans":
+        from compresslm.formats.ans import require_constriction
+        from compresslm.formats.container import rewrite_container
+
+        require_constriction()
+        check_writable_file(target)
+        return {"path": str(target), "format": fmt, **rewrite_container(container, target, entropy=True)}
     if fmt == "gguf":
         from compresslm.formats.gguf_export import export_gguf
 

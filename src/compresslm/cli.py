@@ -319,6 +319,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         _emit_json(result)
         return 0
     line = f"{result['path']}: {args.format}, {result['bytes_on_disk']:,} bytes"
+    if args.format == "clm-ans":
+        line += f" ({result['bits_per_param']:.3f} bits/param); the same records, codes ANS-coded"
     if args.format == "gguf":
         types = ", ".join(f"{n} {t}" for t, n in result["tensor_types"].items())
         line += f"; tensors {types}"
@@ -911,7 +913,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="write a container as GGUF (llama.cpp), compressed-tensors or plain HF")
     exp.add_argument("container", help="a .clm container")
-    exp.add_argument("--format", required=True, choices=("gguf", "compressed-tensors", "hf"))
+    exp.add_argument(
+        "--format",
+        required=True,
+        choices=("gguf", "compressed-tensors", "hf", "clm-ans"),
+        help="gguf (llama.cpp), compressed-tensors (vLLM, transformers), hf (dequantized), "
+        "clm-ans (this container with its codes ANS-coded: smaller, loads to the same records)",
+    )
     exp.add_argument("-o", "--output", required=True, help="the file (gguf) or directory to write")
     exp.add_argument(
         "--requantize",

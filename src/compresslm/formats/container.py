@@ -42,8 +42,9 @@ import torch
 from compresslm.compressed import CompressedWeight, DialMeta, InvalidCompressedWeight, expand_groups
 from compresslm.errors import CompressLMError, CorruptFileError, reason_of
 from compresslm.fileio import atomic_path, temp_sibling
+from compresslm.formats.ans import ans_decode, ans_encode
 from compresslm.formats.header_check import TENSOR_DTYPES, TOKENIZER_FILES, align, check_header
-from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, unpack_bits
+from compresslm.formats.packing import decode_nm, encode_nm, nm_index_bits, pack_bits, packed_nbytes, unpack_bits
 from compresslm.formats.sizes import mask_encoding, record_nbytes
 from compresslm.quant.nested import width_grid
 from compresslm.versions import versions
@@ -51,6 +52,7 @@ from compresslm.versions import versions
 MAGIC = b"CLM2"
 OLD_MAGIC = b"CLM1"
 FORMAT_VERSION = 2
+ENTROPY_FORMAT_VERSION = 3  # a file with ANS-coded codes: older readers refuse it by its version
 _PREFIX = len(MAGIC) + 8 + 32  # magic, header length, header sha256
 _MAX_HEADER = 1 << 30
 
@@ -86,7 +88,7 @@ class _BlobWriter:
 _DAMAGE = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, OverflowError,
            InvalidCompressedWeight)  # fmt: skip
 
-_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "order")
+_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "order", "code_counts")
 
 
 def _write_mask(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
@@ -100,18 +102,32 @@ def _write_mask(writer: _BlobWriter, name: str, record: CompressedWeight) -> dic
     return {"mask": key, "mask_encoding": "bitmask", "nm": list(record.nm) if record.nm else None}
 
 
-def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
-    """Store one CompressedWeight and check that its own blobs take what `sizes.record_nbytes` says."""
-    entry = _write_blobs(writer, name, record)
-    keys = [entry[key] for key in ("codes", "scales", "zeros", "mask", "values") if entry.get(key)]
+def _write_record(writer: _BlobWriter, name: str, record: CompressedWeight, entropy: bool = False) -> dict:
+    """Store one CompressedWeight and check that its own blobs take what `sizes.record_nbytes` says (with
+    `entropy`, ANS-coded codes take what they take instead of their packed size)."""
+    entry = _write_blobs(writer, name, record, entropy)
+    keys = [entry[key] for key in ("codes", "scales", "zeros", "mask", "values", "code_counts") if entry.get(key)]
     keys += entry.get("code_planes", []) + entry.get("lowrank", [])
     written = sum(writer.index[key]["nbytes"] for key in keys)
-    if written != record_nbytes(record, aligned=False):
-        raise AssertionError(f"{name}: wrote {written} bytes where formats.sizes counts {record_nbytes(record, False)}")
+    expected = record_nbytes(record, aligned=False)
+    if entry.get("codes_encoding") == "ans":
+        coded = writer.index[entry["codes"]]
+        expected += coded["nbytes"] + writer.index[entry["code_counts"]]["nbytes"]
+        expected -= packed_nbytes(coded["shape"][0], record.bits)
+    if written != expected:
+        raise AssertionError(f"{name}: wrote {written} bytes where formats.sizes counts {expected}")
     return entry
 
 
-def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> dict:
+def _ans_codes(codes: torch.Tensor, bits: int) -> tuple[bytes, bytes] | None:
+    """Codes ANS-coded (words, and the int32 counts a decoder needs), or None when that is not smaller."""
+    flat = codes.reshape(-1).numpy()
+    counts = np.bincount(flat, minlength=1 << bits).astype(np.int32)
+    words = ans_encode(flat, counts).tobytes()
+    return (words, counts.tobytes()) if len(words) + counts.nbytes < packed_nbytes(flat.size, bits) else None
+
+
+def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight, entropy: bool = False) -> dict:
     """Store one CompressedWeight: packed codes, float16 scales, packed zero points (asymmetric only).
 
     With a mask, only the kept codes (or values) are stored, followed by the mask itself.
@@ -157,6 +173,11 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
             writer.add(f"{name}.codes.plane{p}", pack_bits(plane, 1), "u1", [codes.numel()])
             for p, plane in enumerate(planes)
         ]
+    elif entropy and (coded := _ans_codes(codes, record.bits)) is not None:
+        words, counts = coded
+        entry["codes"] = writer.add(f"{name}.codes", words, f"ans{record.bits}", [codes.numel()])
+        entry["code_counts"] = writer.add(f"{name}.code_counts", counts, "int32", [1 << record.bits])
+        entry["codes_encoding"] = "ans"
     else:
         entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
     entry["scales_shape"] = list(record.scales.shape)
@@ -168,8 +189,20 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight) -> di
             f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
         )
     if record.alternates:  # a dial's separately stored widths, each a record of its own
-        entry["alternates"] = [_write_record(writer, _alternate_name(name, alt), alt) for alt in record.alternates]
+        entry["alternates"] = [_write_record(writer, _alternate_name(name, alt), alt, entropy)
+                               for alt in record.alternates]  # fmt: skip
     return entry
+
+
+def _ans_coded(*groups: dict) -> bool:
+    """Whether any entry (or alternate) holds ANS-coded codes."""
+    entries = [entry for group in groups for entry in group.values()]
+    while entries:
+        entry = entries.pop()
+        if entry.get("codes_encoding") == "ans":
+            return True
+        entries += entry.get("alternates", [])
+    return False
 
 
 def _alternate_name(name: str, alt: CompressedWeight) -> str:
@@ -188,9 +221,11 @@ class ContainerWriter:
     was. Blobs are laid out in the order: linears, embeddings, dense tensors, tokenizer files.
     """
 
-    def __init__(self, path: str | os.PathLike, spill: Path | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, spill: Path | None = None, entropy: bool = False) -> None:
         """`spill`: where to keep the blobs written so far (a journal's, kept by `abort` so a run can resume);
-        by default a temporary file beside the target."""
+        by default a temporary file beside the target. `entropy`: store each record's codes ANS-coded where
+        that is smaller (format version 3)."""
+        self.entropy = entropy
         self.target = Path(path).expanduser()
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self._keep_spill = spill is not None
@@ -222,7 +257,7 @@ class ContainerWriter:
 
     def add_linear(self, name: str, record: CompressedWeight, activation: dict | None = None) -> None:
         """Store one compressed linear (and its simulated activation grid, or None)."""
-        entry = self._guarded(_write_record, self._blobs, name, record)
+        entry = self._guarded(_write_record, self._blobs, name, record, self.entropy)
         entry["activation"] = activation
         self.linears[name] = entry
         self.linear_parameters += record.out_features * record.in_features
@@ -245,7 +280,7 @@ class ContainerWriter:
         `aliases` name tensors stored under another key (a tied lm_head).
         """
         try:
-            embedding_entries = {name: self._guarded(_write_record, self._blobs, name, record)
+            embedding_entries = {name: self._guarded(_write_record, self._blobs, name, record, self.entropy)
                                  for name, record in embeddings.items()}  # fmt: skip
             dense_entries = {}
             for key, tensor in dense.items():
@@ -262,7 +297,9 @@ class ContainerWriter:
                 tokenizer_entries[name] = self._guarded(self._blobs.add, f"tokenizer/{name}", data, "bytes", [])
             header = {
                 "format": "compresslm-container",
-                "format_version": FORMAT_VERSION,
+                "format_version": ENTROPY_FORMAT_VERSION
+                if _ans_coded(self.linears, embedding_entries)
+                else FORMAT_VERSION,
                 "config": config,
                 "linears": self.linears,
                 "embeddings": embedding_entries,
@@ -364,9 +401,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         raise CorruptFileError(f"{p} is corrupt: the header is not JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != "compresslm-container":
         raise CorruptFileError(f"{p} header does not describe a compresslm container")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in (FORMAT_VERSION, ENTROPY_FORMAT_VERSION):
         raise CorruptFileError(
-            f"{p} uses container format {header.get('format_version')!r}; this compresslm reads format {FORMAT_VERSION}"
+            f"{p} uses container format {header.get('format_version')!r}; this compresslm reads formats "
+            f"{FORMAT_VERSION} and {ENTROPY_FORMAT_VERSION}"
         )
     try:
         check_header(header, size - start)
@@ -479,10 +517,7 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
         return replace(record, lowrank=_read_lowrank(reader, entry))
     if not entry.get("codes") and not entry.get("code_planes"):  # factors alone (the header check saw them)
         return CompressedWeight.factored(*_read_lowrank(reader, entry), entry.get("meta", {}))
-    if entry.get("code_planes"):
-        codes = _read_planes(reader, entry["code_planes"], stored)
-    else:
-        codes = unpack_bits(reader.read(entry["codes"]), entry["bits"], stored)
+    codes = _read_codes(reader, entry, stored)
     scales = reader.tensor(entry["scales"])
     if entry["zeros"] is None:
         zeros = torch.full(tuple(entry["scales_shape"]), 1 << (entry["bits"] - 1), dtype=torch.uint8)
@@ -507,6 +542,19 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
         codes=codes, scales=scales, zeros=zeros, mask=mask, nm=nm, meta=entry.get("meta", {}), importance=importance,
         order=order, lowrank=_read_lowrank(reader, entry),
     )  # fmt: skip
+
+
+def _read_codes(reader: _BlobReader, entry: dict, stored: int) -> torch.Tensor:
+    """A record's stored codes: bit planes, packed, or ANS-coded (decoded with the counts stored beside them)."""
+    if entry.get("code_planes"):
+        return _read_planes(reader, entry["code_planes"], stored)
+    if entry.get("codes_encoding") == "ans":
+        counts = np.frombuffer(reader.read(entry["code_counts"]), dtype=np.int32)
+        if (counts < 0).any() or int(counts.sum()) != stored:
+            raise ValueError(f"the code counts of {entry['codes']} do not add up to its {stored} codes")
+        words = np.frombuffer(reader.read(entry["codes"]), dtype=np.uint32)
+        return torch.from_numpy(ans_decode(words, counts, stored).astype(np.uint8))
+    return unpack_bits(reader.read(entry["codes"]), entry["bits"], stored)
 
 
 def _read_lowrank(reader: _BlobReader, entry: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -640,6 +688,10 @@ class ContainerReader:
         """One blob's bytes as stored (checked against its checksum)."""
         return self._guarded(self._reader.read, key)
 
+    def codes(self, entry: dict) -> torch.Tensor:
+        """A header entry's stored codes (its kept codes, packed or ANS-coded), unpacked to uint8."""
+        return self._guarded(_read_codes, self._reader, entry, self.header["blobs"][entry["codes"]]["shape"][0])
+
     def tokenizer_files(self) -> dict[str, bytes]:
         files = {}
         for name, blob in self.header["tokenizer_files"].items():
@@ -690,3 +742,28 @@ def container_summary(path: str | os.PathLike) -> dict:
         / max(header["linear_parameters"], 1),
         "recipe": header.get("recipe"),
     }
+
+
+# the header fields a writer sets itself; everything else is the source's metadata, carried over
+_WRITER_FIELDS = ("format", "format_version", "config", "linears", "embeddings", "dense", "aliases",
+                  "tokenizer_files", "blobs", "parameters", "linear_parameters", "dense_dtype", "versions")  # fmt: skip
+
+
+def rewrite_container(source: str | os.PathLike, target: str | os.PathLike, entropy: bool = True) -> dict:
+    """Write `source`'s records, tensors and metadata again at `target`, with each record's codes ANS-coded
+    where that is smaller (`entropy`); loading the result gives the same records bit for bit."""
+    contents = read_container(source)
+    header = contents.header
+    writer = ContainerWriter(target, entropy=entropy)
+    try:
+        for name, record in contents.linears.items():
+            writer.add_linear(name, record, contents.activations[name])
+    except BaseException:
+        writer.abort()
+        raise
+    metadata = {key: value for key, value in header.items() if key not in _WRITER_FIELDS}
+    metadata["rewritten"] = {"entropy_coded": entropy, "source_versions": header.get("versions")}
+    return writer.finish(config=header["config"], embeddings=contents.embeddings, dense=contents.dense,
+                         aliases=header["aliases"], tokenizer_files=contents.tokenizer_files,
+                         parameters=header["parameters"], dense_dtype=header["dense_dtype"],
+                         metadata=metadata)  # fmt: skip

@@ -22,22 +22,23 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from compresslm.errors import MissingPackageError
+from compresslm.formats.ans import INSTALL, ans_encode, require_constriction
 from compresslm.formats.container import ContainerReader
-from compresslm.formats.packing import unpack_bits
+from compresslm.formats.packing import pack_bits
 
-INSTALL = "entropy-coded sizes need constriction and zstandard: pip install 'compresslm[entropy]'"
 ZSTD_LEVEL = 9  # level 19 gains little on packed codes and is an order of magnitude slower
 
 
 def require_libraries():
+    require_constriction()
     try:
-        import constriction
         import zstandard
     except ImportError:
         raise MissingPackageError(INSTALL) from None
-    return constriction, zstandard
+    return zstandard
 
 
 def shannon_bits(counts: np.ndarray) -> float:
@@ -45,21 +46,6 @@ def shannon_bits(counts: np.ndarray) -> float:
     total = counts.sum()
     p = counts[counts > 0] / total
     return float(-(counts[counts > 0] * np.log2(p)).sum())
-
-
-def ans_encode(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """`symbols` ANS-coded with a model made from `counts` alone (what a decoder is given): uint32 words."""
-    constriction, _ = require_libraries()
-    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols.astype(np.int32), model)
-    return coder.get_compressed()
-
-
-def ans_decode(words: np.ndarray, counts: np.ndarray, count: int) -> np.ndarray:
-    constriction, _ = require_libraries()
-    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-    return constriction.stream.stack.AnsCoder(words).decode(model, count)
 
 
 def _code_entries(header: dict) -> list[tuple[str, dict]]:
@@ -71,7 +57,7 @@ def _code_entries(header: dict) -> list[tuple[str, dict]]:
 def entropy_summary(path: str | os.PathLike) -> dict:
     """The codes' stored, Shannon-bound, ANS and zstd sizes, in total and per record, and the file's
     size with ANS-coded codes."""
-    _, zstandard = require_libraries()
+    zstandard = require_libraries()
     reader = ContainerReader(path)
     try:
         header = reader.header
@@ -79,18 +65,18 @@ def entropy_summary(path: str | os.PathLike) -> dict:
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         records, totals = {}, {"stored": 0, "shannon": 0.0, "ans": 0, "zstd": 0, "codes": 0, "coded": 0}
         for name, entry in _code_entries(header):
-            bits, key = entry["bits"], entry["codes"]
-            data = reader.blob(key)
-            count = blobs[key]["shape"][0]
-            codes = unpack_bits(data, bits, count).numpy()
+            bits = entry["bits"]
+            codes = reader.codes(entry).numpy()
+            packed = pack_bits(torch.from_numpy(codes), bits)
+            stored = sum(blobs[entry[key]]["nbytes"] for key in ("codes", "code_counts") if entry.get(key))
             counts = np.bincount(codes, minlength=1 << bits).astype(np.float64)
-            row = {"bits": bits, "codes": count, "stored": len(data), "shannon": shannon_bits(counts) / 8,
-                   "ans": ans_encode(codes, counts).nbytes + 4 * len(counts),
-                   "zstd": len(compressor.compress(data))}  # fmt: skip
+            row = {"bits": bits, "codes": codes.size, "stored": stored, "packed": len(packed),
+                   "shannon": shannon_bits(counts) / 8, "ans": ans_encode(codes, counts).nbytes + 4 * len(counts),
+                   "zstd": len(compressor.compress(packed))}  # fmt: skip
             records[name] = row
             for field in ("stored", "shannon", "ans", "zstd", "codes"):
                 totals[field] += row[field]
-            totals["coded"] += min(row["stored"], row["ans"])  # a coder keeps a record raw where that is smaller
+            totals["coded"] += min(row["packed"], row["ans"])  # a coder keeps a record raw where that is smaller
     finally:
         reader.close()
     size = Path(path).stat().st_size

@@ -25,6 +25,7 @@ TENSOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
                  "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
                  "bool": torch.bool}  # fmt: skip
 PACKED_DTYPES = {f"u{bits}": bits for bits in range(1, 9)}
+ANS_DTYPES = {f"ans{bits}": bits for bits in range(1, 9)}  # ANS-coded codes: uint32 words, as many as they need
 # Files a tokenizer's save_pretrained writes; a container stores only these (plain names, no paths).
 TOKENIZER_FILES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -32,7 +33,7 @@ TOKENIZER_FILES = frozenset({
     "chat_template.jinja", "chat_template.json",
 })  # fmt: skip
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "order")
+_RECORD_BLOBS = ("codes", "scales", "zeros", "mask", "values", "importance", "order", "code_counts")
 _GRANULARITIES = ("token", "tensor")
 MAX_CONFIG_INT = 1 << 31
 
@@ -83,7 +84,7 @@ def check_blobs(blobs: object, blob_area: int) -> dict:
             expected = count * TENSOR_DTYPES[dtype].itemsize
         elif dtype in PACKED_DTYPES:
             expected = packed_nbytes(count, PACKED_DTYPES[dtype])
-        elif dtype == "bytes" and shape == []:
+        elif (dtype == "bytes" and shape == []) or (dtype in ANS_DTYPES and len(shape) == 1 and nbytes % 4 == 0):
             expected = nbytes
         else:
             raise ValueError(f"blob {key!r} has dtype {dtype!r}, not one this format stores")
@@ -142,6 +143,15 @@ def check_record(entry: object, blobs: dict, what: str, alternate: bool = False)
                 raise ValueError(f"{what}: {bits}-bit codes need {bits} bit planes")
             for plane in planes:
                 _blob(blobs, plane, f"{what}: a bit plane", ("u1",))
+        elif entry.get("codes_encoding") == "ans":
+            _blob(blobs, entry.get("codes"), f"{what}: codes", (f"ans{bits}",))
+            _blob(blobs, entry.get("code_counts"), f"{what}: code counts", ("int32",))
+            if blobs[entry["code_counts"]]["shape"] != [1 << bits]:
+                raise ValueError(
+                    f"{what}: code counts of shape {blobs[entry['code_counts']]['shape']}, not [{1 << bits}]"
+                )
+        elif entry.get("codes_encoding") is not None:
+            raise ValueError(f"{what}: codes encoding {entry.get('codes_encoding')!r} is unknown")
         else:
             _blob(blobs, entry.get("codes"), f"{what}: codes", (f"u{bits}",))
     if entry.get("mask"):
