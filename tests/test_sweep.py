@@ -448,3 +448,13 @@ def test_rows_stored_under_old_keys_are_upgraded(tmp_path):
     assert store.upgrade_keys(upgrade_point_key) == 0  # current keys stay
     assert upgrade_point_key("not json") is None and upgrade_point_key(json.dumps({"stages": "x"})) is None
     store.close()
+
+
+def test_the_families_grid_labels_its_lines():
+    from compresslm.sweep.runner import family
+
+    grid = load_grid("families")
+    labels = {point.label: family(point) for point in grid.points}
+    assert labels["20%-whitened"] == "low-rank whitened" and labels["w3-g64-gptq+lqer8"] == "gptq+lqer"
+    assert labels["rot+w3-g64-gptq"] == "rotated>gptq" and labels["none"] == "uncompressed"
+    assert grid.points[4].recipe.calibration.propagate == "original"

@@ -177,6 +177,24 @@ BUILTIN: dict[str, dict] = {
             {"recipe": "{pattern}-sparsegpt+w4-g64-gptq", "pattern": ["50%", "2:4"]},
         ],
     },
+    "families": {
+        "name": "families",
+        "description": (
+            "the benchmark protocol of DESIGN.md for the method families beyond quantization and pruning: "
+            "low-rank factorization (SVD-LLM's whitening at 10-40 % of the parameters), low-rank correction of "
+            "GPTQ's error (rank 8 and 32 at W4/W3/W2 g64), and rotations "
+            "before W3/W2 GPTQ, with the plain GPTQ points they are compared with"
+        ),
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
+        "calibration": {"samples": 128, "length": 512},
+        "points": [
+            "none", "w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq",
+            *({"label": f"{r}%-whitened", "recipe": f"{r}%-whitened", "calibration": {"propagate": "original"}}
+              for r in (10, 20, 30, 40)),
+            "w4-g64-gptq+lqer8", "w3-g64-gptq+lqer8", "w2-g64-gptq+lqer8", "w3-g64-gptq+lqer32",
+            "rot+w3-g64-gptq", "rot+w2-g64-gptq",
+        ],
+    },
 }  # fmt: skip
 
 _GRID_KEYS = ("name", "description", "protocol", "calibration", "points", "product")

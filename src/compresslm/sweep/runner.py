@@ -48,6 +48,14 @@ def family(point: SweepPoint) -> str:
             parts.append(stage.method + ("+awq" if stage.awq_scale else "") + ("+sq" if stage.smoothquant else ""))
         elif stage.type == "prune":
             parts.append(stage.method + (" 2:4" if ":" in str(stage.sparsity) else ""))
+        elif stage.type == "lowrank":
+            parts.append(f"low-rank {stage.method}")
+        elif stage.type == "lowrank_compensation" and parts:
+            parts[-1] += "+lqer"
+        elif stage.type in ("rotate", "lowrank_compensation"):
+            parts.append({"rotate": "rotated"}.get(stage.type, stage.type))
+        elif stage.type not in ("quantize_embedding", "kv_cache"):  # any other registered stage, by its name
+            parts.append(stage.type)
     kv = point.recipe.kv_cache
     label = ">".join(parts) or ("fp weights" if kv else "embedding only")
     return label + (f" +kv{kv.bits}" if kv else "")
