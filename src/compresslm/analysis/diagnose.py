@@ -163,6 +163,9 @@ def write_diagnosis(result: dict, out: str | os.PathLike, model: str) -> Path:
             for role in roles:
                 points = [(i, layer[key]) for i, layer in enumerate(layers) if layer["role"] == role]
                 ax.plot([i for i, _ in points], [v for _, v in points], marker="o", linestyle="", label=role)
+            values = [layer[key] for layer in layers]
+            if min(values) > 0 and max(values) > 20 * min(values):  # spans orders of magnitude: a log axis
+                ax.set_yscale("log")
             ax.set_xlabel("linear layer, in model order")
             ax.set_ylabel(label)
             ax.set_title(f"{model}: {label}", fontsize=11)
