@@ -31,6 +31,7 @@ TABLES = {
     "train_table": ["train_table.py"],
     "fuzz_container": ["fuzz_container.py"],
     "families": ["families.py"],
+    "lowrank_table": ["lowrank_table.py"],
 }  # fmt: skip
 
 
