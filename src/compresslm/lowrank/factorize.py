@@ -34,6 +34,13 @@ def rank_for_ratio(shape: tuple[int, int], ratio: float) -> int:
     return min(math.floor((1.0 - ratio) * out_f * in_f / (out_f + in_f)), out_f, in_f)
 
 
+def asvd_scale(hessian: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's column scales: each input channel's calibration RMS to the power α (from XᵀX's diagonal, up to a
+    constant that the factors absorb), floored so that a silent channel does not divide by zero."""
+    diag = torch.diagonal(hessian).double().clamp_min(0)
+    return diag.pow(alpha / 2).clamp_min(float(diag.max()) ** (alpha / 2) * 1e-6 + 1e-30)
+
+
 def output_error_share(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """‖(W − W')·X‖² / ‖W·X‖² on the calibration inputs (XᵀX = `hessian`): the output error left."""
     weight, hessian = weight.double(), hessian.double()
@@ -60,8 +67,7 @@ def factorize(
         fit = fit_lowrank(weight, rank, hessian, damp)
         left, right = fit.left, fit.right
     elif method == "asvd":
-        diag = torch.diagonal(hessian).double().clamp_min(0)
-        scale = diag.pow(alpha / 2).clamp_min(float(diag.max()) ** (alpha / 2) * 1e-6 + 1e-30)
+        scale = asvd_scale(hessian, alpha)
         fit = fit_lowrank(weight.double() * scale, rank)
         left, right = fit.left, (fit.right.double() / scale).float()
     else:
@@ -96,8 +102,7 @@ def truncations(
         factor, _ = whitening(hessian.double(), damp)
         target = target @ factor
     elif method == "asvd":
-        diag = torch.diagonal(hessian).double().clamp_min(0)
-        scale = diag.pow(alpha / 2).clamp_min(float(diag.max()) ** (alpha / 2) * 1e-6 + 1e-30)
+        scale = asvd_scale(hessian, alpha)
         target = target * scale
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
     approximations = {}
