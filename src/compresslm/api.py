@@ -13,11 +13,12 @@ from compresslm.engine.budget import BudgetTarget
 from compresslm.engine.sequential import CompressionResult
 from compresslm.engine.sequential import compress as _compress_in_place
 from compresslm.errors import CompressLMError
-from compresslm.fileio import check_writable_file
+from compresslm.fileio import check_writable_dir, check_writable_file
 from compresslm.models.assemble import StreamingSave, save_compressed
+from compresslm.models.layout import discover_layout
 from compresslm.models.loaded import LoadedModel, check_finite
-from compresslm.models.loading import load_model
-from compresslm.recipe import Recipe, load_recipe
+from compresslm.models.loading import load_model, save_model
+from compresslm.recipe import Recipe, kind_of, load_recipe
 
 
 def compress(
@@ -70,6 +71,35 @@ def compress(
         if plan is not None:
             target.check(plan, summary)
     return lm, result, summary
+
+
+def shrink(
+    model: str | os.PathLike | LoadedModel, recipe: str | dict | Recipe, output: str | os.PathLike | None = None
+) -> tuple[LoadedModel, dict]:
+    """Apply a recipe of whole-model stages only (structured pruning `prune_width`/`prune_depth`,
+    `rotate`) and optionally save the result as a plain Hugging Face directory.
+
+    Returns the changed model and each stage's facts (what was removed, parameters before and after).
+    A recipe with per-layer stages (quantization, pruning) is refused before the model loads: give
+    it to `compress`, which applies the whole-model stages first too.
+    """
+    recipe = load_recipe(recipe)
+    other = [stage.type for stage in recipe.stages if kind_of(stage).role != "model"]
+    if other or recipe.kv_cache is not None:
+        parts = ", ".join(other) or "kv_cache"
+        raise CompressLMError(f"recipe '{recipe.name}' has stages that make a container ({parts}); shrink takes "
+                              "whole-model stages only (mlp50, drop8, ...): use compress")  # fmt: skip
+    if output is not None:
+        check_writable_dir(output, "output directory")
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
+    facts = []
+    for stage in recipe.stages:
+        facts.append({"stage": stage.type, **kind_of(stage).apply(stage, lm)})
+        lm.layout = discover_layout(lm.model)
+        lm.changed()
+    if output is not None:
+        save_model(lm, None, output)
+    return lm, {"recipe": recipe.to_dict(), "stages": facts}
 
 
 def _compress_streaming(

@@ -760,6 +760,34 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shrink(args: argparse.Namespace) -> int:
+    from compresslm.api import shrink
+    from compresslm.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)  # validated before the model is loaded
+    for stage in recipe.stages:
+        for key, value in (("samples", args.calib_samples), ("length", args.calib_len), ("source", args.calib)):
+            if value is not None and hasattr(stage, key):
+                setattr(stage, key, value)
+    recipe.validate()
+    _print(f"shrinking {args.model} with recipe '{recipe.name}'")
+    _lm, summary = shrink(args.model, recipe, args.output)
+    if args.json:
+        _emit_json({"model": args.model, "output": args.output, **summary})
+        return 0
+    for facts in summary["stages"]:
+        changes = [f"{key} {facts[key]['from']} -> {facts[key]['to']}" for key in ("layers", "mlp", "heads", "hidden")
+                   if key in facts]  # fmt: skip
+        if "removed_blocks" in facts:
+            changes.append(f"removed blocks {facts['removed_blocks']}")
+        params = facts.get("parameters")
+        shown = f"; parameters {_format_count(params['from'])} -> {_format_count(params['to'])}" if params else ""
+        _print(f"{facts['stage']}: {', '.join(changes)}{shown}")
+    _print(f"model: {args.output} (a plain Hugging Face directory; heal it with "
+           f"`compresslm train {args.output} --recipe heal --teacher {args.model} --steps N -o DIR`)")  # fmt: skip
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from compresslm.sweep.report import write_report
     from compresslm.sweep.store import ResultStore
@@ -793,6 +821,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe.validate()
     if args.teacher:
         check_teacher_use(recipe)
+    elif recipe.name == "heal":
+        raise CompressLMError("the heal recipe distils from the unpruned model: name it with --teacher")
     check_writable_dir(args.output, "output directory")
     lm = load_model(args.model, device=args.device)
     teacher = load_model(args.teacher, device=args.device) if args.teacher else None
@@ -1015,6 +1045,19 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(dia)
     dia.set_defaults(func=cmd_diagnose)
 
+    shr = sub.add_parser("shrink", help="remove whole MLP channels, heads, hidden channels or blocks: a smaller "
+                                        "plain Hugging Face model")  # fmt: skip
+    shr.add_argument("model", help=model_help)
+    shr.add_argument("--recipe", required=True,
+                     help="structured parts joined by '+': mlp<pct>, heads<pct>, hidden<pct>, drop<n> (each with "
+                          "-taylor for gradient importance), e.g. drop8+mlp50; or a YAML/JSON recipe")  # fmt: skip
+    shr.add_argument("-o", "--output", required=True, help="the Hugging Face directory to write")
+    shr.add_argument("--calib", default=None, help="importance text: c4 (default), wikitext2 or a text/JSONL path")
+    shr.add_argument("--calib-samples", type=int, default=None, help="importance windows (default 32)")
+    shr.add_argument("--calib-len", type=int, default=None, help="tokens per window (default 512)")
+    _output_flags(shr)
+    shr.set_defaults(func=cmd_shrink)
+
     rep = sub.add_parser("report", help="write the frontier report of a results DB")
     rep.add_argument("db", help="SQLite results database")
     rep.add_argument("--out", default="report", help="report folder")
@@ -1027,7 +1070,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune for compressibility (QAT, randomized precision, pruning, distillation)"
     )
     tr.add_argument("model", help=model_help)
-    recipes = "finetune, qat-w4, qat-w3, qat-w2, random-precision, gmp-50%%, gmp-70%%, nm-2:4, or a YAML file"
+    recipes = (
+        "finetune, heal (with --teacher), qat-w4, qat-w3, qat-w2, random-precision, gmp-50%%, gmp-70%%, "
+        "nm-2:4, or a YAML file"
+    )
     tr.add_argument("--recipe", default="finetune", help=recipes)
     tr.add_argument("--steps", type=int, required=True, help="optimizer steps")
     tr.add_argument("-o", "--output", required=True, help="checkpoint directory (resumes if interrupted)")

@@ -29,6 +29,13 @@ e.g. `w4a8-g64-gptq-sq`.
 Low-rank factorization presets remove a share of every linear layer's parameters by replacing it
 with float16 factors: `<ratio%>-<svd|asvd|whitened>`, e.g. `20%-whitened` (SVD-LLM's truncation-aware
 whitening), `30%-asvd`, `40%-svd`. They stand alone (the factors are not quantized).
+
+Structured pruning parts remove whole structures before calibration, so the model becomes an
+ordinary smaller one: `mlp<pct>` (that share of every MLP's channels), `heads<pct>` (of the query
+heads, evenly per key/value group), `hidden<pct>` (of the residual stream's channels), `drop<n>` (the
+n blocks that change the residual stream least), each with `-taylor` for first-order (gradient)
+importance, e.g. `mlp50`, `drop8+mlp25`, `mlp50-taylor+w4-g64-gptq`. Consecutive width parts make one
+stage. Alone they are written as a Hugging Face directory by `compresslm shrink`.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ _KV_PRESET = re.compile(
 _LOWRANK_PRESET = re.compile(r"^lqer(?P<rank>\d+)(?P<plain>-plain)?$")
 _ROTATE_PRESET = re.compile(r"^rot(?:-s(?P<seed>\d+))?$")
 _FACTORIZE_PRESET = re.compile(r"^(?P<ratio>\d+(?:\.\d+)?)%-(?P<method>svd|asvd|whitened)$")
+_WIDTH_PRESET = re.compile(r"^(?P<axis>mlp|heads|hidden)(?P<pct>\d+(?:\.\d+)?)(?P<taylor>-taylor)?$")
+_DEPTH_PRESET = re.compile(r"^drop(?P<layers>\d+)(?P<taylor>-taylor)?$")
 _DIAL_PRESET = re.compile(r"^dial(?:-g(?P<group>\d+))?(?P<rtn>-rtn)?(?P<shared>-shared)?$")
 _PRUNE_PRESET = re.compile(
     r"^(?P<sparsity>\d+(?:\.\d+)?%|\d+:\d+)-(?P<method>magnitude|wanda|sparsegpt)(?P<flags>(?:-(?:layer|owl))*)$"
@@ -168,6 +177,16 @@ def preset_dict(name: str) -> dict:
         elif match := _LOWRANK_PRESET.match(part):  # a rank-r correction of the error the stages before left
             stage = {"type": "lowrank_compensation", "rank": int(match["rank"])}
             stages.append({**stage, "whiten": False} if match["plain"] else stage)
+        elif match := _WIDTH_PRESET.match(part):  # structures removed: one width stage for consecutive parts
+            share, score = float(match["pct"]) / 100, "taylor" if match["taylor"] else "activation"
+            if not (stages and stages[-1].get("type") == "prune_width" and match["axis"] not in stages[-1]):
+                stages.append({"type": "prune_width", "score": score})
+            elif stages[-1]["score"] != score:
+                raise RecipeError(f"preset '{name}': the width parts of one stage need the same score (-taylor or not)")
+            stages[-1][match["axis"]] = share
+        elif match := _DEPTH_PRESET.match(part):
+            stages.append({"type": "prune_depth", "layers": int(match["layers"]),
+                           "score": "taylor" if match["taylor"] else "cosine"})  # fmt: skip
         elif part in SMOOTHQUANT_PRESETS:
             stages.append(dict(SMOOTHQUANT_PRESETS[part]))
         elif match := _DIAL_PRESET.match(part):  # one artifact, 3/4/8 bits (see compresslm.dial)
@@ -181,7 +200,8 @@ def preset_dict(name: str) -> dict:
                 f"unknown preset '{name}' (cannot read '{part}'); presets look like w4-gptq, w4-g64-gptq, "
                 "w3-g32-gptq-act, w4-g64-awq, w4-g64-gptq-awq, w8-rtn, w8a8-smoothquant, 50%-wanda, "
                 "2:4-sparsegpt, 2:4-sparsegpt+w4-gptq, 70%-wanda-owl, dial, dial-shared, dial-g32-rtn, "
-                "w4-g64-gptq+lqer16, gguf-q4_1-gptq, 20%-whitened, with +emb8/+emb4/+emb8-g32-sym for the embedding "
+                "w4-g64-gptq+lqer16, gguf-q4_1-gptq, 20%-whitened, mlp50, drop8+heads33, "
+                "with +emb8/+emb4/+emb8-g32-sym for the embedding "
                 "(or give a YAML/JSON recipe file)"
             )
     if not stages:

@@ -120,6 +120,8 @@ class TrainRecipe:
 
 TRAIN_PRESETS: dict[str, dict] = {
     "finetune": {},
+    # after structured pruning: distil the smaller model towards the unpruned one (give it as the teacher)
+    "heal": {"lr": 1e-4},
     "qat-w4": {"widths": [4]},
     "qat-w3": {"widths": [3]},
     "qat-w2": {"widths": [2]},
