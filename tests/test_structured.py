@@ -153,3 +153,12 @@ def test_shrink_writes_a_plain_directory_and_refuses_container_stages_first(toke
 def test_heal_needs_a_teacher(tmp_path, capsys):
     assert main(["train", "smollm2-135m", "--recipe", "heal", "--steps", "1", "-o", str(tmp_path / "h")]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_a_recipe_refuses_a_model_before_its_first_whole_model_stage_runs(tokenizer, tmp_path):
+    lm = _lm(tokenizer, "phi3")
+    expected = _logits(lm.model)
+    with pytest.raises(StructureError, match="separate q, k, v and o"):
+        compress(lm, "drop1+heads50+w8-g16-rtn", tmp_path / "m.clm", show_progress=False)
+    assert lm.model.config.num_hidden_layers == 3 and torch.equal(_logits(lm.model), expected)
+    assert not (tmp_path / "m.clm").exists()

@@ -92,6 +92,9 @@ def shrink(
     if output is not None:
         check_writable_dir(output, "output directory")
     lm = model if isinstance(model, LoadedModel) else load_model(model)
+    for stage in recipe.stages:  # a stage that can refuse this model does so before any of them runs
+        if callable(getattr(stage, "check_model", None)):
+            stage.check_model(lm)
     facts = []
     for stage in recipe.stages:
         facts.append({"stage": stage.type, **kind_of(stage).apply(stage, lm)})

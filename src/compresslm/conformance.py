@@ -44,6 +44,7 @@ METHODS = {
     "low-rank": "w4-g16-gptq+lqer4",
     "factorization": "20%-whitened",
     "rotation": "rot+w8-g16-gptq",
+    "structured": "drop1+mlp50+heads50+w8-g16-rtn",
     "training": "qat-w4",
 }
 W8_BOUND = 0.1  # relative logits error of a W8 model against the float model
@@ -61,6 +62,12 @@ KNOWN_UNSUPPORTED = {
     ("gpt_neox", "rotation"): "separate q, k, v, o",
     ("falcon", "rotation"): "separate q, k, v, o",
     ("stablelm", "rotation"): "not an RMS norm",
+    ("gpt2", "structured"): "not Conv1D",
+    ("opt", "structured"): "does not follow its pruned config",
+    ("phi3", "structured"): "separate input (gate/up or fc1)",
+    ("gpt_neox", "structured"): "separate q, k, v and o",
+    ("falcon", "structured"): "separate q, k, v and o",
+    ("stablelm", "structured"): "does not follow its pruned config",
 }
 _BOUNDED = ("RTN", "GPTQ", "AWQ", "SmoothQuant", "rotation")
 
@@ -92,6 +99,9 @@ def _recipe(name: str):
 
     recipe = load_recipe(name)
     recipe.calibration.samples, recipe.calibration.length, recipe.calibration.source = 4, 32, "wikitext2"
+    for stage in recipe.stages:  # whole-model stages that draw windows of their own
+        if hasattr(stage, "samples") and hasattr(stage, "length"):
+            stage.samples, stage.length, stage.source = 2, 32, "wikitext2"
     return recipe
 
 
@@ -149,6 +159,10 @@ def _check(family: str, method: str, tmp: Path) -> str:
         if not math.isfinite(kv["ppl"]) or not kv["kv_bytes"] < kv["kv_bytes_fp16"]:
             raise AssertionError(f"KV-cache evaluation gave ppl {kv['ppl']}, {kv['kv_bytes']} bytes")
         notes.append(f"KV4 cache {kv['kv_bytes']} of {kv['kv_bytes_fp16']} bytes")
+    if method == "structured":
+        facts = result.info["model_transforms"]
+        notes.append(f"{facts['prune_depth']['layers']['to']} of 2 blocks, MLP {facts['prune_width']['mlp']['to']} of "
+                     f"128, heads {facts['prune_width']['heads']['to']} of 4; plain config reloads")  # fmt: skip
     if method == "dial":
         from compresslm.dial import set_budget
 

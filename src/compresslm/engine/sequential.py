@@ -234,13 +234,15 @@ def compress(
     started = time.perf_counter()
     source = lm.describe() if sink is not None else None  # a spent model has no identity of its own afterwards
     transforms = {}
+    for stage in recipe.stages:  # a whole-model stage that can refuse this model does so before any of them runs
+        if kind_of(stage).role == "model" and callable(getattr(stage, "check_model", None)):
+            stage.check_model(lm)
     for stage in recipe.stages:  # whole-model transforms (registered role "model") before anything else
         kind = kind_of(stage)
-        if kind.role == "model":
+        if kind.role == "model":  # each sees the model the one before it left
             transforms[stage.type] = kind.apply(stage, lm)
-    if transforms:
-        lm.layout = discover_layout(lm.model)
-        lm.changed()
+            lm.layout = discover_layout(lm.model)
+            lm.changed()
     targets: dict[str, tuple[LinearInfo, list]] = {}
     for info in lm.layout.linears():
         stages = _stages_for(recipe, info)

@@ -10,7 +10,8 @@ using `recipe.fields`); the engine reaches a method only through its registratio
   recipe order: `weight` is the float [out, in] weight, `record` what the stages before it made (None
   when it is the first), `hessian` the layer's input XᵀX (None without calibration).
 * `model`: transforms the whole model before calibration (`apply(options, lm) -> dict` of facts for
-  the report), e.g. a rotation folded into the weights.
+  the report), e.g. a rotation folded into the weights or structured pruning; optionally
+  `check_model(lm)`, called for every model stage before the first one runs, refuses a model early.
 * `embedding`: quantizes the token embedding (built in).
 * `kv_cache`: how the KV cache is quantized at run time (built in; recorded with the model).
 

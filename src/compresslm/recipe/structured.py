@@ -86,6 +86,14 @@ class PruneWidthStage(_Importance):
             raise RecipeError(f"{where}: mlp, heads and hidden are all 0; a width stage must remove something")
         self._check_calibration(where, ("activation", "taylor"))
 
+    def check_model(self, lm) -> None:
+        """Refuse a model this stage cannot shrink, before any stage of the recipe computes."""
+        _check_width(lm, self)
+        shapes = {name: torch.empty(tensor.shape, device="meta") for name, tensor in lm.model.state_dict().items()}
+        config = copy.deepcopy(lm.model.config)
+        _cut_width(lm, self, shapes, config, None)  # the first channels of each kind: the shapes, no compute
+        _check_config(lm, config, shapes)
+
     def to_dict(self) -> dict:
         return stage_dict(self)
 
@@ -100,6 +108,15 @@ class PruneDepthStage(_Importance):
         if self.layers < 1:
             raise RecipeError(f"{where}: layers={self.layers} is not allowed; give how many blocks to remove (>= 1)")
         self._check_calibration(where, ("cosine", "taylor"))
+
+    def check_model(self, lm) -> None:
+        """Refuse a model this stage cannot shrink, before any stage of the recipe computes."""
+        n = len(lm.layout.blocks)
+        if getattr(lm, "lazy", None) is not None:
+            raise StructureError("structured pruning needs the whole model in memory; compress without --stream")
+        if self.layers >= n:
+            raise StructureError(f"layers={self.layers}: the model has {n} blocks; at least one must remain")
+        _check_config(lm, *_cut_depth(lm, list(range(self.layers)), meta=True))  # any blocks: the same shapes
 
     def to_dict(self) -> dict:
         return stage_dict(self)
@@ -350,24 +367,37 @@ def _parameters(model: nn.Module) -> int:
 
 def prune_width(stage: PruneWidthStage, lm) -> dict:
     """Remove the stage's share of MLP channels, heads and hidden channels from every block of `lm`."""
-    _check_width(lm, stage)
-    layout = lm.layout
-    config = copy.deepcopy(lm.model.config)
-    text = getattr(config, "get_text_config", lambda: None)() or config
+    stage.check_model(lm)
     before = _parameters(lm.model)
     scores = _taylor(lm, stage) if stage.score == "taylor" else _activation_stats(lm, stage, depth=False)
     state = {name: tensor.detach().clone() for name, tensor in lm.model.state_dict().items()}
-    facts: dict = {"score": stage.score, "calibration": f"{stage.samples} x {stage.length} tokens of {stage.source}"}
+    config = copy.deepcopy(lm.model.config)
+    facts = {"score": stage.score, "calibration": f"{stage.samples} x {stage.length} tokens of {stage.source}",
+             **_cut_width(lm, stage, state, config, scores)}  # fmt: skip
+    _rebuild(lm, config, state)
+    facts["parameters"] = {"from": before, "to": _parameters(lm.model)}
+    return facts
+
+
+def _cut_width(lm, stage: PruneWidthStage, state: dict, config, scores: dict | None) -> dict:
+    """Slice `state` and shrink `config` as the stage says; the channels kept are the best by `scores`,
+    or (scores None) the first ones, which gives the shapes without any compute."""
+    layout = lm.layout
+    text = getattr(config, "get_text_config", lambda: None)() or config
+    taylor = stage.score == "taylor"
+    facts = {}
     if stage.mlp:
         width = _linear(layout.blocks[0], MLP_OUT)[0].in_features
         keep = kept_width(width, stage.mlp)
         for block in layout.blocks:
-            down = _linear(block, MLP_OUT)[0]
-            if stage.score == "taylor":
-                score = _taylor_axis(scores, _mlp_axis(block), width).abs()
+            down, axis = _linear(block, MLP_OUT)[0], _mlp_axis(block)
+            if scores is None:
+                chosen = torch.arange(keep)
+            elif taylor:
+                chosen = top(_taylor_axis(scores, axis, width).abs(), keep)
             else:
-                score = channel_energy(scores[down.name], down.module.weight)
-            _slice(state, _mlp_axis(block), top(score, keep))
+                chosen = top(channel_energy(scores[down.name], down.module.weight), keep)
+            _slice(state, axis, chosen)
         setattr(text, _mlp_field(lm), keep)
         facts["mlp"] = {"from": width, "to": keep}
     if stage.heads:
@@ -377,11 +407,14 @@ def prune_width(stage: PruneWidthStage, lm) -> dict:
         keep = kept_heads(heads, groups, stage.heads) if grouped else min(heads - 1, kept_width(heads, stage.heads, 1))
         for block in layout.blocks:
             o, axis = block.linear("o"), _head_axis(lm, block, not grouped)
-            if stage.score == "taylor":
-                score = per_head(_taylor_axis(scores, axis, heads * d), d).abs()
+            if scores is None:
+                chosen = torch.arange(keep)
             else:
-                score = per_head(channel_energy(scores[o.name], o.module.weight), d)
-            chosen = top_heads(score, groups, keep) if grouped else top(score, keep)
+                if taylor:
+                    score = per_head(_taylor_axis(scores, axis, heads * d), d).abs()
+                else:
+                    score = per_head(channel_energy(scores[o.name], o.module.weight), d)
+                chosen = top_heads(score, groups, keep) if grouped else top(score, keep)
             _slice(state, axis, channels_of_heads(chosen, d))
         text.num_attention_heads, text.head_dim = keep, d
         if not grouped and getattr(text, "num_key_value_heads", None):
@@ -392,20 +425,33 @@ def prune_width(stage: PruneWidthStage, lm) -> dict:
         width = layout.hidden_size
         keep = kept_width(width, stage.hidden)
         axis = _hidden_axis(lm)
-        if stage.score == "taylor":
-            score = _taylor_axis(scores, axis, width).abs()
+        if scores is None:
+            chosen = torch.arange(keep)
+        elif taylor:
+            chosen = top(_taylor_axis(scores, axis, width).abs(), keep)
         else:
-            score = sum(v for name, v in scores.items() if v.numel() == width and name not in _writer_names(lm))
-        _slice(state, axis, top(score, keep))
+            writers = _writer_names(lm)
+            chosen = top(sum(v for name, v in scores.items() if v.numel() == width and name not in writers), keep)
+        _slice(state, axis, chosen)
         if layout.head_dim:
             text.head_dim = layout.head_dim
         if getattr(text, "word_embed_proj_dim", None) == width:  # OPT: no projection around the blocks
             text.word_embed_proj_dim = keep
         text.hidden_size = keep
         facts["hidden"] = {"from": width, "to": keep}
-    _rebuild(lm, config, state)
-    facts["parameters"] = {"from": before, "to": _parameters(lm.model)}
     return facts
+
+
+def _check_config(lm, config, shapes: dict[str, torch.Tensor]) -> None:
+    """Refuse, before any compute, a family whose modules do not follow the smaller config: a model of
+    `config` built on the meta device must have exactly the tensors `shapes` holds."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in type(lm.model)(copy.deepcopy(config)).state_dict().items()}
+    for name in sorted(set(expected) | set(shapes)):
+        want, have = expected.get(name), tuple(shapes[name].shape) if name in shapes else None
+        if want != have:
+            raise StructureError(f"{type(lm.model).__name__} does not follow its pruned config: {name} would be "
+                                 f"{have} but the config builds {want}")  # fmt: skip
 
 
 def _writer_names(lm) -> set[str]:
@@ -414,12 +460,8 @@ def _writer_names(lm) -> set[str]:
 
 def prune_depth(stage: PruneDepthStage, lm) -> dict:
     """Remove the stage's number of least important blocks from `lm`."""
-    layout = lm.layout
-    n = len(layout.blocks)
-    if getattr(lm, "lazy", None) is not None:
-        raise StructureError("structured pruning needs the whole model in memory; compress without --stream")
-    if stage.layers >= n:
-        raise StructureError(f"layers={stage.layers}: the model has {n} blocks; at least one must remain")
+    stage.check_model(lm)
+    layout, n = lm.layout, len(lm.layout.blocks)
     before = _parameters(lm.model)
     if stage.score == "taylor":
         taylor = _taylor(lm, stage)
@@ -428,26 +470,35 @@ def prune_depth(stage: PruneDepthStage, lm) -> dict:
     else:
         scores = _activation_stats(lm, stage, depth=True)["influence"]
     dropped = lowest(scores, stage.layers)
-    kept = [b for b in layout.blocks if b.index not in dropped]
-    state = {}
-    prefix = f"{layout.blocks_path}."
-    renumber = {b.index: new for new, b in enumerate(kept)}
+    config, state = _cut_depth(lm, dropped)
+    _rebuild(lm, config, state)
+    return {"score": stage.score, "scores": [round(s, 6) for s in scores], "removed_blocks": dropped,
+            "layers": {"from": n, "to": n - len(dropped)},
+            "parameters": {"from": before, "to": _parameters(lm.model)}}  # fmt: skip
+
+
+def _cut_depth(lm, dropped: list[int], meta: bool = False) -> tuple[object, dict]:
+    """The config and state dict without the `dropped` blocks (later blocks renumbered); with `meta`,
+    the tensors are shapes only."""
+    layout = lm.layout
+    n = len(layout.blocks)
+    kept = [b.index for b in layout.blocks if b.index not in dropped]
+    renumber = {old: new for new, old in enumerate(kept)}
+    prefix, state = f"{layout.blocks_path}.", {}
     for name, tensor in lm.model.state_dict().items():
+        value = torch.empty(tensor.shape, device="meta") if meta else tensor.detach().clone()
         if not name.startswith(prefix):
-            state[name] = tensor.detach().clone()
+            state[name] = value
             continue
         index, rest = name[len(prefix) :].split(".", 1)
         if int(index) in renumber:
-            state[f"{prefix}{renumber[int(index)]}.{rest}"] = tensor.detach().clone()
+            state[f"{prefix}{renumber[int(index)]}.{rest}"] = value
     config = copy.deepcopy(lm.model.config)
     text = getattr(config, "get_text_config", lambda: None)() or config
     text.num_hidden_layers = len(kept)
     if isinstance(getattr(text, "layer_types", None), list) and len(text.layer_types) == n:
-        text.layer_types = [text.layer_types[b.index] for b in kept]
-    _rebuild(lm, config, state)
-    return {"score": stage.score, "scores": [round(s, 6) for s in scores], "removed_blocks": dropped,
-            "layers": {"from": n, "to": len(kept)},
-            "parameters": {"from": before, "to": _parameters(lm.model)}}  # fmt: skip
+        text.layer_types = [text.layer_types[i] for i in kept]
+    return config, state
 
 
 register_stage("prune_width", PruneWidthStage, "model", prune_width)
