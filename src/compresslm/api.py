@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from compresslm.data.calibration import CalibrationSet
+from compresslm.engine import distributed
 from compresslm.engine.budget import BudgetTarget
 from compresslm.engine.sequential import CompressionResult
 from compresslm.engine.sequential import compress as _compress_in_place
@@ -47,6 +48,11 @@ def compress(
     """
     if output is not None:
         check_writable_file(output)  # before any compute: a bad path fails now, not after calibration
+    if distributed.active():  # one model's calibration split over processes (engine.distributed)
+        distributed.check_recipe(load_recipe(recipe))
+        if stream or target is not None:
+            raise CompressLMError("a compression split over processes does not stream or fit a size target yet")
+        stats_cache = None
     if stream:
         return _compress_streaming(model, recipe, output, calibration, device, show_progress, stats_cache, target)
     if isinstance(model, LoadedModel):
@@ -65,7 +71,7 @@ def compress(
     result.plan = plan
     lm.compressed = {**result.weights, **result.embeddings}
     summary = None
-    if output is not None:
+    if output is not None and distributed.rank() == 0:  # every rank holds the same records; one writes them
         summary = save_compressed(lm, result.weights, output, _metadata(result, source),
                                   dense_dtype=result.recipe.dense_dtype, embeddings=result.embeddings)  # fmt: skip
         if plan is not None:

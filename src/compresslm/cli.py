@@ -171,6 +171,7 @@ def _budget_sparsity(text: str | None) -> tuple[str, ...] | None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from compresslm.api import compress, parse_size
+    from compresslm.engine import distributed
     from compresslm.engine.stats_cache import default_cache_dir
     from compresslm.recipe import load_recipe
 
@@ -182,6 +183,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
             setattr(recipe.calibration, key, value)
     recipe.validate()
     check_writable_file(args.output)  # before any compute: a bad path fails now, not after calibration
+    if args.nproc < 1:
+        raise CompressLMError(f"--nproc {args.nproc}: give at least 1 process")
+    if args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        distributed.check_recipe(recipe)
+        if args.stream or args.target_bits or args.target_size or args.target_linear_bits:
+            raise CompressLMError("a compression split over processes does not stream or fit a size target yet")
+    if args.nproc > 1:
+        return _spawn_ranks(args.nproc)
+    distributed.init_from_environment(args.device)
     target_bytes = parse_size(args.target_size, "--target-size") if args.target_size else None
     if sum(t is not None for t in (args.target_bits, target_bytes, args.target_linear_bits)) > 1:
         raise CompressLMError("give one of --target-bits, --target-size and --target-linear-bits")
@@ -195,6 +205,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _lm, result, summary = compress(args.model, recipe, args.output, device=args.device, show_progress=not args.quiet,
                                     stats_cache=args.stats_cache or default_cache_dir(), target=target,
                                     stream=args.stream)  # fmt: skip
+    if summary is None:  # a rank other than 0 of a split compression: rank 0 writes and reports
+        return 0
     if result.info.get("resumed_at_block"):
         _print(f"resumed a killed run of the same compression at block {result.info['resumed_at_block']}")
     if result.plan is not None:
@@ -239,6 +251,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
         + f"{result.seconds:.1f} s"
     )
     return 0
+
+
+def _spawn_ranks(nproc: int) -> int:
+    """Run this compress command as `nproc` gloo processes on this machine (as torchrun would): each
+    gets its share of the CPU threads, rank 0 prints and writes the container."""
+    import socket
+    import subprocess
+
+    argv = sys.argv[1:]
+    if "--nproc" in argv:
+        i = argv.index("--nproc")
+        argv = argv[:i] + argv[i + 2 :]
+    argv = [a for a in argv if not a.startswith("--nproc=")]
+    with socket.socket() as probe:  # a free port for the process group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}  # fmt: skip
+        quiet = ["--quiet"] if rank else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "compresslm.cli", *argv, *quiet], env=env,
+                                      stdout=None if rank == 0 else subprocess.DEVNULL))  # fmt: skip
+    codes = [proc.wait() for proc in procs]
+    return next((code for code in codes if code), 0)
 
 
 def _read_layer_widths(path: str) -> dict[str, int]:
@@ -633,8 +671,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_writable_dir(args.out, "report folder")
     if args.containers is not None:
         check_writable_dir(args.containers, "containers folder")
+    if args.address and args.executor != "ray":
+        raise CompressLMError("--address names a Ray cluster: give it with --executor ray")
     rows = run_sweep(args.model, grid, args.db, args.containers, data_dir=args.data_dir,
-                     show_progress=not args.quiet, log=_print)  # fmt: skip
+                     show_progress=not args.quiet, log=_print, executor=args.executor, address=args.address,
+                     cpus_per_point=args.cpus_per_point)  # fmt: skip
     store = ResultStore(args.db)
     labels = {p.label for p in grid.points}
     failed = [f for f in store.failures(grid.name) if f["label"] in labels]
@@ -908,6 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where --propagate original keeps calibration statistics for reuse "
                            "(default $COMPRESSLM_CACHE/calibration-stats)")  # fmt: skip
     comp.add_argument("--device", default=None, help="device for calibration (cpu, cuda, ...)")
+    comp.add_argument("--nproc", type=int, default=1,
+                      help="split the calibration windows over this many processes (gloo; under torchrun the "
+                           "process group comes from its environment)")  # fmt: skip
     comp.add_argument("--stream", action="store_true",
                       help="read the model block by block from disk and write the container as it goes, so a model "
                            "larger than memory compresses (safetensors directories and GGUF files)")  # fmt: skip
@@ -998,6 +1042,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="report", help="report folder (plots, report.md, report.html)")
     sw.add_argument("--containers", default=None, help="keep each point's .clm here (default: deleted)")
     sw.add_argument("--data-dir", default=None, help="task data directory for grids with tasks")
+    sw.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="run the points here, one at a time (default), or as Ray tasks (compresslm[ray])")  # fmt: skip
+    sw.add_argument(
+        "--address",
+        default=None,
+        help="with --executor ray: a running cluster ('auto' or HOST:PORT; default: a new local one)",
+    )
+    sw.add_argument("--cpus-per-point", type=int, default=1, help="with --executor ray: CPUs each point declares")
     _output_flags(sw)
     sw.set_defaults(func=cmd_sweep)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from compresslm.engine.distributed import all_reduce_statistics
 from compresslm.engine.statistics import BlockStatistics, StatisticsCollector
 from compresslm.engine.stats_cache import StatisticsCache
 from compresslm.models.forward import Batch, run_block
@@ -23,7 +24,10 @@ from compresslm.progress import progress
 def collect_statistics(
     block: BlockInfo, batches: list[Batch], device: torch.device
 ) -> tuple[BlockStatistics, list[Batch]]:
-    """Hessians and activation means for every linear of the block (see engine.statistics), and its outputs."""
+    """Hessians and activation means for every linear of the block (see engine.statistics), and its outputs.
+
+    Under torch.distributed each rank passes its share of the windows, and the statistics returned
+    are summed over all ranks (`engine.distributed`)."""
     collector = StatisticsCollector(device)
     handles = [info.module.register_forward_pre_hook(collector.linear_hook(info.name)) for info in block.linears]
     for name in block.norms:
@@ -37,6 +41,7 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
+    all_reduce_statistics(collector.result)
     return collector.result, outputs
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from compresslm.compressed import CompressedWeight
 from compresslm.data.calibration import CalibrationSet, calibration_windows
+from compresslm.engine import distributed
 from compresslm.engine.allocation import outlier_share, owl_ratios
 from compresslm.engine.blocks import BlockWalk, collect_statistics
 from compresslm.engine.linear_stages import compress_weight, describe_stages
@@ -231,6 +232,10 @@ def compress(
     its blocks are left on the meta device.
     """
     recipe = load_recipe(recipe)
+    if distributed.active():
+        distributed.check_recipe(recipe)
+        if sink is not None or stats_cache is not None:
+            raise CompressLMError("a compression split over processes neither streams nor caches statistics yet")
     started = time.perf_counter()
     source = lm.describe() if sink is not None else None  # a spent model has no identity of its own afterwards
     transforms = {}
@@ -290,8 +295,11 @@ def compress(
                                 settings.batch_size, str(run_device))  # fmt: skip
                 cache = StatisticsCache(stats_cache, key, n_blocks)
                 reused = calib_protocol["statistics_reused"] = cache.complete()
-            if not reused:
-                batches = capture_first_block_inputs(lm, calibration.windows, settings.batch_size, run_device)
+            if distributed.active():
+                calib_protocol["processes"] = distributed.world()
+            if not reused:  # under torch.distributed, this rank's share of the windows
+                batches = capture_first_block_inputs(lm, distributed.shard(calibration.windows), settings.batch_size,
+                                                     run_device)  # fmt: skip
             if any(isinstance(s, QuantizeStage) and s.rescales_inputs for s in recipe.stages):
                 # one window through the original blocks, on which every scale fold is verified
                 probe = capture_first_block_inputs(lm, calibration.windows[:1], 1, run_device)

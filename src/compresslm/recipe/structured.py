@@ -125,14 +125,14 @@ class PruneDepthStage(_Importance):
 # ---------------------------------------------------------------- what is where
 
 
-def _config(lm):
-    config = lm.model.config
+def _text(config):
+    """The config that holds the decoder's sizes (a multimodal config's text part)."""
     text = getattr(config, "get_text_config", lambda: None)()
     return text if text is not None else config
 
 
 def _mlp_field(lm) -> str:
-    config = _config(lm)
+    config = _text(lm.model.config)
     for name in MLP_CONFIG_FIELDS:
         if getattr(config, name, None):
             return name
@@ -383,7 +383,7 @@ def _cut_width(lm, stage: PruneWidthStage, state: dict, config, scores: dict | N
     """Slice `state` and shrink `config` as the stage says; the channels kept are the best by `scores`,
     or (scores None) the first ones, which gives the shapes without any compute."""
     layout = lm.layout
-    text = getattr(config, "get_text_config", lambda: None)() or config
+    text = _text(config)
     taylor = stage.score == "taylor"
     facts = {}
     if stage.mlp:
@@ -494,7 +494,7 @@ def _cut_depth(lm, dropped: list[int], meta: bool = False) -> tuple[object, dict
         if int(index) in renumber:
             state[f"{prefix}{renumber[int(index)]}.{rest}"] = value
     config = copy.deepcopy(lm.model.config)
-    text = getattr(config, "get_text_config", lambda: None)() or config
+    text = _text(config)
     text.num_hidden_layers = len(kept)
     if isinstance(getattr(text, "layer_types", None), list) and len(text.layer_types) == n:
         text.layer_types = [text.layer_types[i] for i in kept]

@@ -135,10 +135,27 @@ def run_sweep(
     data_dir: str | None = None,
     show_progress: bool = True,
     log=print,
+    executor: str = "local",
+    address: str | None = None,
+    cpus_per_point: int = 1,
 ) -> list[dict]:
-    """Measure every point of `grid` not yet in the database; return this grid's finished rows."""
+    """Measure every point of `grid` not yet in the database; return this grid's finished rows.
+
+    `executor="ray"` runs the points as Ray tasks (`sweep.ray_executor`) on the cluster at `address`
+    ('auto', HOST:PORT, or None for a new local one), `cpus_per_point` CPUs each; this process stays
+    the only writer of the database.
+    """
     from compresslm.eval.distance import reference_logits
 
+    if executor not in ("local", "ray"):
+        raise CompressLMError(f"executor {executor!r} is not one of local, ray")
+    if cpus_per_point < 1:
+        raise CompressLMError(f"cpus_per_point={cpus_per_point}: give at least 1")
+    if executor == "ray":  # before the model loads: a missing package or an unreachable cluster fails now
+        from compresslm.sweep.ray_executor import connect
+
+        cluster = connect(address)
+        log(f"Ray cluster at {cluster['address']}: {cluster['cpus']} CPUs, {cpus_per_point} per point")
     store = ResultStore(db_path)
     base = load_model(model)
     model_sha, machine, protocol_key = base.fingerprint(), machine_id(), _protocol_key(grid)
@@ -156,6 +173,18 @@ def run_sweep(
     try:
         bar = progress(len(todo), "sweep", unit="point", enabled=show_progress)
         waiting = False
+        if executor == "ray" and todo:
+            from compresslm.sweep.ray_executor import run_on_ray
+
+            def key_of(point: SweepPoint) -> tuple:
+                return (model_sha, machine, point.key, protocol_key)
+
+            def claim(point: SweepPoint) -> str:
+                return store.claim(*key_of(point), grid.name, point.label, since)
+
+            run_on_ray(_measure, todo, claim, store, key_of, base, str(model), grid, reference, workdir,
+                       containers is not None, data_dir, log, bar, cpus_per_point, POLL_S)  # fmt: skip
+            todo = []
         while todo:
             busy = []
             for point in todo:
