@@ -69,8 +69,7 @@ def _command(step: str, variant: str, steps: int) -> list[str]:
 def _jobs(only: set[str]) -> list[tuple[str, str]]:
     """(step, variant) in the order that gets the most important numbers first."""
     jobs = [("ppl", "unpruned")]
-    jobs += [(step, v) for v in VARIANTS for step in ("shrink", "ppl")]
-    jobs += [("speed", "all")]
+    jobs += [("shrink", v) for v in VARIANTS] + [("speed", "all")] + [("ppl", v) for v in VARIANTS]
     jobs += [(step, v) for v in reversed(VARIANTS) for step in ("heal", "ppl_healed")]
     jobs += [("tasks", "unpruned")] + [(step, v) for v in VARIANTS for step in ("tasks", "tasks_healed")]
     return [(step, v) for step, v in jobs if not only or step.removesuffix("_healed") in only or step in only]

@@ -201,7 +201,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
         target = BudgetTarget(args.target_bits, target_bytes, args.target_linear_bits, args.sensitivity,
                               _budget_sparsity(args.budget_sparsity), args.budget_estimate)  # fmt: skip
-    _print(f"compressing {args.model} with recipe '{recipe.name}'" + (f" to {target.describe()}" if target else ""))
+    if distributed.rank() == 0:  # the other ranks of a split compression stay quiet
+        _print(f"compressing {args.model} with recipe '{recipe.name}'" + (f" to {target.describe()}" if target else ""))
     _lm, result, summary = compress(args.model, recipe, args.output, device=args.device, show_progress=not args.quiet,
                                     stats_cache=args.stats_cache or default_cache_dir(), target=target,
                                     stream=args.stream)  # fmt: skip

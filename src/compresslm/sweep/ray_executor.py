@@ -58,6 +58,7 @@ def _measure_remote(measure: Callable, point, model_name: str, grid, reference, 
     from compresslm.sweep.store import machine_id
 
     torch.set_num_threads(threads)
+    Path(workdir).mkdir(parents=True, exist_ok=True)  # a driver's temporary folder exists on its node only
     if model_name not in _BASES:
         _BASES.clear()
         _BASES[model_name] = load_model(model_name)
