@@ -188,7 +188,8 @@ def write_markdown(rows: dict) -> None:
         params, facts = _params(rows, variant)
         left = ", ".join(f"{k} {v['to']}" for k, v in facts.items())
         share = f"{100 * (1 - params / base_params):.1f} %" if params and base_params else "–"
-        lines.append(f"| {variant} | `{recipe}` | {left} | {params or 0:,} | {share} | {_ppl(rows, 'ppl', variant)} "
+        shown = f"{params:,}" if params else "–"
+        lines.append(f"| {variant} | `{recipe}` | {left or '–'} | {shown} | {share} | {_ppl(rows, 'ppl', variant)} "
                      f"| {_ppl(rows, 'ppl_healed', variant)} | {_tasks(rows, 'tasks', variant)} "
                      f"| {_tasks(rows, 'tasks_healed', variant)} |")  # fmt: skip
     lines += [
@@ -207,6 +208,9 @@ def write_markdown(rows: dict) -> None:
         cells += f" | {speed['peak_mib']:.0f}"
         lines.append(f"| {variant} | {cells} |")
     lines += [
+        "",
+        "'–': not measured yet (the script resumes where it stopped). Perplexity and task steps may have run beside",
+        "other work on the machine (their wall times in the JSON are not comparisons); the speed pass ran alone.",
         "",
         "Each step is one `compresslm` command recorded in structured_table.json (`command`), with its wall time.",
         f"Machine: {platform.platform()}, 2 CPUs; Python {platform.python_version()}.",
