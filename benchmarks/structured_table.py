@@ -6,8 +6,9 @@ sample, seed 0), saved as a plain Hugging Face directory, and measured as it is 
 model, lr 1e-4, batch 4 x 256 tokens of C4 for `--steps` steps). Perplexity: benchmark protocol of
 DESIGN.md (WikiText-2 raw test, GPTQ rows, ctx 2048, first 40 windows). Tasks: a seeded subset of
 ARC-Easy and PIQA. Speed: eval.speed at batch 1 (prompt 128 random ids, 64 greedy steps, 1 warm-up +
-5 timed runs), every variant and the unpruned model one after another in one `speed` pass, so their
-ratio compares like with like; run it with nothing else on the machine.
+3 timed runs) of every variant and the unpruned model, in `SPEED_ROUNDS` interleaved rounds (each
+round measures every model once), so a machine whose speed drifts during the pass shows as spread
+between rounds instead of as a ratio; run it with nothing else on the machine.
 
 Every step is one `compresslm` subprocess whose JSON is journalled in the results file as soon as it
 finishes; a rerun skips finished steps (stop with Ctrl-C or `--budget` seconds; the step running at
@@ -45,7 +46,8 @@ VARIANTS = {  # name -> shrink recipe
 }
 PPL = ["--ppl", "wikitext2", "--ctx", "2048", "--limit", "40"]
 TASKS = ["--tasks", "arc_easy,piqa", "--task-limit", "200", "--data-dir", str(ROOT.parent / "shared" / "data")]
-SPEED = ["--speed", "--speed-prompt", "128", "--speed-new", "64", "--repeats", "5"]
+SPEED = ["--speed", "--speed-prompt", "128", "--speed-new", "64", "--repeats", "3"]
+SPEED_ROUNDS = 3
 STEPS = ("shrink", "ppl", "speed", "heal", "ppl_healed", "tasks", "tasks_healed")
 
 
@@ -69,7 +71,7 @@ def _command(step: str, variant: str, steps: int) -> list[str]:
 def _jobs(only: set[str]) -> list[tuple[str, str]]:
     """(step, variant) in the order that gets the most important numbers first."""
     jobs = [("ppl", "unpruned")]
-    jobs += [("shrink", v) for v in VARIANTS] + [("speed", "all")] + [("ppl", v) for v in VARIANTS]
+    jobs += [("shrink", v) for v in VARIANTS] + [("speed", "rounds")] + [("ppl", v) for v in VARIANTS]
     jobs += [(step, v) for v in reversed(VARIANTS) for step in ("heal", "ppl_healed")]
     jobs += [("tasks", "unpruned")] + [(step, v) for v in VARIANTS for step in ("tasks", "tasks_healed")]
     return [(step, v) for step, v in jobs if not only or step.removesuffix("_healed") in only or step in only]
@@ -87,14 +89,15 @@ def run(args: argparse.Namespace) -> None:
         if args.budget and time.monotonic() - started > args.budget:
             print(f"budget of {args.budget} s spent; rerun to go on", file=sys.stderr)
             return
-        if step == "speed":  # every model one after another, so their ratios compare like with like
+        if step == "speed":  # rounds of every model once each, so that drift shows as spread
             models = [v for v in ("unpruned", *VARIANTS) if v == "unpruned" or f"shrink {v}" in rows]
-            row = {"step": step, "models": {}}
-            for model in models:
-                result = _step(key, _command("speed", model, args.steps))
-                if result is None:
-                    return
-                row["models"][model] = result
+            row = {"step": step, "models": {model: [] for model in models}}
+            for _ in range(SPEED_ROUNDS):
+                for model in models:
+                    result = _step(key, _command("speed", model, args.steps))
+                    if result is None:
+                        return
+                    row["models"][model].append(result)
         else:
             row = _step(key, _command(step, variant, args.steps))
             if row is None:
@@ -140,17 +143,20 @@ def _params(rows: dict, variant: str) -> tuple[int | None, dict]:
 
 
 def _speed(rows: dict, variant: str) -> dict | None:
-    """Batch-1 medians, model bytes and peak RSS of one model in the speed pass."""
-    model = rows.get("speed all", {}).get("models", {}).get(variant)
-    if not model:
+    """Batch-1 tokens/s (median over the rounds of each round's median, and the rounds' range), model
+    bytes and peak RSS of one model in the speed pass."""
+    rounds = rows.get("speed rounds", {}).get("models", {}).get(variant)
+    if not rounds:
         return None
-    speed = model["result"]["speed"]
-    batch = speed["per_batch"]["1"]
+    batches = [r["result"]["speed"]["per_batch"]["1"] for r in rounds]
+    prefill = sorted(b["prefill_tokens_per_s"]["median"] for b in batches)
+    decode = sorted(b["decode_tokens_per_s"]["median"] for b in batches)
     return {
-        "prefill": batch["prefill_tokens_per_s"]["median"],
-        "decode": batch["decode_tokens_per_s"]["median"],
-        "model_mib": speed["model_bytes_in_memory"] / 2**20,
-        "peak_mib": model["result"]["peak_rss_bytes"] / 2**20,
+        "prefill": prefill[len(prefill) // 2],
+        "decode": decode[len(decode) // 2],
+        "decode_range": (decode[0], decode[-1]),
+        "model_mib": rounds[0]["result"]["speed"]["model_bytes_in_memory"] / 2**20,
+        "peak_mib": max(r["result"]["peak_rss_bytes"] for r in rounds) / 2**20,
     }
 
 
@@ -194,9 +200,10 @@ def write_markdown(rows: dict) -> None:
                      f"| {_tasks(rows, 'tasks_healed', variant)} |")  # fmt: skip
     lines += [
         "",
-        "## Speed and memory (PyTorch float32, batch 1, measured one after another in one pass)",
+        f"## Speed and memory (PyTorch float32, batch 1, {SPEED_ROUNDS} interleaved rounds of every model)",
         "",
-        "| variant | prefill tok/s | decode tok/s | decode vs unpruned | model MiB in memory | peak RSS MiB |",
+        "| variant | prefill tok/s | decode tok/s [rounds' range] | decode vs unpruned | model MiB in memory "
+        "| peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for variant in ("unpruned", *VARIANTS):
@@ -204,13 +211,18 @@ def write_markdown(rows: dict) -> None:
         if not speed:
             continue
         ratio = f"{speed['decode'] / base_speed['decode']:.2f}x" if base_speed else ""
-        cells = f"{speed['prefill']:.0f} | {speed['decode']:.1f} | {ratio} | {speed['model_mib']:.0f}"
+        low, high = speed["decode_range"]
+        cells = f"{speed['prefill']:.0f} | {speed['decode']:.1f} [{low:.1f}-{high:.1f}] | {ratio}"
+        cells += f" | {speed['model_mib']:.0f}"
         cells += f" | {speed['peak_mib']:.0f}"
         lines.append(f"| {variant} | {cells} |")
+    discarded = rows.get("speed all (discarded)")
+    if discarded:
+        lines += ["", f"A first speed pass is kept in the JSON as `speed all (discarded)`: {discarded['discarded']}."]
     lines += [
         "",
         "'–': not measured yet (the script resumes where it stopped). Perplexity and task steps may have run beside",
-        "other work on the machine (their wall times in the JSON are not comparisons); the speed pass ran alone.",
+        "other work on the machine (their wall times in the JSON are not comparisons); the speed pass must run alone.",
         "",
         "Each step is one `compresslm` command recorded in structured_table.json (`command`), with its wall time.",
         f"Machine: {platform.platform()}, 2 CPUs; Python {platform.python_version()}.",
