@@ -49,9 +49,7 @@ def compress(
     if output is not None:
         check_writable_file(output)  # before any compute: a bad path fails now, not after calibration
     if distributed.active():  # one model's calibration split over processes (engine.distributed)
-        distributed.check_recipe(load_recipe(recipe))
-        if stream or target is not None:
-            raise CompressLMError("a compression split over processes does not stream or fit a size target yet")
+        distributed.check_split(load_recipe(recipe), stream, target is not None)
         stats_cache = None
     if stream:
         return _compress_streaming(model, recipe, output, calibration, device, show_progress, stats_cache, target)

@@ -186,9 +186,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise CompressLMError(f"--nproc {args.nproc}: give at least 1 process")
     if args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        distributed.check_recipe(recipe)
-        if args.stream or args.target_bits or args.target_size or args.target_linear_bits:
-            raise CompressLMError("a compression split over processes does not stream or fit a size target yet")
+        targets = (args.target_bits, args.target_size, args.target_linear_bits)
+        distributed.check_split(recipe, args.stream, any(targets))
     if args.nproc > 1:
         return _spawn_ranks(args.nproc)
     distributed.init_from_environment(args.device)

@@ -78,6 +78,13 @@ def check_recipe(recipe) -> None:
             raise CompressLMError("--nproc: OWL's allocation runs its own pass; compress it without --nproc")
 
 
+def check_split(recipe, stream: bool, target: bool) -> None:
+    """Refuse what a compression split over processes cannot do, before any process computes."""
+    check_recipe(recipe)
+    if stream or target:
+        raise CompressLMError("a compression split over processes does not stream or fit a size target yet")
+
+
 def init_from_environment(device: str | None) -> None:
     """Join the process group torchrun (or our own spawner) describes in the environment."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:

@@ -112,8 +112,7 @@ class PruneDepthStage(_Importance):
     def check_model(self, lm) -> None:
         """Refuse a model this stage cannot shrink, before any stage of the recipe computes."""
         n = len(lm.layout.blocks)
-        if getattr(lm, "lazy", None) is not None:
-            raise StructureError("structured pruning needs the whole model in memory; compress without --stream")
+        _check_resident(lm)
         if self.layers >= n:
             raise StructureError(f"layers={self.layers}: the model has {n} blocks; at least one must remain")
         _check_config(lm, *_cut_depth(lm, list(range(self.layers)), meta=True))  # any blocks: the same shapes
@@ -143,11 +142,15 @@ def _linear(block, roles: tuple[str, ...]) -> list:
     return [info for info in block.linears if info.role in roles]
 
 
+def _check_resident(lm) -> None:
+    if getattr(lm, "lazy", None) is not None:
+        raise StructureError("structured pruning needs the whole model in memory; compress without --stream")
+
+
 def _check_width(lm, stage: PruneWidthStage) -> None:
     """Refuse what the stage cannot remove before any compute."""
     layout = lm.layout
-    if getattr(lm, "lazy", None) is not None:
-        raise StructureError("structured pruning needs the whole model in memory; compress without --stream")
+    _check_resident(lm)
     if any(info.transposed for info in layout.linears()):
         raise StructureError(f"{layout.model_class}: width pruning supports nn.Linear layers (not Conv1D)")
     for block in layout.blocks:
