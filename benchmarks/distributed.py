@@ -1,23 +1,29 @@
-"""One machine, split two ways: a sweep on one vs two Ray workers, and GPTQ calibration in one vs two processes.
+"""One machine, split two ways: the default sweep on one vs two Ray workers, and GPTQ calibration in one
+vs two processes.
 
-Cases, each a `compresslm` command timed as a whole (wall time; peak RSS: the largest resident set
-of any process the case started, from the kernel's rusage of waited-for children):
+Cases, each a `compresslm` command timed as a whole (wall time; peak RSS: the largest resident set of
+any one process the case started, from the kernel's rusage of waited-for children):
 
-* `sweep local`: the `smoke` grid (3 points) with the local executor, torch on both cores;
-* `sweep ray x2`: the same grid on a local Ray cluster of 2 CPUs, one CPU (and one torch thread) per
-  point, so two points run at once;
-* `compress 1 process`: `w4-g64-gptq` of the reference model, 32 x 512 C4 windows, both cores;
-* `compress --nproc 2`: the same split over two gloo processes of one thread each.
+* `sweep ray, 1 worker x 2 CPUs`: the `default` grid (what `make demo` runs) on a local Ray cluster of
+  2 CPUs, each point declaring 2 CPUs (two torch threads), so one point runs at a time;
+* `sweep ray, 2 workers x 1 CPU`: the same grid, each point declaring 1 CPU (one torch thread), so two
+  points run at once;
+* `compress, 1 process`: `w4-g64-gptq` of the reference model, 32 x 512 C4 windows, both cores;
+* `compress, --nproc 2`: the same split over two gloo processes of one thread each.
 
-Run it with nothing else on the machine; each case writes into a fresh temporary folder.
+Both sweeps must find the same perplexities (the table shows the largest difference between them).
+Resumable: each finished case is saved before the next starts; a rerun skips saved cases (`--redo`
+names cases to measure again). Run it with nothing else on the machine.
 
-    .venv/bin/python benchmarks/distributed.py
+    .venv/bin/python benchmarks/distributed.py [--cases NAME ...] [--report]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,23 +31,24 @@ import time
 from pathlib import Path
 
 from point_runner import command_line
-from results_store import atomic_write
+from results_store import add_row, atomic_write, load_rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distributed.json"
 CLI = [sys.executable, "-m", "compresslm.cli"]
 MODEL = "smollm2-135m"
 CALIB = ["--calib-samples", "32", "--calib-len", "512"]
+SWEEPS = ("sweep ray, 1 worker x 2 CPUs", "sweep ray, 2 workers x 1 CPU")
 
 
 def _cases(work: Path) -> dict[str, list[str]]:
-    sweep = ["sweep", MODEL, "--grid", "smoke", "--quiet"]
-    nproc = ["compress", MODEL, "--recipe", "w4-g64-gptq", *CALIB, "--nproc", "2", "-o", str(work / "two.clm")]
+    sweep = ["sweep", MODEL, "--grid", "default", "--quiet", "--executor", "ray"]
+    gptq = ["compress", MODEL, "--recipe", "w4-g64-gptq", *CALIB, "--quiet"]
     return {
-        "sweep local": [*sweep, "--db", str(work / "local.sqlite"), "--out", str(work / "r1")],
-        "sweep ray x2": [*sweep, "--db", str(work / "ray.sqlite"), "--out", str(work / "r2"), "--executor", "ray"],
-        "compress 1 process": ["compress", MODEL, "--recipe", "w4-g64-gptq", *CALIB, "-o", str(work / "one.clm")],
-        "compress --nproc 2": nproc,
+        SWEEPS[0]: [*sweep, "--cpus-per-point", "2", "--db", str(work / "one.sqlite"), "--out", str(work / "r1")],
+        SWEEPS[1]: [*sweep, "--cpus-per-point", "1", "--db", str(work / "two.sqlite"), "--out", str(work / "r2")],
+        "compress, 1 process": [*gptq, "-o", str(work / "one.clm")],
+        "compress, --nproc 2": [*gptq, "--nproc", "2", "-o", str(work / "two.clm")],
     }
 
 
@@ -58,25 +65,48 @@ def run_case(command: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    rows = {}
+def _sweep_points(db: Path) -> dict[str, dict]:
+    """Each finished point's perplexity and its own seconds, read from the sweep's results store."""
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT label, result FROM points WHERE status='done'").fetchall()
+    return {label: {k: json.loads(result).get(k) for k in ("ppl", "point_seconds")} for label, result in rows}
+
+
+def measure(names: list[str], redo: list[str]) -> None:
+    done = load_rows(RESULTS).get("rows", {})
     with tempfile.TemporaryDirectory(prefix="compresslm-distributed-") as tmp:
         for name, command in _cases(Path(tmp)).items():
+            if name not in names or (name in done and name not in redo):
+                continue
             print(f"[{time.strftime('%H:%M:%S')}] {name}", file=sys.stderr, flush=True)
-            rows[name] = {**run_case(command), "command": ["compresslm", *command[:-2]]}
-            print(f"  {rows[name]['wall_s']:.0f} s, peak {rows[name]['peak_rss_bytes'] / 2**20:.0f} MiB",
-                  file=sys.stderr)  # fmt: skip
-    payload = {"machine": {"platform": platform.platform(), "cpus": 2}, "rows": rows,
-               "command": command_line("benchmarks/distributed.py")}  # fmt: skip
-    atomic_write(RESULTS, json.dumps(payload, indent=2) + "\n")
+            row = {**run_case(command), "command": ["compresslm", *command[:-2]], "date": time.strftime("%Y-%m-%d")}
+            if name in SWEEPS:
+                row["points"] = _sweep_points(Path(command[command.index("--db") + 1]))
+            done = add_row(RESULTS, "rows", {**done, name: row})["rows"]
+            print(f"  {row['wall_s']:.0f} s, peak {row['peak_rss_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+    add_row(RESULTS, "machine", {"platform": platform.platform(), "processor": _cpu(), "cpus": 2})
+    add_row(RESULTS, "command", command_line("benchmarks/distributed.py"))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def report() -> None:
+    payload = load_rows(RESULTS)
+    rows = payload.get("rows", {})
     lines = [
         "# One machine, split two ways (2 CPU cores)",
         "",
-        "Sweep: the `smoke` grid (3 points: float, W8 RTN, W4 g64 RTN; WikiText-2 ctx 512, 4 windows, KL) with the",
-        "local executor (both cores, one point at a time) and on a local Ray cluster of 2 CPUs (one CPU and one torch",
-        "thread per point, two points at once). Compress: W4 g64 GPTQ of SmolLM2-135M on 32 x 512 C4 windows in one",
-        "process (both cores) and split over two gloo processes of one thread each. Peak RSS: the largest resident",
-        "set of any one process of the case.",
+        "Sweep: the `default` grid (what `make demo` runs: 8 points, WikiText-2 ctx 2048 first windows, KL;",
+        "16 x 512 C4 calibration windows) on a local Ray cluster of 2 CPUs, with one point at a time on both",
+        "cores, and with two points at once on one core each. Compress: W4 g64 GPTQ of SmolLM2-135M on",
+        "32 x 512 C4 windows in one process (both cores) and split over two gloo processes of one thread each.",
+        "Peak RSS: the largest resident set of any one process of the case (for a sweep, the largest Ray",
+        "worker or the driver).",
         "",
         "| case | exit | wall time | peak RSS MiB (per process) |",
         "|---|---:|---:|---:|",
@@ -84,10 +114,45 @@ def main() -> None:
             f"| {name} | {r['exit']} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / 2**20:.0f} |"
             for name, r in rows.items()
         ),
+    ]
+    if all(name in rows for name in SWEEPS):
+        one, two = (rows[name]["points"] for name in SWEEPS)
+        same = sorted(set(one) & set(two))
+        gap = max((abs(one[k]["ppl"] - two[k]["ppl"]) / one[k]["ppl"] for k in same), default=float("nan"))
+        lines += [
+            "",
+            f"Both sweeps finished {len(one)} and {len(two)} points; across the {len(same)} they share, the largest",
+            f"relative perplexity difference is {gap:.2e} (one vs two torch threads sum in different orders).",
+            "",
+            "| point | ppl (1 worker) | s (1 worker) | ppl (2 workers) | s (2 workers) |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {k} | {one[k]['ppl']:.3f} | {one[k]['point_seconds']:.0f} | {two[k]['ppl']:.3f} | "
+                f"{two[k]['point_seconds']:.0f} |"
+                for k in same
+            ),
+        ]
+    machine = payload.get("machine", {})
+    lines += [
         "",
-        f"Command: `{payload['command']}`. Machine: {payload['machine']['platform']}, 2 CPUs, nothing else running.",
+        f"Command: `{payload.get('command', '')}`. Machine: {machine.get('processor', '?')}, "
+        f"{machine.get('platform', '?')}, 2 CPUs, nothing else running. Dates: "
+        + ", ".join(sorted({r.get("date", "?") for r in rows.values()}))
+        + ".",
     ]
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    names = list(_cases(Path("/nonexistent")))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=names, default=names)
+    parser.add_argument("--redo", nargs="*", choices=names, default=[])
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown table")
+    args = parser.parse_args()
+    if not args.report:
+        measure(args.cases, args.redo)
+    report()
 
 
 if __name__ == "__main__":

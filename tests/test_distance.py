@@ -10,7 +10,7 @@ import torch
 from compresslm.api import compress
 from compresslm.cli import main
 from compresslm.errors import ProtocolError
-from compresslm.eval.distance import distance, reference_logits, token_kld
+from compresslm.eval.distance import distance, reference_distance, reference_logits, token_kld
 from compresslm.eval.perplexity import perplexity
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.loading import save_model
@@ -37,6 +37,16 @@ def test_self_distance_is_zero_and_ppl_matches(tokenizer, reference):
     assert result.ppl == pytest.approx(perplexity(lm, "wikitext2", show_progress=False, **WINDOWS).ppl, rel=1e-12)
     assert result.ppl == pytest.approx(result.reference_ppl, rel=1e-12)
     assert result.tokens == 3 * 95
+
+
+def test_reference_distance_reads_the_same_numbers_from_the_reference_pass(tokenizer, reference):
+    measured = distance(_tiny(tokenizer), reference, "wikitext2", show_progress=False)
+    read = reference_distance(reference)
+    assert read.ppl == pytest.approx(measured.ppl, rel=1e-12)
+    assert read.window_nll == pytest.approx(measured.window_nll, rel=1e-12)
+    assert (read.kld_mean, read.top1_agreement, read.delta_p_mean) == (0.0, 1.0, 0.0)
+    assert (read.tokens, read.windows) == (measured.tokens, measured.windows)
+    assert read.protocol["text_sha256"] == measured.protocol["text_sha256"]
 
 
 def test_fewer_bits_move_further_from_the_reference(tokenizer, reference):

@@ -214,20 +214,8 @@ def distance(
     if offset != reference.top_ids.shape[0]:
         raise CorruptFileError("the reference logits hold more tokens than the windows scored; recompute them")
     kl_all, agree_all, delta_all = torch.cat(kls), torch.cat(agree), torch.cat(delta)
-    rest_mass = float((1.0 - reference.top_logprobs.exp().sum(dim=1)).clamp_min(0).mean())
     protocol = {
-        "metric": "kl_divergence",
-        "definition": (
-            f"KL(reference || model) per scored token over the reference's top-{reference.k} tokens plus one bucket "
-            "for the rest of the vocabulary (a lower bound on the full KL); top-1 agreement = same argmax token; "
-            "delta_p = p_model(correct) - p_reference(correct); standard errors over windows; ppl = "
-            "exp(mean NLL over the same scored tokens), text tokenized once, no special tokens"
-        ),
-        "reference_mass_outside_top_k": rest_mass,
-        **{key: ref[key] for key in ("dataset", "split", "text_sha256", "ctx", "stride", "windows", "limit", "bos")},
-        "windows_available": ref["windows_available"],
-        "reference_model": ref["reference_model"],
-        "reference_cache_key": ref["cache_key"],
+        **_protocol(reference),
         "model": lm.describe(),
         **({"kv_cache": kv_cache.config.describe(), "kv_prefill_chunk": kv_cache.chunk} if kv_cache else {}),
         "versions": versions(),
@@ -253,3 +241,56 @@ def distance(
         windows=len(plan),
         protocol=protocol,
     )
+
+
+def reference_distance(reference: ReferenceLogits) -> DistanceResult:
+    """The reference model against itself, read from its own pass: KL 0, top-1 agreement 1 and Δp 0 by
+    definition, perplexity from the correct tokens' log-probabilities. A sweep's uncompressed point
+    uses it rather than running the same windows through the same model a second time."""
+    nll = -reference.target_logprob.double()
+    window_nll = [float(chunk.mean()) for chunk in torch.split(nll, reference.window_sizes)]
+    zeros = {f"p{p:g}": 0.0 for p in PERCENTILES}
+    protocol = {
+        **_protocol(reference),
+        "model": reference.protocol["reference_model"],
+        "measured": "from the reference pass (the reference model against itself)",
+        "versions": versions(),
+        "wall_time_s": 0.0,
+    }
+    check_metric("perplexity", float(nll.mean()), window_nll)
+    return DistanceResult(
+        kld_mean=0.0,
+        kld_stderr=0.0,
+        kld_percentiles=zeros,
+        kld_max=0.0,
+        top1_agreement=1.0,
+        top1_stderr=0.0,
+        delta_p_mean=0.0,
+        delta_p_percentiles=dict(zeros),
+        ppl=math.exp(float(nll.mean())),
+        nll=float(nll.mean()),
+        window_nll=window_nll,
+        reference_ppl=math.exp(float(nll.mean())),
+        tokens=int(nll.numel()),
+        windows=len(reference.window_sizes),
+        protocol=protocol,
+    )
+
+
+def _protocol(reference: ReferenceLogits) -> dict:
+    """What a distance result says of how it was measured, from the reference's own protocol."""
+    ref = reference.protocol
+    return {
+        "metric": "kl_divergence",
+        "definition": (
+            f"KL(reference || model) per scored token over the reference's top-{reference.k} tokens plus one bucket "
+            "for the rest of the vocabulary (a lower bound on the full KL); top-1 agreement = same argmax token; "
+            "delta_p = p_model(correct) - p_reference(correct); standard errors over windows; ppl = "
+            "exp(mean NLL over the same scored tokens), text tokenized once, no special tokens"
+        ),
+        "reference_mass_outside_top_k": float((1.0 - reference.top_logprobs.exp().sum(dim=1)).clamp_min(0).mean()),
+        **{key: ref[key] for key in ("dataset", "split", "text_sha256", "ctx", "stride", "windows", "limit", "bos")},
+        "windows_available": ref["windows_available"],
+        "reference_model": ref["reference_model"],
+        "reference_cache_key": ref["cache_key"],
+    }

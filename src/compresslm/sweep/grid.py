@@ -129,9 +129,9 @@ BUILTIN: dict[str, dict] = {
         "name": "default",
         "description": (
             "what `make demo` runs: RTN at 8/4 bits, GPTQ at 4/3 bits, AWQ scaling + GPTQ, Wanda at 50 %, "
-            "2:4 SparseGPT + W4 GPTQ; reduced protocol (ctx 2048, first 8 windows; 16 x 512 calibration windows)"
+            "2:4 SparseGPT + W4 GPTQ; reduced protocol (ctx 2048, first 4 windows; 16 x 512 calibration windows)"
         ),
-        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 8}, "kld": True},
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 4}, "kld": True},
         "calibration": {"samples": 16, "length": 512},
         "points": [
             "none", "w8-rtn", "w4-g64-rtn", "w4-g64-gptq", "w4-g64-gptq-awq", "w3-g64-gptq", "50%-wanda",

@@ -65,14 +65,20 @@ def _protocol_key(grid: Grid) -> str:
     return hashlib.sha256(json.dumps(grid.protocol.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None, show_progress: bool = False) -> dict:
-    from compresslm.eval.distance import distance
+def _evaluate(lm: LoadedModel, grid: Grid, reference, data_dir: str | None, show_progress: bool = False,
+              is_reference: bool = False) -> dict:  # fmt: skip
+    """The grid's protocol on `lm`; `is_reference`: `lm` is the model the reference logits came from, whose
+    perplexity and (zero) distance are read from that pass rather than measured again."""
+    from compresslm.eval.distance import distance, reference_distance
     from compresslm.eval.perplexity import perplexity
 
     protocol = grid.protocol
     out: dict = {}
     if reference is not None:
-        result = distance(lm, reference, protocol.corpus, show_progress=show_progress)
+        if is_reference:
+            result = reference_distance(reference)
+        else:
+            result = distance(lm, reference, protocol.corpus, show_progress=show_progress)
         window_nll = result.window_nll
         out.update({"ppl": result.ppl, "kld_mean": result.kld_mean, "kld_stderr": result.kld_stderr,
                     "kld_p99": result.kld_percentiles["p99"], "top1_agreement": result.top1_agreement,
@@ -276,7 +282,7 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
             row["container"] = str(path)
         else:
             path.unlink(missing_ok=True)
-    row.update(_evaluate(lm, grid, reference, data_dir, show_progress))
+    row.update(_evaluate(lm, grid, reference, data_dir, show_progress, is_reference=lm is base))
     row["point_seconds"] = time.perf_counter() - started
     return row
 
