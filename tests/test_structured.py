@@ -145,8 +145,10 @@ def test_shrink_writes_a_plain_directory_and_refuses_container_stages_first(toke
     assert not (tmp_path / "x").exists()
     code = main(["shrink", str(tmp_path / "small"), "--recipe", "drop1", "--calib", "wikitext2", "--calib-samples", "2",
                  "--calib-len", "32", "-o", str(tmp_path / "smaller"), "--json", "--quiet"])  # fmt: skip
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert code == 0 and out["stages"][0]["layers"] == {"from": 3, "to": 2}
+    assert "importance" not in captured.err  # --quiet reaches the stage's own bars
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "smaller").config.num_hidden_layers == 2
 
 

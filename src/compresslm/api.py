@@ -19,6 +19,7 @@ from compresslm.models.assemble import StreamingSave, save_compressed
 from compresslm.models.layout import discover_layout
 from compresslm.models.loaded import LoadedModel, check_finite
 from compresslm.models.loading import load_model, save_model
+from compresslm.progress import shown
 from compresslm.recipe import Recipe, kind_of, load_recipe
 
 
@@ -78,7 +79,10 @@ def compress(
 
 
 def shrink(
-    model: str | os.PathLike | LoadedModel, recipe: str | dict | Recipe, output: str | os.PathLike | None = None
+    model: str | os.PathLike | LoadedModel,
+    recipe: str | dict | Recipe,
+    output: str | os.PathLike | None = None,
+    show_progress: bool = True,
 ) -> tuple[LoadedModel, dict]:
     """Apply a recipe of whole-model stages only (structured pruning `prune_width`/`prune_depth`,
     `rotate`) and optionally save the result as a plain Hugging Face directory.
@@ -101,7 +105,8 @@ def shrink(
             stage.check_model(lm)
     facts = []
     for stage in recipe.stages:
-        facts.append({"stage": stage.type, **kind_of(stage).apply(stage, lm)})
+        with shown(show_progress):
+            facts.append({"stage": stage.type, **kind_of(stage).apply(stage, lm)})
         lm.layout = discover_layout(lm.model)
         lm.changed()
     if output is not None:

@@ -812,7 +812,7 @@ def cmd_shrink(args: argparse.Namespace) -> int:
                 setattr(stage, key, value)
     recipe.validate()
     _print(f"shrinking {args.model} with recipe '{recipe.name}'")
-    _lm, summary = shrink(args.model, recipe, args.output)
+    _lm, summary = shrink(args.model, recipe, args.output, show_progress=not args.quiet)
     if args.json:
         _emit_json({"model": args.model, "output": args.output, **summary})
         return 0

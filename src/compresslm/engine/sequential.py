@@ -42,6 +42,7 @@ from compresslm.kv.cache import check_kv_support
 from compresslm.models.forward import Batch, Carried, capture_first_block_inputs, run_block
 from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
 from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
+from compresslm.progress import shown
 from compresslm.quant.gptq import output_error
 from compresslm.quant.rtn import rtn
 from compresslm.recipe import PruneStage, QuantizeEmbeddingStage, QuantizeStage, Recipe, kind_of, load_recipe
@@ -245,7 +246,8 @@ def compress(
     for stage in recipe.stages:  # whole-model transforms (registered role "model") before anything else
         kind = kind_of(stage)
         if kind.role == "model":  # each sees the model the one before it left
-            transforms[stage.type] = kind.apply(stage, lm)
+            with shown(show_progress):
+                transforms[stage.type] = kind.apply(stage, lm)
             lm.layout = discover_layout(lm.model)
             lm.changed()
     targets: dict[str, tuple[LinearInfo, list]] = {}
