@@ -46,14 +46,16 @@ def main() -> None:
         started = time.perf_counter()
         run = subprocess.run(["make", "demo"], cwd=clone, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
-    lines = run.stdout.splitlines()
+    # compresslm writes its messages and progress bars on stderr: keep the messages, drop the bars
+    lines = [line.rstrip() for line in (run.stdout + run.stderr).replace("\r", "\n").splitlines()]
+    lines = [line for line in lines if line.strip() and "%|" not in line]
     points = [line.strip() for line in lines if "bits/param," in line]
     payload = {
         "exit": run.returncode,
         "wall_s": wall,
         "goal_s": GOAL_S,
         "points": points,
-        "tail": lines[-4:] + run.stderr.splitlines()[-3:] * (run.returncode != 0),
+        "tail": lines[-6:],
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"processor": _cpu(), "platform": platform.platform(), "cpus": os.cpu_count()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -209,6 +210,31 @@ def test_tiny_sweep_end_to_end_and_resume(model_dir, tmp_path, monkeypatch):
     kv = by["w4-g16-rtn+kv4-g16"]
     assert kv["family"] == "rtn +kv4" and kv["kv_bytes"] < kv["kv_bytes_fp16"]
     assert kv["eval_protocol"]["kv_cache"].startswith("K4")
+
+
+def test_a_point_can_start_from_another_model_with_the_same_tokenizer(model_dir, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    student = str(save_model(tiny_model("llama", seed=1, layers=1), tokenizer, tmp_path / "student"))
+    points = ["none", {"label": "student", "recipe": "none", "model": student},
+              {"label": "student-w8", "recipe": "w8-rtn", "model": student}]  # fmt: skip
+    grid = load_grid({**TINY_GRID, "points": points})
+    rows = {r["label"]: r for r in run_sweep(model_dir, grid, tmp_path / "r.sqlite", show_progress=False,
+                                             log=lambda *a: None)}  # fmt: skip
+    assert rows["none"]["kld_mean"] == 0.0 and rows["student"]["kld_mean"] > 0  # measured against the sweep's model
+    assert rows["student"]["start_model"]["source"] == student and rows["student"]["family"] == "other model"
+    assert rows["student-w8"]["family"] == "other model>rtn"
+    assert rows["student-w8"]["bytes_on_disk"] < rows["student"]["bytes_on_disk"] < rows["none"]["bytes_on_disk"]
+    log: list[str] = []
+    run_sweep(model_dir, grid, tmp_path / "r.sqlite", show_progress=False, log=log.append)
+    assert "3 of 3 points already done" in log[0]
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<not-in-the-sweep-model>"])
+    stranger = str(save_model(tiny_model("llama", seed=2, layers=1), other, tmp_path / "stranger"))
+    with pytest.raises(GridError, match="another tokenizer"):
+        run_sweep(model_dir, load_grid({**TINY_GRID, "points": [{"label": "s", "recipe": "none", "model": stranger}]}),
+                  tmp_path / "r.sqlite", show_progress=False, log=lambda *a: None)  # fmt: skip
+    with pytest.raises(GridError, match="dial or model, not both"):
+        load_grid({"points": [{"label": "d", "recipe": "dial", "dial": "bits=3", "model": student}]})
 
 
 def test_points_calibrating_on_the_original_model_share_statistics(model_dir, tmp_path, monkeypatch):

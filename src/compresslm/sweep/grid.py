@@ -18,6 +18,7 @@ points:                         # preset names, or mappings with a label, recipe
   - {label: budget-3.5, recipe: w4-g64-gptq, target_bits: 3.5}   # the budget solver picks per-layer widths
   - {label: budget-3.5-dense, recipe: w4-g64-gptq, target_bits: 3.5, budget_sparsity: []}   # ... and no pruning
   - {label: dial-3, recipe: dial, dial: "bits=3"}   # one setting of a dial artifact (built once per recipe)
+  - {label: student-w4, recipe: w4-g64-gptq, model: students/healed}   # starts from another model (same tokenizer)
 product:                        # optional: every combination of the axes, formatted into `recipe`
   recipe: "w{bits}-g{group}-{method}"
   bits: [4, 3]
@@ -69,6 +70,8 @@ class SweepPoint:
     target_bits: float | None = None  # the budget solver chooses per-layer widths for this file size
     dial: dict | None = None  # a setting ({"bits": 3, "sparsity": 0.5}) of the dial artifact `recipe` makes
     budget_sparsity: list[str] | None = None  # the patterns the budget solver may use; None: its default
+    model: str | None = None  # another model to start from (a pruned and healed student); None: the sweep's
+    model_sha: str | None = None  # that model's fingerprint, set by the runner once it has loaded it
 
     @property
     def key(self) -> str:
@@ -81,6 +84,10 @@ class SweepPoint:
                 key["budget_sparsity"] = self.budget_sparsity
         elif self.dial:
             key["dial"] = self.dial
+        if self.model is not None:
+            if self.model_sha is None:
+                raise GridError(f"point '{self.label}': its model has not been loaded, so it has no key yet")
+            key["model"] = self.model_sha
         return json.dumps(key, sort_keys=True)
 
 
@@ -128,14 +135,13 @@ BUILTIN: dict[str, dict] = {
     "default": {
         "name": "default",
         "description": (
-            "what `make demo` runs: RTN at 8/4 bits, GPTQ at 4/3 bits, AWQ scaling + GPTQ, Wanda at 50 %, "
-            "2:4 SparseGPT + W4 GPTQ; reduced protocol (ctx 2048, first 4 windows; 16 x 512 calibration windows)"
+            "what `make demo` runs: RTN at 8/4 bits, AWQ scaling + GPTQ at 4 bits, GPTQ at 3 bits, Wanda at 50 %, "
+            "2:4 SparseGPT + W4 GPTQ; reduced protocol (ctx 2048, first 4 windows; 8 x 512 calibration windows)"
         ),
         "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 4}, "kld": True},
-        "calibration": {"samples": 16, "length": 512},
+        "calibration": {"samples": 8, "length": 512},
         "points": [
-            "none", "w8-rtn", "w4-g64-rtn", "w4-g64-gptq", "w4-g64-gptq-awq", "w3-g64-gptq", "50%-wanda",
-            "2:4-sparsegpt+w4-g64-gptq",
+            "none", "w8-rtn", "w4-g64-rtn", "w4-g64-gptq-awq", "w3-g64-gptq", "50%-wanda", "2:4-sparsegpt+w4-g64-gptq",
         ],
     },
     "full": {
@@ -200,7 +206,7 @@ BUILTIN: dict[str, dict] = {
 _GRID_KEYS = ("name", "description", "protocol", "calibration", "points", "product")
 _PROTOCOL_KEYS = ("ppl", "kld", "tasks", "task_limit", "speed")
 _PPL_KEYS = ("corpus", "ctx", "limit")
-_POINT_KEYS = ("label", "recipe", "calibration", "target_bits", "budget_sparsity", "dial")
+_POINT_KEYS = ("label", "recipe", "calibration", "target_bits", "budget_sparsity", "dial", "model")
 
 
 def _check_keys(where: str, data: dict, allowed: tuple) -> None:
@@ -259,8 +265,11 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
     label = str(raw.get("label") or (recipe_spec if isinstance(recipe_spec, str) else None) or "")
     if not label:
         raise GridError(f"{where}: a recipe given as a mapping needs a 'label'")
+    model = raw.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise GridError(f"{where}: model={model!r} is not allowed; give a model name or a directory")
     if recipe_spec == BASELINE:
-        return SweepPoint(label, None)
+        return SweepPoint(label, None, model=model)
     try:
         recipe = copy.deepcopy(load_recipe(recipe_spec))
         settings = {**calibration, **(raw.get("calibration") or {})}
@@ -276,6 +285,8 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
     dial = _dial_setting(raw.get("dial"), recipe, where) if raw.get("dial") is not None else None
     if dial is not None and target is not None:
         raise GridError(f"{where}: give target_bits or dial, not both")
+    if dial is not None and model is not None:
+        raise GridError(f"{where}: a dial setting starts from the sweep's model; give dial or model, not both")
     patterns = raw.get("budget_sparsity")
     if patterns is not None:
         if target is None:
@@ -288,7 +299,7 @@ def _point(raw: str | dict, calibration: dict, where: str) -> SweepPoint:
                 SparsityPattern.parse(pattern)
             except CompressLMError as exc:
                 raise GridError(f"{where}: budget_sparsity: {exc}") from None
-    return SweepPoint(label, recipe, float(target) if target is not None else None, dial, patterns)
+    return SweepPoint(label, recipe, float(target) if target is not None else None, dial, patterns, model)
 
 
 def _dial_setting(text: object, recipe: Recipe, where: str) -> dict:

@@ -30,18 +30,25 @@ from compresslm.eval.stats import mean_stderr
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.loading import load_model
 from compresslm.progress import progress
-from compresslm.sweep.grid import Grid, SweepPoint, upgrade_point_key
+from compresslm.sweep.grid import Grid, GridError, SweepPoint, upgrade_point_key
 from compresslm.sweep.store import ResultStore, machine_id, utc_now
 
 
 def family(point: SweepPoint) -> str:
-    """The line a point belongs to in the plots: its methods in order, e.g. 'gptq', 'sparsegpt>gptq'."""
+    """The line a point belongs to in the plots: its methods in order, e.g. 'gptq', 'sparsegpt>gptq'; a
+    point that starts from another model is on a line of its own ('other model', 'other model>gptq')."""
+    if point.model is not None:
+        return "other model" + (f">{_methods(point)}" if point.recipe is not None else "")
     if point.recipe is None:
         return "uncompressed"
     if point.target_bits is not None:
         return "budget solver"
     if point.dial is not None:
         return "dial" + (" sparse" if point.dial.get("sparsity") else "")
+    return _methods(point)
+
+
+def _methods(point: SweepPoint) -> str:
     parts = []
     for stage in point.recipe.stages:
         if stage.type == "quantize":
@@ -167,6 +174,7 @@ def run_sweep(
     model_sha, machine, protocol_key = base.fingerprint(), machine_id(), _protocol_key(grid)
     store.adopt_model(base.weights_fingerprint(), model_sha)
     store.upgrade_keys(upgrade_point_key)
+    _key_start_models(grid.points, base)
     since = utc_now()
     todo = [p for p in grid.points if not store.is_done(model_sha, machine, p.key, protocol_key)]
     log(f"sweep '{grid.name}' on {model}: {len(grid.points) - len(todo)} of {len(grid.points)} points already done")
@@ -223,6 +231,23 @@ def run_sweep(
 POLL_S = 2.0  # how often a sweep looks again at points other sweeps hold
 
 
+def _key_start_models(points: list[SweepPoint], base: LoadedModel) -> None:
+    """Load once each other model that points start from: its fingerprint goes into those points' keys,
+    and its tokenizer must be the sweep model's (perplexity and KL compare the same tokens)."""
+    seen: dict[str, str] = {}
+    for point in points:
+        if point.model is None:
+            continue
+        if point.model not in seen:
+            other = load_model(point.model)
+            if other.tokenizer.get_vocab() != base.tokenizer.get_vocab():
+                raise GridError(f"point '{point.label}': {point.model} has another tokenizer than the sweep's model; "
+                                "a point can start only from a model with the same tokenizer")  # fmt: skip
+            seen[point.model] = other.fingerprint()
+            del other
+        point.model_sha = seen[point.model]
+
+
 def _run_point(store: ResultStore, key: tuple, point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid,
                reference, workdir: Path, keep: bool, data_dir: str | None, log,
                show_progress: bool = False) -> None:  # fmt: skip
@@ -252,14 +277,18 @@ def _measure(point: SweepPoint, base: LoadedModel, model_name: str, grid: Grid, 
 
     started = time.perf_counter()
     row: dict = {"label": point.label, "family": family(point), "model": model_name}
+    origin = base
+    if point.model is not None:  # a point that starts from another model (a pruned and healed student)
+        origin = load_model(point.model)
+        row["start_model"] = {"source": point.model, "sha256": origin.fingerprint()}
     if point.recipe is None:
-        lm = base
-        row.update(uncompressed_size(base))
+        lm = origin
+        row.update(uncompressed_size(origin))
     elif point.dial is not None:
         lm = _dial_point(point, base, row, workdir, show_progress)
     else:
         path = workdir / f"{_safe(point.label)}.clm"
-        work, recipe, target = copy.deepcopy(base), point.recipe, None
+        work, recipe, target = copy.deepcopy(base) if origin is base else origin, point.recipe, None
         if point.target_bits is not None:
             patterns = tuple(point.budget_sparsity) if point.budget_sparsity is not None else None
             target = BudgetTarget(bits=point.target_bits, sparsity=patterns)
