@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,9 +48,10 @@ def main() -> None:
         run = subprocess.run(["make", "demo"], cwd=clone, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
     # compresslm writes its messages and progress bars on stderr: keep the messages, drop the bars
-    lines = [line.rstrip() for line in (run.stdout + run.stderr).replace("\r", "\n").splitlines()]
+    text = run.stdout + run.stderr
+    points = re.findall(r"[^\s|\]]+: ppl [\d.,]+, KL [\d.]+, [\d.]+ bits/param, \d+ s", text)
+    lines = [line.rstrip() for line in text.replace("\r", "\n").splitlines()]
     lines = [line for line in lines if line.strip() and "%|" not in line]
-    points = [line.strip() for line in lines if "bits/param," in line]
     payload = {
         "exit": run.returncode,
         "wall_s": wall,

@@ -10,6 +10,11 @@ ARC-Easy and PIQA. Speed: eval.speed at batch 1 (prompt 128 random ids, 64 greed
 round measures every model once), so a machine whose speed drifts during the pass shows as spread
 between rounds instead of as a ratio; run it with nothing else on the machine.
 
+The `frontier` step is one `compresslm sweep` under the benchmark protocol (128 x 512 C4 calibration
+windows) into results/structured_frontier/: the full model at W4/W3/W2 g64 GPTQ against the healed
+~50 % student (`combined`) as it is and at W8/W4/W3 g64 GPTQ; the sweep's report says which wins at
+each size. The sweep resumes point by point like any other.
+
 Every step is one `compresslm` subprocess whose JSON is journalled in the results file as soon as it
 finishes; a rerun skips finished steps (stop with Ctrl-C or `--budget` seconds; the step running at
 the budget is finished first).
@@ -48,7 +53,26 @@ PPL = ["--ppl", "wikitext2", "--ctx", "2048", "--limit", "40"]
 TASKS = ["--tasks", "arc_easy,piqa", "--task-limit", "200", "--data-dir", str(ROOT.parent / "shared" / "data")]
 SPEED = ["--speed", "--speed-prompt", "128", "--speed-new", "64", "--repeats", "3"]
 SPEED_ROUNDS = 3
-STEPS = ("shrink", "ppl", "speed", "heal", "ppl_healed", "tasks", "tasks_healed")
+STEPS = ("shrink", "ppl", "speed", "gguf", "gguf_export", "speed_llamacpp", "heal", "ppl_healed", "frontier", "tasks",
+         "tasks_healed")  # fmt: skip
+FRONTIER = HERE / "results" / "structured_frontier"
+STUDENT = "combined"
+
+
+def _frontier_grid() -> dict:
+    student = _model(STUDENT, healed=True)
+    return {
+        "name": "structured-frontier",
+        "description": "the full model at W4/W3/W2 against the healed ~50 % student, benchmark protocol",
+        "protocol": {"ppl": {"corpus": "wikitext2", "ctx": 2048, "limit": 40}, "kld": True},
+        "calibration": {"samples": 128, "length": 512},
+        "points": [
+            "none", "w4-g64-gptq", "w3-g64-gptq", "w2-g64-gptq",
+            {"label": "student", "recipe": "none", "model": student},
+            *({"label": f"student+{r}", "recipe": r, "model": student} for r in ("w8-g64-gptq", "w4-g64-gptq",
+                                                                                 "w3-g64-gptq")),
+        ],
+    }  # fmt: skip
 
 
 def _model(variant: str, healed: bool = False) -> str:
@@ -60,6 +84,18 @@ def _model(variant: str, healed: bool = False) -> str:
 def _command(step: str, variant: str, steps: int) -> list[str]:
     if step == "shrink":
         return ["shrink", REFERENCE, "--recipe", VARIANTS[variant], "-o", _model(variant)]
+    if step == "frontier":
+        grid = WORK / "frontier.json"
+        atomic_write(grid, json.dumps(_frontier_grid(), indent=2))
+        return ["sweep", REFERENCE, "--grid", str(grid), "--db", str(FRONTIER / "results.sqlite"),
+                "--out", str(FRONTIER / "report"), "--containers", str(WORK / "frontier-containers")]  # fmt: skip
+    if step == "gguf":  # llama.cpp's 8-bit type, lossless from its own grid: what runs there
+        return ["compress", _model(variant), "--recipe", "gguf-q8_0-rtn", "-o", str(WORK / f"{variant}-q8.clm")]
+    if step == "gguf_export":
+        return ["export", str(WORK / f"{variant}-q8.clm"), "--format", "gguf", "--force",
+                "-o", str(WORK / f"{variant}-q8.gguf")]  # fmt: skip
+    if step == "speed_llamacpp":
+        return ["eval", str(WORK / f"{variant}-q8.gguf"), "--backend", "llama.cpp", *SPEED]
     if step == "heal":
         return ["train", _model(variant), "--recipe", "heal", "--teacher", REFERENCE, "--steps", str(steps),
                 "--batch-size", "4", "--seq-len", "256", "-o", str(WORK / f"{variant}-healed")]  # fmt: skip
@@ -72,7 +108,10 @@ def _jobs(only: set[str]) -> list[tuple[str, str]]:
     """(step, variant) in the order that gets the most important numbers first."""
     jobs = [("ppl", "unpruned")]
     jobs += [("shrink", v) for v in VARIANTS] + [("speed", "rounds")] + [("ppl", v) for v in VARIANTS]
+    jobs += [(step, v) for step in ("gguf", "gguf_export") for v in ("unpruned", *VARIANTS)]
+    jobs += [("speed_llamacpp", "rounds")]
     jobs += [(step, v) for v in reversed(VARIANTS) for step in ("heal", "ppl_healed")]
+    jobs += [("frontier", STUDENT)]
     jobs += [("tasks", "unpruned")] + [(step, v) for v in VARIANTS for step in ("tasks", "tasks_healed")]
     return [(step, v) for step, v in jobs if not only or step.removesuffix("_healed") in only or step in only]
 
@@ -89,12 +128,15 @@ def run(args: argparse.Namespace) -> None:
         if args.budget and time.monotonic() - started > args.budget:
             print(f"budget of {args.budget} s spent; rerun to go on", file=sys.stderr)
             return
-        if step == "speed":  # rounds of every model once each, so that drift shows as spread
-            models = [v for v in ("unpruned", *VARIANTS) if v == "unpruned" or f"shrink {v}" in rows]
+        if step in ("speed", "speed_llamacpp"):  # rounds of every model once each, so that drift shows as spread
+            ready = "shrink" if step == "speed" else "gguf_export"
+            models = [
+                v for v in ("unpruned", *VARIANTS) if f"{ready} {v}" in rows or (v, ready) == ("unpruned", "shrink")
+            ]
             row = {"step": step, "models": {model: [] for model in models}}
             for _ in range(SPEED_ROUNDS):
                 for model in models:
-                    result = _step(key, _command("speed", model, args.steps))
+                    result = _step(key, _command(step, model, args.steps))
                     if result is None:
                         return
                     row["models"][model].append(result)
@@ -142,12 +184,17 @@ def _params(rows: dict, variant: str) -> tuple[int | None, dict]:
     return stages[-1]["parameters"]["to"], facts
 
 
-def _speed(rows: dict, variant: str) -> dict | None:
+def _speed(rows: dict, variant: str, step: str = "speed") -> dict | None:
     """Batch-1 tokens/s (median over the rounds of each round's median, and the rounds' range), model
-    bytes and peak RSS of one model in the speed pass."""
-    rounds = rows.get("speed rounds", {}).get("models", {}).get(variant)
+    bytes and peak RSS of one model in the speed pass (`speed`: PyTorch; `speed_llamacpp`: llama.cpp)."""
+    rounds = rows.get(f"{step} rounds", {}).get("models", {}).get(variant)
     if not rounds:
         return None
+    if step == "speed_llamacpp":
+        decode = sorted(r["result"]["speed"]["decode_tokens_per_s"]["median"] for r in rounds)
+        prefill = sorted(r["result"]["speed"]["prefill_tokens_per_s"]["median"] for r in rounds)
+        return {"prefill": prefill[len(prefill) // 2], "decode": decode[len(decode) // 2],
+                "decode_range": (decode[0], decode[-1])}  # fmt: skip
     batches = [r["result"]["speed"]["per_batch"]["1"] for r in rounds]
     prefill = sorted(b["prefill_tokens_per_s"]["median"] for b in batches)
     decode = sorted(b["decode_tokens_per_s"]["median"] for b in batches)
@@ -216,6 +263,26 @@ def write_markdown(rows: dict) -> None:
         cells += f" | {speed['model_mib']:.0f}"
         cells += f" | {speed['peak_mib']:.0f}"
         lines.append(f"| {variant} | {cells} |")
+    if rows.get("speed_llamacpp rounds"):
+        base_cpp = _speed(rows, "unpruned", "speed_llamacpp")
+        lines += [
+            "",
+            f"## Speed in llama.cpp (GGUF Q8_0 exports, batch 1, {SPEED_ROUNDS} interleaved rounds)",
+            "",
+            "Each model compressed with `gguf-q8_0-rtn` and exported with `compresslm export --format gguf`; the same",
+            "workload as above through `compresslm eval FILE.gguf --backend llama.cpp --speed`.",
+            "",
+            "| variant | prefill tok/s | decode tok/s [rounds' range] | decode vs unpruned |",
+            "|---|---:|---:|---:|",
+        ]
+        for variant in ("unpruned", *VARIANTS):
+            speed = _speed(rows, variant, "speed_llamacpp")
+            if speed:
+                ratio = f"{speed['decode'] / base_cpp['decode']:.2f}x" if base_cpp else ""
+                low, high = speed["decode_range"]
+                lines.append(f"| {variant} | {speed['prefill']:.0f} | {speed['decode']:.1f} [{low:.1f}-{high:.1f}] "
+                             f"| {ratio} |")  # fmt: skip
+    lines += _frontier_lines(rows.get(f"frontier {STUDENT}"))
     discarded = rows.get("speed all (discarded)")
     if discarded:
         lines += ["", f"A first speed pass is kept in the JSON as `speed all (discarded)`: {discarded['discarded']}."]
@@ -229,6 +296,34 @@ def write_markdown(rows: dict) -> None:
         "Command: `.venv/bin/python benchmarks/structured_table.py run` (repeated until every step is done).",
     ]
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def _frontier_lines(row: dict | None) -> list[str]:
+    """The student against the full model at equal bytes: every point by size, the best so far marked."""
+    if not row:
+        return []
+    points = sorted(row["result"]["points"], key=lambda r: r["bytes_on_disk"])
+    lines = [
+        "",
+        f"## The healed ~50 % student (`{VARIANTS[STUDENT]}`) against the full model at equal size",
+        "",
+        "One `compresslm sweep` under the benchmark protocol (128 x 512 C4 calibration windows; KL to the unpruned",
+        "model on the same windows); its report: [structured_frontier/report](structured_frontier/report/report.md).",
+        "Best: the lowest perplexity at or below that size.",
+        "",
+        "| point | MB on disk | bits/param of the full model | ppl | KL | best at this size |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    full_params, best = None, None
+    for point in points:
+        if point["label"] == "none":
+            full_params = point["bytes_on_disk"] * 8 / point["bits_per_param"]
+    for point in points:
+        best = point if best is None or point["ppl"] < best["ppl"] else best
+        bits = f"{8 * point['bytes_on_disk'] / full_params:.2f}" if full_params else "–"
+        lines.append(f"| {point['label']} | {point['bytes_on_disk'] / 1e6:.1f} | {bits} | {point['ppl']:,.2f} "
+                     f"| {point.get('kld_mean', float('nan')):.3f} | {best['label']} |")  # fmt: skip
+    return lines
 
 
 def main() -> None:

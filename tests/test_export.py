@@ -200,7 +200,7 @@ def test_missing_llama_cpp_names_the_pip_command(monkeypatch):
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed: pip install 'compresslm[llama-cpp]'")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_llama_cpp_scores_the_export_like_the_container(tmp_path, tokenizer, calib, family):
+def test_llama_cpp_scores_the_export_like_the_container(tmp_path, tokenizer, calib, family, capsys):
     from compresslm.eval.llamacpp import llamacpp_perplexity
     from compresslm.eval.perplexity import perplexity
 
@@ -212,6 +212,12 @@ def test_llama_cpp_scores_the_export_like_the_container(tmp_path, tokenizer, cal
     theirs = llamacpp_perplexity(tmp_path / "m.gguf", "wikitext2", tokenizer=lm.tokenizer, **window)
     assert theirs.tokens == ours.tokens and theirs.protocol["backend"] == "llama.cpp"
     assert abs(theirs.ppl / ours.ppl - 1) < 0.005
+    if family == "llama":  # the same file's speed through the command line
+        command = ["eval", str(tmp_path / "m.gguf"), "--backend", "llama.cpp", "--speed", "--speed-prompt", "8",
+                   "--speed-new", "4", "--repeats", "2", "--json"]  # fmt: skip
+        assert main(command) == 0
+        speed = json.loads(capsys.readouterr().out)["speed"]
+        assert speed["decode_tokens_per_s"]["runs"] == 2 and speed["decode_tokens_per_s"]["median"] > 0
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
@@ -222,7 +228,7 @@ def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
     assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kld"]) == 2
-    assert "measures --ppl so far; drop --kld" in capsys.readouterr().err
+    assert "measures --ppl and --speed so far; drop --kld" in capsys.readouterr().err
 
 
 def _ct_read_back(directory, name: str) -> torch.Tensor:

@@ -542,37 +542,47 @@ def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
 
 
 def _eval_llamacpp(args: argparse.Namespace) -> int:
-    """`eval FILE.gguf --backend llama.cpp --ppl CORPUS`: the PyTorch path's windows, llama.cpp's forward."""
-    from compresslm.eval.llamacpp import llamacpp_perplexity
+    """`eval FILE.gguf --backend llama.cpp --ppl CORPUS and/or --speed`: the PyTorch path's windows and
+    speed workload, llama.cpp's forward."""
+    from compresslm.eval.llamacpp import llamacpp_perplexity, llamacpp_speed
 
-    others = (
-        ("--kld", args.kld),
-        ("--tasks", args.tasks),
-        ("--speed", args.speed),
-        ("--kv-bits", args.kv_bits),
-    )
-    others += ("--dial", args.dial), ("--stream", args.stream), ("--dtype", args.dtype), ("--device", args.device)
+    others = (("--kld", args.kld), ("--tasks", args.tasks), ("--kv-bits", args.kv_bits), ("--dial", args.dial))
+    others += ("--stream", args.stream), ("--dtype", args.dtype), ("--device", args.device)
     given = [flag for flag, value in others if value not in (None, False)]
-    if given or not args.ppl:
+    if given or not (args.ppl or args.speed):
         named = f"; drop {', '.join(given)}" if given else ""
-        raise CompressLMError(f"the llama.cpp backend measures --ppl so far{named}")
+        raise CompressLMError(f"the llama.cpp backend measures --ppl and --speed so far{named}")
     tokenizer = None
     if args.tokenizer:
         from compresslm.models.loading import load_model
 
         tokenizer = load_model(args.tokenizer).tokenizer
-    result = llamacpp_perplexity(args.model, args.ppl, split=args.split, ctx=args.ctx, stride=args.stride,
-                                 limit=args.limit, threads=args.threads, tokenizer=tokenizer,
-                                 show_progress=not args.quiet)  # fmt: skip
-    p = result.protocol
+    payload: dict = {"model": args.model}
+    if args.ppl:
+        result = llamacpp_perplexity(args.model, args.ppl, split=args.split, ctx=args.ctx, stride=args.stride,
+                                     limit=args.limit, threads=args.threads, tokenizer=tokenizer,
+                                     show_progress=not args.quiet)  # fmt: skip
+        payload.update({"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+                        "window_nll": result.window_nll, "protocol": result.protocol})  # fmt: skip
+    if args.speed:
+        payload["speed"] = llamacpp_speed(args.model, prompt_tokens=args.speed_prompt, new_tokens=args.speed_new,
+                                          repeats=args.repeats, threads=args.threads)  # fmt: skip
     if args.json:
-        _emit_json({"model": args.model, "ppl": result.ppl, "nll": result.nll, "tokens": result.tokens,
-                    "windows": result.windows, "window_nll": result.window_nll, "protocol": p})  # fmt: skip
+        _emit_json(payload)
         return 0
     _print(f"{args.model} (llama.cpp):")
-    _print(f"  {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} (ctx {p['ctx']}, stride "
-           f"{p['stride']}, {result.windows}/{p['windows_available']} windows, {result.tokens:,} tokens, "
-           f"{p['wall_time_s']:.1f} s)")  # fmt: skip
+    if args.ppl:
+        p = result.protocol
+        _print(f"  {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} (ctx {p['ctx']}, stride "
+               f"{p['stride']}, {result.windows}/{p['windows_available']} windows, {result.tokens:,} tokens, "
+               f"{p['wall_time_s']:.1f} s)")  # fmt: skip
+    if args.speed:
+        speed = payload["speed"]
+        prefill, decode = speed["prefill_tokens_per_s"], speed["decode_tokens_per_s"]
+        _print(
+            f"  batch 1, {speed['prompt_tokens']} prompt + {speed['new_tokens']} new tokens: prefill "
+            f"{prefill['median']:.0f} tok/s, decode {decode['median']:.1f} tok/s (medians of {decode['runs']} runs)"
+        )
     return 0
 
 
