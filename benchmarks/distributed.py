@@ -33,6 +33,8 @@ from pathlib import Path
 from point_runner import command_line
 from results_store import add_row, atomic_write, load_rows
 
+from compresslm.sweep.grid import BUILTIN
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "distributed.json"
 CLI = [sys.executable, "-m", "compresslm.cli"]
@@ -98,11 +100,15 @@ def _cpu() -> str:
 def report() -> None:
     payload = load_rows(RESULTS)
     rows = payload.get("rows", {})
+    grid = BUILTIN["default"]
+    ppl, calib = grid["protocol"]["ppl"], grid["calibration"]
     lines = [
         "# One machine, split two ways (2 CPU cores)",
         "",
-        "Sweep: the `default` grid (what `make demo` runs: 8 points, WikiText-2 ctx 2048 first windows, KL;",
-        "16 x 512 C4 calibration windows) on a local Ray cluster of 2 CPUs, with one point at a time on both",
+        f"Sweep: the `default` grid (what `make demo` runs: {len(grid['points'])} points, WikiText-2 ctx "
+        f"{ppl['ctx']} first {ppl['limit']} windows, KL;",
+        f"{calib['samples']} x {calib['length']} C4 calibration windows) on a local Ray cluster of 2 CPUs, with "
+        "one point at a time on both",
         "cores, and with two points at once on one core each. Compress: W4 g64 GPTQ of SmolLM2-135M on",
         "32 x 512 C4 windows in one process (both cores) and split over two gloo processes of one thread each.",
         "Peak RSS: the largest resident set of any one process of the case (for a sweep, the largest Ray",
@@ -122,7 +128,11 @@ def report() -> None:
         lines += [
             "",
             f"Both sweeps finished {len(one)} and {len(two)} points; across the {len(same)} they share, the largest",
-            f"relative perplexity difference is {gap:.2e} (one vs two torch threads sum in different orders).",
+            f"relative perplexity difference is {gap:.2e}. One and two torch threads sum in different orders; "
+            "where a method makes discrete choices",
+            "from those sums (which weights SparseGPT's 2:4 mask drops, GPTQ's rounding), the small differences "
+            "can flip choices",
+            "and compound block by block, most on the most damaged points.",
             "",
             "| point | ppl (1 worker) | s (1 worker) | ppl (2 workers) | s (2 workers) |",
             "|---|---:|---:|---:|---:|",
