@@ -19,8 +19,8 @@ from compresslm.formats.container import read_container
 from compresslm.formats.gguf_export import EXACT_TYPES, _permute_rows, dequantize_gguf
 from compresslm.models.assemble import load_compressed
 from compresslm.models.loaded import LoadedModel
-from compresslm.models.tiny import tiny_model
-from compresslm.quant.grid import Grid, fit_weight
+from compresslm.models.tiny import tiny_config, tiny_model
+from compresslm.quant.grid import K_QUANTS, Grid, fit_weight
 from compresslm.recipe import load_recipe
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -89,6 +89,85 @@ def test_gguf_export_is_bit_exact(tmp_path, tokenizer, calib, family, gguf_type)
     assert torch.equal(norm, contents.dense["model.norm.weight"].float())
     tokens = reader.fields["tokenizer.ggml.tokens"]
     assert len(tokens.data) == config["vocab_size"]
+
+
+def _wide_container(tmp_path, tokenizer, calib, recipe: str):
+    """A one-block llama whose rows are multiples of 256 columns (K-quant super-blocks)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", layers=1)
+    config.hidden_size, config.intermediate_size, config.head_dim = 256, 512, 64
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # one super-block whose d is below float16's normal range
+        model.model.layers[0].mlp.up_proj.weight[:4, :256] *= 1e-4
+    lm = LoadedModel.from_module(model, tokenizer, name="tiny-wide")
+    path = tmp_path / "wide.clm"
+    compress(lm, recipe, path, calibration=calib, show_progress=False)
+    return path
+
+
+@pytest.mark.parametrize("recipe", ["gguf-q6_k-gptq", "gguf-q6_k-awq", "gguf-q3_k-rtn", "gguf-q3_k-gptq-noact",
+                                    "50%-wanda+gguf-q3_k-gptq"])  # fmt: skip
+def test_kquant_gguf_export_is_bit_exact(tmp_path, tokenizer, calib, recipe):
+    path = _wide_container(tmp_path, tokenizer, calib, recipe + "+emb8-g32-sym")
+    out = tmp_path / "m.gguf"
+    result = export(path, "gguf", out, show_progress=False)
+    gguf_type = next(t for t in ("Q6_K", "Q3_K") if t.lower() in recipe)
+    assert result["exact"] and result["tensor_types"][gguf_type] == 7, result["tensor_types"]
+    contents = read_container(path)
+    config = contents.header["config"]
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    _, tensors = _read_gguf(out)
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}  # fmt: skip
+    for hf, gg in names.items():
+        tensor = tensors[f"blk.0.{gg}.weight"]
+        assert tensor.tensor_type.name == gguf_type
+        record = contents.linears[f"model.layers.0.{hf}"]
+        assert record.meta["kquant"] == gguf_type.lower()
+        assert torch.equal(_gguf_weight(tensor, gg, heads), record.dequantize())
+        if record.mask is not None:
+            assert bool((record.dequantize()[~record.mask] == 0).all())
+
+
+def test_kquant_grid_falls_back_where_super_blocks_do_not_divide_the_row(tmp_path, tokenizer, calib):
+    path = _container(tmp_path, tokenizer, calib, "llama", "gguf-q6_k-rtn")  # 64- and 128-column rows
+    result = export(path, "gguf", tmp_path / "m.gguf", show_progress=False)
+    assert result["exact"] and result["tensor_types"]["Q8_0"] == 14 and "Q6_K" not in result["tensor_types"]
+    assert read_container(path).linears["model.layers.0.mlp.up_proj"].bits == 8
+
+
+def test_kquant_scales_are_float16_times_small_integers():
+    weight = torch.randn(3, 512) * 0.02
+    weight[0, :256] *= 1e-4
+    for kquant, top in (("q6_k", 127), ("q3_k", 31)):
+        kind = K_QUANTS[kquant]
+        grid = Grid(kind.bits, "group", kind.group_size, symmetric=True, kquant=kquant)
+        scales, zeros = fit_weight(weight, grid)
+        assert scales.shape == (3, 512 // kind.group_size) and bool((zeros == 1 << (kind.bits - 1)).all())
+        assert torch.equal(scales.half().float(), scales)
+        blocks = scales.view(3, 2, -1)
+        d = blocks.amax(dim=2, keepdim=True) / top
+        assert torch.equal(d.half().float(), d) and float(d[0, 0]) < 2.0**-14  # below float16's normal range too
+        ratio = blocks / d
+        assert torch.equal(ratio, ratio.round()) and bool((ratio >= 1).all())
+
+
+def test_kquant_recipes_are_checked_before_compute():
+    stage = load_recipe("gguf-q3_k-gptq").stages[0]
+    assert (stage.bits, stage.group_size, stage.symmetric, stage.kquant) == (3, 16, True, "q3_k")
+    with pytest.raises(CompressLMError, match="q3_k, q6_k; not q2_k"):
+        load_recipe("gguf-q2_k-rtn")
+    with pytest.raises(CompressLMError, match="legacy types"):
+        load_recipe("gguf-q6_0-rtn")
+    with pytest.raises(CompressLMError, match="do not combine with clip_search"):
+        load_recipe("gguf-q6_k-rtn-clip")
+    bad = {"stages": [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 16, "symmetric": True,
+                       "kquant": "q6_k"}]}  # fmt: skip
+    with pytest.raises(CompressLMError, match="kquant q6_k is bits=6"):
+        load_recipe(bad)
 
 
 def test_pruned_weights_export_as_exact_zeros(tmp_path, tokenizer, calib):
@@ -218,6 +297,22 @@ def test_llama_cpp_scores_the_export_like_the_container(tmp_path, tokenizer, cal
         assert main(command) == 0
         speed = json.loads(capsys.readouterr().out)["speed"]
         assert speed["decode_tokens_per_s"]["runs"] == 2 and speed["decode_tokens_per_s"]["median"] > 0
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
+@pytest.mark.parametrize("recipe", ["gguf-q6_k-rtn", "gguf-q3_k-gptq"])
+def test_llama_cpp_scores_a_kquant_export_like_the_container(tmp_path, tokenizer, calib, recipe):
+    from compresslm.eval.llamacpp import llamacpp_perplexity
+    from compresslm.eval.perplexity import perplexity
+
+    path = _wide_container(tmp_path, tokenizer, calib, recipe + "+emb8-g32-sym")
+    export(path, "gguf", tmp_path / "m.gguf", show_progress=False)
+    lm = load_compressed(path)
+    window = {"ctx": 128, "limit": 3, "show_progress": False}
+    ours = perplexity(lm, "wikitext2", **window)
+    theirs = llamacpp_perplexity(tmp_path / "m.gguf", "wikitext2", tokenizer=lm.tokenizer, **window)
+    assert theirs.tokens == ours.tokens
+    assert abs(theirs.ppl / ours.ppl - 1) < 0.005
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")

@@ -7,11 +7,15 @@ A group-32 record is written without loss when a GGUF type decodes its grid to t
   float16 (llama.cpp stores m as one). Grids made with `offset_exact` (`gguf-q4_1-*` presets) choose
   their scales so that it always is; an ordinary asymmetric grid misses on some groups.
 
-Anything else (another group size, 2 or 3 bits, float zero points, low-rank terms) is refused with the
+* a K-quant grid (`quant.grid.K_QUANTS`, the `gguf-q6_k-*` and `gguf-q3_k-*` presets) is Q6_K or Q3_K:
+  `d · sc · (code - zero)`, with each super-block's float16 d and integer sub-block scales sc read
+  back from the record's float16 scales (the grid keeps every scale on that lattice and says how).
+
+Anything else (another group size, 2 bits, float zero points, low-rank terms) is refused with the
 recipe that would fit, unless `requantize` is set: then the tensor is re-rounded onto the nearest
 legacy type (or only its offsets are rounded to float16; a float weight with low-rank factors, or a
 weight factorized outright, is written as its product in F16) and the added error is measured and
-returned. K-quants are not written yet (their two-level scales are not a grid the records hold).
+returned. Q4_K, Q5_K and Q2_K (sub-block minimums on a second lattice) are not written yet.
 Tensors that stay dense keep their stored dtype (float32 for 1-D tensors, as llama.cpp expects);
 a pruned weight's masked codes are its zero point, which decodes to exactly 0.
 
@@ -37,11 +41,13 @@ from compresslm.errors import CompressLMError
 from compresslm.fileio import atomic_path
 from compresslm.formats.container import ContainerReader
 from compresslm.progress import progress
+from compresslm.quant.grid import K_QUANTS, SUPER_BLOCK
 
 GROUP = 32
 # (bits, symmetric) of a group-32 grid -> the GGUF type that decodes it exactly
 EXACT_TYPES = {(8, True): "Q8_0", (5, True): "Q5_0", (4, True): "Q4_0", (5, False): "Q5_1", (4, False): "Q4_1"}
-_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q6_K": 210, "Q3_K": 110}
+_BLOCK_COLUMNS = {"Q6_K": SUPER_BLOCK, "Q3_K": SUPER_BLOCK}  # the rest: GROUP
 # config model_type -> (llama.cpp architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 # llama.cpp's name for a tokenizer's pre-tokenizer, by family and vocabulary size (its converter finds it
@@ -88,6 +94,11 @@ def exact_type(entry: dict, blobs: dict) -> str | None:
         return None
     if entry.get("values") is not None:
         return "F16"
+    kquant = (entry.get("meta") or {}).get("kquant")
+    if kquant in K_QUANTS:
+        kind = K_QUANTS[kquant]
+        fits = (entry["bits"], entry["group_size"], entry["symmetric"]) == (kind.bits, kind.group_size, True)
+        return kquant.upper() if fits and entry["shape"][1] % SUPER_BLOCK == 0 and entry.get("zeros") is None else None
     float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] == "float16"
     if float_zeros or entry["shape"][1] % GROUP:
         return None
@@ -118,7 +129,9 @@ def _suggestion(entry: dict, kind: str) -> str:
         return f"recompress with a preset such as gguf-q{bits}_1-gptq or w{bits}-g32-gptq-sym"
     if bits == 8:
         return "recompress with w8-g32-rtn-sym"
-    return "recompress with a gguf-q4_1-* preset (K-quant grids for 2 and 3 bits are not written yet)"
+    if bits in (3, 6):
+        return f"recompress with a preset such as gguf-q{bits}_k-gptq"
+    return "recompress with a gguf-q3_k-* or gguf-q4_1-* preset (no 2-bit grid is written yet)"
 
 
 # ---- block packing: each function returns [rows, blocks * block_bytes] uint8 ------------------------
@@ -163,9 +176,62 @@ def _offsets(scales: np.ndarray, zeros: np.ndarray, rounded: bool) -> np.ndarray
     return m
 
 
+def _lattice(scales: np.ndarray, max_scale: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each super-block's float16 d [rows, blocks] and integer sub-block scales [rows, blocks, subs] with
+    d · sc equal to the record's scales [rows, blocks, subs], or None where some super-block has none.
+
+    `quant.grid` gives the largest sub-block of each super-block sc's top value, so d is that scale
+    over the top value (exactly: the true quotient is a float16).
+    """
+    scales = scales.astype(np.float32)
+    d = (scales.max(axis=2) / np.float32(max_scale)).astype(np.float32)
+    sc = np.rint(scales / np.maximum(d, np.float32(2.0**-24))[..., None])
+    ok = (d.astype(np.float16).astype(np.float32) == d).all() and (d > 0).all()
+    ok = ok and bool(((sc >= 1) & (sc <= max_scale) & (d[..., None] * sc == scales)).all())
+    return (d, sc.astype(np.int64)) if ok else None
+
+
+def _pack_kquant(record: CompressedWeight, gguf_type: str) -> np.ndarray | None:
+    """Q6_K or Q3_K super-blocks of a K-quant record (None when its scales are not on the lattice)."""
+    kind = K_QUANTS[gguf_type.lower()]
+    out_f, in_f = record.shape
+    codes = record.codes
+    if record.mask is not None:  # masked weights decode to exactly 0 at the zero point
+        codes = torch.where(record.mask, codes, torch.full_like(codes, 1 << (kind.bits - 1)))
+    blocks = in_f // SUPER_BLOCK
+    u = codes.numpy().astype(np.uint8).reshape(out_f, blocks, SUPER_BLOCK)
+    found = _lattice(record.scales.numpy().reshape(out_f, blocks, -1), kind.max_scale)
+    if found is None:
+        return None
+    d, sc = found
+    if gguf_type == "Q6_K":  # ql (128), qh (64), int8 scales (16), d
+        halves = u.reshape(out_f, blocks, 2, 128)
+        ql = (halves[..., :64] & 0x0F) | ((halves[..., 64:] & 0x0F) << 4)
+        quarters = halves.reshape(out_f, blocks, 2, 4, 32)
+        shifts = np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)
+        qh = (((quarters >> 4) & 3) << shifts).sum(axis=3, dtype=np.uint8)
+        parts = [ql.reshape(out_f, blocks, 128), qh.reshape(out_f, blocks, 64), sc.astype(np.int8).view(np.uint8)]
+    else:  # Q3_K: hmask (32), qs (64), 6-bit scales + 32 (12), d
+        high = (u >> 2).reshape(out_f, blocks, 8, 32)
+        hmask = (high << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8)
+        low = (u & 3).reshape(out_f, blocks, 2, 4, 32)
+        qs = (low << np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)).sum(axis=3, dtype=np.uint8)
+        v = (sc + 32).astype(np.uint8)
+        lscales = (v[..., :8] & 0x0F) | ((v[..., 8:] & 0x0F) << 4)
+        hscales = (((v.reshape(out_f, blocks, 4, 4) >> 4) & 3) << np.arange(0, 8, 2, dtype=np.uint8)[:, None]).sum(
+            axis=2, dtype=np.uint8
+        )
+        parts = [hmask, qs.reshape(out_f, blocks, 64), lscales, hscales]
+    parts.append(_f16_bytes(d))
+    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_f, -1))
+
+
 def pack(record: CompressedWeight, gguf_type: str, round_offsets: bool = False) -> np.ndarray | None:
-    """The record's bytes as GGUF blocks of `gguf_type` (one of EXACT_TYPES' values), or None when an
-    asymmetric grid's offsets are not float16 values (unless `round_offsets`)."""
+    """The record's bytes as GGUF blocks of `gguf_type` (one of EXACT_TYPES' values, Q6_K or Q3_K), or None
+    when an asymmetric grid's offsets are not float16 values (unless `round_offsets`) or a K-quant
+    record's scales are not on its super-blocks' lattice."""
+    if gguf_type in _BLOCK_COLUMNS:
+        return _pack_kquant(record, gguf_type)
     codes, scales, zeros = _blocks(record)
     d = _f16_bytes(scales)
     if gguf_type in ("Q4_1", "Q5_1"):
@@ -363,7 +429,7 @@ def _byte_shape(item: _Planned) -> tuple[int, ...]:
     """The tensor's shape in bytes (the last dimension packed), as the GGUF writer plans quantized tensors."""
     *rows, cols = item.shape
     if item.gguf_type in _BLOCK_BYTES:
-        return (*rows, cols // GROUP * _BLOCK_BYTES[item.gguf_type])
+        return (*rows, cols // _BLOCK_COLUMNS.get(item.gguf_type, GROUP) * _BLOCK_BYTES[item.gguf_type])
     return (*rows, cols * (4 if item.gguf_type == "F32" else 2))
 
 
@@ -387,6 +453,11 @@ def _tensor_data(reader: ContainerReader, item: _Planned, requantize: bool, erro
     data = pack(record, item.gguf_type) if item.exact else None
     if data is not None:
         return data
+    if item.gguf_type in _BLOCK_COLUMNS:
+        raise ExportError(
+            f"{item.source}: its scales are not {item.gguf_type}'s (a float16 per 256 columns times small integers); "
+            "the record was not made by a K-quant grid"
+        )
     if item.exact and not requantize:
         raise ExportError(
             f"{item.source}: some groups' offsets (-zero x scale) are not float16 values, which "

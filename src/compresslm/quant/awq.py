@@ -57,6 +57,7 @@ def awq_clip(
     check_weight(weight)
     w = weight.float()
     out_f, in_f = w.shape
+    grid = grid.for_width(in_f)
     scales, _ = fit_weight(w, grid)
     n_groups = scales.shape[1]
     g = in_f if grid.granularity == "tensor" else grid.group_size_for(in_f)

@@ -12,7 +12,8 @@ lazily in blocks. Options:
   so codes stay in the original column order and need no permutation index at load time.
 * Dynamic groups (the default without act-order): each group's scale is fitted on the updated
   weight when the sweep reaches the group, as in the reference code. Blocks are aligned to groups
-  so a group's scale always sees its updated columns.
+  so a group's scale always sees its updated columns. A K-quant grid's sub-block scales share their
+  super-block's float16 step, so they are fitted together when the sweep reaches the super-block.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ import torch
 
 from compresslm.compressed import CompressedWeight
 from compresslm.errors import CompressLMError
-from compresslm.quant.grid import Grid, check_weight, fit_rows, fit_weight, quantize_codes, to_compressed
+from compresslm.quant.grid import (
+    SUPER_BLOCK,
+    Grid,
+    check_weight,
+    fit_rows,
+    fit_weight,
+    quantize_codes,
+    to_compressed,
+)
 
 # Columns whose updates are applied one by one before the rest of their block gets them in one product.
 _RUN = 32
@@ -164,14 +173,16 @@ def gptq(
         w = w.masked_fill(~mask, 0.0)
     w[:, factor.dead] = 0.0
 
+    grid = grid.for_width(in_f)
     g = grid.group_size_for(in_f)
+    unit = SUPER_BLOCK if grid.kquant else g  # the columns whose scales are fitted together
     dynamic = grid.granularity == "group" and not (options.act_order or options.static_groups)
     group_of_column = torch.arange(in_f, device=w.device) // g if grid.granularity != "tensor" else None
     if dynamic:
         n_groups = -(-in_f // g)
         scales = torch.zeros(out_f, n_groups, device=w.device)
         zeros = torch.zeros(out_f, n_groups, device=w.device)
-        block_size = g * max(1, options.block_size // g)  # groups never straddle a block
+        block_size = unit * max(1, options.block_size // unit)  # groups never straddle a block
         run = math.gcd(g, _RUN)  # nor a run, so that a group's scale sees every update before it
     else:
         scales, zeros = fit_weight(w, grid)
@@ -197,10 +208,13 @@ def gptq(
             j2 = min(j1 + run, i2 - i1)
             for i in range(j1, j2):
                 col = i1 + i
-                if dynamic and col % g == 0:
-                    chunk = w1[:, i : i + g] if keep is None else w1[:, i : i + g] * keep[:, col : col + g]
-                    s, z = fit_rows(chunk, grid)
-                    scales[:, col // g], zeros[:, col // g] = s, z
+                if dynamic and col % unit == 0:
+                    chunk = w1[:, i : i + unit] if keep is None else w1[:, i : i + unit] * keep[:, col : col + unit]
+                    if grid.kquant:  # a super-block's sub-block scales share one float16 d
+                        s, z = fit_weight(chunk, grid)
+                        scales[:, col // g : (col + unit) // g], zeros[:, col // g : (col + unit) // g] = s, z
+                    else:
+                        scales[:, col // g], zeros[:, col // g] = fit_rows(chunk, grid)
                 if grid.granularity == "tensor":
                     s, z = scales.view(1).expand(out_f), zeros.view(1).expand(out_f)
                 else:

@@ -12,6 +12,13 @@ make every `zero · scale` a float16 too: GGUF's Q4_1 and Q5_1 store that produc
 as a float16, so such a grid is written to them without loss (`formats.gguf_export`).
 `clip_search` shrinks each group's range to minimise the Lp error of its
 reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default).
+
+`kquant` makes a grid one of llama.cpp's K-quant types (`K_QUANTS`): groups (sub-blocks of 16 columns)
+inside super-blocks of 256 whose scales are one float16 `d` times a small integer each. The scales are
+chosen on exactly that lattice (`d` rounded up to as many significant bits as keep every `d · sc` a
+float16, so the record's float16 scales hold them exactly), so the codes that RTN, GPTQ and AWQ pick
+are the codes llama.cpp decodes and the GGUF export is lossless. Rows that super-blocks do not divide
+take the type llama.cpp itself falls back to (`Grid.for_width`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from compresslm.compressed import CompressedWeight, expand_groups
 from compresslm.errors import CompressLMError
 
 _MIN_SCALE = 2.0**-24  # the smallest positive float16
+SUPER_BLOCK = 256  # columns per K-quant super-block (llama.cpp's QK_K)
 
 
 class GridError(CompressLMError):
@@ -43,6 +51,7 @@ class Grid:
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.4
     offset_exact: bool = False
+    kquant: str = ""  # a K_QUANTS name: sub-block scales on a super-block's float16 lattice
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -53,6 +62,26 @@ class Grid:
             raise GridError(f"group_size must be a positive number of columns, got {self.group_size}")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise GridError(f"clip_max_shrink must be in (0, 1), got {self.clip_max_shrink}")
+        if self.kquant:
+            kind = K_QUANTS.get(self.kquant)
+            if kind is None:
+                raise GridError(f"kquant must be one of {', '.join(K_QUANTS)}, got '{self.kquant}'")
+            if (
+                (self.bits, self.granularity, self.group_size, self.symmetric)
+                != (kind.bits, "group", kind.group_size, True)
+                or self.clip_search
+                or self.offset_exact
+            ):
+                raise GridError(
+                    f"{self.kquant} is W{kind.bits} g{kind.group_size} sym without clip search; got {self.describe()}"
+                )
+
+    def for_width(self, in_features: int) -> Grid:
+        """The grid a weight with `in_features` columns gets: a K-quant grid whose super-blocks do not divide
+        the row gives way to the legacy type llama.cpp uses for such a row."""
+        if self.kquant and in_features % SUPER_BLOCK:
+            return K_QUANTS[self.kquant].fallback
+        return self
 
     @property
     def maxq(self) -> int:
@@ -72,6 +101,7 @@ class Grid:
     def describe(self) -> str:
         kind = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
         flags = (" clip" if self.clip_search else "") + (" offset-exact" if self.offset_exact else "")
+        flags += f" {self.kquant}" if self.kquant else ""
         return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}{flags}"
 
 
@@ -89,6 +119,46 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[
         scale = scale.half().float()
         zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
+
+
+@dataclass(frozen=True)
+class KQuant:
+    """A symmetric K-quant type: codes of `bits` around the zero point 2**(bits-1), sub-blocks of
+    `group_size` columns, each sub-block's scale `d · sc` with sc in [1, 2**scale_bits - 1]."""
+
+    bits: int
+    group_size: int
+    scale_bits: int
+    fallback: Grid  # the type llama.cpp uses for a row that super-blocks do not divide
+
+    @property
+    def max_scale(self) -> int:
+        return (1 << self.scale_bits) - 1
+
+
+K_QUANTS: dict[str, KQuant] = {}  # filled below, once Grid exists
+
+
+def _fit_super_blocks(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None) -> torch.Tensor:
+    """Scales [rows, sub-blocks] of super-blocks `x` [rows, 256] on their K-quant lattice.
+
+    Each sub-block's ideal scale t (the symmetric grid's 2·max|w| / maxq, narrowed by `shrink`) becomes
+    d · sc: d is the largest t over sc's top value, rounded up to the significant bits (and, below
+    float16's normal range, to the multiple of its smallest step) that keep every d · sc a float16;
+    sc = round(t / d), and the largest sub-block's sc is the top value, so that d is read back from
+    the scales alone (`formats.gguf_export`).
+    """
+    kind = K_QUANTS[grid.kquant]
+    rows = x.shape[0]
+    sub = x.float().view(rows, -1, kind.group_size)
+    ideal = 2 * sub.abs().amax(dim=2) / grid.maxq
+    if shrink is not None:
+        ideal = ideal * shrink
+    top = ideal.amax(dim=1, keepdim=True)
+    d = _round_up_significand((top / kind.max_scale).clamp_min(_MIN_SCALE), 11 - kind.scale_bits)
+    d = (torch.ceil(d / _MIN_SCALE) * _MIN_SCALE).half().float()
+    sc = torch.round(ideal / d).clamp(1, kind.max_scale)
+    return d * torch.where(ideal == top, float(kind.max_scale), sc)
 
 
 def _round_up_significand(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -138,6 +208,13 @@ def fit_weight(
     `shrink` [out, groups] optionally narrows each group's range (see `fit_rows`).
     """
     out_f, in_f = weight.shape
+    if grid.kquant:
+        if in_f % SUPER_BLOCK:
+            raise GridError(f"{grid.kquant} needs rows of a multiple of {SUPER_BLOCK} columns, got {in_f}")
+        per = SUPER_BLOCK // grid.group_size
+        part = None if shrink is None else shrink.reshape(-1, per)
+        scales = _fit_super_blocks(weight.reshape(-1, SUPER_BLOCK), grid, part).view(out_f, -1)
+        return scales, torch.full_like(scales, float((grid.maxq + 1) // 2))
     if grid.granularity == "tensor":
         scale, zero = fit_rows(weight.reshape(1, -1), grid, None if shrink is None else shrink.reshape(1))
         return scale.view(1, 1), zero.view(1, 1)
@@ -167,6 +244,9 @@ def to_compressed(
 ) -> CompressedWeight:
     """Pack float codes/scales/zeros (and a sparsity mask, if any) into a validated CompressedWeight."""
     out_f, in_f = codes.shape
+    meta = dict(meta or {})
+    if grid.kquant:  # the GGUF export reads the type from here
+        meta["kquant"] = grid.kquant
     return CompressedWeight(
         shape=(out_f, in_f),
         bits=grid.bits,
@@ -175,7 +255,7 @@ def to_compressed(
         codes=codes.to(torch.uint8).cpu(),
         scales=scales.half().cpu(),
         zeros=zeros.to(torch.uint8).cpu(),
-        meta=dict(meta or {}),
+        meta=meta,
         mask=None if mask is None else mask.cpu(),
         nm=nm,
     )
@@ -193,6 +273,7 @@ def quantize_weight(weight: torch.Tensor, grid: Grid, scales: torch.Tensor, zero
 def fake_quantize(weight: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> torch.Tensor:
     """The float weight that RTN on `grid` reconstructs (quantize then dequantize)."""
     weight = weight.float()
+    grid = grid.for_width(weight.shape[1])
     scales, zeros = fit_weight(weight, grid, shrink)
     codes = quantize_weight(weight, grid, scales, zeros)
     if scales.shape == (1, 1):
@@ -209,3 +290,14 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise GridError(f"{name} contains {bad} NaN or infinite values; refusing to quantize it")
+
+
+def _legacy(bits: int) -> Grid:
+    return Grid(bits, "group", 32, symmetric=True)
+
+
+# llama.cpp falls back from Q3_K to IQ4_NL, which no grid here holds; Q4_0 is its nearest legacy type
+K_QUANTS.update(
+    q6_k=KQuant(bits=6, group_size=16, scale_bits=7, fallback=_legacy(8)),
+    q3_k=KQuant(bits=3, group_size=16, scale_bits=5, fallback=_legacy(4)),
+)

@@ -12,6 +12,7 @@ def rtn(weight: torch.Tensor, grid: Grid) -> CompressedWeight:
     """Quantize a [out, in] weight to `grid` by rounding to nearest (with the grid's clip search, if any)."""
     check_weight(weight)
     weight = weight.detach().float()
+    grid = grid.for_width(weight.shape[1])
     scales, zeros = fit_weight(weight, grid)
     codes = quantize_weight(weight, grid, scales, zeros)
     return to_compressed(codes, scales, zeros, grid, {"algorithm": "rtn", "grid": grid.describe()})

@@ -17,7 +17,9 @@ without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
 
 GGUF presets put the weights on exactly the grid of a llama.cpp type, so the GGUF export is lossless:
 `gguf-<type>-<method>[flags]` with type q4_0, q5_0, q8_0 (symmetric, group 32) or q4_1, q5_1
-(asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`. The
+(asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`, or the
+K-quants q6_k and q3_k (symmetric sub-blocks of 16 whose scales share a float16 per 256 columns; rows
+that 256 does not divide take llama.cpp's own fallback, Q8_0 and Q4_0), e.g. `gguf-q6_k-gptq`. The
 embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
 
 `rot+<preset>` rotates the residual stream (and each head's values) by a seeded random orthogonal
@@ -61,7 +63,7 @@ SMOOTHQUANT_PRESETS = {
 
 
 _GGUF_PRESET = re.compile(
-    r"^gguf-q(?P<bits>[458])_(?P<kind>[01])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|act|noact|awq|keepzeros))*)$"
+    r"^gguf-q(?P<bits>[2-8])_(?P<kind>[01k])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|act|noact|awq|keepzeros))*)$"
 )
 _EMBEDDING_PRESET = re.compile(r"^emb(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?$")
 _KV_PRESET = re.compile(
@@ -102,7 +104,20 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
 
 
 def _gguf_preset(match: re.Match) -> dict:
-    """A llama.cpp legacy type's grid: group 32; `_0` symmetric, `_1` asymmetric with float16 offsets."""
+    """A llama.cpp type's grid: legacy types are group 32, `_0` symmetric, `_1` asymmetric with float16
+    offsets; K-quants (`_k`) are their sub-blocks with scales on the super-block's lattice."""
+    if match["kind"] == "k":
+        from compresslm.quant.grid import K_QUANTS
+
+        kquant = f"q{match['bits']}_k"
+        if kquant not in K_QUANTS:
+            raise RecipeError(f"K-quant grids so far: {', '.join(sorted(K_QUANTS))}; not {kquant}")
+        kind = K_QUANTS[kquant]
+        name = f"w{kind.bits}-g{kind.group_size}-{match['method']}{match['flags']}-sym"
+        return {**_quantize_preset(name, _PRESET.match(name)), "kquant": kquant}
+    if match["bits"] not in "458":
+        asked = f"q{match['bits']}_{match['kind']}"
+        raise RecipeError(f"GGUF's legacy types are q4_0, q4_1, q5_0, q5_1 and q8_0; not {asked}")
     bits, symmetric = int(match["bits"]), match["kind"] == "0"
     if bits == 8 and not symmetric:
         raise RecipeError("GGUF has no q8_1 weight type; use gguf-q8_0-<method>")

@@ -49,6 +49,7 @@ class QuantizeStage(Targeted):
     separate_sparsity_fit: str = "after"  # how those ratios are quantized: PruneStage.grid_fit's choices
     keep_zeros: bool = False  # hold the weight's exact zeros (a pruned checkpoint) as its mask
     offset_exact: bool = False  # asymmetric scales such that zero x scale is a float16 (GGUF Q4_1/Q5_1)
+    kquant: str = ""  # a llama.cpp K-quant type whose two-level scales the grid is (q6_k, q3_k)
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -71,6 +72,8 @@ class QuantizeStage(Targeted):
         self.check_targets(where)
         if self.offset_exact and (self.symmetric or self.nested_widths):
             raise RecipeError(f"{where}: offset_exact shapes asymmetric grids' scales; this one is symmetric or nested")
+        if self.kquant:
+            self._validate_kquant(where)
         if self.keep_zeros and self.nested_widths:
             raise RecipeError(f"{where}: keep_zeros does not combine with the dial's nested widths")
         if self.nested_widths:
@@ -79,6 +82,23 @@ class QuantizeStage(Targeted):
             raise RecipeError(
                 f"{where}: separate_widths, dial_sparsity and separate_sparsity belong to a dial; "
                 "give nested_widths too"
+            )
+
+    def _validate_kquant(self, where: str) -> None:
+        from compresslm.quant.grid import K_QUANTS
+
+        choice(where, "kquant", self.kquant, tuple(K_QUANTS))
+        kind = K_QUANTS[self.kquant]
+        wanted = (kind.bits, "group", kind.group_size, True)
+        if (self.bits, self.granularity, self.group_size, self.symmetric) != wanted:
+            raise RecipeError(
+                f"{where}: kquant {self.kquant} is bits={kind.bits}, group_size={kind.group_size}, symmetric; "
+                f"got bits={self.bits}, {self.granularity} {self.group_size}, symmetric={self.symmetric}"
+            )
+        if self.clip_search or self.offset_exact or self.nested_widths or self.smoothquant or self.act_bits:
+            raise RecipeError(
+                f"{where}: kquant grids do not combine with clip_search, offset_exact, nested widths, "
+                "SmoothQuant or activation bits"
             )
 
     def _validate_nested(self, where: str) -> None:
@@ -126,7 +146,8 @@ class QuantizeStage(Targeted):
     # fields added after containers had been written, with their defaults: left out of the stored recipe
     # while at the default, so the recipe text of older containers stays as it was (sweep keys do not need
     # this: `Recipe.key` lists only fields that differ from their defaults)
-    LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False, "offset_exact": False}
+    LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False, "offset_exact": False,
+                                    "kquant": ""}  # fmt: skip
 
     def to_dict(self) -> dict:
         data = stage_dict(self)
@@ -137,7 +158,7 @@ class QuantizeStage(Targeted):
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search,
-                    offset_exact=self.offset_exact)  # fmt: skip
+                    offset_exact=self.offset_exact, kquant=self.kquant)  # fmt: skip
 
     @property
     def dial_widths(self) -> list[int]:

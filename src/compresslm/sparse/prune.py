@@ -122,10 +122,16 @@ def sparsegpt(
     out_f, in_f = w.shape
     w[:, factor.dead] = 0.0
 
+    grid = None if grid is None else grid.for_width(in_f)
     g = grid.group_size_for(in_f) if grid is not None else in_f
     quantize = grid is not None
     if quantize and grid.granularity == "tensor":
         raise CompressLMError("sparsegpt: joint quantization supports group-wise and per-channel grids")
+    if quantize and grid.kquant:
+        raise CompressLMError(
+            f"sparsegpt: {grid.kquant} fits a super-block's scales together; "
+            "prune first (grid_fit: after), then quantize"
+        )
     step = g if quantize and grid.granularity == "group" else 1
     if pattern.is_nm:
         step = step * pattern.m // _gcd(step, pattern.m)
