@@ -108,12 +108,15 @@ def _wide_container(tmp_path, tokenizer, calib, recipe: str):
 
 
 @pytest.mark.parametrize("recipe", ["gguf-q6_k-gptq", "gguf-q6_k-awq", "gguf-q3_k-rtn", "gguf-q3_k-gptq-noact",
-                                    "50%-wanda+gguf-q3_k-gptq"])  # fmt: skip
-def test_kquant_gguf_export_is_bit_exact(tmp_path, tokenizer, calib, recipe):
+                                    "50%-wanda+gguf-q3_k-gptq", "gguf-q4_k-gptq", "gguf-q4_k-awq",
+                                    "gguf-q5_k-gptq-noact", "gguf-q2_k-rtn"])  # fmt: skip
+def test_kquant_gguf_export_is_exact(tmp_path, tokenizer, calib, recipe):
+    """Same codes, scales and offsets. Symmetric types decode bit for bit; types with offsets compute
+    (code - zero) · scale here and code · scale - offset in llama.cpp, equal up to float32 rounding."""
     path = _wide_container(tmp_path, tokenizer, calib, recipe + "+emb8-g32-sym")
     out = tmp_path / "m.gguf"
     result = export(path, "gguf", out, show_progress=False)
-    gguf_type = next(t for t in ("Q6_K", "Q3_K") if t.lower() in recipe)
+    gguf_type = next(t for t in ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K") if t.lower() in recipe)
     assert result["exact"] and result["tensor_types"][gguf_type] == 7, result["tensor_types"]
     contents = read_container(path)
     config = contents.header["config"]
@@ -127,7 +130,11 @@ def test_kquant_gguf_export_is_bit_exact(tmp_path, tokenizer, calib, recipe):
         assert tensor.tensor_type.name == gguf_type
         record = contents.linears[f"model.layers.0.{hf}"]
         assert record.meta["kquant"] == gguf_type.lower()
-        assert torch.equal(_gguf_weight(tensor, gg, heads), record.dequantize())
+        got, ours = _gguf_weight(tensor, gg, heads), record.dequantize()
+        if record.symmetric:
+            assert torch.equal(got, ours)
+        else:
+            assert float((got - ours).abs().max()) <= 1e-6 * float(ours.abs().max())
         if record.mask is not None:
             assert bool((record.dequantize()[~record.mask] == 0).all())
 
@@ -142,11 +149,18 @@ def test_kquant_grid_falls_back_where_super_blocks_do_not_divide_the_row(tmp_pat
 def test_kquant_scales_are_float16_times_small_integers():
     weight = torch.randn(3, 512) * 0.02
     weight[0, :256] *= 1e-4
-    for kquant, top in (("q6_k", 127), ("q3_k", 31)):
+    for kquant, top in (("q6_k", 127), ("q5_k", 63), ("q4_k", 63), ("q3_k", 31), ("q2_k", 15)):
         kind = K_QUANTS[kquant]
-        grid = Grid(kind.bits, "group", kind.group_size, symmetric=True, kquant=kquant)
+        grid = Grid(kind.bits, "group", kind.group_size, symmetric=kind.symmetric, kquant=kquant)
         scales, zeros = fit_weight(weight, grid)
-        assert scales.shape == (3, 512 // kind.group_size) and bool((zeros == 1 << (kind.bits - 1)).all())
+        assert scales.shape == (3, 512 // kind.group_size)
+        if kind.symmetric:
+            assert bool((zeros == 1 << (kind.bits - 1)).all())
+        else:  # offsets: a float16 per super-block times integers up to the top one
+            offsets = (zeros * scales).view(3, 2, -1)
+            dmin = (offsets.amax(dim=2, keepdim=True) / kind.max_min).half().float()
+            m = (offsets / dmin).round()
+            assert torch.equal((dmin * m) / scales.view(3, 2, -1), zeros.view(3, 2, -1))
         assert torch.equal(scales.half().float(), scales)
         blocks = scales.view(3, 2, -1)
         d = blocks.amax(dim=2, keepdim=True) / top
@@ -158,8 +172,10 @@ def test_kquant_scales_are_float16_times_small_integers():
 def test_kquant_recipes_are_checked_before_compute():
     stage = load_recipe("gguf-q3_k-gptq").stages[0]
     assert (stage.bits, stage.group_size, stage.symmetric, stage.kquant) == (3, 16, True, "q3_k")
-    with pytest.raises(CompressLMError, match="q3_k, q6_k; not q2_k"):
-        load_recipe("gguf-q2_k-rtn")
+    with pytest.raises(CompressLMError, match="q2_k, q3_k, q4_k, q5_k, q6_k; not q7_k"):
+        load_recipe("gguf-q7_k-rtn")
+    with pytest.raises(CompressLMError, match="no code is exactly zero"):
+        load_recipe("50%-wanda+gguf-q4_k-gptq")
     with pytest.raises(CompressLMError, match="legacy types"):
         load_recipe("gguf-q6_0-rtn")
     with pytest.raises(CompressLMError, match="do not combine with clip_search"):
@@ -300,7 +316,7 @@ def test_llama_cpp_scores_the_export_like_the_container(tmp_path, tokenizer, cal
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
-@pytest.mark.parametrize("recipe", ["gguf-q6_k-rtn", "gguf-q3_k-gptq"])
+@pytest.mark.parametrize("recipe", ["gguf-q6_k-rtn", "gguf-q3_k-gptq", "gguf-q4_k-gptq", "gguf-q2_k-awq"])
 def test_llama_cpp_scores_a_kquant_export_like_the_container(tmp_path, tokenizer, calib, recipe):
     from compresslm.eval.llamacpp import llamacpp_perplexity
     from compresslm.eval.perplexity import perplexity
@@ -396,6 +412,21 @@ def test_packed_weights_compute_what_float_weights_compute(tmp_path, tokenizer, 
         again = packed.compressed[name]
         assert torch.equal(again.dequantize(), record.dequantize())
         assert (again.mask is None) == (record.mask is None) and again.nm == record.nm
+
+
+def test_kquant_offsets_survive_the_container_packing_and_a_dtype_cast(tmp_path, tokenizer, calib):
+    from compresslm.runtime.linear import CompressedLinear
+
+    path = _wide_container(tmp_path, tokenizer, calib, "gguf-q4_k-gptq")
+    stored = read_container(path).linears["model.layers.0.mlp.down_proj"]
+    assert stored.zeros.dtype == torch.float32 and stored.meta["kquant"] == "q4_k"
+    packed, dense = load_compressed(path), load_compressed(path, float_weights=True)
+    assert all(m.packed for m in packed.model.modules() if isinstance(m, CompressedLinear))
+    ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed.model(ids).logits, dense.model(ids).logits)
+    packed.model.to(torch.bfloat16)  # float buffers are cast; the zero points' bit patterns must not be
+    assert torch.equal(packed.compressed["model.layers.0.mlp.down_proj"].zeros, stored.zeros)
 
 
 def test_packed_weights_are_small_in_memory(tmp_path, tokenizer, calib):

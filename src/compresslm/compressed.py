@@ -86,6 +86,7 @@ class DialMeta:
 
 
 _DIAL_KEYS = {f for f in DialMeta.__dataclass_fields__}
+_ZERO_DTYPES = (torch.uint8, torch.float16, torch.float32)
 
 
 @dataclass(eq=False)
@@ -96,7 +97,9 @@ class CompressedWeight:
     * `scales`: float16 [out, groups] (or [1, 1] for a per-tensor grid).
     * `zeros`: uint8, same shape as `scales`; the code that represents 0.0. A symmetric grid has
       the fixed zero point 2**(bits-1), stored all the same. Or float16: a float zero point, for
-      grids whose zero falls between codes (the nested mid-rise grids of `quant.nested`).
+      grids whose zero falls between codes (the nested mid-rise grids of `quant.nested`); or
+      float32, for K-quant grids whose offsets (a second float16 lattice) are not float16 multiples
+      of their scales (`quant.grid`).
     * `group_size`: columns per group along the input dimension; equal to in_features for a
       per-channel grid. The last group is shorter when it does not divide in_features.
     * `values`: float16 [out, in] instead of codes/scales/zeros for a weight that is not quantized
@@ -218,9 +221,9 @@ class CompressedWeight:
                 f"scales must be float16 of shape {(out_f, groups)} (or (1, 1)), "
                 f"got {self.scales.dtype} {tuple(self.scales.shape)}"
             )
-        if tuple(self.zeros.shape) != tuple(self.scales.shape) or self.zeros.dtype not in (torch.uint8, torch.float16):
-            raise InvalidCompressedWeight("zeros must be uint8 (or float16) with the shape of scales")
-        if self.zeros.dtype == torch.float16:
+        if tuple(self.zeros.shape) != tuple(self.scales.shape) or self.zeros.dtype not in _ZERO_DTYPES:
+            raise InvalidCompressedWeight("zeros must be uint8 (or float16 or float32) with the shape of scales")
+        if self.zeros.is_floating_point():
             if self.symmetric or not torch.isfinite(self.zeros).all():
                 raise InvalidCompressedWeight("float zero points must be finite and belong to an asymmetric grid")
         elif int(self.zeros.max()) >= 1 << self.bits:

@@ -65,9 +65,14 @@ def _packed_flip(values: torch.Tensor, bits: int, rate: float, rng: np.random.Ge
 
 
 def _half_flip(values: torch.Tensor, rate: float, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-    data = values.detach().to(torch.float16).contiguous().view(torch.uint8).numpy()
+    return _float_flip(values.detach().to(torch.float16), rate, rng)
+
+
+def _float_flip(values: torch.Tensor, rate: float, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """Bits of a float tensor flipped at `rate`, in its own dtype."""
+    data = values.detach().contiguous().view(torch.uint8).numpy()
     flipped, flips = flip_bits(data.reshape(-1), rate, rng)
-    return torch.from_numpy(flipped).view(torch.float16).reshape(values.shape), flips
+    return torch.from_numpy(flipped).view(values.dtype).reshape(values.shape), flips
 
 
 def _protect_scales(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -109,10 +114,10 @@ def _corrupt_record(record: CompressedWeight, part: str, rate: float, rng, prote
     elif part == "scales":
         scales, flips = _half_flip(scales, rate, rng)
         bits = scales.numel() * 16
-    elif part == "zeros" and (zeros.dtype == torch.float16 or not record.symmetric):
-        if zeros.dtype == torch.float16:
-            zeros, flips = _half_flip(zeros, rate, rng)
-            bits = zeros.numel() * 16
+    elif part == "zeros" and (zeros.is_floating_point() or not record.symmetric):
+        if zeros.is_floating_point():
+            zeros, flips = _float_flip(zeros, rate, rng)
+            bits = zeros.numel() * 8 * zeros.element_size()
         else:
             zeros, flips = _packed_flip(zeros, record.bits, rate, rng)
             bits = len(pack_bits(zeros, record.bits)) * 8

@@ -182,8 +182,9 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight, entro
         entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
     entry["scales_shape"] = list(record.scales.shape)
     entry["scales"] = writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape))
-    if record.zeros.dtype == torch.float16:  # float zero points (nested grids)
-        entry["zeros"] = writer.add(f"{name}.zeros", _tensor_bytes(record.zeros), "float16", list(record.zeros.shape))
+    if record.zeros.is_floating_point():  # float zero points (nested grids: float16; K-quants: float32)
+        dtype = str(record.zeros.dtype).removeprefix("torch.")
+        entry["zeros"] = writer.add(f"{name}.zeros", _tensor_bytes(record.zeros), dtype, list(record.zeros.shape))
     elif not record.symmetric:
         entry["zeros"] = writer.add(
             f"{name}.zeros", pack_bits(record.zeros, record.bits), f"u{record.bits}", list(record.zeros.shape)
@@ -521,7 +522,7 @@ def _plain_record(reader: _BlobReader, entry: dict) -> CompressedWeight:
     scales = reader.tensor(entry["scales"])
     if entry["zeros"] is None:
         zeros = torch.full(tuple(entry["scales_shape"]), 1 << (entry["bits"] - 1), dtype=torch.uint8)
-    elif reader.dtype(entry["zeros"]) == "float16":
+    elif reader.dtype(entry["zeros"]) in ("float16", "float32"):
         zeros = reader.tensor(entry["zeros"])
     else:
         count = int(np.prod(entry["scales_shape"]))

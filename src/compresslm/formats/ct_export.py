@@ -51,7 +51,7 @@ def _strategy(entry: dict) -> tuple[str, int | None] | None:
 
 
 def _packable(entry: dict, blobs: dict, name: str, transposed: frozenset[str]) -> bool:
-    float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] == "float16"
+    float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] in ("float16", "float32")
     return not float_zeros and name not in transposed and _strategy(entry) is not None
 
 

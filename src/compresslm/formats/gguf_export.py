@@ -46,8 +46,9 @@ from compresslm.quant.grid import K_QUANTS, SUPER_BLOCK
 GROUP = 32
 # (bits, symmetric) of a group-32 grid -> the GGUF type that decodes it exactly
 EXACT_TYPES = {(8, True): "Q8_0", (5, True): "Q5_0", (4, True): "Q4_0", (5, False): "Q5_1", (4, False): "Q4_1"}
-_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q6_K": 210, "Q3_K": 110}
-_BLOCK_COLUMNS = {"Q6_K": SUPER_BLOCK, "Q3_K": SUPER_BLOCK}  # the rest: GROUP
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24,
+                "Q6_K": 210, "Q5_K": 176, "Q4_K": 144, "Q3_K": 110, "Q2_K": 84}  # fmt: skip
+_BLOCK_COLUMNS = {name.upper(): SUPER_BLOCK for name in K_QUANTS}  # the rest: GROUP
 # config model_type -> (llama.cpp architecture, whether q/k rows are permuted to llama.cpp's rope layout)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 # llama.cpp's name for a tokenizer's pre-tokenizer, by family and vocabulary size (its converter finds it
@@ -97,9 +98,12 @@ def exact_type(entry: dict, blobs: dict) -> str | None:
     kquant = (entry.get("meta") or {}).get("kquant")
     if kquant in K_QUANTS:
         kind = K_QUANTS[kquant]
-        fits = (entry["bits"], entry["group_size"], entry["symmetric"]) == (kind.bits, kind.group_size, True)
-        return kquant.upper() if fits and entry["shape"][1] % SUPER_BLOCK == 0 and entry.get("zeros") is None else None
-    float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] == "float16"
+        fits = (entry["bits"], entry["group_size"], entry["symmetric"]) == (kind.bits, kind.group_size, kind.symmetric)
+        zeros = None if entry.get("zeros") is None else blobs[entry["zeros"]]["dtype"]
+        fits = fits and zeros == (None if kind.symmetric else "float32")
+        fits = fits and (kind.symmetric or not entry.get("mask"))  # offsets leave no code at exactly zero
+        return kquant.upper() if fits and entry["shape"][1] % SUPER_BLOCK == 0 else None
+    float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] in ("float16", "float32")
     if float_zeros or entry["shape"][1] % GROUP:
         return None
     if entry["group_size"] != GROUP or entry.get("scales_shape") == [1, 1]:
@@ -176,34 +180,74 @@ def _offsets(scales: np.ndarray, zeros: np.ndarray, rounded: bool) -> np.ndarray
     return m
 
 
-def _lattice(scales: np.ndarray, max_scale: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each super-block's float16 d [rows, blocks] and integer sub-block scales [rows, blocks, subs] with
-    d · sc equal to the record's scales [rows, blocks, subs], or None where some super-block has none.
+def _lattice(values: np.ndarray, top: int, low: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each super-block's float16 step [rows, blocks] and integers in [low, top] [rows, blocks, subs] nearest
+    to `values` [rows, blocks, subs] (the caller checks that they reproduce the record).
 
-    `quant.grid` gives the largest sub-block of each super-block sc's top value, so d is that scale
-    over the top value (exactly: the true quotient is a float16).
+    `quant.grid` gives each super-block's largest value the top integer, so the step is that value over
+    the top integer, rounded to float16 (exact for scales; offsets arrive with float32 rounding).
     """
-    scales = scales.astype(np.float32)
-    d = (scales.max(axis=2) / np.float32(max_scale)).astype(np.float32)
-    sc = np.rint(scales / np.maximum(d, np.float32(2.0**-24))[..., None])
-    ok = (d.astype(np.float16).astype(np.float32) == d).all() and (d > 0).all()
-    ok = ok and bool(((sc >= 1) & (sc <= max_scale) & (d[..., None] * sc == scales)).all())
-    return (d, sc.astype(np.int64)) if ok else None
+    step = (values.max(axis=2) / np.float32(top)).astype(np.float16).astype(np.float32)
+    n = np.rint(values / np.maximum(step, np.float32(2.0**-24))[..., None])
+    return step, np.clip(n, low, top).astype(np.int64)
+
+
+def _kquant_params(record: CompressedWeight, kind) -> tuple[np.ndarray, ...] | None:
+    """(d, sc, dmin, m) of every super-block of a K-quant record ([rows, blocks] and [rows, blocks, subs];
+    dmin and m None for symmetric types), or None when they do not give back the record's scales and
+    zero points exactly (a record that a K-quant grid did not make)."""
+    out_f, in_f = record.shape
+    blocks = in_f // SUPER_BLOCK
+    scales = record.scales.numpy().astype(np.float32).reshape(out_f, blocks, -1)
+    d, sc = _lattice(scales, kind.max_scale, 1)
+    if not (d > 0).all() or not np.array_equal(d[..., None] * sc.astype(np.float32), scales):
+        return None
+    if kind.symmetric:
+        return d, sc, None, None
+    zeros = record.zeros.numpy().reshape(out_f, blocks, -1)
+    dmin, m = _lattice(zeros * scales, kind.max_min, 0)
+    if not np.array_equal((dmin[..., None] * m.astype(np.float32)) / scales, zeros):
+        return None
+    return d, sc, dmin, m
+
+
+def _scales_and_mins_6bit(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and eight 6-bit minimums."""
+    low = (sc[..., :4] | ((sc[..., 4:] >> 4) << 6)).astype(np.uint8)
+    mid = (m[..., :4] | ((m[..., 4:] >> 4) << 6)).astype(np.uint8)
+    high = ((sc[..., 4:] & 0x0F) | ((m[..., 4:] & 0x0F) << 4)).astype(np.uint8)
+    return np.concatenate([low, mid, high], axis=-1)
 
 
 def _pack_kquant(record: CompressedWeight, gguf_type: str) -> np.ndarray | None:
-    """Q6_K or Q3_K super-blocks of a K-quant record (None when its scales are not on the lattice)."""
+    """K-quant super-blocks of a K-quant record (None when its scales or offsets are not on the lattice)."""
     kind = K_QUANTS[gguf_type.lower()]
     out_f, in_f = record.shape
     codes = record.codes
     if record.mask is not None:  # masked weights decode to exactly 0 at the zero point
+        if not kind.symmetric:
+            return None
         codes = torch.where(record.mask, codes, torch.full_like(codes, 1 << (kind.bits - 1)))
     blocks = in_f // SUPER_BLOCK
     u = codes.numpy().astype(np.uint8).reshape(out_f, blocks, SUPER_BLOCK)
-    found = _lattice(record.scales.numpy().reshape(out_f, blocks, -1), kind.max_scale)
+    found = _kquant_params(record, kind)
     if found is None:
         return None
-    d, sc = found
+    d, sc, dmin, m = found
+    if gguf_type in ("Q4_K", "Q5_K"):  # d, dmin, 6-bit scales and minimums (12), [qh (32)], qs (128)
+        pairs = u.reshape(out_f, blocks, 4, 2, 32)
+        qs = ((pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)).reshape(out_f, blocks, 128)
+        parts = [_f16_bytes(d), _f16_bytes(dmin), _scales_and_mins_6bit(sc, m)]
+        if gguf_type == "Q5_K":
+            high = ((u >> 4) & 1).reshape(out_f, blocks, 8, 32)
+            parts.append((high << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8))
+        parts.append(qs)
+        return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_f, -1))
+    if gguf_type == "Q2_K":  # 4-bit scale | 4-bit minimum (16), qs (64), d, dmin
+        four = u.reshape(out_f, blocks, 2, 4, 32) << np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)
+        parts = [(sc | (m << 4)).astype(np.uint8), four.sum(axis=3, dtype=np.uint8).reshape(out_f, blocks, 64)]
+        parts += [_f16_bytes(d), _f16_bytes(dmin)]
+        return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_f, -1))
     if gguf_type == "Q6_K":  # ql (128), qh (64), int8 scales (16), d
         halves = u.reshape(out_f, blocks, 2, 128)
         ql = (halves[..., :64] & 0x0F) | ((halves[..., 64:] & 0x0F) << 4)

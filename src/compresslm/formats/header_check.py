@@ -136,7 +136,7 @@ def check_record(entry: object, blobs: dict, what: str, alternate: bool = False)
         if blobs[entry["scales"]]["shape"] != scales_shape:
             raise ValueError(f"{what}: scales are stored as {blobs[entry['scales']]['shape']}, not {scales_shape}")
         if entry.get("zeros") is not None:
-            _blob(blobs, entry["zeros"], f"{what}: zeros", ("float16", f"u{bits}"))
+            _blob(blobs, entry["zeros"], f"{what}: zeros", ("float16", "float32", f"u{bits}"))
         planes = entry.get("code_planes")
         if planes is not None:
             if not isinstance(planes, list) or len(planes) != bits:

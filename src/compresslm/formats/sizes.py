@@ -33,7 +33,7 @@ def _blob_sizes(
     symmetric: bool,
     kept: int | None = None,
     nm: tuple[int, int] | None = None,
-    float_zeros: bool = False,
+    zero_bytes: int = 0,
     planes: bool = False,
     rank: int = 0,
 ) -> list[int]:
@@ -53,8 +53,8 @@ def _blob_sizes(
     else:
         sizes.append(packed_nbytes(stored, bits))
     sizes.append(2 * scales)
-    if float_zeros:
-        sizes.append(2 * scales)
+    if zero_bytes:  # float zero points, stored as they are
+        sizes.append(zero_bytes * scales)
     elif not symmetric:
         sizes.append(packed_nbytes(scales, bits))
     return sizes
@@ -70,13 +70,16 @@ def planned_nbytes(
     """Bytes a weight of `shape` will take quantized on `grid` (pruned to `pattern`, row scope; with
     float16 low-rank factors of `rank`)."""
     out_f, in_f = shape
+    grid = grid.for_width(in_f)
     scales = 1 if grid.granularity == "tensor" else out_f * num_groups(in_f, grid.group_size_for(in_f))
     kept, nm = None, None
     if pattern is not None and pattern.is_nm:
         kept, nm = out_f * in_f * pattern.n // pattern.m, (pattern.n, pattern.m)
     elif pattern is not None:
         kept = out_f * (in_f - round(pattern.ratio * in_f))
-    sizes = _blob_sizes(shape, grid.bits, scales, symmetric=grid.symmetric, kept=kept, nm=nm, rank=rank)
+    zero_bytes = 4 if grid.kquant and not grid.symmetric else 0  # float32 zero points (quant.grid)
+    sizes = _blob_sizes(shape, grid.bits, scales, symmetric=grid.symmetric, kept=kept, nm=nm, rank=rank,
+                        zero_bytes=zero_bytes)  # fmt: skip
     return _total(sizes, aligned)
 
 
@@ -88,8 +91,9 @@ def record_nbytes(record: CompressedWeight, aligned: bool = True) -> int:
         return _total([2 * record.out_features * rank, 2 * rank * record.in_features], aligned)
     if not record.quantized:
         return _total(_blob_sizes(record.shape, None, 0, symmetric=True, kept=kept, nm=record.nm, rank=rank), aligned)
+    zero_bytes = record.zeros.element_size() if record.zeros.is_floating_point() else 0
     sizes = _blob_sizes(
         record.shape, record.bits, record.scales.numel(), symmetric=record.symmetric, kept=kept, nm=record.nm,
-        float_zeros=record.zeros.is_floating_point(), planes=record.dial is not None and kept is None, rank=rank,
+        zero_bytes=zero_bytes, planes=record.dial is not None and kept is None, rank=rank,
     )  # fmt: skip
     return _total(sizes, aligned)

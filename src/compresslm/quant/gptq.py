@@ -220,7 +220,7 @@ def gptq(
                 else:
                     s, z = scales[:, group_of_column[col]], zeros[:, group_of_column[col]]
                 column = w1[:, i]
-                code = quantize_codes(column, s, z, grid.maxq)
+                code = quantize_codes(column, s, z, grid.maxq, grid.fractional_zero)
                 if keep is not None:
                     code = torch.where(keep[:, col], code, z)
                 codes[:, col] = code

@@ -13,12 +13,14 @@ as a float16, so such a grid is written to them without loss (`formats.gguf_expo
 `clip_search` shrinks each group's range to minimise the Lp error of its
 reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default).
 
-`kquant` makes a grid one of llama.cpp's K-quant types (`K_QUANTS`): groups (sub-blocks of 16 columns)
-inside super-blocks of 256 whose scales are one float16 `d` times a small integer each. The scales are
-chosen on exactly that lattice (`d` rounded up to as many significant bits as keep every `d · sc` a
-float16, so the record's float16 scales hold them exactly), so the codes that RTN, GPTQ and AWQ pick
-are the codes llama.cpp decodes and the GGUF export is lossless. Rows that super-blocks do not divide
-take the type llama.cpp itself falls back to (`Grid.for_width`).
+`kquant` makes a grid one of llama.cpp's K-quant types (`K_QUANTS`): groups (sub-blocks of 16 or 32
+columns) inside super-blocks of 256 whose scales are one float16 `d` times a small integer each, and
+for Q4_K, Q5_K and Q2_K whose offsets are a second float16 `dmin` times a small integer. The scales
+are chosen on exactly that lattice (`d` rounded up to as many significant bits as keep every `d · sc`
+a float16, so the record's float16 scales hold them exactly; the offsets' zero points are float32),
+so the codes that RTN, GPTQ and AWQ pick are the codes llama.cpp decodes and the GGUF export is
+lossless. Rows that super-blocks do not divide take the type llama.cpp itself falls back to
+(`Grid.for_width`).
 """
 
 from __future__ import annotations
@@ -68,12 +70,13 @@ class Grid:
                 raise GridError(f"kquant must be one of {', '.join(K_QUANTS)}, got '{self.kquant}'")
             if (
                 (self.bits, self.granularity, self.group_size, self.symmetric)
-                != (kind.bits, "group", kind.group_size, True)
+                != (kind.bits, "group", kind.group_size, kind.symmetric)
                 or self.clip_search
                 or self.offset_exact
             ):
+                sym = "sym" if kind.symmetric else "asym"
                 raise GridError(
-                    f"{self.kquant} is W{kind.bits} g{kind.group_size} sym without clip search; got {self.describe()}"
+                    f"{self.kquant} is W{kind.bits} g{kind.group_size} {sym} without clip search; got {self.describe()}"
                 )
 
     def for_width(self, in_features: int) -> Grid:
@@ -86,6 +89,11 @@ class Grid:
     @property
     def maxq(self) -> int:
         return (1 << self.bits) - 1
+
+    @property
+    def fractional_zero(self) -> bool:
+        """Zero points that fall between codes (a K-quant's offsets): float32, rounded with the codes."""
+        return bool(self.kquant) and not self.symmetric
 
     def group_size_for(self, in_features: int) -> int:
         """Columns per group for a weight with `in_features` columns."""
@@ -123,42 +131,74 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[
 
 @dataclass(frozen=True)
 class KQuant:
-    """A symmetric K-quant type: codes of `bits` around the zero point 2**(bits-1), sub-blocks of
-    `group_size` columns, each sub-block's scale `d · sc` with sc in [1, 2**scale_bits - 1]."""
+    """A K-quant type: sub-blocks of `group_size` columns whose scales are d · sc with sc in
+    [1, 2**scale_bits - 1] and one float16 d per super-block. Symmetric types put codes around the zero
+    point 2**(bits-1); the others subtract an offset dmin · m per sub-block, m in [0, 2**min_bits - 1]."""
 
     bits: int
     group_size: int
     scale_bits: int
     fallback: Grid  # the type llama.cpp uses for a row that super-blocks do not divide
+    min_bits: int = 0  # 0: symmetric
+
+    @property
+    def symmetric(self) -> bool:
+        return self.min_bits == 0
 
     @property
     def max_scale(self) -> int:
         return (1 << self.scale_bits) - 1
 
+    @property
+    def max_min(self) -> int:
+        return (1 << self.min_bits) - 1
+
 
 K_QUANTS: dict[str, KQuant] = {}  # filled below, once Grid exists
 
 
-def _fit_super_blocks(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None) -> torch.Tensor:
-    """Scales [rows, sub-blocks] of super-blocks `x` [rows, 256] on their K-quant lattice.
+def _float16_multiple(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`x` (>= 0) rounded up to a float16 of at most `bits` significant bits (at least its smallest step)."""
+    x = _round_up_significand(x.clamp_min(_MIN_SCALE), bits)
+    return (torch.ceil(x / _MIN_SCALE) * _MIN_SCALE).half().float()
 
-    Each sub-block's ideal scale t (the symmetric grid's 2·max|w| / maxq, narrowed by `shrink`) becomes
-    d · sc: d is the largest t over sc's top value, rounded up to the significant bits (and, below
-    float16's normal range, to the multiple of its smallest step) that keep every d · sc a float16;
-    sc = round(t / d), and the largest sub-block's sc is the top value, so that d is read back from
-    the scales alone (`formats.gguf_export`).
+
+def _lattice(ideal: torch.Tensor, top_value: int, bits: int, low: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float16 step per row [rows, 1] and integers in [low, top_value] [rows, subs] whose products
+    approach `ideal` [rows, subs]; the row's largest entry gets `top_value`, so that the step is read
+    back as that product over `top_value` (`formats.gguf_export`)."""
+    top = ideal.amax(dim=1, keepdim=True)
+    step = _float16_multiple(top / top_value, bits)
+    n = torch.round(ideal / step).clamp(low, top_value)
+    return step, torch.where(ideal == top, float(top_value), n)
+
+
+def _fit_super_blocks(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points [rows, sub-blocks] of super-blocks `x` [rows, 256] on their K-quant lattice.
+
+    Each sub-block's ideal scale t (its range over the codes, as on the plain grid, narrowed by
+    `shrink`) becomes d · sc: d is the largest t over sc's top value, rounded up to the significant
+    bits (and, below float16's normal range, to the multiple of its smallest step) that keep every
+    d · sc a float16. An asymmetric type's offset -min(w, 0) becomes dmin · m the same way (dmin a
+    float16; m · dmin is exact in float32), and the zero point is dmin · m / scale, a float32.
     """
     kind = K_QUANTS[grid.kquant]
     rows = x.shape[0]
     sub = x.float().view(rows, -1, kind.group_size)
-    ideal = 2 * sub.abs().amax(dim=2) / grid.maxq
+    if kind.symmetric:
+        ideal = 2 * sub.abs().amax(dim=2) / grid.maxq
+    else:
+        lo, hi = sub.amin(dim=2).clamp(max=0), sub.amax(dim=2).clamp(min=0)
+        ideal = (hi - lo) / grid.maxq
     if shrink is not None:
         ideal = ideal * shrink
-    top = ideal.amax(dim=1, keepdim=True)
-    d = _round_up_significand((top / kind.max_scale).clamp_min(_MIN_SCALE), 11 - kind.scale_bits)
-    d = (torch.ceil(d / _MIN_SCALE) * _MIN_SCALE).half().float()
-    sc = torch.round(ideal / d).clamp(1, kind.max_scale)
-    return d * torch.where(ideal == top, float(kind.max_scale), sc)
+    d, sc = _lattice(ideal, kind.max_scale, 11 - kind.scale_bits, 1)
+    scales = d * sc
+    if kind.symmetric:
+        return scales, torch.full_like(scales, float((grid.maxq + 1) // 2))
+    offset = -lo if shrink is None else -lo * shrink
+    dmin, m = _lattice(offset, kind.max_min, 11, 0)
+    return scales, (dmin * m) / scales
 
 
 def _round_up_significand(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -168,8 +208,13 @@ def _round_up_significand(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.ldexp(torch.ceil(mantissa * (1 << bits)) / (1 << bits), exponent)
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Codes clamp(round(x / scale) + zero) as float (broadcasting scale/zero against x)."""
+def quantize_codes(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, fractional: bool = False
+) -> torch.Tensor:
+    """Codes clamp(round(x / scale) + zero) as float (broadcasting scale/zero against x); with
+    `fractional` zero points (K-quants with offsets), clamp(round(x / scale + zero))."""
+    if fractional:
+        return torch.clamp(torch.round(x / scale + zero), 0, maxq)
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
@@ -213,8 +258,8 @@ def fit_weight(
             raise GridError(f"{grid.kquant} needs rows of a multiple of {SUPER_BLOCK} columns, got {in_f}")
         per = SUPER_BLOCK // grid.group_size
         part = None if shrink is None else shrink.reshape(-1, per)
-        scales = _fit_super_blocks(weight.reshape(-1, SUPER_BLOCK), grid, part).view(out_f, -1)
-        return scales, torch.full_like(scales, float((grid.maxq + 1) // 2))
+        scales, zeros = _fit_super_blocks(weight.reshape(-1, SUPER_BLOCK), grid, part)
+        return scales.view(out_f, -1), zeros.view(out_f, -1)
     if grid.granularity == "tensor":
         scale, zero = fit_rows(weight.reshape(1, -1), grid, None if shrink is None else shrink.reshape(1))
         return scale.view(1, 1), zero.view(1, 1)
@@ -254,7 +299,7 @@ def to_compressed(
         symmetric=grid.symmetric,
         codes=codes.to(torch.uint8).cpu(),
         scales=scales.half().cpu(),
-        zeros=zeros.to(torch.uint8).cpu(),
+        zeros=(zeros.float() if grid.fractional_zero else zeros.to(torch.uint8)).cpu(),
         meta=meta,
         mask=None if mask is None else mask.cpu(),
         nm=nm,
@@ -267,7 +312,8 @@ def quantize_weight(weight: torch.Tensor, grid: Grid, scales: torch.Tensor, zero
     if scales.shape == (1, 1):
         return quantize_codes(weight.float(), scales, zeros, grid.maxq)
     g = grid.group_size_for(in_f)
-    return quantize_codes(weight.float(), expand_groups(scales, in_f, g), expand_groups(zeros, in_f, g), grid.maxq)
+    scales, zeros = expand_groups(scales, in_f, g), expand_groups(zeros, in_f, g)
+    return quantize_codes(weight.float(), scales, zeros, grid.maxq, grid.fractional_zero)
 
 
 def fake_quantize(weight: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> torch.Tensor:
@@ -296,8 +342,11 @@ def _legacy(bits: int) -> Grid:
     return Grid(bits, "group", 32, symmetric=True)
 
 
-# llama.cpp falls back from Q3_K to IQ4_NL, which no grid here holds; Q4_0 is its nearest legacy type
+# llama.cpp falls back from Q3_K and Q2_K to IQ4_NL, which no grid here holds; Q4_0 is its nearest legacy type
 K_QUANTS.update(
     q6_k=KQuant(bits=6, group_size=16, scale_bits=7, fallback=_legacy(8)),
+    q5_k=KQuant(bits=5, group_size=32, scale_bits=6, min_bits=6, fallback=Grid(5, "group", 32, offset_exact=True)),
+    q4_k=KQuant(bits=4, group_size=32, scale_bits=6, min_bits=6, fallback=_legacy(5)),
     q3_k=KQuant(bits=3, group_size=16, scale_bits=5, fallback=_legacy(4)),
+    q2_k=KQuant(bits=2, group_size=16, scale_bits=4, min_bits=4, fallback=_legacy(4)),
 )

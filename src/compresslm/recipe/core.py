@@ -67,6 +67,12 @@ class Recipe:
                 "keep_zeros holds a checkpoint's own zeros; with a prune stage its mask is held "
                 "already: drop one of the two"
             )
+        offsets = [s.kquant for s in self.stages if s.type == "quantize" and s.kquant in ("q4_k", "q5_k", "q2_k")]
+        if offsets and (prunes or any(getattr(stage, "keep_zeros", False) for stage in self.stages)):
+            raise RecipeError(
+                f"{offsets[0]} subtracts an offset from every sub-block, so no code is exactly zero: it cannot hold "
+                "pruned weights; use q6_k, q3_k or a legacy _0 type with pruning"
+            )
         self.calibration.validate()
         choice("recipe", "dense_dtype", self.dense_dtype, DENSE_DTYPES)
         return self

@@ -18,8 +18,9 @@ without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
 GGUF presets put the weights on exactly the grid of a llama.cpp type, so the GGUF export is lossless:
 `gguf-<type>-<method>[flags]` with type q4_0, q5_0, q8_0 (symmetric, group 32) or q4_1, q5_1
 (asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`, or the
-K-quants q6_k and q3_k (symmetric sub-blocks of 16 whose scales share a float16 per 256 columns; rows
-that 256 does not divide take llama.cpp's own fallback, Q8_0 and Q4_0), e.g. `gguf-q6_k-gptq`. The
+K-quants q2_k ... q6_k (sub-blocks of 16 or 32 whose scales, and offsets for q2_k, q4_k and q5_k, are
+float16s per 256 columns times small integers; rows that 256 does not divide take llama.cpp's own
+fallback: Q5_0, Q5_1, Q8_0, Q4_0 for IQ4_NL), e.g. `gguf-q4_k-gptq`. The
 embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
 
 `rot+<preset>` rotates the residual stream (and each head's values) by a seeded random orthogonal
@@ -113,7 +114,7 @@ def _gguf_preset(match: re.Match) -> dict:
         if kquant not in K_QUANTS:
             raise RecipeError(f"K-quant grids so far: {', '.join(sorted(K_QUANTS))}; not {kquant}")
         kind = K_QUANTS[kquant]
-        name = f"w{kind.bits}-g{kind.group_size}-{match['method']}{match['flags']}-sym"
+        name = f"w{kind.bits}-g{kind.group_size}-{match['method']}{match['flags']}{'-sym' if kind.symmetric else ''}"
         return {**_quantize_preset(name, _PRESET.match(name)), "kquant": kquant}
     if match["bits"] not in "458":
         asked = f"q{match['bits']}_{match['kind']}"

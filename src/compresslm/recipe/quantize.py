@@ -49,7 +49,7 @@ class QuantizeStage(Targeted):
     separate_sparsity_fit: str = "after"  # how those ratios are quantized: PruneStage.grid_fit's choices
     keep_zeros: bool = False  # hold the weight's exact zeros (a pruned checkpoint) as its mask
     offset_exact: bool = False  # asymmetric scales such that zero x scale is a float16 (GGUF Q4_1/Q5_1)
-    kquant: str = ""  # a llama.cpp K-quant type whose two-level scales the grid is (q6_k, q3_k)
+    kquant: str = ""  # a llama.cpp K-quant type whose two-level scales the grid is (q2_k ... q6_k)
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -89,10 +89,11 @@ class QuantizeStage(Targeted):
 
         choice(where, "kquant", self.kquant, tuple(K_QUANTS))
         kind = K_QUANTS[self.kquant]
-        wanted = (kind.bits, "group", kind.group_size, True)
+        wanted = (kind.bits, "group", kind.group_size, kind.symmetric)
         if (self.bits, self.granularity, self.group_size, self.symmetric) != wanted:
             raise RecipeError(
-                f"{where}: kquant {self.kquant} is bits={kind.bits}, group_size={kind.group_size}, symmetric; "
+                f"{where}: kquant {self.kquant} is bits={kind.bits}, group_size={kind.group_size}, "
+                f"symmetric={kind.symmetric}; "
                 f"got bits={self.bits}, {self.granularity} {self.group_size}, symmetric={self.symmetric}"
             )
         if self.clip_search or self.offset_exact or self.nested_widths or self.smoothquant or self.act_bits:

@@ -58,7 +58,7 @@ class PackedRecord:
     def tensors(self) -> dict[str, torch.Tensor | None]:
         """The tensors to register as the module's buffers (so they follow it between devices). Float16
         scales and zero points are held as their int16 bit patterns: a model cast to another dtype casts
-        its floating buffers, and these must keep their exact values."""
+        its floating buffers, and these must keep their exact values (float32 zero points likewise, as int32)."""
         return {"packed_codes": self.codes, "packed_mask": self.mask, "packed_scales": _bits(self._fields["scales"]),
                 "packed_zeros": _bits(self._fields["zeros"])}  # fmt: skip
 
@@ -69,7 +69,7 @@ class PackedRecord:
         codes = unpack_lanes(buffers["packed_codes"], self.lane, numel).view(shape)
         mask = buffers["packed_mask"]
         mask = None if mask is None else unpack_lanes(mask, 1, numel).view(shape).bool()
-        scales, zeros = _float16(buffers["packed_scales"]), _float16(buffers["packed_zeros"])
+        scales, zeros = _float(buffers["packed_scales"]), _float(buffers["packed_zeros"])
         return CompressedWeight(**{**self._fields, "codes": codes, "mask": mask, "scales": scales, "zeros": zeros})
 
     @staticmethod
@@ -90,9 +90,13 @@ def record_memory(record: CompressedWeight) -> int:
     return total
 
 
+_BIT_VIEWS = {torch.float16: torch.int16, torch.float32: torch.int32}
+_FLOAT_VIEWS = {bits: dtype for dtype, bits in _BIT_VIEWS.items()}
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(torch.int16) if tensor.dtype == torch.float16 else tensor
+    return tensor.view(_BIT_VIEWS[tensor.dtype]) if tensor.dtype in _BIT_VIEWS else tensor
 
 
-def _float16(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(torch.float16) if tensor.dtype == torch.int16 else tensor
+def _float(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(_FLOAT_VIEWS[tensor.dtype]) if tensor.dtype in _FLOAT_VIEWS else tensor
