@@ -286,6 +286,11 @@ def write_markdown(rows: dict) -> None:
     discarded = rows.get("speed all (discarded)")
     if discarded:
         lines += ["", f"A first speed pass is kept in the JSON as `speed all (discarded)`: {discarded['discarded']}."]
+    disturbed = [key for key in rows if key.endswith("(disturbed)")]
+    if disturbed:
+        names = ", ".join(f"`{key}`" for key in disturbed)
+        note = "(a test run shared the machine); measured again alone."
+        lines += ["", f"Also kept in the JSON and not shown: {names} {note}"]
     lines += [
         "",
         "'–': not measured yet (the script resumes where it stopped). Perplexity and task steps may have run beside",
