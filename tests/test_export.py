@@ -139,6 +139,20 @@ def test_kquant_gguf_export_is_exact(tmp_path, tokenizer, calib, recipe):
             assert bool((record.dequantize()[~record.mask] == 0).all())
 
 
+def test_an_uncompressed_model_exports_as_a_float_gguf(tmp_path, tokenizer):
+    from compresslm.models.loading import save_model
+
+    model = tiny_model("llama")
+    save_model(model, tokenizer, tmp_path / "float")
+    result = export(tmp_path / "float", "gguf", tmp_path / "f32.gguf", dtype="float32", show_progress=False)
+    assert result["exact"] and set(result["tensor_types"]) == {"F32"}
+    _, tensors = _read_gguf(tmp_path / "f32.gguf")
+    got = torch.from_numpy(np.array(tensors["blk.1.ffn_down.weight"].data))
+    assert torch.equal(got, model.model.layers[1].mlp.down_proj.weight.detach())
+    with pytest.raises(CompressLMError, match="not a compresslm container"):
+        export(tmp_path / "float", "hf", tmp_path / "hf", show_progress=False)
+
+
 def test_kquant_grid_falls_back_where_super_blocks_do_not_divide_the_row(tmp_path, tokenizer, calib):
     path = _container(tmp_path, tokenizer, calib, "llama", "gguf-q6_k-rtn")  # 64- and 128-column rows
     result = export(path, "gguf", tmp_path / "m.gguf", show_progress=False)

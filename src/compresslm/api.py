@@ -218,7 +218,9 @@ def export(
     """Write a `.clm` container in another runtime's format and return what was written.
 
     `gguf`: one file for llama.cpp, lossless where a GGUF type holds the grid (otherwise refused, or
-    re-rounded with `requantize`, the added error measured; `formats.gguf_export`). `hf`: a
+    re-rounded with `requantize`, the added error measured; `formats.gguf_export`); `container` may also
+    be an uncompressed model (a source `load_model` reads), written with its weights in `dtype` (the
+    float file llama.cpp's own quantizer starts from). `hf`: a
     transformers directory of dequantized weights in `dtype`. `compressed-tensors`: the packed format
     llm-compressor writes and vLLM and transformers load. `clm-ans`: the container again, its codes
     ANS-coded (smaller; it loads to the same records bit for bit). An existing target is refused unless
@@ -228,11 +230,13 @@ def export(
 
     if fmt not in EXPORT_FORMATS:
         raise CompressLMError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if not Path(container).expanduser().is_file() or not is_container(container):
-        raise CompressLMError(f"{container} is not a compresslm container (.clm); compress a model first")
     target = Path(output).expanduser()
     if target.exists() and not overwrite:
         raise CompressLMError(f"{output} exists; remove it or pass --force to replace it")
+    if not Path(container).expanduser().is_file() or not is_container(container):
+        if fmt != "gguf" or Path(container).expanduser().is_file():
+            raise CompressLMError(f"{container} is not a compresslm container (.clm); compress a model first")
+        return _float_gguf(container, target, dtype, show_progress)
     if fmt == "clm-ans":
         from compresslm.formats.ans import require_constriction
         from compresslm.formats.container import rewrite_container
@@ -258,6 +262,25 @@ def export(
     from compresslm.formats.ct_export import export_compressed_tensors
 
     return export_compressed_tensors(container, target, dtype, transposed_linears(header), show_progress=show_progress)
+
+
+def _float_gguf(source: str | os.PathLike, target: Path, dtype: str, show_progress: bool) -> dict:
+    """An uncompressed model as a GGUF of `dtype` weights: written as a container without records, then
+    exported like any other (the same names, metadata and tokenizer)."""
+    import tempfile
+
+    from compresslm.formats.gguf_export import export_gguf
+    from compresslm.recipe.core import DENSE_DTYPES
+
+    if dtype not in DENSE_DTYPES:
+        raise CompressLMError(f"unknown dtype {dtype!r}; choose one of {', '.join(DENSE_DTYPES)}")
+    check_writable_file(target)
+    lm = load_model(source)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".float-gguf-") as tmp:
+        path = Path(tmp) / "float.clm"
+        save_compressed(lm, {}, path, dense_dtype=dtype)
+        del lm
+        return export_gguf(path, target, show_progress=show_progress).to_dict()
 
 
 def parse_size(text: str, what: str = "size") -> int:

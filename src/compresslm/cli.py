@@ -996,7 +996,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", help="write a container as GGUF (llama.cpp), compressed-tensors or plain HF")
-    exp.add_argument("container", help="a .clm container")
+    exp.add_argument("container", help="a .clm container (gguf: or an uncompressed model, written in --dtype)")
     exp.add_argument(
         "--format",
         required=True,
@@ -1014,7 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="float16",
         choices=("float16", "bfloat16", "float32"),
-        help="hf and compressed-tensors: dtype of dequantized and dense tensors",
+        help="hf and compressed-tensors: dtype of dequantized and dense tensors; gguf of a model: of its weights",
     )
     exp.add_argument("--force", action="store_true", help="replace an existing output")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -7,15 +7,18 @@ A group-32 record is written without loss when a GGUF type decodes its grid to t
   float16 (llama.cpp stores m as one). Grids made with `offset_exact` (`gguf-q4_1-*` presets) choose
   their scales so that it always is; an ordinary asymmetric grid misses on some groups.
 
-* a K-quant grid (`quant.grid.K_QUANTS`, the `gguf-q6_k-*` and `gguf-q3_k-*` presets) is Q6_K or Q3_K:
-  `d · sc · (code - zero)`, with each super-block's float16 d and integer sub-block scales sc read
-  back from the record's float16 scales (the grid keeps every scale on that lattice and says how).
+* a K-quant grid (`quant.grid.K_QUANTS`, the `gguf-q<2..6>_k-*` presets) is its type: each super-block's
+  float16 d and integer sub-block scales sc are read back from the record's float16 scales, and for
+  Q4_K, Q5_K and Q2_K its float16 dmin and integer minimums m from the offsets zero · scale (the grid
+  keeps both on their lattices and says how); a record they do not reproduce exactly is refused.
+  Q6_K and Q3_K then decode bit for bit; llama.cpp computes the others as d·sc·code − dmin·m, which
+  equals our (code − zero) · scale up to float32 rounding.
 
-Anything else (another group size, 2 bits, float zero points, low-rank terms) is refused with the
-recipe that would fit, unless `requantize` is set: then the tensor is re-rounded onto the nearest
+Anything else (another group size, plain 2-bit grids, float zero points, low-rank terms) is refused with
+the recipe that would fit, unless `requantize` is set: then the tensor is re-rounded onto the nearest
 legacy type (or only its offsets are rounded to float16; a float weight with low-rank factors, or a
 weight factorized outright, is written as its product in F16) and the added error is measured and
-returned. Q4_K, Q5_K and Q2_K (sub-block minimums on a second lattice) are not written yet.
+returned.
 Tensors that stay dense keep their stored dtype (float32 for 1-D tensors, as llama.cpp expects);
 a pruned weight's masked codes are its zero point, which decodes to exactly 0.
 
@@ -131,11 +134,9 @@ def _suggestion(entry: dict, kind: str) -> str:
         return "recompress with +emb8-g32-sym for the embedding (Q8_0's grid)"
     if bits in (4, 5):
         return f"recompress with a preset such as gguf-q{bits}_1-gptq or w{bits}-g32-gptq-sym"
-    if bits == 8:
+    if bits >= 7:
         return "recompress with w8-g32-rtn-sym"
-    if bits in (3, 6):
-        return f"recompress with a preset such as gguf-q{bits}_k-gptq"
-    return "recompress with a gguf-q3_k-* or gguf-q4_1-* preset (no 2-bit grid is written yet)"
+    return f"recompress with a preset such as gguf-q{bits}_k-gptq"
 
 
 # ---- block packing: each function returns [rows, blocks * block_bytes] uint8 ------------------------
