@@ -212,6 +212,12 @@ def _kquant_params(record: CompressedWeight, kind) -> tuple[np.ndarray, ...] | N
     return d, sc, dmin, m
 
 
+def _fields(values: np.ndarray, width: int) -> np.ndarray:
+    """Bytes holding `values` [..., k, n] as k fields of `width` bits, field i at bit width·i of byte j."""
+    shifts = (np.arange(values.shape[-2], dtype=np.uint8) * width)[:, None]
+    return (values.astype(np.uint8) << shifts).sum(axis=-2, dtype=np.uint8)
+
+
 def _scales_and_mins_6bit(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and eight 6-bit minimums."""
     low = (sc[..., :4] | ((sc[..., 4:] >> 4) << 6)).astype(np.uint8)
@@ -240,39 +246,32 @@ def _pack_kquant(record: CompressedWeight, gguf_type: str) -> np.ndarray | None:
         qs = ((pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)).reshape(out_f, blocks, 128)
         parts = [_f16_bytes(d), _f16_bytes(dmin), _scales_and_mins_6bit(sc, m)]
         if gguf_type == "Q5_K":
-            high = ((u >> 4) & 1).reshape(out_f, blocks, 8, 32)
-            parts.append((high << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8))
+            parts.append(_fields(((u >> 4) & 1).reshape(out_f, blocks, 8, 32), 1))
         parts.append(qs)
         return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_f, -1))
     if gguf_type == "Q2_K":  # 4-bit scale | 4-bit minimum (16), qs (64), d, dmin
-        four = u.reshape(out_f, blocks, 2, 4, 32) << np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)
-        parts = [(sc | (m << 4)).astype(np.uint8), four.sum(axis=3, dtype=np.uint8).reshape(out_f, blocks, 64)]
+        qs = _fields(u.reshape(out_f, blocks, 2, 4, 32), 2).reshape(out_f, blocks, 64)
+        parts = [(sc | (m << 4)).astype(np.uint8), qs]
         parts += [_f16_bytes(d), _f16_bytes(dmin)]
         return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_f, -1))
     if gguf_type == "Q6_K":  # ql (128), qh (64), int8 scales (16), d
         halves = u.reshape(out_f, blocks, 2, 128)
         ql = (halves[..., :64] & 0x0F) | ((halves[..., 64:] & 0x0F) << 4)
-        quarters = halves.reshape(out_f, blocks, 2, 4, 32)
-        shifts = np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)
-        qh = (((quarters >> 4) & 3) << shifts).sum(axis=3, dtype=np.uint8)
+        qh = _fields((halves.reshape(out_f, blocks, 2, 4, 32) >> 4) & 3, 2)
         parts = [ql.reshape(out_f, blocks, 128), qh.reshape(out_f, blocks, 64), sc.astype(np.int8).view(np.uint8)]
     else:  # Q3_K: hmask (32), qs (64), 6-bit scales + 32 (12), d
-        high = (u >> 2).reshape(out_f, blocks, 8, 32)
-        hmask = (high << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8)
-        low = (u & 3).reshape(out_f, blocks, 2, 4, 32)
-        qs = (low << np.arange(0, 8, 2, dtype=np.uint8).reshape(1, 1, 1, 4, 1)).sum(axis=3, dtype=np.uint8)
+        hmask = _fields((u >> 2).reshape(out_f, blocks, 8, 32), 1)
+        qs = _fields((u & 3).reshape(out_f, blocks, 2, 4, 32), 2).reshape(out_f, blocks, 64)
         v = (sc + 32).astype(np.uint8)
         lscales = (v[..., :8] & 0x0F) | ((v[..., 8:] & 0x0F) << 4)
-        hscales = (((v.reshape(out_f, blocks, 4, 4) >> 4) & 3) << np.arange(0, 8, 2, dtype=np.uint8)[:, None]).sum(
-            axis=2, dtype=np.uint8
-        )
-        parts = [hmask, qs.reshape(out_f, blocks, 64), lscales, hscales]
+        hscales = _fields((v.reshape(out_f, blocks, 4, 4) >> 4) & 3, 2)
+        parts = [hmask, qs, lscales, hscales]
     parts.append(_f16_bytes(d))
     return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(out_f, -1))
 
 
 def pack(record: CompressedWeight, gguf_type: str, round_offsets: bool = False) -> np.ndarray | None:
-    """The record's bytes as GGUF blocks of `gguf_type` (one of EXACT_TYPES' values, Q6_K or Q3_K), or None
+    """The record's bytes as GGUF blocks of `gguf_type` (one of EXACT_TYPES' values or a K-quant), or None
     when an asymmetric grid's offsets are not float16 values (unless `round_offsets`) or a K-quant
     record's scales are not on its super-blocks' lattice."""
     if gguf_type in _BLOCK_COLUMNS:
