@@ -51,7 +51,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict:
 
 def _measure_remote(measure: Callable, point, model_name: str, grid, reference, workdir: str, keep: bool,
                     data_dir: str | None, threads: int) -> dict:  # fmt: skip
-    """One point inside a Ray worker (`measure` is the runner's), with the worker's machine and pid in the row."""
+    """One point inside a Ray worker (`measure` is the runner's), with the worker's machine, pid and the time it
+    finished in the row (a worker runs many points one after another: the time says which ran before a crash)."""
     import torch
 
     from compresslm.models.loading import load_model
@@ -63,7 +64,8 @@ def _measure_remote(measure: Callable, point, model_name: str, grid, reference, 
         _BASES.clear()
         _BASES[model_name] = load_model(model_name)
     row = measure(point, _BASES[model_name], model_name, grid, reference, Path(workdir), keep, data_dir)
-    return {**row, "executor": {"kind": "ray", "machine": machine_id(), "pid": os.getpid(), "threads": threads}}
+    where = {"kind": "ray", "machine": machine_id(), "pid": os.getpid(), "threads": threads, "finished": time.time()}
+    return {**row, "executor": where}
 
 
 def memory_estimate(parameters: int) -> int:
