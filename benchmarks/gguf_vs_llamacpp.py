@@ -42,10 +42,12 @@ TYPES = ("q4_0", "q4_k", "q3_k", "q2_k")
 FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
           "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}  # fmt: skip
 MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm")
+# rows of earlier compresslm grids, kept in the table beside the current ones (not rerun)
+SUPERSEDED = {"compresslm-plain-scale": "compresslm, before signed scales (superseded)"}
 # a GGUF type of the token embedding -> the embedding stage that holds it exactly
 EMBEDDING_STAGES = {
-    "Q4_0": {"bits": 4, "group_size": 32, "symmetric": True},
-    "Q5_0": {"bits": 5, "group_size": 32, "symmetric": True},
+    "Q4_0": {"bits": 4, "group_size": 32, "symmetric": True, "signed_scale": True},
+    "Q5_0": {"bits": 5, "group_size": 32, "symmetric": True, "signed_scale": True},
     "Q8_0": {"bits": 8, "group_size": 32, "symmetric": True},
 }
 
@@ -237,15 +239,16 @@ def write_markdown(rows: dict) -> None:
                      f"{_types(float_row)} | {float_row['decode_tokens_per_s']:.1f} |")  # fmt: skip
     for kind in TYPES:
         base = rows.get(f"llama.cpp {kind}")
-        for maker in MAKERS:
+        for maker in (*MAKERS, *SUPERSEDED):
             row = rows.get(f"{maker} {kind}")
             if row is None:
-                lines.append(f"| {kind.upper()} | {maker} | not run yet | | | | |")
+                if maker in MAKERS:
+                    lines.append(f"| {kind.upper()} | {maker} | not run yet | | | | |")
                 continue
             closed = "–"
             if base and float_row and maker != "llama.cpp" and base["ppl"] != float_row["ppl"]:
                 closed = f"{100 * (base['ppl'] - row['ppl']) / (base['ppl'] - float_row['ppl']):.0f} %"
-            lines.append(f"| {kind.upper()} | {maker} | {row['ppl']:.3f} | {closed} | {row['bytes']:,} | "
+            lines.append(f"| {kind.upper()} | {SUPERSEDED.get(maker, maker)} | {row['ppl']:.3f} | {closed} | {row['bytes']:,} | "
                          f"{_types(row)} | {row['decode_tokens_per_s']:.1f} |")  # fmt: skip
     if rows:
         first = next(iter(rows.values()))

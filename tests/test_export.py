@@ -20,7 +20,7 @@ from compresslm.formats.gguf_export import EXACT_TYPES, _permute_rows, dequantiz
 from compresslm.models.assemble import load_compressed
 from compresslm.models.loaded import LoadedModel
 from compresslm.models.tiny import tiny_config, tiny_model
-from compresslm.quant.grid import K_QUANTS, Grid, fit_weight
+from compresslm.quant.grid import K_QUANTS, Grid, fit_weight, kquant_grid
 from compresslm.recipe import load_recipe
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
@@ -165,7 +165,7 @@ def test_kquant_scales_are_float16_times_small_integers():
     weight[0, :256] *= 1e-4
     for kquant, top in (("q6_k", 127), ("q5_k", 63), ("q4_k", 63), ("q3_k", 31), ("q2_k", 15)):
         kind = K_QUANTS[kquant]
-        grid = Grid(kind.bits, "group", kind.group_size, symmetric=kind.symmetric, kquant=kquant)
+        grid = kquant_grid(kquant)
         scales, zeros = fit_weight(weight, grid)
         assert scales.shape == (3, 512 // kind.group_size)
         if kind.symmetric:
@@ -177,15 +177,27 @@ def test_kquant_scales_are_float16_times_small_integers():
             assert torch.equal((dmin * m) / scales.view(3, 2, -1), zeros.view(3, 2, -1))
         assert torch.equal(scales.half().float(), scales)
         blocks = scales.view(3, 2, -1)
-        d = blocks.amax(dim=2, keepdim=True) / top
+        d = blocks.abs().amax(dim=2, keepdim=True) / top
         assert torch.equal(d.half().float(), d) and float(d[0, 0]) < 2.0**-14  # below float16's normal range too
         ratio = blocks / d
-        assert torch.equal(ratio, ratio.round()) and bool((ratio >= 1).all())
+        assert torch.equal(ratio, ratio.round()) and bool((ratio.abs() >= 1).all() and (ratio.abs() <= top).all())
+        assert bool((ratio < 0).any()) == kind.symmetric  # symmetric types' scales carry their extreme's sign
 
 
 def test_kquant_recipes_are_checked_before_compute():
     stage = load_recipe("gguf-q3_k-gptq").stages[0]
-    assert (stage.bits, stage.group_size, stage.symmetric, stage.kquant) == (3, 16, True, "q3_k")
+    assert (stage.bits, stage.group_size, stage.symmetric, stage.kquant, stage.signed_scale) == (
+        3,
+        16,
+        True,
+        "q3_k",
+        True,
+    )
+    # llama.cpp's signed scales for its symmetric types, except Q8_0 (its codes stop at -127)
+    assert [load_recipe(f"gguf-{t}-rtn").stages[0].signed_scale for t in ("q4_0", "q5_0", "q8_0", "q4_1", "q4_k")] == [
+        True, True, False, False, False]  # fmt: skip
+    with pytest.raises(CompressLMError, match="signed_scale applies to symmetric grids"):
+        load_recipe({"stages": [{"type": "quantize", "bits": 4, "signed_scale": True}]})
     with pytest.raises(CompressLMError, match="q2_k, q3_k, q4_k, q5_k, q6_k; not q7_k"):
         load_recipe("gguf-q7_k-rtn")
     with pytest.raises(CompressLMError, match="no code is exactly zero"):

@@ -79,6 +79,27 @@ def test_clip_search_does_not_increase_error_and_helps_at_low_bits():
     assert clipped < plain
 
 
+def test_a_signed_scale_puts_each_groups_extreme_on_the_lowest_code():
+    torch.manual_seed(2)
+    w = torch.randn(16, 64)
+    record = rtn(w, Grid(4, "group", 32, symmetric=True, signed_scale=True))
+    groups = w.view(16, 2, 32)
+    at = groups.abs().argmax(dim=2, keepdim=True)
+    assert bool((record.codes.view(16, 2, 32).gather(2, at) == 0).all())  # -8 steps of a signed scale
+    assert torch.equal(torch.sign(record.scales.float()), -torch.sign(groups.gather(2, at)[..., 0]))
+    extreme = record.dequantize().view(16, 2, 32).gather(2, at)
+    assert torch.allclose(extreme, groups.gather(2, at), rtol=1e-3)  # only the scale's float16 rounding
+    for bits in (3, 4, 5):  # a finer step and no clipped extreme: less error than the plain symmetric scale
+        plain = (rtn(w, Grid(bits, "group", 32, symmetric=True)).dequantize() - w).pow(2).sum()
+        signed = (rtn(w, Grid(bits, "group", 32, symmetric=True, signed_scale=True)).dequantize() - w).pow(2).sum()
+        assert signed < plain
+    with pytest.raises(GridError, match="signed_scale applies to symmetric grids"):
+        Grid(4, signed_scale=True)
+    assert torch.equal(
+        rtn(torch.zeros(2, 32), Grid(4, "group", 32, True, signed_scale=True)).dequantize(), torch.zeros(2, 32)
+    )
+
+
 def test_scales_are_float16_exact():
     scales, _ = fit_weight(_weight(), Grid(4, "group", 16))
     assert torch.equal(scales, scales.half().float())

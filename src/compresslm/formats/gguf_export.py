@@ -185,10 +185,11 @@ def _lattice(values: np.ndarray, top: int, low: int) -> tuple[np.ndarray, np.nda
     """Each super-block's float16 step [rows, blocks] and integers in [low, top] [rows, blocks, subs] nearest
     to `values` [rows, blocks, subs] (the caller checks that they reproduce the record).
 
-    `quant.grid` gives each super-block's largest value the top integer, so the step is that value over
-    the top integer, rounded to float16 (exact for scales; offsets arrive with float32 rounding).
+    `quant.grid` gives each super-block's value largest in magnitude ±top, so the step is that magnitude
+    over the top integer, rounded to float16 (exact for scales; offsets arrive with float32 rounding).
+    Symmetric types' scales are signed (low = -top), as llama.cpp's own quantizer makes them.
     """
-    step = (values.max(axis=2) / np.float32(top)).astype(np.float16).astype(np.float32)
+    step = (np.abs(values).max(axis=2) / np.float32(top)).astype(np.float16).astype(np.float32)
     n = np.rint(values / np.maximum(step, np.float32(2.0**-24))[..., None])
     return step, np.clip(n, low, top).astype(np.int64)
 
@@ -200,7 +201,7 @@ def _kquant_params(record: CompressedWeight, kind) -> tuple[np.ndarray, ...] | N
     out_f, in_f = record.shape
     blocks = in_f // SUPER_BLOCK
     scales = record.scales.numpy().astype(np.float32).reshape(out_f, blocks, -1)
-    d, sc = _lattice(scales, kind.max_scale, 1)
+    d, sc = _lattice(scales, kind.max_scale, -kind.max_scale if kind.symmetric else 1)
     if not (d > 0).all() or not np.array_equal(d[..., None] * sc.astype(np.float32), scales):
         return None
     if kind.symmetric:

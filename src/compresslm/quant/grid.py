@@ -3,8 +3,12 @@
 A grid maps a float weight to codes in [0, 2**bits - 1] with a float16 scale and an integer zero
 point per group: w ≈ (code - zero) * scale. Asymmetric grids stretch [min(w, 0), max(w, 0)] over the
 codes; symmetric grids use scale = 2·max|w| / (2**bits - 1) with the fixed zero point 2**(bits-1)
-(the convention of the GPTQ reference code and llm-compressor). Scales are rounded to float16
-*before* codes are chosen, so the codes are optimal for the scale that is stored.
+(the convention of the GPTQ reference code and llm-compressor). That scale leaves the extreme on the
+positive side between the last two codes; `signed_scale` instead gives the scale the sign of the
+group's largest-magnitude weight and puts that weight on the lowest code exactly (scale = w_extreme /
+-2**(bits-1)): a finer step and no extreme clipped. It is how llama.cpp quantizes its symmetric types
+(Q4_0, Q5_0, Q3_K, Q6_K), whose stored scales are signed, so the GGUF presets use it. Scales are
+rounded to float16 *before* codes are chosen, so the codes are optimal for the scale that is stored.
 
 A group size that does not divide the row is honoured with a shorter last group; nothing falls
 back silently. `offset_exact` keeps only as many significant bits in an asymmetric grid's scales as
@@ -54,6 +58,7 @@ class Grid:
     clip_norm: float = 2.4
     offset_exact: bool = False
     kquant: str = ""  # a K_QUANTS name: sub-block scales on a super-block's float16 lattice
+    signed_scale: bool = False  # symmetric only: the largest |w| on the lowest code, the scale takes its sign
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -64,20 +69,19 @@ class Grid:
             raise GridError(f"group_size must be a positive number of columns, got {self.group_size}")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise GridError(f"clip_max_shrink must be in (0, 1), got {self.clip_max_shrink}")
+        if self.signed_scale and not self.symmetric:
+            raise GridError("signed_scale applies to symmetric grids; this one is asymmetric")
         if self.kquant:
             kind = K_QUANTS.get(self.kquant)
             if kind is None:
                 raise GridError(f"kquant must be one of {', '.join(K_QUANTS)}, got '{self.kquant}'")
             if (
-                (self.bits, self.granularity, self.group_size, self.symmetric)
-                != (kind.bits, "group", kind.group_size, kind.symmetric)
+                (self.bits, self.granularity, self.group_size, self.symmetric, self.signed_scale)
+                != (kind.bits, "group", kind.group_size, kind.symmetric, kind.symmetric)
                 or self.clip_search
                 or self.offset_exact
             ):
-                sym = "sym" if kind.symmetric else "asym"
-                raise GridError(
-                    f"{self.kquant} is W{kind.bits} g{kind.group_size} {sym} without clip search; got {self.describe()}"
-                )
+                raise GridError(f"{self.kquant} is {kquant_grid(self.kquant).describe()}; got {self.describe()}")
 
     def for_width(self, in_features: int) -> Grid:
         """The grid a weight with `in_features` columns gets: a K-quant grid whose super-blocks do not divide
@@ -109,14 +113,30 @@ class Grid:
     def describe(self) -> str:
         kind = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
         flags = (" clip" if self.clip_search else "") + (" offset-exact" if self.offset_exact else "")
+        flags += " signed" if self.signed_scale else ""
         flags += f" {self.kquant}" if self.kquant else ""
         return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}{flags}"
+
+
+def _signed_extreme(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The end of [lo, hi] farther from zero, with its sign (the negative end on a tie)."""
+    return torch.where(-lo >= hi, lo, hi)
+
+
+def _signed_step(extreme: torch.Tensor, bits: int) -> torch.Tensor:
+    """The step that puts `extreme` on the lowest code, -2**(bits-1) steps from zero (at least the smallest
+    float16 in magnitude; positive for an all-zero group)."""
+    step = extreme / -(1 << (bits - 1))
+    return torch.where(step < 0, step.clamp(max=-_MIN_SCALE), step.clamp(min=_MIN_SCALE))
 
 
 def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float16-exact, as float32) and integer zero point for ranges [lo, hi] (lo <= 0 <= hi)."""
     maxq = grid.maxq
-    if grid.symmetric:
+    if grid.signed_scale:
+        scale = _signed_step(_signed_extreme(lo, hi), grid.bits).half().float()
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    elif grid.symmetric:
         amax = torch.maximum(-lo, hi)
         scale = (2 * amax / maxq).clamp_min(_MIN_SCALE).half().float()
         zero = torch.full_like(scale, float((maxq + 1) // 2))
@@ -131,9 +151,10 @@ def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[
 
 @dataclass(frozen=True)
 class KQuant:
-    """A K-quant type: sub-blocks of `group_size` columns whose scales are d · sc with sc in
-    [1, 2**scale_bits - 1] and one float16 d per super-block. Symmetric types put codes around the zero
-    point 2**(bits-1); the others subtract an offset dmin · m per sub-block, m in [0, 2**min_bits - 1]."""
+    """A K-quant type: sub-blocks of `group_size` columns whose scales are d · sc with one float16 d per
+    super-block. Symmetric types put codes around the zero point 2**(bits-1) with signed scales (|sc| in
+    [1, 2**scale_bits - 1], the sub-block's largest |w| on the lowest code); the others have sc in
+    [1, 2**scale_bits - 1] and subtract an offset dmin · m per sub-block, m in [0, 2**min_bits - 1]."""
 
     bits: int
     group_size: int
@@ -164,20 +185,23 @@ def _float16_multiple(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _lattice(ideal: torch.Tensor, top_value: int, bits: int, low: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float16 step per row [rows, 1] and integers in [low, top_value] [rows, subs] whose products
-    approach `ideal` [rows, subs]; the row's largest entry gets `top_value`, so that the step is read
-    back as that product over `top_value` (`formats.gguf_export`)."""
-    top = ideal.amax(dim=1, keepdim=True)
+    """A float16 step per row [rows, 1] and integers [rows, subs] whose products approach `ideal` [rows, subs]:
+    in [low, top_value], or for signed `ideal` (low < 0) of magnitude in [1, top_value]. The row's entry
+    largest in magnitude gets ±`top_value`, so that the step is read back as the largest magnitude over
+    `top_value` (`formats.gguf_export`)."""
+    size = ideal.abs()
+    top = size.amax(dim=1, keepdim=True)
     step = _float16_multiple(top / top_value, bits)
-    n = torch.round(ideal / step).clamp(low, top_value)
-    return step, torch.where(ideal == top, float(top_value), n)
+    n = torch.round(size / step).clamp(max(low, 1) if low < 0 else low, top_value)
+    n = torch.where(size == top, float(top_value), n)
+    return step, torch.where(ideal < 0, -n, n) if low < 0 else n
 
 
 def _fit_super_blocks(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points [rows, sub-blocks] of super-blocks `x` [rows, 256] on their K-quant lattice.
 
-    Each sub-block's ideal scale t (its range over the codes, as on the plain grid, narrowed by
-    `shrink`) becomes d · sc: d is the largest t over sc's top value, rounded up to the significant
+    Each sub-block's ideal scale t (as on the plain grid: signed for symmetric types; narrowed by
+    `shrink`) becomes d · sc: d is the largest |t| over sc's top value, rounded up to the significant
     bits (and, below float16's normal range, to the multiple of its smallest step) that keep every
     d · sc a float16. An asymmetric type's offset -min(w, 0) becomes dmin · m the same way (dmin a
     float16; m · dmin is exact in float32), and the zero point is dmin · m / scale, a float32.
@@ -186,13 +210,13 @@ def _fit_super_blocks(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None) 
     rows = x.shape[0]
     sub = x.float().view(rows, -1, kind.group_size)
     if kind.symmetric:
-        ideal = 2 * sub.abs().amax(dim=2) / grid.maxq
+        ideal = _signed_step(_signed_extreme(sub.amin(dim=2), sub.amax(dim=2)), grid.bits)
     else:
         lo, hi = sub.amin(dim=2).clamp(max=0), sub.amax(dim=2).clamp(min=0)
         ideal = (hi - lo) / grid.maxq
     if shrink is not None:
         ideal = ideal * shrink
-    d, sc = _lattice(ideal, kind.max_scale, 11 - kind.scale_bits, 1)
+    d, sc = _lattice(ideal, kind.max_scale, 11 - kind.scale_bits, -kind.max_scale if kind.symmetric else 1)
     scales = d * sc
     if kind.symmetric:
         return scales, torch.full_like(scales, float((grid.maxq + 1) // 2))
@@ -338,8 +362,16 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
         raise GridError(f"{name} contains {bad} NaN or infinite values; refusing to quantize it")
 
 
+def kquant_grid(name: str) -> Grid:
+    """The grid of the K-quant type `name` (a key of K_QUANTS)."""
+    kind = K_QUANTS[name]
+    return Grid(kind.bits, "group", kind.group_size, kind.symmetric, signed_scale=kind.symmetric, kquant=name)
+
+
 def _legacy(bits: int) -> Grid:
-    return Grid(bits, "group", 32, symmetric=True)
+    """llama.cpp's symmetric legacy types; Q8_0 keeps the plain symmetric scale (llama.cpp's Q8_0 codes stop
+    at -127, and its kernels are not written for -128)."""
+    return Grid(bits, "group", 32, symmetric=True, signed_scale=bits < 8)
 
 
 # llama.cpp falls back from Q3_K and Q2_K to IQ4_NL, which no grid here holds; Q4_0 is its nearest legacy type

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from compresslm.quant.grid import Grid
 from compresslm.recipe.fields import RecipeError, check_bits, check_group, choice, stage_dict
@@ -22,14 +23,19 @@ class QuantizeEmbeddingStage:
     granularity: str = "group"
     group_size: int = 64
     symmetric: bool = False
+    signed_scale: bool = False  # symmetric: the largest |w| on the lowest code (llama.cpp's Q4_0, Q5_0)
     targets: list[str] = field(default_factory=lambda: ["embedding"])
     type: str = "quantize_embedding"
+
+    LATER_FIELDS: ClassVar[dict] = {"signed_scale": False}  # see QuantizeStage.LATER_FIELDS
 
     def validate(self, where: str) -> None:
         check_bits(where, self.bits)
         check_group(where, self.granularity, self.group_size)
         for target in self.targets:
             choice(where, "targets", target, ("embedding", "lm_head"))
+        if self.signed_scale and not self.symmetric:
+            raise RecipeError(f"{where}: signed_scale applies to symmetric grids; set symmetric=true or drop it")
         if not self.targets:
             raise RecipeError(f"{where}: targets is empty; choose embedding and/or lm_head")
 
@@ -38,7 +44,7 @@ class QuantizeEmbeddingStage:
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.bits, self.granularity, self.group_size, self.symmetric)
+        return Grid(self.bits, self.granularity, self.group_size, self.symmetric, signed_scale=self.signed_scale)
 
 
 register_stage("quantize_embedding", QuantizeEmbeddingStage, "embedding")

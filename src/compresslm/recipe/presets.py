@@ -16,11 +16,12 @@ int8 matmul kernel on this CPU path) and labelled so. `w8-rtn` and other names
 without `-g` use group 128 for 2–4 bits and per-channel for 5–8 bits.
 
 GGUF presets put the weights on exactly the grid of a llama.cpp type, so the GGUF export is lossless:
-`gguf-<type>-<method>[flags]` with type q4_0, q5_0, q8_0 (symmetric, group 32) or q4_1, q5_1
+`gguf-<type>-<method>[flags]` with type q4_0, q5_0, q8_0 (symmetric, group 32; q4_0 and q5_0 with
+llama.cpp's signed scales, `signed_scale`) or q4_1, q5_1
 (asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`, or the
 K-quants q2_k ... q6_k (sub-blocks of 16 or 32 whose scales, and offsets for q2_k, q4_k and q5_k, are
-float16s per 256 columns times small integers; rows that 256 does not divide take llama.cpp's own
-fallback: Q5_0, Q5_1, Q8_0, Q4_0 for IQ4_NL), e.g. `gguf-q4_k-gptq`. The
+float16s per 256 columns times small integers, signed for q3_k and q6_k; rows that 256 does not
+divide take llama.cpp's own fallback: Q5_0, Q5_1, Q8_0, Q4_0 for IQ4_NL), e.g. `gguf-q4_k-gptq`. The
 embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
 
 `rot+<preset>` rotates the residual stream (and each head's values) by a seeded random orthogonal
@@ -115,7 +116,7 @@ def _gguf_preset(match: re.Match) -> dict:
             raise RecipeError(f"K-quant grids so far: {', '.join(sorted(K_QUANTS))}; not {kquant}")
         kind = K_QUANTS[kquant]
         name = f"w{kind.bits}-g{kind.group_size}-{match['method']}{match['flags']}{'-sym' if kind.symmetric else ''}"
-        return {**_quantize_preset(name, _PRESET.match(name)), "kquant": kquant}
+        return {**_quantize_preset(name, _PRESET.match(name)), "kquant": kquant, "signed_scale": kind.symmetric}
     if match["bits"] not in "458":
         asked = f"q{match['bits']}_{match['kind']}"
         raise RecipeError(f"GGUF's legacy types are q4_0, q4_1, q5_0, q5_1 and q8_0; not {asked}")
@@ -124,7 +125,9 @@ def _gguf_preset(match: re.Match) -> dict:
         raise RecipeError("GGUF has no q8_1 weight type; use gguf-q8_0-<method>")
     name = f"w{bits}-g32-{match['method']}{match['flags']}{'-sym' if symmetric else ''}"
     stage = _quantize_preset(name, _PRESET.match(name))
-    return stage if symmetric else {**stage, "offset_exact": True}
+    if symmetric:  # llama.cpp's own scales for Q4_0 and Q5_0; its Q8_0 codes stop at -127 (see quant.grid)
+        return {**stage, "signed_scale": True} if bits < 8 else stage
+    return {**stage, "offset_exact": True}
 
 
 def _dial_preset(match: re.Match) -> dict:

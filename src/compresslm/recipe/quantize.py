@@ -50,6 +50,7 @@ class QuantizeStage(Targeted):
     keep_zeros: bool = False  # hold the weight's exact zeros (a pruned checkpoint) as its mask
     offset_exact: bool = False  # asymmetric scales such that zero x scale is a float16 (GGUF Q4_1/Q5_1)
     kquant: str = ""  # a llama.cpp K-quant type whose two-level scales the grid is (q2_k ... q6_k)
+    signed_scale: bool = False  # symmetric: the largest |w| on the lowest code (llama.cpp's Q4_0, Q3_K ...)
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -70,6 +71,8 @@ class QuantizeStage(Targeted):
         if self.act_order is True and self.method != "gptq":
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         self.check_targets(where)
+        if self.signed_scale and not self.symmetric:
+            raise RecipeError(f"{where}: signed_scale applies to symmetric grids; set symmetric=true or drop it")
         if self.offset_exact and (self.symmetric or self.nested_widths):
             raise RecipeError(f"{where}: offset_exact shapes asymmetric grids' scales; this one is symmetric or nested")
         if self.kquant:
@@ -89,12 +92,12 @@ class QuantizeStage(Targeted):
 
         choice(where, "kquant", self.kquant, tuple(K_QUANTS))
         kind = K_QUANTS[self.kquant]
-        wanted = (kind.bits, "group", kind.group_size, kind.symmetric)
-        if (self.bits, self.granularity, self.group_size, self.symmetric) != wanted:
+        wanted = (kind.bits, "group", kind.group_size, kind.symmetric, kind.symmetric)
+        if (self.bits, self.granularity, self.group_size, self.symmetric, self.signed_scale) != wanted:
             raise RecipeError(
                 f"{where}: kquant {self.kquant} is bits={kind.bits}, group_size={kind.group_size}, "
-                f"symmetric={kind.symmetric}; "
-                f"got bits={self.bits}, {self.granularity} {self.group_size}, symmetric={self.symmetric}"
+                f"symmetric={kind.symmetric}, signed_scale={kind.symmetric}; got bits={self.bits}, "
+                f"{self.granularity} {self.group_size}, symmetric={self.symmetric}, signed_scale={self.signed_scale}"
             )
         if self.clip_search or self.offset_exact or self.nested_widths or self.smoothquant or self.act_bits:
             raise RecipeError(
@@ -148,7 +151,7 @@ class QuantizeStage(Targeted):
     # while at the default, so the recipe text of older containers stays as it was (sweep keys do not need
     # this: `Recipe.key` lists only fields that differ from their defaults)
     LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False, "offset_exact": False,
-                                    "kquant": ""}  # fmt: skip
+                                    "kquant": "", "signed_scale": False}  # fmt: skip
 
     def to_dict(self) -> dict:
         data = stage_dict(self)
@@ -159,7 +162,7 @@ class QuantizeStage(Targeted):
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search,
-                    offset_exact=self.offset_exact, kquant=self.kquant)  # fmt: skip
+                    offset_exact=self.offset_exact, kquant=self.kquant, signed_scale=self.signed_scale)  # fmt: skip
 
     @property
     def dial_widths(self) -> list[int]:
