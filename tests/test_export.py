@@ -109,7 +109,8 @@ def _wide_container(tmp_path, tokenizer, calib, recipe: str):
 
 @pytest.mark.parametrize("recipe", ["gguf-q6_k-gptq", "gguf-q6_k-awq", "gguf-q3_k-rtn", "gguf-q3_k-gptq-noact",
                                     "50%-wanda+gguf-q3_k-gptq", "gguf-q4_k-gptq", "gguf-q4_k-awq",
-                                    "gguf-q5_k-gptq-noact", "gguf-q2_k-rtn"])  # fmt: skip
+                                    "gguf-q5_k-gptq-noact", "gguf-q2_k-rtn", "gguf-q3_k-gptq-clip",
+                                    "gguf-q4_k-gptq-noact-clip"])  # fmt: skip
 def test_kquant_gguf_export_is_exact(tmp_path, tokenizer, calib, recipe):
     """Same codes, scales and offsets. Symmetric types decode bit for bit; types with offsets compute
     (code - zero) · scale here and code · scale - offset in llama.cpp, equal up to float32 rounding."""
@@ -204,8 +205,10 @@ def test_kquant_recipes_are_checked_before_compute():
         load_recipe("50%-wanda+gguf-q4_k-gptq")
     with pytest.raises(CompressLMError, match="legacy types"):
         load_recipe("gguf-q6_0-rtn")
-    with pytest.raises(CompressLMError, match="do not combine with clip_search"):
-        load_recipe("gguf-q6_k-rtn-clip")
+    assert load_recipe("gguf-q6_k-rtn-clip").stages[0].grid.clip_search  # a range per sub-block, then the lattice
+    with pytest.raises(CompressLMError, match="do not combine with offset_exact"):
+        load_recipe({"stages": [{"type": "quantize", "bits": 4, "group_size": 32, "kquant": "q4_k",
+                                 "offset_exact": True}]})  # fmt: skip
     bad = {"stages": [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 16, "symmetric": True,
                        "kquant": "q6_k"}]}  # fmt: skip
     with pytest.raises(CompressLMError, match="kquant q6_k is bits=6"):

@@ -8,7 +8,7 @@ import torch
 from compresslm.compressed import CompressedWeight, InvalidCompressedWeight
 from compresslm.errors import CompressLMError
 from compresslm.quant.gptq import GPTQOptions, factor_hessian, gptq, hessian_from_inputs, inverse_cholesky
-from compresslm.quant.grid import Grid, GridError, fit_weight
+from compresslm.quant.grid import Grid, GridError, fit_rows, fit_weight, quantize_codes
 from compresslm.quant.rtn import rtn
 
 
@@ -98,6 +98,24 @@ def test_a_signed_scale_puts_each_groups_extreme_on_the_lowest_code():
     assert torch.equal(
         rtn(torch.zeros(2, 32), Grid(4, "group", 32, True, signed_scale=True)).dequantize(), torch.zeros(2, 32)
     )
+
+
+def test_the_clip_search_weights_each_columns_error_by_its_importance():
+    torch.manual_seed(3)
+    x = torch.randn(256, 32)
+    x[:, 0] *= 6  # an outlier column the inputs barely use
+    importance = torch.ones(32)
+    importance[0] = 1e-4
+    grid = Grid(3, "group", 32, symmetric=True, signed_scale=True, clip_search=True)
+    weighted = fit_rows(x, grid, importance=importance)[0]
+    plain = fit_rows(x, grid)[0]
+    assert float(weighted.abs().mean()) < 0.5 * float(plain.abs().mean())  # the outlier column is clipped
+
+    def weighted_error(scale):  # the error the inputs see: the important columns' reconstruction
+        codes = quantize_codes(x, scale[:, None], torch.full_like(scale, 4)[:, None], grid.maxq)
+        return float((((codes - 4) * scale[:, None] - x).square() * importance).sum())
+
+    assert weighted_error(weighted) < weighted_error(plain)
 
 
 def test_scales_are_float16_exact():

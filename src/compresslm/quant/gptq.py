@@ -172,6 +172,7 @@ def gptq(
             raise CompressLMError(f"GPTQ: mask must be bool of shape {tuple(w.shape)}")
         w = w.masked_fill(~mask, 0.0)
     w[:, factor.dead] = 0.0
+    importance = hessian.diagonal().float().clamp_min(0)  # the clip search's column weights (grid.fit_rows)
 
     grid = grid.for_width(in_f)
     g = grid.group_size_for(in_f)
@@ -185,7 +186,7 @@ def gptq(
         block_size = unit * max(1, options.block_size // unit)  # groups never straddle a block
         run = math.gcd(g, _RUN)  # nor a run, so that a group's scale sees every update before it
     else:
-        scales, zeros = fit_weight(w, grid)
+        scales, zeros = fit_weight(w, grid, importance=importance)
         block_size, run = options.block_size, _RUN
 
     keep = mask
@@ -211,10 +212,11 @@ def gptq(
                 if dynamic and col % unit == 0:
                     chunk = w1[:, i : i + unit] if keep is None else w1[:, i : i + unit] * keep[:, col : col + unit]
                     if grid.kquant:  # a super-block's sub-block scales share one float16 d
-                        s, z = fit_weight(chunk, grid)
+                        s, z = fit_weight(chunk, grid, importance=importance[col : col + unit])
                         scales[:, col // g : (col + unit) // g], zeros[:, col // g : (col + unit) // g] = s, z
                     else:
-                        scales[:, col // g], zeros[:, col // g] = fit_rows(chunk, grid)
+                        part = importance[col : col + unit]
+                        scales[:, col // g], zeros[:, col // g] = fit_rows(chunk, grid, importance=part)
                 if grid.granularity == "tensor":
                     s, z = scales.view(1).expand(out_f), zeros.view(1).expand(out_f)
                 else:

@@ -15,7 +15,9 @@ back silently. `offset_exact` keeps only as many significant bits in an asymmetr
 make every `zero · scale` a float16 too: GGUF's Q4_1 and Q5_1 store that product (their offset m)
 as a float16, so such a grid is written to them without loss (`formats.gguf_export`).
 `clip_search` shrinks each group's range to minimise the Lp error of its
-reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default).
+reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default); given each column's
+importance (GPTQ passes its Hessian's diagonal, the inputs' mean squares: what llama.cpp's importance
+matrix holds) the error of each column is weighted by it, so the range fits the columns that matter.
 
 `kquant` makes a grid one of llama.cpp's K-quant types (`K_QUANTS`): groups (sub-blocks of 16 or 32
 columns) inside super-blocks of 256 whose scales are one float16 `d` times a small integer each, and
@@ -23,8 +25,8 @@ for Q4_K, Q5_K and Q2_K whose offsets are a second float16 `dmin` times a small 
 are chosen on exactly that lattice (`d` rounded up to as many significant bits as keep every `d · sc`
 a float16, so the record's float16 scales hold them exactly; the offsets' zero points are float32),
 so the codes that RTN, GPTQ and AWQ pick are the codes llama.cpp decodes and the GGUF export is
-lossless. Rows that super-blocks do not divide take the type llama.cpp itself falls back to
-(`Grid.for_width`).
+lossless. Their clip search picks each sub-block's range before the lattice is fitted. Rows that
+super-blocks do not divide take the type llama.cpp itself falls back to (`Grid.for_width`).
 """
 
 from __future__ import annotations
@@ -75,12 +77,13 @@ class Grid:
             kind = K_QUANTS.get(self.kquant)
             if kind is None:
                 raise GridError(f"kquant must be one of {', '.join(K_QUANTS)}, got '{self.kquant}'")
-            if (
-                (self.bits, self.granularity, self.group_size, self.symmetric, self.signed_scale)
-                != (kind.bits, "group", kind.group_size, kind.symmetric, kind.symmetric)
-                or self.clip_search
-                or self.offset_exact
-            ):
+            if (self.bits, self.granularity, self.group_size, self.symmetric, self.signed_scale) != (
+                kind.bits,
+                "group",
+                kind.group_size,
+                kind.symmetric,
+                kind.symmetric,
+            ) or self.offset_exact:
                 raise GridError(f"{self.kquant} is {kquant_grid(self.kquant).describe()}; got {self.describe()}")
 
     def for_width(self, in_features: int) -> Grid:
@@ -242,11 +245,14 @@ def quantize_codes(
     return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
 
 
-def fit_rows(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_rows(
+    x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None, importance: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid parameters for each row of `x` (one row = one group): scale and zero, both [rows].
 
     `shrink` (one factor per row, in (0, 1]) narrows each row's range before fitting: clipping
-    chosen by a caller, e.g. AWQ's activation-aware clip search.
+    chosen by a caller, e.g. AWQ's activation-aware clip search. `importance` (broadcastable to `x`,
+    >= 0) weights each entry's error in the grid's clip search.
     """
     x = x.float()
     lo = x.min(dim=1).values.clamp(max=0)
@@ -261,7 +267,8 @@ def fit_rows(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) ->
         shrink = 1.0 - step / grid.clip_grid
         s, z = _params_from_range(lo * shrink, hi * shrink, grid)
         q = (quantize_codes(x, s[:, None], z[:, None], grid.maxq) - z[:, None]) * s[:, None]
-        err = (q - x).abs().pow(grid.clip_norm).sum(dim=1)
+        err = (q - x).abs().pow(grid.clip_norm)
+        err = (err if importance is None else err * importance).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
@@ -269,34 +276,61 @@ def fit_rows(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None) ->
     return scale, zero
 
 
+def _kquant_shrink(weight: torch.Tensor, grid: Grid, importance: torch.Tensor | None) -> torch.Tensor:
+    """Each sub-block's clip factor [out, groups] for a K-quant grid: the candidate range (as in `fit_rows`)
+    whose reconstruction on the super-block lattice has the least (importance-weighted) Lp error. The
+    lattice ties a super-block's sub-blocks together, so each is judged with the others at the same factor."""
+    out_f, in_f = weight.shape
+    g, w = grid.group_size, weight.float()
+    plain = Grid(grid.bits, "group", g, grid.symmetric, signed_scale=grid.signed_scale, kquant=grid.kquant)
+    best_err = torch.full((out_f, in_f // g), float("inf"), device=w.device)
+    best = torch.ones(out_f, in_f // g, device=w.device)
+    for step in range(int(grid.clip_max_shrink * grid.clip_grid)):
+        factor = torch.full_like(best, 1.0 - step / grid.clip_grid)
+        scales, zeros = fit_weight(w, plain, factor)
+        codes = quantize_weight(w, plain, scales, zeros)
+        err = ((codes - expand_groups(zeros, in_f, g)) * expand_groups(scales, in_f, g) - w).abs().pow(grid.clip_norm)
+        err = (err if importance is None else err * importance).view(out_f, -1, g).sum(dim=2)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, factor, best)
+    return best
+
+
 def fit_weight(
-    weight: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None
+    weight: torch.Tensor, grid: Grid, shrink: torch.Tensor | None = None, importance: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales and zeros of a [out, in] weight: two float32 tensors [out, groups] (or [1, 1]).
 
-    `shrink` [out, groups] optionally narrows each group's range (see `fit_rows`).
+    `shrink` [out, groups] optionally narrows each group's range; `importance` [in] weights each
+    column's error in the clip search (see `fit_rows`).
     """
     out_f, in_f = weight.shape
     if grid.kquant:
         if in_f % SUPER_BLOCK:
             raise GridError(f"{grid.kquant} needs rows of a multiple of {SUPER_BLOCK} columns, got {in_f}")
+        if grid.clip_search and shrink is None:
+            shrink = _kquant_shrink(weight, grid, importance)
         per = SUPER_BLOCK // grid.group_size
         part = None if shrink is None else shrink.reshape(-1, per)
         scales, zeros = _fit_super_blocks(weight.reshape(-1, SUPER_BLOCK), grid, part)
         return scales.view(out_f, -1), zeros.view(out_f, -1)
     if grid.granularity == "tensor":
-        scale, zero = fit_rows(weight.reshape(1, -1), grid, None if shrink is None else shrink.reshape(1))
+        weights = None if importance is None else importance.expand_as(weight).reshape(1, -1)
+        scale, zero = fit_rows(weight.reshape(1, -1), grid, None if shrink is None else shrink.reshape(1), weights)
         return scale.view(1, 1), zero.view(1, 1)
     g = grid.group_size_for(in_f)
     full = in_f // g
     scales, zeros = [], []
     if full:
         part = None if shrink is None else shrink[:, :full].reshape(-1)
-        s, z = fit_rows(weight[:, : full * g].reshape(out_f * full, g), grid, part)
+        weights = None if importance is None else importance[: full * g].view(full, g).repeat(out_f, 1)
+        s, z = fit_rows(weight[:, : full * g].reshape(out_f * full, g), grid, part, weights)
         scales.append(s.view(out_f, full))
         zeros.append(z.view(out_f, full))
     if in_f % g:
-        s, z = fit_rows(weight[:, full * g :], grid, None if shrink is None else shrink[:, -1])
+        weights = None if importance is None else importance[full * g :]
+        s, z = fit_rows(weight[:, full * g :], grid, None if shrink is None else shrink[:, -1], weights)
         scales.append(s.view(out_f, 1))
         zeros.append(z.view(out_f, 1))
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)

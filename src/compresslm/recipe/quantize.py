@@ -99,10 +99,9 @@ class QuantizeStage(Targeted):
                 f"symmetric={kind.symmetric}, signed_scale={kind.symmetric}; got bits={self.bits}, "
                 f"{self.granularity} {self.group_size}, symmetric={self.symmetric}, signed_scale={self.signed_scale}"
             )
-        if self.clip_search or self.offset_exact or self.nested_widths or self.smoothquant or self.act_bits:
+        if self.offset_exact or self.nested_widths or self.smoothquant or self.act_bits:
             raise RecipeError(
-                f"{where}: kquant grids do not combine with clip_search, offset_exact, nested widths, "
-                "SmoothQuant or activation bits"
+                f"{where}: kquant grids do not combine with offset_exact, nested widths, SmoothQuant or activation bits"
             )
 
     def _validate_nested(self, where: str) -> None:
