@@ -234,11 +234,62 @@ def test_embedding_quantization_round_trips_and_shrinks(family, tokenizer, ids, 
         assert head.weight is reloaded.model.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_head_quantized_by_gptq_after_the_blocks(family, tokenizer, ids, tmp_path):
+    recipe = _recipe("gptq", 4, 16)
+    recipe["stages"].append({"type": "quantize_embedding", "method": "gptq", "bits": 4, "group_size": 16,
+                             "symmetric": True, "signed_scale": True, "targets": ["embedding", "lm_head"]})  # fmt: skip
+    lm, result, _ = compress(LoadedModel.from_module(tiny_model(family), tokenizer), recipe, tmp_path / "h.clm",
+                             show_progress=False)  # fmt: skip
+    head = {layer.role: layer for layer in result.layers}
+    reloaded = load_model(tmp_path / "h.clm")
+    assert torch.equal(_logits(lm, ids), _logits(reloaded, ids))
+    if family == "qwen2":  # untied: GPTQ on the lm_head, the embedding (a lookup table) rounded to nearest
+        assert head["lm_head"].method == "gptq" and head["embedding"].method == "rtn"
+        assert result.weights["lm_head"].meta["algorithm"] == "gptq"
+    else:  # tied: one set of codes, fitted as the head, serves both roles
+        assert head["embedding+lm_head"].method == "gptq" and 0 < head["embedding+lm_head"].relative_error < 1
+        assert reloaded.model.get_output_embeddings().weight is reloaded.model.get_input_embeddings().weight
+        record = result.embeddings["model.embed_tokens"]
+        assert torch.equal(lm.model.get_input_embeddings().weight, record.dequantize())
+
+
+def test_gptq_on_the_head_beats_rounding_on_its_inputs(tokenizer):
+    from compresslm.engine.head import head_hessian, quantize_head
+    from compresslm.models.forward import Batch
+    from compresslm.quant.gptq import output_error
+    from compresslm.quant.rtn import rtn
+    from compresslm.recipe import QuantizeEmbeddingStage
+
+    torch.manual_seed(0)
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    width = lm.model.config.hidden_size
+    hidden = [Batch((torch.randn(2, 32, width) * torch.linspace(0.1, 3, width),), {}) for _ in range(4)]
+    stage = QuantizeEmbeddingStage(method="gptq", bits=3, group_size=16)
+    record, relative, _ = quantize_head(lm, stage, hidden, torch.device("cpu"))
+    weight = lm.model.get_output_embeddings().weight.detach().float()
+    h = head_hessian(lm, hidden, torch.device("cpu"))
+    rounded = output_error(weight, rtn(weight, stage.grid).dequantize(), h)
+    assert output_error(weight, record.dequantize(), h) < rounded
+    assert relative == pytest.approx(output_error(weight, record.dequantize(), h) / output_error(weight, 0 * weight, h))
+    with pytest.raises(CompressLMError, match="needs the final hidden states"):
+        quantize_head(lm, stage, [], torch.device("cpu"))
+
+
 def test_embedding_preset_suffix():
     from compresslm.recipe import RecipeError, preset
 
     recipe = preset("w4-g64-gptq+emb8")
     assert recipe.stages[0].type == "quantize_embedding" and recipe.stages[0].bits == 8
+    stage = preset("gguf-q4_0-gptq+emb4-g32-sym-gptq").stages[0]
+    assert (stage.method, stage.bits, stage.group_size, stage.symmetric, stage.signed_scale) == (
+        "gptq",
+        4,
+        32,
+        True,
+        True,
+    )
+    assert stage.needs_calibration and not preset("w4-g64-gptq+emb8").stages[0].signed_scale
     with pytest.raises(RecipeError, match=r"cannot read 'emb3'"):
         preset("w4-gptq+emb3")
 

@@ -26,7 +26,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from compresslm.engine.statistics import BlockStatistics
+from compresslm.engine.statistics import BlockStatistics, InputStatistics
 from compresslm.errors import CompressLMError
 
 
@@ -55,15 +55,19 @@ def shard(windows: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_statistics(stats: BlockStatistics) -> None:
     """Sum every input's statistics over the ranks, in place (max for max|x|)."""
+    for name in sorted(stats.stats):  # the same order on every rank
+        all_reduce_input(stats.stats[name])
+
+
+def all_reduce_input(s: InputStatistics) -> None:
+    """Sum one input's statistics over the ranks, in place (max for max|x|)."""
     if not active():
         return
-    for name in sorted(stats.stats):  # the same order on every rank
-        s = stats.stats[name]
-        rows = torch.tensor([s.rows], dtype=torch.float64, device=s.xtx.device)
-        for tensor, op in ((s.xtx, dist.ReduceOp.SUM), (s.abs_sum, dist.ReduceOp.SUM), (s.abs_max, dist.ReduceOp.MAX),
-                           (rows, dist.ReduceOp.SUM)):  # fmt: skip
-            dist.all_reduce(tensor, op=op)
-        s.rows = int(rows.item())
+    rows = torch.tensor([s.rows], dtype=torch.float64, device=s.xtx.device)
+    for tensor, op in ((s.xtx, dist.ReduceOp.SUM), (s.abs_sum, dist.ReduceOp.SUM), (s.abs_max, dist.ReduceOp.MAX),
+                       (rows, dist.ReduceOp.SUM)):  # fmt: skip
+        dist.all_reduce(tensor, op=op)
+    s.rows = int(rows.item())
 
 
 def check_recipe(recipe) -> None:

@@ -33,6 +33,7 @@ from compresslm.data.calibration import CalibrationSet, calibration_windows
 from compresslm.engine import distributed
 from compresslm.engine.allocation import outlier_share, owl_ratios
 from compresslm.engine.blocks import BlockWalk, collect_statistics
+from compresslm.engine.head import calibrates_head, quantize_head
 from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics
@@ -371,6 +372,10 @@ def compress(
                 for module in dial_layers:  # back at the narrowest width, for the main stream
                     module.dial(min(module.nested.dial.widths))
 
+        for stage in embedding_stages:
+            if any(calibrates_head(stage, t, lm.layout.tied_lm_head) for t in stage.targets):
+                _quantize_head(lm, stage, walk.inputs, run_device, weights, embeddings, layers, sink)
+                break  # one head
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
             module.dial(module.nested.bits)
@@ -470,6 +475,8 @@ def _quantize_embeddings(
     for stage in stages:
         for target in stage.targets:
             t0 = time.perf_counter()
+            if calibrates_head(stage, target, layout.tied_lm_head):
+                continue  # after the blocks (`_quantize_head`)
             if target == "embedding" or layout.tied_lm_head:
                 name = layout.token_embedding
                 if name in embeddings:  # a tied head is the embedding: quantize it once
@@ -490,6 +497,37 @@ def _quantize_embeddings(
                 role = "lm_head"
             layers.append(LayerReport(name, role, "rtn", stage.grid.describe(), None, time.perf_counter() - t0, {}))
     return embeddings
+
+
+def _quantize_head(
+    lm: LoadedModel,
+    stage: QuantizeEmbeddingStage,
+    hidden: list[Batch],
+    device: torch.device,
+    weights: dict,
+    embeddings: dict,
+    layers: list[LayerReport],
+    sink: RecordSink | None,
+) -> None:
+    """GPTQ on the output head after the blocks: a tied head's codes become the embedding's too."""
+    layout = lm.layout
+    record, relative, seconds = quantize_head(lm, stage, hidden, device)
+    if layout.tied_lm_head:
+        embedding = lm.model.get_submodule(layout.token_embedding)
+        with torch.no_grad():
+            embedding.weight.copy_(record.dequantize(embedding.weight.dtype))
+        embeddings[layout.token_embedding] = record
+        name, role = layout.token_embedding, "embedding+lm_head"
+    else:
+        name, role = layout.lm_head, "lm_head"
+        module = lm.model.get_submodule(name)
+        new = CompressedLinear(record, getattr(module, "bias", None), dtype=module.weight.dtype)
+        replace_module(lm.model, name, new)
+        if sink is None:
+            weights[name] = record
+        else:
+            sink.linear(name, record, new)
+    layers.append(LayerReport(name, role, "gptq", stage.grid.describe(), relative, seconds, record.meta))
 
 
 def _pattern_for(stage: PruneStage | None, block: str, allocation: dict[str, SparsityPattern]):

@@ -1,4 +1,5 @@
-"""The `quantize_embedding` stage: the token embedding (and a tied lm_head) or lm_head, by RTN."""
+"""The `quantize_embedding` stage: the token embedding (and a tied lm_head) or lm_head, by RTN or, for the
+output head, by GPTQ on the final hidden states."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ from compresslm.recipe.registry import register_stage
 
 @dataclass
 class QuantizeEmbeddingStage:
-    """Round-to-nearest quantization of the token embedding (a tied lm_head follows it) or lm_head.
+    """Quantization of the token embedding (a tied lm_head follows it) or lm_head.
 
     In small models the embedding is a large share of the bytes (a fifth of SmolLM2-135M's
     parameters), so it matters for bits per parameter. Rows are tokens; groups run along the hidden
-    dimension, exactly as for a linear layer's input dimension.
+    dimension, exactly as for a linear layer's input dimension. `method: gptq` quantizes the output
+    head (an untied lm_head, or a tied embedding, which then serves both roles with the same codes) by
+    GPTQ on the final norm's outputs after the last block (`engine.head`); an untied embedding is a
+    lookup table with no inputs to calibrate on and is rounded to nearest.
     """
 
+    method: str = "rtn"
     bits: int = 8
     granularity: str = "group"
     group_size: int = 64
@@ -27,9 +32,10 @@ class QuantizeEmbeddingStage:
     targets: list[str] = field(default_factory=lambda: ["embedding"])
     type: str = "quantize_embedding"
 
-    LATER_FIELDS: ClassVar[dict] = {"signed_scale": False}  # see QuantizeStage.LATER_FIELDS
+    LATER_FIELDS: ClassVar[dict] = {"signed_scale": False, "method": "rtn"}  # see QuantizeStage.LATER_FIELDS
 
     def validate(self, where: str) -> None:
+        choice(where, "method", self.method, ("rtn", "gptq"))
         check_bits(where, self.bits)
         check_group(where, self.granularity, self.group_size)
         for target in self.targets:
@@ -41,6 +47,10 @@ class QuantizeEmbeddingStage:
 
     def to_dict(self) -> dict:
         return stage_dict(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
 
     @property
     def grid(self) -> Grid:

@@ -1,7 +1,8 @@
 """Preset names: the common recipes by pattern (`w4-g64-gptq`, `2:4-sparsegpt+w4-gptq`, `dial`).
 
 A preset name may end in `+emb8` or `+emb4` to also quantize the token embedding (and a tied
-lm_head) group-wise with 8 or 4 bits, group 64: `w4-g64-gptq+emb8`.
+lm_head) group-wise with 8 or 4 bits, group 64: `w4-g64-gptq+emb8`; `-gptq` quantizes the output
+head by GPTQ on the final hidden states instead of rounding it (`emb4-g32-sym-gptq`).
 
 Quantization presets are patterns: `w<bits>[-g<group>]-<method>[-sym][-clip][-act|-noact][-awq]`, e.g.
 `w4-gptq` (group 128, asymmetric, act-order with static groups: GPTQ's default here, as in
@@ -22,7 +23,8 @@ llama.cpp's signed scales, `signed_scale`) or q4_1, q5_1
 K-quants q2_k ... q6_k (sub-blocks of 16 or 32 whose scales, and offsets for q2_k, q4_k and q5_k, are
 float16s per 256 columns times small integers, signed for q3_k and q6_k; rows that 256 does not
 divide take llama.cpp's own fallback: Q5_0, Q5_1, Q8_0, Q4_0 for IQ4_NL), e.g. `gguf-q4_k-gptq`. The
-embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric).
+embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric); `emb4-g32-sym` is
+Q4_0's (with its signed scales).
 
 `rot+<preset>` rotates the residual stream (and each head's values) by a seeded random orthogonal
 matrix folded into the weights before calibration (QuaRot; `rot-s<seed>` picks the draw), e.g.
@@ -67,7 +69,7 @@ SMOOTHQUANT_PRESETS = {
 _GGUF_PRESET = re.compile(
     r"^gguf-q(?P<bits>[2-8])_(?P<kind>[01k])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|act|noact|awq|keepzeros))*)$"
 )
-_EMBEDDING_PRESET = re.compile(r"^emb(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?$")
+_EMBEDDING_PRESET = re.compile(r"^emb(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?(?P<gptq>-gptq)?$")
 _KV_PRESET = re.compile(
     r"^kv(?P<bits>[2-8])(?:-g(?P<group>\d+))?(?:-w(?P<window>\d+))?(?:-s(?P<sink>\d+))?"
     r"(?P<pre>-pre)?(?P<rot>-rot)?(?P<kt>-kt)?$"
@@ -179,6 +181,10 @@ def preset_dict(name: str) -> dict:
         if match := _EMBEDDING_PRESET.match(part):
             embedding = {"type": "quantize_embedding", "bits": int(match["bits"]),
                          "group_size": int(match["group"] or 64), "symmetric": bool(match["sym"])}  # fmt: skip
+            if match["sym"] and int(match["bits"]) < 8:  # llama.cpp's Q4_0 scales (see quant.grid)
+                embedding["signed_scale"] = True
+            if match["gptq"]:
+                embedding["method"] = "gptq"
         elif match := _GGUF_PRESET.match(part):
             stages.append(_gguf_preset(match))
         elif match := _KV_PRESET.match(part):
