@@ -1,6 +1,6 @@
 """GGUF files by llama.cpp's own quantizer against compresslm's, both scored by llama.cpp.
 
-For each type (Q4_0, Q4_K, Q3_K, Q2_K) three files of the reference model:
+For each type (Q4_0, Q4_K, Q3_K, Q2_K) four files of the reference model:
 
 * `llama.cpp`: llama.cpp's quantizer (llama-cpp-python's `llama_model_quantize`, "pure": every tensor
   the type, the token embedding included) on a float32 GGUF of the model that `compresslm export MODEL
@@ -9,9 +9,13 @@ For each type (Q4_0, Q4_K, Q3_K, Q2_K) three files of the reference model:
   column over the calibration windows (128 x 512 C4 tokens, seed 0, what compresslm calibrates on),
   collected from the float model by PyTorch hooks and handed to the quantizer through its API (the
   statistic llama.cpp's imatrix tool collects; the tool itself is not in the Python package);
-* `compresslm`: the `gguf-<type>-gptq` preset (its grid is the type's own; GPTQ with act-order on the
-  same calibration windows) with the token embedding (tied to the output layer) rounded to nearest on
-  the type llama.cpp gave it, exported losslessly.
+* `compresslm`: the `gguf-<type>-gptq` preset (its grid is the type's own, with llama.cpp's signed
+  scales for its symmetric types; GPTQ with act-order on the same calibration windows) with the token
+  embedding (tied to the output layer) rounded to nearest on the type llama.cpp gave it, exported
+  losslessly;
+* `compresslm+clip+head`: the same with the clip search (`gguf-<type>-gptq-clip`: each group's range
+  chosen for the least error, each column weighted by its input's mean square) and the tied head
+  quantized by GPTQ on the final hidden states (`quantize_embedding` with `method: gptq`).
 
 Rows that super-blocks of 256 do not divide (SmolLM2's 576-wide projections: every linear but the MLP's
 down projection) take llama.cpp's fallback type in all three files (the table counts each file's
@@ -41,7 +45,9 @@ MODEL = "smollm2-135m"
 TYPES = ("q4_0", "q4_k", "q3_k", "q2_k")
 FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
           "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}  # fmt: skip
-MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm")
+MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm", "compresslm+clip+head")
+# compresslm's makers: the preset's flags and how the tied embedding/head is quantized
+RECIPES = {"compresslm": ("", "rtn"), "compresslm+clip+head": ("-clip", "gptq")}
 # rows of earlier compresslm grids, kept in the table beside the current ones (not rerun)
 SUPERSEDED = {"compresslm-plain-scale": "compresslm, before signed scales (superseded)"}
 # a GGUF type of the token embedding -> the embedding stage that holds it exactly
@@ -155,7 +161,7 @@ def _embedding_type(path: Path) -> str:
     return next(t.tensor_type.name for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
 
 
-def _ours(workdir: Path, kind: str, reference: Path) -> tuple[Path, float]:
+def _ours(workdir: Path, maker: str, kind: str, reference: Path) -> tuple[Path, float]:
     from compresslm.api import compress, export
     from compresslm.models.loading import load_model
     from compresslm.recipe import load_recipe
@@ -163,10 +169,11 @@ def _ours(workdir: Path, kind: str, reference: Path) -> tuple[Path, float]:
     embedding = _embedding_type(reference)
     if embedding not in EMBEDDING_STAGES:
         raise RuntimeError(f"no embedding grid holds {embedding} (llama.cpp's token_embd type for {kind})")
-    recipe = load_recipe(f"gguf-{kind}-gptq").to_dict()
-    recipe["stages"].append({"type": "quantize_embedding", **EMBEDDING_STAGES[embedding]})
-    recipe["name"] = f"gguf-{kind}-gptq+emb-{embedding.lower()}"
-    container, path = workdir / f"compresslm-{kind}.clm", workdir / f"compresslm-{kind}.gguf"
+    flags, head = RECIPES[maker]
+    recipe = load_recipe(f"gguf-{kind}-gptq{flags}").to_dict()
+    recipe["stages"].append({"type": "quantize_embedding", "method": head, **EMBEDDING_STAGES[embedding]})
+    recipe["name"] = f"gguf-{kind}-gptq{flags}+emb-{embedding.lower()}-{head}"
+    container, path = workdir / f"{maker}-{kind}.clm", workdir / f"{maker}-{kind}.gguf"
     started = time.perf_counter()
     compress(load_model(MODEL), recipe, container, show_progress=False)
     seconds = time.perf_counter() - started
@@ -216,7 +223,7 @@ def run(key: str, workdir: Path, limit: int) -> dict:
         reference = workdir / f"llama.cpp-{kind}.gguf"
         if not reference.exists():
             _llamacpp_quantize(source, reference, kind, None)
-        path, seconds = _ours(workdir, kind, reference)
+        path, seconds = _ours(workdir, maker, kind, reference)
     return {**_score(path, limit), "maker": maker, "type": kind, "quantize_seconds": seconds}
 
 
@@ -248,8 +255,8 @@ def write_markdown(rows: dict) -> None:
             closed = "–"
             if base and float_row and maker != "llama.cpp" and base["ppl"] != float_row["ppl"]:
                 closed = f"{100 * (base['ppl'] - row['ppl']) / (base['ppl'] - float_row['ppl']):.0f} %"
-            lines.append(f"| {kind.upper()} | {SUPERSEDED.get(maker, maker)} | {row['ppl']:.3f} | {closed} | {row['bytes']:,} | "
-                         f"{_types(row)} | {row['decode_tokens_per_s']:.1f} |")  # fmt: skip
+            lines.append(f"| {kind.upper()} | {SUPERSEDED.get(maker, maker)} | {row['ppl']:.3f} | {closed} | "
+                         f"{row['bytes']:,} | {_types(row)} | {row['decode_tokens_per_s']:.1f} |")  # fmt: skip
     if rows:
         first = next(iter(rows.values()))
         v = first["protocol"]["versions"]
