@@ -77,13 +77,8 @@ class Grid:
             kind = K_QUANTS.get(self.kquant)
             if kind is None:
                 raise GridError(f"kquant must be one of {', '.join(K_QUANTS)}, got '{self.kquant}'")
-            if (self.bits, self.granularity, self.group_size, self.symmetric, self.signed_scale) != (
-                kind.bits,
-                "group",
-                kind.group_size,
-                kind.symmetric,
-                kind.symmetric,
-            ) or self.offset_exact:
+            shape = (self.bits, self.granularity, self.group_size, self.symmetric, self.signed_scale)
+            if shape != (kind.bits, "group", kind.group_size, kind.symmetric, kind.symmetric) or self.offset_exact:
                 raise GridError(f"{self.kquant} is {kquant_grid(self.kquant).describe()}; got {self.describe()}")
 
     def for_width(self, in_features: int) -> Grid:
@@ -195,7 +190,7 @@ def _lattice(ideal: torch.Tensor, top_value: int, bits: int, low: int) -> tuple[
     size = ideal.abs()
     top = size.amax(dim=1, keepdim=True)
     step = _float16_multiple(top / top_value, bits)
-    n = torch.round(size / step).clamp(max(low, 1) if low < 0 else low, top_value)
+    n = torch.round(size / step).clamp(1 if low < 0 else low, top_value)
     n = torch.where(size == top, float(top_value), n)
     return step, torch.where(ideal < 0, -n, n) if low < 0 else n
 
