@@ -13,8 +13,8 @@ For each type (Q4_0, Q4_K, Q3_K, Q2_K) four files of the reference model:
   scales for its symmetric types; GPTQ with act-order on the same calibration windows) with the token
   embedding (tied to the output layer) rounded to nearest on the type llama.cpp gave it, exported
   losslessly;
-* `compresslm+clip+head`: the same with the clip search (`gguf-<type>-gptq-clip`: each group's range
-  chosen for the least error, each column weighted by its input's mean square) and the tied head
+* `compresslm+clip+head`: the same with the weighted clip search (`gguf-<type>-gptq-wclip`: each group's
+  range chosen for the least error, each column's weighted by its input's mean square) and the tied head
   quantized by GPTQ on the final hidden states (`quantize_embedding` with `method: gptq`).
 
 Rows that super-blocks of 256 do not divide (SmolLM2's 576-wide projections: every linear but the MLP's
@@ -47,7 +47,7 @@ FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S"
           "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}  # fmt: skip
 MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm", "compresslm+clip+head")
 # compresslm's makers: the preset's flags and how the tied embedding/head is quantized
-RECIPES = {"compresslm": ("", "rtn"), "compresslm+clip+head": ("-clip", "gptq")}
+RECIPES = {"compresslm": ("", "rtn"), "compresslm+clip+head": ("-wclip", "gptq")}
 # rows of earlier compresslm grids, kept in the table beside the current ones (not rerun)
 SUPERSEDED = {"compresslm-plain-scale": "compresslm, before signed scales (superseded)"}
 # a GGUF type of the token embedding -> the embedding stage that holds it exactly

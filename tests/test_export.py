@@ -110,7 +110,7 @@ def _wide_container(tmp_path, tokenizer, calib, recipe: str):
 @pytest.mark.parametrize("recipe", ["gguf-q6_k-gptq", "gguf-q6_k-awq", "gguf-q3_k-rtn", "gguf-q3_k-gptq-noact",
                                     "50%-wanda+gguf-q3_k-gptq", "gguf-q4_k-gptq", "gguf-q4_k-awq",
                                     "gguf-q5_k-gptq-noact", "gguf-q2_k-rtn", "gguf-q3_k-gptq-clip",
-                                    "gguf-q4_k-gptq-noact-clip"])  # fmt: skip
+                                    "gguf-q4_k-gptq-noact-wclip", "gguf-q6_k-gptq-wclip"])  # fmt: skip
 def test_kquant_gguf_export_is_exact(tmp_path, tokenizer, calib, recipe):
     """Same codes, scales and offsets. Symmetric types decode bit for bit; types with offsets compute
     (code - zero) · scale here and code · scale - offset in llama.cpp, equal up to float32 rounding."""
@@ -206,6 +206,9 @@ def test_kquant_recipes_are_checked_before_compute():
     with pytest.raises(CompressLMError, match="legacy types"):
         load_recipe("gguf-q6_0-rtn")
     assert load_recipe("gguf-q6_k-rtn-clip").stages[0].grid.clip_search  # a range per sub-block, then the lattice
+    assert load_recipe("gguf-q3_k-gptq-wclip").stages[0].grid.clip_weighted
+    with pytest.raises(CompressLMError, match="clip_weighted weights GPTQ's clip search"):
+        load_recipe("gguf-q3_k-rtn-wclip")  # RTN has no Hessian to weight by
     with pytest.raises(CompressLMError, match="do not combine with offset_exact"):
         load_recipe({"stages": [{"type": "quantize", "bits": 4, "group_size": 32, "kquant": "q4_k",
                                  "offset_exact": True}]})  # fmt: skip

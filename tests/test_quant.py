@@ -106,9 +106,11 @@ def test_the_clip_search_weights_each_columns_error_by_its_importance():
     x[:, 0] *= 6  # an outlier column the inputs barely use
     importance = torch.ones(32)
     importance[0] = 1e-4
-    grid = Grid(3, "group", 32, symmetric=True, signed_scale=True, clip_search=True)
+    grid = Grid(3, "group", 32, symmetric=True, signed_scale=True, clip_search=True, clip_weighted=True)
     weighted = fit_rows(x, grid, importance=importance)[0]
     plain = fit_rows(x, grid)[0]
+    unweighted = Grid(3, "group", 32, symmetric=True, signed_scale=True, clip_search=True)
+    assert torch.equal(fit_rows(x, unweighted, importance=importance)[0], plain)  # weights only when asked
     assert float(weighted.abs().mean()) < 0.5 * float(plain.abs().mean())  # the outlier column is clipped
 
     def weighted_error(scale):  # the error the inputs see: the important columns' reconstruction

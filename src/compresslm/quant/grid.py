@@ -15,9 +15,9 @@ back silently. `offset_exact` keeps only as many significant bits in an asymmetr
 make every `zero · scale` a float16 too: GGUF's Q4_1 and Q5_1 store that product (their offset m)
 as a float16, so such a grid is written to them without loss (`formats.gguf_export`).
 `clip_search` shrinks each group's range to minimise the Lp error of its
-reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default); given each column's
-importance (GPTQ passes its Hessian's diagonal, the inputs' mean squares: what llama.cpp's importance
-matrix holds) the error of each column is weighted by it, so the range fits the columns that matter.
+reconstruction (the MSE-style search of the GPTQ code, with p = 2.4 by default); with `clip_weighted`
+the error of each column is weighted by its importance (GPTQ passes its Hessian's diagonal, the inputs'
+mean squares: what llama.cpp's importance matrix holds), so the range fits the columns that matter.
 
 `kquant` makes a grid one of llama.cpp's K-quant types (`K_QUANTS`): groups (sub-blocks of 16 or 32
 columns) inside super-blocks of 256 whose scales are one float16 `d` times a small integer each, and
@@ -61,6 +61,7 @@ class Grid:
     offset_exact: bool = False
     kquant: str = ""  # a K_QUANTS name: sub-block scales on a super-block's float16 lattice
     signed_scale: bool = False  # symmetric only: the largest |w| on the lowest code, the scale takes its sign
+    clip_weighted: bool = False  # the clip search weights columns by the importance a caller gives (GPTQ)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -73,6 +74,8 @@ class Grid:
             raise GridError(f"clip_max_shrink must be in (0, 1), got {self.clip_max_shrink}")
         if self.signed_scale and not self.symmetric:
             raise GridError("signed_scale applies to symmetric grids; this one is asymmetric")
+        if self.clip_weighted and not self.clip_search:
+            raise GridError("clip_weighted weights the clip search; set clip_search too")
         if self.kquant:
             kind = K_QUANTS.get(self.kquant)
             if kind is None:
@@ -110,7 +113,8 @@ class Grid:
 
     def describe(self) -> str:
         kind = {"group": f"g{self.group_size}", "channel": "per-channel", "tensor": "per-tensor"}[self.granularity]
-        flags = (" clip" if self.clip_search else "") + (" offset-exact" if self.offset_exact else "")
+        clip = " wclip" if self.clip_weighted else " clip" if self.clip_search else ""
+        flags = clip + (" offset-exact" if self.offset_exact else "")
         flags += " signed" if self.signed_scale else ""
         flags += f" {self.kquant}" if self.kquant else ""
         return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}{flags}"
@@ -247,7 +251,7 @@ def fit_rows(
 
     `shrink` (one factor per row, in (0, 1]) narrows each row's range before fitting: clipping
     chosen by a caller, e.g. AWQ's activation-aware clip search. `importance` (broadcastable to `x`,
-    >= 0) weights each entry's error in the grid's clip search.
+    >= 0) weights each entry's error in the clip search of a `clip_weighted` grid.
     """
     x = x.float()
     lo = x.min(dim=1).values.clamp(max=0)
@@ -263,7 +267,7 @@ def fit_rows(
         s, z = _params_from_range(lo * shrink, hi * shrink, grid)
         q = (quantize_codes(x, s[:, None], z[:, None], grid.maxq) - z[:, None]) * s[:, None]
         err = (q - x).abs().pow(grid.clip_norm)
-        err = (err if importance is None else err * importance).sum(dim=1)
+        err = (err if importance is None or not grid.clip_weighted else err * importance).sum(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
@@ -278,6 +282,7 @@ def _kquant_shrink(weight: torch.Tensor, grid: Grid, importance: torch.Tensor | 
     out_f, in_f = weight.shape
     g, w = grid.group_size, weight.float()
     plain = Grid(grid.bits, "group", g, grid.symmetric, signed_scale=grid.signed_scale, kquant=grid.kquant)
+    importance = importance if grid.clip_weighted else None
     best_err = torch.full((out_f, in_f // g), float("inf"), device=w.device)
     best = torch.ones(out_f, in_f // g, device=w.device)
     for step in range(int(grid.clip_max_shrink * grid.clip_grid)):

@@ -51,7 +51,7 @@ import re
 from compresslm.recipe.fields import RecipeError
 
 _PRESET = re.compile(
-    r"^w(?P<bits>[2-8])(?:a(?P<act>[4-8]))?(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|act|noact|awq|keepzeros|sq))*)$"
+    r"^w(?P<bits>[2-8])(?:a(?P<act>[4-8]))?(?:-g(?P<group>\d+))?-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:sym|clip|wclip|act|noact|awq|keepzeros|sq))*)$"
 )
 
 
@@ -67,7 +67,7 @@ SMOOTHQUANT_PRESETS = {
 
 
 _GGUF_PRESET = re.compile(
-    r"^gguf-q(?P<bits>[2-8])_(?P<kind>[01k])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|act|noact|awq|keepzeros))*)$"
+    r"^gguf-q(?P<bits>[2-8])_(?P<kind>[01k])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|wclip|act|noact|awq|keepzeros))*)$"
 )
 _EMBEDDING_PRESET = re.compile(r"^emb(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?(?P<gptq>-gptq)?$")
 _KV_PRESET = re.compile(
@@ -94,7 +94,9 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
     elif bits >= 5:
         stage["granularity"] = "channel"
     stage["symmetric"] = "sym" in flags
-    stage["clip_search"] = "clip" in flags
+    stage["clip_search"] = "clip" in flags or "wclip" in flags
+    if "wclip" in flags:  # each column's error weighted by its input's mean square (GPTQ's Hessian diagonal)
+        stage["clip_weighted"] = True
     if "act" in flags or "noact" in flags:
         stage["act_order"] = "act" in flags
     stage["awq_scale"] = "awq" in flags

@@ -51,6 +51,7 @@ class QuantizeStage(Targeted):
     offset_exact: bool = False  # asymmetric scales such that zero x scale is a float16 (GGUF Q4_1/Q5_1)
     kquant: str = ""  # a llama.cpp K-quant type whose two-level scales the grid is (q2_k ... q6_k)
     signed_scale: bool = False  # symmetric: the largest |w| on the lowest code (llama.cpp's Q4_0, Q3_K ...)
+    clip_weighted: bool = False  # GPTQ's clip search weights each column by its input's mean square
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -71,6 +72,10 @@ class QuantizeStage(Targeted):
         if self.act_order is True and self.method != "gptq":
             raise RecipeError(f"{where}: act_order=true needs method gptq, not {self.method}")
         self.check_targets(where)
+        if self.clip_weighted and not (self.clip_search and self.method == "gptq"):
+            raise RecipeError(
+                f"{where}: clip_weighted weights GPTQ's clip search; it needs method gptq and clip_search"
+            )
         if self.signed_scale and not self.symmetric:
             raise RecipeError(f"{where}: signed_scale applies to symmetric grids; set symmetric=true or drop it")
         if self.offset_exact and (self.symmetric or self.nested_widths):
@@ -150,7 +155,7 @@ class QuantizeStage(Targeted):
     # while at the default, so the recipe text of older containers stays as it was (sweep keys do not need
     # this: `Recipe.key` lists only fields that differ from their defaults)
     LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False, "offset_exact": False,
-                                    "kquant": "", "signed_scale": False}  # fmt: skip
+                                    "kquant": "", "signed_scale": False, "clip_weighted": False}  # fmt: skip
 
     def to_dict(self) -> dict:
         data = stage_dict(self)
@@ -161,7 +166,8 @@ class QuantizeStage(Targeted):
     @property
     def grid(self) -> Grid:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search,
-                    offset_exact=self.offset_exact, kquant=self.kquant, signed_scale=self.signed_scale)  # fmt: skip
+                    offset_exact=self.offset_exact, kquant=self.kquant, signed_scale=self.signed_scale,
+                    clip_weighted=self.clip_weighted)  # fmt: skip
 
     @property
     def dial_widths(self) -> list[int]:
