@@ -128,3 +128,12 @@ def test_an_incomplete_cache_is_recomputed(tokenizer, tmp_path):
 def test_unknown_propagation_is_rejected():
     with pytest.raises(RecipeError, match=r"propagate='sideways'.*compressed, original"):
         load_recipe({"stages": [{"method": "gptq"}], "calibration": {"propagate": "sideways"}})
+
+
+def test_a_head_fitted_by_gptq_runs_the_blocks_although_their_statistics_are_cached(tokenizer, tmp_path):
+    name = "w4-g16-gptq+emb4-g16-sym-gptq"  # the head needs the final hidden states, which no cache holds
+    cold = compress(_lm(tokenizer), _recipe(name), show_progress=False, stats_cache=tmp_path)[1]
+    warm = compress(_lm(tokenizer), _recipe(name), show_progress=False, stats_cache=tmp_path)[1]
+    assert warm.calibration["statistics_reused"] and _same_records(cold.weights, warm.weights)
+    assert _same_records(cold.embeddings, warm.embeddings)
+    assert [layer.method for layer in warm.layers if layer.role == "embedding+lm_head"] == ["gptq"]

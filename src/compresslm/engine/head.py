@@ -32,10 +32,7 @@ def calibrates_head(stage: QuantizeEmbeddingStage, target: str, tied: bool) -> b
 def head_hessian(lm: LoadedModel, hidden: list[Batch], device: torch.device) -> torch.Tensor:
     """2/n·XᵀX of the head's inputs: the final norm applied to the last block's outputs (summed over ranks)."""
     if not hidden:
-        raise CompressLMError(
-            "method gptq for the head needs the final hidden states, and this run has none (its statistics "
-            "came from the cache); compress it without a statistics cache or with method rtn"
-        )
+        raise CompressLMError("method gptq for the head needs the final hidden states; this run has none")
     norm = lm.model.get_submodule(lm.layout.final_norm) if lm.layout.final_norm else nn.Identity()
     stats = InputStatistics(hidden[0].args[0].shape[-1], device)
     with torch.no_grad():

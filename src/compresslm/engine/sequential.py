@@ -260,6 +260,8 @@ def compress(
             if callable(getattr(stage, "check_layer", None)):
                 stage.check_layer(info.name, (info.out_features, info.in_features))
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
+    tied = lm.layout.tied_lm_head
+    head_stages = [s for s in embedding_stages if any(calibrates_head(s, t, tied) for t in s.targets)]
     if not targets and not embedding_stages and recipe.kv_cache is None:
         raise CompressLMError("the recipe targets no linear layer of this model (check 'targets' and 'ignore')")
     if recipe.kv_cache is not None:
@@ -300,7 +302,8 @@ def compress(
                 reused = calib_protocol["statistics_reused"] = cache.complete()
             if distributed.active():
                 calib_protocol["processes"] = distributed.world()
-            if not reused:  # under torch.distributed, this rank's share of the windows
+            if not reused or head_stages:  # under torch.distributed, this rank's share of the windows
+                # (a head fitted by GPTQ needs the final hidden states, which no cache holds: the walk runs)
                 batches = capture_first_block_inputs(lm, distributed.shard(calibration.windows), settings.batch_size,
                                                      run_device)  # fmt: skip
             if any(isinstance(s, QuantizeStage) and s.rescales_inputs for s in recipe.stages):
@@ -331,7 +334,7 @@ def compress(
             calib_protocol["dial_streams"] = {"separate widths": "narrowest width", "chain": sorted(chains),
                                               "pruned ratios": ratios}  # fmt: skip
         allocation = _allocate_sparsity(lm, targets, batches, run_device, show_progress, on_original, cache)
-        if cache is not None and cache.complete():
+        if cache is not None and cache.complete() and not head_stages:
             batches = []  # the OWL pass filled the cache: the blocks need no more forward passes
 
         def checkpoint(step) -> None:  # after a block's records and its outputs: journal what the next one needs
@@ -372,10 +375,8 @@ def compress(
                 for module in dial_layers:  # back at the narrowest width, for the main stream
                     module.dial(min(module.nested.dial.widths))
 
-        for stage in embedding_stages:
-            if any(calibrates_head(stage, t, lm.layout.tied_lm_head) for t in stage.targets):
-                _quantize_head(lm, stage, walk.inputs, run_device, weights, embeddings, layers, sink)
-                break  # one head
+        if head_stages:  # one head, quantized by the first stage that targets it
+            _quantize_head(lm, head_stages[0], walk.inputs, run_device, weights, embeddings, layers, sink)
     for module in lm.model.modules():  # dial layers end at their widest width, as the container stores them
         if isinstance(module, CompressedLinear) and module.nested is not None:
             module.dial(module.nested.bits)
