@@ -263,8 +263,14 @@ def write_markdown(rows: dict) -> None:
         lines += [
             "",
             "The reference model's weights sit on a 4-bit group-32 grid (its source is Q4_1), which flatters every "
-            "4-bit group-32 row (Q4_0 and the 576-wide fallbacks of Q4_K, Q5_0); the 3- and 2-bit rows are the "
-            "informative ones.",
+            "4-bit group-32 tensor: all of the Q4_0 files and the 181 Q4_0 fallbacks (576-wide rows) in the Q3_K "
+            "and Q2_K files, where only the 30 MLP down projections (1536 wide) carry the K-quant type. The second "
+            "family (Qwen2.5-Coder-0.5B) is not in this table yet.",
+            "",
+            "Decode speed is timed once per file (median of 3 runs); files of one type hold the same tensor types, "
+            "so their speeds differ only by run-to-run noise on this machine (up to about a third). The plain "
+            "`compresslm` rows of Q4_0 and Q3_K were scored while unit tests ran alongside: their speeds are not "
+            "comparable.",
             "",
             f"Command: `{first['command']}` (resumable, one file per step), on a 2-core machine "
             f"({platform.machine()}) with nothing else running. Versions: compresslm {v['compresslm']}, "
