@@ -402,10 +402,15 @@ def kquant_grid(name: str) -> Grid:
     return Grid(kind.bits, "group", kind.group_size, kind.symmetric, signed_scale=kind.symmetric, kquant=name)
 
 
+def llamacpp_signed(bits: int) -> bool:
+    """Whether llama.cpp's symmetric group-32 type of `bits` has signed scales (Q4_0, Q5_0); Q8_0 keeps the
+    plain symmetric scale (its codes stop at -127, and its kernels are not written for -128)."""
+    return bits < 8
+
+
 def _legacy(bits: int) -> Grid:
-    """llama.cpp's symmetric legacy types; Q8_0 keeps the plain symmetric scale (llama.cpp's Q8_0 codes stop
-    at -127, and its kernels are not written for -128)."""
-    return Grid(bits, "group", 32, symmetric=True, signed_scale=bits < 8)
+    """llama.cpp's symmetric legacy types."""
+    return Grid(bits, "group", 32, symmetric=True, signed_scale=llamacpp_signed(bits))
 
 
 # llama.cpp falls back from Q3_K and Q2_K to IQ4_NL, which no grid here holds; Q4_0 is its nearest legacy type

@@ -112,9 +112,9 @@ def _quantize_preset(part: str, match: re.Match) -> dict:
 def _gguf_preset(match: re.Match) -> dict:
     """A llama.cpp type's grid: legacy types are group 32, `_0` symmetric, `_1` asymmetric with float16
     offsets; K-quants (`_k`) are their sub-blocks with scales on the super-block's lattice."""
-    if match["kind"] == "k":
-        from compresslm.quant.grid import K_QUANTS
+    from compresslm.quant.grid import K_QUANTS, llamacpp_signed
 
+    if match["kind"] == "k":
         kquant = f"q{match['bits']}_k"
         if kquant not in K_QUANTS:
             raise RecipeError(f"K-quant grids so far: {', '.join(sorted(K_QUANTS))}; not {kquant}")
@@ -129,8 +129,8 @@ def _gguf_preset(match: re.Match) -> dict:
         raise RecipeError("GGUF has no q8_1 weight type; use gguf-q8_0-<method>")
     name = f"w{bits}-g32-{match['method']}{match['flags']}{'-sym' if symmetric else ''}"
     stage = _quantize_preset(name, _PRESET.match(name))
-    if symmetric:  # llama.cpp's own scales for Q4_0 and Q5_0; its Q8_0 codes stop at -127 (see quant.grid)
-        return {**stage, "signed_scale": True} if bits < 8 else stage
+    if symmetric:
+        return {**stage, "signed_scale": True} if llamacpp_signed(bits) else stage
     return {**stage, "offset_exact": True}
 
 
@@ -183,7 +183,9 @@ def preset_dict(name: str) -> dict:
         if match := _EMBEDDING_PRESET.match(part):
             embedding = {"type": "quantize_embedding", "bits": int(match["bits"]),
                          "group_size": int(match["group"] or 64), "symmetric": bool(match["sym"])}  # fmt: skip
-            if match["sym"] and int(match["bits"]) < 8:  # llama.cpp's Q4_0 scales (see quant.grid)
+            from compresslm.quant.grid import llamacpp_signed
+
+            if match["sym"] and llamacpp_signed(int(match["bits"])):
                 embedding["signed_scale"] = True
             if match["gptq"]:
                 embedding["method"] = "gptq"
