@@ -49,7 +49,10 @@ MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm", "compresslm+clip+head"
 # compresslm's makers: the preset's flags and how the tied embedding/head is quantized
 RECIPES = {"compresslm": ("", "rtn"), "compresslm+clip+head": ("-wclip", "gptq")}
 # rows of earlier compresslm grids, kept in the table beside the current ones (not rerun)
-SUPERSEDED = {"compresslm-plain-scale": "compresslm, before signed scales (superseded)"}
+SUPERSEDED = {
+    "compresslm-plain-scale": "compresslm, before signed scales (superseded)",
+    "compresslm+clip+head-plain-fallback": "compresslm+clip+head, fallback rows without the clip search (superseded)",
+}
 # a GGUF type of the token embedding -> the embedding stage that holds it exactly
 EMBEDDING_STAGES = {
     "Q4_0": {"bits": 4, "group_size": 32, "symmetric": True, "signed_scale": True},

@@ -120,6 +120,18 @@ def test_the_clip_search_weights_each_columns_error_by_its_importance():
     assert weighted_error(weighted) < weighted_error(plain)
 
 
+def test_a_kquant_fallback_keeps_the_clip_search():
+    grid = Grid(
+        3, "group", 16, True, clip_search=True, clip_weighted=True, clip_grid=50, signed_scale=True, kquant="q3_k"
+    )
+    fallback = grid.for_width(576)  # rows that super-blocks of 256 do not divide: llama.cpp's Q4_0
+    assert (fallback.bits, fallback.group_size, fallback.signed_scale) == (4, 32, True)
+    assert (fallback.clip_search, fallback.clip_weighted, fallback.clip_grid) == (True, True, 50)
+    assert grid.for_width(512) is grid
+    plain = Grid(2, "group", 16, kquant="q2_k").for_width(576)
+    assert not plain.clip_search and not plain.clip_weighted
+
+
 def test_scales_are_float16_exact():
     scales, _ = fit_weight(_weight(), Grid(4, "group", 16))
     assert torch.equal(scales, scales.half().float())

@@ -31,7 +31,7 @@ super-blocks do not divide take the type llama.cpp itself falls back to (`Grid.f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +40,7 @@ from compresslm.errors import CompressLMError
 
 _MIN_SCALE = 2.0**-24  # the smallest positive float16
 SUPER_BLOCK = 256  # columns per K-quant super-block (llama.cpp's QK_K)
+_CLIP_FIELDS = ("clip_search", "clip_grid", "clip_max_shrink", "clip_norm", "clip_weighted")
 
 
 class GridError(CompressLMError):
@@ -86,9 +87,10 @@ class Grid:
 
     def for_width(self, in_features: int) -> Grid:
         """The grid a weight with `in_features` columns gets: a K-quant grid whose super-blocks do not divide
-        the row gives way to the legacy type llama.cpp uses for such a row."""
+        the row gives way to the legacy type llama.cpp uses for such a row, with this grid's clip search."""
         if self.kquant and in_features % SUPER_BLOCK:
-            return K_QUANTS[self.kquant].fallback
+            clip = {name: getattr(self, name) for name in _CLIP_FIELDS}
+            return replace(K_QUANTS[self.kquant].fallback, **clip)
         return self
 
     @property
