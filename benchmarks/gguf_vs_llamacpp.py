@@ -1,10 +1,10 @@
 """GGUF files by llama.cpp's own quantizer against compresslm's, both scored by llama.cpp.
 
-For each type (Q4_0, Q4_K, Q3_K, Q2_K) four files of the reference model:
+For each type (Q4_0, Q4_K, Q3_K, Q2_K, and llama.cpp's Q4_K_M mix) four files of the reference model:
 
 * `llama.cpp`: llama.cpp's quantizer (llama-cpp-python's `llama_model_quantize`, "pure": every tensor
-  the type, the token embedding included) on a float32 GGUF of the model that `compresslm export MODEL
-  --format gguf --dtype float32` writes;
+  the type, the token embedding included; Q4_K_M is llama.cpp's own mix, not pure) on a float32 GGUF of
+  the model that `compresslm export MODEL --format gguf --dtype float32` writes;
 * `llama.cpp+imatrix`: the same with an importance matrix: each linear's mean squared input per
   column over the calibration windows (128 x 512 C4 tokens, seed 0, what compresslm calibrates on),
   collected from the float model by PyTorch hooks and handed to the quantizer through its API (the
@@ -12,7 +12,8 @@ For each type (Q4_0, Q4_K, Q3_K, Q2_K) four files of the reference model:
 * `compresslm`: the `gguf-<type>-gptq` preset (its grid is the type's own, with llama.cpp's signed
   scales for its symmetric types; GPTQ with act-order on the same calibration windows) with the token
   embedding (tied to the output layer) rounded to nearest on the type llama.cpp gave it, exported
-  losslessly;
+  losslessly; for the Q4_K_M mix, every linear on the type llama.cpp's own Q4_K_M file gave it (one
+  quantize stage per type, targeting those linears);
 * `compresslm+clip+head`: the same with the weighted clip search (`gguf-<type>-gptq-wclip`: each group's
   range chosen for the least error, each column's weighted by its input's mean square) and the tied head
   quantized by GPTQ on the final hidden states (`quantize_embedding` with `method: gptq`).
@@ -42,9 +43,11 @@ from results_store import add_row, atomic_write, load_rows
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gguf_vs_llamacpp.json"
 MODEL = "smollm2-135m"
-TYPES = ("q4_0", "q4_k", "q3_k", "q2_k")
-FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+TYPES = ("q4_0", "q4_k", "q4_k_m", "q3_k", "q2_k")
+FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
           "q3_k": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K"}  # fmt: skip
+# llama.cpp's per-tensor mixes ("not pure"); compresslm gives each linear the type llama.cpp's file gave it
+MIXES = ("q4_k_m",)
 MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm", "compresslm+clip+head")
 # compresslm's makers: the preset's flags and how the tied embedding/head is quantized
 RECIPES = {"compresslm": ("", "rtn"), "compresslm+clip+head": ("-wclip", "gptq")}
@@ -131,7 +134,7 @@ def _quantize(source: Path, target: Path, kind: str, imatrix: dict | None) -> No
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[kind])
-    params.pure = True
+    params.pure = kind not in MIXES
     params.nthread = 2
     keep = []
     if imatrix is not None:
@@ -173,17 +176,43 @@ def _ours(workdir: Path, maker: str, kind: str, reference: Path) -> tuple[Path, 
     if embedding not in EMBEDDING_STAGES:
         raise RuntimeError(f"no embedding grid holds {embedding} (llama.cpp's token_embd type for {kind})")
     flags, head = RECIPES[maker]
-    recipe = load_recipe(f"gguf-{kind}-gptq{flags}").to_dict()
-    recipe["stages"].append({"type": "quantize_embedding", "method": head, **EMBEDDING_STAGES[embedding]})
-    recipe["name"] = f"gguf-{kind}-gptq{flags}+emb-{embedding.lower()}-{head}"
+    lm = load_model(MODEL)
+    if kind in MIXES:
+        stages = _mixed_stages(lm, reference, flags)
+    else:
+        stages = load_recipe(f"gguf-{kind}-gptq{flags}").to_dict()["stages"]
+    stages.append({"type": "quantize_embedding", "method": head, **EMBEDDING_STAGES[embedding]})
+    recipe = {"name": f"gguf-{kind}-gptq{flags}+emb-{embedding.lower()}-{head}", "stages": stages}
     container, path = workdir / f"{maker}-{kind}.clm", workdir / f"{maker}-{kind}.gguf"
     started = time.perf_counter()
-    compress(load_model(MODEL), recipe, container, show_progress=False)
+    compress(lm, recipe, container, show_progress=False)
     seconds = time.perf_counter() - started
     result = export(container, "gguf", path, overwrite=True, show_progress=False)
     if not result["exact"]:
         raise RuntimeError(f"the export of {container} was not exact")
     return path, seconds
+
+
+def _mixed_stages(lm: object, reference: Path, flags: str) -> list[dict]:
+    """One quantize stage per GGUF type in llama.cpp's mixed file, each targeting the linears that llama.cpp
+    gave that type (a row that super-blocks do not divide shows its fallback type, whose grid it gets)."""
+    import gguf
+    import torch
+
+    from compresslm.formats.gguf_export import _Layout
+    from compresslm.recipe import load_recipe
+
+    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(reference).tensors}
+    layout = _Layout(lm.model.config.to_dict())
+    targets: dict[str, list[str]] = {}
+    for name, module in lm.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            targets.setdefault(types[layout.name(f"{name}.weight")], []).append(name)
+    stages = []
+    for kind, names in sorted(targets.items()):
+        stage = load_recipe(f"gguf-{kind}-gptq{flags}").to_dict()["stages"][0]
+        stages.append({**stage, "targets": names})
+    return stages
 
 
 @functools.cache
