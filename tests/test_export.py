@@ -364,6 +364,37 @@ def test_llama_cpp_scores_a_kquant_export_like_the_container(tmp_path, tokenizer
 
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
+def test_llama_cpp_measures_kl_to_the_reference_like_the_torch_path(tmp_path, tokenizer, calib, capsys, monkeypatch):
+    from compresslm.eval.distance import distance, reference_logits
+    from compresslm.eval.llamacpp import llamacpp_distance
+    from compresslm.models.loading import load_model, save_model
+
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    save_model(tiny_model("llama"), tokenizer, tmp_path / "float")  # the model _container compresses
+    window = {"ctx": 128, "limit": 3}
+    ref = reference_logits(load_model(tmp_path / "float"), "wikitext2", k=16, show_progress=False, **window)
+    export(tmp_path / "float", "gguf", tmp_path / "f32.gguf", dtype="float32", show_progress=False)
+    same = llamacpp_distance(tmp_path / "f32.gguf", ref, tokenizer=tokenizer, show_progress=False)
+    assert same.kld_mean < 1e-4 and same.top1_agreement > 0.99 and abs(same.ppl / same.reference_ppl - 1) < 1e-3
+    assert same.protocol["backend"] == "llama.cpp" and "top-16" in same.protocol["definition"]
+
+    path = _container(tmp_path, tokenizer, calib, "llama", "gguf-q4_1-gptq+emb8-g32-sym")
+    export(path, "gguf", tmp_path / "m.gguf", show_progress=False)
+    ours = distance(load_compressed(path), ref, show_progress=False)
+    theirs = llamacpp_distance(tmp_path / "m.gguf", ref, tokenizer=tokenizer, show_progress=False)
+    assert theirs.tokens == ours.tokens and ours.kld_mean > 10 * same.kld_mean
+    assert abs(theirs.kld_mean / ours.kld_mean - 1) < 0.2 and abs(theirs.ppl / ours.ppl - 1) < 0.005
+
+    command = ["eval", str(tmp_path / "m.gguf"), "--backend", "llama.cpp", "--kld", "--reference",
+               str(tmp_path / "float"), "--kld-topk", "16", "--ctx", "128", "--limit", "3", "--json"]  # fmt: skip
+    assert main(command) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["kld_mean"] == pytest.approx(theirs.kld_mean) and payload["ppl"] == pytest.approx(theirs.ppl)
+    assert main([*command[:5], "--limit", "3"]) == 2
+    assert "--kld with the llama.cpp backend needs --reference MODEL" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
 def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 60)
@@ -371,7 +402,8 @@ def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
     assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kld"]) == 2
-    assert "measures --ppl and --speed so far; drop --kld" in capsys.readouterr().err
+    assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kv-bits", "4"]) == 2
+    assert "measures --ppl, --kld and --speed; drop --kv-bits" in capsys.readouterr().err
 
 
 def _ct_read_back(directory, name: str) -> torch.Tensor:

@@ -542,26 +542,41 @@ def _eval_kv(args: argparse.Namespace, lm) -> tuple[dict, list[str]]:
 
 
 def _eval_llamacpp(args: argparse.Namespace) -> int:
-    """`eval FILE.gguf --backend llama.cpp --ppl CORPUS and/or --speed`: the PyTorch path's windows and
-    speed workload, llama.cpp's forward."""
-    from compresslm.eval.llamacpp import llamacpp_perplexity, llamacpp_speed
+    """`eval FILE.gguf --backend llama.cpp` with --ppl CORPUS, --kld --reference MODEL and/or --speed: the
+    PyTorch path's windows and speed workload, llama.cpp's forward. With --kld the text is tokenized by the
+    reference's tokenizer (unless --tokenizer names another), so both score the same windows."""
+    from compresslm.eval.llamacpp import llamacpp_distance, llamacpp_perplexity, llamacpp_speed
+    from compresslm.models.loading import load_model
 
-    others = (("--kld", args.kld), ("--tasks", args.tasks), ("--kv-bits", args.kv_bits), ("--dial", args.dial))
+    others = (("--tasks", args.tasks), ("--kv-bits", args.kv_bits), ("--dial", args.dial))
     others += ("--stream", args.stream), ("--dtype", args.dtype), ("--device", args.device)
     given = [flag for flag, value in others if value not in (None, False)]
-    if given or not (args.ppl or args.speed):
+    if given or not (args.ppl or args.kld or args.speed):
         named = f"; drop {', '.join(given)}" if given else ""
-        raise CompressLMError(f"the llama.cpp backend measures --ppl and --speed so far{named}")
-    tokenizer = None
-    if args.tokenizer:
-        from compresslm.models.loading import load_model
-
-        tokenizer = load_model(args.tokenizer).tokenizer
+        raise CompressLMError(f"the llama.cpp backend measures --ppl, --kld and --speed{named}")
+    if args.kld and not args.reference:
+        raise CompressLMError("--kld with the llama.cpp backend needs --reference MODEL (the uncompressed model)")
+    tokenizer = load_model(args.tokenizer).tokenizer if args.tokenizer else None
     payload: dict = {"model": args.model}
-    if args.ppl:
-        result = llamacpp_perplexity(args.model, args.ppl, split=args.split, ctx=args.ctx, stride=args.stride,
-                                     limit=args.limit, threads=args.threads, tokenizer=tokenizer,
-                                     show_progress=not args.quiet)  # fmt: skip
+    corpus = args.ppl or "wikitext2"
+    window = {"split": args.split, "ctx": args.ctx, "stride": args.stride, "limit": args.limit}
+    if args.kld:
+        from compresslm.eval.distance import reference_logits
+
+        reference = load_model(args.reference)
+        ref = reference_logits(reference, corpus, k=args.kld_topk, show_progress=not args.quiet, **window)
+        tokenizer = tokenizer or reference.tokenizer
+        del reference
+        result = llamacpp_distance(args.model, ref, corpus, split=args.split, threads=args.threads,
+                                   tokenizer=tokenizer, show_progress=not args.quiet)  # fmt: skip
+        details = {k: v for k, v in result.to_dict().items() if k not in ("window_nll", "protocol")}
+        payload.update({"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
+                        "window_nll": result.window_nll, "kld_mean": result.kld_mean,
+                        "top1_agreement": result.top1_agreement, "kld": details,
+                        "protocol": result.protocol})  # fmt: skip
+    elif args.ppl:
+        result = llamacpp_perplexity(args.model, corpus, threads=args.threads, tokenizer=tokenizer,
+                                     show_progress=not args.quiet, **window)  # fmt: skip
         payload.update({"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
                         "window_nll": result.window_nll, "protocol": result.protocol})  # fmt: skip
     if args.speed:
@@ -571,11 +586,19 @@ def _eval_llamacpp(args: argparse.Namespace) -> int:
         _emit_json(payload)
         return 0
     _print(f"{args.model} (llama.cpp):")
-    if args.ppl:
+    if args.ppl or args.kld:
         p = result.protocol
         _print(f"  {p['dataset']} {p['split'] or ''} token perplexity {result.ppl:.4f} (ctx {p['ctx']}, stride "
                f"{p['stride']}, {result.windows}/{p['windows_available']} windows, {result.tokens:,} tokens, "
                f"{p['wall_time_s']:.1f} s)")  # fmt: skip
+    if args.kld:
+        pct = result.kld_percentiles
+        _print(
+            f"  KL(reference || model) mean {result.kld_mean:.5f} ± {result.kld_stderr:.5f}, median "
+            f"{pct['p50']:.5f}, p99 {pct['p99']:.4f}, max {result.kld_max:.4f}; same top token "
+            f"{100 * result.top1_agreement:.2f} % ± {100 * result.top1_stderr:.2f}; reference ppl "
+            f"{result.reference_ppl:.4f}"
+        )
     if args.speed:
         speed = payload["speed"]
         prefill, decode = speed["prefill_tokens_per_s"], speed["decode_tokens_per_s"]
@@ -1153,8 +1176,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help=model_help)
     ev.add_argument("--ppl", metavar="CORPUS", help="token perplexity on wikitext2 or a text/JSONL file")
     ev.add_argument("--backend", choices=("torch", "llama.cpp"), default="torch",
-                    help="run the model in PyTorch (default) or, for a .gguf file, in llama.cpp (--ppl; needs "
-                         "the extra compresslm[llama-cpp])")  # fmt: skip
+                    help="run the model in PyTorch (default) or, for a .gguf file, in llama.cpp (--ppl, --kld "
+                         "with --reference, --speed; needs the extra compresslm[llama-cpp])")  # fmt: skip
     ev.add_argument("--tokenizer", default=None,
                     help="llama.cpp backend: tokenize with this model's tokenizer (e.g. the container exported) "
                          "instead of the one transformers reads from the GGUF")  # fmt: skip

@@ -183,44 +183,57 @@ def distance(
     """KL divergence, top-1 agreement and Δp of `lm` against `reference`, on the reference's windows."""
     ref = reference.protocol
     corpus, ids, plan, _ = prepare_windows(lm, corpus, split, ref["ctx"], ref["stride"], ref["limit"])
-    if corpus.sha256 != ref["text_sha256"]:
-        raise ProtocolError("the reference logits were computed on another text; recompute them for this corpus")
+    check_corpus(reference, corpus)
     started = time.perf_counter()
+    kv_cache = getattr(lm, "kv_cache", None)
+    with eval_model(lm, dtype, device) as (model, target):
+        scored = scored_windows(model, ids, plan, ref["ctx"], 1, target, kv_cache)
+        result = measure_distance(scored, len(plan), reference, show_progress)
+    result.protocol.update(
+        model=lm.describe(),
+        **({"kv_cache": kv_cache.config.describe(), "kv_prefill_chunk": kv_cache.chunk} if kv_cache else {}),
+        wall_time_s=round(time.perf_counter() - started, 3),
+    )
+    return result
+
+
+def check_corpus(reference: ReferenceLogits, corpus: Corpus) -> None:
+    """Refuse a text other than the one the reference logits were computed on."""
+    if corpus.sha256 != reference.protocol["text_sha256"]:
+        raise ProtocolError("the reference logits were computed on another text; recompute them for this corpus")
+
+
+def measure_distance(scored, windows: int, reference: ReferenceLogits, show_progress: bool) -> DistanceResult:
+    """The distance of a model whose scored windows `scored` yields (index, logits [n, vocab], targets [n]),
+    in the reference's window order, from any runtime; the caller adds the model and timing to the protocol."""
     kls, agree, delta, nll = [], [], [], []
     window_kl, window_agree, window_nll = [], [], []
     offset = 0
-    bar = progress(len(plan), "kl divergence", unit="win", enabled=show_progress)
-    kv_cache = getattr(lm, "kv_cache", None)
-    with eval_model(lm, dtype, device) as (model, target):
-        for index, logits, targets in scored_windows(model, ids, plan, ref["ctx"], 1, target, kv_cache):
-            n = targets.numel()
-            if index >= len(reference.window_sizes) or reference.window_sizes[index] != n:
-                raise ProtocolError("the windows do not match the reference logits (different tokenizer or protocol)")
-            sl = slice(offset, offset + n)
-            offset += n
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            kl = token_kld(reference.top_logprobs[sl], logprobs, reference.top_ids[sl])
-            same = logprobs.argmax(dim=1) == reference.top_ids[sl, 0].long()
-            target_lp = logprobs.gather(1, targets.cpu()[:, None]).squeeze(1)
-            kls.append(kl)
-            agree.append(same)
-            delta.append(target_lp.exp() - reference.target_logprob[sl].exp())
-            nll.append(-target_lp.double())
-            window_nll.append(float(nll[-1].mean()))
-            window_kl.append(float(kl.double().mean()))
-            window_agree.append(float(same.double().mean()))
-            bar.update(1)
+    bar = progress(windows, "kl divergence", unit="win", enabled=show_progress)
+    for index, logits, targets in scored:
+        n = targets.numel()
+        if index >= len(reference.window_sizes) or reference.window_sizes[index] != n:
+            raise ProtocolError("the windows do not match the reference logits (different tokenizer or protocol)")
+        sl = slice(offset, offset + n)
+        offset += n
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        if logprobs.shape[-1] <= int(reference.top_ids[sl].max()):
+            raise ProtocolError(f"the model has {logprobs.shape[-1]} tokens; the reference ranks higher token ids")
+        kl = token_kld(reference.top_logprobs[sl], logprobs, reference.top_ids[sl])
+        same = logprobs.argmax(dim=1) == reference.top_ids[sl, 0].long()
+        target_lp = logprobs.gather(1, targets.cpu()[:, None]).squeeze(1)
+        kls.append(kl)
+        agree.append(same)
+        delta.append(target_lp.exp() - reference.target_logprob[sl].exp())
+        nll.append(-target_lp.double())
+        window_nll.append(float(nll[-1].mean()))
+        window_kl.append(float(kl.double().mean()))
+        window_agree.append(float(same.double().mean()))
+        bar.update(1)
     bar.close()
     if offset != reference.top_ids.shape[0]:
         raise CorruptFileError("the reference logits hold more tokens than the windows scored; recompute them")
     kl_all, agree_all, delta_all = torch.cat(kls), torch.cat(agree), torch.cat(delta)
-    protocol = {
-        **_protocol(reference),
-        "model": lm.describe(),
-        **({"kv_cache": kv_cache.config.describe(), "kv_prefill_chunk": kv_cache.chunk} if kv_cache else {}),
-        "versions": versions(),
-        "wall_time_s": round(time.perf_counter() - started, 3),
-    }
     reference_nll = -reference.target_logprob.double().mean()
     check_metric("perplexity", float(torch.cat(nll).mean()), window_nll)
     check_metric("KL divergence", float(kl_all.double().mean()), window_kl)
@@ -238,8 +251,8 @@ def distance(
         window_nll=window_nll,
         reference_ppl=math.exp(float(reference_nll)),
         tokens=offset,
-        windows=len(plan),
-        protocol=protocol,
+        windows=windows,
+        protocol={**_protocol(reference), "versions": versions()},
     )
 
 

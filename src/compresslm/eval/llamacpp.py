@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from compresslm.errors import CompressLMError
+from compresslm.eval.distance import DistanceResult, ReferenceLogits, check_corpus, measure_distance
 from compresslm.eval.perplexity import PerplexityResult, accumulate_nll, perplexity_result, token_windows
 
 INSTALL = (
@@ -153,6 +154,35 @@ def llamacpp_perplexity(
     }
     return perplexity_result(window_nll, total_nll, total_tokens, corpus, ids, plan, available,
                              ctx, stride, limit, runtime, started)  # fmt: skip
+
+
+def llamacpp_distance(
+    path: str | Path,
+    reference: ReferenceLogits,
+    corpus: str = "wikitext2",
+    *,
+    split: str = "test",
+    threads: int | None = None,
+    tokenizer: object | None = None,
+    show_progress: bool = True,
+) -> DistanceResult:
+    """KL divergence, top-1 agreement and perplexity of a GGUF file run by llama.cpp against `reference`
+    (`eval.distance.reference_logits` of the uncompressed model), on the reference's windows: tokenize with
+    the reference's tokenizer (or one that makes the same ids) so that the windows match."""
+    started = time.perf_counter()
+    ref = reference.protocol
+    model = LlamaCppModel(path, ref["ctx"], threads)
+    if tokenizer is None:
+        tokenizer = gguf_tokenizer(model.path)
+    text, ids, plan, _ = token_windows(tokenizer, model.max_positions, corpus, split, ref["ctx"], ref["stride"],
+                                       ref["limit"])  # fmt: skip
+    check_corpus(reference, text)
+    if int(ids.max()) >= model.vocab:
+        raise CompressLMError(f"the tokenizer makes ids up to {int(ids.max())}; {path} has {model.vocab} tokens")
+    result = measure_distance(model.scored_windows(ids, plan, ref["ctx"]), len(plan), reference, show_progress)
+    result.protocol.update(model=model.describe(), backend="llama.cpp",
+                           wall_time_s=round(time.perf_counter() - started, 3))  # fmt: skip
+    return result
 
 
 def llamacpp_speed(path: str | Path, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 5,
