@@ -1,6 +1,6 @@
 """llama.cpp's own quantizer against compresslm's on real layers: the layer output error of each GGUF type.
 
-Five linears of `smollm2-135m`, each with its input Hessian H from 32 x 512-token C4 calibration windows
+Seven linears of `smollm2-135m`, each with its input Hessian H from 32 x 512-token C4 calibration windows
 (seed 0) on the uncompressed model. Each is quantized to a GGUF type by:
 
 * `llama.cpp` / `llama.cpp+imatrix`: ggml's own quantizer (`ggml_quantize_chunk` from the libggml that
