@@ -15,8 +15,10 @@ For each type (Q4_0, Q4_K, Q3_K, Q2_K, and llama.cpp's Q4_K_M mix) four files of
   losslessly; for the Q4_K_M mix, every linear on the type llama.cpp's own Q4_K_M file gave it (one
   quantize stage per type, targeting those linears);
 * `compresslm+clip+head`: the same with the weighted clip search (`gguf-<type>-gptq-wclip`: each group's
-  range chosen for the least error, each column's weighted by its input's mean square) and the tied head
-  quantized by GPTQ on the final hidden states (`quantize_embedding` with `method: gptq`).
+  range chosen for the least error, each column's weighted by its input's mean square; on K-quant types
+  `-wclip-refit`: each sub-block rounded at candidate steps and its step and offset refitted by least
+  squares) and the tied head quantized by GPTQ on the final hidden states (`quantize_embedding` with
+  `method: gptq`).
 
 Rows that super-blocks of 256 do not divide (SmolLM2's 576-wide projections: every linear but the MLP's
 down projection) take llama.cpp's fallback type in all three files (the table counts each file's
@@ -49,12 +51,15 @@ FTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S"
 # llama.cpp's per-tensor mixes ("not pure"); compresslm gives each linear the type llama.cpp's file gave it
 MIXES = ("q4_k_m",)
 MAKERS = ("llama.cpp", "llama.cpp+imatrix", "compresslm", "compresslm+clip+head")
-# compresslm's makers: the preset's flags and how the tied embedding/head is quantized
-RECIPES = {"compresslm": ("", "rtn"), "compresslm+clip+head": ("-wclip", "gptq")}
+# compresslm's makers: the preset's flags (and those a K-quant type adds) and how the tied embedding/head is quantized
+RECIPES = {"compresslm": ("", "", "rtn"), "compresslm+clip+head": ("-wclip", "-refit", "gptq")}
 # rows of earlier compresslm grids, kept in the table beside the current ones (not rerun)
 SUPERSEDED = {
     "compresslm-plain-scale": "compresslm, before signed scales (superseded)",
     "compresslm+clip+head-plain-fallback": "compresslm+clip+head, fallback rows without the clip search (superseded)",
+    "compresslm+clip+head-f16-lattice": "compresslm+clip+head, K-quant steps cut to float16 products, no refit "
+    "(superseded)",
+    "compresslm-f16-lattice": "compresslm, K-quant steps cut to float16 products (superseded)",
 }
 # a GGUF type of the token embedding -> the embedding stage that holds it exactly
 EMBEDDING_STAGES = {
@@ -175,11 +180,12 @@ def _ours(workdir: Path, maker: str, kind: str, reference: Path) -> tuple[Path, 
     embedding = _embedding_type(reference)
     if embedding not in EMBEDDING_STAGES:
         raise RuntimeError(f"no embedding grid holds {embedding} (llama.cpp's token_embd type for {kind})")
-    flags, head = RECIPES[maker]
+    flags, kquant_flags, head = RECIPES[maker]
     lm = load_model(MODEL)
     if kind in MIXES:
-        stages = _mixed_stages(lm, reference, flags)
+        stages = _mixed_stages(lm, reference, flags, kquant_flags)
     else:
+        flags += kquant_flags if kind.endswith("_k") else ""
         stages = load_recipe(f"gguf-{kind}-gptq{flags}").to_dict()["stages"]
     stages.append({"type": "quantize_embedding", "method": head, **EMBEDDING_STAGES[embedding]})
     recipe = {"name": f"gguf-{kind}-gptq{flags}+emb-{embedding.lower()}-{head}", "stages": stages}
@@ -193,7 +199,7 @@ def _ours(workdir: Path, maker: str, kind: str, reference: Path) -> tuple[Path, 
     return path, seconds
 
 
-def _mixed_stages(lm: object, reference: Path, flags: str) -> list[dict]:
+def _mixed_stages(lm: object, reference: Path, flags: str, kquant_flags: str) -> list[dict]:
     """One quantize stage per GGUF type in llama.cpp's mixed file, each targeting the linears that llama.cpp
     gave that type (a row that super-blocks do not divide shows its fallback type, whose grid it gets)."""
     import gguf
@@ -210,7 +216,8 @@ def _mixed_stages(lm: object, reference: Path, flags: str) -> list[dict]:
             targets.setdefault(types[layout.name(f"{name}.weight")], []).append(name)
     stages = []
     for kind, names in sorted(targets.items()):
-        stage = load_recipe(f"gguf-{kind}-gptq{flags}").to_dict()["stages"][0]
+        extra = kquant_flags if kind.endswith("_k") else ""
+        stage = load_recipe(f"gguf-{kind}-gptq{flags}{extra}").to_dict()["stages"][0]
         stages.append({**stage, "targets": names})
     return stages
 

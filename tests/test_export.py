@@ -110,7 +110,8 @@ def _wide_container(tmp_path, tokenizer, calib, recipe: str):
 @pytest.mark.parametrize("recipe", ["gguf-q6_k-gptq", "gguf-q6_k-awq", "gguf-q3_k-rtn", "gguf-q3_k-gptq-noact",
                                     "50%-wanda+gguf-q3_k-gptq", "gguf-q4_k-gptq", "gguf-q4_k-awq",
                                     "gguf-q5_k-gptq-noact", "gguf-q2_k-rtn", "gguf-q3_k-gptq-clip",
-                                    "gguf-q4_k-gptq-noact-wclip", "gguf-q6_k-gptq-wclip"])  # fmt: skip
+                                    "gguf-q4_k-gptq-noact-wclip", "gguf-q6_k-gptq-wclip",
+                                    "gguf-q2_k-gptq-wclip-refit", "gguf-q3_k-rtn-clip-refit"])  # fmt: skip
 def test_kquant_gguf_export_is_exact(tmp_path, tokenizer, calib, recipe):
     """Same codes, scales and offsets. Symmetric types decode bit for bit; types with offsets compute
     (code - zero) · scale here and code · scale - offset in llama.cpp, equal up to float32 rounding."""
@@ -176,7 +177,7 @@ def test_kquant_scales_are_float16_times_small_integers():
             dmin = (offsets.amax(dim=2, keepdim=True) / kind.max_min).half().float()
             m = (offsets / dmin).round()
             assert torch.equal((dmin * m) / scales.view(3, 2, -1), zeros.view(3, 2, -1))
-        assert torch.equal(scales.half().float(), scales)
+        assert scales.dtype == torch.float32  # d · sc: a float16 times an integer, exact in float32
         blocks = scales.view(3, 2, -1)
         d = blocks.abs().amax(dim=2, keepdim=True) / top
         assert torch.equal(d.half().float(), d) and float(d[0, 0]) < 2.0**-14  # below float16's normal range too
@@ -209,6 +210,9 @@ def test_kquant_recipes_are_checked_before_compute():
     assert load_recipe("gguf-q3_k-gptq-wclip").stages[0].grid.clip_weighted
     with pytest.raises(CompressLMError, match="clip_weighted weights GPTQ's clip search"):
         load_recipe("gguf-q3_k-rtn-wclip")  # RTN has no Hessian to weight by
+    assert load_recipe("gguf-q2_k-gptq-wclip-refit").stages[0].grid.refit
+    with pytest.raises(CompressLMError, match="refit is a clip search of K-quant sub-blocks"):
+        load_recipe("gguf-q4_0-gptq-clip-refit")  # a legacy type has no sub-block lattice
     with pytest.raises(CompressLMError, match="do not combine with offset_exact"):
         load_recipe({"stages": [{"type": "quantize", "bits": 4, "group_size": 32, "kquant": "q4_k",
                                  "offset_exact": True}]})  # fmt: skip

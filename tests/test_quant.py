@@ -132,6 +132,30 @@ def test_a_kquant_fallback_keeps_the_clip_search():
     assert not plain.clip_search and not plain.clip_weighted
 
 
+@pytest.mark.parametrize("kquant", ["q6_k", "q4_k", "q3_k", "q2_k"])
+def test_the_kquant_refit_search_beats_the_range_search_and_keeps_the_lattice(kquant):
+    from dataclasses import replace
+
+    from compresslm.quant.grid import K_QUANTS, kquant_grid
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 512) * 0.02
+    clip = replace(kquant_grid(kquant), clip_search=True)
+    refit = replace(clip, refit=True)
+
+    def error(grid):
+        return float((rtn(weight, grid).dequantize() - weight).square().sum())
+
+    assert error(refit) < error(clip)
+    scales, _ = fit_weight(weight, refit)
+    blocks = scales.view(32, 2, -1)
+    d = blocks.abs().amax(dim=2, keepdim=True) / K_QUANTS[kquant].max_scale
+    ratio = blocks / d
+    assert torch.equal(d.half().float(), d) and torch.equal(ratio, ratio.round())  # still d · sc
+    with pytest.raises(GridError, match="refit is a clip search of K-quant sub-blocks"):
+        Grid(4, "group", 32, refit=True, clip_search=True)
+
+
 def test_scales_are_float16_exact():
     scales, _ = fit_weight(_weight(), Grid(4, "group", 16))
     assert torch.equal(scales, scales.half().float())
@@ -144,7 +168,7 @@ def test_compressed_weight_invariants():
     CompressedWeight((2, 4), 4, 2, False, codes, scales, zeros)
     with pytest.raises(InvalidCompressedWeight, match="codes exceed 2 bits"):
         CompressedWeight((2, 4), 2, 2, False, codes + 7, scales, zeros)
-    with pytest.raises(InvalidCompressedWeight, match="scales must be float16 of shape"):
+    with pytest.raises(InvalidCompressedWeight, match=r"scales must be float16 \(or float32\) of shape"):
         CompressedWeight((2, 4), 4, 2, False, codes, torch.ones(2, 3, dtype=torch.float16), zeros)
     with pytest.raises(InvalidCompressedWeight, match="NaN"):
         CompressedWeight((2, 4), 4, 2, False, codes, scales * float("nan"), zeros)

@@ -94,7 +94,8 @@ class CompressedWeight:
     """A linear layer's weight [out_features, in_features] in compressed form.
 
     * `codes`: uint8 [out, in], each in [0, 2**bits - 1].
-    * `scales`: float16 [out, groups] (or [1, 1] for a per-tensor grid).
+    * `scales`: float16 [out, groups] (or [1, 1] for a per-tensor grid); float32 for K-quant grids, whose
+      scales d · sc (a float16 d times a small integer) need more significant bits than float16 has.
     * `zeros`: uint8, same shape as `scales`; the code that represents 0.0. A symmetric grid has
       the fixed zero point 2**(bits-1), stored all the same. Or float16: a float zero point, for
       grids whose zero falls between codes (the nested mid-rise grids of `quant.nested`); or
@@ -216,9 +217,9 @@ class CompressedWeight:
             raise InvalidCompressedWeight(f"codes exceed {self.bits} bits (max {int(self.codes.max())})")
         groups = num_groups(in_f, self.group_size)
         allowed = {(out_f, groups), (1, 1)}
-        if tuple(self.scales.shape) not in allowed or self.scales.dtype != torch.float16:
+        if tuple(self.scales.shape) not in allowed or self.scales.dtype not in (torch.float16, torch.float32):
             raise InvalidCompressedWeight(
-                f"scales must be float16 of shape {(out_f, groups)} (or (1, 1)), "
+                f"scales must be float16 (or float32) of shape {(out_f, groups)} (or (1, 1)), "
                 f"got {self.scales.dtype} {tuple(self.scales.shape)}"
             )
         if tuple(self.zeros.shape) != tuple(self.scales.shape) or self.zeros.dtype not in _ZERO_DTYPES:

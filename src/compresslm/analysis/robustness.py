@@ -5,7 +5,7 @@ would do (memory errors, a format without checksums, a copy whose checksums were
 Each part is flipped in the form the container stores it:
 
 * `codes`: the packed codes (kept codes only, `bits` bits each), as `formats.packing.pack_bits` lays them out;
-* `scales`: the float16 scales' bits;
+* `scales`: the float16 scales' bits (float32 on K-quant grids);
 * `zeros`: packed integer zero points (asymmetric grids; symmetric grids store none), or float16 ones;
 * `masks`: bitmask-stored masks (N:M masks are stored as pattern indices and are left alone);
 * `dense`: every tensor that is not a compressed linear (embedding, norms, biases), in float16.
@@ -111,9 +111,9 @@ def _corrupt_record(record: CompressedWeight, part: str, rate: float, rng, prote
             codes[mask] = new
         else:
             codes = new.reshape(codes.shape)
-    elif part == "scales":
-        scales, flips = _half_flip(scales, rate, rng)
-        bits = scales.numel() * 16
+    elif part == "scales":  # as stored: float16, or float32 on K-quant grids
+        scales, flips = _float_flip(scales, rate, rng)
+        bits = scales.numel() * 8 * scales.element_size()
     elif part == "zeros" and (zeros.is_floating_point() or not record.symmetric):
         if zeros.is_floating_point():
             zeros, flips = _float_flip(zeros, rate, rng)

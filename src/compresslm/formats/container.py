@@ -128,7 +128,8 @@ def _ans_codes(codes: torch.Tensor, bits: int) -> tuple[bytes, bytes] | None:
 
 
 def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight, entropy: bool = False) -> dict:
-    """Store one CompressedWeight: packed codes, float16 scales, packed zero points (asymmetric only).
+    """Store one CompressedWeight: packed codes, float16 scales (K-quants: float32), packed zero points
+    (asymmetric only).
 
     With a mask, only the kept codes (or values) are stored, followed by the mask itself.
     """
@@ -181,7 +182,8 @@ def _write_blobs(writer: _BlobWriter, name: str, record: CompressedWeight, entro
     else:
         entry["codes"] = writer.add(f"{name}.codes", pack_bits(codes, record.bits), f"u{record.bits}", [codes.numel()])
     entry["scales_shape"] = list(record.scales.shape)
-    entry["scales"] = writer.add(f"{name}.scales", _tensor_bytes(record.scales), "float16", list(record.scales.shape))
+    dtype = str(record.scales.dtype).removeprefix("torch.")  # float32: a K-quant's d · sc (quant.grid)
+    entry["scales"] = writer.add(f"{name}.scales", _tensor_bytes(record.scales), dtype, list(record.scales.shape))
     if record.zeros.is_floating_point():  # float zero points (nested grids: float16; K-quants: float32)
         dtype = str(record.zeros.dtype).removeprefix("torch.")
         entry["zeros"] = writer.add(f"{name}.zeros", _tensor_bytes(record.zeros), dtype, list(record.zeros.shape))

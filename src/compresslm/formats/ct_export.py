@@ -51,8 +51,10 @@ def _strategy(entry: dict) -> tuple[str, int | None] | None:
 
 
 def _packable(entry: dict, blobs: dict, name: str, transposed: frozenset[str]) -> bool:
+    """Integer zero points and float16 scales (a K-quant's float32 scales d · sc are written dense)."""
     float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] in ("float16", "float32")
-    return not float_zeros and name not in transposed and _strategy(entry) is not None
+    wide_scales = entry.get("scales") and blobs[entry["scales"]]["dtype"] != "float16"
+    return not float_zeros and not wide_scales and name not in transposed and _strategy(entry) is not None
 
 
 def export_compressed_tensors(container: str | os.PathLike, output: str | os.PathLike, dtype: str = "float16",

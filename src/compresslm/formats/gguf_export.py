@@ -8,7 +8,7 @@ A group-32 record is written without loss when a GGUF type decodes its grid to t
   their scales so that it always is; an ordinary asymmetric grid misses on some groups.
 
 * a K-quant grid (`quant.grid.K_QUANTS`, the `gguf-q<2..6>_k-*` presets) is its type: each super-block's
-  float16 d and integer sub-block scales sc are read back from the record's float16 scales, and for
+  float16 d and integer sub-block scales sc are read back from the record's scales (float32), and for
   Q4_K, Q5_K and Q2_K its float16 dmin and integer minimums m from the offsets zero · scale (the grid
   keeps both on their lattices and says how); a record they do not reproduce exactly is refused.
   Q6_K and Q3_K then decode bit for bit; llama.cpp computes the others as d·sc·code − dmin·m, which

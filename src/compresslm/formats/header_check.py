@@ -132,7 +132,7 @@ def check_record(entry: object, blobs: dict, what: str, alternate: bool = False)
             raise ValueError(f"{what}: scales_shape is {scales_shape!r}")
         for dim in scales_shape:
             _int(dim, f"{what}: a scales dimension", 1, MAX_CONFIG_INT)
-        _blob(blobs, entry.get("scales"), f"{what}: scales", ("float16",))
+        _blob(blobs, entry.get("scales"), f"{what}: scales", ("float16", "float32"))  # float32: K-quants
         if blobs[entry["scales"]]["shape"] != scales_shape:
             raise ValueError(f"{what}: scales are stored as {blobs[entry['scales']]['shape']}, not {scales_shape}")
         if entry.get("zeros") is not None:

@@ -4,7 +4,7 @@ The container writer checks each record it writes against `record_nbytes`, so a 
 `planned_nbytes` before compressing (the budget solver, training's bit penalty) or `record_nbytes`
 of a record in memory (the dial's width planner) gets the number the file will hold. A record's
 own blobs are its float16 low-rank factors (if any; a factored weight has nothing else), its packed
-codes (or float16 values when unquantized), float16 scales, zero points
+codes (or float16 values when unquantized), float16 scales (float32 on K-quant grids), zero points
 (packed integers; float16 on nested grids; none on symmetric grids) and its mask (an N:M mask as
 each group's pattern rank, any other as a bitmask). A dial's importance, keep order and alternates
 are blobs of their own, counted apart. `aligned` adds each blob's padding (the file's size);
@@ -34,6 +34,7 @@ def _blob_sizes(
     kept: int | None = None,
     nm: tuple[int, int] | None = None,
     zero_bytes: int = 0,
+    scale_bytes: int = 2,
     planes: bool = False,
     rank: int = 0,
 ) -> list[int]:
@@ -52,7 +53,7 @@ def _blob_sizes(
         sizes += [packed_nbytes(stored, 1)] * bits
     else:
         sizes.append(packed_nbytes(stored, bits))
-    sizes.append(2 * scales)
+    sizes.append(scale_bytes * scales)
     if zero_bytes:  # float zero points, stored as they are
         sizes.append(zero_bytes * scales)
     elif not symmetric:
@@ -79,7 +80,7 @@ def planned_nbytes(
         kept = out_f * (in_f - round(pattern.ratio * in_f))
     zero_bytes = 4 if grid.kquant and not grid.symmetric else 0  # float32 zero points (quant.grid)
     sizes = _blob_sizes(shape, grid.bits, scales, symmetric=grid.symmetric, kept=kept, nm=nm, rank=rank,
-                        zero_bytes=zero_bytes)  # fmt: skip
+                        zero_bytes=zero_bytes, scale_bytes=4 if grid.kquant else 2)  # fmt: skip
     return _total(sizes, aligned)
 
 
@@ -94,6 +95,7 @@ def record_nbytes(record: CompressedWeight, aligned: bool = True) -> int:
     zero_bytes = record.zeros.element_size() if record.zeros.is_floating_point() else 0
     sizes = _blob_sizes(
         record.shape, record.bits, record.scales.numel(), symmetric=record.symmetric, kept=kept, nm=record.nm,
-        zero_bytes=zero_bytes, planes=record.dial is not None and kept is None, rank=rank,
+        zero_bytes=zero_bytes, scale_bytes=record.scales.element_size(),
+        planes=record.dial is not None and kept is None, rank=rank,
     )  # fmt: skip
     return _total(sizes, aligned)

@@ -22,10 +22,14 @@ mean squares: what llama.cpp's importance matrix holds), so the range fits the c
 `kquant` makes a grid one of llama.cpp's K-quant types (`K_QUANTS`): groups (sub-blocks of 16 or 32
 columns) inside super-blocks of 256 whose scales are one float16 `d` times a small integer each, and
 for Q4_K, Q5_K and Q2_K whose offsets are a second float16 `dmin` times a small integer. The scales
-are chosen on exactly that lattice (`d` rounded up to as many significant bits as keep every `d · sc`
-a float16, so the record's float16 scales hold them exactly; the offsets' zero points are float32),
-so the codes that RTN, GPTQ and AWQ pick are the codes llama.cpp decodes and the GGUF export is
-lossless. Their clip search picks each sub-block's range before the lattice is fitted. Rows that
+are chosen on exactly that lattice, so the codes that RTN, GPTQ and AWQ pick are the codes llama.cpp
+decodes and the GGUF export is lossless. `d` is a float16 and every `d · sc` is exact in float32: such a
+record's scales, like its zero points, are float32 (a `d` cut to the few significant bits that keep
+every product a float16 made the lattice coarse enough to lose to llama.cpp's own quantizer on weights
+that came from a 4-bit grid). Their clip search picks each sub-block's range before the lattice is
+fitted; with `refit` it instead rounds each sub-block at a range of candidate steps and refits the step
+(and an asymmetric type's offset) to the rounded codes by weighted least squares, keeping the candidate
+with the least error (the search llama.cpp's own K-quant quantizer makes). Rows that
 super-blocks do not divide take the type llama.cpp itself falls back to (`Grid.for_width`).
 """
 
@@ -63,6 +67,7 @@ class Grid:
     kquant: str = ""  # a K_QUANTS name: sub-block scales on a super-block's float16 lattice
     signed_scale: bool = False  # symmetric only: the largest |w| on the lowest code, the scale takes its sign
     clip_weighted: bool = False  # the clip search weights columns by the importance a caller gives (GPTQ)
+    refit: bool = False  # K-quants: the clip search rounds at candidate steps and refits each by least squares
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -77,6 +82,8 @@ class Grid:
             raise GridError("signed_scale applies to symmetric grids; this one is asymmetric")
         if self.clip_weighted and not self.clip_search:
             raise GridError("clip_weighted weights the clip search; set clip_search too")
+        if self.refit and not (self.kquant and self.clip_search):
+            raise GridError("refit is a clip search of K-quant sub-blocks; set kquant and clip_search too")
         if self.kquant:
             kind = K_QUANTS.get(self.kquant)
             if kind is None:
@@ -119,6 +126,7 @@ class Grid:
         flags = clip + (" offset-exact" if self.offset_exact else "")
         flags += " signed" if self.signed_scale else ""
         flags += f" {self.kquant}" if self.kquant else ""
+        flags += " refit" if self.refit else ""
         return f"W{self.bits} {kind} {'sym' if self.symmetric else 'asym'}{flags}"
 
 
@@ -188,45 +196,98 @@ def _float16_multiple(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (torch.ceil(x / _MIN_SCALE) * _MIN_SCALE).half().float()
 
 
-def _lattice(ideal: torch.Tensor, top_value: int, bits: int, low: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lattice(ideal: torch.Tensor, top_value: int, low: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A float16 step per row [rows, 1] and integers [rows, subs] whose products approach `ideal` [rows, subs]:
     in [low, top_value], or for signed `ideal` (low < 0) of magnitude in [1, top_value]. The row's entry
     largest in magnitude gets ±`top_value`, so that the step is read back as the largest magnitude over
     `top_value` (`formats.gguf_export`)."""
     size = ideal.abs()
     top = size.amax(dim=1, keepdim=True)
-    step = _float16_multiple(top / top_value, bits)
+    step = _float16_multiple(top / top_value, 11)
     n = torch.round(size / step).clamp(1 if low < 0 else low, top_value)
     n = torch.where(size == top, float(top_value), n)
     return step, torch.where(ideal < 0, -n, n) if low < 0 else n
 
 
-def _fit_super_blocks(x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_super_blocks(
+    x: torch.Tensor, grid: Grid, shrink: torch.Tensor | None, searched: tuple | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and zero points [rows, sub-blocks] of super-blocks `x` [rows, 256] on their K-quant lattice.
 
     Each sub-block's ideal scale t (as on the plain grid: signed for symmetric types; narrowed by
-    `shrink`) becomes d · sc: d is the largest |t| over sc's top value, rounded up to the significant
-    bits (and, below float16's normal range, to the multiple of its smallest step) that keep every
-    d · sc a float16. An asymmetric type's offset -min(w, 0) becomes dmin · m the same way (dmin a
-    float16; m · dmin is exact in float32), and the zero point is dmin · m / scale, a float32.
+    `shrink`, or the step and offset a refit search found, `searched`) becomes d · sc: d is the largest
+    |t| over sc's top value, rounded up to a float16 (at least its smallest step), and d · sc is exact in
+    float32. An asymmetric type's offset -min(w, 0) becomes dmin · m the same way, and the zero point is
+    dmin · m / scale, a float32.
     """
     kind = K_QUANTS[grid.kquant]
     rows = x.shape[0]
     sub = x.float().view(rows, -1, kind.group_size)
-    if kind.symmetric:
+    offset = None
+    if searched is not None:
+        ideal, offset = searched
+    elif kind.symmetric:
         ideal = _signed_step(_signed_extreme(sub.amin(dim=2), sub.amax(dim=2)), grid.bits)
     else:
         lo, hi = sub.amin(dim=2).clamp(max=0), sub.amax(dim=2).clamp(min=0)
         ideal = (hi - lo) / grid.maxq
+        offset = -lo
     if shrink is not None:
-        ideal = ideal * shrink
-    d, sc = _lattice(ideal, kind.max_scale, 11 - kind.scale_bits, -kind.max_scale if kind.symmetric else 1)
+        ideal, offset = ideal * shrink, None if offset is None else offset * shrink
+    d, sc = _lattice(ideal, kind.max_scale, -kind.max_scale if kind.symmetric else 1)
     scales = d * sc
     if kind.symmetric:
         return scales, torch.full_like(scales, float((grid.maxq + 1) // 2))
-    offset = -lo if shrink is None else -lo * shrink
-    dmin, m = _lattice(offset, kind.max_min, 11, 0)
+    dmin, m = _lattice(offset, kind.max_min, 0)
     return scales, (dmin * m) / scales
+
+
+def _kquant_refit(weight: torch.Tensor, grid: Grid, importance: torch.Tensor | None) -> tuple:
+    """Each sub-block's step [out, groups] (signed for symmetric types) and offset (asymmetric types; None
+    for symmetric) by round-and-refit: for each candidate step, the codes are rounded and the step (and
+    offset) that fit them best in (importance-)weighted least squares is solved in closed form; the
+    candidate whose refitted reconstruction has the least weighted squared error wins. The plain step is
+    among the candidates: symmetric candidates put the extreme 2**(bits-1) ± 1 steps from zero (by tenths),
+    asymmetric ones stretch the range over maxq ± 1 steps (by tenths)."""
+    g = grid.group_size
+    x = weight.float().view(weight.shape[0], -1, g)
+    if importance is None or not grid.clip_weighted:
+        w = torch.ones_like(x)
+    else:
+        w = importance.float().clamp_min(0).view(1, -1, g).expand_as(x)
+    best_err = torch.full(x.shape[:2], float("inf"), device=x.device)
+    if grid.symmetric:
+        half = 1 << (grid.bits - 1)
+        extreme = _signed_extreme(x.amin(dim=2), x.amax(dim=2))
+        best = _signed_step(extreme, grid.bits)
+        for tenth in range(-10, 11):
+            step = _signed_step(extreme * half / (half + tenth / 10), grid.bits)
+            codes = torch.clamp(torch.round(x / step[..., None]), -half, half - 1)
+            norm = (w * codes * codes).sum(dim=2)
+            fitted = torch.where(norm > 0, (w * codes * x).sum(dim=2) / norm.clamp_min(1e-30), step)
+            err = (w * (fitted[..., None] * codes - x).square()).sum(dim=2)
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, fitted, best)
+        return best, None
+    lo, hi = x.amin(dim=2).clamp(max=0), x.amax(dim=2).clamp(min=0)
+    span = (hi - lo).clamp_min(_MIN_SCALE)
+    best, best_low = span / grid.maxq, lo
+    total, weighted_x = w.sum(dim=2), (w * x).sum(dim=2)
+    for tenth in range(-10, 11):
+        codes = torch.clamp(torch.round((x - lo[..., None]) * ((grid.maxq + tenth / 10) / span)[..., None]), 0,
+                            grid.maxq)  # fmt: skip
+        s1, s2, sx = (w * codes).sum(dim=2), (w * codes * codes).sum(dim=2), (w * codes * x).sum(dim=2)
+        det = total * s2 - s1 * s1
+        step = (total * sx - s1 * weighted_x) / det.clamp_min(1e-30)
+        low = (s2 * weighted_x - s1 * sx) / det.clamp_min(1e-30)
+        above = low > 0  # the offset only subtracts: a positive low end becomes zero, the step refitted alone
+        step = torch.where(above, sx / s2.clamp_min(1e-30), step)
+        low = torch.where(above, torch.zeros_like(low), low)
+        err = (w * (step[..., None] * codes + low[..., None] - x).square()).sum(dim=2)
+        better = (det > 0) & (step > 0) & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best, best_low = torch.where(better, step, best), torch.where(better, low, best_low)
+    return best, -best_low
 
 
 def _round_up_significand(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -311,11 +372,15 @@ def fit_weight(
     if grid.kquant:
         if in_f % SUPER_BLOCK:
             raise GridError(f"{grid.kquant} needs rows of a multiple of {SUPER_BLOCK} columns, got {in_f}")
-        if grid.clip_search and shrink is None:
-            shrink = _kquant_shrink(weight, grid, importance)
         per = SUPER_BLOCK // grid.group_size
+        searched = None
+        if grid.refit and shrink is None:
+            step, offset = _kquant_refit(weight, grid, importance)
+            searched = (step.reshape(-1, per), None if offset is None else offset.reshape(-1, per))
+        elif grid.clip_search and shrink is None:
+            shrink = _kquant_shrink(weight, grid, importance)
         part = None if shrink is None else shrink.reshape(-1, per)
-        scales, zeros = _fit_super_blocks(weight.reshape(-1, SUPER_BLOCK), grid, part)
+        scales, zeros = _fit_super_blocks(weight.reshape(-1, SUPER_BLOCK), grid, part, searched)
         return scales.view(out_f, -1), zeros.view(out_f, -1)
     if grid.granularity == "tensor":
         weights = None if importance is None else importance.expand_as(weight).reshape(1, -1)
@@ -358,7 +423,7 @@ def to_compressed(
         group_size=grid.group_size_for(in_f),
         symmetric=grid.symmetric,
         codes=codes.to(torch.uint8).cpu(),
-        scales=scales.half().cpu(),
+        scales=(scales.float() if grid.kquant else scales.half()).cpu(),
         zeros=(zeros.float() if grid.fractional_zero else zeros.to(torch.uint8)).cpu(),
         meta=meta,
         mask=None if mask is None else mask.cpu(),

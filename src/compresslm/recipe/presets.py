@@ -22,7 +22,9 @@ llama.cpp's signed scales, `signed_scale`) or q4_1, q5_1
 (asymmetric, group 32, scales with `offset_exact`), e.g. `gguf-q4_1-gptq`, `gguf-q4_0-awq`, or the
 K-quants q2_k ... q6_k (sub-blocks of 16 or 32 whose scales, and offsets for q2_k, q4_k and q5_k, are
 float16s per 256 columns times small integers, signed for q3_k and q6_k; rows that 256 does not
-divide take llama.cpp's own fallback: Q5_0, Q5_1, Q8_0, Q4_0 for IQ4_NL), e.g. `gguf-q4_k-gptq`. The
+divide take llama.cpp's own fallback: Q5_0, Q5_1, Q8_0, Q4_0 for IQ4_NL), e.g. `gguf-q4_k-gptq`; the
+flag `-refit` makes a K-quant's clip search round and refit by least squares (`quant.grid`), e.g.
+`gguf-q2_k-gptq-wclip-refit`. The
 embedding part `emb8-g32-sym` is Q8_0's grid (plain `emb8` is group 64, asymmetric); `emb4-g32-sym` is
 Q4_0's (with its signed scales).
 
@@ -67,7 +69,7 @@ SMOOTHQUANT_PRESETS = {
 
 
 _GGUF_PRESET = re.compile(
-    r"^gguf-q(?P<bits>[2-8])_(?P<kind>[01k])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|wclip|act|noact|awq|keepzeros))*)$"
+    r"^gguf-q(?P<bits>[2-8])_(?P<kind>[01k])-(?P<method>rtn|gptq|awq)(?P<flags>(?:-(?:clip|wclip|refit|act|noact|awq|keepzeros))*)$"
 )
 _EMBEDDING_PRESET = re.compile(r"^emb(?P<bits>[48])(?:-g(?P<group>\d+))?(?P<sym>-sym)?(?P<gptq>-gptq)?$")
 _KV_PRESET = re.compile(
@@ -114,21 +116,25 @@ def _gguf_preset(match: re.Match) -> dict:
     offsets; K-quants (`_k`) are their sub-blocks with scales on the super-block's lattice."""
     from compresslm.quant.grid import K_QUANTS, llamacpp_signed
 
+    flags = match["flags"].split("-")
+    refit = {"refit": True} if "refit" in flags else {}  # K-quants only: checked with the stage's other fields
+    flags = "-".join(flag for flag in flags if flag != "refit")
     if match["kind"] == "k":
         kquant = f"q{match['bits']}_k"
         if kquant not in K_QUANTS:
             raise RecipeError(f"K-quant grids so far: {', '.join(sorted(K_QUANTS))}; not {kquant}")
         kind = K_QUANTS[kquant]
-        name = f"w{kind.bits}-g{kind.group_size}-{match['method']}{match['flags']}{'-sym' if kind.symmetric else ''}"
-        return {**_quantize_preset(name, _PRESET.match(name)), "kquant": kquant, "signed_scale": kind.symmetric}
+        name = f"w{kind.bits}-g{kind.group_size}-{match['method']}{flags}{'-sym' if kind.symmetric else ''}"
+        stage = _quantize_preset(name, _PRESET.match(name))
+        return {**stage, "kquant": kquant, "signed_scale": kind.symmetric, **refit}
     if match["bits"] not in "458":
         asked = f"q{match['bits']}_{match['kind']}"
         raise RecipeError(f"GGUF's legacy types are q4_0, q4_1, q5_0, q5_1 and q8_0; not {asked}")
     bits, symmetric = int(match["bits"]), match["kind"] == "0"
     if bits == 8 and not symmetric:
         raise RecipeError("GGUF has no q8_1 weight type; use gguf-q8_0-<method>")
-    name = f"w{bits}-g32-{match['method']}{match['flags']}{'-sym' if symmetric else ''}"
-    stage = _quantize_preset(name, _PRESET.match(name))
+    name = f"w{bits}-g32-{match['method']}{flags}{'-sym' if symmetric else ''}"
+    stage = {**_quantize_preset(name, _PRESET.match(name)), **refit}
     if symmetric:
         return {**stage, "signed_scale": True} if llamacpp_signed(bits) else stage
     return {**stage, "offset_exact": True}

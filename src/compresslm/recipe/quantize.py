@@ -52,6 +52,7 @@ class QuantizeStage(Targeted):
     kquant: str = ""  # a llama.cpp K-quant type whose two-level scales the grid is (q2_k ... q6_k)
     signed_scale: bool = False  # symmetric: the largest |w| on the lowest code (llama.cpp's Q4_0, Q3_K ...)
     clip_weighted: bool = False  # GPTQ's clip search weights each column by its input's mean square
+    refit: bool = False  # K-quants: the clip search rounds at candidate steps, refitting each by least squares
     targets: list[str] = field(default_factory=lambda: ["all"])
     ignore: list[str] = field(default_factory=list)
     type: str = "quantize"
@@ -76,6 +77,8 @@ class QuantizeStage(Targeted):
             raise RecipeError(
                 f"{where}: clip_weighted weights GPTQ's clip search; it needs method gptq and clip_search"
             )
+        if self.refit and not (self.kquant and self.clip_search):
+            raise RecipeError(f"{where}: refit is a clip search of K-quant sub-blocks; it needs kquant and clip_search")
         if self.signed_scale and not self.symmetric:
             raise RecipeError(f"{where}: signed_scale applies to symmetric grids; set symmetric=true or drop it")
         if self.offset_exact and (self.symmetric or self.nested_widths):
@@ -155,7 +158,8 @@ class QuantizeStage(Targeted):
     # while at the default, so the recipe text of older containers stays as it was (sweep keys do not need
     # this: `Recipe.key` lists only fields that differ from their defaults)
     LATER_FIELDS: ClassVar[dict] = {"separate_sparsity": [], "keep_zeros": False, "offset_exact": False,
-                                    "kquant": "", "signed_scale": False, "clip_weighted": False}  # fmt: skip
+                                    "kquant": "", "signed_scale": False, "clip_weighted": False,
+                                    "refit": False}  # fmt: skip
 
     def to_dict(self) -> dict:
         data = stage_dict(self)
@@ -167,7 +171,7 @@ class QuantizeStage(Targeted):
     def grid(self) -> Grid:
         return Grid(self.bits, self.granularity, self.group_size, self.symmetric, self.clip_search,
                     offset_exact=self.offset_exact, kquant=self.kquant, signed_scale=self.signed_scale,
-                    clip_weighted=self.clip_weighted)  # fmt: skip
+                    clip_weighted=self.clip_weighted, refit=self.refit)  # fmt: skip
 
     @property
     def dial_widths(self) -> list[int]:
