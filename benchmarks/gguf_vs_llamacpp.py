@@ -21,7 +21,7 @@ For each type (Q4_0, Q4_K, Q3_K, Q2_K, and llama.cpp's Q4_K_M mix) four files of
   `method: gptq`).
 
 Rows that super-blocks of 256 do not divide (SmolLM2's 576-wide projections: every linear but the MLP's
-down projection) take llama.cpp's fallback type in all three files (the table counts each file's
+down projection) take llama.cpp's fallback type in every file (the table counts each file's
 tensor types). All files are scored by llama.cpp under the benchmark protocol (WikiText-2 raw test,
 GPTQ row protocol, ctx 2048, first 40 windows; the same token ids), with their bytes on disk and
 decode speed (batch 1, 128-token prompt, 64 new tokens, median of 3 after a warm-up). Each file is one
@@ -57,9 +57,9 @@ RECIPES = {"compresslm": ("", "", "rtn"), "compresslm+clip+head": ("-wclip", "-r
 SUPERSEDED = {
     "compresslm-plain-scale": "compresslm, before signed scales (superseded)",
     "compresslm+clip+head-plain-fallback": "compresslm+clip+head, fallback rows without the clip search (superseded)",
-    "compresslm+clip+head-f16-lattice": "compresslm+clip+head, K-quant steps cut to float16 products, no refit "
-    "(superseded)",
-    "compresslm-f16-lattice": "compresslm, K-quant steps cut to float16 products (superseded)",
+    "compresslm+clip+head-f16-lattice": "compresslm+clip+head, earlier K-quant lattice (steps cut to float16 "
+    "products), no refit",
+    "compresslm-f16-lattice": "compresslm, earlier K-quant lattice (steps cut to float16 products)",
 }
 # a GGUF type of the token embedding -> the embedding stage that holds it exactly
 EMBEDDING_STAGES = {
@@ -303,13 +303,21 @@ def write_markdown(rows: dict) -> None:
             "",
             "The reference model's weights sit on a 4-bit group-32 grid (its source is Q4_1), which flatters every "
             "4-bit group-32 tensor: all of the Q4_0 files and the 181 Q4_0 fallbacks (576-wide rows) in the Q3_K "
-            "and Q2_K files, where only the 30 MLP down projections (1536 wide) carry the K-quant type. The second "
-            "family (Qwen2.5-Coder-0.5B) is not in this table yet.",
+            "and Q2_K files, where only the 30 MLP down projections (1536 wide) carry the K-quant type (the Q4_K "
+            "files: 30 Q4_K and 181 Q5_0; the Q4_K_M files: llama.cpp's mix). The second family "
+            "(Qwen2.5-Coder-0.5B) is not in this table yet.",
+            "",
+            "Rows kept from earlier code say what differed. The earlier K-quant lattice cut each super-block's step "
+            "to the few significant bits that kept every sub-block scale a float16 (a coarser lattice; "
+            "`kquant_layer.md` compares today's grids with llama.cpp's quantizer layer by layer). On Q3_K the "
+            "earlier row nevertheless scored lower perplexity than the "
+            "current one (the current one adds `-refit` too; which of the two changes moved it is not separated "
+            "yet); both are ahead of llama.cpp with its importance matrix.",
             "",
             "Decode speed is timed once per file (median of 3 runs); files of one type hold the same tensor types, "
             "so their speeds differ only by run-to-run noise on this machine (up to about a third). The plain "
-            "`compresslm` rows of Q4_0 and Q3_K were scored while unit tests ran alongside: their speeds are not "
-            "comparable.",
+            "`compresslm` rows of Q4_0 and Q3_K and the earlier-lattice rows of Q3_K and Q2_K were scored while "
+            "unit tests ran alongside: their speeds are not comparable.",
             "",
             f"Command: `{first['command']}` (resumable, one file per step), on a 2-core machine "
             f"({platform.machine()}) with nothing else running. Versions: compresslm {v['compresslm']}, "
