@@ -121,6 +121,9 @@ def test_kquant_gguf_export_is_exact(tmp_path, tokenizer, calib, recipe):
     gguf_type = next(t for t in ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K") if t.lower() in recipe)
     assert result["exact"] and result["tensor_types"][gguf_type] == 7, result["tensor_types"]
     contents = read_container(path)
+    entry = contents.header["linears"]["model.layers.0.mlp.down_proj"]
+    assert contents.header["blobs"][entry["scales"]]["dtype"] == "float32"  # d · sc, exact (quant.grid)
+    assert contents.linears["model.layers.0.mlp.down_proj"].scales.dtype == torch.float32
     config = contents.header["config"]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     _, tensors = _read_gguf(out)
