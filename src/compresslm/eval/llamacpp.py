@@ -91,6 +91,14 @@ class LlamaCppModel:
         self.llm.eval(tokens)
         return torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float32))
 
+    def token_windows(self, tokenizer: object, corpus: str, split: str, ctx: int, stride: int, limit: int | None):
+        """`eval.perplexity.token_windows` for this model, refusing ids beyond its vocabulary."""
+        text, ids, plan, available = token_windows(tokenizer, self.max_positions, corpus, split, ctx, stride, limit)
+        if int(ids.max()) >= self.vocab:
+            top = int(ids.max())
+            raise CompressLMError(f"the tokenizer makes ids up to {top}; {self.path} has {self.vocab} tokens")
+        return text, ids, plan, available
+
     def scored_windows(self, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int):
         """`eval.perplexity.scored_windows` through llama.cpp: (index, logits [scored, vocab], targets)."""
         for index, (start, first_scored) in enumerate(plan):
@@ -138,11 +146,8 @@ def llamacpp_perplexity(
     started = time.perf_counter()
     stride = ctx if stride is None else stride
     model = LlamaCppModel(path, ctx, threads)
-    if tokenizer is None:
-        tokenizer = gguf_tokenizer(model.path)
-    corpus, ids, plan, available = token_windows(tokenizer, model.max_positions, corpus, split, ctx, stride, limit)
-    if int(ids.max()) >= model.vocab:
-        raise CompressLMError(f"the tokenizer makes ids up to {int(ids.max())}; {path} has {model.vocab} tokens")
+    tokenizer = gguf_tokenizer(model.path) if tokenizer is None else tokenizer
+    corpus, ids, plan, available = model.token_windows(tokenizer, corpus, split, ctx, stride, limit)
     window_nll, total_nll, total_tokens = accumulate_nll(model.scored_windows(ids, plan, ctx), len(plan), show_progress)
     runtime = {
         "batch_size": 1,
@@ -172,13 +177,9 @@ def llamacpp_distance(
     started = time.perf_counter()
     ref = reference.protocol
     model = LlamaCppModel(path, ref["ctx"], threads)
-    if tokenizer is None:
-        tokenizer = gguf_tokenizer(model.path)
-    text, ids, plan, _ = token_windows(tokenizer, model.max_positions, corpus, split, ref["ctx"], ref["stride"],
-                                       ref["limit"])  # fmt: skip
+    tokenizer = gguf_tokenizer(model.path) if tokenizer is None else tokenizer
+    text, ids, plan, _ = model.token_windows(tokenizer, corpus, split, ref["ctx"], ref["stride"], ref["limit"])
     check_corpus(reference, text)
-    if int(ids.max()) >= model.vocab:
-        raise CompressLMError(f"the tokenizer makes ids up to {int(ids.max())}; {path} has {model.vocab} tokens")
     result = measure_distance(model.scored_windows(ids, plan, ref["ctx"]), len(plan), reference, show_progress)
     result.protocol.update(model=model.describe(), backend="llama.cpp",
                            wall_time_s=round(time.perf_counter() - started, 3))  # fmt: skip

@@ -190,9 +190,9 @@ class KQuant:
 K_QUANTS: dict[str, KQuant] = {}  # filled below, once Grid exists
 
 
-def _float16_multiple(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """`x` (>= 0) rounded up to a float16 of at most `bits` significant bits (at least its smallest step)."""
-    x = _round_up_significand(x.clamp_min(_MIN_SCALE), bits)
+def _float16_up(x: torch.Tensor) -> torch.Tensor:
+    """`x` (>= 0) rounded up to a float16 (at least its smallest step)."""
+    x = _round_up_significand(x.clamp_min(_MIN_SCALE), 11)
     return (torch.ceil(x / _MIN_SCALE) * _MIN_SCALE).half().float()
 
 
@@ -203,7 +203,7 @@ def _lattice(ideal: torch.Tensor, top_value: int, low: int) -> tuple[torch.Tenso
     `top_value` (`formats.gguf_export`)."""
     size = ideal.abs()
     top = size.amax(dim=1, keepdim=True)
-    step = _float16_multiple(top / top_value, 11)
+    step = _float16_up(top / top_value)
     n = torch.round(size / step).clamp(1 if low < 0 else low, top_value)
     n = torch.where(size == top, float(top_value), n)
     return step, torch.where(ideal < 0, -n, n) if low < 0 else n
