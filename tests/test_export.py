@@ -409,6 +409,11 @@ def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
     assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kld"]) == 2
+    assert "needs --reference MODEL" in capsys.readouterr().err
+    # the file is refused before the reference's pass (the reference here would not even load)
+    assert main(["eval", str(bad), "--backend", "llama.cpp", "--kld", "--reference", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
     assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kv-bits", "4"]) == 2
     assert "measures --ppl, --kld and --speed; drop --kv-bits" in capsys.readouterr().err
 

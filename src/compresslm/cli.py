@@ -556,6 +556,10 @@ def _eval_llamacpp(args: argparse.Namespace) -> int:
         raise CompressLMError(f"the llama.cpp backend measures --ppl, --kld and --speed{named}")
     if args.kld and not args.reference:
         raise CompressLMError("--kld with the llama.cpp backend needs --reference MODEL (the uncompressed model)")
+    if args.kld:  # a missing or refused file fails now, not after the reference's pass over every window
+        from compresslm.eval.llamacpp import LlamaCppModel
+
+        LlamaCppModel(args.model, args.ctx, args.threads, all_logits=False)  # opened and dropped
     tokenizer = load_model(args.tokenizer).tokenizer if args.tokenizer else None
     payload: dict = {"model": args.model}
     corpus = args.ppl or "wikitext2"
