@@ -1,14 +1,18 @@
 """GGUF export round trip: llama.cpp's perplexity of an export against compresslm's of the container.
 
 For each method (RTN, GPTQ, AWQ) and each GGUF type whose grid a recipe can hold exactly (Q8_0, Q5_0,
-Q4_0 symmetric; Q5_1, Q4_1 asymmetric with float16 offsets), the reference model is compressed with
-the `gguf-<type>-<method>` preset under the benchmark protocol (calibration 128 x 512 C4 windows,
-seed 0), exported to GGUF (lossless: the export checks it), then both are scored on the same
-WikiText-2 windows (test, GPTQ row protocol, ctx 2048, first 40 windows) and the same token ids
-(the container's tokenizer): the container by PyTorch in float32, the GGUF by llama.cpp through
-llama-cpp-python. The gap is llama.cpp's arithmetic (it rounds activations to 8 bits for its quantized
-matrix products), not the weights, which are bit for bit the container's. Points are recorded as
-they finish; a rerun skips them (`--budget` stops starting new points after that many seconds).
+Q4_0 symmetric; Q5_1, Q4_1 asymmetric with float16 offsets; the K-quants Q6_K ... Q2_K), the reference
+model is compressed with the `gguf-<type>-<method>` preset under the benchmark protocol (calibration
+128 x 512 C4 windows, seed 0), exported to GGUF (lossless: the export checks it), then both are scored
+on the same WikiText-2 windows (test, GPTQ row protocol, ctx 2048, first 40 windows) and the same
+token ids (the container's tokenizer): the container by PyTorch in float32, the GGUF by llama.cpp
+through llama-cpp-python with a float32 KV cache (`--kv-type`; llama.cpp's default is float16, rows
+measured so are kept under `POINT@kv-f16`). What remains is llama.cpp's arithmetic (it rounds
+activations to 8 bits for its quantized matrix products), not the weights, which are bit for bit the
+container's. A point named `POINT+dequantized` scores the same container dequantized into a float32
+GGUF, which llama.cpp multiplies without rounding activations: it separates the weights from the
+runtime's arithmetic. Points are recorded as they finish; a rerun skips them (`--budget` stops
+starting new points after that many seconds).
 
     .venv/bin/python benchmarks/export_roundtrip.py [--points gguf-q4_0-rtn ...] [--budget 540]
 """
@@ -25,36 +29,44 @@ from results_store import add_row, atomic_write, load_rows
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "export_roundtrip.json"
-TYPES = ("q8_0", "q5_0", "q4_0", "q5_1", "q4_1")
+TYPES = ("q8_0", "q5_0", "q4_0", "q5_1", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
 POINTS = [f"gguf-{t}-{m}" for m in ("rtn", "gptq", "awq") for t in TYPES]
+DEQUANTIZED = "+dequantized"
 
 
-def run_point(name: str, workdir: Path, limit: int) -> dict:
+def run_point(name: str, workdir: Path, limit: int, kv_type: str) -> dict:
     from compresslm.api import compress, export
     from compresslm.eval.llamacpp import llamacpp_perplexity
     from compresslm.eval.perplexity import perplexity
     from compresslm.models.loading import load_model
 
-    container, gguf = workdir / f"{name}.clm", workdir / f"{name}.gguf"
+    preset = name.removesuffix(DEQUANTIZED)
+    container, gguf = workdir / f"{preset}.clm", workdir / f"{name}.gguf"
     started = time.perf_counter()
     if not container.exists():
-        compress(load_model("smollm2-135m"), name, container, show_progress=False)
+        compress(load_model("smollm2-135m"), preset, container, show_progress=False)
     compress_seconds = time.perf_counter() - started
     lm = load_model(container)
     ours = perplexity(lm, "wikitext2", ctx=2048, limit=limit, show_progress=False)
-    exported = export(container, "gguf", gguf, overwrite=True, show_progress=False)
+    if name.endswith(DEQUANTIZED):  # the container's weights as float32: no type of llama.cpp's rounds them
+        hf = workdir / f"{preset}-hf"
+        export(container, "hf", hf, dtype="float32", overwrite=True, show_progress=False)
+        exported = export(hf, "gguf", gguf, dtype="float32", overwrite=True, show_progress=False)
+    else:
+        exported = export(container, "gguf", gguf, overwrite=True, show_progress=False)
     theirs = llamacpp_perplexity(gguf, "wikitext2", ctx=2048, limit=limit, tokenizer=lm.tokenizer,
-                                 show_progress=False)  # fmt: skip
+                                 kv_type=kv_type, show_progress=False)  # fmt: skip
     assert theirs.tokens == ours.tokens
     return {
         "point": name,
+        "kv_type": kv_type,
         "ppl_container_torch": ours.ppl,
         "ppl_gguf_llama_cpp": theirs.ppl,
         "relative_gap": theirs.ppl / ours.ppl - 1,
         "container_bytes": container.stat().st_size,
         "gguf_bytes": exported["bytes_on_disk"],
         "gguf_tensor_types": exported["tensor_types"],
-        "export_exact": exported["exact"],
+        "export_exact": exported.get("exact", True),
         "compress_seconds": compress_seconds,
         "torch_eval_seconds": ours.protocol["wall_time_s"],
         "llama_cpp_eval_seconds": theirs.protocol["wall_time_s"],
@@ -64,20 +76,17 @@ def run_point(name: str, workdir: Path, limit: int) -> dict:
     }
 
 
-def write_markdown(rows: dict) -> None:
+def key(point: str, kv_type: str) -> str:
+    """Rows scored with llama.cpp's default float16 KV cache are kept apart from the float32 ones."""
+    return point if kv_type == "f32" else f"{point}@kv-{kv_type}"
+
+
+def table(rows: dict, names: list[str]) -> list[str]:
     lines = [
-        "# GGUF export round trip (SmolLM2-135M-Instruct)",
-        "",
-        "Each container compressed with the `gguf-<type>-<method>` preset is exported to GGUF without loss "
-        "(every tensor bit for bit the container's), then scored twice on the same token windows: the "
-        "container by PyTorch (float32), the GGUF by llama.cpp. WikiText-2 raw test, GPTQ row protocol, "
-        "ctx 2048, first 40 windows (81,880 predicted tokens); calibration 128 x 512 C4 windows, seed 0. "
-        "Goal: llama.cpp within 0.3 % of the container.",
-        "",
         "| point | container ppl (torch) | GGUF ppl (llama.cpp) | gap | GGUF bytes | within 0.3 % |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    for name in POINTS:
+    for name in names:
         row = rows.get(name)
         if row is None:
             lines.append(f"| {name} | not run yet | | | | |")
@@ -86,17 +95,50 @@ def write_markdown(rows: dict) -> None:
         within = "yes" if abs(gap) <= 0.003 else "no"
         lines.append(f"| {name} | {row['ppl_container_torch']:.4f} | {row['ppl_gguf_llama_cpp']:.4f} | "
                      f"{100 * gap:+.3f} % | {row['gguf_bytes']:,} | {within} |")  # fmt: skip
+    return lines
+
+
+def write_markdown(rows: dict) -> None:
+    extra = [name for name in rows if name not in POINTS and "@" not in name]
+    default_kv = [name for name in rows if "@kv-f16" in name]
+    lines = [
+        "# GGUF export round trip (SmolLM2-135M-Instruct)",
+        "",
+        "Each container compressed with the `gguf-<type>-<method>` preset is exported to GGUF without loss "
+        "(every tensor bit for bit the container's), then scored twice on the same token windows: the "
+        "container by PyTorch (float32), the GGUF by llama.cpp with a float32 KV cache. WikiText-2 raw test, "
+        "GPTQ row protocol, ctx 2048, first 40 windows (81,880 predicted tokens); calibration 128 x 512 C4 "
+        "windows, seed 0. Goal: llama.cpp within 0.3 % of the container.",
+        "",
+        *table(rows, POINTS),
+    ]
+    if extra:
+        lines += [
+            "",
+            "The same containers dequantized into float32 GGUF files (`POINT+dequantized`): llama.cpp multiplies "
+            "float32 weights without rounding its activations to 8 bits, so this gap is what the two runtimes' "
+            "arithmetic leaves once the quantized matrix products are gone.",
+            "",
+            *table(rows, extra),
+        ]
+    if default_kv:
+        lines += [
+            "",
+            "Scored with llama.cpp's default float16 KV cache (measured before the float32 cache was used):",
+            "",
+            *table(rows, default_kv),
+        ]
     if rows:
-        first = next(iter(rows.values()))
-        v = first["protocol"]["versions"]
+        v = next(iter(rows.values()))["protocol"]["versions"]
+        commands = sorted({row["command"] for row in rows.values()})
         lines += [
             "",
             "The reference model's weights sit on a 4-bit group-32 grid (its source is Q4_1), so Q4_1 and the "
             "wider types are close to lossless on it for every method; the gap column is what this table is for.",
             "",
-            f"Command: `{first['command']}`, one point per piece (resumable), on a 2-core machine "
-            f"({platform.machine()}); the first four points ran beside test runs (their gaps do not depend on "
-            f"timing; no timing is reported). Versions: compresslm {v['compresslm']}, torch {v['torch']}, "
+            "Commands: " + "; ".join(f"`{c}`" for c in commands) + f". One point per piece (resumable), on a "
+            f"2-core machine ({platform.machine()}); points ran beside other jobs at times (their gaps do not "
+            f"depend on timing; no timing is reported). Versions: compresslm {v['compresslm']}, torch {v['torch']}, "
             f"transformers {v['transformers']}, llama-cpp-python {v.get('llama_cpp_python')}; {v['platform']}.",
         ]
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -106,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", nargs="*", default=POINTS)
     parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--kv-type", choices=("f32", "f16"), default="f32", help="llama.cpp's KV cache type")
     parser.add_argument("--budget", type=float, default=None, help="start no new point after this many seconds")
     parser.add_argument("--workdir", default="/tmp/compresslm-export-roundtrip")
     args = parser.parse_args()
@@ -114,12 +157,12 @@ def main() -> None:
     started = time.perf_counter()
     rows = load_rows(RESULTS)
     for name in args.points:
-        if name in rows:
+        if key(name, args.kv_type) in rows:
             continue
         if args.budget is not None and time.perf_counter() - started > args.budget:
             break
-        row = run_point(name, workdir, args.limit)
-        rows = add_row(RESULTS, name, row)
+        row = run_point(name, workdir, args.limit, args.kv_type)
+        rows = add_row(RESULTS, key(name, args.kv_type), row)
         print(f"{name}: torch {row['ppl_container_torch']:.4f}, llama.cpp {row['ppl_gguf_llama_cpp']:.4f} "
               f"({100 * row['relative_gap']:+.3f} %)", flush=True)  # fmt: skip
     write_markdown(rows)

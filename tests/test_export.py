@@ -373,7 +373,7 @@ def test_llama_cpp_scores_a_kquant_export_like_the_container(tmp_path, tokenizer
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
 def test_llama_cpp_measures_kl_to_the_reference_like_the_torch_path(tmp_path, tokenizer, calib, capsys, monkeypatch):
     from compresslm.eval.distance import distance, reference_logits
-    from compresslm.eval.llamacpp import llamacpp_distance
+    from compresslm.eval.llamacpp import llamacpp_distance, llamacpp_perplexity
     from compresslm.models.loading import load_model, save_model
 
     monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
@@ -384,6 +384,11 @@ def test_llama_cpp_measures_kl_to_the_reference_like_the_torch_path(tmp_path, to
     same = llamacpp_distance(tmp_path / "f32.gguf", ref, tokenizer=tokenizer, show_progress=False)
     assert same.kld_mean < 1e-4 and same.top1_agreement > 0.99 and abs(same.ppl / same.reference_ppl - 1) < 1e-3
     assert same.protocol["backend"] == "llama.cpp" and "top-16" in same.protocol["definition"]
+    # with float32 weights and a float32 KV cache, llama.cpp's arithmetic is PyTorch's up to summation order
+    exact = llamacpp_perplexity(
+        tmp_path / "f32.gguf", tokenizer=tokenizer, kv_type="f32", show_progress=False, **window
+    )
+    assert abs(exact.ppl / same.reference_ppl - 1) < 1e-5 and exact.protocol["model"]["kv_cache"] == "f32"
 
     path = _container(tmp_path, tokenizer, calib, "llama", "gguf-q4_1-gptq+emb8-g32-sym")
     export(path, "gguf", tmp_path / "m.gguf", show_progress=False)
@@ -416,6 +421,8 @@ def test_llama_cpp_refusal_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith(f"compresslm: error: llama.cpp refused {bad}: ")
     assert main(["eval", str(bad), "--backend", "llama.cpp", "--ppl", "wikitext2", "--kv-bits", "4"]) == 2
     assert "measures --ppl, --kld and --speed; drop --kv-bits" in capsys.readouterr().err
+    assert main(["eval", str(bad), "--ppl", "wikitext2", "--kv-type", "f32", "--threads", "1"]) == 2
+    assert "--threads, --kv-type belong to --backend llama.cpp" in capsys.readouterr().err
 
 
 def _ct_read_back(directory, name: str) -> torch.Tensor:

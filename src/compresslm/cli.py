@@ -556,10 +556,11 @@ def _eval_llamacpp(args: argparse.Namespace) -> int:
         raise CompressLMError(f"the llama.cpp backend measures --ppl, --kld and --speed{named}")
     if args.kld and not args.reference:
         raise CompressLMError("--kld with the llama.cpp backend needs --reference MODEL (the uncompressed model)")
+    kv_type = args.kv_type or "f16"
     if args.kld:  # a missing or refused file fails now, not after the reference's pass over every window
         from compresslm.eval.llamacpp import LlamaCppModel
 
-        LlamaCppModel(args.model, args.ctx, args.threads, all_logits=False)  # opened and dropped
+        LlamaCppModel(args.model, args.ctx, args.threads, all_logits=False, kv_type=kv_type)  # opened and dropped
     tokenizer = load_model(args.tokenizer).tokenizer if args.tokenizer else None
     payload: dict = {"model": args.model}
     corpus = args.ppl or "wikitext2"
@@ -572,7 +573,7 @@ def _eval_llamacpp(args: argparse.Namespace) -> int:
         tokenizer = tokenizer or reference.tokenizer
         del reference
         result = llamacpp_distance(args.model, ref, corpus, split=args.split, threads=args.threads,
-                                   tokenizer=tokenizer, show_progress=not args.quiet)  # fmt: skip
+                                   tokenizer=tokenizer, kv_type=kv_type, show_progress=not args.quiet)  # fmt: skip
         details = {k: v for k, v in result.to_dict().items() if k not in ("window_nll", "protocol")}
         payload.update({"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
                         "window_nll": result.window_nll, "kld_mean": result.kld_mean,
@@ -580,7 +581,7 @@ def _eval_llamacpp(args: argparse.Namespace) -> int:
                         "protocol": result.protocol})  # fmt: skip
     elif args.ppl:
         result = llamacpp_perplexity(args.model, corpus, threads=args.threads, tokenizer=tokenizer,
-                                     show_progress=not args.quiet, **window)  # fmt: skip
+                                     kv_type=kv_type, show_progress=not args.quiet, **window)  # fmt: skip
         payload.update({"ppl": result.ppl, "nll": result.nll, "tokens": result.tokens, "windows": result.windows,
                         "window_nll": result.window_nll, "protocol": result.protocol})  # fmt: skip
     if args.speed:
@@ -618,6 +619,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.backend == "llama.cpp":
         return _eval_llamacpp(args)
+    llama_only = [flag for flag, value in (("--tokenizer", args.tokenizer), ("--threads", args.threads),
+                                           ("--kv-type", args.kv_type)) if value is not None]  # fmt: skip
+    if llama_only:
+        raise CompressLMError(f"{', '.join(llama_only)} belong to --backend llama.cpp; drop them or add it")
     if args.kv_bits is not None:
         if args.kld:
             raise CompressLMError("--kv-bits reports its own KL (to the full-precision cache); drop --kld")
@@ -1186,6 +1191,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="llama.cpp backend: tokenize with this model's tokenizer (e.g. the container exported) "
                          "instead of the one transformers reads from the GGUF")  # fmt: skip
     ev.add_argument("--threads", type=int, default=None, help="llama.cpp backend: CPU threads (default: torch's)")
+    ev.add_argument("--kv-type", choices=("f16", "f32"), default=None,
+                    help="llama.cpp backend: KV cache type (default f16, llama.cpp's; f32 as the PyTorch path "
+                         "keeps it)")  # fmt: skip
     ev.add_argument("--split", default="test", help="corpus split (wikitext2: test or validation)")
     ev.add_argument("--ctx", type=int, default=2048, help="window length in tokens (default 2048)")
     ev.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: ctx, no overlap)")

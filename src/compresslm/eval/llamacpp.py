@@ -62,22 +62,33 @@ class _CapturedLog:
         return errors[0] if errors else "no reason given"
 
 
+KV_TYPES = {"f16": 1, "f32": 0}  # ggml type ids; quantized caches need llama.cpp's flash attention, not offered
+
+
 class LlamaCppModel:
     """A GGUF file loaded by llama.cpp with a context of `ctx` tokens; for scoring (`all_logits`), every
-    position's logits are kept."""
+    position's logits are kept. `kv_type`: the KV cache's type, llama.cpp's default float16 or float32 as
+    the PyTorch path keeps it (so that a comparison of the two runtimes differs only in the weights'
+    matrix products)."""
 
-    def __init__(self, path: str | Path, ctx: int, threads: int | None = None, all_logits: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, ctx: int, threads: int | None = None, all_logits: bool = True, kv_type: str = "f16"
+    ) -> None:
         llama_cpp = require_llama_cpp()
+        if kv_type not in KV_TYPES:
+            raise CompressLMError(f"unknown llama.cpp KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise CompressLMError(f"{path}: no such GGUF file")
         self.threads = threads or torch.get_num_threads()
+        self.kv_type = kv_type
         self.log = _CapturedLog(llama_cpp)
         with self.log:
             try:
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path), n_ctx=ctx, n_batch=min(ctx, 512), logits_all=all_logits,
                     n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
+                    type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type],
                 )  # fmt: skip
             except (ValueError, RuntimeError):
                 raise CompressLMError(f"llama.cpp refused {path}: {self.log.reason()}") from None
@@ -115,7 +126,7 @@ class LlamaCppModel:
             "bytes_on_disk": self.path.stat().st_size,
             "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
             "threads": self.threads,
-            "kv_cache": "f16 (llama.cpp's default)",
+            "kv_cache": "f16 (llama.cpp's default)" if self.kv_type == "f16" else self.kv_type,
             "activations": "rounded to 8 bits for quantized matrix products (llama.cpp's CPU kernels)",
         }
 
@@ -140,12 +151,13 @@ def llamacpp_perplexity(
     limit: int | None = None,
     threads: int | None = None,
     tokenizer: object | None = None,
+    kv_type: str = "f16",
     show_progress: bool = True,
 ) -> PerplexityResult:
     """Token perplexity of a GGUF file run by llama.cpp, on the windows `eval.perplexity` would score."""
     started = time.perf_counter()
     stride = ctx if stride is None else stride
-    model = LlamaCppModel(path, ctx, threads)
+    model = LlamaCppModel(path, ctx, threads, kv_type=kv_type)
     tokenizer = gguf_tokenizer(model.path) if tokenizer is None else tokenizer
     corpus, ids, plan, available = model.token_windows(tokenizer, corpus, split, ctx, stride, limit)
     window_nll, total_nll, total_tokens = accumulate_nll(model.scored_windows(ids, plan, ctx), len(plan), show_progress)
@@ -169,6 +181,7 @@ def llamacpp_distance(
     split: str = "test",
     threads: int | None = None,
     tokenizer: object | None = None,
+    kv_type: str = "f16",
     show_progress: bool = True,
 ) -> DistanceResult:
     """KL divergence, top-1 agreement and perplexity of a GGUF file run by llama.cpp against `reference`
@@ -176,7 +189,7 @@ def llamacpp_distance(
     the reference's tokenizer (or one that makes the same ids) so that the windows match."""
     started = time.perf_counter()
     ref = reference.protocol
-    model = LlamaCppModel(path, ref["ctx"], threads)
+    model = LlamaCppModel(path, ref["ctx"], threads, kv_type=kv_type)
     tokenizer = gguf_tokenizer(model.path) if tokenizer is None else tokenizer
     text, ids, plan, _ = model.token_windows(tokenizer, corpus, split, ref["ctx"], ref["stride"], ref["limit"])
     check_corpus(reference, text)
