@@ -32,6 +32,45 @@ RESULTS = HERE / "results" / "export_roundtrip.json"
 TYPES = ("q8_0", "q5_0", "q4_0", "q5_1", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
 POINTS = [f"gguf-{t}-{m}" for m in ("rtn", "gptq", "awq") for t in TYPES]
 DEQUANTIZED = "+dequantized"
+CT_POINTS = ["ct:gguf-q4_0-rtn", "ct:gguf-q4_0-gptq", "ct:gguf-q4_0-awq", "ct:w4-g64-awq", "ct:w8-rtn"]
+
+
+def run_ct_point(name: str, workdir: Path, limit: int, rows: dict) -> dict:
+    """A compressed-tensors export (float32, so its scales decode exactly) loaded by transformers and scored
+    by the same loop as the container. The container's perplexity is taken from a GGUF row of the same
+    container (same weights fingerprint, same windows) where one exists: the same number, not measured twice."""
+    from compresslm.api import compress, export
+    from compresslm.eval.perplexity import perplexity
+    from compresslm.models.loading import load_model
+
+    preset = name.removeprefix("ct:")
+    container, directory = workdir / f"{preset}.clm", workdir / f"{preset}-ct"
+    if not container.exists():
+        compress(load_model("smollm2-135m"), preset, container, show_progress=False)
+    lm = load_model(container)
+    same = [row for row in rows.values() if row["protocol"]["model"].get("sha256") == lm.fingerprint()
+            and row["protocol"]["limit"] == limit]  # fmt: skip
+    if same:
+        ours = same[0]["ppl_container_torch"]
+    else:
+        ours = perplexity(lm, "wikitext2", ctx=2048, limit=limit, show_progress=False).ppl
+    del lm
+    exported = export(container, "compressed-tensors", directory, dtype="float32", overwrite=True,
+                      show_progress=False)  # fmt: skip
+    theirs = perplexity(load_model(directory), "wikitext2", ctx=2048, limit=limit, show_progress=False)
+    return {
+        "point": name,
+        "ppl_container_torch": ours,
+        "container_ppl_from": same[0]["point"] if same else "measured",
+        "ppl_export_transformers": theirs.ppl,
+        "relative_gap": theirs.ppl / ours - 1,
+        "container_bytes": container.stat().st_size,
+        "export_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.suffix == ".safetensors"),
+        "packed_linears": exported["packed_linears"],
+        "dense_linears": exported["dense_linears"],
+        "protocol": theirs.protocol,
+        "command": command_line("benchmarks/export_roundtrip.py"),
+    }
 
 
 def run_point(name: str, workdir: Path, limit: int, kv_type: str) -> dict:
@@ -98,8 +137,25 @@ def table(rows: dict, names: list[str]) -> list[str]:
     return lines
 
 
+def ct_table(rows: dict) -> list[str]:
+    lines = [
+        "| point | container ppl (torch) | export ppl (transformers) | gap | packed / dense linears | within 0.1 % |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name in CT_POINTS:
+        row = rows.get(name)
+        if row is None:
+            lines.append(f"| {name} | not run yet | | | | |")
+            continue
+        gap = row["relative_gap"]
+        lines.append(f"| {name} | {row['ppl_container_torch']:.4f} | {row['ppl_export_transformers']:.4f} | "
+                     f"{100 * gap:+.4f} % | {row['packed_linears']} / {row['dense_linears']} | "
+                     f"{'yes' if abs(gap) <= 0.001 else 'no'} |")  # fmt: skip
+    return lines
+
+
 def write_markdown(rows: dict) -> None:
-    extra = [name for name in rows if name not in POINTS and "@" not in name]
+    extra = [name for name in rows if name not in POINTS and "@" not in name and not name.startswith("ct:")]
     default_kv = [name for name in rows if "@kv-f16" in name]
     lines = [
         "# GGUF export round trip (SmolLM2-135M-Instruct)",
@@ -121,6 +177,18 @@ def write_markdown(rows: dict) -> None:
             "",
             *table(rows, extra),
         ]
+    lines += [
+        "",
+        "## compressed-tensors export loaded by transformers",
+        "",
+        "The container exported as compressed-tensors (float32: its scales stay exact, so transformers decodes "
+        "the container's weights bit for bit), loaded by transformers (`AutoModelForCausalLM.from_pretrained`, "
+        "the packed layers decoded at load, as `compresslm` loads any compressed-tensors directory) and scored "
+        "by the same loop and windows. Goal: within 0.1 %. Where a GGUF row above holds the same container "
+        "(same weights fingerprint), its container perplexity is reused.",
+        "",
+        *ct_table(rows),
+    ]
     if default_kv:
         lines += [
             "",
@@ -157,10 +225,16 @@ def main() -> None:
     started = time.perf_counter()
     rows = load_rows(RESULTS)
     for name in args.points:
-        if key(name, args.kv_type) in rows:
+        if key(name, args.kv_type) in rows or name in rows:
             continue
         if args.budget is not None and time.perf_counter() - started > args.budget:
             break
+        if name.startswith("ct:"):
+            row = run_ct_point(name, workdir, args.limit, rows)
+            rows = add_row(RESULTS, name, row)
+            print(f"{name}: torch {row['ppl_container_torch']:.4f}, transformers {row['ppl_export_transformers']:.4f} "
+                  f"({100 * row['relative_gap']:+.4f} %)", flush=True)  # fmt: skip
+            continue
         row = run_point(name, workdir, args.limit, args.kv_type)
         rows = add_row(RESULTS, key(name, args.kv_type), row)
         print(f"{name}: torch {row['ppl_container_torch']:.4f}, llama.cpp {row['ppl_gguf_llama_cpp']:.4f} "

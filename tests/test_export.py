@@ -453,6 +453,8 @@ def test_compressed_tensors_export_reads_back_as_the_container(tmp_path, tokeniz
 def test_compressed_tensors_export_loads_in_transformers(tmp_path, tokenizer, calib):
     from transformers import AutoModelForCausalLM
 
+    from compresslm.models.loading import load_model
+
     path = _container(tmp_path, tokenizer, calib, "llama", "w4-g32-gptq-sym")
     export(path, "compressed-tensors", tmp_path / "ct", dtype="float32", show_progress=False)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
@@ -460,6 +462,22 @@ def test_compressed_tensors_export_loads_in_transformers(tmp_path, tokenizer, ca
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, lm.model(ids).logits)
+    # asymmetric packed layers: transformers' compressed modules refuse them, so load_model decodes at load;
+    # a float32 export keeps float32 scales, so the decoded weights are the container's bit for bit
+    path = _container(tmp_path, tokenizer, calib, "llama", "w4-g32-rtn")
+    export(path, "compressed-tensors", tmp_path / "asym", dtype="float32", show_progress=False)
+    decoded, lm = load_model(tmp_path / "asym"), load_compressed(path)
+    with torch.no_grad():
+        assert torch.equal(decoded.model(ids).logits, lm.model(ids).logits)
+
+
+def test_compressed_tensors_float32_export_packs_kquant_scales(tmp_path, tokenizer, calib):
+    path = _wide_container(tmp_path, tokenizer, calib, "gguf-q6_k-rtn")
+    assert export(path, "compressed-tensors", tmp_path / "f16", show_progress=False)["packed_linears"] == 0
+    result = export(path, "compressed-tensors", tmp_path / "ct", dtype="float32", show_progress=False)
+    assert result["packed_linears"] == 7 and result["dense_linears"] == 0
+    for name, record in read_container(path).linears.items():
+        assert torch.equal(_ct_read_back(tmp_path / "ct", name), record.dequantize())
 
 
 def test_compressed_tensors_writes_what_it_cannot_pack_dense(tmp_path, tokenizer, calib):

@@ -5,7 +5,9 @@ divides the row, per channel or per tensor; integer zero points) is packed by th
 `compressed-tensors` library itself (`PackedQuantizationCompressor`): our codes `c` with zero point
 `z` are its signed values `c - 2**(bits-1)` with zero point `z - 2**(bits-1)`, and its
 `(q - zp) · scale` is our `(c - z) · scale`. Scales stay float16 (ours are float16 values; a
-bfloat16 copy would round them). Everything else (float zero points, low-rank terms, shorter last
+bfloat16 copy would round them), or float32 in a float32 export: a loader decodes in the scales' dtype,
+and only float32 products are ours bit for bit; there, a K-quant's float32 scales d · sc pack too.
+Everything else (float zero points, low-rank terms, shorter last
 groups, GPT-2's transposed Conv1D layers, float16 weights of a pruned-only record) is written dense
 in the chosen dtype and listed in the config's `ignore`. A sparse record is packed with its pruned
 weights at the zero point, so they decode to exact zeros (the format's sparse encodings are not
@@ -50,10 +52,11 @@ def _strategy(entry: dict) -> tuple[str, int | None] | None:
     return None
 
 
-def _packable(entry: dict, blobs: dict, name: str, transposed: frozenset[str]) -> bool:
-    """Integer zero points and float16 scales (a K-quant's float32 scales d · sc are written dense)."""
+def _packable(entry: dict, blobs: dict, name: str, transposed: frozenset[str], dtype: str) -> bool:
+    """Integer zero points, and float16 scales unless the export is float32 (a K-quant's float32 scales
+    d · sc would round to float16: such a record is written dense)."""
     float_zeros = entry.get("zeros") and blobs[entry["zeros"]]["dtype"] in ("float16", "float32")
-    wide_scales = entry.get("scales") and blobs[entry["scales"]]["dtype"] != "float16"
+    wide_scales = entry.get("scales") and blobs[entry["scales"]]["dtype"] != "float16" and dtype != "float32"
     return not float_zeros and not wide_scales and name not in transposed and _strategy(entry) is not None
 
 
@@ -69,7 +72,7 @@ def export_compressed_tensors(container: str | os.PathLike, output: str | os.Pat
         blobs = header["blobs"]
         groups: dict[tuple, list[str]] = {}
         for name, entry in header["linears"].items():
-            if _packable(entry, blobs, name, transposed):
+            if _packable(entry, blobs, name, transposed, dtype):
                 strategy, group_size = _strategy(entry)
                 groups.setdefault((entry["bits"], entry["symmetric"], strategy, group_size), []).append(name)
         schemes = {}
@@ -89,7 +92,7 @@ def export_compressed_tensors(container: str | os.PathLike, output: str | os.Pat
                     continue
                 record = reader.linear(name) if kind == "linear" else reader.embedding(name)
                 if name in scheme_of:
-                    packed = compressor.compress(_module_state(record), scheme_of[name])
+                    packed = compressor.compress(_module_state(record, torch_dtype), scheme_of[name])
                     yield {f"{name}.{key}": value.contiguous() for key, value in packed.items()}
                 else:
                     weight = record.dequantize()
@@ -112,10 +115,12 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor
 
 
-def _module_state(record: CompressedWeight) -> dict[str, torch.Tensor]:
-    """What the library's compressor takes: the weight our codes decode to, float16 scales and signed zero points."""
+def _module_state(record: CompressedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the library's compressor takes: the weight our codes decode to, the scales (float32 in a float32
+    export, else as stored) and signed zero points."""
     offset = 1 << (record.bits - 1)
     # a pruned weight dequantizes to 0, which the library rounds to the zero point: it decodes to exact 0
-    state = {"weight": record.dequantize(), "weight_scale": record.scales.clone()}
+    scales = record.scales.float() if dtype == torch.float32 else record.scales.clone()
+    state = {"weight": record.dequantize(), "weight_scale": scales}
     state["weight_zero_point"] = (record.zeros.to(torch.int16) - offset).to(torch.int8)
     return state

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,12 +141,29 @@ def _hf_dir_tokenizer(path: Path, source: str) -> object:
         raise _wrap_transformers_error(exc, source) from exc
 
 
+def _decompressed(path: Path) -> dict:
+    """A compressed-tensors checkpoint (llm-compressor's, or our export) is decoded once at load: transformers'
+    compressed modules refuse asymmetric packed layers (their zero points are packed), and the decoded
+    float32 weights are what the checkpoint's codes mean."""
+    config = json.loads((path / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "compressed-tensors":
+        return {}
+    try:
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM
 
     tokenizer = _hf_dir_tokenizer(path, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        with warnings.catch_warnings():  # transformers warns that the passed config overrides the file's (it should)
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                         **_decompressed(path))  # fmt: skip
     except CompressLMError:
         raise
     except Exception as exc:
