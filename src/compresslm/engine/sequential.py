@@ -189,8 +189,11 @@ def _static_activation_scale(
 
 
 def _replace(lm: LoadedModel, info: LinearInfo, record: CompressedWeight) -> CompressedLinear:
+    """Swap the compressed layer in. A streamed model keeps it packed (dequantized at each forward of the
+    calibration pass), so a block's finished layers do not hold float copies while the rest compress."""
     bias = getattr(info.module, "bias", None)
-    new = CompressedLinear(record, bias, dtype=info.module.weight.dtype).to(info.module.weight.device)
+    new = CompressedLinear(record, bias, dtype=info.module.weight.dtype, float_weight=lm.lazy is None)
+    new = new.to(info.module.weight.device)
     replace_module(lm.model, info.name, new)
     return new
 

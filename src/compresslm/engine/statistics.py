@@ -22,22 +22,32 @@ from torch import nn
 
 
 class InputStatistics:
-    """Running 2/n·XᵀX and mean |x| of one input tensor's rows (float32)."""
+    """Running 2/n·XᵀX and mean |x| of one input tensor's rows (float32).
+
+    The Hessian is formed in place of the running sum the first time it is asked for, and every later
+    ask returns that same tensor: a block's Hessians are a large share of its memory (the widest is
+    in² floats), and the linears that read one input (q, k, v) then share one Hessian object, whose
+    factorization GPTQ reuses. After that the sum is gone (`xtx` is None) and no rows can be added.
+    """
 
     def __init__(self, in_features: int, device: torch.device):
-        self.xtx = torch.zeros(in_features, in_features, device=device)
+        self.xtx: torch.Tensor | None = torch.zeros(in_features, in_features, device=device)
         self.abs_sum = torch.zeros(in_features, device=device)
         self.abs_max = torch.zeros(in_features, device=device)
         self.rows = 0
+        self._hessian: torch.Tensor | None = None
 
     @classmethod
     def from_tensors(cls, xtx: torch.Tensor, abs_sum: torch.Tensor, abs_max: torch.Tensor, rows: int):
         """Statistics accumulated elsewhere (read back from the statistics cache)."""
         stats = cls.__new__(cls)
         stats.xtx, stats.abs_sum, stats.abs_max, stats.rows = xtx, abs_sum, abs_max, rows
+        stats._hessian = None
         return stats
 
     def add(self, inputs: torch.Tensor) -> None:
+        if self.xtx is None:
+            raise RuntimeError("rows added after the Hessian was formed")
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.xtx.addmm_(x.T, x)
         magnitude = x.abs()
@@ -47,7 +57,9 @@ class InputStatistics:
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.rows, 1))
+        if self._hessian is None:
+            self._hessian, self.xtx = self.xtx.mul_(2.0 / max(self.rows, 1)), None
+        return self._hessian
 
     @property
     def act_mean(self) -> torch.Tensor:

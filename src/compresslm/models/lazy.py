@@ -160,13 +160,14 @@ class LazySource:
     def drop(self, module: nn.Module) -> None:
         """Put a module's tensors back on the meta device (a layer swapped out of its block, say)."""
         for _, sub in module.named_modules():
+            compressed = hasattr(type(sub), "compressed")  # a CompressedLinear (its property is not read here)
             for attr, param in sub._parameters.items():
                 if param is not None:
                     sub._parameters[attr] = nn.Parameter(param.detach().to("meta"), requires_grad=False)
             for attr, buffer in sub._buffers.items():
-                if buffer is not None and (attr not in sub._non_persistent_buffers_set or hasattr(sub, "compressed")):
+                if buffer is not None and (attr not in sub._non_persistent_buffers_set or compressed):
                     sub._buffers[attr] = buffer.to("meta")
-            if hasattr(sub, "compressed"):  # a CompressedLinear: its record is on disk
+            if compressed:  # its record is on disk
                 sub.compressed = sub.nested = None
 
     def activations(self) -> dict[str, dict]:

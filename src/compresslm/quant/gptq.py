@@ -66,18 +66,24 @@ def inverse_cholesky(h: torch.Tensor, damp: float, retries: int) -> tuple[torch.
 
     With P the order reversal, P(H + λI)P = L Lᵀ gives (H + λI)⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P), and P L⁻¹ P is
     upper triangular: one Cholesky and one triangular inverse, where inverting H and factoring the
-    inverse take two Cholesky factorizations and an inverse. `h` is damped in place (it is the
-    caller's scratch copy): a layer's Hessian can be a large share of memory.
+    inverse take two Cholesky factorizations and an inverse. `h` is in sweep order (`factor_hessian`
+    builds the reversed matrix directly, one copy fewer).
     """
-    mean_diag = torch.mean(torch.diag(h)).item()
+    lower, lam, attempt = _damped_cholesky(h.flip(0, 1), torch.mean(torch.diag(h)).item(), damp, retries)
+    return _lower_inverse(lower).flip(0, 1), lam, attempt
+
+
+def _damped_cholesky(reversed_h: torch.Tensor, mean_diag: float, damp: float, retries: int):
+    """Lower Cholesky factor of `reversed_h` + λI, λ = damp x the mean diagonal, raised tenfold on failure;
+    `reversed_h` is damped in place (a scratch copy: a layer's Hessian can be a large share of memory)."""
     lam = damp * mean_diag if mean_diag > 0 else damp
     added = 0.0
     for attempt in range(retries + 1):
-        h.diagonal().add_(lam - added)
+        reversed_h.diagonal().add_(lam - added)
         added = lam
-        lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
         if int(info) == 0:
-            return _lower_inverse(lower).flip(0, 1), lam, attempt
+            return lower, lam, attempt
         lam *= 10.0
     raise CompressLMError(
         f"GPTQ: the Hessian is not positive definite even with damping {lam / 10:.3g} "
@@ -129,15 +135,22 @@ def factor_hessian(hessian: torch.Tensor, damp: float, retries: int, act_order: 
     _last_factor = None  # its memory is free before the next factorization takes more
     if not torch.isfinite(hessian).all():
         raise CompressLMError("GPTQ: the Hessian contains NaN or infinite values")
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
-    if perm is not None:
-        h = h[perm][:, perm]
-    hinv, lam, used = inverse_cholesky(h, damp, retries)
-    del h
-    factor = HessianFactor(hinv, perm, dead, lam, used)
+    diag = torch.diag(hessian).float()
+    dead = diag == 0
+    diag[dead] = 1.0  # a dead input's Hessian row is zero: its diagonal is set to 1 (its weights are zeroed)
+    perm = torch.argsort(diag, descending=True) if act_order else None
+    # `inverse_cholesky`'s steps, holding at most about two in² copies at a time: the scratch matrix is
+    # gathered straight into reversed sweep order, and each copy is dropped once the next one exists
+    order = (perm if perm is not None else torch.arange(len(diag), device=diag.device)).flip(0)
+    reversed_h = hessian.detach().float().index_select(0, order).index_select(1, order)
+    reversed_h.diagonal()[dead[order]] = 1.0
+    mean_diag = torch.mean(torch.diag(reversed_h).flip(0)).item()
+    lower, lam, used = _damped_cholesky(reversed_h, mean_diag, damp, retries)
+    del reversed_h
+    hinv = _lower_inverse(lower)
+    del lower
+    factor = HessianFactor(hinv.flip(0, 1), perm, dead, lam, used)
+    del hinv
     _last_factor = (weakref.ref(hessian), hessian._version, key, factor)
     return factor
 
