@@ -192,7 +192,9 @@ def write_markdown(rows: dict) -> None:
     if default_kv:
         lines += [
             "",
-            "Scored with llama.cpp's default float16 KV cache (measured before the float32 cache was used):",
+            "Scored with llama.cpp's default float16 KV cache (measured before the float32 cache was used; an "
+            "earlier version of the presets made these containers, so their container column differs from the "
+            "rows above where the preset has changed since, as gguf-q4_0-rtn's has):",
             "",
             *table(rows, default_kv),
         ]
