@@ -24,7 +24,7 @@ import platform
 import time
 from pathlib import Path
 
-from point_runner import command_line
+from point_runner import command_line, commands
 from results_store import add_row, atomic_write, load_rows
 
 HERE = Path(__file__).resolve().parent
@@ -120,37 +120,30 @@ def key(point: str, kv_type: str) -> str:
     return point if kv_type == "f32" else f"{point}@kv-{kv_type}"
 
 
-def table(rows: dict, names: list[str]) -> list[str]:
-    lines = [
-        "| point | container ppl (torch) | GGUF ppl (llama.cpp) | gap | GGUF bytes | within 0.3 % |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
+GGUF_HEADER = "| point | container ppl (torch) | GGUF ppl (llama.cpp) | gap | GGUF bytes | within 0.3 % |"
+CT_HEADER = (
+    "| point | container ppl (torch) | export ppl (transformers) | gap | packed / dense linears | within 0.1 % |"
+)
+
+
+def gguf_cells(row: dict) -> str:
+    gap = row["relative_gap"]
+    return (f"{row['ppl_container_torch']:.4f} | {row['ppl_gguf_llama_cpp']:.4f} | {100 * gap:+.3f} % | "
+            f"{row['gguf_bytes']:,} | {'yes' if abs(gap) <= 0.003 else 'no'}")  # fmt: skip
+
+
+def ct_cells(row: dict) -> str:
+    gap = row["relative_gap"]
+    return (f"{row['ppl_container_torch']:.4f} | {row['ppl_export_transformers']:.4f} | {100 * gap:+.4f} % | "
+            f"{row['packed_linears']} / {row['dense_linears']} | {'yes' if abs(gap) <= 0.001 else 'no'}")  # fmt: skip
+
+
+def table(rows: dict, names: list[str], header: str = GGUF_HEADER, cells=gguf_cells) -> list[str]:
+    """A table of `names` (a point not measured yet shows as such), each row's columns from `cells`."""
+    lines = [header, "|---|---:|---:|---:|---:|---|"]
     for name in names:
         row = rows.get(name)
-        if row is None:
-            lines.append(f"| {name} | not run yet | | | | |")
-            continue
-        gap = row["relative_gap"]
-        within = "yes" if abs(gap) <= 0.003 else "no"
-        lines.append(f"| {name} | {row['ppl_container_torch']:.4f} | {row['ppl_gguf_llama_cpp']:.4f} | "
-                     f"{100 * gap:+.3f} % | {row['gguf_bytes']:,} | {within} |")  # fmt: skip
-    return lines
-
-
-def ct_table(rows: dict) -> list[str]:
-    lines = [
-        "| point | container ppl (torch) | export ppl (transformers) | gap | packed / dense linears | within 0.1 % |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for name in CT_POINTS:
-        row = rows.get(name)
-        if row is None:
-            lines.append(f"| {name} | not run yet | | | | |")
-            continue
-        gap = row["relative_gap"]
-        lines.append(f"| {name} | {row['ppl_container_torch']:.4f} | {row['ppl_export_transformers']:.4f} | "
-                     f"{100 * gap:+.4f} % | {row['packed_linears']} / {row['dense_linears']} | "
-                     f"{'yes' if abs(gap) <= 0.001 else 'no'} |")  # fmt: skip
+        lines.append(f"| {name} | not run yet | | | | |" if row is None else f"| {name} | {cells(row)} |")
     return lines
 
 
@@ -187,7 +180,7 @@ def write_markdown(rows: dict) -> None:
         "by the same loop and windows. Goal: within 0.1 %. Where a GGUF row above holds the same container "
         "(same weights fingerprint), its container perplexity is reused.",
         "",
-        *ct_table(rows),
+        *table(rows, CT_POINTS, CT_HEADER, ct_cells),
     ]
     if default_kv:
         lines += [
@@ -200,13 +193,12 @@ def write_markdown(rows: dict) -> None:
         ]
     if rows:
         v = next(iter(rows.values()))["protocol"]["versions"]
-        commands = sorted({row["command"] for row in rows.values()})
         lines += [
             "",
             "The reference model's weights sit on a 4-bit group-32 grid (its source is Q4_1), so Q4_1 and the "
             "wider types are close to lossless on it for every method; the gap column is what this table is for.",
             "",
-            "Commands: " + "; ".join(f"`{c}`" for c in commands) + f". One point per piece (resumable), on a "
+            commands(rows, command_line("benchmarks/export_roundtrip.py")) + " One point per piece (resumable), on a "
             f"2-core machine ({platform.machine()}); points ran beside other jobs at times (their gaps do not "
             f"depend on timing; no timing is reported). Versions: compresslm {v['compresslm']}, torch {v['torch']}, "
             f"transformers {v['transformers']}, llama-cpp-python {v.get('llama_cpp_python')}; {v['platform']}.",

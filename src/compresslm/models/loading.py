@@ -123,10 +123,8 @@ def _check_model_type(config: object, config_file: Path) -> None:
         )
 
 
-def _hf_dir_tokenizer(path: Path, source: str) -> object:
-    """The tokenizer of a Hugging Face model directory, once its config is checked (readable, a known model_type)."""
-    from transformers import AutoTokenizer
-
+def _hf_dir_config(path: Path) -> dict:
+    """The config of a Hugging Face model directory, checked (readable, a known model_type)."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
@@ -135,35 +133,46 @@ def _hf_dir_tokenizer(path: Path, source: str) -> object:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{config_file} is not valid JSON: {exc}") from exc
     _check_model_type(config, config_file)
+    return config
+
+
+def _tokenizer_of(path: Path, source: str) -> object:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise _wrap_transformers_error(exc, source) from exc
 
 
-def _decompressed(path: Path) -> dict:
+def _hf_dir_tokenizer(path: Path, source: str) -> object:
+    """The tokenizer of a Hugging Face model directory, once its config is checked."""
+    _hf_dir_config(path)
+    return _tokenizer_of(path, source)
+
+
+def _decompressed(config: dict) -> dict:
     """A compressed-tensors checkpoint (llm-compressor's, or our export) is decoded once at load: transformers'
     compressed modules refuse asymmetric packed layers (their zero points are packed), and the decoded
     float32 weights are what the checkpoint's codes mean."""
-    config = json.loads((path / "config.json").read_text())
-    if (config.get("quantization_config") or {}).get("quant_method") != "compressed-tensors":
-        return {}
-    try:
-        from transformers.utils.quantization_config import CompressedTensorsConfig
-    except ImportError:
-        return {}
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+        return {}  # anything else is transformers' to read (or refuse)
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def _load_hf_dir(path: Path, source: str) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _hf_dir_tokenizer(path, source)
+    config = _hf_dir_config(path)
+    tokenizer = _tokenizer_of(path, source)
     try:
         with warnings.catch_warnings():  # transformers warns that the passed config overrides the file's (it should)
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                         **_decompressed(path))  # fmt: skip
+                                                         **_decompressed(config))  # fmt: skip
     except CompressLMError:
         raise
     except Exception as exc:
