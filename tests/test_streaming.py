@@ -73,9 +73,9 @@ def test_only_one_block_of_weights_is_ever_in_memory(tokenizer, tmp_path):
     original = [info.module for info in lm.layout.linears()]
     counts = []
 
-    def count(module, *args):  # the engine rounds each block as it is read: count the layers in memory then
-        rounding(module, *args)
-        counts.append(sum(not m.weight.is_meta for m in original))
+    def count(module, dtype, skip, path=""):  # the engine rounds each module as it is read: count the layers then
+        rounding(module, dtype, skip, path)
+        counts.append((path, sum(not m.weight.is_meta for m in original)))
 
     from compresslm.engine import sequential
 
@@ -85,17 +85,27 @@ def test_only_one_block_of_weights_is_ever_in_memory(tokenizer, tmp_path):
         compress(lm, "w4-g32-gptq", tmp_path / "out.clm", calibration=_calibration(), show_progress=False,
                  stream=True)  # fmt: skip
     per_block = len(lm.layout.blocks[0].linears)
-    assert counts == [0] + [per_block] * 4  # the whole model's rounding first, then one block's layers each time
+    outside = [("model.embed_tokens", 0), ("lm_head", 0)]  # read to embed the windows, and again to store them
+    blocks = [(f"model.layers.{i}", per_block) for i in range(4)]
+    assert counts == [("", 0), *outside, *blocks, *outside]  # the whole model's rounding first
     assert all(m.weight.is_meta for m in original)
 
 
-def test_lazy_load_reads_only_outside_blocks(tokenizer, tmp_path):
-    source = _sharded("llama", tokenizer, tmp_path / "model")
+@pytest.mark.parametrize(("family_name", "tied"), [("llama", True), ("qwen2", False)])
+def test_lazy_load_reads_the_embedding_and_head_only_while_held(family_name, tied, tokenizer, tmp_path):
+    source = _sharded(family_name, tokenizer, tmp_path / "model")
     lm = load_model(source, lazy=True)
-    assert lm.model.model.embed_tokens.weight.device.type == "cpu"
-    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight  # tied again after reading
-    assert all(p.is_meta for p in lm.model.model.layers.parameters())
-    assert lm.fingerprint() == load_model(source).fingerprint()  # hashed tensor by tensor, same identity
+    embedding, head = lm.model.model.embed_tokens, lm.model.lm_head
+    assert lm.model.model.norm.weight.device.type == "cpu"  # the small tensors outside the blocks are read
+    assert all(p.is_meta for p in [*lm.model.model.layers.parameters(), embedding.weight, head.weight])
+    whole = load_model(source)
+    with lm.lazy.holding(lm.model):
+        assert torch.equal(embedding.weight, whole.model.model.embed_tokens.weight)
+        assert torch.equal(head.weight, whole.model.lm_head.weight)
+        assert (head.weight is embedding.weight) == tied  # tied again after reading
+    assert embedding.weight.is_meta and head.weight.is_meta and (head.weight is embedding.weight) == tied
+    assert lm.fingerprint() == whole.fingerprint()  # hashed tensor by tensor, same identity
+    assert embedding.weight.is_meta
 
 
 def test_stats_cache_reused_when_streaming(tokenizer, tmp_path, one_thread):

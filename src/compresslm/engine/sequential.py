@@ -273,6 +273,8 @@ def compress(
     if lm.lazy is not None:  # blocks still on disk are rounded as they are read
         lm.lazy.prepare = lambda module, path: _round_dense(module, recipe.dense_dtype, set(targets), path)
 
+    if lm.lazy is not None and embedding_stages:  # changed in memory: no longer re-read from disk when used
+        lm.lazy.keep(lm.model)
     weights: dict[str, CompressedWeight] = {}
     layers: list[LayerReport] = []
     folds: list[ScaleFold] = []

@@ -157,12 +157,13 @@ def streamed_windows(
         lm.lazy.release(block.module, block.name)
         bar.update(1)
     bar.close()
-    for number, batch in enumerate(batches):
-        first = number * batch_size
-        inputs = windows[first : first + batch_size].to(lm.device)
-        logits = logits_from_hidden(lm, inputs, batch)
-        for row, (_, first_scored) in enumerate(plan[first : first + batch_size]):
-            yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
+    with lm.lazy.holding(lm.model):  # the head (and embedding), read once for every batch
+        for number, batch in enumerate(batches):
+            first = number * batch_size
+            inputs = windows[first : first + batch_size].to(lm.device)
+            logits = logits_from_hidden(lm, inputs, batch)
+            for row, (_, first_scored) in enumerate(plan[first : first + batch_size]):
+                yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
 
 
 def prepare_windows(lm: LoadedModel, corpus: str | Corpus, split: str, ctx: int, stride: int, limit: int | None):

@@ -27,7 +27,7 @@ from compresslm.formats.header_check import TENSOR_DTYPES, check_config
 from compresslm.memory import release_freed_memory
 from compresslm.models.forward import Carried
 from compresslm.models.layout import discover_layout, is_linear
-from compresslm.models.lazy import LazySource, set_tensor
+from compresslm.models.lazy import LazySource, held, set_tensor
 from compresslm.models.loaded import LoadedModel
 from compresslm.recipe import Recipe
 from compresslm.runtime.linear import CompressedLinear, replace_module
@@ -140,12 +140,14 @@ class StreamingSave:
         try:
             items = []
             compressed = {f"{name}.weight" for name in self.writer.linears}  # blocks a resumed run never read
-            for key, tensor in lm.model.state_dict(keep_vars=True).items():
-                if key in compressed:
-                    continue
-                identity = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tuple(tensor.shape))
-                items.append((key, identity, self.blocks.get(key, tensor.detach())))
-            dense, aliases = _gather_dense(items, self.dense_dtype, {f"{name}.weight" for name in embeddings})
+            with held(lm.lazy, lm.model):  # the embedding and head, if they were left on disk
+                for key, tensor in lm.model.state_dict(keep_vars=True).items():
+                    if key in compressed:
+                        continue
+                    identity = id(tensor) if tensor.is_meta else (tensor.data_ptr(), tuple(tensor.shape))
+                    items.append((key, identity, self.blocks.get(key, tensor.detach())))
+                dense, aliases = _gather_dense(items, self.dense_dtype, {f"{name}.weight" for name in embeddings})
+            del items
         except BaseException:
             self.writer.abort()
             raise
@@ -270,7 +272,8 @@ def load_compressed_lazily(path: str | os.PathLike, device: str | None = None) -
     except ValueError as exc:
         raise CorruptFileError(f"{p} is corrupt: {exc}") from None
     lazy = LazyContainer(reader, model, torch.device(device or "cpu"))
-    lazy.load_outside(model, [block.name for block in discover_layout(model).blocks])
+    layout = discover_layout(model)
+    lazy.load_outside(model, [block.name for block in layout.blocks], defer=(layout.token_embedding, layout.lm_head))
     lm = LoadedModel.from_module(model.eval(), tokenizer, name=str(path))
     lm.kind, lm.path, lm.container, lm.kv_cache, lm.lazy = "container", str(p.resolve()), header, kv_cache, lazy
     return lm

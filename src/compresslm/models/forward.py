@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compresslm.models.lazy import held
 from compresslm.models.loaded import LoadedModel
 
 
@@ -58,9 +59,10 @@ def capture_first_block_inputs(
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            with contextlib.suppress(StopForward):
-                lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+        with held(lm.lazy, lm.model):  # a lazily loaded model's embedding is read for this and dropped after
+            for start in range(0, windows.shape[0], batch_size):
+                with contextlib.suppress(StopForward):
+                    lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
     finally:
         handle.remove()
     for batch in batches:
@@ -102,7 +104,8 @@ def logits_from_hidden(lm: LoadedModel, input_ids: torch.Tensor, last: Batch) ->
     for index, block in enumerate(blocks):
         block.forward = first if index == 0 else passthrough
     try:
-        return lm.model(input_ids=input_ids, use_cache=False).logits
+        with held(lm.lazy, lm.model):
+            return lm.model(input_ids=input_ids, use_cache=False).logits
     finally:
         for block in blocks:
             del block.forward

@@ -1,10 +1,12 @@
 """Models whose weights stay on disk until a block needs them.
 
 A model larger than memory cannot be loaded and then walked: its skeleton is built on the meta
-device (no memory), the parts outside the decoder blocks (embeddings, final norm, head) are read at
-once, and each block's tensors are read from its safetensors shards when a walk reaches the block
+device (no memory), the small parts outside the decoder blocks (final norm, rotary tables) are read
+at once, and each block's tensors are read from its safetensors shards when a walk reaches the block
 and dropped back to the meta device when it is done. Only one block's weights are then resident
-at a time; `LazySource.resident` says which, so tests count instead of timing.
+at a time; `LazySource.resident` says which, so tests count instead of timing. The token embedding
+and the output head are read only while a step uses them (`LazySource.holding`): at a large
+vocabulary they are as large as several blocks in the compute dtype, and most steps need neither.
 
 The shard index is a file from someone else: shard names must be plain file names inside the model
 directory, every shard must open, and every tensor the model needs must be present with the
@@ -13,8 +15,9 @@ shape the config implies, all checked before the first block is read.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -87,16 +90,32 @@ class ShardedTensors:
     def shape(self, name: str) -> list[int]:
         return self._shapes[name]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `name`, a floating-point one cast to `dtype` (if given), in memory of its own."""
         try:
             with self._open(self.shard_of[name]) as handle:
-                return handle.get_tensor(name).clone()  # a copy of its own before the mapping goes
+                tensor = handle.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    return tensor.to(dtype)  # the cast is a copy
+                return tensor.clone()  # a copy of its own before the mapping goes
         except CorruptFileError:
             raise
         except Exception as exc:  # a shard truncated after it was opened
             reason = reason_of(exc)
             shard = self.shard_of[name]
             raise CorruptFileError(f"{self.directory}: cannot read {name} from {shard}: {reason}") from None
+
+
+def non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN or infinite values a floating-point tensor holds.
+
+    A sum is one fast pass, and any NaN or infinity makes it non-finite, so the elementwise count
+    (many times slower on a large tensor) runs only when the sum is not finite (a huge but finite
+    tensor can overflow its sum: the count then says 0).
+    """
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None))):
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
 
 
 def _stored_tensors(module: nn.Module, recurse: bool = True) -> list[tuple[str, nn.Module, str, bool]]:
@@ -119,6 +138,7 @@ class LazySource:
     Subclasses say where tensors come from (`_read_into`). `prepare(module, path)` runs on each module
     right after its tensors are read (the engine rounds dense tensors there, as it does for a resident model
     before compressing). `resident` names the blocks in memory now; `most_resident` is the most at once.
+    `deferred` names the modules outside the blocks that stay on disk until `holding` reads them.
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -126,6 +146,7 @@ class LazySource:
         self.resident: set[str] = set()
         self.most_resident = 0
         self.prepare: Callable[[nn.Module, str], None] | None = None
+        self.deferred: tuple[str, ...] = ()
 
     def materialize(self, module: nn.Module, prefix: str, block: bool = True) -> None:
         """Read the tensors of `module` (named `prefix` in the model) that are still on the meta device.
@@ -143,14 +164,45 @@ class LazySource:
     def _read_into(self, module: nn.Module, prefix: str, block: bool) -> None:
         raise NotImplementedError
 
-    def load_outside(self, model: nn.Module, blocks: list[str]) -> None:
-        """Read every tensor that is not inside a decoder block, then tie the head to the embedding again."""
+    def load_outside(self, model: nn.Module, blocks: list[str], defer: tuple[str, ...] = ()) -> None:
+        """Read every tensor that is not inside a decoder block except those of the modules `defer` names
+        (the embedding and head, read by `holding` when a step needs them); tie the head to the embedding."""
         inside = tuple(f"{name}." for name in blocks)
+        self.deferred = tuple(defer)
         for name, sub in list(model.named_modules()):
-            if name in blocks or name.startswith(inside):
+            if name in blocks or name.startswith(inside) or name in self.deferred:
                 continue
             self.materialize(sub, name, block=False)
         model.tie_weights()
+
+    @contextlib.contextmanager
+    def holding(self, model: nn.Module) -> Iterator[None]:
+        """The deferred modules in memory while the `with` body runs, back on the meta device after it.
+
+        All of them at once, so that a tied head and its embedding are one tensor again; held already
+        (an enclosing `holding`, or `keep`), nothing is read or dropped.
+        """
+        read = [path for path in self.deferred if _on_meta(model.get_submodule(path))]
+        for path in read:
+            self.materialize(model.get_submodule(path), path, block=False)
+        if read:
+            model.tie_weights()
+        try:
+            yield
+        finally:
+            for path in read:
+                self.drop(model.get_submodule(path))
+            if read:
+                model.tie_weights()
+
+    def keep(self, model: nn.Module) -> None:
+        """Read the deferred modules for good (a compression that quantizes the embedding or head changes them)."""
+        for path in self.deferred:
+            module = model.get_submodule(path)
+            if _on_meta(module):
+                self.materialize(module, path, block=False)
+        model.tie_weights()
+        self.deferred = ()
 
     def release(self, module: nn.Module, prefix: str) -> None:
         """Put the block's tensors back on the meta device (compressed linears' dequantized weights too)."""
@@ -202,15 +254,23 @@ class LazyWeights(LazySource):
             full = f"{prefix}.{name}" if prefix else name
             if current.device.type != "meta" or full in self.tied:
                 continue
-            tensor = self.tensors.read(full)
+            tensor = self.tensors.read(full, self.dtype)
             if tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-                bad = int((~torch.isfinite(tensor)).sum())
+                bad = non_finite(tensor)
                 if bad:
                     raise CorruptFileError(
                         f"{self.tensors.directory} has non-finite weights: {full} holds {bad:,} NaN or infinite values"
                     )
             set_tensor(owner, attr, tensor.to(self.device), is_param)
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+
+
+def held(lazy: LazySource | None, model: nn.Module) -> contextlib.AbstractContextManager:
+    """`lazy.holding(model)` for a lazily loaded model, nothing for one in memory."""
+    return lazy.holding(model) if lazy is not None else contextlib.nullcontext()
 
 
 def set_tensor(owner: nn.Module, attr: str, tensor: torch.Tensor, is_param: bool) -> None:

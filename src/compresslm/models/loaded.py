@@ -16,7 +16,7 @@ from torch import nn
 
 from compresslm.errors import CorruptFileError
 from compresslm.models.layout import ModelLayout, count_parameters, discover_layout
-from compresslm.models.lazy import LazySource
+from compresslm.models.lazy import LazySource, non_finite
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,12 +131,18 @@ def weights_fingerprint(
         activation = module.activation_config() if hasattr(module, "compressed") else pending.get(module_name)
         if activation is not None:
             digest.update(f"{module_name}|activation|{json.dumps(activation, sort_keys=True)}|".encode())
-    state = _hashed_state(model)
-    seen: set[tuple[int, tuple[int, ...]]] = set()
     if lazy is None:
+        state, seen = _hashed_state(model), set()
         for name in sorted(state):
             _hash_tensor(digest, seen, name, state[name])
         return digest.hexdigest()
+    with lazy.holding(model):  # the embedding and head: hashed where their names fall among the blocks'
+        return _hash_lazily(digest, model, lazy, blocks)
+
+
+def _hash_lazily(digest, model: nn.Module, lazy: LazySource, blocks: list[tuple[str, nn.Module]]) -> str:
+    state = _hashed_state(model)
+    seen: set[tuple[int, tuple[int, ...]]] = set()  # (address, shape) of what is hashed: tied weights once
     prefixes = {f"{path}.": module for path, module in blocks}
     units = [(name, None) for name in state if not name.startswith(tuple(prefixes))] + list(prefixes.items())
     for key, module in sorted(units, key=lambda unit: unit[0]):
@@ -188,7 +194,7 @@ def check_finite(model: nn.Module, source: str) -> None:
     bad: list[tuple[str, int]] = []
     for name, param in model.named_parameters():
         if param.is_floating_point():
-            count = int((~torch.isfinite(param.detach())).sum())
+            count = non_finite(param.detach())
             if count:
                 bad.append((name, count))
     if bad:

@@ -256,7 +256,8 @@ def _load_lazy(directory: Path, source: str, dtype: str | None, device: str | No
         raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     tokenizer = _hf_dir_tokenizer(directory, source)
     model, lazy = lazy_model(directory, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
-    lazy.load_outside(model, [block.name for block in discover_layout(model).blocks])
+    layout = discover_layout(model)
+    lazy.load_outside(model, [block.name for block in layout.blocks], defer=(layout.token_embedding, layout.lm_head))
     layout = discover_layout(model)  # again, now that a tied head is one tensor with the embedding
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, kind="hf_dir",
                        path=str(directory.resolve()), lazy=lazy)  # fmt: skip
