@@ -62,8 +62,20 @@ def test_truncated_gguf_is_reported(tmp_path):
     truncated = tmp_path / "truncated.gguf"
     with source.open("rb") as src, truncated.open("wb") as dst:
         dst.write(src.read(4 << 20))  # header and the first tensors only
-    with pytest.raises(CorruptFileError, match="corrupt or truncated GGUF"):
-        load_model(truncated)
+    for lazy in (False, True):
+        with pytest.raises(CorruptFileError, match="corrupt or truncated GGUF"):
+            load_model(truncated, lazy=lazy)
+
+
+def test_gguf_streams_from_the_file_itself(reference_lm, monkeypatch, tmp_path):
+    """Read tensor by tensor from the GGUF, no dequantized copy written: the same weights and logits."""
+    monkeypatch.setenv("COMPRESSLM_CACHE", str(tmp_path / "cache"))
+    streamed = load_model("smollm2-135m", lazy=True)
+    assert streamed.kind == "gguf" and streamed.lazy is not None
+    assert streamed.fingerprint() == reference_lm.fingerprint()
+    window = {"ctx": 256, "limit": 2, "show_progress": False}
+    assert perplexity(streamed, **window).window_nll == perplexity(reference_lm, **window).window_nll
+    assert not list(tmp_path.rglob("*.safetensors"))
 
 
 def test_gguf_path_loads_directly(reference_lm, reference_cache, monkeypatch, tmp_path):

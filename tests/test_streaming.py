@@ -365,3 +365,22 @@ def test_info_counts_every_parameter_of_a_container(tokenizer, tmp_path):
     assert container_info["parameters"]["total"] == float_info["parameters"]["total"]
     assert container_info["parameters"]["lm_head"] == float_info["parameters"]["lm_head"]
     assert container_info["model"]["sha256"] == load_model(out).fingerprint()
+
+
+def test_a_gguf_tensor_type_that_cannot_be_dequantized_is_named_before_reading(tokenizer, tmp_path):
+    from compresslm.api import export
+    from compresslm.models.loading import save_model
+
+    save_model(tiny_model("llama"), tokenizer, tmp_path / "float")
+    gguf = tmp_path / "m.gguf"
+    export(tmp_path / "float", "gguf", gguf, dtype="float32", show_progress=False)
+    data = bytearray(gguf.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8  # past the name, the dimension count (u32) and two u64 dimensions
+    assert data[at : at + 4] == (0).to_bytes(4, "little")  # F32
+    data[at : at + 4] = (26).to_bytes(4, "little")  # I32: as many bytes, and no dequantization exists for it
+    gguf.write_bytes(data)
+    run = subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(gguf), "--ppl", "wikitext2", "--stream"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert "blk.0.ffn_down.weight is of GGUF type I32, which cannot be dequantized" in run.stderr

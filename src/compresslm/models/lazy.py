@@ -285,22 +285,37 @@ def lazy_model(directory: Path, dtype: torch.dtype, device: torch.device) -> tup
     checkpoint, and its `LazyWeights`; nothing is read yet (the caller discovers the layout, reads what
     lies outside the blocks with `load_outside` and the blocks as it walks them).
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     tensors = ShardedTensors(directory)
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except CompressLMError:
-        raise
     except Exception as exc:
         reason = reason_of(exc)
         raise CompressLMError(f"cannot build {directory} for streaming: {reason}") from None
+    model = empty_model(config, dtype, directory)
+    return model, lazy_weights(model, tensors, dtype, device)
+
+
+def empty_model(config: object, dtype: torch.dtype, source: Path) -> nn.Module:
+    """The causal LM `config` describes, built on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    except Exception as exc:
+        reason = reason_of(exc)
+        raise CompressLMError(f"cannot build {source} for streaming: {reason}") from None
+
+
+def lazy_weights(model: nn.Module, tensors: object, dtype: torch.dtype, device: torch.device) -> LazyWeights:
+    """`LazyWeights` over `tensors` (a `ShardedTensors` or anything with its `shard_of`, `shape`, `read` and
+    `directory`) for `model`, every tensor the model stores checked against them first."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if not getattr(config, "tie_word_embeddings", False):
+    if not getattr(model.config, "tie_word_embeddings", False):
         tied = set()
     lazy = LazyWeights(tensors, dtype, device, tied)
     lazy.check(model)
-    return model.eval(), lazy
+    return lazy

@@ -34,7 +34,8 @@ from compresslm.formats.container import is_container
 from compresslm.models import registry
 from compresslm.models.assemble import load_compressed, load_compressed_lazily
 from compresslm.models.layout import discover_layout
-from compresslm.models.lazy import is_safetensors_dir, lazy_model
+from compresslm.models.lazy import LazySource, is_safetensors_dir, lazy_model
+from compresslm.models.lazy_gguf import StreamsOnlyWhole, lazy_gguf_model
 from compresslm.models.loaded import DTYPES, LoadedModel, check_finite
 
 GGUF_MAGIC = b"GGUF"
@@ -256,11 +257,7 @@ def _load_lazy(directory: Path, source: str, dtype: str | None, device: str | No
         raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     tokenizer = _hf_dir_tokenizer(directory, source)
     model, lazy = lazy_model(directory, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
-    layout = discover_layout(model)
-    lazy.load_outside(model, [block.name for block in layout.blocks], defer=(layout.token_embedding, layout.lm_head))
-    layout = discover_layout(model)  # again, now that a tied head is one tensor with the embedding
-    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, kind="hf_dir",
-                       path=str(directory.resolve()), lazy=lazy)  # fmt: skip
+    return _lazy_loaded(model, lazy, tokenizer, source, "hf_dir", directory)
 
 
 def load_model(
@@ -278,8 +275,9 @@ def load_model(
     or a hub id (`org/name`, only where a network or a local hub cache exists). `dtype` casts the
     weights (float32, bfloat16, float16); `cache` keeps a dequantized copy of GGUF files. `lazy`
     leaves each decoder block's weights on disk until a walk over the blocks reads it (a safetensors
-    directory, a container, or a GGUF file through its dequantized cache), so models larger than
-    memory stream. A container's compressed layers are held packed and dequantized at each forward;
+    directory, a container, or a GGUF file: read tensor by tensor from the file where its family's
+    tensors map one to one, else through its dequantized cache), so models larger than memory stream.
+    A container's compressed layers are held packed and dequantized at each forward;
     `float_weights` caches a float copy of each instead (faster, as large as the float model).
     """
     text = str(source)
@@ -289,6 +287,10 @@ def load_model(
         lm.source = text
         return lm
     if lazy:
+        gguf = _gguf_file(text, path)
+        streamed = _load_lazy_gguf(gguf, text, dtype, device) if gguf is not None else None
+        if streamed is not None:
+            return streamed
         directory = _lazy_source(text, path, cache)
         if directory is not None:
             return _load_lazy(directory, text, dtype, device)
@@ -338,16 +340,49 @@ def load_model(
     )
 
 
+def _load_lazy_gguf(path: Path, source: str, dtype: str | None, device: str | None) -> LoadedModel | None:
+    """A GGUF file streamed from itself (`models.lazy_gguf`); None for a family that streams only from a
+    dequantized copy."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    check_gguf(path)
+    try:
+        model, lazy = lazy_gguf_model(path, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
+    except StreamsOnlyWhole:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise _wrap_transformers_error(exc, source) from exc
+    return _lazy_loaded(model, lazy, tokenizer, source, "gguf", path)
+
+
+def _lazy_loaded(model: nn.Module, lazy: LazySource, tokenizer: object, source: str, kind: str,
+                 path: Path) -> LoadedModel:  # fmt: skip
+    layout = discover_layout(model)
+    lazy.load_outside(model, [block.name for block in layout.blocks], defer=(layout.token_embedding, layout.lm_head))
+    layout = discover_layout(model)  # again, now that a tied head is one tensor with the embedding
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, kind=kind,
+                       path=str(path.resolve()), lazy=lazy)  # fmt: skip
+
+
+def _gguf_file(text: str, path: Path) -> Path | None:
+    """The GGUF file `text` names (a registered model's or a path), or None."""
+    if registry.is_registered(text) and not path.exists():
+        return registry.lookup(text).path()
+    if path.is_file() and not is_container(path):
+        return path
+    return None
+
+
 def _lazy_source(text: str, path: Path, cache: bool) -> Path | None:
     """The safetensors directory a lazy load reads for `text` (a GGUF's dequantized cache, built once);
     None for sources that only load whole (containers, hub ids)."""
     if path.is_dir() and is_safetensors_dir(path):
         return path
-    gguf = None
-    if registry.is_registered(text) and not path.exists():
-        gguf = registry.lookup(text).path()
-    elif path.is_file() and not is_container(path):
-        gguf = path
+    gguf = _gguf_file(text, path)
     if gguf is None or not cache:
         return None
     cache_dir = _gguf_cache_dir(gguf)
