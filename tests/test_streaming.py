@@ -218,7 +218,29 @@ def test_cli_eval_stream(tokenizer, tmp_path):
     assert streamed["ppl"] == whole["ppl"]
     refused = subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(source), "--speed", "--stream"],
                              capture_output=True, text=True)  # fmt: skip
-    assert refused.returncode == 2 and "--ppl only" in refused.stderr
+    assert refused.returncode == 2 and "--ppl and --kld only" in refused.stderr
+
+
+def test_streamed_kl_equals_resident(tokenizer, tmp_path, sample_text):
+    """The reference's top-k log-probabilities and the compressed model's KL to them, both models streamed."""
+    from compresslm.data.corpora import Corpus
+    from compresslm.eval.distance import distance, reference_logits
+
+    source = _sharded("qwen2", tokenizer, tmp_path / "model")
+    out = tmp_path / "model.clm"
+    compress(str(source), "w3-g32-rtn", out, calibration=_calibration(), show_progress=False)
+    corpus = Corpus("sample", None, sample_text, "test", "raw")
+    window = {"ctx": 64, "limit": 3, "k": 8, "show_progress": False}
+    whole = reference_logits(load_model(source), corpus, cache_dir=tmp_path / "a", **window)
+    lazy_reference = load_model(source, lazy=True)
+    streamed = reference_logits(lazy_reference, corpus, cache_dir=tmp_path / "b", **window)
+    assert torch.equal(streamed.top_logprobs, whole.top_logprobs) and torch.equal(streamed.top_ids, whole.top_ids)
+    assert lazy_reference.lazy.most_resident == 1 and not lazy_reference.lazy.resident
+    resident = distance(load_model(out), whole, corpus, show_progress=False)
+    lazy = load_model(out, lazy=True)
+    streamed_distance = distance(lazy, whole, corpus, show_progress=False)
+    assert streamed_distance.kld_mean == resident.kld_mean > 0 and streamed_distance.protocol["streamed"]
+    assert lazy.lazy.most_resident == 1
 
 
 @pytest.mark.parametrize("preset", ["w4-g32-gptq", "w3-g32-rtn+emb8", "w8a8-smoothquant-static", "2:4-wanda"])

@@ -413,7 +413,7 @@ def _reference_for(args: argparse.Namespace, lm) -> object:
                 "--kld needs --reference MODEL (the uncompressed model) for a model that is not a .clm"
             )
         source = recorded.get("path") or recorded["source"]
-    reference = load_model(source, device=args.device)
+    reference = load_model(source, device=args.device, lazy=args.stream)
     if recorded is not None and recorded.get("sha256") and reference.fingerprint() != recorded["sha256"]:
         raise CompressLMError(
             f"the reference {source} is not the model this container was compressed from (weight hash differs)"
@@ -641,8 +641,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from compresslm.dial import parse_setting
 
         setting = parse_setting(args.dial)  # a bad setting fails before the model loads
-    if args.stream and (args.kld or args.tasks or args.speed or args.kv_bits is not None or setting is not None):
-        raise CompressLMError("a streamed evaluation measures --ppl only so far; drop --stream for the others")
+    if args.stream and (args.tasks or args.speed or args.kv_bits is not None or setting is not None):
+        raise CompressLMError("a streamed evaluation measures --ppl and --kld only; drop --stream for the others")
     if args.ppl:  # what can be checked without the model is checked before it loads
         from compresslm.data.corpora import check_corpus
 

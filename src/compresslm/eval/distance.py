@@ -31,7 +31,7 @@ import torch
 
 from compresslm.data.corpora import Corpus
 from compresslm.errors import CompressLMError, CorruptFileError, ProtocolError
-from compresslm.eval.perplexity import eval_model, prepare_windows, scored_windows
+from compresslm.eval.perplexity import eval_model, model_windows, prepare_windows
 from compresslm.eval.stats import check_metric, mean_stderr
 from compresslm.fileio import load_tensors, save_tensors
 from compresslm.models.loaded import LoadedModel
@@ -120,7 +120,7 @@ def reference_logits(
     tops, top_ids, targets_lp, sizes = [], [], [], []
     bar = progress(len(plan), "reference logits", unit="win", enabled=show_progress)
     with eval_model(reference, None, device) as (model, target):
-        for _, logits, targets in scored_windows(model, ids, plan, ctx, 1, target):
+        for _, logits, targets in model_windows(reference, model, ids, plan, ctx, 1, target):
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
             tops.append(values.cpu())
@@ -187,11 +187,12 @@ def distance(
     started = time.perf_counter()
     kv_cache = getattr(lm, "kv_cache", None)
     with eval_model(lm, dtype, device) as (model, target):
-        scored = scored_windows(model, ids, plan, ref["ctx"], 1, target, kv_cache)
+        scored = model_windows(lm, model, ids, plan, ref["ctx"], 1, target, kv_cache)
         result = measure_distance(scored, len(plan), reference, show_progress)
     result.protocol.update(
         model=lm.describe(),
         **({"kv_cache": kv_cache.config.describe(), "kv_prefill_chunk": kv_cache.chunk} if kv_cache else {}),
+        **({"streamed": "block by block from disk"} if lm.lazy is not None else {}),
         wall_time_s=round(time.perf_counter() - started, 3),
     )
     return result

@@ -166,6 +166,17 @@ def streamed_windows(
                 yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
 
 
+def model_windows(lm: LoadedModel, model: torch.nn.Module, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int,
+                  batch_size: int, device, kv_cache=None, show_progress: bool = False):  # fmt: skip
+    """`scored_windows` of `model` (`lm`'s, as `eval_model` gives it), or `streamed_windows` where `lm` is read
+    block by block; every metric computed per token reads the windows through here."""
+    if lm.lazy is None:
+        return scored_windows(model, ids, plan, ctx, batch_size, device, kv_cache)
+    if kv_cache is not None:
+        raise ProtocolError("a quantized KV cache is not evaluated block by block yet; load the model whole")
+    return streamed_windows(lm, ids, plan, ctx, batch_size, show_progress)
+
+
 def prepare_windows(lm: LoadedModel, corpus: str | Corpus, split: str, ctx: int, stride: int, limit: int | None):
     """(corpus, token ids, window plan, windows available) with the protocol's checks."""
     return token_windows(lm.tokenizer, _max_positions(lm.model), corpus, split, ctx, stride, limit)
@@ -212,11 +223,8 @@ def perplexity(
     corpus, ids, plan, available = prepare_windows(lm, corpus, split, ctx, stride, limit)
 
     kv_cache = getattr(lm, "kv_cache", None)
-    if lm.lazy is not None and kv_cache is not None:
-        raise ProtocolError("a quantized KV cache is not evaluated block by block yet; load the model whole")
     with eval_model(lm, dtype, device) as (model, target):
-        scored = (streamed_windows(lm, ids, plan, ctx, batch_size, show_progress) if lm.lazy is not None
-                  else scored_windows(model, ids, plan, ctx, batch_size, target, kv_cache))  # fmt: skip
+        scored = model_windows(lm, model, ids, plan, ctx, batch_size, target, kv_cache, show_progress)
         window_nll, total_nll, total_tokens = accumulate_nll(scored, len(plan), show_progress)
         eval_dtype = str(lm.dtype if lm.lazy is not None else next(model.parameters()).dtype).removeprefix("torch.")
     runtime = {
