@@ -196,6 +196,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name}: a piece of up to {left:.0f} s", file=sys.stderr)
             piece = run_piece(command, left)
             piece["next_block"] = _journalled_blocks(command)
+            piece["block_finished_at"] = _block_finish_times(command)
             step["pieces"].append(piece)
             if piece["exit"] not in (0, -signal.SIGKILL):
                 raise SystemExit(f"{name} failed: {piece['stderr_tail']}")
@@ -215,6 +216,37 @@ def _journalled_blocks(command: list[str]) -> int | None:
     from compresslm.fileio import load_tensors
 
     return load_tensors(state)[1]["carried"]["next_block"]
+
+
+def _block_finish_times(command: list[str]) -> dict[str, float]:
+    """When each journalled block was finished (its dense file's mtime), by block index; {} without a journal.
+
+    The journal is removed when the file is complete, so the last piece's blocks are not timed.
+    """
+    if command[0] != "compress":
+        return {}
+    out = Path(command[command.index("-o") + 1])
+    journal = out.with_name(f".{out.name}.partial")
+    return {str(int(f.stem.split("-")[1])): f.stat().st_mtime for f in sorted(journal.glob("dense-*.safetensors"))}
+
+
+def seconds_per_block(pieces: list[dict]) -> list[float]:
+    """The time between consecutive blocks finished within one piece (a block after a restart also pays
+    the start-up, so it is left out): one block's load, statistics, compression and propagation."""
+    finished: dict[int, float] = {}
+    for piece in pieces:
+        finished.update({int(k): v for k, v in (piece.get("block_finished_at") or {}).items()})
+    first = 0
+    owner: dict[int, int] = {}  # block -> the piece that finished it
+    for number, piece in enumerate(pieces):
+        last = piece.get("next_block")
+        if last is None:
+            continue
+        for block in range(first, last):
+            owner[block] = number
+        first = max(first, last)
+    return [finished[b] - finished[b - 1] for b in sorted(finished)
+            if b - 1 in finished and owner.get(b) == owner.get(b - 1)]  # fmt: skip
 
 
 def write_report(path: Path) -> None:
@@ -256,13 +288,17 @@ def write_report(path: Path) -> None:
             outcome = f"ppl {final['ppl']:.4g} (random weights)"
         elif final and "bytes_on_disk" in final:
             outcome = f"{final['bytes_on_disk'] / gib:.2f} GiB file, {final['linear_bits_per_param']:.3f} linear bits"
-        if name == "compress w4-g128-gptq" and step["done"]:
-            per_block = wall / config["num_hidden_layers"]
+        timed = sorted(seconds_per_block(pieces))
+        if name == "compress w4-g128-gptq" and timed:
+            per_block = timed[len(timed) // 2]
+            spread = f"median of {len(timed)} blocks timed within a piece, {timed[0]:.0f}–{timed[-1]:.0f} s"
         lines.append(f"| `{name}` | {len(pieces)} | {wall / 60:.1f} min | {peak / gib:.2f} GiB | {outcome} |")
     if per_block is not None:
-        lines += ["", f"GPTQ: {per_block:.0f} s per block here (wall time of all pieces over the blocks).", "",
-                  "Projection (an assumption, not a measurement): time per block scales with the block's parameter "
-                  "count, as the calibration passes and the Hessians that dominate it do.", "",
+        lines += ["", f"GPTQ: {per_block:.0f} s per block ({spread}; a block read from disk, its statistics, its "
+                  "seven layers' GPTQ and error reports, and its outputs for the next block).", "",
+                  "Projection (an assumption, not a measurement): time per block scaled by the block's parameter "
+                  "count. GPTQ's factorizations grow with the cube of a layer's input width, faster than that, so "
+                  "for the wider models the projection is a lower bound.", "",
                   "| model | blocks | parameters per block | projected GPTQ time |",
                   "|---|---:|---:|---:|"]  # fmt: skip
         base = _block_params(config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"],

@@ -90,16 +90,30 @@ class BlockWalk:
         self.lm, self.inputs, self.device = lm, inputs, device
         self.propagate, self.cache, self.label, self.show_progress = propagate, cache, label, show_progress
         self.start, self.after_block = start, after_block
+        self._bar = None
+        self._counted = 0  # the current block's layers the bar has counted
+
+    def layer_done(self) -> None:
+        """One linear of the current block is finished: the bar (whose unit is a linear layer, so that its
+        rate and ETA move within a block of a large model) counts it now instead of at the block's end."""
+        if self._bar is not None:
+            self._bar.update(1)
+            self._counted += 1
 
     def __iter__(self) -> Iterator[BlockStep]:
         """Blocks from `start` on (`inputs` are then that block's); `after_block` sees each step once the
         next block's inputs are in `self.inputs` and before a lazily loaded block is dropped."""
         blocks = self.lm.layout.blocks
-        bar = progress(len(blocks), self.label, unit="block", enabled=self.show_progress, initial=self.start)
+        done = sum(len(block.linears) for block in blocks[: self.start])
+        bar = progress(sum(len(block.linears) for block in blocks), self.label, unit="layer",
+                       enabled=self.show_progress, initial=done)  # fmt: skip
+        self._bar = bar
         lazy = self.lm.lazy
         for index, block in enumerate(blocks):
             if index < self.start:
                 continue
+            bar.set_postfix_str(f"block {index + 1}/{len(blocks)}", refresh=False)
+            self._counted = 0
             if lazy is not None:
                 lazy.materialize(block.module, block.name)
             if self.inputs:
@@ -121,5 +135,6 @@ class BlockWalk:
                 lazy.release(block.module, block.name)
                 for info in block.linears:  # the layers a caller swapped out are still referenced here
                     lazy.drop(info.module)
-            bar.update(1)
+            bar.update(len(block.linears) - self._counted)
         bar.close()
+        self._bar = None

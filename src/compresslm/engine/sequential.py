@@ -372,6 +372,7 @@ def compress(
                 else:
                     sink.linear(info.name, record, lm.model.get_submodule(info.name))
                 layers.append(layer)
+                walk.layer_done()
             for key in streams:  # the same block with its dial layers at the stream's setting
                 dial_layers = [m for m in block.module.modules() if isinstance(m, CompressedLinear) and m.nested]
                 for module in dial_layers:

@@ -17,6 +17,7 @@ from torch import nn
 from compresslm.errors import CorruptFileError
 from compresslm.models.layout import ModelLayout, count_parameters, discover_layout
 from compresslm.models.lazy import LazySource, non_finite
+from compresslm.progress import progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,6 +146,7 @@ def _hash_lazily(digest, model: nn.Module, lazy: LazySource, blocks: list[tuple[
     seen: set[tuple[int, tuple[int, ...]]] = set()  # (address, shape) of what is hashed: tied weights once
     prefixes = {f"{path}.": module for path, module in blocks}
     units = [(name, None) for name in state if not name.startswith(tuple(prefixes))] + list(prefixes.items())
+    bar = progress(len(prefixes), "hashing the model", unit="block")  # each block is read from disk for it
     for key, module in sorted(units, key=lambda unit: unit[0]):
         if module is None:
             _hash_tensor(digest, seen, key, state[key])
@@ -160,6 +162,8 @@ def _hash_lazily(digest, model: nn.Module, lazy: LazySource, blocks: list[tuple[
         del block_state  # held past the release, it would keep this block in memory while the next is read
         if not was_resident:
             lazy.release(module, path)
+        bar.update(1)
+    bar.close()
     return digest.hexdigest()
 
 
