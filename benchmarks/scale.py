@@ -230,9 +230,11 @@ def _block_finish_times(command: list[str]) -> dict[str, float]:
     return {str(int(f.stem.split("-")[1])): f.stat().st_mtime for f in sorted(journal.glob("dense-*.safetensors"))}
 
 
-def seconds_per_block(pieces: list[dict]) -> list[float]:
+def seconds_per_block(pieces: list[dict], busy: list[list] = ()) -> list[float]:
     """The time between consecutive blocks finished within one piece (a block after a restart also pays
-    the start-up, so it is left out): one block's load, statistics, compression and propagation."""
+    the start-up, so it is left out): one block's load, statistics, compression and propagation.
+    Blocks whose time overlaps a `busy` window ([start, end, what] in epoch seconds: other work on the
+    same cores) are left out too."""
     finished: dict[int, float] = {}
     for piece in pieces:
         finished.update({int(k): v for k, v in (piece.get("block_finished_at") or {}).items()})
@@ -245,8 +247,12 @@ def seconds_per_block(pieces: list[dict]) -> list[float]:
         for block in range(first, last):
             owner[block] = number
         first = max(first, last)
-    return [finished[b] - finished[b - 1] for b in sorted(finished)
-            if b - 1 in finished and owner.get(b) == owner.get(b - 1)]  # fmt: skip
+
+    def alone(start: float, end: float) -> bool:
+        return all(end <= window[0] or start >= window[1] for window in busy)
+
+    timed = [b for b in sorted(finished) if b - 1 in finished and owner.get(b) == owner.get(b - 1)]
+    return [finished[b] - finished[b - 1] for b in timed if alone(finished[b - 1], finished[b])]
 
 
 def write_report(path: Path) -> None:
@@ -288,10 +294,11 @@ def write_report(path: Path) -> None:
             outcome = f"ppl {final['ppl']:.4g} (random weights)"
         elif final and "bytes_on_disk" in final:
             outcome = f"{final['bytes_on_disk'] / gib:.2f} GiB file, {final['linear_bits_per_param']:.3f} linear bits"
-        timed = sorted(seconds_per_block(pieces))
+        timed = sorted(seconds_per_block(pieces, results.get("busy", [])))
         if name == "compress w4-g128-gptq" and timed:
             per_block = timed[len(timed) // 2]
-            spread = f"median of {len(timed)} blocks timed within a piece, {timed[0]:.0f}–{timed[-1]:.0f} s"
+            spread = (f"median of {len(timed)} blocks timed within a piece with nothing else running, "
+                      f"{timed[0]:.0f}–{timed[-1]:.0f} s")  # fmt: skip
         lines.append(f"| `{name}` | {len(pieces)} | {wall / 60:.1f} min | {peak / gib:.2f} GiB | {outcome} |")
     if per_block is not None:
         lines += ["", f"GPTQ: {per_block:.0f} s per block ({spread}; a block read from disk, its statistics, its "
