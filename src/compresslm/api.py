@@ -161,9 +161,10 @@ def check_block_fits(lm: LoadedModel, recipe: Recipe) -> None:
 
     A block needs its weights twice (the original layer and its compressed replacement, in the
     compute dtype), and a calibrated recipe the Hessians of its inputs plus the factorization of the
-    widest one (about three more copies). What lies outside the blocks is in memory already. The
-    memory available is the system's (`MemAvailable`), or `COMPRESSLM_MAX_MEMORY` where that is set
-    lower (e.g. `12GiB`).
+    widest one (about three more copies). The embedding and head are read only outside the block
+    steps (embedding the windows, hashing, writing the file), where no block's compression is under
+    way, so they do not add to that need. The memory available is the system's (`MemAvailable`), or
+    `COMPRESSLM_MAX_MEMORY` where that is set lower (e.g. `12GiB`).
     """
     available = memory_available()
     if available is None:
