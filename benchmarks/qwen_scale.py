@@ -126,7 +126,8 @@ def main() -> None:
             if name in entry["steps"] or (args.steps and name not in args.steps):
                 continue
             print(f"{side}: {name}", file=sys.stderr)
-            full = [sys.executable, "-m", "compresslm.cli", *command, "--json", "--quiet"]
+            full = [sys.executable, "-m", "compresslm.cli", *command, "--json"]
+            full += [] if command[0] == "info" else ["--quiet"]  # info has no progress bars (nor the flag, before)
             entry["steps"][name] = measured(full, env)
             atomic_write(RESULTS, json.dumps(results, indent=1))
     if "llm-compressor" not in results and (not args.steps or "llm-compressor" in args.steps):
