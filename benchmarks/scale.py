@@ -314,7 +314,8 @@ def write_report(path: Path) -> None:
             params = _block_params(hidden, inter, kv, heads)
             hours = per_block * params / base * layers / 3600
             lines.append(f"| Llama-2 {label} | {layers} | {params / 1e6:.0f} M | {hours:.1f} h |")
-    lines += ["", "Command: `.venv/bin/python benchmarks/scale.py run --model DIR --budget 540` (repeated), then "
+    lines += ["", "Command: `.venv/bin/python benchmarks/scale.py run --model DIR --steps STEP --budget 570` (repeated "
+              "until the step is done; an evaluation with `--budget 1500`: it does not resume), then "
               "`benchmarks/scale.py report`. Model: `benchmarks/scale.py make --out DIR`."]  # fmt: skip
     atomic_write(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
