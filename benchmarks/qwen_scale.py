@@ -103,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", default="352a0de", help="the 'before' commit")
     parser.add_argument("--steps", nargs="*", default=None, help="run only these steps (names as in the table)")
+    parser.add_argument("--sides", nargs="*", default=["before", "after"], help="run only these sides")
     parser.add_argument("--work", type=Path, default=Path("/tmp/compresslm-qwen-scale"))
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sides": {}}
@@ -123,14 +124,14 @@ def main() -> None:
         for name, command in commands(work).items():
             if side == "before" and "--stream" in name:
                 continue  # the before tree streams nothing of this model
-            if name in entry["steps"] or (args.steps and name not in args.steps):
+            if name in entry["steps"] or (args.steps and name not in args.steps) or side not in args.sides:
                 continue
             print(f"{side}: {name}", file=sys.stderr)
             full = [sys.executable, "-m", "compresslm.cli", *command, "--json"]
             full += [] if command[0] == "info" else ["--quiet"]  # info has no progress bars (nor the flag, before)
             entry["steps"][name] = measured(full, env)
             atomic_write(RESULTS, json.dumps(results, indent=1))
-    if "llm-compressor" not in results and (not args.steps or "llm-compressor" in args.steps):
+    if "llm-compressor" not in results and (not args.steps or "llm-compressor" in args.steps) and "after" in args.sides:
         print("llm-compressor: gptq", file=sys.stderr)
         results["llm-compressor"] = llmc_gptq(args.work / "llm-compressor")
         atomic_write(RESULTS, json.dumps(results, indent=1))

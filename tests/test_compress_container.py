@@ -294,6 +294,29 @@ def test_embedding_preset_suffix():
         preset("w4-gptq+emb3")
 
 
+def test_min_share_is_checked():
+    from compresslm.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=r"min_share=1\.0 is not allowed"):
+        load_recipe({"stages": [{"type": "quantize_embedding", "min_share": 1.0}, {"method": "rtn"}]})
+
+
+@pytest.mark.parametrize("min_share", [0.1, 0.5])
+def test_an_embedding_under_its_share_stays_dense(min_share, tokenizer, tmp_path):
+    """The tiny Llama's embedding holds about a sixth of its parameters: quantized at 0.1, left dense at 0.5."""
+    recipe = {"stages": [{"type": "quantize_embedding", "bits": 8, "group_size": 32, "symmetric": True,
+                          "targets": ["embedding", "lm_head"], "min_share": min_share},
+                         {"method": "rtn", "bits": 4, "group_size": 16}]}  # fmt: skip
+    lm = LoadedModel.from_module(tiny_model("llama"), tokenizer)
+    _, result, summary = compress(lm, recipe, tmp_path / "m.clm", show_progress=False)
+    if min_share == 0.1:
+        assert "model.embed_tokens" in result.embeddings and summary["embedding_bits_per_param"] == 8.5
+        assert "embedding_left_dense" not in result.info
+    else:
+        assert not result.embeddings and summary["embedding_bits_per_param"] is None
+        assert "under the 50% at which the recipe quantizes them" in result.info["embedding_left_dense"]
+
+
 @pytest.mark.parametrize("name", ["w8a8-smoothquant", "w8a8-smoothquant-static", "w8a8-rtn"])
 def test_w8a8_presets_round_trip_and_stay_close(name, tokenizer, ids, tmp_path):
     from compresslm.recipe import preset

@@ -18,6 +18,18 @@ def test_round_trip(bits, count):
     assert torch.equal(unpack_bits(data, bits, count), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 5, 8, 13, 1001])
+def test_the_stream_is_little_endian_bit_by_bit(bits, count):
+    """The format, spelt out one bit at a time: code i's bit j is bit i·bits + j of the stream, each byte's
+    lowest bit first (what containers written before the word-wise packer hold)."""
+    import numpy as np
+
+    codes = torch.randint(0, 2**bits, (count,), dtype=torch.uint8, generator=torch.Generator().manual_seed(count))
+    stream = np.unpackbits(codes.numpy()[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
+    assert pack_bits(codes, bits) == np.packbits(stream, bitorder="little").tobytes()
+
+
 def test_errors():
     with pytest.raises(ValueError, match="exceeds 3 bits"):
         pack_bits(torch.tensor([8], dtype=torch.uint8), 3)

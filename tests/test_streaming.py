@@ -208,6 +208,32 @@ def test_streamed_perplexity_equals_resident(family_name, tokenizer, tmp_path, s
     assert streamed.protocol["streamed"]
 
 
+@pytest.mark.parametrize("family_name", ["llama", "qwen2", "gpt2"])
+def test_streamed_task_scores_equal_resident(family_name, tokenizer, tmp_path):
+    """Multiple choice with contexts of different lengths (so batches are padded) and a cloze item."""
+    from compresslm.eval.harness import evaluate_task
+    from compresslm.eval.tasks import Item, TaskData
+
+    items = [
+        Item("The cat sat on the", [" mat", " moon and the stars", " dog"], 0, id="1"),
+        Item("Water is", [" wet", " dry"], 0, id="2"),
+        Item("One two three four five six seven eight", [" nine", " ten", " eleven twelve"], 0, id="3"),
+    ]
+    choice = TaskData("toy", "multiple_choice", items, [], "none")
+    cloze = TaskData("toy-cloze", "cloze", [Item("one two three", answer=" four"), Item("a b", answer=" c")], [], "n")
+    source = _sharded(family_name, tokenizer, tmp_path / "model")
+    whole, lazy = load_model(source), load_model(source, lazy=True)
+    for task in (choice, cloze):
+        resident = evaluate_task(whole, task, batch_size=2, show_progress=False)
+        streamed = evaluate_task(lazy, task, batch_size=2, show_progress=False)
+        assert streamed.metrics == resident.metrics
+        assert streamed.protocol["streamed"] and "streamed" not in resident.protocol
+    assert lazy.lazy.most_resident == 1 and not lazy.lazy.resident
+    generation = TaskData("toy-gen", "generation", [Item("1+1=", answer="2")], [], "n")
+    with pytest.raises(CompressLMError, match="needs the whole model in memory"):
+        evaluate_task(lazy, generation, show_progress=False)
+
+
 def test_cli_eval_stream(tokenizer, tmp_path):
     source = _sharded("llama", tokenizer, tmp_path / "model")
     runs = [subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(source), "--ppl", "wikitext2",
@@ -218,7 +244,7 @@ def test_cli_eval_stream(tokenizer, tmp_path):
     assert streamed["ppl"] == whole["ppl"]
     refused = subprocess.run([sys.executable, "-m", "compresslm.cli", "eval", str(source), "--speed", "--stream"],
                              capture_output=True, text=True)  # fmt: skip
-    assert refused.returncode == 2 and "--ppl and --kld only" in refused.stderr
+    assert refused.returncode == 2 and "--ppl, --kld and --tasks" in refused.stderr
 
 
 def test_streamed_kl_equals_resident(tokenizer, tmp_path, sample_text):

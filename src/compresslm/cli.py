@@ -223,6 +223,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         "recipe": recipe.to_dict(),
         "calibration": result.calibration,
         "compression_seconds": result.seconds,
+        **(
+            {"embedding_left_dense": result.info["embedding_left_dense"]}
+            if "embedding_left_dense" in result.info
+            else {}
+        ),
         **{k: v for k, v in summary.items() if k not in ("path", "recipe")},
         "layers": [
             {
@@ -238,6 +243,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(payload)
         return 0
+    if result.info.get("embedding_left_dense"):
+        _print(f"embedding kept dense: {result.info['embedding_left_dense']}")
     if errors:
         worst = max(result.layers, key=lambda layer: layer.relative_error or 0.0)
         _print(
@@ -641,13 +648,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from compresslm.dial import parse_setting
 
         setting = parse_setting(args.dial)  # a bad setting fails before the model loads
-    if args.stream and (args.tasks or args.speed or args.kv_bits is not None or setting is not None):
-        raise CompressLMError("a streamed evaluation measures --ppl and --kld only; drop --stream for the others")
+    if args.stream and (args.speed or args.kv_bits is not None or setting is not None):
+        raise CompressLMError("a streamed evaluation measures --ppl, --kld and --tasks; drop --stream for the others")
     if args.ppl:  # what can be checked without the model is checked before it loads
         from compresslm.data.corpora import check_corpus
 
         check_corpus(args.ppl)
     args.task_data = _load_tasks(args) if args.tasks else []
+    generating = [task.name for task in args.task_data if task.kind == "generation"]
+    if args.stream and generating:
+        raise CompressLMError(f"{', '.join(generating)} generates text, which a streamed evaluation cannot; "
+                              "drop --stream or the task")  # fmt: skip
     lm = load_model(args.model, dtype=args.dtype, device=args.device, lazy=args.stream)
     if args.stream and lm.lazy is None:
         raise CompressLMError(f"{args.model} does not stream: safetensors directories, GGUF files and containers do")

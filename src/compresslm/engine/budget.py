@@ -52,6 +52,7 @@ from compresslm.formats.header_check import align
 from compresslm.formats.sizes import planned_nbytes
 from compresslm.lowrank.factorize import rank_for_ratio, truncations
 from compresslm.models.assemble import tokenizer_files
+from compresslm.models.layout import embedding_share
 from compresslm.models.loaded import LoadedModel
 from compresslm.quant.allocation import allocate
 from compresslm.quant.gptq import hessian_from_inputs
@@ -117,6 +118,25 @@ def _fixed_bytes(lm: LoadedModel, quantized: set[str], dense_bytes: int) -> int:
     header = HEADER_BYTES_FIXED + len(json.dumps(lm.model.config.to_dict())) + HEADER_BYTES_PER_LINEAR * len(quantized)
     header += names
     return total + header
+
+
+def _carried_embedding(
+    lm: LoadedModel, stages: list[QuantizeEmbeddingStage], chosen_here: bool, quantized: set[str]
+) -> tuple[list[QuantizeEmbeddingStage], int]:
+    """The recipe's embedding stage where the plan keeps it (the solver does not choose the embedding's bits
+    itself, and the stage applies to this model), with the bytes of what it quantizes; those tensors' names
+    join `quantized`, so that they are not also counted dense."""
+    layout = lm.layout
+    if not stages or chosen_here or not stages[0].applies(embedding_share(lm.model, layout)):
+        return [], 0
+    stage = stages[0]
+    names = {layout.token_embedding if target == "embedding" or layout.tied_lm_head else layout.lm_head
+             for target in stage.targets}  # fmt: skip
+    total = 0
+    for name in names:
+        quantized.add(f"{name}.weight")
+        total += planned_nbytes(tuple(lm.model.get_submodule(name).weight.shape), stage.grid)
+    return [stage], total
 
 
 SENSITIVITIES = ("fisher", "output")
@@ -296,9 +316,11 @@ def plan_budget(
     if sum(t is not None for t in (target_bits, target_bytes, target_linear_bits)) != 1:
         raise CompressLMError("give exactly one budget: bits per parameter, bytes, or bits per linear weight")
     stages = [s for s in base.stages if isinstance(s, (QuantizeStage, LowRankStage))]
-    if len(stages) != 1 or len(base.stages) != 1:
+    embedding_stages = [s for s in base.stages if isinstance(s, QuantizeEmbeddingStage)]
+    if len(stages) != 1 or len(embedding_stages) > 1 or len(base.stages) != 1 + len(embedding_stages):
         raise CompressLMError(
-            "the budget solver takes a recipe with one quantize stage (its method and grid) or one lowrank stage"
+            "the budget solver takes a recipe with one quantize stage (its method and grid) or one lowrank stage "
+            "(and at most one quantize_embedding stage)"
         )
     stage = stages[0]
     lowrank = isinstance(stage, LowRankStage)
@@ -379,7 +401,8 @@ def plan_budget(
         options[embedding], bits_of[embedding] = rows, list(EMBEDDING_OPTIONS)
 
     quantized = {f"{name}.weight" for name in options}
-    fixed = _fixed_bytes(lm, quantized, 2 if base.dense_dtype != "float32" else 4)
+    carried, carried_bytes = _carried_embedding(lm, embedding_stages, embedding is not None, quantized)
+    fixed = _fixed_bytes(lm, quantized, 2 if base.dense_dtype != "float32" else 4) + carried_bytes
     available = 8 * (budget - fixed)
     if target_linear_bits is not None:  # the linears' own bytes, without blob alignment slack
         weights = sum(lm.model.get_submodule(name).weight.numel() for name in options)
@@ -389,7 +412,7 @@ def plan_budget(
     chosen = {name: bits_of[name][index] for name, index in choice.items()}
     predicted = fixed + int(sum(options[name][index][0] for name, index in choice.items()) / 8)
 
-    new_stages: list = []
+    new_stages: list = list(carried)
     if embedding is not None and chosen[embedding] != 16:
         new_stages.append(QuantizeEmbeddingStage(bits=chosen[embedding], group_size=64))
     linears = {name: choice for name, choice in chosen.items() if name != embedding}

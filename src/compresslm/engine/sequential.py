@@ -41,7 +41,7 @@ from compresslm.engine.stats_cache import StatisticsCache, cache_key
 from compresslm.errors import CompressLMError
 from compresslm.kv.cache import check_kv_support
 from compresslm.models.forward import Batch, Carried, capture_first_block_inputs, run_block
-from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout
+from compresslm.models.layout import BlockInfo, LinearInfo, discover_layout, embedding_share
 from compresslm.models.loaded import DTYPES, LoadedModel, model_fingerprint
 from compresslm.progress import shown
 from compresslm.quant.gptq import output_error
@@ -263,6 +263,9 @@ def compress(
             if callable(getattr(stage, "check_layer", None)):
                 stage.check_layer(info.name, (info.out_features, info.in_features))
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
+    share = embedding_share(lm.model, lm.layout)
+    dense_embedding = [s for s in embedding_stages if not s.applies(share)]
+    embedding_stages = [s for s in embedding_stages if s.applies(share)]
     tied = lm.layout.tied_lm_head
     head_stages = [s for s in embedding_stages if any(calibrates_head(s, t, tied) for t in s.targets)]
     if not targets and not embedding_stages and recipe.kv_cache is None:
@@ -400,6 +403,10 @@ def compress(
         info["scale_folds"] = [asdict(fold) for fold in folds]
     if cache is not None:
         info["statistics_cache"] = str(cache.dir)
+    if dense_embedding:
+        info["embedding_left_dense"] = (f"the embedding and untied head hold {share:.1%} of the parameters, "
+                                        f"under the {dense_embedding[0].min_share:.0%} at which the recipe "
+                                        "quantizes them")  # fmt: skip
     if allocation:
         info["sparsity_allocation"] = {"method": "owl", "block_ratios": {k: p.ratio for k, p in allocation.items()}}
     if any(s.act_bits for s in recipe.stages if isinstance(s, QuantizeStage)):

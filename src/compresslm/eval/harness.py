@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from compresslm.errors import ProtocolError
 from compresslm.eval.stats import mean_stderr
 from compresslm.eval.tasks import TaskData, gsm8k_answer
+from compresslm.models.forward import streamed_logits
 from compresslm.models.loaded import LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
@@ -85,7 +86,8 @@ def loglikelihoods(
     """(Σ log p(continuation | context), is the continuation the greedy choice, its token count) per request.
 
     Requests whose continuation is one token and whose contexts are equal (MMLU's " A"/" B"/...)
-    share one forward pass of the context.
+    share one forward pass of the context. A model loaded lazily is scored block by block
+    (`models.forward.streamed_logits`): every batch's hidden states are held, one block's weights.
     """
     encoded = [_encode_pair(lm.tokenizer, c, x) for c, x in requests]
     limit = _max_length(lm)
@@ -96,16 +98,15 @@ def loglikelihoods(
     unique = sorted(sequences, key=len, reverse=True)
     results: list[tuple[float, bool, int] | None] = [None] * len(encoded)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    chunks = [unique[start : start + batch_size] for start in range(0, len(unique), batch_size)]
+    padded = [_padded(chunk, pad) for chunk in chunks]
+    if lm.lazy is not None:  # read block by block: every batch through each block before the next is read
+        batch_logits = streamed_logits(lm, padded, show_progress)
+    else:
+        batch_logits = (lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False)
+                        .logits for ids, mask in padded)  # fmt: skip
     bar = progress(len(encoded), "loglikelihood", unit="req", enabled=show_progress)
-    for start in range(0, len(unique), batch_size):
-        chunk = unique[start : start + batch_size]
-        width = len(chunk[0])
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, seq in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
+    for chunk, logits in zip(chunks, batch_logits, strict=True):
         for row, seq in enumerate(chunk):
             for index in sequences[seq]:
                 cont = encoded[index][1]
@@ -117,6 +118,16 @@ def loglikelihoods(
                 bar.update(1)
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _padded(chunk: list[tuple[int, ...]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the right to the longest sequence, and their attention mask."""
+    ids = torch.full((len(chunk), len(chunk[0])), pad, dtype=torch.long)
+    mask = torch.zeros((len(chunk), len(chunk[0])), dtype=torch.long)
+    for row, seq in enumerate(chunk):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
 
 
 def _subset(task: TaskData, limit: int | None, seed: int) -> list:
@@ -199,6 +210,9 @@ def evaluate_task(
 ) -> TaskResult:
     """Score `lm` on `task` (optionally a seeded random subset of `limit` items)."""
     started = time.perf_counter()
+    if task.kind == "generation" and lm.lazy is not None:
+        raise ProtocolError(f"{task.name} generates text, which needs the whole model in memory; load it without "
+                            "streaming")  # fmt: skip
     items = _subset(task, limit, seed)
     if task.kind == "multiple_choice":
         metrics = _multiple_choice(lm, items, batch_size, show_progress)
@@ -220,6 +234,7 @@ def evaluate_task(
             "generation": f"greedy, up to {max_new_tokens} new tokens; exact match of the final number",
         }[task.kind],
         "bos": "none",
+        **({"streamed": "block by block from disk (the same logits as the whole model)"} if lm.lazy else {}),
         "note": task.note,
         "model": lm.describe(),
         "versions": versions(),

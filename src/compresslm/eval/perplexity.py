@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from compresslm.data.corpora import Corpus, load_corpus
 from compresslm.errors import ProtocolError
 from compresslm.eval.stats import check_metric
-from compresslm.models.forward import capture_first_block_inputs, logits_from_hidden, run_block
+from compresslm.models.forward import streamed_logits
 from compresslm.models.loaded import DTYPES, LoadedModel
 from compresslm.progress import progress
 from compresslm.versions import versions
@@ -145,25 +145,15 @@ def scored_windows(
 def streamed_windows(
     lm: LoadedModel, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int, batch_size: int, show_progress: bool
 ):
-    """`scored_windows` for a model read block by block (`load_model(..., lazy=True)`): every window goes
-    through block i before block i+1 is read, so one block's weights and every window's hidden states
-    are resident; the logits are the same as the whole model's on the same batches."""
+    """`scored_windows` for a model read block by block (`models.forward.streamed_logits`): the logits are
+    the same as the whole model's on the same batches."""
     windows = torch.stack([ids[s : s + ctx] for s, _ in plan])
-    batches = capture_first_block_inputs(lm, windows, batch_size, lm.device)
-    bar = progress(len(lm.layout.blocks), "streaming blocks", unit="block", enabled=show_progress)
-    for block in lm.layout.blocks:
-        lm.lazy.materialize(block.module, block.name)
-        batches = run_block(block.module, batches)
-        lm.lazy.release(block.module, block.name)
-        bar.update(1)
-    bar.close()
-    with lm.lazy.holding(lm.model):  # the head (and embedding), read once for every batch
-        for number, batch in enumerate(batches):
-            first = number * batch_size
-            inputs = windows[first : first + batch_size].to(lm.device)
-            logits = logits_from_hidden(lm, inputs, batch)
-            for row, (_, first_scored) in enumerate(plan[first : first + batch_size]):
-                yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
+    chunks = [(windows[first : first + batch_size], None) for first in range(0, len(plan), batch_size)]
+    for number, logits in enumerate(streamed_logits(lm, chunks, show_progress)):
+        first = number * batch_size
+        inputs = chunks[number][0].to(logits.device)
+        for row, (_, first_scored) in enumerate(plan[first : first + batch_size]):
+            yield first + row, logits[row, first_scored - 1 : ctx - 1], inputs[row, first_scored:ctx]
 
 
 def model_windows(lm: LoadedModel, model: torch.nn.Module, ids: torch.Tensor, plan: list[tuple[int, int]], ctx: int,

@@ -18,7 +18,12 @@ def packed_nbytes(count: int, bits: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> bytes:
-    """Pack uint8 codes (each < 2**bits) into a byte string of ceil(n·bits/8) bytes."""
+    """Pack uint8 codes (each < 2**bits) into a byte string of ceil(n·bits/8) bytes.
+
+    Eight codes fill exactly `bits` bytes: each run of eight is summed into one little-endian 64-bit
+    word (code i shifted by i·bits) whose low `bits` bytes are the stream's, so the work is a few
+    array operations per eight codes rather than one per bit.
+    """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     flat = codes.detach().cpu().reshape(-1).numpy().astype(np.uint8, copy=False)
@@ -26,8 +31,14 @@ def pack_bits(codes: torch.Tensor, bits: int) -> bytes:
         return flat.tobytes()
     if flat.size and int(flat.max()) >= 1 << bits:
         raise ValueError(f"a code exceeds {bits} bits")
-    bit_matrix = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]
-    return np.packbits(bit_matrix.reshape(-1), bitorder="little").tobytes()
+    count = flat.size
+    runs = np.zeros((-(-count // 8), 8), dtype=np.uint64)
+    runs.reshape(-1)[:count] = flat
+    words = np.zeros(runs.shape[0], dtype=np.uint64)
+    for i in range(8):
+        words |= runs[:, i] << np.uint64(i * bits)
+    stream = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits]
+    return stream.tobytes()[: packed_nbytes(count, bits)]
 
 
 def unpack_bits(data: bytes, bits: int, count: int) -> torch.Tensor:
@@ -37,10 +48,17 @@ def unpack_bits(data: bytes, bits: int, count: int) -> torch.Tensor:
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return torch.from_numpy(raw.copy())
-    stream = np.unpackbits(raw, bitorder="little")[: count * bits].reshape(count, bits)
-    padded = np.zeros((count, 8), dtype=np.uint8)
-    padded[:, :bits] = stream
-    return torch.from_numpy(np.packbits(padded, axis=1, bitorder="little").reshape(-1))
+    runs = -(-count // 8)
+    stream = np.zeros((runs, 8), dtype=np.uint8)
+    padded = np.zeros(runs * bits, dtype=np.uint8)
+    padded[: raw.size] = raw
+    stream[:, :bits] = padded.reshape(runs, bits)
+    words = stream.view("<u8").reshape(-1)
+    mask = np.uint64((1 << bits) - 1)
+    codes = np.empty((runs, 8), dtype=np.uint8)
+    for i in range(8):
+        codes[:, i] = (words >> np.uint64(i * bits)) & mask
+    return torch.from_numpy(codes.reshape(-1)[:count].copy())
 
 
 def _comb_table(m: int) -> np.ndarray:

@@ -10,6 +10,7 @@ its blocks (a final norm, a projection, logit soft-capping) is done by its own c
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from compresslm.models.lazy import held
 from compresslm.models.loaded import LoadedModel
+from compresslm.progress import progress
 
 
 class StopForward(Exception):
@@ -50,6 +52,14 @@ def capture_first_block_inputs(
     lm: LoadedModel, windows: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[Batch]:
     """The first block's inputs for `windows`, `batch_size` windows per batch (the model stops there)."""
+    chunks = [(windows[start : start + batch_size], None) for start in range(0, windows.shape[0], batch_size)]
+    return capture_inputs(lm, chunks, device)
+
+
+def capture_inputs(
+    lm: LoadedModel, chunks: list[tuple[torch.Tensor, torch.Tensor | None]], device: torch.device
+) -> list[Batch]:
+    """The first block's inputs for each (token ids, attention mask or None) batch, as the model makes them."""
     first = lm.layout.blocks[0].module
     batches: list[Batch] = []
 
@@ -60,9 +70,10 @@ def capture_first_block_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with held(lm.lazy, lm.model):  # a lazily loaded model's embedding is read for this and dropped after
-            for start in range(0, windows.shape[0], batch_size):
+            for ids, mask in chunks:
+                extra = {} if mask is None else {"attention_mask": mask.to(device)}
                 with contextlib.suppress(StopForward):
-                    lm.model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                    lm.model(input_ids=ids.to(device), use_cache=False, **extra)
     finally:
         handle.remove()
     for batch in batches:
@@ -80,6 +91,26 @@ def run_block(block: nn.Module, batches: list[Batch]) -> list[Batch]:
         hidden = out[0] if isinstance(out, (tuple, list)) else out
         outputs.append(Batch((hidden, *batch.args[1:]), batch.kwargs, isinstance(out, (tuple, list))))
     return outputs
+
+
+def streamed_logits(
+    lm: LoadedModel, chunks: list[tuple[torch.Tensor, torch.Tensor | None]], show_progress: bool = False
+) -> Iterator[torch.Tensor]:
+    """The logits of each (token ids, attention mask or None) batch of a model read block by block
+    (`load_model(..., lazy=True)`), in order: every batch goes through block i before block i+1 is read,
+    so one block's weights and every batch's hidden states are resident; each batch meets the same
+    operations as in the whole model's forward, so the logits are the same."""
+    batches = capture_inputs(lm, chunks, lm.device)
+    bar = progress(len(lm.layout.blocks), "streaming blocks", unit="block", enabled=show_progress)
+    for block in lm.layout.blocks:
+        lm.lazy.materialize(block.module, block.name)
+        batches = run_block(block.module, batches)
+        lm.lazy.release(block.module, block.name)
+        bar.update(1)
+    bar.close()
+    with lm.lazy.holding(lm.model):  # the head (and embedding), read once for every batch
+        for (ids, _), batch in zip(chunks, batches, strict=True):
+            yield logits_from_hidden(lm, ids.to(lm.device), batch)
 
 
 def logits_from_hidden(lm: LoadedModel, input_ids: torch.Tensor, last: Batch) -> torch.Tensor:

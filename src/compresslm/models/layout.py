@@ -305,6 +305,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + compressed
 
 
+def embedding_share(model: nn.Module, layout: ModelLayout) -> float:
+    """The share of the model's parameters held by the token embedding and an untied lm_head."""
+    counts = parameter_counts(model, layout)
+    return (counts.get("embedding", 0) + counts.get("lm_head", 0)) / max(count_parameters(model), 1)
+
+
 def parameter_counts(model: nn.Module, layout: ModelLayout) -> dict[str, int]:
     """Count parameters by role, counting a tied lm_head once (under the embedding)."""
     counts: dict[str, int] = {}

@@ -96,15 +96,16 @@ def _dequantizable() -> set:
     return {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
 
 
-def lazy_gguf_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, LazyWeights]:
-    """The model of a GGUF file on the meta device and its `LazyWeights` reading from the file itself;
-    raises `StreamsOnlyWhole` for a family whose tensors do not map one to one."""
-    from gguf import GGUFReader
+def lazy_gguf_model(
+    path: Path, reader: object, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, LazyWeights]:
+    """The model of a GGUF file (`reader`: its parsed `gguf.GGUFReader`) on the meta device and its
+    `LazyWeights` reading from the file itself; raises `StreamsOnlyWhole` for a family whose tensors do
+    not map one to one."""
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import read_field
 
     try:
-        reader = GGUFReader(str(path))
         architecture = str(read_field(reader, "general.architecture")[0])
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:

@@ -49,8 +49,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_gguf(path: Path) -> None:
-    """Raise CorruptFileError unless `path` is a complete, parseable GGUF file."""
+def check_gguf(path: Path) -> object:
+    """The `gguf.GGUFReader` of `path`; CorruptFileError unless it is a complete, parseable GGUF file."""
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
@@ -61,6 +61,7 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(str(path))
         if not reader.tensors:
             raise ValueError("it holds no tensors")
+        return reader
     except ImportError as exc:
         raise CompressLMError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
     except Exception as exc:  # the reader raises bare ValueError/IndexError on truncation
@@ -68,12 +69,17 @@ def check_gguf(path: Path) -> None:
         raise CorruptFileError(f"{path} is a corrupt or truncated GGUF file: {reason}") from exc
 
 
+def _torch_dtype(dtype: str | None) -> torch.dtype:
+    """The torch dtype a `--dtype` name stands for (float32 when none is given)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype or "float32"]
+
+
 def _finish(model: nn.Module, dtype: str | None, device: str | None) -> nn.Module:
     _strip_load_time_quantizer(model)
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-        model = model.to(DTYPES[dtype])
+        model = model.to(_torch_dtype(dtype))
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -253,10 +259,9 @@ def _looks_like_path(source: str) -> bool:
 
 def _load_lazy(directory: Path, source: str, dtype: str | None, device: str | None) -> LoadedModel:
     """A safetensors model with only what lies outside its blocks in memory (see `models.lazy`)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    torch_dtype = _torch_dtype(dtype)
     tokenizer = _hf_dir_tokenizer(directory, source)
-    model, lazy = lazy_model(directory, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
+    model, lazy = lazy_model(directory, torch_dtype, torch.device(device or "cpu"))
     return _lazy_loaded(model, lazy, tokenizer, source, "hf_dir", directory)
 
 
@@ -343,11 +348,9 @@ def load_model(
 def _load_lazy_gguf(path: Path, source: str, dtype: str | None, device: str | None) -> LoadedModel | None:
     """A GGUF file streamed from itself (`models.lazy_gguf`); None for a family that streams only from a
     dequantized copy."""
-    if dtype is not None and dtype not in DTYPES:
-        raise CompressLMError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    check_gguf(path)
-    try:
-        model, lazy = lazy_gguf_model(path, DTYPES[dtype or "float32"], torch.device(device or "cpu"))
+    torch_dtype = _torch_dtype(dtype)
+    try:  # the reader is passed on, not held here: its mapping of the file goes once the tensor table is read
+        model, lazy = lazy_gguf_model(path, check_gguf(path), torch_dtype, torch.device(device or "cpu"))
     except StreamsOnlyWhole:
         return None
     from transformers import AutoTokenizer

@@ -209,13 +209,18 @@ def gptq(
         keep = None if mask is None else mask[:, perm]
         if group_of_column is not None:
             group_of_column = group_of_column[perm]
-
+    # the sweep works on the transpose: a column is then a contiguous row, and so is every update of it
+    wt, keep_t = w.T.contiguous(), None if keep is None else keep.T.contiguous()
+    del w
+    per_tensor = grid.granularity == "tensor"
+    scales_t, zeros_t = (None, None) if per_tensor else (scales.T.contiguous(), zeros.T.contiguous())  # [groups, out]
+    group_list = None if per_tensor else group_of_column.tolist()
     hinv = factor.hinv
-    codes = torch.zeros_like(w)
+    codes_t = torch.zeros_like(wt)
     proxy_loss = 0.0
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2]  # a view: these rows are not read again once quantized
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, run):
@@ -223,34 +228,39 @@ def gptq(
             for i in range(j1, j2):
                 col = i1 + i
                 if dynamic and col % unit == 0:
-                    chunk = w1[:, i : i + unit] if keep is None else w1[:, i : i + unit] * keep[:, col : col + unit]
+                    chunk = w1[i : i + unit].T if keep_t is None else (w1[i : i + unit] * keep_t[col : col + unit]).T
                     if grid.kquant:  # a super-block's sub-block scales share one float16 d
                         s, z = fit_weight(chunk, grid, importance=importance[col : col + unit])
-                        scales[:, col // g : (col + unit) // g], zeros[:, col // g : (col + unit) // g] = s, z
+                        scales_t[col // g : (col + unit) // g], zeros_t[col // g : (col + unit) // g] = s.T, z.T
                     else:
                         part = importance[col : col + unit]
-                        scales[:, col // g], zeros[:, col // g] = fit_rows(chunk, grid, importance=part)
-                if grid.granularity == "tensor":
+                        scales_t[col // g], zeros_t[col // g] = fit_rows(chunk, grid, importance=part)
+                if per_tensor:
                     s, z = scales.view(1).expand(out_f), zeros.view(1).expand(out_f)
                 else:
-                    s, z = scales[:, group_of_column[col]], zeros[:, group_of_column[col]]
-                column = w1[:, i]
+                    s, z = scales_t[group_list[col]], zeros_t[group_list[col]]
+                column = w1[i]
                 code = quantize_codes(column, s, z, grid.maxq, grid.fractional_zero)
-                if keep is not None:
-                    code = torch.where(keep[:, col], code, z)
-                codes[:, col] = code
-                d = hinv1[i, i]
-                err = (column - (code - z) * s) / d
-                proxy_loss += float(err.square().sum()) / 2
-                w1[:, i:j2] -= err[:, None] * hinv1[i, i:j2][None, :]
-                err1[:, i] = err
+                if keep_t is not None:
+                    code = torch.where(keep_t[col], code, z)
+                codes_t[col] = code
+                err = (column - (code - z) * s) / hinv1[i, i]
+                if i + 1 < j2:
+                    w1[i + 1 : j2] -= hinv1[i, i + 1 : j2, None] * err
+                err1[i] = err
             if j2 < i2 - i1:
-                w1[:, j2:].addmm_(err1[:, j1:j2], hinv1[j1:j2, j2:], alpha=-1)
+                w1[j2:].addmm_(hinv1[j1:j2, j2:].T, err1[j1:j2], alpha=-1)
+        for column_loss in err1.square().sum(dim=1).tolist():  # column by column, in sweep order
+            proxy_loss += column_loss / 2
         if i2 < in_f:
-            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
 
+    codes = codes_t.T
+    if not per_tensor:
+        scales, zeros = scales_t.T.contiguous(), zeros_t.T.contiguous()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
+    codes = codes.contiguous()
     meta = {
         "algorithm": "gptq",
         "grid": grid.describe(),

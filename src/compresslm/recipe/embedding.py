@@ -21,6 +21,10 @@ class QuantizeEmbeddingStage:
     head (an untied lm_head, or a tied embedding, which then serves both roles with the same codes) by
     GPTQ on the final norm's outputs after the last block (`engine.head`); an untied embedding is a
     lookup table with no inputs to calibrate on and is rounded to nearest.
+
+    `min_share`: the stage applies only to a model whose embedding and untied head hold at least that
+    share of its parameters and leaves them dense otherwise (the result says which): in a small model
+    they are a large share of the bytes, in a large one a small share, so one recipe serves both.
     """
 
     method: str = "rtn"
@@ -30,9 +34,11 @@ class QuantizeEmbeddingStage:
     symmetric: bool = False
     signed_scale: bool = False  # symmetric: the largest |w| on the lowest code (llama.cpp's Q4_0, Q5_0)
     targets: list[str] = field(default_factory=lambda: ["embedding"])
+    min_share: float = 0.0
     type: str = "quantize_embedding"
 
-    LATER_FIELDS: ClassVar[dict] = {"signed_scale": False, "method": "rtn"}  # see QuantizeStage.LATER_FIELDS
+    # see QuantizeStage.LATER_FIELDS
+    LATER_FIELDS: ClassVar[dict] = {"signed_scale": False, "method": "rtn", "min_share": 0.0}
 
     def validate(self, where: str) -> None:
         choice(where, "method", self.method, ("rtn", "gptq"))
@@ -44,6 +50,12 @@ class QuantizeEmbeddingStage:
             raise RecipeError(f"{where}: signed_scale applies to symmetric grids; set symmetric=true or drop it")
         if not self.targets:
             raise RecipeError(f"{where}: targets is empty; choose embedding and/or lm_head")
+        if not 0.0 <= self.min_share < 1.0:
+            raise RecipeError(f"{where}: min_share={self.min_share} is not allowed; use a share in [0, 1)")
+
+    def applies(self, share: float) -> bool:
+        """Whether the stage quantizes a model whose embedding and untied head hold `share` of its parameters."""
+        return share >= self.min_share
 
     def to_dict(self) -> dict:
         return stage_dict(self)
