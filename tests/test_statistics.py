@@ -52,3 +52,18 @@ def test_factor_hessian_equals_the_sweep_order_factorization(act_order):
     upper, lam, retries = inverse_cholesky(expected, 0.01, 3)
     assert torch.equal(factor.hinv, upper) and factor.damp_used == lam and factor.retries == retries
     assert torch.equal(factor.dead, dead)
+
+
+@pytest.mark.parametrize("width", [64, 600])
+def test_the_hessian_from_upper_blocks_is_the_full_product(width):
+    """Wide inputs accumulate only the blocks on and above the diagonal; the Hessian mirrors them."""
+    from compresslm.engine.statistics import InputStatistics
+
+    torch.manual_seed(width)
+    batches = [torch.randn(2, 40, width) * torch.linspace(0.1, 3, width) for _ in range(3)]
+    stats = InputStatistics(width, torch.device("cpu"))
+    for batch in batches:
+        stats.add(batch)
+    expected = hessian_from_inputs(torch.cat([b.reshape(-1, width) for b in batches]))
+    assert torch.equal(stats.hessian, stats.hessian.T)
+    assert torch.allclose(stats.hessian, expected, rtol=1e-5, atol=1e-5)

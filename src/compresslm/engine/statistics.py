@@ -49,7 +49,11 @@ class InputStatistics:
         if self.xtx is None:
             raise RuntimeError("rows added after the Hessian was formed")
         x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        self.xtx.addmm_(x.T, x)
+        edges = _symmetric_edges(x.shape[1])
+        for a in range(len(edges) - 1):  # XᵀX is symmetric: the blocks on and above the diagonal, mirrored later
+            for b in range(a, len(edges) - 1):
+                rows, cols = slice(edges[a], edges[a + 1]), slice(edges[b], edges[b + 1])
+                self.xtx[rows, cols].addmm_(x[:, rows].T, x[:, cols])
         magnitude = x.abs()
         self.abs_sum += magnitude.sum(dim=0)
         torch.maximum(self.abs_max, magnitude.amax(dim=0), out=self.abs_max)
@@ -58,7 +62,11 @@ class InputStatistics:
     @property
     def hessian(self) -> torch.Tensor:
         if self._hessian is None:
-            self._hessian, self.xtx = self.xtx.mul_(2.0 / max(self.rows, 1)), None
+            xtx, edges = self.xtx, _symmetric_edges(self.xtx.shape[0])
+            for a in range(1, len(edges) - 1):  # the blocks below the diagonal from those above it
+                above = xtx[: edges[a], edges[a] : edges[a + 1]]
+                xtx[edges[a] : edges[a + 1], : edges[a]] = above.T
+            self._hessian, self.xtx = xtx.mul_(2.0 / max(self.rows, 1)), None
         return self._hessian
 
     @property
@@ -68,6 +76,15 @@ class InputStatistics:
     @property
     def act_max(self) -> torch.Tensor:
         return self.abs_max
+
+
+def _symmetric_edges(width: int) -> list[int]:
+    """Where XᵀX is cut into blocks of columns, of which only those on and above the diagonal are computed:
+    four bands from 512 columns on (ten of sixteen products), one below. The mirrored matrix is the full
+    product's at about two thirds of its work (bit for bit with the MKL kernels measured here, where a full
+    product is exactly symmetric and its blocks are exactly the products of the bands)."""
+    bands = 4 if width >= 512 else 1
+    return [width * i // bands for i in range(bands + 1)]
 
 
 def _key(x: torch.Tensor) -> tuple:
