@@ -48,6 +48,7 @@ def commands(work: Path) -> dict[str, list[str]]:
         "compress w4-g128-gptq --stream": ["compress", MODEL, "--recipe", "w4-g128-gptq", *CALIB, "--stream", "-o",
                                            str(work / "gptq-stream.clm")],
         "eval w4-g128-gptq --stream": ["eval", str(work / "gptq-stream.clm"), *evaluate, "--stream"],
+        "eval the before side's w4-g128-gptq": ["eval", str(work.parent / "before" / "gptq.clm"), *evaluate],
     }  # fmt: skip
 
 
@@ -122,8 +123,8 @@ def main() -> None:
         if entry["commit"] != commit:
             entry.update(commit=commit, steps={})
         for name, command in commands(work).items():
-            if side == "before" and "--stream" in name:
-                continue  # the before tree streams nothing of this model
+            if side == "before" and ("--stream" in name or "before side" in name):
+                continue  # the before tree streams nothing of this model; the after tree scores its container
             if name in entry["steps"] or (args.steps and name not in args.steps) or side not in args.sides:
                 continue
             print(f"{side}: {name}", file=sys.stderr)
@@ -136,6 +137,29 @@ def main() -> None:
         results["llm-compressor"] = llmc_gptq(args.work / "llm-compressor")
         atomic_write(RESULTS, json.dumps(results, indent=1))
     write_markdown(results)
+
+
+def _layer_work(payload: dict) -> float:
+    """Seconds spent on the linears themselves (GPTQ and the error report), summed from the per-layer report."""
+    return sum(layer["seconds"] for layer in payload["layers"])
+
+
+def _per_block(sides: dict) -> list[str]:
+    """GPTQ's time per block before and after: the whole compression, and the linears' own work."""
+    runs = [
+        side["steps"].get("compress w4-g128-gptq", {}).get("json")
+        for side in (sides.get("before", {}), sides.get("after", {}))
+    ]
+    if not all(runs):
+        return []
+    whole = [run["compression_seconds"] / BLOCKS for run in runs]
+    work = [_layer_work(run) / BLOCKS for run in runs]
+    return ["", "## GPTQ per block, before and after", "",
+            "| | before | after | speed-up |", "|---|---:|---:|---:|",
+            f"| whole compression (calibration forwards, statistics, GPTQ, report) | {whole[0]:.2f} s | "
+            f"{whole[1]:.2f} s | {whole[0] / whole[1]:.2f}x |",
+            f"| GPTQ and its error report (the per-layer report's seconds) | {work[0]:.2f} s | {work[1]:.2f} s | "
+            f"{work[0] / work[1]:.2f}x |"]  # fmt: skip
 
 
 def write_markdown(results: dict) -> None:
@@ -173,6 +197,8 @@ def write_markdown(results: dict) -> None:
             outcome = f"{final['bytes_on_disk'] / 2**20:.0f} MiB file"
             if final.get("compression_seconds"):
                 outcome += f", {final['compression_seconds'] / BLOCKS:.1f} s per block (compression only)"
+            if final.get("layers") and any(layer["relative_error"] is not None for layer in final["layers"]):
+                outcome += f", {_layer_work(final) / BLOCKS:.2f} s per block in GPTQ and its error report"
         lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {outcome} |")
     llmc = results.get("llm-compressor")
     ours = sides.get("after", {}).get("steps", {})
@@ -190,6 +216,13 @@ def write_markdown(results: dict) -> None:
                   f"| compresslm ({sides['after']['commit']}) | {compressed['json']['compression_seconds']:.0f} "
                   f"| {max(compressed['peak_rss_bytes'], scored['peak_rss_bytes']) / gib:.2f} GiB "
                   f"| {scored['json']['ppl']:.4f} |"]  # fmt: skip
+        streamed, streamed_eval = ours.get("compress w4-g128-gptq --stream"), ours.get("eval w4-g128-gptq --stream")
+        if streamed and streamed_eval:
+            lines.append(f"| compresslm ({sides['after']['commit']}), `--stream` | "
+                         f"{streamed['json']['compression_seconds']:.0f} "
+                         f"| {max(streamed['peak_rss_bytes'], streamed_eval['peak_rss_bytes']) / gib:.2f} GiB "
+                         f"| {streamed_eval['json']['ppl']:.4f} |")  # fmt: skip
+    lines += _per_block(sides)
     lines += ["", "Command: `.venv/bin/python benchmarks/qwen_scale.py --ref 352a0de` (resumable)."]
     atomic_write(RESULTS.with_suffix(".md"), "\n".join(lines) + "\n")
 
