@@ -108,8 +108,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/compresslm-qwen-scale"))
     args = parser.parse_args()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"sides": {}}
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
+    # the last commit that changed the package: a commit of benchmarks or docs alone keeps the steps measured
+    head = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--", "src", "pyproject.toml"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     trees = {"before": (args.ref, snapshot(args.ref, args.work / f"tree-{args.ref}")),
              "after": (head, snapshot(head, args.work / f"tree-{head}"))}  # fmt: skip
     from compresslm.versions import versions
