@@ -132,6 +132,26 @@ def test_linear_bits_budget(tokenizer, tmp_path):
     assert 4.3 < summary["linear_bits_per_param"] <= 4.6
 
 
+def test_an_embedding_stage_is_carried_into_the_plan_and_counted(tokenizer, tmp_path):
+    """Untied head (qwen2): the solver does not choose the embedding's bits, so the recipe's stage stays, and
+    its bytes count in the fixed part: the plan fits the byte size of the uniform 4-bit file with that stage."""
+
+    def tiny():
+        return LoadedModel.from_module(tiny_model("qwen2", layers=4), tokenizer, name="tiny")
+
+    def recipe(bits):
+        return preset(f"w{bits}-g16-rtn+emb8-g32-sym")
+
+    target = compress(tiny(), recipe(4), tmp_path / "4.clm", show_progress=False)[2]["bytes_on_disk"]
+    base = recipe(4)
+    base.calibration.samples, base.calibration.length = 4, 32
+    plan = plan_budget(tiny(), base, target_bytes=target, show_progress=False)
+    assert plan.recipe.stages[0].type == "quantize_embedding" and plan.recipe.stages[0].bits == 8
+    assert plan.predicted_bytes <= target
+    _, _, summary = compress(tiny(), plan.recipe, tmp_path / "b.clm", show_progress=False)
+    assert summary["bytes_on_disk"] <= target and summary["embedding_bits_per_param"] == 8.5
+
+
 def test_compress_to_a_target_plans_and_checks_the_file(tokenizer, tmp_path):
     base = preset("w4-g16-rtn")
     base.calibration.samples, base.calibration.length = 4, 32

@@ -57,9 +57,10 @@ _PREFIX = len(MAGIC) + 8 + 32  # magic, header length, header sha256
 _MAX_HEADER = 1 << 30
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:
+    """The tensor's bytes, without a copy where it is already contiguous on the CPU (an embedding is large)."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
 
 
 class _BlobWriter:
@@ -70,7 +71,7 @@ class _BlobWriter:
         self.index: dict[str, dict] = {}
         self.offset = 0
 
-    def add(self, key: str, data: bytes, dtype: str, shape: list[int]) -> str:
+    def add(self, key: str, data: bytes | memoryview, dtype: str, shape: list[int]) -> str:
         self.index[key] = {
             "offset": self.offset,
             "nbytes": len(data),
@@ -79,7 +80,8 @@ class _BlobWriter:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
         padding = align(len(data)) - len(data)
-        self.handle.write(data + b"\0" * padding)
+        self.handle.write(data)
+        self.handle.write(b"\0" * padding)
         self.offset += len(data) + padding
         return key
 
