@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,8 @@ def main() -> None:
                 continue  # the before tree streams nothing of this model; the after tree scores its container
             if name in entry["steps"] or (args.steps and name not in args.steps) or side not in args.sides:
                 continue
+            if name == "load (info)":  # the side's first command reads the GGUF itself, not a copy left by a run before
+                shutil.rmtree(work / "cache", ignore_errors=True)
             print(f"{side}: {name}", file=sys.stderr)
             full = [sys.executable, "-m", "compresslm.cli", *command, "--json"]
             full += [] if command[0] == "info" else ["--quiet"]  # info has no progress bars (nor the flag, before)

@@ -14,8 +14,9 @@ on an AVX2 AMD machine than on an AVX-512 Intel one, and a few codes round the o
 are comparable only between runs on the same kind of CPU. The first set (Intel, AVX-512) was
 recorded before the architecture step; the AMD AVX2 set was recorded on the code of 8d01205, which
 passed the Intel set; the AMD AVX-512 set on the code of 7fb78f7, before GPTQ's sweep moved to the
-transposed weight and bit packing to whole words (both write the same bytes). On a kind of CPU with
-no digests the tests are skipped, saying so; record them on the code before a refactor, then refactor.
+transposed weight, XᵀX to its upper blocks, bit packing to whole words and the container writer to
+copy-free tensor bytes (each writes the same bytes). On a kind of CPU with no digests the tests are
+skipped, saying so; record them on the code before a refactor, then refactor.
 """
 
 from __future__ import annotations
