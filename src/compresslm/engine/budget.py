@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from compresslm.data.calibration import calibration_windows
+from compresslm.engine.head import target_module
 from compresslm.engine.linear_stages import compress_weight
 from compresslm.errors import CompressLMError
 from compresslm.formats.header_check import align
@@ -130,8 +131,7 @@ def _carried_embedding(
     if not stages or chosen_here or not stages[0].applies(embedding_share(lm.model, layout)):
         return [], 0
     stage = stages[0]
-    names = {layout.token_embedding if target == "embedding" or layout.tied_lm_head else layout.lm_head
-             for target in stage.targets}  # fmt: skip
+    names = {target_module(target, layout) for target in stage.targets}
     total = 0
     for name in names:
         quantized.add(f"{name}.weight")

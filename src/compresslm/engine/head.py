@@ -19,6 +19,7 @@ from compresslm.engine import distributed
 from compresslm.engine.statistics import InputStatistics
 from compresslm.errors import CompressLMError
 from compresslm.models.forward import Batch
+from compresslm.models.layout import ModelLayout
 from compresslm.models.loaded import LoadedModel
 from compresslm.quant.gptq import GPTQOptions, gptq, output_error
 from compresslm.recipe import QuantizeEmbeddingStage
@@ -27,6 +28,12 @@ from compresslm.recipe import QuantizeEmbeddingStage
 def calibrates_head(stage: QuantizeEmbeddingStage, target: str, tied: bool) -> bool:
     """Whether `target` of `stage` is the output head quantized by GPTQ after the blocks (not up front)."""
     return stage.method == "gptq" and (target == "lm_head" or tied)
+
+
+def target_module(target: str, layout: ModelLayout) -> str:
+    """The module a `quantize_embedding` target names: the token embedding (which a tied head is), or an
+    untied lm_head."""
+    return layout.token_embedding if target == "embedding" or layout.tied_lm_head else layout.lm_head
 
 
 def head_hessian(lm: LoadedModel, hidden: list[Batch], device: torch.device) -> torch.Tensor:

@@ -33,7 +33,7 @@ from compresslm.data.calibration import CalibrationSet, calibration_windows
 from compresslm.engine import distributed
 from compresslm.engine.allocation import outlier_share, owl_ratios
 from compresslm.engine.blocks import BlockWalk, collect_statistics
-from compresslm.engine.head import calibrates_head, quantize_head
+from compresslm.engine.head import calibrates_head, quantize_head, target_module
 from compresslm.engine.linear_stages import compress_weight, describe_stages
 from compresslm.engine.smoothing import ScaleFold, fold_input_scales
 from compresslm.engine.statistics import BlockStatistics
@@ -263,7 +263,7 @@ def compress(
             if callable(getattr(stage, "check_layer", None)):
                 stage.check_layer(info.name, (info.out_features, info.in_features))
     embedding_stages = [s for s in recipe.stages if isinstance(s, QuantizeEmbeddingStage)]
-    share = embedding_share(lm.model, lm.layout)
+    share = embedding_share(lm.model, lm.layout) if embedding_stages else 0.0
     dense_embedding = [s for s in embedding_stages if not s.applies(share)]
     embedding_stages = [s for s in embedding_stages if s.applies(share)]
     tied = lm.layout.tied_lm_head
@@ -491,8 +491,8 @@ def _quantize_embeddings(
             t0 = time.perf_counter()
             if calibrates_head(stage, target, layout.tied_lm_head):
                 continue  # after the blocks (`_quantize_head`)
-            if target == "embedding" or layout.tied_lm_head:
-                name = layout.token_embedding
+            name = target_module(target, layout)
+            if name == layout.token_embedding:
                 if name in embeddings:  # a tied head is the embedding: quantize it once
                     continue
                 module = lm.model.get_submodule(name)
@@ -502,7 +502,6 @@ def _quantize_embeddings(
                 embeddings[name] = record
                 role = "embedding+lm_head" if layout.tied_lm_head else "embedding"
             else:
-                name = layout.lm_head
                 module = lm.model.get_submodule(name)
                 record = rtn(module.weight.detach().float(), stage.grid)
                 bias = getattr(module, "bias", None)
